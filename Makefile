@@ -1,0 +1,61 @@
+# loraplex — the two commands: `make serve` and `make test`.
+# Setup is idempotent: stamps in .venv/ make a second run instant when nothing changed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup model serve test test-unit test-integration bench stress fidelity proto clean help
+
+help:
+	@echo "make serve   set up .venv, fetch the default model, start the server on 127.0.0.1:50051"
+	@echo "make test    set up .venv, fetch the default model, run the test suite"
+	@echo "make bench   run the benchmark suite and rewrite BENCHMARKS.md"
+	@echo "make proto   regenerate the gRPC stubs in loraplex/v1 from proto/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The CPU wheel of torch first, so that nothing later can pull a multi-GB CUDA build.
+$(VENV)/.torch-$(TORCH_VERSION): | $(PY)
+	$(BIN)/pip install --disable-pip-version-check -q "torch==$(TORCH_VERSION)"
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
+	$(BIN)/pip install --disable-pip-version-check -q "torch==$(TORCH_VERSION)" -e ".[dev]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+model: setup
+	$(BIN)/loraplex model fetch-default
+
+serve: model
+	$(BIN)/loraplex serve --model default
+
+test: model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: model
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+bench: model
+	$(PY) -m loraplex.server.bench_suite
+
+stress: model
+	$(PY) -m pytest tests/stress -m slow $(PYTEST_ARGS)
+
+fidelity: model
+	$(PY) -m loraplex.server.fidelity_suite
+
+proto: setup
+	$(PY) scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""loraplex.adapters_store: adapter registry, blob store, validation and upload assembly."""

@@ -1,0 +1,1 @@
+"""loraplex.client: Python SDK for the loraplex gRPC server."""

@@ -1,0 +1,1 @@
+"""loraplex.server: engine, model runner, quantized layers, LoRA slots and the gRPC service."""

@@ -1,0 +1,115 @@
+"""Per-request state shared by the scheduler, the runner and the engine."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"        # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"        # holds KV blocks and takes part in steps
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"          # max_new_tokens or the context limit
+    EOS = "eos"                # the model's end-of-sequence token
+    STOP = "stop"              # a stop string or a stop token id
+    ABORT = "abort"            # cancelled by the client or the server
+    ERROR = "error"            # failed inside the engine
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. temperature == 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 = disabled
+    repetition_penalty: float = 1.0     # 1 = disabled
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0,
+             "must be a finite number >= 0"),
+            ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be >= 0"),
+            ("repetition_penalty",
+             math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "must be a finite number > 0"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop),
+             "stop sequences must be non-empty strings"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise ValueError(f"{name} {message}")
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine. Mutated only by the scheduler (and the engine on finish).
+
+    `num_computed_tokens` counts tokens whose K/V are in the cache; the tokens to compute
+    next are `all_token_ids[num_computed_tokens:]`. After preemption it drops to 0 and the
+    sequence recomputes its prompt plus the tokens generated so far.
+    """
+
+    seq_id: int
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter_key: str | None = None      # resolved adapter ("name@version"), None = base only
+    arrival_time: float = 0.0
+    eos_token_ids: tuple[int, ...] = ()
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]

@@ -1,0 +1,47 @@
+"""Explicit per-step context passed down the model (no globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..lora.batch_info import LoraBatchInfo
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each sequence's queries and keys live for one packed ragged batch.
+
+    query_start_loc: [num_seqs + 1] int64, cumulative query lengths (tokens of seq i are
+                     rows query_start_loc[i]:query_start_loc[i+1] of the packed batch).
+    seq_lens:        [num_seqs] int64, context length of each sequence after this step
+                     (computed tokens before the step + new tokens).
+    block_tables:    [num_seqs, max_blocks_per_seq] int64, padded with 0.
+    slot_mapping:    [num_tokens] int64, KV cache slot (block * block_size + offset) of
+                     each new token.
+    query_lens / context_lens: the same lengths as python lists, for cheap host logic.
+    """
+
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_lens: tuple[int, ...]
+    context_lens: tuple[int, ...]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    positions: torch.Tensor             # [num_tokens] int64
+    attn: AttentionMetadata
+    lora: LoraBatchInfo | None = None   # None = no adapters anywhere in this batch
