@@ -1,0 +1,102 @@
+"""What goes into the engine and what comes out, per request (used by the service layer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .sequence import FinishReason, SamplingParams
+
+
+class EngineError(Exception):
+    """Base of errors the engine raises to callers; the service maps them to status codes."""
+
+
+class RequestRejected(EngineError):
+    """The request cannot run as given (too long, bad parameters). -> INVALID_ARGUMENT."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field_name = field_name
+        self.message = message
+
+
+class QueueFull(EngineError):
+    """Too many queued requests. -> RESOURCE_EXHAUSTED with a retry hint."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineDraining(EngineError):
+    """The engine is shutting down and takes no new requests. -> UNAVAILABLE."""
+
+
+class AdapterUnavailable(EngineError):
+    """The adapter exists but cannot be served (refused at load, quarantined). -> FAILED_PRECONDITION."""
+
+
+class RequestFailed(EngineError):
+    """The request failed inside the engine. -> INTERNAL (message is safe to show)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request as the engine takes it. Exactly one of prompt / messages is set."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None   # (role, content) pairs
+    prompt_token_ids: tuple[int, ...] | None = None        # pre-tokenized (benchmarks, tests)
+    adapter_id: str | None = None                          # "name" or "name@3"; None = base
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    tenant: str | None = None                              # for tenant-private adapters
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_s: float = 0.0
+    first_token_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A delta for one request: new text and tokens since the previous output.
+
+    The last output of a request has `finish_reason` set, plus usage and timing.
+    """
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    timing: Timing | None = None
+    adapter_key: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Snapshot exported to metrics after each step."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_active_adapters: int
+    num_loaded_slots: int
+    last_batch_size: int
+    last_batch_tokens: int
+    total_preemptions: int
+
+    @property
+    def kv_usage(self) -> float:
+        used = self.num_total_blocks - self.num_free_blocks
+        return used / self.num_total_blocks if self.num_total_blocks else 0.0
