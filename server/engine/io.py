@@ -76,6 +76,7 @@ class RequestOutput:
     generated_tokens: int = 0
     timing: Timing | None = None
     adapter_key: str | None = None
+    error: EngineError | None = None      # set when finish_reason is ERROR
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,82 @@
+"""The engine's view of adapters: resolve ids, prefetch off the step loop, activate slots."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from ...adapters_store.errors import AdapterNotFound
+from ..lora.manager import AdapterManager
+from .io import AdapterUnavailable
+
+
+class AdapterGateway:
+    """Joins the adapter store (host tier, disk) and the device slot manager.
+
+    Loading from disk into host memory runs on the store's thread pool (`prefetch`); the
+    scheduler only admits a request once its adapter is in host memory, so the step loop
+    never waits on disk. Copying host weights into a device slot happens in `activate`.
+    """
+
+    def __init__(self, store: Any, manager: AdapterManager):
+        self.store = store
+        self.manager = manager
+        self._lock = threading.Lock()
+        self._pending: dict[str, Future] = {}
+        self._failed: dict[str, str] = {}
+
+    def resolve(self, ref: str, tenant: str | None) -> str:
+        """'name' or 'name@3' -> 'name@version', holding a lease until release(key)."""
+        record = self.store.resolve(ref, tenant)
+        key = record.key
+        if getattr(record, "state", "READY") not in ("READY", getattr(record, "READY", "READY")):
+            raise AdapterUnavailable(f"adapter {key} is {record.state}; it cannot be served")
+        self.store.acquire(key)
+        return key
+
+    def release(self, key: str) -> None:
+        self.store.release(key)
+
+    def ready(self, key: str) -> bool:
+        """True when the adapter is in host memory; otherwise start loading it."""
+        if self.manager.slot_of(key) is not None or self.store.is_loaded(key):
+            return True
+        with self._lock:
+            if key in self._failed:
+                return False
+            future = self._pending.get(key)
+            if future is None:
+                future = self.store.prefetch(key)
+                self._pending[key] = future
+                future.add_done_callback(lambda f, k=key: self._on_loaded(k, f))
+        return False
+
+    def prefetch(self, keys: list[str]) -> None:
+        for key in keys:
+            self.ready(key)
+
+    def _on_loaded(self, key: str, future: Future) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+            error = future.exception()
+            if error is not None:
+                self._failed[key] = _safe_message(error)
+
+    def take_failures(self) -> dict[str, str]:
+        """Adapters whose load failed since the last call (key -> message)."""
+        with self._lock:
+            failed, self._failed = self._failed, {}
+        return failed
+
+    def activate(self, keys: set[str]) -> dict[str, int]:
+        return self.manager.activate(keys, self.store.load)
+
+    def evict(self, key: str) -> None:
+        self.manager.evict(key)
+
+
+def _safe_message(error: BaseException) -> str:
+    if isinstance(error, AdapterNotFound):
+        return "adapter was deleted while loading"
+    return str(error) or type(error).__name__

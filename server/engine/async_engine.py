@@ -1,0 +1,171 @@
+"""AsyncEngine: the step loop on a background thread, an async iterator per request."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from .engine import LLMEngine, StepStats
+from .io import (EngineDraining, EngineStats, GenerationRequest, RequestOutput)
+from .sequence import FinishReason
+
+log = logging.getLogger("loraplex.engine")
+
+StepListener = Callable[[StepStats], None]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    architecture: str
+    quantization: str
+    dtype: str
+    device: str
+    base_fingerprint: str
+    linear_weight_bytes: int
+    base_spec: Any
+    vocab_size: int
+
+
+class AsyncEngine:
+    """Owns one LLMEngine; every call that touches it runs on the engine thread.
+
+    Requests enter through an inbox that the engine thread drains before each step, so the
+    scheduler is never touched from two threads. Outputs are handed to each request's
+    asyncio queue with `call_soon_threadsafe`.
+    """
+
+    def __init__(self, engine: LLMEngine, info: EngineInfo, store: Any = None):
+        self.engine = engine
+        self.info = info
+        self.store = store
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._draining = False
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._listeners: list[StepListener] = []
+        self._stats = engine.stats()
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    async def create(cls, config, store=None, log_fn=print) -> "AsyncEngine":
+        """Load the model (off the event loop), warm it up, start the step thread."""
+        from .builder import build_engine
+
+        engine, info = await asyncio.to_thread(build_engine, config, store, log_fn)
+        return cls(engine, info, store)
+
+    # ---- public API -----------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Yield deltas for one request; closing the iterator early aborts the request."""
+        if self._draining or self._stopping:
+            raise EngineDraining("the server is shutting down; retry on another replica")
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._queues[request.request_id] = (loop, outputs)
+        try:
+            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request)))
+        except BaseException:
+            self._queues.pop(request.request_id, None)
+            raise
+        finished = False
+        try:
+            while not finished:
+                output: RequestOutput = await outputs.get()
+                finished = output.finished
+                if output.finish_reason is FinishReason.ERROR and output.error is not None:
+                    raise output.error
+                yield output
+        finally:
+            self._queues.pop(request.request_id, None)
+            if not finished:
+                self._call(lambda: self.engine.abort(request.request_id))
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        self._listeners.append(listener)
+
+    async def run_on_engine(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread between steps (e.g. evict a deleted adapter's slot)."""
+        return await asyncio.wrap_future(self._call(fn))
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Refuse new requests; wait until in-flight ones finish. True when all finished."""
+        self._draining = True
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while self._queues:
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def shutdown(self) -> None:
+        self._draining = self._stopping = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join, 30)
+
+    # ---- engine thread ----------------------------------------------------------------
+    def _call(self, fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self._inbox.put((fn, future))
+        self._wake.set()
+        return future
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                fn, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn()
+            except BaseException as error:  # noqa: BLE001 - handed to the caller
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+                if isinstance(result, RequestOutput):
+                    self._dispatch([result])
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._stats = self.engine.stats()
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs, step_stats = self.engine.step()
+            except Exception:  # noqa: BLE001 - the loop must survive; requests were failed
+                log.exception("engine step failed")
+                continue
+            self._stats = self.engine.stats()
+            self._dispatch(outputs)
+            for listener in self._listeners:
+                try:
+                    listener(step_stats)
+                except Exception:  # noqa: BLE001
+                    log.exception("step listener failed")
+        self._drain_inbox()
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            target = self._queues.get(output.request_id)
+            if target is not None:
+                loop, outputs_queue = target
+                loop.call_soon_threadsafe(outputs_queue.put_nowait, output)

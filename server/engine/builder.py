@@ -1,0 +1,109 @@
+"""Assemble an LLMEngine from an EngineConfig: model, KV cache, runner, scheduler, LoRA slots."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..layers.base import QuantSpec
+from ..lora.fingerprint import base_spec_from_model_config
+from ..lora.manager import AdapterManager
+from ..lora.slot_pool import SlotPool
+from ..model.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from ..model.llama import build_model
+from .adapters import AdapterGateway
+from .async_engine import EngineInfo
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .engine import LLMEngine
+from .io import GenerationRequest
+from .prompt import eos_token_ids, load_tokenizer
+from .runner import ModelRunner
+from .sampling import Sampler
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import SamplingParams
+
+Log = Callable[[str], None]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return _DTYPES[dtype]
+
+
+def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> tuple[LLMEngine, EngineInfo]:
+    """Load and quantize the model, size the KV cache, wire the engine, and warm it up."""
+    started = time.monotonic()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    spec = QuantSpec(method=config.quantize, compute_dtype=dtype, device=device,
+                     hqq_group_size=config.hqq_group_size, bnb_double_quant=config.bnb_double_quant)
+    log(f"[loraplex] loading {config.model_dir} ({config.quantize}, {str(dtype).removeprefix('torch.')}, {device})")
+    model, model_config = build_model(config.model_dir, spec)
+    tokenizer = load_tokenizer(config.model_dir)
+
+    num_blocks = num_blocks_for_budget(config.kv_cache_memory, model_config, config.block_size, dtype, device)
+    min_blocks = -(-config.max_model_len // config.block_size)
+    if num_blocks < min_blocks:
+        raise ValueError(f"kv_cache_memory={config.kv_cache_memory!r} gives {num_blocks} KV blocks; one "
+                         f"request of max_model_len={config.max_model_len} needs {min_blocks}: raise "
+                         "--kv-cache-memory or lower --max-total-tokens")
+    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, dtype, device)
+    log(f"[loraplex] KV cache: {num_blocks} blocks of {config.block_size} tokens")
+
+    sampler = Sampler(model_config.vocab_size, device=device, seed=config.seed)
+    runner = ModelRunner(model, model_config, kv_caches, config.block_size, sampler, device=device)
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens,
+                        max_loras=config.max_loras, max_model_len=config.max_model_len,
+                        max_waiting=config.max_queued_requests),
+        BlockManager(num_blocks=num_blocks, block_size=config.block_size))
+
+    base_spec = base_spec_from_model_config(model_config, config.quantize)
+    gateway = None
+    if store is not None:
+        adapter_dtype = torch.float32 if config.adapter_dtype == "float32" else dtype
+        pool = SlotPool(model.lora_targets(), config.max_loras, config.max_lora_rank, adapter_dtype, device)
+        gateway = AdapterGateway(store, AdapterManager(pool))
+
+    engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
+                       adapters=gateway)
+    info = EngineInfo(model=str(config.model_dir), architecture=model_config.architecture,
+                      quantization=config.quantize, dtype=str(dtype).removeprefix("torch."),
+                      device=device, base_fingerprint=base_spec.fingerprint,
+                      linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
+                      vocab_size=model_config.vocab_size)
+    warm_up(engine)
+    log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
+        f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB)")
+    return engine, info
+
+
+def warm_up(engine: LLMEngine) -> None:
+    """Run one short request end to end so the first real request pays no start-up cost."""
+    request = GenerationRequest(request_id="__warmup__", prompt_token_ids=(1, 2, 3),
+                                sampling=SamplingParams(max_new_tokens=2, ignore_eos=True))
+    engine.add_request(request)
+    while engine.has_work():
+        engine.step()
+
+
+def base_spec_for(config: EngineConfig):
+    """The served base's BaseSpec (fingerprint, module shapes) from config.json alone.
+
+    The adapter store needs it before the (slow) model load, to validate uploads.
+    """
+    from ..model.config import ModelConfig
+
+    return base_spec_from_model_config(ModelConfig.from_dir(config.model_dir), config.quantize)

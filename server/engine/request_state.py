@@ -1,0 +1,58 @@
+"""Per-request bookkeeping the engine keeps beside the scheduler's Sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .detokenizer import IncrementalDetokenizer
+from .io import GenerationRequest, RequestOutput, Timing
+from .sequence import FinishReason, Sequence
+from .stop import StopChecker
+
+
+@dataclass(eq=False)
+class RequestState:
+    """Links a GenerationRequest to its Sequence and turns new tokens into text deltas."""
+
+    request: GenerationRequest
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    stop: StopChecker
+    num_emitted_tokens: int = 0     # output tokens already sent to the caller
+    stopped_by_text: bool = False
+
+    def take_delta(self) -> tuple[str, tuple[int, ...], tuple[float, ...]]:
+        """Detokenize tokens generated since the last call; apply stop strings.
+
+        Returns (text safe to emit, new token ids, their logprobs); sets stopped_by_text
+        when a stop string was found (the text never includes it).
+        """
+        seq = self.seq
+        new_ids = seq.output_token_ids[self.num_emitted_tokens:]
+        new_logprobs = seq.output_logprobs[self.num_emitted_tokens:] if seq.sampling.logprobs else []
+        self.num_emitted_tokens = seq.num_output_tokens
+        text = ""
+        if new_ids and not self.stopped_by_text:
+            text, self.stopped_by_text = self.stop.feed(self.detokenizer.add(new_ids))
+        return text, tuple(new_ids), tuple(new_logprobs)
+
+    def output(self, now: float, text: str, token_ids: tuple[int, ...],
+               logprobs: tuple[float, ...]) -> RequestOutput:
+        seq = self.seq
+        reason = seq.finish_reason if seq.is_finished else None
+        if reason is not None and not self.stopped_by_text and reason is not FinishReason.ABORT:
+            text += self.stop.flush()
+        timing = self._timing(now) if reason is not None else None
+        return RequestOutput(
+            request_id=self.request.request_id, text=text, token_ids=token_ids,
+            logprobs=logprobs, finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
+            generated_tokens=seq.num_output_tokens, timing=timing, adapter_key=seq.adapter_key,
+        )
+
+    def _timing(self, now: float) -> Timing:
+        seq = self.seq
+        scheduled = seq.first_scheduled_time if seq.first_scheduled_time is not None else now
+        first = seq.first_token_time if seq.first_token_time is not None else now
+        return Timing(queue_s=max(0.0, scheduled - seq.arrival_time),
+                      first_token_s=max(0.0, first - seq.arrival_time),
+                      total_s=max(0.0, now - seq.arrival_time))
