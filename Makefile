@@ -46,13 +46,13 @@ test-integration: model
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 bench: model
-	$(PY) -m loraplex.server.bench_suite
+	$(PY) bench/suite.py $(BENCH_ARGS)
 
 stress: model
 	$(PY) -m pytest tests/stress -m slow $(PYTEST_ARGS)
 
 fidelity: model
-	$(PY) -m loraplex.server.fidelity_suite
+	$(PY) bench/fidelity.py
 
 proto: setup
 	$(PY) scripts/gen_proto.py

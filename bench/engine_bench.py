@@ -1,0 +1,108 @@
+"""Decode throughput: loraplex engine vs transformers `generate` vs a dense-GEMM floor.
+
+All three run in one process on the same prompts, batch sizes, dtype and machine. Decode
+throughput excludes prefill: for the engine we time only steps after every prompt is in the
+cache; for transformers we time generate(N) - generate(1).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import prompt_ids, time_it
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    batch: int
+    engine_tok_s: float
+    transformers_tok_s: float
+    floor_tok_s: float
+
+
+def make_engine(model_dir: Path, max_num_seqs: int = 64, store=None, **overrides):
+    from loraplex.server.engine.builder import build_engine
+    from loraplex.server.engine.config import EngineConfig
+
+    params = dict(model_dir=model_dir, quantize="none", dtype="float32", device="cpu",
+                  max_num_seqs=max_num_seqs, max_batch_tokens=4096, kv_cache_memory="3GiB",
+                  max_model_len=1024, max_input_tokens=512)
+    params.update(overrides)
+    engine, _info = build_engine(EngineConfig(**params), store, log=lambda _m: None)
+    return engine
+
+
+def engine_decode_tok_s(engine, prompts: list[list[int]], new_tokens: int,
+                        adapters: list[str | None] | None = None) -> float:
+    """Generated tokens per second over pure-decode steps only."""
+    from loraplex.server.engine.io import GenerationRequest
+    from loraplex.server.engine.sequence import SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        adapter = adapters[i] if adapters else None
+        engine.add_request(GenerationRequest(request_id=f"bench-{time.monotonic_ns()}-{i}",
+                                             prompt_token_ids=tuple(ids), adapter_id=adapter,
+                                             sampling=sampling))
+    decode_tokens, decode_s = 0, 0.0
+    while engine.has_work():
+        started = time.perf_counter()
+        _outputs, stats = engine.step()
+        elapsed = time.perf_counter() - started
+        if stats.batch_tokens == stats.batch_size and stats.batch_size == len(prompts):
+            decode_tokens += stats.batch_size
+            decode_s += elapsed
+    return decode_tokens / decode_s if decode_s else 0.0
+
+
+def transformers_decode_tok_s(model, prompts: list[list[int]], new_tokens: int, **kwargs) -> float:
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    def run(n: int):
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0, **kwargs)
+
+    full = time_it(lambda: run(new_tokens), repeats=1, warmup=0).median_s
+    first = time_it(lambda: run(1), repeats=1, warmup=0).median_s
+    return len(prompts) * (new_tokens - 1) / max(full - first, 1e-9)
+
+
+def dense_floor_tok_s(hf_model, batch: int, steps: int = 5) -> float:
+    """Only the model's linear layers (and the LM head) at this batch size: an upper bound."""
+    weights = [m.weight.detach() for name, m in hf_model.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def step():
+        with torch.inference_mode():
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+
+    return batch / time_it(step, repeats=steps, warmup=2).median_s
+
+
+def run_decode_bench(model_dir: Path, batches=(1, 16, 64), prompt_len: int = 32,
+                     new_tokens: int = 32, log=print) -> list[DecodeResult]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = make_engine(model_dir)
+    results = []
+    for batch in batches:
+        prompts = prompt_ids(tokenizer, batch, prompt_len)
+        engine_decode_tok_s(engine, prompts[:1], 4)  # warm
+        ours = engine_decode_tok_s(engine, prompts, new_tokens)
+        theirs = transformers_decode_tok_s(hf_model, prompts, new_tokens)
+        floor = dense_floor_tok_s(hf_model, batch)
+        log(f"  batch {batch:3d}: engine {ours:8.1f} tok/s, transformers {theirs:8.1f} tok/s, "
+            f"floor {floor:8.1f} tok/s")
+        results.append(DecodeResult(batch, ours, theirs, floor))
+    return results
