@@ -1,8 +1,13 @@
-"""The `loraplex` console script: dispatches to server, model and client commands."""
+"""The `loraplex` console script: dispatches to server, model and client commands.
+
+Each command group adds itself with a `register(subparsers)` function; add new groups to
+`COMMAND_GROUPS`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -14,14 +19,51 @@ def _model_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register_model(sub) -> None:
     model = sub.add_parser("model", help="manage the default model cache")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     fetch = model_sub.add_parser("fetch-default", help="install and convert SmolLM2-135M-Instruct once")
     fetch.set_defaults(func=_model_command)
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    from loraplex.server.config import ConfigError, load_server_config
+
+    values = {key: value for key, value in vars(args).items() if key not in ("func", "command")}
+    try:
+        config = load_server_config(values, os.environ)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"loraplex serve: error: {problem}", file=sys.stderr)
+        return 2
+    from loraplex.server.app import run
+
+    try:
+        return run(config)
+    except (OSError, ValueError, RuntimeError, ImportError) as error:
+        print(f"loraplex serve: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+def register_serve(sub) -> None:
+    from loraplex.server.config import add_arguments
+
+    serve = sub.add_parser(
+        "serve", help="run the gRPC inference server",
+        description="Run the gRPC server. Every flag can also be set with a LORAPLEX_* env var or a "
+                    "--config file; precedence is flag > env > file > default.")
+    add_arguments(serve)
+    serve.set_defaults(func=_serve_command)
+
+
+COMMAND_GROUPS = [register_serve, register_model]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in COMMAND_GROUPS:
+        register(sub)
     return parser
 
 

@@ -1,0 +1,276 @@
+"""ServerConfig: every `loraplex serve` setting, from flags > LORAPLEX_* env vars > config file > defaults.
+
+`load_server_config(argv_values, environ)` merges the sources and validates everything at once;
+a `ConfigError` carries one line per problem (the CLI prints them and exits with code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+MiB = 2**20
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "ki": 2**10, "m": 1e6, "mb": 1e6,
+          "mib": 2**20, "mi": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30, "gi": 2**30,
+          "t": 1e12, "tb": 1e12, "tib": 2**40, "ti": 2**40}
+
+
+class ConfigError(ValueError):
+    """Invalid server configuration; `problems` holds one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One configured key. `repr` never shows the secret."""
+
+    secret: str = field(repr=False)
+    tenant: str | None = None
+
+    def __repr__(self) -> str:
+        return f"ApiKey(tenant={self.tenant!r}, secret='***')"
+
+
+def parse_size(text: str | int) -> int:
+    """'512MiB', '2GB', '1048576' -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 1048576, 512MiB, 2GiB)")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+
+
+def parse_key(text: str) -> ApiKey:
+    """'secret' or 'tenant:secret'."""
+    tenant, sep, secret = text.strip().partition(":")
+    if not sep:
+        return ApiKey(secret=tenant)
+    if not _TENANT_RE.match(tenant):
+        raise ValueError("the tenant in 'tenant:key' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+    return ApiKey(secret=secret, tenant=tenant)
+
+
+def _bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true/false)")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One setting: its flag, env var, parser and help. `many` settings are lists."""
+
+    name: str                                  # ServerConfig field
+    flag: str
+    parse: Callable[[Any], Any]
+    help: str
+    many: bool = False
+    env: str | None = None                     # default LORAPLEX_<FLAG>
+
+    @property
+    def env_name(self) -> str:
+        return self.env or "LORAPLEX_" + self.flag.removeprefix("--").replace("-", "_").upper()
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("model", "--model", str, "local Hugging Face model directory, or 'default' (SmolLM2-135M-Instruct)"),
+    Flag("quantize", "--quantize", str, "none, bnb-nf4, bnb-fp4, bnb-int8, hqq-{2,3,4,8}bit, eetq"),
+    Flag("dtype", "--dtype", str, "compute dtype: auto, float32, bfloat16, float16"),
+    Flag("device", "--device", str, "auto, cpu, cuda, cuda:N"),
+    Flag("host", "--host", str, "gRPC listen address"),
+    Flag("port", "--port", int, "gRPC port (0 picks a free port)"),
+    Flag("metrics_port", "--metrics-port", int, "Prometheus /metrics port (0 disables)"),
+    Flag("store", "--store", str, "adapter store directory"),
+    Flag("max_loras", "--max-loras", int, "distinct adapters in one batch (device slots)"),
+    Flag("max_lora_rank", "--max-lora-rank", int, "largest adapter rank accepted"),
+    Flag("adapter_dtype", "--adapter-dtype", str, "adapter weights: float32 or compute"),
+    Flag("api_keys", "--api-key", parse_key, "inference key, 'key' or 'tenant:key' (repeatable)",
+         many=True, env="LORAPLEX_API_KEYS"),
+    Flag("admin_keys", "--admin-key", parse_key, "admin key (adapter writes), 'key' or 'tenant:key' (repeatable)",
+         many=True, env="LORAPLEX_ADMIN_KEYS"),
+    Flag("tls_cert", "--tls-cert", str, "PEM certificate chain; enables TLS with --tls-key"),
+    Flag("tls_key", "--tls-key", str, "PEM private key"),
+    Flag("max_input_tokens", "--max-input-tokens", int, "longest prompt in tokens"),
+    Flag("max_total_tokens", "--max-total-tokens", int, "prompt + generated tokens per request"),
+    Flag("max_new_tokens", "--max-new-tokens", int, "cap on a request's max_new_tokens"),
+    Flag("max_stop_sequences", "--max-stop-sequences", int, "stop sequences per request"),
+    Flag("max_message_bytes", "--max-message-bytes", parse_size, "largest gRPC message"),
+    Flag("max_queued_requests", "--max-queued-requests", int, "waiting requests before RESOURCE_EXHAUSTED"),
+    Flag("max_num_seqs", "--max-num-seqs", int, "running requests per step"),
+    Flag("max_batch_tokens", "--max-batch-tokens", int, "tokens per step"),
+    Flag("kv_cache_memory", "--kv-cache-memory", str, "KV cache size: bytes ('2GiB') or a fraction of free memory"),
+    Flag("allowed_register_roots", "--allowed-register-root", str,
+         "directory RegisterAdapter may read from (repeatable)", many=True),
+    Flag("host_cache_bytes", "--host-cache-bytes", parse_size, "host-memory adapter cache budget"),
+    Flag("adapter_quota_bytes", "--adapter-quota-bytes", parse_size, "store-wide adapter disk quota"),
+    Flag("max_adapter_bytes", "--max-adapter-bytes", parse_size, "largest single adapter"),
+    Flag("grace_period_s", "--grace-period", float, "seconds in-flight requests get after SIGTERM"),
+    Flag("metrics_adapter_labels", "--metrics-adapter-labels", int,
+         "adapters with their own metrics label (top-N by traffic; the rest are 'other')"),
+    Flag("seed", "--seed", int, "engine sampling seed"),
+    Flag("log_level", "--log-level", str, "debug, info, warning, error"),
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Validated settings of one `loraplex serve` process."""
+
+    model: str = "default"
+    quantize: str = "none"
+    dtype: str = "auto"
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090
+    store: str = ""                              # "" = <cache root>/store
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    adapter_dtype: str = "float32"
+    api_keys: tuple[ApiKey, ...] = field(default=(), repr=False)
+    admin_keys: tuple[ApiKey, ...] = field(default=(), repr=False)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_input_tokens: int = 3072
+    max_total_tokens: int = 4096
+    max_new_tokens: int = 2048
+    max_stop_sequences: int = 8
+    max_message_bytes: int = 4 * MiB
+    max_queued_requests: int = 256
+    max_num_seqs: int = 64
+    max_batch_tokens: int = 2048
+    kv_cache_memory: str = "0.25"
+    allowed_register_roots: tuple[str, ...] = ()
+    host_cache_bytes: int = 2**30
+    adapter_quota_bytes: int = 20 * 2**30
+    max_adapter_bytes: int = 2**30
+    grace_period_s: float = 30.0
+    metrics_adapter_labels: int = 20
+    seed: int = 0
+    log_level: str = "info"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+    def store_path(self) -> Path:
+        from .model.default_model import cache_root
+
+        return Path(self.store).expanduser() if self.store else cache_root() / "store"
+
+    def engine_config(self, model_dir: Path):
+        """The EngineConfig for this server (raises ValueError on engine-level problems)."""
+        from .engine.config import EngineConfig
+
+        return EngineConfig(
+            model_dir=model_dir, quantize=self.quantize, dtype=self.dtype, device=self.device,
+            max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, adapter_dtype=self.adapter_dtype,
+            max_num_seqs=self.max_num_seqs, max_batch_tokens=self.max_batch_tokens,
+            max_model_len=self.max_total_tokens, max_input_tokens=self.max_input_tokens,
+            max_new_tokens=self.max_new_tokens, max_stop_sequences=self.max_stop_sequences,
+            max_queued_requests=self.max_queued_requests, kv_cache_memory=self.kv_cache_memory,
+            seed=self.seed)
+
+
+# ---- sources -------------------------------------------------------------------------------
+def read_config_file(path: str) -> dict[str, Any]:
+    """A YAML or JSON mapping; keys may use the field name or the flag name (max-loras)."""
+    text = Path(path).expanduser().read_text()
+    if path.endswith(".json"):
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError("the config file must hold a mapping of setting names to values")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def _file_names() -> dict[str, Flag]:
+    names = {flag.name: flag for flag in FLAGS}
+    names.update({flag.flag.removeprefix("--").replace("-", "_"): flag for flag in FLAGS})
+    return names
+
+
+def _convert(flag: Flag, raw: Any) -> Any:
+    if flag.many:
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        return tuple(flag.parse(item) for item in items if str(item).strip())
+    if flag.parse is int and isinstance(raw, str):
+        return int(raw.strip())
+    return flag.parse(raw)
+
+
+def _describe(flag: Flag, source: str) -> str:
+    return {"flag": flag.flag, "env": flag.env_name, "file": f"config file key {flag.name!r}"}[source]
+
+
+def load_server_config(cli_values: Mapping[str, Any], environ: Mapping[str, str]) -> ServerConfig:
+    """Merge flag values (only those given), env vars and the config file; validate all of it."""
+    problems: list[str] = []
+    file_values: dict[str, Any] = {}
+    config_path = cli_values.get("config") or environ.get("LORAPLEX_CONFIG")
+    if config_path:
+        try:
+            file_values = read_config_file(config_path)
+        except (OSError, ValueError) as error:
+            problems.append(f"--config {config_path}: {error}")
+    known = _file_names()
+    for key in file_values:
+        if key not in known:
+            problems.append(f"config file: unknown setting {key!r}")
+    values: dict[str, Any] = {}
+    for flag in FLAGS:
+        for source, raw in (("flag", cli_values.get(flag.name)), ("env", environ.get(flag.env_name)),
+                            ("file", _from_file(file_values, known, flag))):
+            if raw is None or (source == "flag" and flag.many and not raw):
+                continue
+            try:
+                values[flag.name] = _convert(flag, raw)
+            except (TypeError, ValueError) as error:
+                problems.append(f"{_describe(flag, source)}: {error}")
+            break
+    if problems:
+        raise ConfigError(problems)
+    config = ServerConfig(**values)
+    from .config_checks import validate
+
+    problems = list(validate(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _from_file(file_values: dict[str, Any], known: dict[str, Flag], flag: Flag) -> Any:
+    for key, value in file_values.items():
+        if known.get(key) is flag:
+            return value
+    return None
+
+
+def add_arguments(parser) -> None:
+    """Add every serve flag to an argparse parser; unset flags stay None (env/file/default apply)."""
+    parser.add_argument("--config", default=None, help="YAML or JSON file of settings (env LORAPLEX_CONFIG)")
+    for flag in FLAGS:
+        parser.add_argument(flag.flag, dest=flag.name, default=None, metavar=flag.name.upper(),
+                            action="append" if flag.many else "store",
+                            help=f"{flag.help} (env {flag.env_name})")

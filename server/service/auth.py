@@ -1,0 +1,121 @@
+"""API-key auth: `authorization: Bearer <key>` metadata, two roles, constant-time comparison.
+
+Inference keys may generate and read adapters; admin keys may also upload, register and
+delete. Health checks and server reflection stay open. Keys are never logged.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import grpc
+
+from ..config import ApiKey
+
+ADMIN_METHODS = frozenset({
+    "/loraplex.v1.AdapterService/UploadAdapter",
+    "/loraplex.v1.AdapterService/RegisterAdapter",
+    "/loraplex.v1.AdapterService/DeleteAdapter",
+})
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class Role(enum.Enum):
+    INFERENCE = "inference"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's role and tenant (None = no tenant, public adapters only)."""
+
+    role: Role
+    tenant: str | None = None
+
+
+ANONYMOUS_ADMIN = Principal(Role.ADMIN, None)     # every caller when auth is off
+
+
+class KeyRing:
+    """The configured keys; `authenticate` compares against every key in constant time."""
+
+    def __init__(self, api_keys: Sequence[ApiKey], admin_keys: Sequence[ApiKey]):
+        self._entries = [(key.secret.encode(), Principal(Role.INFERENCE, key.tenant)) for key in api_keys]
+        self._entries += [(key.secret.encode(), Principal(Role.ADMIN, key.tenant)) for key in admin_keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._entries)
+
+    def __repr__(self) -> str:
+        return f"KeyRing({len(self._entries)} keys)"
+
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal | None:
+        """The principal of the bearer key in `metadata`, or None when missing or unknown."""
+        if not self.enabled:
+            return ANONYMOUS_ADMIN
+        presented = _bearer_token(metadata)
+        if presented is None:
+            return None
+        found = None
+        for secret, principal in self._entries:       # no early exit: time does not depend on the match
+            if hmac.compare_digest(secret, presented):
+                found = principal
+        return found
+
+    def principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        """The caller of an RPC that already passed the interceptor."""
+        return self.authenticate(context.invocation_metadata()) or ANONYMOUS_ADMIN
+
+
+def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes | None:
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        text = value.decode() if isinstance(value, bytes) else value
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip().encode()
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Reject calls without a valid key (UNAUTHENTICATED) or with too small a role (PERMISSION_DENIED)."""
+
+    def __init__(self, keys: KeyRing):
+        self.keys = keys
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if not self.keys.enabled or method.startswith(OPEN_PREFIXES):
+            return await continuation(handler_call_details)
+        principal = self.keys.authenticate(handler_call_details.invocation_metadata)
+        if principal is None:
+            return _deny(await continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED,
+                         "missing or unknown API key: send metadata 'authorization: Bearer <key>'")
+        if method in ADMIN_METHODS and principal.role is not Role.ADMIN:
+            return _deny(await continuation(handler_call_details), grpc.StatusCode.PERMISSION_DENIED,
+                         f"{method.rsplit('/', 1)[-1]} needs an admin key")
+        return await continuation(handler_call_details)
+
+
+def _deny(handler, code: grpc.StatusCode, message: str):
+    """A handler of the same kind as `handler` that aborts with `code`."""
+    if handler is None:
+        return None
+
+    async def abort(_request, context):
+        await context.abort(code, message)
+
+    options = dict(request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(abort, **options)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(abort, **options)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(abort, **options)
+    return grpc.stream_stream_rpc_method_handler(abort, **options)

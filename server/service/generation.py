@@ -1,0 +1,89 @@
+"""GenerationService: Generate (unary) and GenerateStream (server streaming) over the AsyncEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import AsyncIterator
+
+from ...v1 import generation_pb2 as pb
+from ...v1 import generation_pb2_grpc
+from ..engine.io import RequestOutput, RequestRejected
+from .convert import ADAPTER_REF_RE, RequestLimits, stream_response, to_generation_request, unary_response
+from .errors import ServiceError, map_error, rpc_errors
+from .state import ServiceState
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, state: ServiceState):
+        self.state = state
+
+    @rpc_errors
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        outputs = [output async for output in self._run(request.input, context, "Generate")]
+        return unary_response(outputs)
+
+    @rpc_errors
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, context):
+        async with contextlib.aclosing(self._run(request.input, context, "GenerateStream")) as outputs:
+            async for output in outputs:
+                yield stream_response(output)
+
+    async def _run(self, message: pb.GenerationInput, context, method: str) -> AsyncIterator[RequestOutput]:
+        """Yield the engine's deltas; closing early (cancel, deadline) aborts the engine request."""
+        metrics = self.state.metrics
+        last: RequestOutput | None = None
+        adapter = message.adapter_id if ADAPTER_REF_RE.match(message.adapter_id) else None
+        try:
+            config = self.state.config
+            limits = RequestLimits(config.max_new_tokens, config.max_stop_sequences)
+            tenant = self.state.keys.principal(context).tenant
+            request = to_generation_request(message, uuid.uuid4().hex, tenant, limits)
+            engine = self.state.require_engine()
+            previous = time.monotonic()
+            async with contextlib.aclosing(engine.generate(request)) as outputs:
+                async for output in outputs:
+                    now = time.monotonic()
+                    if metrics is not None and output.token_ids and last is not None:
+                        metrics.token_delta(now - previous, len(output.token_ids))
+                    previous, last = now, output
+                    yield output
+        except asyncio.CancelledError:
+            code = "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
+            self._record(method, code, last, adapter)
+            raise
+        except GeneratorExit:
+            self._record(method, "CANCELLED", last, adapter)
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped here once, so metrics see the code
+            mapped = map_error(_qualify(error))
+            self._record(method, mapped.code.name, last, adapter)
+            raise ServiceError(mapped.code, mapped.message, mapped.violations, mapped.retry_after_s) from None
+        self._record(method, "OK", last, adapter)
+
+    def _record(self, method: str, code: str, last: RequestOutput | None, adapter: str | None) -> None:
+        metrics = self.state.metrics
+        if metrics is None:
+            return
+        finished = last is not None and last.finished
+        reason = last.finish_reason.value if finished and last.finish_reason else "none"
+        metrics.request_finished(
+            method, code, reason, (last.adapter_key if last is not None else None) or adapter,
+            prompt_tokens=last.prompt_tokens if finished else 0,
+            generated_tokens=last.generated_tokens if finished else 0,
+            timing=last.timing if finished else None)
+
+
+def _qualify(error: Exception) -> Exception:
+    """Engine field names are relative to GenerationInput; make them proto paths."""
+    if isinstance(error, RequestRejected) and not error.field_name.startswith(("input", "request_id")):
+        return RequestRejected(f"input.{error.field_name}", error.message)
+    return error
+
+
+def _deadline_passed(context) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+

@@ -1,0 +1,100 @@
+"""Run a real loraplex gRPC server in-process on a loopback port, on its own event-loop thread.
+
+Tests talk to it with ordinary synchronous stubs, exactly like a client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+class LoopThread:
+    """An asyncio event loop running forever on a daemon thread."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 300) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def rich_details(error: grpc.RpcError) -> dict[str, Any]:
+    """Decode google.rpc details: {'violations': {field: description}, 'retry_delay_s': float}."""
+    status = rpc_status.from_call(error)
+    found: dict[str, Any] = {"violations": {}}
+    for detail in status.details if status is not None else ():
+        bad = error_details_pb2.BadRequest()
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(bad):
+            found["violations"].update({v.field: v.description for v in bad.field_violations})
+        elif detail.Unpack(retry):
+            found["retry_delay_s"] = retry.retry_delay.ToNanoseconds() / 1e9
+    return found
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+async def start_full_server(config):
+    """gRPC server + store + engine on the tiny model, exactly as `loraplex serve` wires them."""
+    from loraplex.server.app import attach_engine, load_engine, start_grpc
+    from loraplex.server.metrics import Metrics
+
+    running = await start_grpc(config, Metrics(config.metrics_adapter_labels))
+    store, engine = await load_engine(config, log=lambda _message: None)
+    await attach_engine(running, store, engine)
+    return running
+
+
+def make_peft_adapter(base_dir, out_dir, seed: int, rank: int = 4, targets=("q_proj", "v_proj")):
+    """A random (non-zero B) PEFT LoRA for the model in base_dir, saved as safetensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(out_dir)
+    return out_dir
+
+
+def upload_requests(adapter_dir, adapter_id: str, private: bool = False, chunk_bytes: int = 2**20):
+    """The UploadAdapter message stream for a PEFT directory: metadata, then <= 1 MiB chunks."""
+    import hashlib
+    from pathlib import Path
+
+    from loraplex.v1 import adapters_pb2 as pb
+
+    config = (Path(adapter_dir) / "adapter_config.json").read_bytes()
+    weights = (Path(adapter_dir) / "adapter_model.safetensors").read_bytes()
+    yield pb.UploadAdapterRequest(metadata=pb.UploadMetadata(
+        adapter_id=adapter_id, config_size=len(config), config_sha256=hashlib.sha256(config).hexdigest(),
+        weights_size=len(weights), weights_sha256=hashlib.sha256(weights).hexdigest(), private=private))
+    for kind, data in ((pb.ADAPTER_FILE_CONFIG, config), (pb.ADAPTER_FILE_WEIGHTS, weights)):
+        for start in range(0, len(data), chunk_bytes):
+            yield pb.UploadAdapterRequest(chunk=pb.UploadChunk(file=kind, data=data[start:start + chunk_bytes]))
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """GET /metrics and parse it with prometheus_client's parser: {(name, sorted labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
