@@ -41,7 +41,8 @@ class RequestState:
         seq = self.seq
         reason = seq.finish_reason if seq.is_finished else None
         if reason is not None and not self.stopped_by_text and reason is not FinishReason.ABORT:
-            text += self.stop.flush()
+            tail, self.stopped_by_text = self.stop.feed(self.detokenizer.flush())
+            text += tail if self.stopped_by_text else tail + self.stop.flush()
         timing = self._timing(now) if reason is not None else None
         return RequestOutput(
             request_id=self.request.request_id, text=text, token_ids=token_ids,

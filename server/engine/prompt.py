@@ -1,0 +1,78 @@
+"""Tokenizer loading, prompt encoding, chat rendering and end-of-sequence ids."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The model directory's HF tokenizer (local files only, never remote code)."""
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load a tokenizer from {str(path)!r}: it needs tokenizer.json or "
+                         f"tokenizer_config.json with a supported tokenizer ({error})") from error
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a plain prompt, as transformers gives them (special tokens included)."""
+    return list(tokenizer(text)["input_ids"])
+
+
+def _chat_messages(messages: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """Check (role, content) pairs; raise ValueError naming the bad field."""
+    if not messages:
+        raise ValueError("messages must contain at least one message")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, (tuple, list)) or len(message) != 2:
+            raise ValueError(f"messages[{index}] must be a (role, content) pair")
+        role, content = message
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{index}].role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{index}].content must be a string")
+        checked.append({"role": role, "content": content})
+    return checked
+
+
+def render_chat(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[int]:
+    """Token ids of a chat rendered with the tokenizer's template plus the assistant prompt."""
+    checked = _chat_messages(messages)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
+    rendered = tokenizer.apply_chat_template(checked, add_generation_prompt=True, tokenize=True)
+    if isinstance(rendered, Mapping) or hasattr(rendered, "input_ids"):
+        rendered = rendered["input_ids"]              # transformers 5 returns a BatchEncoding
+    return [int(t) for t in rendered]
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def eos_token_ids(model_dir: str | Path, tokenizer: Any) -> tuple[int, ...]:
+    """The tokenizer's eos id merged with generation_config.json's eos_token_id (int or list)."""
+    ids = _as_ids(getattr(tokenizer, "eos_token_id", None))
+    config_path = Path(model_dir) / "generation_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+        ids += _as_ids(config.get("eos_token_id"))
+    return tuple(dict.fromkeys(ids))

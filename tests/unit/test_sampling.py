@@ -1,0 +1,205 @@
+"""Batched sampler: greedy, seeds, distribution, top-k/top-p, repetition penalty, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+from loraplex.server.engine.sampling import (Sampler, _fmix32, _fmix32_int, apply_repetition_penalty,
+                                             counter_uniform, mask_top_k_top_p)
+from loraplex.server.engine.sequence import SamplingParams, Sequence
+
+VOCAB = 64
+
+
+def seq(seq_id: int = 0, prompt: list[int] | None = None, output: list[int] | None = None,
+        **sampling) -> Sequence:
+    return Sequence(seq_id=seq_id, prompt_token_ids=list(prompt or [1, 2, 3]),
+                    sampling=SamplingParams(**sampling), output_token_ids=list(output or []))
+
+
+def random_logits(n: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson statistic over tokens with non-zero expected probability, and its dof."""
+    total = counts.sum().item()
+    support = probs > 0
+    expected = probs[support] * total
+    stat = ((counts[support] - expected) ** 2 / expected).sum().item()
+    return stat, int(support.sum().item()) - 1
+
+
+def assert_matches_distribution(tokens: list[int], probs: torch.Tensor) -> None:
+    counts = torch.bincount(torch.tensor(tokens), minlength=probs.numel()).double()
+    assert counts[probs == 0].sum() == 0, "sampled a token outside the allowed set"
+    stat, dof = chi_square(counts, probs.double())
+    assert stat < dof + 8 * math.sqrt(2 * dof), f"chi-square {stat:.1f} too large for {dof} dof"
+
+
+def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """softmax(logits / T) restricted by top-k then top-p, via transformers' warpers."""
+    scores = logits[None, :] / temperature
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.softmax(scores[0], dim=-1)
+
+
+def test_greedy_rows_are_argmax_of_raw_logits():
+    logits = random_logits(8)
+    result = Sampler(VOCAB)(logits, [seq(i) for i in range(8)])
+    assert result.token_ids == logits.argmax(-1).tolist()
+    assert result.logprobs is None
+
+
+def test_mixed_batch_greedy_rows_unaffected_by_sampled_rows():
+    logits = random_logits(6)
+    seqs = [seq(i, temperature=(1.0 if i % 2 else 0.0), top_k=(5 if i == 3 else 0)) for i in range(6)]
+    result = Sampler(VOCAB, seed=1)(logits, seqs)
+    greedy_rows = [0, 2, 4]
+    assert [result.token_ids[i] for i in greedy_rows] == logits[greedy_rows].argmax(-1).tolist()
+    assert result.token_ids[3] in logits[3].topk(5).indices.tolist()
+
+
+def test_seeded_rows_are_independent_of_batch_composition_and_order():
+    target_logits = random_logits(1, seed=7)[0]
+
+    def run(batch_logits: torch.Tensor, seqs: list[Sequence], sampler_seed: int) -> list[int]:
+        return Sampler(VOCAB, seed=sampler_seed)(batch_logits, seqs).token_ids
+
+    for step in range(5):
+        output = list(range(step))
+        target = seq(99, output=output, temperature=1.3, top_p=0.95, seed=1234)
+        others = random_logits(4, seed=step + 100)
+        alone = run(target_logits[None], [target], 0)[0]
+        first = run(torch.cat([target_logits[None], others]),
+                    [target] + [seq(i, temperature=1.0) for i in range(4)], 1)[0]
+        last = run(torch.cat([others[:2], target_logits[None]]),
+                   [seq(i, temperature=0.5, seed=i) for i in range(2)] + [target], 2)[2]
+        assert alone == first == last
+
+
+def test_seeded_stream_depends_on_seed_and_step():
+    logits = torch.zeros(1, 1000)                     # uniform: every draw is pure noise
+    draws = {(s, step): Sampler(1000)(logits, [seq(output=[0] * step, temperature=1.0, seed=s)]).token_ids[0]
+             for s in range(4) for step in range(4)}
+    assert len(set(draws.values())) >= 14             # 16 draws from 1000 tokens barely collide
+
+
+def test_counter_uniform_is_uniform_and_in_open_interval():
+    keys = torch.tensor([[12345, 678], [0, 0], [2**32 - 1, 2**31]], dtype=torch.int64)
+    u = counter_uniform(keys, 50_000)                 # [3, 50000]
+    assert u.min() > 0 and u.max() <= 1
+    counts = torch.stack([torch.histc(row, bins=20, min=0, max=1) for row in u]).double()
+    stat, dof = chi_square(counts.flatten(), torch.full((60,), 1 / 60, dtype=torch.float64))
+    assert stat < dof + 8 * math.sqrt(2 * dof)
+    assert abs(torch.corrcoef(u[:2])[0, 1].item()) < 0.02
+
+
+def test_tensor_hash_matches_python_int_twin():
+    values = [0, 1, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 0x9E3779B9, 123456789]
+    values += torch.randint(0, 2**32, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    ours = _fmix32(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert ours == [_fmix32_int(v) for v in values]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0),
+                                                     (1.0, 0, 0.8), (1.5, 6, 0.9)])
+def test_unseeded_distribution_matches_processed_softmax(temperature, top_k, top_p):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    n = 4000
+    seqs = [seq(i, temperature=temperature, top_k=top_k, top_p=top_p) for i in range(n)]
+    tokens = Sampler(8, seed=5)(logits.expand(n, 8).clone(), seqs).token_ids
+    assert_matches_distribution(tokens, reference_probs(logits, temperature, top_k, top_p))
+
+
+def test_seeded_distribution_across_seeds_matches_processed_softmax():
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    n = 4000
+    seqs = [seq(i, temperature=0.9, top_k=7, top_p=0.95, seed=i) for i in range(n)]
+    tokens = Sampler(8)(logits.expand(n, 8).clone(), seqs).token_ids
+    assert_matches_distribution(tokens, reference_probs(logits, 0.9, 7, 0.95))
+
+
+def test_seeded_distribution_across_steps_matches_softmax():
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5, 2.0]])
+    tokens = [Sampler(5)(logits, [seq(output=[0] * step, temperature=1.0, seed=42)]).token_ids[0]
+              for step in range(3000)]
+    assert_matches_distribution(tokens, torch.softmax(logits[0], -1))
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy():
+    logits = random_logits(32)
+    sampler = Sampler(VOCAB, seed=3)
+    greedy = logits.argmax(-1).tolist()
+    assert sampler(logits, [seq(i, temperature=2.0, top_k=1) for i in range(32)]).token_ids == greedy
+    assert sampler(logits, [seq(i, temperature=2.0, top_p=1e-6) for i in range(32)]).token_ids == greedy
+    seeded = [seq(i, temperature=2.0, top_p=1e-6, seed=i) for i in range(32)]
+    assert sampler(logits, seeded).token_ids == greedy
+
+
+def test_mask_top_k_top_p_matches_transformers_warpers():
+    logits = random_logits(6)
+    top_k = [0, 1, 5, 20, 0, 3]
+    top_p = [1.0, 1.0, 0.5, 0.9, 0.3, 0.99]
+    k = torch.tensor([[t if t else VOCAB] for t in top_k])
+    p = torch.tensor([[t] for t in top_p])
+    ours = mask_top_k_top_p(logits, k, p)
+    for row in range(6):
+        expected = torch.log(reference_probs(logits[row], 1.0, top_k[row], top_p[row]))
+        assert torch.equal(torch.isinf(ours[row]), torch.isinf(expected)), f"row {row}"
+
+
+def test_repetition_penalty_matches_transformers_processor():
+    logits = random_logits(3)
+    seqs = [seq(0, prompt=[1, 5, 5, 9], output=[12, 40], repetition_penalty=1.3),
+            seq(1, prompt=[2, 3], output=[], repetition_penalty=1.0),
+            seq(2, prompt=[7, 63, 0], output=[7, 8, 9, 10], repetition_penalty=0.8)]
+    ours = apply_repetition_penalty(logits, seqs)
+    for i, s in enumerate(seqs):
+        ids = torch.tensor([s.all_token_ids])
+        processor = RepetitionPenaltyLogitsProcessor(s.sampling.repetition_penalty)
+        expected = processor(ids, logits[i:i + 1].clone())
+        torch.testing.assert_close(ours[i], expected[0], rtol=0, atol=0)
+
+
+def test_greedy_with_repetition_penalty_is_argmax_of_penalized_logits():
+    logits = torch.tensor([[5.0, 4.9, 1.0, -2.0]])
+    s = seq(prompt=[0], repetition_penalty=1.2)
+    assert Sampler(4)(logits, [s]).token_ids == [1]
+
+
+def test_logprobs_match_log_softmax_of_processed_distribution():
+    logits = random_logits(3)
+    seqs = [seq(0, logprobs=True), seq(1, temperature=0.7, logprobs=True),
+            seq(2, temperature=1.2, top_k=4, seed=9)]
+    result = Sampler(VOCAB, seed=0)(logits, seqs)
+    assert result.logprobs is not None
+    expected = [torch.log_softmax(logits[0], -1),
+                torch.log_softmax(logits[1] / 0.7, -1),
+                torch.log(reference_probs(logits[2], 1.2, 4, 1.0))]
+    for row, tok in enumerate(result.token_ids):
+        assert math.isclose(result.logprobs[row], expected[row][tok].item(), abs_tol=1e-5)
+
+
+def test_rejects_logits_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="num_seqs=2"):
+        Sampler(VOCAB)(random_logits(3), [seq(0), seq(1)])
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_for_greedy_and_seeded_rows():
+    logits = random_logits(16)
+    seqs = [seq(i, output=[0] * i, temperature=(0.0 if i % 3 == 0 else 0.9), top_p=0.9,
+                top_k=(10 if i % 2 else 0), seed=i, repetition_penalty=1.1, logprobs=True)
+            for i in range(16)]
+    cpu = Sampler(VOCAB)(logits, seqs)
+    cuda = Sampler(VOCAB, device="cuda")(logits.cuda(), seqs)
+    assert cuda.token_ids == cpu.token_ids
+    assert cuda.logprobs == pytest.approx(cpu.logprobs, abs=1e-4)
