@@ -56,7 +56,13 @@ def register_serve(sub) -> None:
     serve.set_defaults(func=_serve_command)
 
 
-COMMAND_GROUPS = [register_serve, register_model]
+def register_client(sub) -> None:
+    from loraplex.client.cli import register
+
+    register(sub)
+
+
+COMMAND_GROUPS = [register_serve, register_model, register_client]
 
 
 def build_parser() -> argparse.ArgumentParser:

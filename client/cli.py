@@ -1,0 +1,206 @@
+"""Client side of the `loraplex` console script: generate, adapters {upload,list,show,rm}, info, health.
+
+`register(subparsers)` adds the commands to loraplex.cli's parser. Exit codes:
+0 ok, 1 server error, 2 usage or validation error, 3 not found, 4 authentication or permission,
+5 server unavailable, overloaded or too slow (also `health` when not SERVING).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from . import _format as fmt
+from .errors import (AdapterNotFoundError, AdapterRejectedError, AuthenticationError, DeadlineExceededError,
+                     LoraplexError, OverloadedError, PermissionDeniedError, ServerUnavailableError,
+                     ValidationError)
+from .sync_client import Client
+from .types import HealthStatus
+
+EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
+_EXIT_CODES: tuple[tuple[type[LoraplexError], int], ...] = (
+    (ValidationError, EXIT_USAGE), (AdapterRejectedError, EXIT_USAGE), (AdapterNotFoundError, EXIT_NOT_FOUND),
+    (AuthenticationError, EXIT_AUTH), (PermissionDeniedError, EXIT_AUTH), (ServerUnavailableError, EXIT_UNAVAILABLE),
+    (OverloadedError, EXIT_UNAVAILABLE), (DeadlineExceededError, EXIT_UNAVAILABLE))
+
+
+# ---- parser ------------------------------------------------------------------------------------
+def _connection_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection")
+    group.add_argument("--address", help="server host:port (env LORAPLEX_ADDRESS; default 127.0.0.1:50051)")
+    group.add_argument("--api-key", dest="client_api_key", metavar="KEY", help="API key (env LORAPLEX_API_KEY)")
+    group.add_argument("--timeout", type=float, default=300.0, help="deadline per call in seconds (default 300)")
+    group.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    group.add_argument("--root-certs", metavar="PEM", help="CA certificate file to trust (implies --tls)")
+    group.add_argument("--tls-server-name", metavar="NAME", help="name expected in the server certificate")
+    return common
+
+
+def register(sub) -> None:
+    """Add generate, adapters, info and health to the `loraplex` subparsers."""
+    common = _connection_options()
+    _add_generate(sub, common)
+    adapters = sub.add_parser("adapters", help="upload, list, show and delete LoRA adapters")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    upload = adapters_sub.add_parser("upload", parents=[common], help="upload a local PEFT LoRA directory")
+    upload.add_argument("path", help="directory with adapter_config.json and adapter_model.safetensors")
+    upload.add_argument("--id", dest="adapter_id", required=True, help="adapter name on the server")
+    upload.add_argument("--private", action="store_true", help="visible only to your tenant")
+    upload.add_argument("--allow-base-mismatch", action="store_true", help="skip the base fingerprint check")
+    upload.add_argument("--no-progress", action="store_true", help="no progress bar")
+    upload.add_argument("--json", action="store_true", help="print the stored adapter as JSON")
+    upload.set_defaults(func=_run(_upload))
+    listing = adapters_sub.add_parser("list", parents=[common], help="list adapters (latest versions)")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(func=_run(_list))
+    show = adapters_sub.add_parser("show", parents=[common], help="show one adapter ('name' or 'name@version')")
+    show.add_argument("adapter_id", metavar="ID")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=_run(_show))
+    remove = adapters_sub.add_parser("rm", parents=[common], help="delete 'name' (all versions) or 'name@version'")
+    remove.add_argument("adapter_id", metavar="ID")
+    remove.set_defaults(func=_run(_remove))
+    info = sub.add_parser("info", parents=[common], help="show the server's model, quantization and limits")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_run(_info))
+    health = sub.add_parser("health", parents=[common], help="print SERVING when the server is ready (exit 5 if not)")
+    health.set_defaults(func=_run(_health))
+
+
+def _add_generate(sub, common: argparse.ArgumentParser) -> None:
+    gen = sub.add_parser("generate", parents=[common], help="generate text (optionally with an adapter)")
+    gen.add_argument("prompt", help="prompt text, or - to read it from stdin")
+    gen.add_argument("--adapter", help="adapter id: 'name' (latest) or 'name@version'")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", default=None)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message (chat template)")
+    gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument("--json", action="store_true", help="print the result (or each chunk) as JSON")
+    gen.set_defaults(func=_run(_generate))
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.address, args.client_api_key, tls=args.tls, root_certificates=args.root_certs,
+                  tls_server_name=args.tls_server_name, timeout=args.timeout)
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                    stop=args.stop, ignore_eos=args.ignore_eos)
+    if args.chat:
+        messages = ([("system", args.system)] if args.system else []) + [("user", prompt)]
+        result = (client.chat_stream if args.stream else client.chat)(messages, args.adapter, **sampling)
+    else:
+        result = (client.generate_stream if args.stream else client.generate)(prompt, args.adapter, **sampling)
+    if not args.stream:
+        print(fmt.dumps(result) if args.json else result.text)
+        return EXIT_OK
+    for chunk in result:
+        print(fmt.dumps(chunk) if args.json else chunk.text, end="\n" if args.json else "", flush=True)
+    if not args.json:
+        print()
+    return EXIT_OK
+
+
+def _upload(client: Client, args: argparse.Namespace) -> int:
+    show_bar = not args.no_progress and not args.json and sys.stderr.isatty()
+    adapter = client.upload_adapter(args.path, args.adapter_id, private=args.private,
+                                    allow_base_mismatch=args.allow_base_mismatch, show_progress=show_bar)
+    print(fmt.dumps(adapter) if args.json else
+          f"uploaded {adapter.ref} (rank {adapter.rank}, {fmt.human_bytes(adapter.size_bytes)}, "
+          f"sha256 {adapter.sha256[:12]})")
+    return EXIT_OK
+
+
+def _list(client: Client, args: argparse.Namespace) -> int:
+    adapters = client.list_adapters()
+    print(fmt.dumps(adapters) if args.json else fmt.adapters_table(adapters))
+    return EXIT_OK
+
+
+def _show(client: Client, args: argparse.Namespace) -> int:
+    adapter = client.get_adapter(args.adapter_id)
+    print(fmt.dumps(adapter) if args.json else fmt.adapter_details(adapter))
+    return EXIT_OK
+
+
+def _remove(client: Client, args: argparse.Namespace) -> int:
+    versions = client.delete_adapter(args.adapter_id)
+    name = args.adapter_id.split("@", 1)[0]
+    print(f"deleted {name} version{'s' if len(versions) != 1 else ''} {', '.join(map(str, versions))}")
+    return EXIT_OK
+
+
+def _info(client: Client, args: argparse.Namespace) -> int:
+    info = client.info()
+    print(fmt.dumps(info) if args.json else fmt.server_details(info))
+    return EXIT_OK
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    status = client.health()
+    print(status.value)
+    return EXIT_OK if status is HealthStatus.SERVING else EXIT_UNAVAILABLE
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def _run(command: Callable[[Client, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command: open the client, map SDK errors to a message and an exit code."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            client = _client(args)
+        except (OSError, ValueError) as error:
+            print(f"loraplex: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            with client:
+                return command(client, args)
+        except LoraplexError as error:
+            print(f"loraplex: error: {explain(error, client.address)}", file=sys.stderr)
+            return exit_code(error)
+        except KeyboardInterrupt:
+            return 130
+    return run
+
+
+def exit_code(error: LoraplexError) -> int:
+    for error_type, code in _EXIT_CODES:
+        if isinstance(error, error_type):
+            return code
+    return EXIT_SERVER
+
+
+def explain(error: LoraplexError, address: str) -> str:
+    """One message a person can act on."""
+    if isinstance(error, ServerUnavailableError):
+        if error.unreachable:
+            return (f"cannot reach loraplex at {address}: is `make serve` running? "
+                    f"(or pass --address / set LORAPLEX_ADDRESS) [{error.message}]")
+        return f"loraplex at {address} is unavailable: {error.message}; try again shortly"
+    if isinstance(error, AuthenticationError):
+        return f"{error.message} (pass --api-key or set LORAPLEX_API_KEY)"
+    if isinstance(error, PermissionDeniedError):
+        return f"permission denied: {error.message}"
+    if isinstance(error, OverloadedError):
+        wait = f"; retry in {error.retry_after:g}s" if error.retry_after is not None else ""
+        return f"server overloaded: {error.message}{wait}"
+    if isinstance(error, DeadlineExceededError):
+        return f"no answer in time ({error.message}); raise --timeout"
+    if isinstance(error, AdapterNotFoundError):
+        return f"{error.message} (see `loraplex adapters list`)"
+    unlisted = {f: p for f, p in getattr(error, "violations", {}).items() if f"{f}: {p}" not in error.message}
+    if unlisted:
+        return error.message + "".join(f"\n  {field}: {problem}" for field, problem in unlisted.items())
+    return error.message

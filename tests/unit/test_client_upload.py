@@ -1,0 +1,121 @@
+"""Local adapter validation, chunking with sha256, progress, and upload over a real gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from client_harness import ScriptedServer
+from loraplex.client import AsyncClient, Client, ValidationError
+from loraplex.client.upload import CHUNK_BYTES, upload_requests, validate_adapter_dir
+from loraplex.v1 import adapters_pb2
+
+
+def write_adapter(directory, rank=4, hidden=64, num_layers=2, config=None):
+    """A PEFT-layout LoRA directory with random weights (no model needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for layer in range(num_layers):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, hidden), dtype=np.float32)
+        tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((hidden, rank), dtype=np.float32)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    config = config if config is not None else {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                                                "target_modules": ["q_proj"]}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_valid_directory_is_hashed(tmp_path):
+    directory = write_adapter(tmp_path / "a")
+    adapter = validate_adapter_dir(directory)
+    weights = (directory / "adapter_model.safetensors").read_bytes()
+    assert adapter.rank == 4 and adapter.weights.size == len(weights)
+    assert adapter.weights.sha256 == hashlib.sha256(weights).hexdigest()
+
+
+@pytest.mark.parametrize("breakage, field", [
+    (lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model.safetensors"),
+    (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json"),
+    (lambda d: (d / "adapter_config.json").write_text("{not json"), "adapter_config.json"),
+    (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING", "r": 4}'),
+     "adapter_config.json:peft_type"),
+    (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0}'), "adapter_config.json:r"),
+    (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA"}'), "adapter_config.json:r"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x01\x02"), "adapter_model.safetensors"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}"),
+     "adapter_model.safetensors"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 9) + b"not json!"),
+     "adapter_model.safetensors"),
+])
+def test_broken_directories_fail_fast(tmp_path, breakage, field):
+    directory = write_adapter(tmp_path / "a")
+    breakage(directory)
+    with pytest.raises(ValidationError) as raised:
+        validate_adapter_dir(directory)
+    assert field in raised.value.violations and str(directory) in raised.value.message
+
+
+def test_tensor_outside_the_file_is_rejected(tmp_path):
+    directory = write_adapter(tmp_path / "a")
+    path = directory / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-16])                  # truncated data section
+    with pytest.raises(ValidationError, match="outside the file"):
+        validate_adapter_dir(directory)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(ValidationError, match="not a directory"):
+        validate_adapter_dir(tmp_path / "missing")
+
+
+def test_chunks_are_at_most_one_mib_and_progress_reaches_total(tmp_path):
+    directory = write_adapter(tmp_path / "big", rank=16, hidden=12_000)    # ~1.5 MiB of weights
+    adapter = validate_adapter_dir(directory)
+    seen: list[tuple[int, int]] = []
+    messages = list(upload_requests(adapter, "big", progress=lambda sent, total: seen.append((sent, total))))
+    assert messages[0].WhichOneof("payload") == "metadata"
+    chunks = [m.chunk for m in messages[1:]]
+    assert all(len(c.data) <= CHUNK_BYTES for c in chunks) and len(chunks) >= 3
+    weights = b"".join(c.data for c in chunks if c.file == adapters_pb2.ADAPTER_FILE_WEIGHTS)
+    assert hashlib.sha256(weights).hexdigest() == messages[0].metadata.weights_sha256
+    assert [s for s, _ in seen] == sorted(s for s, _ in seen) and seen[-1] == (adapter.total_bytes,) * 2
+
+
+def test_upload_over_grpc_sync_and_async(tmp_path):
+    directory = write_adapter(tmp_path / "big", rank=16, hidden=12_000)
+    server = ScriptedServer()
+    try:
+        progress: list[int] = []
+        with Client(server.address) as client:
+            info = client.upload_adapter(directory, "big", progress=lambda sent, total: progress.append(sent))
+        assert info.adapter_id == "big" and info.sha256 == validate_adapter_dir(directory).weights.sha256
+        assert progress[-1] == validate_adapter_dir(directory).total_bytes
+
+        async def upload():
+            async with AsyncClient(server.address) as client:
+                return await client.upload_adapter(directory, "big2", private=True)
+        assert asyncio.run(upload()).adapter_id == "big2"
+        assert server.script.calls_to("UploadAdapter")[1].request[0].metadata.private
+        stored = server.script.uploads[0]
+        assert stored["weights"] == (directory / "adapter_model.safetensors").read_bytes()
+    finally:
+        server.stop()
+
+
+def test_invalid_directory_sends_nothing(tmp_path):
+    directory = write_adapter(tmp_path / "a", config={"peft_type": "IA3", "r": 4})
+    server = ScriptedServer()
+    try:
+        with Client(server.address) as client, pytest.raises(ValidationError, match="only LORA"):
+            client.upload_adapter(directory, "a")
+        assert server.script.calls == []
+    finally:
+        server.stop()
