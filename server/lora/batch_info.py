@@ -36,10 +36,10 @@ class LoraBatchInfo:
         if n == 0:
             empty = torch.zeros(0, dtype=torch.int64)
             return LoraBatchInfo(slots, empty, empty, empty, ())
-        change = torch.ones(n, dtype=torch.bool)
+        change = torch.ones(n, dtype=torch.bool, device=slots.device)
         change[1:] = slots[1:] != slots[:-1]
         seg_starts = torch.nonzero(change).flatten()
-        ends = torch.cat([seg_starts[1:], torch.tensor([n])])
+        ends = torch.cat([seg_starts[1:], torch.tensor([n], device=slots.device)])
         seg_slots = slots[seg_starts]
         active = tuple(sorted({int(s) for s in seg_slots.tolist() if s >= 0}))
         return LoraBatchInfo(slots, seg_starts, ends - seg_starts, seg_slots, active)

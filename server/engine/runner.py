@@ -1,0 +1,125 @@
+"""ModelRunner: one ScheduledBatch -> one forward pass over the paged KV cache -> sampled tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..lora.batch_info import LoraBatchInfo
+from ..model.config import ModelConfig
+from ..model.context import AttentionMetadata, ForwardContext
+from .batch import RunnerOutput, ScheduledBatch
+from .sequence import Sequence
+
+Sampler = Callable[[torch.Tensor, list[Sequence]], Any]   # -> SampleResult(token_ids, logprobs)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Device tensors for one forward pass plus the rows whose logits are sampled."""
+
+    input_ids: torch.Tensor       # [T] int64
+    ctx: ForwardContext
+    sample_rows: torch.Tensor     # [n] int64, last row of each sampling item
+    sample_seqs: list[Sequence]
+
+
+class ModelRunner:
+    """Builds the step's inputs from a ScheduledBatch, runs the model, samples.
+
+    kv_caches: per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim].
+    sampler(logits [n, vocab] float32, seqs) -> SampleResult with token_ids and logprobs.
+    """
+
+    def __init__(self, model, config: ModelConfig, kv_caches, block_size: int, sampler: Sampler,
+                 device: str = "cpu"):
+        self.model = model
+        self.config = config
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.sampler = sampler
+        self.device = torch.device(device)
+        self.vocab_size = config.vocab_size
+
+    def run(self, batch: ScheduledBatch, adapter_slots: dict[str, int] | None = None) -> RunnerOutput:
+        """One forward pass; one token (and logprob) per item with sample=True, in item order."""
+        if batch.is_empty:
+            return RunnerOutput(sampled_token_ids=[], logprobs=None)
+        inputs = self.prepare(batch, adapter_slots)
+        with torch.inference_mode():
+            hidden = self.model(inputs.input_ids, inputs.ctx, self.kv_caches)    # [T, hidden]
+            if not inputs.sample_seqs:
+                return RunnerOutput(sampled_token_ids=[], logprobs=None)
+            logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
+            result = self.sampler(logits, inputs.sample_seqs)
+        return RunnerOutput(sampled_token_ids=list(result.token_ids), logprobs=result.logprobs)
+
+    def prepare(self, batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> StepInputs:
+        """Host-side lists -> one tensor per field (this runs every step: keep it cheap)."""
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        starts = [0]
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for item in batch.items:
+            seq, start, n = item.seq, item.start, item.num_new_tokens
+            end = start + n
+            if len(seq.block_table) * bs < end:
+                raise ValueError(f"sequence {seq.seq_id} needs {-(-end // bs)} KV blocks for "
+                                 f"{end} tokens but its block table has {len(seq.block_table)}")
+            if n == 1:
+                token_ids.append(seq.token_at(start))
+            else:
+                token_ids.extend(seq.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(n)
+            context_lens.append(end)
+            starts.append(starts[-1] + n)
+            if item.sample:
+                sample_rows.append(starts[-1] - 1)
+                sample_seqs.append(seq)
+        self.model.ensure_positions(max(context_lens))
+        max_blocks = max(-(-c // bs) for c in context_lens)
+        tables = [_padded(item.seq.block_table, max_blocks) for item in batch.items]
+        device = self.device
+        attn = AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int64, device=device),
+            seq_lens=torch.tensor(context_lens, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_lens=tuple(query_lens), context_lens=tuple(context_lens), block_size=bs)
+        ctx = ForwardContext(positions=torch.tensor(positions, dtype=torch.int64, device=device),
+                             attn=attn, lora=self._lora_info(batch, adapter_slots))
+        return StepInputs(torch.tensor(token_ids, dtype=torch.int64, device=device), ctx,
+                          torch.tensor(sample_rows, dtype=torch.int64, device=device), sample_seqs)
+
+    def _lora_info(self, batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> LoraBatchInfo | None:
+        """Per-token adapter slots (-1 = base only); None when no item uses an adapter."""
+        if not any(item.seq.adapter_key for item in batch.items):
+            return None
+        adapter_slots = adapter_slots or {}
+        token_slots: list[int] = []
+        for item in batch.items:
+            key = item.seq.adapter_key
+            if key is None:
+                slot = -1
+            elif key in adapter_slots:
+                slot = adapter_slots[key]
+            else:
+                raise ValueError(f"sequence {item.seq.seq_id} uses adapter {key!r}, which has no "
+                                 "slot in this step (adapters.activate must load it first)")
+            token_slots.extend([slot] * item.num_new_tokens)
+        return LoraBatchInfo.from_token_slots(torch.tensor(token_slots, dtype=torch.int64, device=self.device))
+
+
+def _padded(block_table: list[int], length: int) -> list[int]:
+    row = block_table[:length]
+    return row + [0] * (length - len(row))

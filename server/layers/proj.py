@@ -1,0 +1,51 @@
+"""A model projection: one base linear (maybe fused from several HF modules) plus a LoRA hook."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..lora.batch_info import LoraBatchInfo
+from .base import QuantizedLinear
+
+
+class LoraHook(Protocol):
+    """Adds the batch's per-token LoRA deltas to a projection's output."""
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, info: LoraBatchInfo) -> None:
+        """y += delta in place; x [T, in_features], y [T, out_features]."""
+        ...
+
+
+class ProjLinear(torch.nn.Module):
+    """A base linear (possibly fused from several HF modules) plus an optional LoRA delta hook.
+
+    sub_names are the HF module names fused here, in output order (e.g. ("q_proj", "k_proj",
+    "v_proj")), and out_sizes their output widths, so a LoRA slot pool can place each module's
+    delta in its column range [sum(out_sizes[:i]), sum(out_sizes[:i + 1])).
+    """
+
+    def __init__(self, base: QuantizedLinear, layer_idx: int, sub_names: tuple[str, ...],
+                 out_sizes: tuple[int, ...]):
+        super().__init__()
+        if len(sub_names) != len(out_sizes) or sum(out_sizes) != base.out_features:
+            raise ValueError(f"layer {layer_idx} {'/'.join(sub_names)}: out_sizes {out_sizes} do "
+                             f"not add up to the base's {base.out_features} outputs")
+        self.base = base
+        self.layer_idx = layer_idx
+        self.sub_names = tuple(sub_names)
+        self.out_sizes = tuple(out_sizes)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.lora: LoraHook | None = None
+
+    def forward(self, x: torch.Tensor, lora_info: LoraBatchInfo | None) -> torch.Tensor:
+        """x [T, in_features] -> [T, out_features]."""
+        y = self.base.apply(x)
+        if self.lora is not None and lora_info is not None and lora_info.has_adapters:
+            self.lora.add_delta(x, y, lora_info)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, modules={'+'.join(self.sub_names)}, out={self.out_sizes}"

@@ -1,0 +1,183 @@
+"""Attention over the paged KV cache for packed ragged batches (prefill chunks and decodes).
+
+`plan_attention` turns the step's AttentionMetadata into index tensors and masks once per step;
+every layer then calls `paged_attention` (vectorized, the default) or `paged_attention_ref`
+(a per-sequence pure-torch loop, the reference twin) with the same arguments.
+
+Heads are grouped as in HF (`repeat_kv`): query head h reads KV head h // (num_heads // num_kv_heads).
+With a sliding window W (Mistral), the query at position p sees keys at positions (p - W, p].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .context import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One sequence with more than one new token this step."""
+
+    row_start: int                  # first row of its queries in the packed batch
+    num_queries: int
+    context_len: int                # keys after this step's write
+    block_ids: torch.Tensor         # [ceil(context_len / block_size)] int64
+    mask: torch.Tensor | None       # [num_queries, context_len] bool, None = plain causal
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Per-step attention layout shared by all layers.
+
+    Decode queries (one new token) run as one padded batch: decode_block_tables
+    [num_decodes, max_blocks], decode_mask [num_decodes, 1, 1, max_blocks * block_size]
+    (0 = attend, -inf = masked; in the compute dtype). decode_rows [num_decodes] holds their packed rows, None when every row
+    is a decode row (in order).
+    """
+
+    meta: AttentionMetadata
+    scale: float
+    sliding_window: int | None
+    decode_rows: torch.Tensor | None
+    decode_block_tables: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    prefills: tuple[PrefillChunk, ...]
+
+
+def _causal_mask(num_queries: int, context_len: int, window: int | None,
+                 device: torch.device) -> torch.Tensor | None:
+    """[q, ctx] bool; query i sits at position ctx - q + i. None when plain is_causal works."""
+    offset = context_len - num_queries
+    if offset == 0 and (window is None or window >= context_len):
+        return None
+    q_pos = torch.arange(offset, context_len, device=device).unsqueeze(1)  # [q, 1]
+    k_pos = torch.arange(context_len, device=device).unsqueeze(0)          # [1, ctx]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def plan_attention(meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                   dtype: torch.dtype = torch.float32) -> AttentionPlan:
+    """Split the batch into decode rows and prefill chunks; build masks (host work, once a step)."""
+    device = meta.seq_lens.device
+    bs = meta.block_size
+    decode_rows: list[int] = []
+    decode_seqs: list[int] = []
+    prefills = []
+    row = 0
+    for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
+        if q_len == 1:
+            decode_rows.append(row)
+            decode_seqs.append(i)
+        elif q_len > 1:
+            blocks = meta.block_tables[i, : -(-ctx // bs)]
+            prefills.append(PrefillChunk(row, q_len, ctx, blocks,
+                                         _causal_mask(q_len, ctx, sliding_window, device)))
+        row += q_len
+    rows_t = tables = mask = None
+    if decode_rows:
+        ctx_lens = [meta.context_lens[i] for i in decode_seqs]
+        num_blocks = -(-max(ctx_lens) // bs)
+        all_decode = len(decode_rows) == len(meta.query_lens)
+        seq_index = None if all_decode else torch.tensor(decode_seqs, device=device)
+        tables = meta.block_tables[:, :num_blocks]
+        lens = meta.seq_lens
+        if seq_index is not None:
+            tables, lens = tables.index_select(0, seq_index), lens.index_select(0, seq_index)
+            rows_t = torch.tensor(decode_rows, device=device)
+        k_pos = torch.arange(num_blocks * bs, device=device).unsqueeze(0)   # [1, L]
+        lens = lens.unsqueeze(1)                                             # [D, 1]
+        mask = k_pos < lens
+        if sliding_window is not None:
+            mask &= k_pos >= lens - sliding_window
+        # Additive float mask: SDPA would otherwise convert a bool mask in every layer.
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+        mask = mask[:, None, None, :]                                        # [D, 1, 1, L]
+    return AttentionPlan(meta, scale, sliding_window, rows_t, tables, mask, tuple(prefills))
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new tokens' k, v [T, kv_heads, head_dim] at their slots of the paged cache."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def _gather_context(cache: torch.Tensor, block_ids: torch.Tensor, context_len: int) -> torch.Tensor:
+    """[kv_heads, context_len, head_dim] keys (or values) of one sequence."""
+    num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
+    blocks = cache.index_select(0, block_ids).view(-1, num_kv_heads, head_dim)
+    return blocks[:context_len].transpose(0, 1)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      plan: AttentionPlan) -> torch.Tensor:
+    """q [D, heads, head_dim] -> [D, heads, head_dim]; grouped heads ride the query-length axis."""
+    tables = plan.decode_block_tables
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    length = tables.shape[1] * k_cache.shape[1]
+    flat = tables.reshape(-1)                            # index_select copies whole blocks (fast)
+    k = k_cache.index_select(0, flat).view(num_seqs, length, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(num_seqs, length, num_kv_heads, head_dim).transpose(1, 2)
+    q = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.decode_mask, scale=plan.scale)
+    return out.view(num_seqs, num_heads, head_dim)      # [D, kv_heads, group, hd] is contiguous
+
+
+def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    """q [n, heads, head_dim] of one sequence -> [n, heads, head_dim]."""
+    k = _gather_context(k_cache, chunk.block_ids, chunk.context_len).unsqueeze(0)
+    v = _gather_context(v_cache, chunk.block_ids, chunk.context_len).unsqueeze(0)
+    q = q.transpose(0, 1).unsqueeze(0)                   # [1, heads, n, hd]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None,
+                                         scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    plan: AttentionPlan) -> torch.Tensor:
+    """q [T, heads, head_dim] (packed ragged batch, K/V already written) -> [T, heads, head_dim]."""
+    if plan.decode_mask is not None and plan.decode_rows is None:
+        return _decode_attention(q, k_cache, v_cache, plan)
+    out = torch.empty_like(q)
+    if plan.decode_mask is not None:
+        decoded = _decode_attention(q.index_select(0, plan.decode_rows), k_cache, v_cache, plan)
+        out.index_copy_(0, plan.decode_rows, decoded)
+    for chunk in plan.prefills:
+        rows = slice(chunk.row_start, chunk.row_start + chunk.num_queries)
+        out[rows] = _prefill_attention(q[rows], k_cache, v_cache, chunk, plan.scale)
+    return out
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        plan: AttentionPlan) -> torch.Tensor:
+    """Reference twin of `paged_attention`: per sequence, float32 softmax(q k^T * scale) v."""
+    meta = plan.meta
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    row = 0
+    for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
+        blocks = meta.block_tables[i, : -(-ctx // meta.block_size)]
+        k = k_cache[blocks].flatten(0, 1)[:ctx].repeat_interleave(group, dim=1).float()  # [ctx, H, hd]
+        v = v_cache[blocks].flatten(0, 1)[:ctx].repeat_interleave(group, dim=1).float()
+        q_i = q[row: row + q_len].float()                                                 # [n, H, hd]
+        scores = torch.einsum("qhd,khd->hqk", q_i, k) * plan.scale
+        q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
+        k_pos = torch.arange(ctx).unsqueeze(0)
+        allowed = k_pos <= q_pos
+        if plan.sliding_window is not None:
+            allowed &= k_pos > q_pos - plan.sliding_window
+        scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+        out[row: row + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+        row += q_len
+    return out

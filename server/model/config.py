@@ -1,0 +1,141 @@
+"""The served model's architecture, read and validated from an HF `config.json`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters (`default` or Llama 3.1 `llama3` scaling)."""
+
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model, KV cache and adapter code need to know about the architecture."""
+
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    sliding_window: int | None = None   # Mistral: keys older than this many positions are masked
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each HF linear module name in one decoder layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
+            "o_proj": (self.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        }
+
+    @staticmethod
+    def from_dir(path: str | Path) -> "ModelConfig":
+        """Read `<path>/config.json`; raise ValueError naming what is unsupported."""
+        config_path = Path(path) / "config.json"
+        try:
+            raw = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{config_path} not found: --model must be an HF model directory") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+        return ModelConfig.from_dict(raw, source=str(config_path))
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        architecture = _architecture(raw, source)
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
+        num_heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        head_dim = raw.get("head_dim") or hidden // num_heads
+        num_kv_heads = int(raw.get("num_key_value_heads") or num_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{source}: num_attention_heads={num_heads} is not a multiple of "
+                             f"num_key_value_heads={num_kv_heads}")
+        return ModelConfig(
+            architecture=architecture, model_type=str(raw.get("model_type", "")),
+            vocab_size=int(raw["vocab_size"]), hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]), num_heads=num_heads,
+            num_kv_heads=num_kv_heads, head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            rope=_rope(raw, source), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            sliding_window=_sliding_window(raw, architecture, source),
+        )
+
+
+def _architecture(raw: dict[str, Any], source: str) -> str:
+    names = raw.get("architectures") or []
+    for name in names:
+        if name in SUPPORTED_ARCHITECTURES:
+            return name
+    shown = ", ".join(names) if names else "none listed"
+    raise ValueError(f"{source}: unsupported model architecture ({shown}); loraplex supports "
+                     f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _rope(raw: dict[str, Any], source: str) -> RopeConfig:
+    # transformers 5.x: `rope_parameters` (theta inside); 4.x: `rope_theta` + `rope_scaling`.
+    params = dict(raw.get("rope_parameters") or {})
+    if not params:
+        params = dict(raw.get("rope_scaling") or {})
+        params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; loraplex supports "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return RopeConfig(theta=theta)
+    missing = [key for key in _LLAMA3_KEYS if key not in params]
+    if missing:
+        raise ValueError(f"{source}: llama3 rope scaling needs {', '.join(missing)}")
+    return RopeConfig(theta=theta, rope_type="llama3", factor=float(params["factor"]),
+                      low_freq_factor=float(params["low_freq_factor"]),
+                      high_freq_factor=float(params["high_freq_factor"]),
+                      original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+
+
+def _sliding_window(raw: dict[str, Any], architecture: str, source: str) -> int | None:
+    window = raw.get("sliding_window")
+    if architecture == "Qwen2ForCausalLM":
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{source}: Qwen2 use_sliding_window=true (per-layer windows) is not "
+                             "supported; set it to false")
+        return None
+    if architecture == "MistralForCausalLM" and window:
+        return int(window)
+    return None

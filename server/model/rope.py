@@ -1,0 +1,69 @@
+"""Rotary position embedding with a precomputed cos/sin cache (HF `rotate_half` layout)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """[head_dim // 2] float32 inverse frequencies, with llama3 scaling when configured."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.rope_type == "llama3":
+        inv_freq = _llama3_scale(inv_freq, rope)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Llama 3.1: slow down low frequencies by `factor`, keep high ones, blend in between."""
+    old_len = rope.original_max_position_embeddings
+    low_freq_wavelen = old_len / rope.low_freq_factor
+    high_freq_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding:
+    """Holds cos/sin for positions [0, max_positions); grows on demand (`ensure_length`)."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int,
+                 dtype: torch.dtype, device: str | torch.device = "cpu"):
+        self.inv_freq = inverse_frequencies(rope, head_dim).to(device)   # [head_dim // 2] float32
+        self.dtype = dtype
+        self.cos = self.sin = torch.empty(0)
+        self._build(max_positions)
+
+    def _build(self, max_positions: int) -> None:
+        positions = torch.arange(max_positions, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(positions, self.inv_freq)                   # [P, head_dim // 2]
+        emb = torch.cat([freqs, freqs], dim=-1)                          # [P, head_dim]
+        self.cos = emb.cos().to(self.dtype)
+        self.sin = emb.sin().to(self.dtype)
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos.shape[0]
+
+    def ensure_length(self, num_positions: int) -> None:
+        """Make positions up to num_positions - 1 available (doubling, so rarely rebuilt)."""
+        if num_positions > self.max_positions:
+            self._build(max(num_positions, 2 * self.max_positions))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] int64 -> cos, sin each [T, 1, head_dim] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, head_dim] -> rotated [T, H, head_dim] (new tensor): x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return torch.addcmul(x * cos, rotated, sin)
