@@ -1,0 +1,55 @@
+"""Helpers to drive an in-process LLMEngine in tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loraplex.server.engine.builder import build_engine
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.io import GenerationRequest, RequestOutput
+from loraplex.server.engine.sequence import SamplingParams
+
+
+def make_engine(model_dir: Path, store=None, **overrides):
+    params = dict(model_dir=model_dir, quantize="none", dtype="float32", device="cpu",
+                  max_num_seqs=16, max_batch_tokens=256, kv_cache_memory="256MiB",
+                  max_model_len=512, max_input_tokens=384, block_size=16)
+    params.update(overrides)
+    engine, _info = build_engine(EngineConfig(**params), store, log=lambda _m: None)
+    return engine
+
+
+def run_staggered(engine, requests: list[tuple[int, GenerationRequest]]) -> dict[str, list[RequestOutput]]:
+    """Add each request at its step index; step until done. Returns outputs per request."""
+    pending = sorted(requests, key=lambda pair: pair[0])
+    outputs: dict[str, list[RequestOutput]] = {req.request_id: [] for _, req in requests}
+    step = 0
+    while pending or engine.has_work():
+        while pending and pending[0][0] <= step:
+            engine.add_request(pending.pop(0)[1])
+        produced, _stats = engine.step()
+        for out in produced:
+            outputs[out.request_id].append(out)
+        step += 1
+        assert step < 10_000, "engine did not finish"
+    return outputs
+
+
+def tokens_of(outputs: list[RequestOutput]) -> list[int]:
+    return [t for out in outputs for t in out.token_ids]
+
+
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=list(eos_ids), pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def greedy_request(request_id: str, prompt_ids: list[int], max_new_tokens: int, **kw) -> GenerationRequest:
+    return GenerationRequest(request_id=request_id, prompt_token_ids=tuple(prompt_ids),
+                             sampling=SamplingParams(max_new_tokens=max_new_tokens, **kw), **{})
