@@ -1,0 +1,37 @@
+"""LoRA delta backends; `select_ops` picks one once at start-up (no global state)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..delta import LoraOps
+from .reference import ReferenceOps
+from .torch_ops import CostModel, TorchOps
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def triton_usable(device: str | torch.device) -> bool:
+    """True when `device` is CUDA, CUDA is present and the triton package is installed."""
+    return (torch.device(device).type == "cuda" and torch.cuda.is_available()
+            and importlib.util.find_spec("triton") is not None)
+
+
+def select_ops(device: str | torch.device = "cpu", backend: str = "auto") -> LoraOps:
+    """An ops object for `device`: Triton kernels on CUDA when available, else the torch path."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown LoRA ops backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return ReferenceOps()
+    if backend == "triton" or (backend == "auto" and triton_usable(device)):
+        if not triton_usable(device):
+            raise ValueError(f"LoRA backend 'triton' needs a CUDA device and the triton package (device={device})")
+        from .triton_ops import TritonOps
+
+        return TritonOps()
+    return TorchOps()
+
+
+__all__ = ["BACKENDS", "CostModel", "LoraOps", "ReferenceOps", "TorchOps", "select_ops", "triton_usable"]

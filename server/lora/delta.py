@@ -1,0 +1,102 @@
+"""Types between the slot pool and the LoRA ops, and the hook a projection calls each forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .batch_info import LoraBatchInfo
+
+
+@dataclass(frozen=True)
+class ProjLoraWeights:
+    """One projection's adapter stacks, for every slot of the pool (views into the pool).
+
+    a:          [max_loras, num_subs * rank, in_features]; sub-module m owns rows
+                m*rank:(m+1)*rank (the fused projection's A = concat over sub-modules along
+                the rank dim, so one shrink covers q, k and v together). Zero rows pad
+                ranks below `rank` and stand for untargeted sub-modules.
+    bts:        per sub-module, B transposed: [max_loras, rank, out_m]. Stored transposed so
+                that a contiguous range of slots is one [n * rank, out_m] matrix (a view).
+    col_starts: first output column of each sub-module in the projection's output.
+    rank:       the stack rank (the largest rank loaded, every slot padded to it).
+    """
+
+    a: torch.Tensor
+    bts: tuple[torch.Tensor, ...]
+    col_starts: tuple[int, ...]
+    rank: int
+
+    @property
+    def num_subs(self) -> int:
+        return len(self.bts)
+
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[-1]
+
+    @property
+    def out_sizes(self) -> tuple[int, ...]:
+        return tuple(bt.shape[-1] for bt in self.bts)
+
+
+@dataclass(frozen=True)
+class LoraStep:
+    """What every projection of one forward pass shares: the routing and per-slot scales.
+
+    scales: [max_loras] in the adapter dtype (lora_alpha / r, or / sqrt(r) with rsLoRA).
+    plan:   backend-specific precomputation (masks, slot ranges), built once per step by
+            `ops.prepare`; None for backends that need none.
+    """
+
+    info: LoraBatchInfo
+    scales: torch.Tensor
+    plan: Any = None
+
+
+class LoraOps(Protocol):
+    """A LoRA delta backend (reference, torch, triton): the same signatures for all.
+
+    Shapes: x [T, in], a [S, Ra, in], bt [S, R, out_m], h [T, Ra] or [T, R], y [T, out],
+    token_slots / seg_* int64 with -1 = no adapter, scales [S].
+    """
+
+    name: str
+
+    def bgmv_shrink(self, x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor: ...
+
+    def bgmv_expand(self, h: torch.Tensor, bt: torch.Tensor, token_slots: torch.Tensor,
+                    scales: torch.Tensor, y: torch.Tensor, col_start: int) -> None: ...
+
+    def sgmv_shrink(self, x: torch.Tensor, a: torch.Tensor, seg_starts: torch.Tensor,
+                    seg_lens: torch.Tensor, seg_slots: torch.Tensor) -> torch.Tensor: ...
+
+    def sgmv_expand(self, h: torch.Tensor, bt: torch.Tensor, seg_starts: torch.Tensor,
+                    seg_lens: torch.Tensor, seg_slots: torch.Tensor, scales: torch.Tensor,
+                    y: torch.Tensor, col_start: int) -> None: ...
+
+    def prepare(self, info: LoraBatchInfo, scales: torch.Tensor) -> LoraStep: ...
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, weights: ProjLoraWeights, step: LoraStep) -> None: ...
+
+
+class ProjLoraHook:
+    """The `proj.lora` hook: y += this batch's per-token LoRA delta for projection `index`.
+
+    It reads the pool's current stacks at call time (they are re-laid out when the stack rank
+    changes) and the step's shared routing (prepared once per forward by the pool).
+    """
+
+    def __init__(self, get_weights: Callable[[], ProjLoraWeights],
+                 get_step: Callable[[LoraBatchInfo], LoraStep], ops: LoraOps):
+        self._get_weights = get_weights
+        self._get_step = get_step
+        self._ops = ops
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, info: LoraBatchInfo) -> None:
+        """x [T, in], y [T, out] (modified in place)."""
+        if not info.has_adapters:
+            return
+        self._ops.add_delta(x, y, self._get_weights(), self._get_step(info))

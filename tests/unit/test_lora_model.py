@@ -1,0 +1,147 @@
+"""Our model with mixed adapters in one packed batch equals PEFT's mixed-batch forward (float32)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraplex.adapters_store.types import LoadedAdapter, LoraConfigInfo
+from loraplex.server.engine.batch import ScheduledBatch, ScheduledSeq
+from loraplex.server.engine.runner import ModelRunner
+from loraplex.server.engine.sequence import SamplingParams, Sequence
+from loraplex.server.layers.base import QuantSpec
+from loraplex.server.lora.manager import AdapterManager
+from loraplex.server.lora.ops import select_ops
+from loraplex.server.lora.slot_pool import SlotPool
+from loraplex.server.model.kv_cache import allocate_kv_caches
+from loraplex.server.model.llama import build_model
+
+BLOCK_SIZE = 4
+ADAPTERS = {  # name -> LoraConfig kwargs (different r / alpha / rsLoRA / targets)
+    "alpha": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                     "gate_proj", "up_proj", "down_proj"]),
+    "beta": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "gamma": dict(r=2, lora_alpha=16, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"]),
+}
+ROWS = ["alpha", None, "beta", "gamma"]   # adapter of each sequence (None = base only)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    path = tmp_path_factory.mktemp("lora-llama")
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(model_dir, tmp_path_factory) -> dict[str, Path]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("peft")
+    dirs = {}
+    for i, (name, kwargs) in enumerate(ADAPTERS.items()):
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        torch.manual_seed(10 + i)
+        peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **kwargs))
+        with torch.no_grad():
+            for param_name, param in peft_model.named_parameters():
+                if "lora_" in param_name:
+                    param.copy_(torch.randn_like(param) * 0.2)     # lora_B would otherwise start at 0
+        peft_model.save_pretrained(root / name)
+        dirs[name] = root / name
+    return dirs
+
+
+def load_peft_dir(key: str, path: Path) -> LoadedAdapter:
+    """Parse a PEFT adapter directory into a LoadedAdapter (keys ...layers.{i}.{attn|mlp}.{m}.lora_{A|B})."""
+    raw = json.loads((path / "adapter_config.json").read_text())
+    config = LoraConfigInfo(rank=raw["r"], lora_alpha=raw["lora_alpha"], use_rslora=raw.get("use_rslora", False),
+                            target_modules=tuple(sorted(raw["target_modules"])))
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(path / "adapter_model.safetensors").items():
+        parts = name.split(".")
+        layer, module, which = int(parts[parts.index("layers") + 1]), parts[-3], parts[-2]
+        pairs.setdefault((layer, module), {})[which] = tensor.float()
+    weights = {k: (v["lora_A"], v["lora_B"]) for k, v in pairs.items()}
+    return LoadedAdapter(key=key, config=config, weights=weights,
+                         nbytes=sum(a.nbytes + b.nbytes for a, b in weights.values()))
+
+
+def peft_logits(model_dir: Path, adapter_dirs: dict[str, Path], token_ids: list[list[int]],
+                row_adapters: list[str | None]) -> list[torch.Tensor]:
+    """PEFT mixed-batch forward (adapter_names per row), right-padded; [len_i, vocab] per row."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    names = list(adapter_dirs)
+    model = PeftModel.from_pretrained(base, adapter_dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapter_dirs[name], adapter_name=name)
+    model.eval()
+    width = max(map(len, token_ids))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in token_ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in token_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask,
+                       adapter_names=[r or "__base__" for r in row_adapters]).logits
+    return [logits[i, :len(row)].float() for i, row in enumerate(token_ids)]
+
+
+def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[int]], extra: list[int],
+             backend: str) -> list[torch.Tensor]:
+    """Step 1: all four prompts packed in one prefill; step 2: one decode token each."""
+    model, config = build_model(model_dir, QuantSpec(compute_dtype=torch.float32))
+    pool = SlotPool(model.lora_targets(), max_loras=4, max_lora_rank=8, ops=select_ops("cpu", backend))
+    manager = AdapterManager(pool)
+    slots = manager.activate({k for k in ROWS if k}, lambda key: load_peft_dir(key, adapter_dirs[key]))
+    caches = allocate_kv_caches(config, 32, BLOCK_SIZE, torch.float32)
+    runner = ModelRunner(model, config, caches, BLOCK_SIZE, sampler=lambda logits, seqs: None)
+    seqs = [Sequence(i, list(p), SamplingParams(), adapter_key=key) for i, (p, key) in enumerate(zip(prompts, ROWS))]
+    for i, seq in enumerate(seqs):
+        seq.block_table = list(range(i * 8, (i + 1) * 8))
+    rows: list[list[torch.Tensor]] = [[] for _ in seqs]
+
+    def step(items):
+        batch = ScheduledBatch(tuple(ScheduledSeq(seq, start, n, True) for seq, start, n in items))
+        inputs = runner.prepare(batch, slots)
+        with torch.inference_mode():
+            logits = model.compute_logits(model(inputs.input_ids, inputs.ctx, caches))
+        row = 0
+        for seq, _, n in items:
+            rows[seq.seq_id] += list(logits[row:row + n])
+            row += n
+
+    step([(seq, 0, seq.num_prompt_tokens) for seq in seqs])
+    for seq, token in zip(seqs, extra):
+        seq.output_token_ids.append(token)
+    step([(seq, seq.num_tokens - 1, 1) for seq in seqs])
+    pool.detach()
+    return [torch.stack(r) for r in rows]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_mixed_adapter_batch_matches_peft(model_dir, adapter_dirs, backend):
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 9, 5, 7)]
+    extra = torch.randint(3, 256, (4,), generator=gen).tolist()
+    ours = run_ours(model_dir, adapter_dirs, prompts, extra, backend)
+    expected = peft_logits(model_dir, adapter_dirs, [p + [t] for p, t in zip(prompts, extra)], ROWS)
+    for i, (got, want) in enumerate(zip(ours, expected)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, i=i: f"row {i} ({ROWS[i]}): {m}")
+    # the adapters visibly change the logits, so the comparison above cannot pass by accident
+    base = peft_logits(model_dir, adapter_dirs, [p + [t] for p, t in zip(prompts, extra)], [None] * 4)
+    for i, name in enumerate(ROWS):
+        change = float((expected[i] - base[i]).abs().max())
+        assert (change > 1e-2) if name else (change == 0.0), (name, change)

@@ -1,0 +1,140 @@
+"""LoRA delta ops: the reference against a direct oracle, the fast torch routes against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_helpers import HIDDEN, INTER, make_adapter, make_targets, oracle_delta
+from loraplex.server.lora.batch_info import LoraBatchInfo
+from loraplex.server.lora.ops import ReferenceOps, TorchOps, select_ops
+from loraplex.server.lora.ops import reference as ref
+from loraplex.server.lora.ops.torch_ops import grouped_delta, padded_delta
+from loraplex.server.lora.slot_pool import SlotPool
+
+# Mixed batch: a prefill of slot 2 (5 tokens), a base-only prefill (3), a prefill of slot 0 (4),
+# then decodes for slots 1, -1, 3, 2 (slot 2 again: two runs of one slot), 0.
+TOKEN_SLOTS = [2] * 5 + [-1] * 3 + [0] * 4 + [1, -1, 3, 2, 0]
+
+
+def _adapters():
+    """Heterogeneous ranks, alphas, rsLoRA and partial target subsets."""
+    return [
+        make_adapter("a@1", rank=4, seed=1),
+        make_adapter("b@1", rank=2, seed=2, modules=("q_proj", "v_proj", "down_proj"), alpha=8),
+        make_adapter("c@1", rank=6, seed=3, modules=("k_proj", "o_proj", "up_proj"), rslora=True),
+        make_adapter("d@1", rank=3, seed=4, modules=("gate_proj", "up_proj", "q_proj"), alpha=3),
+    ]
+
+
+def _pool(ops, dtype=torch.float32, max_loras=5):
+    targets = make_targets(dtype=dtype)
+    pool = SlotPool(targets, max_loras, 8, dtype, "cpu", ops=ops)
+    adapters = _adapters()
+    for slot, adapter in enumerate(adapters):
+        pool.load(slot, adapter)
+    return pool, targets, adapters
+
+
+def _inputs(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(7)
+    num_tokens = len(TOKEN_SLOTS)
+    return {HIDDEN: torch.randn(num_tokens, HIDDEN, generator=gen).to(dtype),
+            INTER: torch.randn(num_tokens, INTER, generator=gen).to(dtype)}
+
+
+def test_reference_matches_direct_oracle():
+    pool, targets, adapters = _pool(ReferenceOps())
+    info = LoraBatchInfo.from_token_slots(torch.tensor(TOKEN_SLOTS))
+    xs = _inputs()
+    per_token = [adapters[s] if s >= 0 else None for s in TOKEN_SLOTS]
+    for target in targets:
+        x = xs[target.in_features]
+        y = torch.zeros(len(TOKEN_SLOTS), target.out_features)
+        target.lora.add_delta(x, y, info)
+        torch.testing.assert_close(y.double(), oracle_delta(target, x, per_token), rtol=1e-5, atol=1e-5)
+    assert y[5:8].abs().sum() == 0 and y[13].abs().sum() == 0          # slot -1 rows get nothing
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("route", [padded_delta, grouped_delta])
+def test_fast_routes_match_reference(route, dtype, tol):
+    """Adapters and compute in `dtype`; bf16 tolerance covers accumulation-order rounding."""
+    pool, targets, _ = _pool(TorchOps(), dtype)
+    info = LoraBatchInfo.from_token_slots(torch.tensor(TOKEN_SLOTS))
+    step = pool.step_for(info)
+    xs = _inputs(dtype)
+    for i, target in enumerate(targets):
+        x = xs[target.in_features]
+        y_base = target.base.apply(x)
+        y_fast, y_ref = y_base.clone(), y_base.clone()
+        route(x, y_fast, pool.weights[i], step.plan)
+        ref.add_delta(x, y_ref, pool.weights[i], ref.prepare(info, pool.scales))
+        torch.testing.assert_close(y_fast.float(), y_ref.float(), rtol=tol, atol=tol)
+
+
+def test_float32_adapters_with_bf16_activations():
+    """Default adapter dtype float32 under a bf16 model: x is cast up, the delta cast back."""
+    pool, targets, _ = _pool(TorchOps(), torch.float32)
+    info = LoraBatchInfo.from_token_slots(torch.tensor(TOKEN_SLOTS))
+    xs = _inputs(torch.bfloat16)
+    for target in targets[:4]:
+        x = xs[target.in_features]
+        y_fast = torch.zeros(len(TOKEN_SLOTS), target.out_features, dtype=torch.bfloat16)
+        y_ref = y_fast.clone()
+        target.lora.add_delta(x, y_fast, info)
+        ref.add_delta(x, y_ref, pool.weights[targets.index(target)], ref.prepare(info, pool.scales))
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("slots", [[3, 1, 4, 0, 2], [0, 0, 0, 2, -1, 2], [-1, 4, -1, 1, 1, 1, 1], [-1, -1]])
+def test_torch_bgmv_sgmv_match_reference(slots):
+    gen = torch.Generator().manual_seed(len(slots))
+    a = torch.randn(5, 7, 11, generator=gen)          # [S, Ra, in]
+    bt = torch.randn(5, 7, 9, generator=gen)          # [S, R, out]
+    scales = torch.rand(5, generator=gen) + 0.5
+    x = torch.randn(len(slots), 11, generator=gen)
+    info = LoraBatchInfo.from_token_slots(torch.tensor(slots))
+    fast = TorchOps()
+    h_ref = ref.bgmv_shrink(x, a, info.token_slots)
+    torch.testing.assert_close(fast.bgmv_shrink(x, a, info.token_slots), h_ref)
+    torch.testing.assert_close(ref.sgmv_shrink(x, a, info.seg_starts, info.seg_lens, info.seg_slots), h_ref)
+    torch.testing.assert_close(fast.sgmv_shrink(x, a, info.seg_starts, info.seg_lens, info.seg_slots), h_ref)
+    y_ref = torch.randn(len(slots), 12, generator=gen)
+    outs = [y_ref.clone() for _ in range(3)]
+    ref.bgmv_expand(h_ref, bt, info.token_slots, scales, y_ref, 2)
+    fast.bgmv_expand(h_ref, bt, info.token_slots, scales, outs[0], 2)
+    ref.sgmv_expand(h_ref, bt, info.seg_starts, info.seg_lens, info.seg_slots, scales, outs[1], 2)
+    fast.sgmv_expand(h_ref, bt, info.seg_starts, info.seg_lens, info.seg_slots, scales, outs[2], 2)
+    for out in outs:
+        torch.testing.assert_close(out, y_ref)
+
+
+def test_route_choice_follows_batch_shape():
+    pool, _, _ = _pool(TorchOps())
+    fast: TorchOps = pool.ops
+    weights = pool.weights[2]                                  # gate_up of layer 0
+    decode = pool.step_for(LoraBatchInfo.from_token_slots(torch.tensor([0, 1, 2, 3])))
+    assert fast.choose_route(weights, decode.plan) == "padded"
+    lopsided = pool.step_for(LoraBatchInfo.from_token_slots(torch.tensor([0] * 20000 + [1, 2, 3])))
+    assert fast.choose_route(weights, lopsided.plan) == "grouped"
+
+
+def test_projection_forward_adds_delta_through_hook():
+    pool, targets, adapters = _pool(TorchOps())
+    info = LoraBatchInfo.from_token_slots(torch.tensor(TOKEN_SLOTS))
+    target = targets[2]
+    x = _inputs()[HIDDEN]
+    expected = target.base.apply(x).double() + oracle_delta(
+        target, x, [adapters[s] if s >= 0 else None for s in TOKEN_SLOTS])
+    torch.testing.assert_close(target(x, info).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target(x, None), target.base.apply(x))
+
+
+def test_select_ops_on_cpu():
+    assert select_ops("cpu").name == "torch"
+    assert select_ops("cpu", "reference").name == "reference"
+    with pytest.raises(ValueError, match="triton"):
+        select_ops("cpu", "triton")
+    with pytest.raises(ValueError, match="unknown"):
+        select_ops("cpu", "cuda-magic")
