@@ -17,7 +17,7 @@ from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, server_pb2, server_pb2_
 from loraplex.v1 import generation_pb2 as gen
 from loraplex.v1 import generation_pb2_grpc
 
-MAX_QUEUED = 3
+MAX_QUEUED = 6   # >= the 6 concurrent requests of the mixed-adapter test
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,173 @@
+"""Parse and check a PEFT `adapter_config.json` (LoRA only), rule by rule."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from .errors import AdapterValidationError
+from .types import BaseSpec
+
+FINGERPRINT_KEY = "loraplex_base_fingerprint"
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "embed", "wte", "wpe", "embed_out")
+
+
+@dataclass(frozen=True)
+class ParsedConfig:
+    """The checked config. Exactly one of target_names / target_regex is set."""
+
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    target_names: tuple[str, ...] | None
+    target_regex: str | None
+    base_model: str | None
+    base_fingerprint: str | None
+
+    def targets_module(self, layer_idx: int, parent: str, module: str) -> bool:
+        """Whether the config targets `model.layers.{layer_idx}.{parent}.{module}`."""
+        if self.target_names is not None:
+            return module in self.target_names
+        if self.target_regex == "all-linear":
+            return True
+        return re.fullmatch(self.target_regex, f"model.layers.{layer_idx}.{parent}.{module}") is not None
+
+
+def parse_config(raw: bytes, base: BaseSpec, max_lora_rank: int, allow_base_mismatch: bool) -> ParsedConfig:
+    """Check adapter_config.json bytes against the schema and the served base."""
+    config = _load_json(raw)
+    _refuse_unsupported(config)
+    rank = _required(config, "r", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    if rank > max_lora_rank:
+        raise AdapterValidationError("rank_limit", f"adapter rank r={rank} is above this server's limit of "
+                                     f"{max_lora_rank}; retrain with a smaller r or start the server with "
+                                     f"--max-lora-rank {rank}")
+    alpha = _required(config, "lora_alpha", lambda v: _is_number(v) and math.isfinite(v) and v != 0,
+                      "a finite non-zero number")
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise _field("use_rslora", "must be true or false")
+    _check_patterns(config, rank, alpha)
+    base_model = config.get("base_model_name_or_path")
+    if base_model is not None and not isinstance(base_model, str):
+        raise _field("base_model_name_or_path", "must be a string or null")
+    names, regex = _targets(config, base)
+    fingerprint = _fingerprint(config, base, allow_base_mismatch)
+    return ParsedConfig(rank, float(alpha), use_rslora, names, regex, base_model, fingerprint)
+
+
+def _load_json(raw: bytes) -> dict:
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterValidationError("config_json", f"adapter_config.json is not valid UTF-8 JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise AdapterValidationError("config_json", "adapter_config.json must be a JSON object")
+    return config
+
+
+def _refuse_unsupported(config: dict) -> None:
+    if "peft_type" not in config:
+        raise _field("peft_type", "is missing; PEFT LoRA configs have \"peft_type\": \"LORA\"", missing=True)
+    if config["peft_type"] != "LORA":
+        raise AdapterValidationError("peft_type", f"peft_type {config['peft_type']!r} is not supported; only "
+                                     f"LoRA adapters (\"LORA\") can be served")
+    if config.get("use_dora"):
+        raise AdapterValidationError("use_dora", "DoRA adapters (use_dora=true) are not supported; their "
+                                     "magnitude vectors cannot be served as an unmerged low-rank delta. "
+                                     "Train a plain LoRA")
+    if config.get("modules_to_save"):
+        raise AdapterValidationError("modules_to_save", f"modules_to_save={config['modules_to_save']!r} would "
+                                     f"replace whole base modules per adapter; not supported. Train without it")
+    if config.get("bias", "none") != "none":
+        raise AdapterValidationError("bias", f"bias={config['bias']!r} trains base biases; only bias=\"none\" "
+                                     f"adapters can be served")
+    if config.get("fan_in_fan_out"):
+        raise AdapterValidationError("fan_in_fan_out", "fan_in_fan_out=true (Conv1D layouts) does not match "
+                                     "Llama-family linear layers")
+
+
+def _check_patterns(config: dict, rank: int, alpha: float) -> None:
+    for key, expected in (("rank_pattern", rank), ("alpha_pattern", alpha)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise _field(key, "must be an object mapping module patterns to numbers")
+        differing = {name: value for name, value in pattern.items() if value != expected}
+        if differing:
+            raise AdapterValidationError(key, f"{key} gives some modules different values {differing} (global "
+                                         f"value {expected}); per-module ranks/alphas are not supported")
+
+
+def _targets(config: dict, base: BaseSpec) -> tuple[tuple[str, ...] | None, str | None]:
+    targets = _required(config, "target_modules", lambda v: isinstance(v, (str, list)) and len(v) > 0,
+                        "a non-empty list of module names or a regex string")
+    if isinstance(targets, str):
+        return None, _target_regex(targets)
+    names = []
+    for target in targets:
+        if not isinstance(target, str):
+            raise _field("target_modules", f"entries must be strings, got {target!r}")
+        module = target.rsplit(".", 1)[-1]
+        if module in EMBEDDING_MODULES:
+            raise _embedding(target)
+        if module not in base.module_shapes:
+            raise AdapterValidationError("unknown_target", f"target module {target!r} is not a linear layer of "
+                                         f"the served base (choose from {sorted(base.module_shapes)})")
+        names.append(module)
+    return tuple(names), None
+
+
+def _target_regex(pattern: str) -> str:
+    if pattern == "all-linear":
+        return pattern
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise _field("target_modules", f"is not a valid regex ({error})") from None
+    for name in ("model.embed_tokens", "lm_head"):
+        if compiled.fullmatch(name):
+            raise _embedding(pattern)
+    return pattern
+
+
+def _fingerprint(config: dict, base: BaseSpec, allow_base_mismatch: bool) -> str | None:
+    recorded = config.get(FINGERPRINT_KEY)
+    if recorded is None:
+        return None
+    if not isinstance(recorded, str):
+        raise _field(FINGERPRINT_KEY, "must be a string")
+    if recorded != base.fingerprint and not allow_base_mismatch:
+        raise AdapterValidationError("base_fingerprint", f"the adapter records base fingerprint {recorded!r} "
+                                     f"but this server serves {base.fingerprint!r}. An adapter trained or "
+                                     f"initialised on another backbone (e.g. LoftQ on a differently quantized "
+                                     f"base) is only correct on that backbone; serve it on the matching base, or "
+                                     f"register with allow_base_mismatch if you accept different outputs")
+    return recorded
+
+
+def _required(config: dict, key: str, ok, expected: str):
+    if key not in config:
+        raise _field(key, f"is missing; it must be {expected}", missing=True)
+    if not ok(config[key]):
+        raise _field(key, f"must be {expected}, got {config[key]!r}")
+    return config[key]
+
+
+def _field(key: str, problem: str, missing: bool = False) -> AdapterValidationError:
+    rule = "config_missing_field" if missing else "config_field"
+    return AdapterValidationError(rule, f"adapter_config.json: {key!r} {problem}")
+
+
+def _embedding(target: str) -> AdapterValidationError:
+    return AdapterValidationError("embedding_target", f"target {target!r} is an embedding / lm_head; "
+                                  f"LoRA on embeddings is not supported, only on decoder linear layers")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

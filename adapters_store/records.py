@@ -1,0 +1,59 @@
+"""AdapterRecord: one registered adapter version as the registry holds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .ids import make_key
+from .types import LoraConfigInfo
+
+
+class AdapterState(str, Enum):
+    """READY: servable. QUARANTINED: kept but refused (e.g. blob corrupted). DELETING: going away."""
+
+    READY = "READY"
+    QUARANTINED = "QUARANTINED"
+    DELETING = "DELETING"
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One adapter version. size_bytes counts config + weights; sha256 is of the weights file."""
+
+    name: str
+    version: int
+    sha256: str
+    config_sha256: str
+    size_bytes: int
+    dtype: str
+    config: LoraConfigInfo
+    owner: str | None
+    created_at: float
+    state: AdapterState
+    state_reason: str = ""
+
+    @property
+    def key(self) -> str:
+        return make_key(self.name, self.version)
+
+    @property
+    def private(self) -> bool:
+        return self.owner is not None
+
+    def visible_to(self, tenant: str | None) -> bool:
+        """Public adapters are visible to everyone; private ones only to their owner."""
+        return self.owner is None or self.owner == tenant
+
+
+@dataclass(frozen=True)
+class NewAdapter:
+    """What the registry needs to insert a version (the version number is assigned on insert)."""
+
+    name: str
+    sha256: str
+    config_sha256: str
+    size_bytes: int
+    dtype: str
+    config: LoraConfigInfo
+    owner: str | None

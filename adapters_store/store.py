@@ -1,0 +1,250 @@
+"""AdapterStore: the facade the service and the engine use (registry + blobs + host tier)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from .blobs import BlobStore
+from .cache import EventHook, HostCache
+from .config import StoreConfig
+from .errors import AdapterNotFound, AdapterValidationError, IntegrityError, QuotaExceeded, UploadConflict
+from .ids import parse_key, parse_ref, validate_name
+from .leases import LeaseTable
+from .loader import AdapterLoader
+from .paths import CONFIG_NAME, WEIGHTS_NAME, adapter_files, confined_adapter_dir, copy_bounded
+from .records import AdapterRecord, AdapterState, NewAdapter
+from .recovery import RecoveryReport, recover
+from .registry import Registry
+from .staging import HashingWriter, StagingDir
+from .types import BaseSpec, LoadedAdapter
+from .upload import StagedAdapter, UploadMeta, UploadSession
+from .validation import validate_adapter
+
+__all__ = ["AdapterStore", "StoreConfig", "UploadMeta"]
+log = logging.getLogger(__name__)
+_LIVE = (AdapterState.READY, AdapterState.QUARANTINED)
+
+
+class AdapterStore:
+    """Adapters on disk under `root` (see docs/adapter-store.md), validated against `base`.
+
+    Opening a store runs recover(); its report is `self.recovery`. Thread-safe; several
+    processes may share one root (SQLite WAL + file locks), but leases are per process.
+    """
+
+    def __init__(self, root: Path, config: StoreConfig, base: BaseSpec, on_event: EventHook | None = None):
+        self.root = Path(root)
+        self.config = config
+        self.base = base
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp_root = self.root / "tmp"
+        self._blobs = BlobStore(self.root)
+        self._registry = Registry(self.root / "registry.sqlite3", config.busy_timeout_ms)
+        self.recovery: RecoveryReport = recover(self._registry, self._blobs, self._tmp_root)
+        self._leases = LeaseTable()
+        self.cache = HostCache(config.host_cache_bytes, on_event)
+        self._loader = AdapterLoader(self.cache, self._blobs.path, self._loadable, self.quarantine,
+                                     config.load_threads)
+        self._janitor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-delete")
+        self._closed = threading.Event()
+
+    # ---- writes ----------------------------------------------------------------------
+    def begin_upload(self, meta: UploadMeta) -> UploadSession:
+        """Start an upload; sizes, quota and ownership are checked before any byte is accepted."""
+        validate_name(meta.name)
+        self._check_owner(meta.name, meta.owner)
+        for label, size in (("config", meta.config_size), ("weights", meta.weights_size)):
+            if size < 1:
+                raise _size_error(f"declared {label} size must be >= 1 byte")
+        if meta.config_size > self.config.max_config_bytes:
+            raise _size_error(f"adapter_config.json of {meta.config_size} bytes exceeds the limit of "
+                              f"{self.config.max_config_bytes}")
+        total = meta.config_size + meta.weights_size
+        if total > self.config.max_adapter_bytes:
+            raise _size_error(f"the adapter is {total} bytes, above the limit of {self.config.max_adapter_bytes}; "
+                              f"raise --max-adapter-bytes or use a smaller rank")
+        self._check_quota(total)
+        staging = StagingDir(self._tmp_root, "upload", self._blobs.writing)
+        return UploadSession(meta, staging, self.config.max_chunk_bytes, self._commit_staged)
+
+    def register_path(self, name: str, path: str | Path, owner: str | None = None,
+                      allow_base_mismatch: bool = False) -> AdapterRecord:
+        """Register a PEFT directory under an allowed root (copied into the store; admin only)."""
+        validate_name(name)
+        self._check_owner(name, owner)
+        roots = self.config.allowed_register_roots
+        config_src, weights_src = adapter_files(confined_adapter_dir(path, roots), roots)
+        staging = StagingDir(self._tmp_root, "register", self._blobs.writing)
+        try:
+            digests, total = [], 0
+            for src, dst, limit in ((config_src, CONFIG_NAME, self.config.max_config_bytes),
+                                    (weights_src, WEIGHTS_NAME, self.config.max_adapter_bytes)):
+                writer = HashingWriter(staging.file(dst))
+                try:
+                    copy_bounded(src, writer, limit)
+                    digests.append(writer.finish())
+                    total += writer.num_bytes
+                finally:
+                    writer.close()
+            self._check_quota(total)
+            return self._commit_staged(StagedAdapter(staging, name, owner, digests[0], digests[1],
+                                                     allow_base_mismatch))
+        finally:
+            staging.close()
+
+    def delete(self, ref: str, tenant: str | None, wait: bool = True, timeout_s: float | None = None) -> list[int]:
+        """Delete `name` (all versions) or `name@N`; returns the versions deleted.
+
+        They turn DELETING at once (resolve/acquire then raise AdapterNotFound); blobs and rows
+        go once every lease has been released. wait=True blocks until then (or timeout_s,
+        after which removal still completes in the background); wait=False returns at once.
+        """
+        parsed = parse_ref(ref)
+        rows = [r for r in self._registry.versions_of(parsed.name) if r.visible_to(tenant) and r.state in _LIVE
+                and parsed.version in (None, r.version)]
+        if not rows:
+            raise AdapterNotFound(f"no adapter {ref!r} to delete")
+        self._leases.mark_deleting([r.key for r in rows])
+        moved = self._registry.set_state(parsed.name, [r.version for r in rows], AdapterState.DELETING,
+                                         "deleted", from_states=_LIVE)
+        futures = [self._schedule_removal(parsed.name, version) for version in moved]
+        for future in futures if wait else ():
+            future.result(timeout=timeout_s)
+        return moved
+
+    def quarantine(self, key: str, reason: str) -> None:
+        """Refuse to serve `key` from now on (kept on disk for inspection; delete removes it)."""
+        name, version = parse_key(key)
+        if self._registry.set_state(name, [version], AdapterState.QUARANTINED, reason, (AdapterState.READY,)):
+            log.error("adapter %s quarantined: %s", key, reason)
+        self.cache.pop(key)
+
+    # ---- reads -----------------------------------------------------------------------
+    def resolve(self, ref: str, tenant: str | None) -> AdapterRecord:
+        """`name` -> its latest READY version (latest QUARANTINED one if none is READY); `name@N` -> N."""
+        parsed = parse_ref(ref)
+        rows = [r for r in self._registry.versions_of(parsed.name) if r.visible_to(tenant) and r.state in _LIVE]
+        if parsed.version is not None:
+            rows = [r for r in rows if r.version == parsed.version]
+        ready = [r for r in rows if r.state is AdapterState.READY]
+        if not rows:
+            raise AdapterNotFound(f"no adapter {ref!r}; list adapters to see the available ids and versions")
+        return (ready or rows)[-1]
+
+    def get(self, ref: str, tenant: str | None) -> tuple[AdapterRecord, list[int]]:
+        """The resolved record and every live version number of its name."""
+        record = self.resolve(ref, tenant)
+        versions = [r.version for r in self._registry.versions_of(record.name) if r.state in _LIVE]
+        return record, versions
+
+    def list(self, tenant: str | None) -> list[AdapterRecord]:
+        """One record per visible name (as `resolve(name)` gives), sorted by name."""
+        names = sorted({r.name for r in self._registry.all() if r.visible_to(tenant) and r.state in _LIVE})
+        return [self.resolve(name, tenant) for name in names]
+
+    def used_bytes(self) -> int:
+        return self._registry.used_bytes()
+
+    # ---- engine tier -----------------------------------------------------------------
+    def acquire(self, key: str) -> None:
+        """Lease `key` for one request; delete waits until it is released."""
+        self._leases.acquire(key)
+
+    def release(self, key: str) -> None:
+        self._leases.release(key)
+
+    def load(self, key: str) -> LoadedAdapter:
+        """Host-tier adapter (blocking; loads and sha256-verifies the blob on a miss)."""
+        return self._loader.load(key)
+
+    def prefetch(self, key: str) -> Future:
+        """Future[LoadedAdapter], loaded on the store's thread pool."""
+        return self._loader.prefetch(key)
+
+    def is_loaded(self, key: str) -> bool:
+        return self._loader.is_loaded(key)
+
+    def set_event_hook(self, on_event: EventHook | None) -> None:
+        """Metrics hook for the host tier (see cache.metrics_hook)."""
+        self.cache.set_hook(on_event)
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._loader.close()
+            self._janitor.shutdown(wait=True)
+
+    # ---- internals -------------------------------------------------------------------
+    def _commit_staged(self, staged: StagedAdapter) -> AdapterRecord:
+        files = staged.staging
+        config_bytes, weights_bytes = files.file(CONFIG_NAME).read_bytes(), files.file(WEIGHTS_NAME).read_bytes()
+        validated = validate_adapter(config_bytes, weights_bytes, self.base, self.config, staged.allow_base_mismatch)
+        new = NewAdapter(name=staged.name, sha256=staged.weights_sha256, config_sha256=staged.config_sha256,
+                         size_bytes=len(config_bytes) + len(weights_bytes), dtype=validated.dtype,
+                         config=validated.config, owner=staged.owner)
+        digests = [staged.config_sha256, staged.weights_sha256]
+        try:
+            with self._blobs.writing():
+                self._blobs.adopt(files.file(CONFIG_NAME), staged.config_sha256)
+                self._blobs.adopt(files.file(WEIGHTS_NAME), staged.weights_sha256)
+                return self._registry.insert(new, self.config.quota_bytes)
+        except BaseException:
+            self._remove_blobs_if_unreferenced(digests)
+            raise
+
+    def _schedule_removal(self, name: str, version: int) -> Future:
+        done: Future = Future()
+
+        def remove() -> None:
+            try:
+                self._remove(name, version)
+                done.set_result(None)
+            except BaseException as error:  # noqa: BLE001 - handed to the waiter
+                log.exception("removing adapter %s@%d failed", name, version)
+                done.set_exception(error)
+
+        self._leases.when_idle(f"{name}@{version}", lambda: self._janitor.submit(remove))
+        return done
+
+    def _remove(self, name: str, version: int) -> None:
+        record = self._registry.get(name, version)
+        if record is None:
+            return
+        self.cache.pop(record.key)
+        self._registry.delete_rows(name, [version])
+        self._remove_blobs_if_unreferenced([record.sha256, record.config_sha256])
+        self._leases.forget(record.key)
+
+    def _remove_blobs_if_unreferenced(self, digests: list[str]) -> None:
+        with self._blobs.collecting():
+            referenced = self._registry.referenced_digests()
+            for digest in set(digests) - referenced:
+                self._blobs.path(digest).unlink(missing_ok=True)
+
+    def _loadable(self, key: str) -> AdapterRecord:
+        name, version = parse_key(key)
+        record = self._registry.get(name, version)
+        if record is None or (record.state is AdapterState.DELETING and self._leases.count(key) == 0):
+            raise AdapterNotFound(f"adapter {key} was deleted")
+        if record.state is AdapterState.QUARANTINED:
+            raise IntegrityError(f"adapter {key} is quarantined: {record.state_reason}")
+        return record
+
+    def _check_owner(self, name: str, owner: str | None) -> None:
+        known, current = self._registry.name_owner(name)
+        if known and current != owner:
+            raise UploadConflict(f"adapter id {name!r} belongs to another owner; choose another id")
+
+    def _check_quota(self, num_bytes: int) -> None:
+        used = self._registry.used_bytes()
+        if used + num_bytes > self.config.quota_bytes:
+            raise QuotaExceeded(f"storing {num_bytes} bytes would exceed the store quota ({used} of "
+                                f"{self.config.quota_bytes} bytes used); delete unused adapters or raise "
+                                f"--adapter-quota-bytes")
+
+
+def _size_error(message: str) -> AdapterValidationError:
+    return AdapterValidationError("size_limit", message)

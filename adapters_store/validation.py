@@ -1,0 +1,101 @@
+"""Validate a PEFT LoRA adapter (config + safetensors bytes) before anything is registered.
+
+Each rule raises AdapterValidationError(rule, message); see docs/adapter-store.md for the list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from .config import StoreConfig
+from .errors import AdapterValidationError
+from .peft_config import ParsedConfig, parse_config
+from .safetensors_header import TensorEntry, parse_header
+from .tensor_names import LoraTensorName, parse_tensor_name
+from .types import LORA_TARGET_MODULES, BaseSpec, LoraConfigInfo
+
+ALLOWED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ValidatedAdapter:
+    """What validation learned: the serving config and the weights' dtype name."""
+
+    config: LoraConfigInfo
+    dtype: str
+    num_tensors: int
+
+
+def validate_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseSpec, limits: StoreConfig,
+                     allow_base_mismatch: bool = False) -> ValidatedAdapter:
+    """Run every rule; raises AdapterValidationError on the first broken one."""
+    total = len(config_bytes) + len(weights_bytes)
+    if total > limits.max_adapter_bytes:
+        raise AdapterValidationError("size_limit", f"the adapter is {total} bytes, above the limit of "
+                                     f"{limits.max_adapter_bytes}; raise --max-adapter-bytes or use a smaller rank")
+    if len(config_bytes) > limits.max_config_bytes:
+        raise AdapterValidationError("size_limit", f"adapter_config.json is {len(config_bytes)} bytes, above "
+                                     f"{limits.max_config_bytes}")
+    entries = parse_header(weights_bytes, limits.max_header_bytes)
+    parsed = parse_config(config_bytes, base, limits.max_lora_rank, allow_base_mismatch)
+    names = {entry.name: _check_entry(entry, parsed, base) for entry in entries}
+    modules = _check_pairs(names)
+    tensors = load_safetensors(weights_bytes)
+    _check_finite(tensors)
+    dtypes = sorted({ALLOWED_DTYPES[entry.dtype] for entry in entries})
+    info = LoraConfigInfo(rank=parsed.rank, lora_alpha=parsed.lora_alpha, use_rslora=parsed.use_rslora,
+                          target_modules=tuple(m for m in LORA_TARGET_MODULES if m in modules),
+                          base_model=parsed.base_model, base_fingerprint=parsed.base_fingerprint)
+    return ValidatedAdapter(config=info, dtype=",".join(dtypes), num_tensors=len(entries))
+
+
+def _check_entry(entry: TensorEntry, parsed: ParsedConfig, base: BaseSpec) -> LoraTensorName:
+    name = parse_tensor_name(entry.name)
+    if entry.dtype not in ALLOWED_DTYPES:
+        raise AdapterValidationError("dtype", f"tensor {entry.name!r} is {entry.dtype}; adapter weights must be "
+                                     f"float32, float16 or bfloat16")
+    if name.layer_idx >= base.num_layers:
+        raise AdapterValidationError("layer_range", f"tensor {entry.name!r} names layer {name.layer_idx} but the "
+                                     f"served base has {base.num_layers} layers (0..{base.num_layers - 1})")
+    if name.module not in base.module_shapes:
+        raise AdapterValidationError("unknown_target", f"tensor {entry.name!r}: the served base has no "
+                                     f"{name.module} (modules: {sorted(base.module_shapes)})")
+    if not parsed.targets_module(name.layer_idx, name.parent, name.module):
+        raise AdapterValidationError("target_mismatch", f"tensor {entry.name!r} adapts {name.module}, which "
+                                     f"adapter_config.json target_modules does not list")
+    in_features, out_features = base.module_shapes[name.module]
+    expected = (parsed.rank, in_features) if name.factor == "A" else (out_features, parsed.rank)
+    if entry.shape != expected:
+        layout = "[r, in_features]" if name.factor == "A" else "[out_features, r]"
+        raise AdapterValidationError("shape", f"tensor {entry.name!r} has shape {list(entry.shape)}, expected "
+                                     f"{list(expected)} ({layout} with r={parsed.rank}); the adapter was trained "
+                                     f"for a different base or rank")
+    return name
+
+
+def _check_pairs(names: dict[str, LoraTensorName]) -> set[str]:
+    if not names:
+        raise AdapterValidationError("no_tensors", "the weights file holds no LoRA tensors")
+    seen: dict[tuple[int, str], set[str]] = {}
+    for tensor_name, name in names.items():
+        factors = seen.setdefault((name.layer_idx, name.module), set())
+        if name.factor in factors:
+            raise AdapterValidationError("duplicate_tensor", f"layer {name.layer_idx} {name.module} has two "
+                                         f"lora_{name.factor} tensors (one is {tensor_name!r})")
+        factors.add(name.factor)
+    for (layer, module), factors in sorted(seen.items()):
+        if factors != {"A", "B"}:
+            missing = ({"A", "B"} - factors).pop()
+            raise AdapterValidationError("missing_pair", f"layer {layer} {module} has no lora_{missing} weight; "
+                                         f"every lora_A needs its lora_B and vice versa")
+    return {module for _, module in seen}
+
+
+def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterValidationError("non_finite", f"tensor {name!r} contains NaN or Inf values; the adapter "
+                                         f"is broken (check training for divergence)")

@@ -1,0 +1,206 @@
+"""A corpus of bad adapters: each is refused with its own rule and message, and nothing is stored."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+
+import pytest
+import torch
+
+from loraplex.adapters_store.errors import (AdapterValidationError, InvalidAdapterId, PermissionDenied,
+                                            StoreError)
+from loraplex.adapters_store.paths import CONFIG_NAME, WEIGHTS_NAME
+from loraplex.adapters_store.upload import UploadMeta
+from store_adapters import (adapter_bytes, adapter_config, adapter_tensors, make_store, sha256, snapshot,
+                            tensor_key, upload, write_adapter)
+
+
+def _with(tensors: dict, key: str, value: torch.Tensor) -> dict:
+    return {**tensors, key: value}
+
+
+def _nan_tensors() -> dict:
+    tensors = adapter_tensors()
+    a = tensors[tensor_key(1, "v_proj", "A")].clone()
+    a[0, 3] = float("nan")
+    return _with(tensors, tensor_key(1, "v_proj", "A"), a)
+
+
+def _inf_tensors() -> dict:
+    tensors = adapter_tensors()
+    b = tensors[tensor_key(0, "q_proj", "B")].clone()
+    b[5, 1] = float("-inf")
+    return _with(tensors, tensor_key(0, "q_proj", "B"), b)
+
+
+def _huge_header() -> bytes:
+    return struct.pack("<Q", 2 * 2**20) + b'{"a": 1}' + b" " * 64
+
+
+def _without(config: dict, key: str) -> dict:
+    return {k: v for k, v in config.items() if k != key}
+
+
+def _tensors_without_b() -> dict:
+    tensors = adapter_tensors()
+    del tensors[tensor_key(1, "q_proj", "B")]
+    return tensors
+
+
+# name -> (config bytes, weights bytes, expected rule); uploaded through begin_upload/commit.
+UPLOAD_CASES = {
+    "pickle_bin": lambda: (adapter_bytes()[0], pickle.dumps(adapter_tensors(), protocol=4), "pickle_format"),
+    "torch_save_zip": lambda: (adapter_bytes()[0], _torch_save(adapter_tensors()), "pickle_format"),
+    "wrong_shape": lambda: (*adapter_bytes(tensors=_with(adapter_tensors(), tensor_key(0, "q_proj", "A"),
+                                                         torch.zeros(4, 32))), "shape"),
+    "rank_above_limit": lambda: (*adapter_bytes(rank=32), "rank_limit"),
+    "nan_weights": lambda: (*adapter_bytes(tensors=_nan_tensors()), "non_finite"),
+    "inf_weights": lambda: (*adapter_bytes(tensors=_inf_tensors()), "non_finite"),
+    "truncated_safetensors": lambda: (adapter_bytes()[0], adapter_bytes()[1][:-100], "truncated"),
+    "oversized_header": lambda: (adapter_bytes()[0], _huge_header(), "header_size"),
+    "wrong_base_fingerprint": lambda: (*adapter_bytes(loraplex_base_fingerprint="llama:2x64:kv32:ffn128:bnb-nf4"),
+                                       "base_fingerprint"),
+    "missing_r": lambda: (*adapter_bytes(config=_without(adapter_config(), "r")), "config_missing_field"),
+    "missing_peft_type": lambda: (*adapter_bytes(config=_without(adapter_config(), "peft_type")),
+                                  "config_missing_field"),
+    "missing_lora_alpha": lambda: (*adapter_bytes(config=_without(adapter_config(), "lora_alpha")),
+                                   "config_missing_field"),
+    "missing_target_modules": lambda: (json.dumps(_without(adapter_config(), "target_modules")).encode(),
+                                       adapter_bytes()[1], "config_missing_field"),
+    "unknown_peft_type": lambda: (*adapter_bytes(peft_type="IA3"), "peft_type"),
+    "dora": lambda: (*adapter_bytes(use_dora=True), "use_dora"),
+    "modules_to_save": lambda: (*adapter_bytes(modules_to_save=["lm_head"]), "modules_to_save"),
+    "embedding_target": lambda: (json.dumps(adapter_config(targets=("q_proj", "embed_tokens"))).encode(),
+                                 adapter_bytes()[1], "embedding_target"),
+    "lm_head_tensor": lambda: (*adapter_bytes(tensors=_with(adapter_tensors(), "base_model.model.lm_head.lora_A.weight",
+                                                            torch.zeros(4, 64))), "embedding_target"),
+    "rank_pattern_differs": lambda: (*adapter_bytes(rank_pattern={"q_proj": 8}), "rank_pattern"),
+    "rank_r_not_int": lambda: (*adapter_bytes(config=adapter_config(rank="4")), "config_field"),
+    "float64_weights": lambda: (*adapter_bytes(tensors=adapter_tensors(dtype=torch.float64)), "dtype"),
+    "missing_lora_b": lambda: (*adapter_bytes(tensors=_tensors_without_b()), "missing_pair"),
+    "layer_out_of_range": lambda: (*adapter_bytes(tensors=_with(adapter_tensors(), tensor_key(7, "q_proj", "A"),
+                                                                torch.zeros(4, 64))), "layer_range"),
+    "untargeted_module": lambda: (*adapter_bytes(tensors=adapter_tensors(targets=("q_proj", "v_proj", "o_proj")),
+                                                 config=adapter_config()), "target_mismatch"),
+    "config_not_json": lambda: (b"{r: 4", adapter_bytes()[1], "config_json"),
+    "header_not_json": lambda: (adapter_bytes()[0], struct.pack("<Q", 6) + b"{nope!", "header_json"),
+}
+
+
+def _torch_save(tensors: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = make_store(tmp_path / "store")
+    upload(store, "good", *adapter_bytes(seed=1))
+    yield store
+    store.close()
+
+
+def _assert_nothing_stored(store, before) -> None:
+    assert snapshot(store.root) == before
+    assert store.load("good@1").key == "good@1"            # the adapter stored before is intact
+
+
+@pytest.mark.parametrize("case", sorted(UPLOAD_CASES))
+def test_bad_upload_is_refused_with_its_rule_and_nothing_stored(store, case):
+    config_bytes, weights_bytes, rule = UPLOAD_CASES[case]()
+    before = snapshot(store.root)
+    with pytest.raises(AdapterValidationError) as caught:
+        upload(store, f"bad-{case.replace('_', '-')}", config_bytes, weights_bytes)
+    assert caught.value.rule == rule, str(caught.value)
+    _assert_nothing_stored(store, before)
+
+
+def test_every_rule_has_its_own_message(store):
+    messages = {}
+    for case, make in UPLOAD_CASES.items():
+        with pytest.raises(AdapterValidationError) as caught:
+            upload(store, "bad", *make()[:2])
+        messages[case] = caught.value.detail
+    assert len(set(messages.values())) == len(messages), messages
+
+
+def test_mismatched_sha256_is_refused_at_commit(store):
+    config_bytes, weights_bytes = adapter_bytes(seed=5)
+    before = snapshot(store.root)
+    meta = UploadMeta("bad", len(config_bytes), sha256(config_bytes), len(weights_bytes), sha256(b"other"))
+    session = store.begin_upload(meta)
+    session.write(CONFIG_NAME, config_bytes)
+    session.write(WEIGHTS_NAME, weights_bytes)
+    with pytest.raises(AdapterValidationError, match="sha256") as caught:
+        session.commit()
+    assert caught.value.rule == "sha256_mismatch"
+    _assert_nothing_stored(store, before)
+
+
+def test_wrong_fingerprint_is_accepted_with_the_operator_override(store):
+    record = upload(store, "loftq", *adapter_bytes(loraplex_base_fingerprint="other-base"), allow_base_mismatch=True)
+    assert record.config.base_fingerprint == "other-base"
+
+
+@pytest.mark.parametrize("bad_id", ["../x", "/etc/passwd", "a/../../b", "a..b", "", ".hidden", "x" * 129, "a b"])
+def test_traversal_and_unsafe_ids_are_refused(store, tmp_path, bad_id):
+    before = snapshot(store.root)
+    config_bytes, weights_bytes = adapter_bytes()
+    with pytest.raises(InvalidAdapterId):
+        upload(store, bad_id, config_bytes, weights_bytes)
+    write_adapter(tmp_path / "adapters" / "ok")
+    with pytest.raises(InvalidAdapterId):
+        store.register_path(bad_id, tmp_path / "adapters" / "ok")
+    assert snapshot(store.root) == before
+
+
+def _register_cases(tmp_path):
+    roots = tmp_path / "adapters"
+    outside = write_adapter(tmp_path / "outside" / "evil")
+    write_adapter(roots / "ok")
+    (roots / "dir-link").symlink_to(outside, target_is_directory=True)
+    file_link = write_adapter(roots / "file-link")
+    os.unlink(file_link / WEIGHTS_NAME)
+    (file_link / WEIGHTS_NAME).symlink_to(outside / WEIGHTS_NAME)
+    pickles = roots / "pickles"
+    pickles.mkdir()
+    (pickles / CONFIG_NAME).write_text(json.dumps(adapter_config()))
+    torch.save(adapter_tensors(), pickles / "adapter_model.bin")
+    return {
+        "dotdot_path": (roots / "ok" / ".." / ".." / "outside" / "evil", PermissionDenied),
+        "absolute_escape": ("/etc", PermissionDenied),
+        "relative_escape": ("../outside/evil", PermissionDenied),
+        "symlinked_dir_escape": (roots / "dir-link", PermissionDenied),
+        "symlinked_file_escape": (file_link, PermissionDenied),
+        "pickle_only_dir": (pickles, AdapterValidationError),
+    }
+
+
+@pytest.mark.parametrize("case", ["dotdot_path", "absolute_escape", "relative_escape", "symlinked_dir_escape",
+                                  "symlinked_file_escape", "pickle_only_dir"])
+def test_register_path_escapes_and_pickles_are_refused(store, tmp_path, case):
+    path, error_type = _register_cases(tmp_path)[case]
+    before = snapshot(store.root)
+    with pytest.raises(error_type) as caught:
+        store.register_path("reg", path)
+    assert isinstance(caught.value, StoreError) and str(caught.value)
+    _assert_nothing_stored(store, before)
+
+
+def test_register_path_inside_root_works_relative_and_absolute(store, tmp_path):
+    write_adapter(tmp_path / "adapters" / "ok", seed=3)
+    assert store.register_path("reg", tmp_path / "adapters" / "ok").version == 1
+    assert store.register_path("reg", "ok").version == 2
+
+
+def test_register_refused_without_allowed_roots(tmp_path):
+    store = make_store(tmp_path / "store", allowed_register_roots=())
+    write_adapter(tmp_path / "adapters" / "ok")
+    with pytest.raises(PermissionDenied, match="allowed-register-root"):
+        store.register_path("reg", tmp_path / "adapters" / "ok")
+    store.close()
