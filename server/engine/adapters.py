@@ -7,6 +7,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ...adapters_store.errors import AdapterNotFound
+from ...adapters_store.records import AdapterState
 from ..lora.manager import AdapterManager
 from .io import AdapterUnavailable
 
@@ -25,13 +26,16 @@ class AdapterGateway:
         self._lock = threading.Lock()
         self._pending: dict[str, Future] = {}
         self._failed: dict[str, str] = {}
+        self._staged: dict[str, Any] = {}    # loaded by prefetch, kept until activated
 
     def resolve(self, ref: str, tenant: str | None) -> str:
         """'name' or 'name@3' -> 'name@version', holding a lease until release(key)."""
         record = self.store.resolve(ref, tenant)
         key = record.key
-        if getattr(record, "state", "READY") not in ("READY", getattr(record, "READY", "READY")):
-            raise AdapterUnavailable(f"adapter {key} is {record.state}; it cannot be served")
+        if record.state is not AdapterState.READY:
+            reason = f" ({record.state_reason})" if record.state_reason else ""
+            raise AdapterUnavailable(f"adapter {key} is {record.state.value.lower()}{reason}; "
+                                     "it cannot be served")
         self.store.acquire(key)
         return key
 
@@ -43,6 +47,8 @@ class AdapterGateway:
         if self.manager.slot_of(key) is not None or self.store.is_loaded(key):
             return True
         with self._lock:
+            if key in self._staged:
+                return True
             if key in self._failed:
                 return False
             future = self._pending.get(key)
@@ -62,6 +68,9 @@ class AdapterGateway:
             error = future.exception()
             if error is not None:
                 self._failed[key] = _safe_message(error)
+            else:
+                # Held here too, so a host cache too small to keep it cannot stall the request.
+                self._staged[key] = future.result()
 
     def take_failures(self) -> dict[str, str]:
         """Adapters whose load failed since the last call (key -> message)."""
@@ -70,9 +79,17 @@ class AdapterGateway:
         return failed
 
     def activate(self, keys: set[str]) -> dict[str, int]:
-        return self.manager.activate(keys, self.store.load)
+        return self.manager.activate(keys, self._take_loaded)
+
+    def _take_loaded(self, key: str):
+        with self._lock:
+            staged = self._staged.pop(key, None)
+        return staged if staged is not None else self.store.load(key)
 
     def evict(self, key: str) -> None:
+        """Drop the adapter from the device slot and staging (call between steps)."""
+        with self._lock:
+            self._staged.pop(key, None)
         self.manager.evict(key)
 
 
