@@ -27,6 +27,9 @@ def validate(config: ServerConfig):
     if config.port and config.port == config.metrics_port:
         yield "--port and --metrics-port must differ"
     yield from _validate_limits(config)
+    if config.max_batch_tokens < config.max_num_seqs:
+        yield (f"--max-batch-tokens ({config.max_batch_tokens}) must be >= --max-num-seqs "
+               f"({config.max_num_seqs}) so every running request can decode each step")
     yield from _validate_security(config)
     for root in config.allowed_register_roots:
         if not Path(root).expanduser().is_dir():

@@ -98,3 +98,12 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def free_port() -> int:
+    """A currently free loopback TCP port (for the metrics endpoint; 0 there means 'off')."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -51,11 +51,11 @@ class AdapterGateway:
                 return True
             if key in self._failed:
                 return False
-            future = self._pending.get(key)
-            if future is None:
-                future = self.store.prefetch(key)
-                self._pending[key] = future
-                future.add_done_callback(lambda f, k=key: self._on_loaded(k, f))
+            if key in self._pending:
+                return False
+            future = self._pending[key] = self.store.prefetch(key)
+        # Outside the lock: a future that is already done runs the callback right here.
+        future.add_done_callback(lambda f, k=key: self._on_loaded(k, f))
         return False
 
     def prefetch(self, keys: list[str]) -> None:

@@ -103,6 +103,12 @@ class AsyncEngine:
         """Run fn on the engine thread between steps (e.g. evict a deleted adapter's slot)."""
         return await asyncio.wrap_future(self._call(fn))
 
+    async def evict_adapters(self, keys: list[str]) -> None:
+        """Free the device slots (and staged host copies) of deleted adapters, between steps."""
+        gateway = self.engine.adapters
+        if gateway is not None and keys:
+            await self.run_on_engine(lambda: [gateway.evict(key) for key in keys])
+
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Refuse new requests; wait until in-flight ones finish. True when all finished."""
         self._draining = True

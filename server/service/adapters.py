@@ -82,6 +82,9 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
         store = self._writable_store()
         _raise_on(_name_problems(request.adapter_id, "adapter_id", allow_version=True))
         deleted = await asyncio.to_thread(store.delete, request.adapter_id, self._tenant(context))
+        name = request.adapter_id.split("@", 1)[0]
+        if self.state.engine is not None:   # in-flight requests are done: drop the device slots too
+            await self.state.engine.evict_adapters([f"{name}@{v}" for v in deleted])
         return pb.DeleteAdapterResponse(deleted_versions=list(deleted))
 
     def _writable_store(self):

@@ -25,7 +25,7 @@ from grpc_harness import LoopThread, make_peft_adapter, start_full_server
 from loraplex.server.app import drain_and_stop
 from loraplex.server.config import load_server_config
 
-DOCS_PATH = Path(__file__).resolve().parents[2] / "docs" / "client.md"
+DOCS_PATH = Path(__file__).resolve().parents[2] / "README.md"
 PYTHON_HEADING, SHELL_HEADING = "Use it from Python", "Use it from the shell"
 DOC_ADDRESS = "127.0.0.1:50051"
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from grpc_harness import (LoopThread, make_peft_adapter, rich_details, scrape, start_full_server,
+from grpc_harness import (LoopThread, free_port, make_peft_adapter, rich_details, scrape, start_full_server,
                           upload_requests)
 from loraplex.server.app import drain_and_stop
 from loraplex.server.config import load_server_config
@@ -24,7 +24,7 @@ MAX_QUEUED = 6   # >= the 6 concurrent requests of the mixed-adapter test
 def server(tiny_llama_dir, tmp_path_factory):
     loop = LoopThread()
     config = load_server_config({
-        "model": str(tiny_llama_dir), "port": "0", "metrics_port": "0",
+        "model": str(tiny_llama_dir), "port": "0", "metrics_port": str(free_port()),
         "store": str(tmp_path_factory.mktemp("store")), "kv_cache_memory": "32MiB",
         "max_num_seqs": "4", "max_queued_requests": str(MAX_QUEUED), "max_total_tokens": "2048",
         "max_input_tokens": "1024", "max_new_tokens": "1500", "max_loras": "2"}, {})

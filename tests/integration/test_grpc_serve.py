@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from grpc_harness import free_port
 from loraplex.v1 import generation_pb2 as gen
 from loraplex.v1 import generation_pb2_grpc
 
@@ -23,7 +24,7 @@ READY = re.compile(r"^loraplex: serving .* on 127\.0\.0\.1:(\d+), metrics on :(\
 def _start(tiny_llama_dir, store) -> tuple[subprocess.Popen, int, list[str]]:
     environ = dict(os.environ, LORAPLEX_KV_CACHE_MEMORY="16MiB", LORAPLEX_GRACE_PERIOD="60")
     command = [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0",
-               "--metrics-port", "0", "--store", str(store), "--max-total-tokens", "2048",
+               "--metrics-port", str(free_port()), "--store", str(store), "--max-total-tokens", "2048",
                "--max-input-tokens", "512"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
     lines: list[str] = []

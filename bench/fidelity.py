@@ -1,0 +1,115 @@
+"""`make fidelity`: how well each serving choice preserves a trained adapter (one table).
+
+Trains (or reuses, cached by the training script's hash) the demo adapter, merges it into the
+float32 base as the reference, then for every backend measures the unmerged adapter, plus the
+naive merge into nf4 and merge-then-quantize (nf4): perplexity on held-out demo-format text,
+greedy agreement with the reference, resident bytes. Writes the table into docs/fidelity.md
+between the RESULTS markers and prints it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train_demo_adapter.py"
+DOC = ROOT / "docs" / "fidelity.md"
+BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
+BACKENDS = ["none", "bnb-nf4", "bnb-fp4", "bnb-int8", "hqq-2bit", "hqq-3bit", "hqq-4bit", "hqq-8bit", "eetq"]
+TRAIN_STEPS, NUM_TEXT_EXAMPLES, NUM_PROMPTS, NEW_TOKENS = 40, 24, 4, 8
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_demo_adapter", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def demo_adapter(model_dir: Path, cache: Path) -> Path:
+    """The demo adapter, trained once per version of the training script."""
+    digest = hashlib.sha256(SCRIPT.read_bytes() + str(TRAIN_STEPS).encode()).hexdigest()[:12]
+    out = cache / f"demo-adapter-{digest}"
+    if not (out / "adapter_model.safetensors").is_file():
+        script = _train_script()
+        script.train(model_dir, out, script.TrainConfig(steps=TRAIN_STEPS), log=print)
+    return out
+
+
+def eval_data(model_dir: Path) -> tuple[list[int], list[list[int]]]:
+    """Held-out demo-format chat text (seed 1234) and greedy prompts."""
+    from loraplex.server.engine.prompt import load_tokenizer
+
+    script = _train_script()
+    tokenizer = load_tokenizer(model_dir)
+    rng = random.Random(1234)
+    text_ids: list[int] = []
+    for _ in range(NUM_TEXT_EXAMPLES):
+        text_ids += script.encode(tokenizer, *script.make_example(rng))[0]
+    prompts = []
+    for _ in range(NUM_PROMPTS):
+        ids, labels = script.encode(tokenizer, *script.make_example(rng))
+        prompts.append(ids[: labels.index(next(l for l in labels if l != -100))])
+    return text_ids, prompts
+
+
+def main() -> int:
+    from loraplex.server.fidelity.adapter_dir import load_peft_dir
+    from loraplex.server.fidelity.compare import markdown_table, measure
+    from loraplex.server.fidelity.merge import merge_adapter
+    from loraplex.server.fidelity.scoring import Scorer
+    from loraplex.server.model.default_model import cache_root, ensure_default_model
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    started = time.monotonic()
+    model_dir = ensure_default_model(log=print)
+    adapter_dir = demo_adapter(model_dir, cache_root() / "fidelity")
+    text_ids, prompts = eval_data(model_dir)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = merge_adapter(model_dir, adapter_dir, Path(tmp) / "merged").out_dir
+        naive = merge_adapter(model_dir, adapter_dir, Path(tmp) / "naive", quantize="bnb-nf4", naive=True).out_dir
+        ref_row, reference = measure("float32 merged (reference)", Scorer(merged), None, text_ids, prompts,
+                                     NEW_TOKENS, None)
+        rows.append(ref_row)
+        for method in BACKENDS:
+            scorer = Scorer(model_dir, quantize=method)
+            adapter = load_peft_dir(adapter_dir, scorer.base_spec)
+            rows.append(measure(f"unmerged, {method}", scorer, adapter, text_ids, prompts, NEW_TOKENS, reference)[0])
+            print(f"[fidelity] {rows[-1]} ({time.monotonic() - started:.0f}s)", flush=True)
+        rows.append(measure("naive merge into bnb-nf4", Scorer(naive), None, text_ids, prompts, NEW_TOKENS,
+                            reference)[0])
+        nf4_naive_bytes = Scorer(model_dir, quantize="bnb-nf4").resident_bytes()
+        rows[-1] = type(rows[-1])(rows[-1].name, rows[-1].perplexity, rows[-1].agreement, nf4_naive_bytes)
+        rows.append(measure("merge in float, then bnb-nf4", Scorer(merged, quantize="bnb-nf4"), None, text_ids,
+                            prompts, NEW_TOKENS, reference)[0])
+    base_row = measure("base model, no adapter", Scorer(model_dir), None, text_ids, prompts, NEW_TOKENS, reference)[0]
+    rows.append(base_row)
+    table = markdown_table(rows)
+    footer = (f"\nOne run of `make fidelity`: {len(text_ids)} tokens of held-out demo-format text, "
+              f"{NUM_PROMPTS} prompts x {NEW_TOKENS} greedy tokens, float32 compute on CPU, "
+              f"{time.monotonic() - started:.0f}s.\n")
+    print(table + footer)
+    _write_doc(table + "\n" + footer)
+    return 0
+
+
+def _write_doc(block: str) -> None:
+    text = DOC.read_text() if DOC.is_file() else f"# Fidelity\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    DOC.write_text(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
