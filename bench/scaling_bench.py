@@ -83,7 +83,8 @@ def register_random_adapters(store, model_dir: Path, source_root: Path, count: i
     return names
 
 
-def run_batch(engine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> tuple[float, list[float]]:
+def run_batch(engine, prompts: list[list[int]], adapters: list[str | None],
+              new_tokens: int) -> tuple[float, list[float]]:
     """All requests at once; (generated tok/s over the wall time, TTFT seconds per request)."""
     from loraplex.server.engine.io import GenerationRequest
     from loraplex.server.engine.sequence import SamplingParams
@@ -105,15 +106,11 @@ def run_batch(engine, prompts: list[list[int]], adapters: list[str | None], new_
     return generated / (time.perf_counter() - started), ttfts
 
 
-def _p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def run_scaling_bench(model_dir: Path, counts=(1, 10, 100, 1000), ranks=(8, 16), num_requests: int = 64,
                       prompt_len: int = 32, new_tokens: int = 16, log=print) -> list[ScalingPoint]:
     from transformers import AutoTokenizer
 
+    from loraplex.client.bench.stats import percentile
     from loraplex.client.bench.workload import adapter_sequence
 
     prompts = prompt_ids(AutoTokenizer.from_pretrained(model_dir), num_requests, prompt_len)
@@ -134,7 +131,7 @@ def run_scaling_bench(model_dir: Path, counts=(1, 10, 100, 1000), ranks=(8, 16),
                     picks = adapter_sequence(tuple(names), popularity, ZIPF_S, num_requests, random.Random(count))
                     tok_s, ttfts = run_batch(engine, prompts, picks, new_tokens)
                     point = ScalingPoint(rank, count, popularity, len(set(picks)), tok_s,
-                                         statistics.median(ttfts) * 1000, _p(ttfts, 99) * 1000)
+                                         statistics.median(ttfts) * 1000, percentile(ttfts, 99) * 1000)
                     log(f"    {popularity:7s}: {point.distinct_used:3d} distinct, {tok_s:7.1f} tok/s, "
                         f"TTFT p50 {point.ttft_p50_ms:.0f} ms p99 {point.ttft_p99_ms:.0f} ms")
                     points.append(point)
@@ -177,7 +174,7 @@ def plot_scaling(points: list[ScalingPoint], path: Path) -> Path:
 def section_scaling(model_dir: Path, quick: bool, plot_dir: Path | None = None) -> str:
     """Markdown section 3 (S-LoRA style scaling); writes bench/plots/scaling.png next to it."""
     counts, ranks = ((1, 10, 1000), (8,)) if quick else ((1, 10, 100, 1000), (8, 16))
-    num_requests, new_tokens = (16, 8) if quick else (32, 16)
+    num_requests, new_tokens = (8, 8) if quick else (16, 8)
     points = run_scaling_bench(model_dir, counts, ranks, num_requests=num_requests, new_tokens=new_tokens)
     root = Path(__file__).resolve().parents[1]
     plot = plot_scaling(points, (plot_dir or root / "bench" / "plots") / "scaling.png")
