@@ -54,6 +54,8 @@ def engine_decode_tok_s(engine, prompts: list[list[int]], new_tokens: int,
         started = time.perf_counter()
         _outputs, stats = engine.step()
         elapsed = time.perf_counter() - started
+        if stats.batch_size == 0:
+            time.sleep(0.002)          # waiting on adapter loads; let the loader thread run
         if stats.batch_tokens == stats.batch_size and stats.batch_size == len(prompts):
             decode_tokens += stats.batch_size
             decode_s += elapsed

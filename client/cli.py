@@ -39,7 +39,7 @@ def _connection_options() -> argparse.ArgumentParser:
 
 
 def register(sub) -> None:
-    """Add generate, adapters, info and health to the `loraplex` subparsers."""
+    """Add generate, adapters, info, health and bench to the `loraplex` subparsers."""
     common = _connection_options()
     _add_generate(sub, common)
     adapters = sub.add_parser("adapters", help="upload, list, show and delete LoRA adapters")
@@ -67,6 +67,8 @@ def register(sub) -> None:
     info.set_defaults(func=_run(_info))
     health = sub.add_parser("health", parents=[common], help="print SERVING when the server is ready (exit 5 if not)")
     health.set_defaults(func=_run(_health))
+    from .bench.command import add_parser as add_bench   # late: bench imports this module's helpers
+    add_bench(sub, common)
 
 
 def _add_generate(sub, common: argparse.ArgumentParser) -> None:

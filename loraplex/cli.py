@@ -62,7 +62,13 @@ def register_client(sub) -> None:
     register(sub)
 
 
-COMMAND_GROUPS = [register_serve, register_model, register_client]
+def register_fidelity(sub) -> None:
+    from loraplex.server.fidelity.cli import register
+
+    register(sub)
+
+
+COMMAND_GROUPS = [register_serve, register_model, register_client, register_fidelity]
 
 
 def build_parser() -> argparse.ArgumentParser:

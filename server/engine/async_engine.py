@@ -162,6 +162,10 @@ class AsyncEngine:
                 continue
             self._stats = self.engine.stats()
             self._dispatch(outputs)
+            if step_stats.batch_size == 0:
+                # Everything waits on an adapter load: yield the CPU to the loader thread.
+                self._wake.wait(0.005)
+                self._wake.clear()
             for listener in self._listeners:
                 try:
                     listener(step_stats)
