@@ -117,8 +117,20 @@ def section_store(model_dir: Path, quick: bool) -> str:
     return "\n".join(lines + [""])
 
 
-SECTIONS = {"decode": section_decode, "lora": section_lora, "backends": section_backends,
-            "store": section_store}
+def section_scaling(model_dir: Path, quick: bool) -> str:
+    from scaling_bench import section_scaling as run
+
+    return run(model_dir, quick, plot_dir=HERE / "plots")
+
+
+def section_grpc(model_dir: Path, quick: bool) -> str:
+    from grpc_bench import section_grpc as run
+
+    return run(model_dir, quick)
+
+
+SECTIONS = {"decode": section_decode, "lora": section_lora, "scaling": section_scaling,
+            "grpc": section_grpc, "backends": section_backends, "store": section_store}
 
 
 def main() -> int:
