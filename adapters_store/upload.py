@@ -7,6 +7,7 @@ failure aborts the session, which removes its staging directory: nothing is left
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -124,6 +125,9 @@ class UploadSession:
     def _abort_locked(self) -> None:
         if not self._finished:
             self._finished = True
-            for writer in self._writers.values():
-                writer.close()
-            self._staging.close()
+            try:
+                for writer in self._writers.values():
+                    with contextlib.suppress(OSError):   # e.g. ENOSPC flushing buffered bytes we drop anyway
+                        writer.close()
+            finally:
+                self._staging.close()

@@ -76,6 +76,8 @@ class AsyncEngine:
             await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request)))
         except BaseException:
             self._queues.pop(request.request_id, None)
+            # Cancelled while add_request was already running: drop the request it may have queued.
+            self._call(lambda: self.engine.abort(request.request_id))
             raise
         finished = False
         try:
@@ -138,6 +140,8 @@ class AsyncEngine:
                 fn, future = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if not future.set_running_or_notify_cancel():
+                continue                     # the caller gave up (cancel, deadline) before it ran
             try:
                 result = fn()
             except BaseException as error:  # noqa: BLE001 - handed to the caller

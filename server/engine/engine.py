@@ -159,10 +159,32 @@ class LLMEngine:
         slots = self.adapters.activate(batch.adapter_keys) if self.adapters is not None else {}
         try:
             return self.runner.run(batch, slots)
-        except Exception:  # noqa: BLE001 - isolate the failure to this batch's requests
-            log.exception("forward pass failed; failing the %d requests of this batch", batch.num_seqs)
-            failed = frozenset(item.seq.seq_id for item in batch.items)
-            return RunnerOutput(sampled_token_ids=[0] * len(batch.sampled_items), failed_seq_ids=failed)
+        except Exception:  # noqa: BLE001 - isolate the failure to the requests that cause it
+            log.exception("forward pass failed; re-running the %d requests of this batch one by one",
+                          batch.num_seqs)
+        return self._run_isolated(batch, slots)
+
+    def _run_isolated(self, batch: ScheduledBatch, slots: dict[str, int]) -> RunnerOutput:
+        """Re-run each item alone; fail only the items whose own forward pass raises.
+
+        Safe because nothing was advanced by the failed attempt: each item recomputes the same
+        positions into the same KV slots, and sampling seeds do not depend on the batch.
+        """
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        failed: set[int] = set()
+        for item in batch.items:
+            try:
+                out = self.runner.run(ScheduledBatch(items=(item,)), slots)
+            except Exception:  # noqa: BLE001 - this request's own failure
+                log.exception("request sequence %d failed inside the engine", item.seq.seq_id)
+                failed.add(item.seq.seq_id)
+                out = RunnerOutput(sampled_token_ids=[0] if item.sample else [], logprobs=None)
+            tokens += out.sampled_token_ids
+            logprobs += out.logprobs if out.logprobs is not None else [0.0] * len(out.sampled_token_ids)
+        wants_logprobs = any(item.seq.sampling.logprobs for item in batch.sampled_items)
+        return RunnerOutput(sampled_token_ids=tokens, logprobs=logprobs if wants_logprobs else None,
+                            failed_seq_ids=frozenset(failed))
 
     def _collect(self, batch: ScheduledBatch, finished: list[Sequence]) -> list[RequestOutput]:
         outputs = []

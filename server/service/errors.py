@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import errno
 import logging
 import uuid
 from dataclasses import dataclass
@@ -110,6 +111,10 @@ def map_error(error: BaseException) -> MappedStatus:
         return MappedStatus(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     if isinstance(error, RequestFailed):
         return MappedStatus(grpc.StatusCode.INTERNAL, str(error) or "the request failed")
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.error("disk full: %s", error)
+        return MappedStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            "the server's disk is full; nothing was stored (an operator must free space)")
     from_store = type(error).__module__.startswith("loraplex.adapters_store")
     for error_type, code in _store_error_codes() if from_store else ():
         if isinstance(error, error_type):
