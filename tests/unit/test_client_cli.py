@@ -88,3 +88,4 @@ def test_health_and_info(server, capsys):
 def test_upload_validation_error_is_exit_2(tmp_path, capsys):
     status, _, err = run(capsys, "adapters", "upload", str(tmp_path), "--id", "x", "--address", "127.0.0.1:1")
     assert status == 2 and "adapter_config.json" in err
+
