@@ -107,3 +107,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def self_signed_cert(directory, common_name: str, subject_alt_name: str):
+    """(cert.pem, key.pem) paths of a fresh self-signed certificate, made with the openssl CLI."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI to make a self-signed certificate")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", f"/CN={common_name}",
+                    "-addext", f"subjectAltName={subject_alt_name}"], check=True, capture_output=True)
+    return cert, key

@@ -140,4 +140,4 @@ def build_model(model_dir: str | Path, spec: QuantSpec,
         embed = load_dense(reader, "model.embed_tokens.weight", spec)
         model = CausalLM(config, layers, embed, load_dense(reader, "model.norm.weight", spec),
                          load_lm_head(reader, config, embed, spec))
-    return model.eval(), config
+    return model.train(False), config   # inference mode; no dropout

@@ -4,12 +4,10 @@ health NOT_SERVING, authenticated generation answers UNAVAILABLE while the model
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 
 import pytest
 
-from grpc_harness import LoopThread
+from grpc_harness import LoopThread, self_signed_cert
 from loraplex.client import (AsyncClient, AuthenticationError, Client, HealthStatus, RetryPolicy,
                              ServerUnavailableError)
 from loraplex.server.app import drain_and_stop, start_grpc
@@ -21,13 +19,7 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI to make a self-signed certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=loraplex.test",
-                    "-addext", "subjectAltName=DNS:loraplex.test"], check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path_factory.mktemp("tls"), "loraplex.test", "DNS:loraplex.test")
     loop = LoopThread()
     config = load_server_config({"port": "0", "metrics_port": "0", "tls_cert": str(cert), "tls_key": str(key),
                                  "api_keys": [KEY]}, {})

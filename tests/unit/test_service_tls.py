@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grpc_harness import LoopThread, bearer
+from grpc_harness import LoopThread, bearer, self_signed_cert
 from loraplex.server.app import drain_and_stop, start_grpc
 from loraplex.server.config import load_server_config
 from loraplex.v1 import generation_pb2, generation_pb2_grpc
@@ -17,13 +15,7 @@ from loraplex.v1 import generation_pb2, generation_pb2_grpc
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI to make a self-signed certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path_factory.mktemp("tls"), "localhost", "DNS:localhost,IP:127.0.0.1")
     loop = LoopThread()
     config = load_server_config({"port": "0", "metrics_port": "0", "tls_cert": str(cert), "tls_key": str(key),
                                  "api_keys": ["tls-client-key"]}, {})
