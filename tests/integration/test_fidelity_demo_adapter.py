@@ -1,5 +1,5 @@
 """The demo adapter (scripts/train_demo_adapter.py), trained briefly on CPU, is served faithfully:
-through the engine with the adapter store, chat replies start with "ANSWER:"; without it they do not."""
+uploaded to a real gRPC server, chat replies with the adapter start with "ANSWER:"; without it they do not."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import make_engine, run_staggered
-from loraplex.server.engine.io import GenerationRequest
-from loraplex.server.engine.sequence import SamplingParams
 
 pytestmark = pytest.mark.integration
 
@@ -34,26 +31,28 @@ def demo_adapter(default_model_dir, tmp_path_factory) -> Path:
     return script.train(default_model_dir, out, script.TrainConfig(steps=12), log=lambda _m: None)
 
 
-def _replies(engine, adapter_id):
-    sampling = SamplingParams(max_new_tokens=8)
-    requests = [(0, GenerationRequest(request_id=f"q{i}", messages=(("user", q),), adapter_id=adapter_id,
-                                      sampling=sampling)) for i, q in enumerate(QUESTIONS)]
-    outputs = run_staggered(engine, requests)
-    return ["".join(out.text for out in outputs[f"q{i}"]) for i in range(len(QUESTIONS))]
+def _replies(client, adapter_id):
+    return [client.chat([("user", q)], adapter_id=adapter_id, max_new_tokens=8).text for q in QUESTIONS]
 
 
 def test_served_adapter_reproduces_the_learned_format(default_model_dir, demo_adapter, tmp_path):
-    from loraplex.adapters_store.config import StoreConfig
-    from loraplex.adapters_store.store import AdapterStore
-    from loraplex.server.engine.builder import base_spec_for
-    from loraplex.server.engine.config import EngineConfig
+    """Through the real gRPC server: upload with the SDK, then chat with and without it."""
+    from grpc_harness import LoopThread, start_full_server
+    from loraplex.client import Client
+    from loraplex.server.app import drain_and_stop
+    from loraplex.server.config import load_server_config
 
-    base = base_spec_for(EngineConfig(model_dir=default_model_dir, quantize="none"))
-    store = AdapterStore(tmp_path / "store", StoreConfig(allowed_register_roots=(demo_adapter.parent,)), base)
-    store.register_path("answer-format", demo_adapter)
-    engine = make_engine(default_model_dir, store=store)
-    tuned = _replies(engine, "answer-format")
-    plain = _replies(engine, None)
-    store.close()
+    loop = LoopThread()
+    config = load_server_config({"model": str(default_model_dir), "port": "0", "metrics_port": "0",
+                                 "store": str(tmp_path / "store"), "kv_cache_memory": "256MiB"}, {})
+    running = loop.run(start_full_server(config))
+    try:
+        with Client(f"127.0.0.1:{running.port}", timeout=120) as client:
+            client.upload_adapter(demo_adapter, "answer-format")
+            tuned = _replies(client, "answer-format")
+            plain = _replies(client, None)
+    finally:
+        loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
+        loop.close()
     assert all(reply.lstrip().startswith("ANSWER:") for reply in tuned), tuned
     assert not any(reply.lstrip().startswith("ANSWER:") for reply in plain), plain
