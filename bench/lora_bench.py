@@ -134,36 +134,45 @@ def run_adapter_curve(model_dir: Path, counts=(1, 4, 16, 64), batch: int = 64, n
     return results
 
 
-def make_random_adapters(model_dir: Path, out_root: Path, count: int, rank: int = 16,
-                         targets=ALL_LINEAR, seed: int = 0) -> list[Path]:
-    """Random PEFT-format adapters written directly (fast; same files PEFT would save)."""
+def model_shapes(model_dir: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(num_layers, module name -> (in_features, out_features)) of the served base."""
+    from loraplex.server.model.config import ModelConfig
+
+    config = ModelConfig.from_dir(model_dir)
+    return config.num_layers, config.module_shapes()
+
+
+def write_random_adapter(path: Path, num_layers: int, shapes: dict[str, tuple[int, int]], rank: int,
+                         targets, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Path:
+    """One PEFT-format LoRA directory with random A and B (B non-zero), as PEFT would save it."""
     import json
 
     from safetensors.torch import save_file
 
-    from loraplex.server.model.config import ModelConfig
+    tensors = {}
+    for layer in range(num_layers):
+        for module in targets:
+            in_f, out_f = shapes[module]
+            group = "self_attn" if module in ALL_LINEAR[:4] else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, in_f, generator=generator) * 0.02).to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(out_f, rank, generator=generator) * 0.02).to(dtype)
+    path.mkdir(parents=True)
+    save_file(tensors, path / "adapter_model.safetensors")
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
+        "use_rslora": False, "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None}))
+    return path
 
-    shapes = ModelConfig.from_dir(model_dir).module_shapes()
-    num_layers = ModelConfig.from_dir(model_dir).num_layers
+
+def make_random_adapters(model_dir: Path, out_root: Path, count: int, rank: int = 16,
+                         targets=ALL_LINEAR, seed: int = 0) -> list[Path]:
+    """`count` random float32 PEFT-format adapters written directly (fast)."""
+    num_layers, shapes = model_shapes(model_dir)
     generator = torch.Generator().manual_seed(seed)
-    paths = []
-    for i in range(count):
-        tensors = {}
-        for layer in range(num_layers):
-            for module in targets:
-                in_f, out_f = shapes[module]
-                group = "self_attn" if module in ALL_LINEAR[:4] else "mlp"
-                prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
-                tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator) * 0.02
-                tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator) * 0.02
-        path = out_root / f"adapter-{i:04d}"
-        path.mkdir(parents=True)
-        save_file(tensors, path / "adapter_model.safetensors")
-        (path / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
-            "use_rslora": False, "base_model_name_or_path": str(model_dir), "task_type": "CAUSAL_LM"}))
-        paths.append(path)
-    return paths
+    return [write_random_adapter(out_root / f"adapter-{i:04d}", num_layers, shapes, rank, targets, generator)
+            for i in range(count)]
 
 
 def run_load_latency(model_dir: Path, ranks=(8, 64), repeats: int = 5, log=print) -> list[tuple[int, float, float, int]]:

@@ -11,7 +11,6 @@ TTFT is the engine's own time from arrival to first token.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -25,7 +24,7 @@ import torch
 
 from common import prompt_ids
 from engine_bench import make_engine
-from lora_bench import open_store
+from lora_bench import model_shapes, open_store, write_random_adapter
 
 TARGETS = ("q_proj", "v_proj")
 ZIPF_S = 1.0
@@ -42,42 +41,15 @@ class ScalingPoint:
     ttft_p99_ms: float
 
 
-def _shapes(model_dir: Path) -> tuple[int, dict[str, tuple[int, int]]]:
-    config = json.loads((model_dir / "config.json").read_text())
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    kv = config.get("num_key_value_heads", heads) * head_dim
-    shapes = {"q_proj": (hidden, heads * head_dim), "v_proj": (hidden, kv)}   # (in, out)
-    return config["num_hidden_layers"], shapes
-
-
-def write_random_adapter(path: Path, num_layers: int, shapes: dict[str, tuple[int, int]], rank: int,
-                         generator: torch.Generator) -> Path:
-    """A PEFT-format LoRA directory with random float16 A and B (B non-zero)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for layer in range(num_layers):
-        for module, (fan_in, fan_out) in shapes.items():
-            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator) * 0.02).half()
-            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=generator) * 0.02).half()
-    path.mkdir(parents=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
-              "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": None}
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    return path
-
-
 def register_random_adapters(store, model_dir: Path, source_root: Path, count: int, rank: int,
                              start: int = 0) -> list[str]:
     """Write, register (the store copies it) and delete `count` random adapters; returns their names."""
-    num_layers, shapes = _shapes(model_dir)
+    num_layers, shapes = model_shapes(model_dir)
     generator = torch.Generator().manual_seed(rank * 100_003 + start)
     names = []
     for i in range(start, start + count):
-        source = write_random_adapter(source_root / f"r{rank}-{i:04d}", num_layers, shapes, rank, generator)
+        source = write_random_adapter(source_root / f"r{rank}-{i:04d}", num_layers, shapes, rank, TARGETS,
+                                      generator, dtype=torch.float16)
         names.append(store.register_path(source.name, source).name)
         shutil.rmtree(source)
     return names
