@@ -91,6 +91,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("quantize", "--quantize", str, "none, bnb-nf4, bnb-fp4, bnb-int8, hqq-{2,3,4,8}bit, eetq"),
     Flag("dtype", "--dtype", str, "compute dtype: auto, float32, bfloat16, float16"),
     Flag("device", "--device", str, "auto, cpu, cuda, cuda:N"),
+    Flag("linear_kernel", "--linear-kernel", str,
+         "dense GEMMs: auto (prepacked oneDNN on CPU), onednn, or aten (F.linear)"),
     Flag("host", "--host", str, "gRPC listen address"),
     Flag("port", "--port", int, "gRPC port (0 picks a free port)"),
     Flag("metrics_port", "--metrics-port", int, "Prometheus /metrics port (0 disables)"),
@@ -134,6 +136,7 @@ class ServerConfig:
     quantize: str = "none"
     dtype: str = "auto"
     device: str = "auto"
+    linear_kernel: str = "auto"
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090
@@ -182,7 +185,8 @@ class ServerConfig:
 
         return EngineConfig(
             model_dir=model_dir, quantize=self.quantize, dtype=self.dtype, device=self.device,
-            max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, adapter_dtype=self.adapter_dtype,
+            linear_kernel=self.linear_kernel, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+            adapter_dtype=self.adapter_dtype,
             max_num_seqs=self.max_num_seqs, max_batch_tokens=self.max_batch_tokens,
             max_model_len=self.max_total_tokens, max_input_tokens=self.max_input_tokens,
             max_new_tokens=self.max_new_tokens, max_stop_sequences=self.max_stop_sequences,

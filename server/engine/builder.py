@@ -48,7 +48,8 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     spec = QuantSpec(method=config.quantize, compute_dtype=dtype, device=device,
-                     hqq_group_size=config.hqq_group_size, bnb_double_quant=config.bnb_double_quant)
+                     hqq_group_size=config.hqq_group_size, bnb_double_quant=config.bnb_double_quant,
+                     linear_kernel=config.linear_kernel)
     log(f"[loraplex] loading {config.model_dir} ({config.quantize}, {str(dtype).removeprefix('torch.')}, {device})")
     model, model_config = build_model(config.model_dir, spec)
     tokenizer = load_tokenizer(config.model_dir)

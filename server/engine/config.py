@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..layers.base import QUANTIZE_CHOICES
+from ..layers.cpu_gemm import LINEAR_KERNEL_CHOICES
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ADAPTER_DTYPE_CHOICES = ("float32", "compute")
@@ -17,6 +18,7 @@ class EngineConfig:
     quantize: str = "none"
     dtype: str = "auto"                 # auto = float32 on CPU, bfloat16 on CUDA
     device: str = "auto"                # auto = cuda if available else cpu
+    linear_kernel: str = "auto"         # auto = prepacked oneDNN GEMMs on CPU, else F.linear
     max_loras: int = 8                  # distinct adapters per step (= device slots)
     max_lora_rank: int = 64
     adapter_dtype: str = "float32"      # float32 (PEFT default) or compute
@@ -43,6 +45,8 @@ class EngineConfig:
             yield f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (got {self.quantize!r})"
         if self.dtype not in DTYPE_CHOICES:
             yield f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})"
+        if self.linear_kernel not in LINEAR_KERNEL_CHOICES:
+            yield f"linear_kernel must be one of {', '.join(LINEAR_KERNEL_CHOICES)} (got {self.linear_kernel!r})"
         if self.adapter_dtype not in ADAPTER_DTYPE_CHOICES:
             yield f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPE_CHOICES)}"
         positive = ("max_loras", "max_lora_rank", "max_num_seqs", "max_batch_tokens", "max_model_len",

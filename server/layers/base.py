@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cpu_gemm import LINEAR_KERNEL_CHOICES
+
 QUANTIZE_CHOICES = (
     "none", "bnb-nf4", "bnb-fp4", "bnb-int8",
     "hqq-2bit", "hqq-3bit", "hqq-4bit", "hqq-8bit", "eetq",
@@ -22,12 +24,16 @@ class QuantSpec:
     hqq_group_size: int = 64
     bnb_double_quant: bool = False
     bnb_int8_threshold: float = 6.0
+    linear_kernel: str = "auto"             # dense GEMMs: auto, onednn (prepacked, CPU) or aten
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZE_CHOICES:
             raise ValueError(
                 f"unknown quantization {self.method!r}; choose one of {', '.join(QUANTIZE_CHOICES)}"
             )
+        if self.linear_kernel not in LINEAR_KERNEL_CHOICES:
+            raise ValueError(f"unknown linear kernel {self.linear_kernel!r}; choose one of "
+                             f"{', '.join(LINEAR_KERNEL_CHOICES)}")
 
 
 class QuantizedLinear(torch.nn.Module):

@@ -8,6 +8,7 @@ compute dtype.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.base import QuantSpec
+from ..layers.dense import DenseLinear
 from ..layers.proj import ProjLinear
 from .attention import AttentionPlan, paged_attention, paged_attention_ref, plan_attention, write_kv
 from .config import ModelConfig
@@ -79,13 +81,13 @@ class CausalLM(torch.nn.Module):
     """forward(input_ids [T], ctx, kv_caches) -> hidden [T, hidden]; compute_logits -> float32."""
 
     def __init__(self, config: ModelConfig, layers: list[DecoderLayer], embed: torch.Tensor,
-                 final_norm: torch.Tensor, lm_head: torch.Tensor):
+                 final_norm: torch.Tensor, lm_head: DenseLinear):
         super().__init__()
         self.config = config
         self.layers = torch.nn.ModuleList(layers)
         self.register_buffer("embed", embed)             # [vocab, hidden]
         self.register_buffer("final_norm", final_norm)   # [hidden]
-        self.lm_head = lm_head                           # [vocab, hidden], maybe the embedding itself
+        self.lm_head = lm_head                           # hidden -> vocab; weight maybe the embedding
         self.scale = config.head_dim ** -0.5
         self.rotary = RotaryEmbedding(config.rope, config.head_dim,
                                       min(config.max_position_embeddings, _INITIAL_ROPE_POSITIONS),
@@ -110,7 +112,7 @@ class CausalLM(torch.nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] (only rows that sample) -> [n, vocab] float32."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head.apply(hidden).float()
 
     def lora_targets(self) -> list[ProjLinear]:
         """Every projection a LoRA delta can attach to, layer by layer (qkv, o, gate_up, down)."""
@@ -138,6 +140,6 @@ def build_model(model_dir: str | Path, spec: QuantSpec,
                 load_dense(reader, prefix + "input_layernorm.weight", spec),
                 load_dense(reader, prefix + "post_attention_layernorm.weight", spec), attention_fn))
         embed = load_dense(reader, "model.embed_tokens.weight", spec)
-        model = CausalLM(config, layers, embed, load_dense(reader, "model.norm.weight", spec),
-                         load_lm_head(reader, config, embed, spec))
+        lm_head = DenseLinear(load_lm_head(reader, config, embed, spec), None, replace(spec, method="none"))
+        model = CausalLM(config, layers, embed, load_dense(reader, "model.norm.weight", spec), lm_head)
     return model.train(False), config   # inference mode; no dropout

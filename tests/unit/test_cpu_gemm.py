@@ -1,0 +1,74 @@
+"""The prepacked oneDNN linear against its F.linear reference twin, and kernel selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.server.layers.base import QuantSpec
+from loraplex.server.layers.cpu_gemm import (
+    onednn_supported, pack_weight, packed_linear, packed_linear_ref, unpack_weight, use_onednn)
+from loraplex.server.layers.dense import DenseLinear
+
+needs_onednn = pytest.mark.skipif(not onednn_supported(torch.float32, "cpu"),
+                                  reason="this torch build has no oneDNN linear ops")
+
+# float32 dot products of length <= 1536 summed in another order: a few ulps of the result.
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 16, 65, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_matches_reference(dtype, num_tokens, with_bias):
+    if dtype == torch.bfloat16 and not onednn_supported(dtype, "cpu"):
+        pytest.skip("no bfloat16 oneDNN path")
+    gen = torch.Generator().manual_seed(num_tokens)
+    weight = torch.randn(96, 160, generator=gen).to(dtype)              # [out, in]
+    bias = torch.randn(96, generator=gen).to(dtype) if with_bias else None
+    x = torch.randn(num_tokens, 160, generator=gen).to(dtype)           # [T, in]
+    got = packed_linear(x, pack_weight(weight), bias)
+    want = packed_linear_ref(x, weight, bias)
+    assert got.shape == want.shape == (num_tokens, 96) and got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+
+
+@needs_onednn
+def test_packed_linear_takes_strided_input():
+    """Projections feed views (e.g. the attention output reshaped, a gate slice)."""
+    weight = torch.randn(64, 48)
+    wide = torch.randn(10, 96)
+    x = wide[:, ::2]                                                    # [10, 48], not contiguous
+    torch.testing.assert_close(packed_linear(x, pack_weight(weight), None),
+                               packed_linear_ref(x, weight, None), **TOLERANCE[torch.float32])
+
+
+@needs_onednn
+def test_pack_round_trip_is_exact():
+    weight = torch.randn(33, 70)
+    assert torch.equal(unpack_weight(pack_weight(weight)), weight)
+
+
+@needs_onednn
+def test_dense_linear_kernels_agree_and_report_the_same_bytes():
+    weight, bias = torch.randn(40, 24), torch.randn(40)
+    fast = DenseLinear(weight, bias, QuantSpec(linear_kernel="onednn"))
+    plain = DenseLinear(weight, bias, QuantSpec(linear_kernel="aten"))
+    assert fast.packed and not plain.packed
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(fast.apply(x), plain.apply(x), **TOLERANCE[torch.float32])
+    assert fast.weight_bytes() == plain.weight_bytes() == (40 * 24 + 40) * 4
+    assert torch.equal(fast.dequantized_weight(), weight)
+
+
+def test_kernel_choice():
+    assert use_onednn("aten", torch.float32, "cpu") is False
+    assert use_onednn("auto", torch.float16, "cpu") is False            # no packed fp16 path
+    assert use_onednn("auto", torch.float32, "cuda") is False
+    with pytest.raises(ValueError, match="--linear-kernel onednn needs a CPU device"):
+        use_onednn("onednn", torch.float16, "cpu")
+    with pytest.raises(ValueError, match="choose one of auto, onednn, aten"):
+        use_onednn("mkl", torch.float32, "cpu")
+    with pytest.raises(ValueError, match="unknown linear kernel"):
+        QuantSpec(linear_kernel="fast")
