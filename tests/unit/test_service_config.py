@@ -93,3 +93,12 @@ def test_cli_exits_2_with_one_line_per_problem():
     lines = result.stderr.strip().splitlines()
     assert lines == ["loraplex serve: error: --dtype must be one of auto, float32, bfloat16, float16 (got 'fp8')",
                      "loraplex serve: error: --port must be in [0, 65535]"]
+
+
+def test_linear_kernel_setting_reaches_the_engine_config(tmp_path):
+    config = load_server_config({}, {"LORAPLEX_LINEAR_KERNEL": "aten"})
+    assert config.engine_config(tmp_path).linear_kernel == "aten"
+    assert load_server_config({}, {}).engine_config(tmp_path).linear_kernel == "auto"
+    with pytest.raises(ConfigError) as error:
+        load_server_config({"linear_kernel": "mkl"}, {})
+    assert error.value.problems == ["--linear-kernel must be one of auto, onednn, aten (got 'mkl')"]
