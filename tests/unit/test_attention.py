@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraplex.server.model import attention
 from loraplex.server.model.attention import (paged_attention, paged_attention_ref, plan_attention,
                                              write_kv)
 from loraplex.server.model.config import ModelConfig, RopeConfig
@@ -14,7 +15,7 @@ from loraplex.server.model.kv_cache import (MemoryBudget, allocate_kv_caches, av
                                             parse_memory_budget)
 
 BLOCK_SIZE = 4
-NUM_BLOCKS = 64
+NUM_BLOCKS = 160
 
 
 def make_meta(query_lens: list[int], context_lens: list[int], gen: torch.Generator) -> AttentionMetadata:
@@ -57,10 +58,20 @@ def run_both(query_lens, context_lens, num_heads=4, num_kv_heads=2, head_dim=16,
     ([9, 1, 4, 1], [9, 17, 10, 3]),                  # full prefill, decodes, chunk at offset 6
     ([5, 6], [5, 23]),                               # prefill only, one chunked
     ([1, 3, 1], [4, 3, 25]),                         # prefill in the middle
+    ([1, 1, 1], [5, 120, 140]),                      # decode past SHORT_DECODE_KEYS (SDPA route)
+    ([1, 2, 1], [97, 2, 3]),                         # long decode beside a short prefill
 ])
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)])
 def test_fast_path_matches_reference(query_lens, context_lens, heads):
     fast, ref = run_both(query_lens, context_lens, num_heads=heads[0], num_kv_heads=heads[1])
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("short_keys", [0, 10_000])
+def test_decode_routes_agree(monkeypatch, short_keys):
+    """The short-context GEMM route and the SDPA route give the reference's answer."""
+    monkeypatch.setattr(attention, "SHORT_DECODE_KEYS", short_keys)
+    fast, ref = run_both([1, 1, 1, 1], [3, 17, 40, 66], num_heads=6, num_kv_heads=2)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
