@@ -142,9 +142,9 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     v = _gather_blocks(v_cache, flat).view(num_seqs, length, num_kv_heads, head_dim)
     if length <= SHORT_DECODE_KEYS:
         batch = num_seqs * num_kv_heads
-        k_t = k.permute(0, 2, 3, 1).reshape(batch, head_dim, length)          # [D*KV, hd, L]
+        k = k.transpose(1, 2).reshape(batch, length, head_dim)                 # [D*KV, L, hd]
         v = v.transpose(1, 2).reshape(batch, length, head_dim)                 # [D*KV, L, hd]
-        scores = torch.bmm(q.reshape(batch, group, head_dim), k_t)            # [D*KV, G, L]
+        scores = torch.bmm(q.reshape(batch, group, head_dim), k.transpose(1, 2))  # [D*KV, G, L]
         scores = torch.add(plan.decode_mask.view(num_seqs, 1, length),
                            scores.view(num_seqs, num_heads, length), alpha=plan.scale)
         probs = torch.softmax(scores.view(batch, group, length), dim=-1)
