@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
-from loraplex.server.engine.sampling import (Sampler, _fmix32, _fmix32_int, apply_repetition_penalty,
-                                             counter_uniform, mask_top_k_top_p)
+from loraplex.server.engine import sampling
+from loraplex.server.engine.sampling import (Sampler, apply_repetition_penalty, counter_uniform,
+                                             mask_candidates, mask_top_k_top_p, top_candidates)
 from loraplex.server.engine.sequence import SamplingParams, Sequence
 
 VOCAB = 64
@@ -67,7 +68,7 @@ def test_mixed_batch_greedy_rows_unaffected_by_sampled_rows():
     assert result.token_ids[3] in logits[3].topk(5).indices.tolist()
 
 
-def test_seeded_rows_are_independent_of_batch_composition_and_order():
+def test_seeded_rows_are_independent_of_batch_composition_and_order(candidates):
     target_logits = random_logits(1, seed=7)[0]
 
     def run(batch_logits: torch.Tensor, seqs: list[Sequence], sampler_seed: int) -> list[int]:
@@ -92,26 +93,27 @@ def test_seeded_stream_depends_on_seed_and_step():
     assert len(set(draws.values())) >= 14             # 16 draws from 1000 tokens barely collide
 
 
-def test_counter_uniform_is_uniform_and_in_open_interval():
-    keys = torch.tensor([[12345, 678], [0, 0], [2**32 - 1, 2**31]], dtype=torch.int64)
-    u = counter_uniform(keys, 50_000)                 # [3, 50000]
-    assert u.min() > 0 and u.max() <= 1
-    counts = torch.stack([torch.histc(row, bins=20, min=0, max=1) for row in u]).double()
-    stat, dof = chi_square(counts.flatten(), torch.full((60,), 1 / 60, dtype=torch.float64))
+def test_counter_uniform_is_uniform_deterministic_and_in_open_interval():
+    u = torch.tensor([counter_uniform(seed, step) for seed in range(100) for step in range(100)],
+                     dtype=torch.float64)
+    assert 0 < u.min() and u.max() < 1
+    assert counter_uniform(7, 3) == counter_uniform(7, 3) != counter_uniform(7, 4)
+    counts = torch.histc(u, bins=40, min=0, max=1)
+    stat, dof = chi_square(counts, torch.full((40,), 1 / 40, dtype=torch.float64))
     assert stat < dof + 8 * math.sqrt(2 * dof)
-    assert abs(torch.corrcoef(u[:2])[0, 1].item()) < 0.02
+    assert counter_uniform(2**62 + 5, 2**40) != counter_uniform(5, 2**40)    # all 63 bits count
 
 
-def test_tensor_hash_matches_python_int_twin():
-    values = [0, 1, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 0x9E3779B9, 123456789]
-    values += torch.randint(0, 2**32, (200,), generator=torch.Generator().manual_seed(0)).tolist()
-    ours = _fmix32(torch.tensor(values, dtype=torch.int64)).tolist()
-    assert ours == [_fmix32_int(v) for v in values]
+@pytest.fixture(params=[3, 256], ids=["topk-candidates", "all-candidates"])
+def candidates(request, monkeypatch):
+    """Run a test with the top-k pre-filter narrower than the vocab (and the fallback) or not."""
+    monkeypatch.setattr(sampling, "CANDIDATES", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0),
                                                      (1.0, 0, 0.8), (1.5, 6, 0.9)])
-def test_unseeded_distribution_matches_processed_softmax(temperature, top_k, top_p):
+def test_unseeded_distribution_matches_processed_softmax(temperature, top_k, top_p, candidates):
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
     n = 4000
     seqs = [seq(i, temperature=temperature, top_k=top_k, top_p=top_p) for i in range(n)]
@@ -119,7 +121,7 @@ def test_unseeded_distribution_matches_processed_softmax(temperature, top_k, top
     assert_matches_distribution(tokens, reference_probs(logits, temperature, top_k, top_p))
 
 
-def test_seeded_distribution_across_seeds_matches_processed_softmax():
+def test_seeded_distribution_across_seeds_matches_processed_softmax(candidates):
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
     n = 4000
     seqs = [seq(i, temperature=0.9, top_k=7, top_p=0.95, seed=i) for i in range(n)]
@@ -134,7 +136,7 @@ def test_seeded_distribution_across_steps_matches_softmax():
     assert_matches_distribution(tokens, torch.softmax(logits[0], -1))
 
 
-def test_top_k_one_and_tiny_top_p_equal_greedy():
+def test_top_k_one_and_tiny_top_p_equal_greedy(candidates):
     logits = random_logits(32)
     sampler = Sampler(VOCAB, seed=3)
     greedy = logits.argmax(-1).tolist()
@@ -154,6 +156,46 @@ def test_mask_top_k_top_p_matches_transformers_warpers():
     for row in range(6):
         expected = torch.log(reference_probs(logits[row], 1.0, top_k[row], top_p[row]))
         assert torch.equal(torch.isinf(ours[row]), torch.isinf(expected)), f"row {row}"
+
+
+@pytest.mark.parametrize("count", [1, 4, 16, 63])
+def test_candidate_path_keeps_what_the_full_sort_keeps(count):
+    """Where mask_candidates reports exact, its kept set equals mask_top_k_top_p's."""
+    gen = torch.Generator().manual_seed(count)
+    peaked = torch.randn(6, VOCAB, generator=gen) * 3
+    peaked[:, :3] += 12                                  # nucleus of a few tokens
+    flat = torch.randn(6, VOCAB, generator=gen) * 0.1    # nucleus of most of the vocab
+    ties = torch.zeros(2, VOCAB)                         # every cut is a tie
+    z = torch.cat([peaked, flat, ties])
+    top_k = torch.tensor([[k] for k in [VOCAB, 2, 5, VOCAB, 40, 1] * 2 + [VOCAB, 3]])
+    top_p = torch.tensor([[p] for p in [0.9, 1.0, 0.5, 0.99, 0.95, 0.3] * 2 + [0.5, 1.0]])
+    reference = mask_top_k_top_p(z, top_k, top_p)
+    values, ids, clean = top_candidates(z, count)
+    masked, exact = mask_candidates(z, values, top_k, top_p)
+    for row in range(z.shape[0]):
+        if not (clean[row] and exact[row]):
+            continue
+        kept = set(ids[row][torch.isfinite(masked[row])].tolist())
+        assert kept == set(torch.nonzero(torch.isfinite(reference[row])).flatten().tolist()), row
+    # Peaked rows (three tokens hold ~all the mass) take the fast path unless top-k reaches past
+    # the candidates (its softmax normaliser then needs tokens they do not hold) or the
+    # candidates hold less than top_p (fewer than the three peaks).
+    expected_fast = [k <= count or (k == VOCAB and count >= 3) for k in top_k[:6, 0].tolist()]
+    assert (clean & exact)[:6].tolist() == expected_fast
+    assert not bool(clean[12:].any()) or count >= VOCAB          # ties across the cut fall back
+
+
+def test_sampling_cost_is_linear_in_the_vocab_not_a_sort():
+    """A 49k vocab at temperature + top-p: the top-k pre-filter, not a full sort, picks rows."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 49152, generator=gen)
+    logits[:, :5] += 15
+    seqs = [seq(i, temperature=0.8, top_p=0.9, seed=i) for i in range(16)]
+    values, ids, clean = top_candidates(logits / 0.8, sampling.CANDIDATES)
+    _, exact = mask_candidates(logits / 0.8, values, torch.full((16, 1), 49152), torch.full((16, 1), 0.9))
+    assert bool((clean & exact).all())
+    tokens = Sampler(49152)(logits, seqs).token_ids
+    assert all(t < 5 for t in tokens)
 
 
 def test_repetition_penalty_matches_transformers_processor():
