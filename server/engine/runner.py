@@ -47,6 +47,9 @@ class ModelRunner:
         """One forward pass; one token (and logprob) per item with sample=True, in item order."""
         if batch.is_empty:
             return RunnerOutput(sampled_token_ids=[], logprobs=None)
+        order = adapter_order(batch, adapter_slots)
+        if order is not None:   # group tokens by adapter slot: the LoRA delta then needs no gather
+            batch = ScheduledBatch(items=tuple(batch.items[i] for i in order), preempted=batch.preempted)
         inputs = self.prepare(batch, adapter_slots)
         with torch.inference_mode():
             hidden = self.model(inputs.input_ids, inputs.ctx, self.kv_caches)    # [T, hidden]
@@ -54,7 +57,10 @@ class ModelRunner:
                 return RunnerOutput(sampled_token_ids=[], logprobs=None)
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
             result = self.sampler(logits, inputs.sample_seqs)
-        return RunnerOutput(sampled_token_ids=list(result.token_ids), logprobs=result.logprobs)
+        tokens, logprobs = list(result.token_ids), result.logprobs
+        if order is not None:
+            tokens, logprobs = _restore_order(batch, order, tokens, logprobs)
+        return RunnerOutput(sampled_token_ids=tokens, logprobs=logprobs)
 
     def prepare(self, batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> StepInputs:
         """Host-side lists -> one tensor per field (this runs every step: keep it cheap)."""
@@ -118,6 +124,26 @@ class ModelRunner:
                                  "slot in this step (adapters.activate must load it first)")
             token_slots.extend([slot] * item.num_new_tokens)
         return LoraBatchInfo.from_token_slots(torch.tensor(token_slots, dtype=torch.int64, device=self.device))
+
+
+def adapter_order(batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> list[int] | None:
+    """Item order that groups equal adapter slots (stable; base-only items first), or None
+    when the batch is already grouped that way."""
+    if not adapter_slots:
+        return None
+    slots = [adapter_slots.get(item.seq.adapter_key, -1) if item.seq.adapter_key else -1
+             for item in batch.items]
+    if all(a <= b for a, b in zip(slots, slots[1:])):
+        return None
+    return sorted(range(len(slots)), key=slots.__getitem__)
+
+
+def _restore_order(sorted_batch: ScheduledBatch, order: list[int], tokens: list[int],
+                   logprobs: list[float] | None) -> tuple[list[int], list[float] | None]:
+    """Sampled outputs of the reordered batch -> the original batch's sampled-item order."""
+    originals = [order[j] for j, item in enumerate(sorted_batch.items) if item.sample]
+    rank = sorted(range(len(originals)), key=originals.__getitem__)
+    return [tokens[r] for r in rank], None if logprobs is None else [logprobs[r] for r in rank]
 
 
 def _padded(block_table: list[int], length: int) -> list[int]:

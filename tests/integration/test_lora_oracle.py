@@ -15,8 +15,12 @@ exactly up to its first divergence, and at that position the reference must pref
 over ours by less than NEAR_TIE logits (0.05, far above 1e-5 and far below the typical
 top-2 margin of ~1). bnb-int8 (LLM.int8) also rounds every activation row to int8 with a
 per-row absmax: a 1e-5 input difference can flip one activation's rounding, which moves the
-output by up to half a quantization step (absmax/254 times a weight row), so its near-tie bound
-is larger: NEAR_TIE_INT8 = 0.25 logits.
+output by up to half a quantization step (absmax/254 times a weight row). Worse, its outlier
+decomposition is batch-dependent: a column goes through the float16 path for every row when
+any row of the batch exceeds the threshold, so a token's output depends on which other tokens
+share its matmul (the engine's packed batch, shaped by staggered arrivals and adapter-load
+timing, is never PEFT's padded one). Its near-tie bound is therefore larger:
+NEAR_TIE_INT8 = 0.5 logits (observed up to ~0.3 over repeated runs).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ ADAPTERS = [  # name, rank, alpha, use_rslora, target modules
     ("h-r24-mixed", 24, 12, True, ["q_proj", "up_proj", "down_proj"]),
 ]
 ROWS = [name for name, *_ in ADAPTERS] + [None, None]    # 8 adapters + 2 base-only requests
-PROMPT_LEN, NEW_TOKENS, NEAR_TIE, NEAR_TIE_INT8 = 16, 12, 0.05, 0.25
+PROMPT_LEN, NEW_TOKENS, NEAR_TIE, NEAR_TIE_INT8 = 16, 12, 0.05, 0.5
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,24 @@ def test_lora_routing(tiny_llama_dir):
         runner.run(batch, adapter_slots={"x@1": 0})
 
 
+def test_items_are_grouped_by_adapter_slot_and_outputs_keep_batch_order(tiny_llama_dir):
+    """The runner reorders items so equal slots are adjacent (no gather in the LoRA delta) and
+    hands the sampled tokens back in the batch's own order."""
+    runner, model = make_runner(tiny_llama_dir)
+    proj = model.lora_targets()[0]
+    hook = RecordingLora(proj.in_features, proj.out_features)
+    proj.lora = hook
+    slots = {"a@1": 1, "b@1": 0}
+    seqs = [new_seq(0, [3, 4, 5], 0, "a@1"), new_seq(1, [7, 8], 8, "b@1"), new_seq(2, [9, 10, 11, 12], 16),
+            new_seq(3, [13, 14], 24, "b@1"), new_seq(4, [15], 32, "a@1")]
+    items = [ScheduledSeq(seq, 0, seq.num_prompt_tokens, seq.seq_id != 2) for seq in seqs]
+    out = runner.run(ScheduledBatch(tuple(items)), adapter_slots=slots)
+    assert hook.seen[-1].token_slots.tolist() == [-1] * 4 + [0] * 4 + [1] * 4
+    alone = [runner.run(ScheduledBatch((item,)), adapter_slots=slots) for item in items if item.sample]
+    assert out.sampled_token_ids == [o.sampled_token_ids[0] for o in alone]
+    assert out.logprobs == pytest.approx([o.logprobs[0] for o in alone], abs=1e-5)
+
+
 def test_block_table_too_short_is_reported(tiny_llama_dir):
     runner, _ = make_runner(tiny_llama_dir)
     seq = new_seq(0, list(range(100)), 0)                 # 8 blocks of 8 = 64 slots
