@@ -44,7 +44,6 @@ class SampleResult:
 class _RowParams:
     """Per-row settings of the sampled (non-greedy) rows, as device tensors."""
 
-    row_list: list[int]          # the same indices on the host
     rows: torch.Tensor           # [m] int64 row indices into the batch
     temperature: torch.Tensor    # [m, 1] float32
     top_k: torch.Tensor          # [m, 1] int64, vocab_size when disabled
@@ -164,7 +163,7 @@ def mask_candidates(z: torch.Tensor, values: torch.Tensor, top_k: torch.Tensor,
     norm = torch.where(top_k < vocab, weights.sum(-1, keepdim=True), full_norm)
     probs = weights / norm                                                   # [m, c]
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    nucleus = mass_before >= top_p
+    nucleus = (mass_before >= top_p) & (top_p < 1.0)      # p = 1: rounding must remove nothing
     nucleus[:, 0] = False
     covered = (probs.sum(-1) >= top_p[:, 0]) | (top_p[:, 0] >= 1.0)
     exact = k_inside | ((top_k[:, 0] >= vocab) & covered)
@@ -230,7 +229,9 @@ class Sampler:
                 token_logprobs[rows[fast]] = lp
             slow = rows[~fast]                                                   # full sort
             if slow.numel():
-                z[slow] = mask_top_k_top_p(z[slow], params.top_k[slow], params.top_p[slow])
+                top_k, top_p = params.top_k[slow], params.top_p[slow]
+                z[slow] = mask_top_k_top_p(z[slow], top_k, top_p, use_top_k=bool((top_k < z.shape[1]).any()),
+                                           use_top_p=bool((top_p < 1.0).any()))
                 full[slow] = True
         if bool(full.any()):
             rows = torch.nonzero(full).flatten()
@@ -248,7 +249,7 @@ class Sampler:
             return torch.tensor(values, dtype=dtype, device=self.device)[:, None]
 
         return _RowParams(
-            row_list=rows, rows=torch.tensor(rows, dtype=torch.int64, device=self.device),
+            rows=torch.tensor(rows, dtype=torch.int64, device=self.device),
             temperature=column([max(seqs[i].sampling.temperature, _MIN_TEMPERATURE) for i in rows],
                                torch.float32),
             top_k=column(ks, torch.int64), top_p=column(ps, torch.float32),
