@@ -189,5 +189,8 @@ async def load_engine(config: ServerConfig, log: Log = print) -> tuple[Any, Any]
 
 def run(config: ServerConfig) -> int:
     """Entry point of `loraplex serve` after the config is validated."""
+    from .host_tuning import tune_malloc
+
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"loraplex: {tune_malloc()}", flush=True)
     return asyncio.run(serve(config, log=lambda message: print(message, flush=True)))

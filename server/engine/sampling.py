@@ -197,12 +197,16 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits must be [num_seqs={len(seqs)}, vocab]; got {tuple(logits.shape)}")
         logits = apply_repetition_penalty(logits.float(), seqs)                 # [n, vocab]
-        chosen = logits.argmax(dim=-1)                                           # [n]
         want_logprobs = any(s.sampling.logprobs for s in seqs)
+        params = self._row_params(seqs, logits.shape[1])
+        if params is not None and params.rows.numel() == len(seqs):             # all sampled
+            chosen, logprobs = self._sample(logits, params)
+            return SampleResult(token_ids=chosen.tolist(),
+                                logprobs=logprobs.tolist() if want_logprobs else None)
+        chosen = logits.argmax(dim=-1)                                           # [n]
         logprobs = None
         if want_logprobs:
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0]
-        params = self._row_params(seqs, logits.shape[1])
         if params is not None:
             tokens, token_logprobs = self._sample(logits.index_select(0, params.rows), params)
             chosen = chosen.index_copy(0, params.rows, tokens)
@@ -214,6 +218,8 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, params: _RowParams) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [m, vocab] of the sampled rows -> token ids [m], log-probabilities [m]."""
         z = logits / params.temperature                                          # [m, vocab]
+        if not any(params.restricted):
+            return inverse_cdf(z, params.uniforms)
         tokens = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
         token_logprobs = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
         full = torch.tensor([not r for r in params.restricted], device=z.device)  # [m] bool
