@@ -236,7 +236,8 @@ class Sampler:
             slow = rows[~fast]                                                   # full sort
             if slow.numel():
                 top_k, top_p = params.top_k[slow], params.top_p[slow]
-                z[slow] = mask_top_k_top_p(z[slow], top_k, top_p, use_top_k=bool((top_k < z.shape[1]).any()),
+                z[slow] = mask_top_k_top_p(z[slow], top_k, top_p,
+                                           use_top_k=bool((top_k < z.shape[1]).any()),
                                            use_top_p=bool((top_p < 1.0).any()))
                 full[slow] = True
         if bool(full.any()):
