@@ -53,9 +53,29 @@ def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
     return packed.to_dense()
 
 
+def row_bucket(num_rows: int) -> int:
+    """Rows a packed GEMM runs with: exact up to 8, then multiples of 8 up to 64, then of 64.
+
+    oneDNN (and PyTorch's ideep layer above it) cache one primitive per input shape, each
+    holding memory: with every batch size of a serving loop distinct, a soak test grew the
+    process by 200+ MiB. Rounding the row count up to a bucket bounds the distinct shapes (46
+    per weight up to 2048 rows) at <= 1/8 of padding waste past 64 rows, none for decode
+    batches of a multiple of 8.
+    """
+    if num_rows <= 8:
+        return num_rows
+    if num_rows <= 64:
+        return -(-num_rows // 8) * 8
+    return -(-num_rows // 64) * 64
+
+
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [T, in] @ weight^T + bias -> [T, out]; weight from pack_weight."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    num_rows = x.shape[0]
+    rows = row_bucket(num_rows)
+    if rows != num_rows:
+        x = F.pad(x, (0, 0, 0, rows - num_rows))                           # [rows, in], zero rows
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")[:num_rows]
 
 
 def packed_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -7,7 +7,8 @@ import torch
 
 from loraplex.server.layers.base import QuantSpec
 from loraplex.server.layers.cpu_gemm import (
-    onednn_supported, pack_weight, packed_linear, packed_linear_ref, unpack_weight, use_onednn)
+    onednn_supported, pack_weight, packed_linear, packed_linear_ref, row_bucket, unpack_weight,
+    use_onednn)
 from loraplex.server.layers.dense import DenseLinear
 
 needs_onednn = pytest.mark.skipif(not onednn_supported(torch.float32, "cpu"),
@@ -72,3 +73,26 @@ def test_kernel_choice():
         use_onednn("mkl", torch.float32, "cpu")
     with pytest.raises(ValueError, match="unknown linear kernel"):
         QuantSpec(linear_kernel="fast")
+
+
+def test_row_buckets_bound_the_distinct_shapes():
+    buckets = {row_bucket(n) for n in range(1, 2049)}
+    assert len(buckets) == 8 + 7 + 31
+    for n in range(1, 2049):
+        assert 0 <= row_bucket(n) - n < (8 if n <= 64 else 64)
+    assert [row_bucket(n) for n in (1, 8, 9, 16, 64, 65, 300)] == [1, 8, 16, 16, 64, 128, 320]
+
+
+@needs_onednn
+def test_process_memory_stays_bounded_over_many_batch_sizes():
+    """Every row count of a serving loop must not leave its own cached oneDNN primitive."""
+    def rss_mib() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 >> 20
+    weight = pack_weight(torch.randn(8192, 64))
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 40, 48, 56, 64, 128, 192, 256, 320, 384, 448):
+        packed_linear(torch.randn(rows, 64), weight, None)             # one call per bucket
+    start = rss_mib()
+    for rows in list(range(1, 449)) * 2:                                # every other row count
+        packed_linear(torch.randn(rows, 64), weight, None)
+    assert rss_mib() - start < 64       # heap high-water of the outputs; 3 GiB without buckets
