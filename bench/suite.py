@@ -101,65 +101,53 @@ def section_lora(model_dir: Path, quick: bool) -> str:
     return "\n".join(lines + [""])
 
 
+def table_section(title: str, intro: list[str], header: str, align: str, rows: list[str]) -> str:
+    """A BENCHMARKS.md section: title, intro lines, then a markdown table (rows preformatted)."""
+    return "\n".join([title, "", *intro, "", header, align, *rows, ""])
+
+
 def section_backends(model_dir: Path, quick: bool) -> str:
     from backend_bench import run_backend_bench
 
     results = run_backend_bench(model_dir, new_tokens=8 if quick else 16)
     base = next(r for r in results if r.method == "none")
-    lines = [
+    return table_section(
         "## 5. Quantization backends: throughput and resident weight bytes",
-        "",
-        "Default model, decode batch 16, float32 compute, CPU. Bytes are the decoder's linear",
-        "weights as stored (quantized data plus scales/zeros); embeddings and the LM head stay",
-        "float32 in every backend. `none` runs prepacked oneDNN GEMMs; the quantized backends run",
-        "their libraries' CPU kernels, which dequantize on the fly, so on this machine quantization",
-        "buys memory, not speed.",
-        "",
-        "| backend | tok/s | vs float32 | linear weights (MiB) | vs float32 |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        lines.append(f"| {r.method} | {r.tok_s:.1f} | {r.tok_s / base.tok_s:.2f}x | "
-                     f"{r.weight_bytes / 2**20:.1f} | {r.weight_bytes / base.weight_bytes:.2f}x |")
-    return "\n".join(lines + [""])
+        ["Default model, decode batch 16, float32 compute, CPU. Bytes are the decoder's linear",
+         "weights as stored (quantized data plus scales/zeros); embeddings and the LM head stay",
+         "float32 in every backend. `none` runs prepacked oneDNN GEMMs; the quantized backends run",
+         "their libraries' CPU kernels, which dequantize on the fly, so on this machine quantization",
+         "buys memory, not speed."],
+        "| backend | tok/s | vs float32 | linear weights (MiB) | vs float32 |", "|---|---:|---:|---:|---:|",
+        [f"| {r.method} | {r.tok_s:.1f} | {r.tok_s / base.tok_s:.2f}x | "
+         f"{r.weight_bytes / 2**20:.1f} | {r.weight_bytes / base.weight_bytes:.2f}x |" for r in results])
 
 
 def section_sampling(model_dir: Path, quick: bool) -> str:
     from sampling_bench import run_sampling_bench
 
     results = run_sampling_bench(model_dir, batches=(16,) if quick else (16, 64))
-    lines = [
+    return table_section(
         "## 7. Sampling cost per step (CPU, 49k vocab, real logits)",
-        "",
-        "The served sampler (inverse-CDF draw; top-k/top-p rows look at their 256 most likely",
-        "tokens first and fall back to a full sort only when that cannot decide) against the same",
-        "draw after one stable sort of the whole vocab per row. Median ms per call.",
-        "",
-        "| batch | settings | served (ms) | full sort (ms) | speed-up |",
-        "|---:|---|---:|---:|---:|",
-    ]
-    for r in results:
-        lines.append(f"| {r.batch} | {r.label} | {r.served_ms:.2f} | {r.full_sort_ms:.2f} | "
-                     f"{r.full_sort_ms / r.served_ms:.1f}x |")
-    return "\n".join(lines + [""])
+        ["The served sampler (inverse-CDF draw; top-k/top-p rows look at their 256 most likely",
+         "tokens first and fall back to a full sort only when that cannot decide) against the same",
+         "draw after one stable sort of the whole vocab per row. Median ms per call."],
+        "| batch | settings | served (ms) | full sort (ms) | speed-up |", "|---:|---|---:|---:|---:|",
+        [f"| {r.batch} | {r.label} | {r.served_ms:.2f} | {r.full_sort_ms:.2f} | "
+         f"{r.full_sort_ms / r.served_ms:.1f}x |" for r in results])
 
 
 def section_store(model_dir: Path, quick: bool) -> str:
     from lora_bench import run_load_latency
 
     results = run_load_latency(model_dir, repeats=3 if quick else 5)
-    lines = [
+    return table_section(
         "## 6. Adapter load latency (default model, all seven modules)",
-        "",
-        "disk -> host: read the blob, verify sha256, parse safetensors into per-module A/B (cold",
-        "host cache). host -> slot: copy into the device slot stacks (ready for a step).",
-        "",
-        "| rank | file size | disk -> host (median ms) | host -> slot (median ms) |",
-        "|---:|---:|---:|---:|",
-    ]
-    for rank, disk_ms, slot_ms, size in results:
-        lines.append(f"| {rank} | {size / 2**20:.1f} MiB | {disk_ms:.1f} | {slot_ms:.1f} |")
-    return "\n".join(lines + [""])
+        ["disk -> host: read the blob, verify sha256, parse safetensors into per-module A/B (cold",
+         "host cache). host -> slot: copy into the device slot stacks (ready for a step)."],
+        "| rank | file size | disk -> host (median ms) | host -> slot (median ms) |", "|---:|---:|---:|---:|",
+        [f"| {rank} | {size / 2**20:.1f} MiB | {disk_ms:.1f} | {slot_ms:.1f} |"
+         for rank, disk_ms, slot_ms, size in results])
 
 
 def section_scaling(model_dir: Path, quick: bool) -> str:
