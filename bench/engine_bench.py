@@ -22,6 +22,7 @@ class DecodeResult:
     batch: int
     engine_tok_s: float            # the engine as served (--linear-kernel auto: prepacked oneDNN)
     aten_engine_tok_s: float       # the same engine with --linear-kernel aten (F.linear / MKL)
+    torch_ops_engine_tok_s: float  # the same engine with --cpu-kernels torch (no fused C++ ops)
     transformers_tok_s: float
     floor_tok_s: float             # the model's linear layers only, through F.linear
     engine_floor_tok_s: float      # the engine's own linear layers only (its GEMM kernels)
@@ -115,22 +116,25 @@ def run_decode_bench(model_dir: Path, batches=(1, 16, 64), prompt_len: int = 32,
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     engine = make_engine(model_dir)
     aten_engine = make_engine(model_dir, linear_kernel="aten", kv_cache_memory="1GiB")
+    torch_ops_engine = make_engine(model_dir, cpu_kernels="torch", kv_cache_memory="1GiB")
     results = []
     for batch in batches:
         prompts = prompt_ids(tokenizer, batch, prompt_len)
         engine_decode_tok_s(engine, prompts[:1], 4)  # warm
         engine_decode_tok_s(aten_engine, prompts[:1], 4)
-        best = [0.0] * 5
+        engine_decode_tok_s(torch_ops_engine, prompts[:1], 4)
+        best = [0.0] * 6
         for _ in range(2):   # interleaved, best of each: noise only ever slows a run down
             runs = (engine_decode_tok_s(engine, prompts, new_tokens),
                     engine_decode_tok_s(aten_engine, prompts, new_tokens),
+                    engine_decode_tok_s(torch_ops_engine, prompts, new_tokens),
                     transformers_decode_tok_s(hf_model, prompts, new_tokens),
                     dense_floor_tok_s(hf_model, batch),
                     engine_floor_tok_s(engine, batch))
             best = [max(b, r) for b, r in zip(best, runs)]
         result = DecodeResult(batch, *best)
         log(f"  batch {batch:3d}: engine {result.engine_tok_s:7.1f} tok/s (aten GEMMs "
-            f"{result.aten_engine_tok_s:7.1f}), transformers {result.transformers_tok_s:7.1f}, "
+            f"{result.aten_engine_tok_s:7.1f}, torch ops {result.torch_ops_engine_tok_s:7.1f}), transformers {result.transformers_tok_s:7.1f}, "
             f"F.linear floor {result.floor_tok_s:7.1f}, engine-GEMM floor {result.engine_floor_tok_s:7.1f}")
         results.append(result)
     return results

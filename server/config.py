@@ -93,6 +93,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("device", "--device", str, "auto, cpu, cuda, cuda:N"),
     Flag("linear_kernel", "--linear-kernel", str,
          "dense GEMMs: auto (prepacked oneDNN on CPU), onednn, or aten (F.linear)"),
+    Flag("cpu_kernels", "--cpu-kernels", str,
+         "per-layer ops: auto (fused C++ on CPU float32, built at first use), native, or torch"),
     Flag("host", "--host", str, "gRPC listen address"),
     Flag("port", "--port", int, "gRPC port (0 picks a free port)"),
     Flag("metrics_port", "--metrics-port", int, "Prometheus /metrics port (0 disables)"),
@@ -137,6 +139,7 @@ class ServerConfig:
     dtype: str = "auto"
     device: str = "auto"
     linear_kernel: str = "auto"
+    cpu_kernels: str = "auto"
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090
@@ -185,7 +188,7 @@ class ServerConfig:
 
         return EngineConfig(
             model_dir=model_dir, quantize=self.quantize, dtype=self.dtype, device=self.device,
-            linear_kernel=self.linear_kernel, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+            linear_kernel=self.linear_kernel, cpu_kernels=self.cpu_kernels, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
             adapter_dtype=self.adapter_dtype,
             max_num_seqs=self.max_num_seqs, max_batch_tokens=self.max_batch_tokens,
             max_model_len=self.max_total_tokens, max_input_tokens=self.max_input_tokens,

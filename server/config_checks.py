@@ -13,6 +13,7 @@ def validate(config: ServerConfig):
     from .engine.config import ADAPTER_DTYPE_CHOICES, DTYPE_CHOICES
     from .layers.base import QUANTIZE_CHOICES
     from .layers.cpu_gemm import LINEAR_KERNEL_CHOICES
+    from .model.native import CPU_KERNEL_CHOICES
 
     if config.quantize not in QUANTIZE_CHOICES:
         yield f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)} (got {config.quantize!r})"
@@ -20,6 +21,8 @@ def validate(config: ServerConfig):
         yield f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got {config.dtype!r})"
     if config.linear_kernel not in LINEAR_KERNEL_CHOICES:
         yield f"--linear-kernel must be one of {', '.join(LINEAR_KERNEL_CHOICES)} (got {config.linear_kernel!r})"
+    if config.cpu_kernels not in CPU_KERNEL_CHOICES:
+        yield f"--cpu-kernels must be one of {', '.join(CPU_KERNEL_CHOICES)} (got {config.cpu_kernels!r})"
     if config.adapter_dtype not in ADAPTER_DTYPE_CHOICES:
         yield f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPE_CHOICES)}"
     if config.model != "default" and not (Path(config.model).expanduser() / "config.json").is_file():

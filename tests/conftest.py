@@ -19,6 +19,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def native_kernels():
+    """The fused CPU kernels (cpu_kernels.cpp), compiled on first use; skipped without a compiler."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the fused CPU kernels cannot be built here")
+    from loraplex.server.model import native
+
+    return native.load(log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The converted SmolLM2-135M-Instruct directory (built once by `make model`)."""
     from loraplex.server.model.default_model import ensure_default_model

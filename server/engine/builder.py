@@ -10,8 +10,11 @@ import torch
 from ..layers.base import QuantSpec
 from ..lora.fingerprint import base_spec_from_model_config
 from ..lora.manager import AdapterManager
+from ..lora.ops import select_ops
 from ..lora.slot_pool import SlotPool
 from ..model.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from ..model import native
+from ..model.fused_ops import TORCH_OPS, native_ops
 from ..model.llama import build_model
 from .adapters import AdapterGateway
 from .async_engine import EngineInfo
@@ -51,7 +54,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                      hqq_group_size=config.hqq_group_size, bnb_double_quant=config.bnb_double_quant,
                      linear_kernel=config.linear_kernel)
     log(f"[loraplex] loading {config.model_dir} ({config.quantize}, {str(dtype).removeprefix('torch.')}, {device})")
-    model, model_config = build_model(config.model_dir, spec)
+    kernels = native.resolve(config.cpu_kernels, dtype, device, log)
+    ops = TORCH_OPS if kernels is None else native_ops(kernels)
+    model, model_config = build_model(config.model_dir, spec, ops=ops)
     tokenizer = load_tokenizer(config.model_dir)
 
     num_blocks = num_blocks_for_budget(config.kv_cache_memory, model_config, config.block_size, dtype, device)
@@ -75,7 +80,8 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     gateway = None
     if store is not None:
         adapter_dtype = torch.float32 if config.adapter_dtype == "float32" else dtype
-        pool = SlotPool(model.lora_targets(), config.max_loras, config.max_lora_rank, adapter_dtype, device)
+        pool = SlotPool(model.lora_targets(), config.max_loras, config.max_lora_rank, adapter_dtype, device,
+                        ops=select_ops(device, cpu_kernels=kernels))
         gateway = AdapterGateway(store, AdapterManager(pool))
 
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
@@ -87,7 +93,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       vocab_size=model_config.vocab_size)
     warm_up(engine)
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
-        f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB)")
+        f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops)")
     return engine, info
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..layers.base import QUANTIZE_CHOICES
 from ..layers.cpu_gemm import LINEAR_KERNEL_CHOICES
+from ..model.native import CPU_KERNEL_CHOICES
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ADAPTER_DTYPE_CHOICES = ("float32", "compute")
@@ -19,6 +20,7 @@ class EngineConfig:
     dtype: str = "auto"                 # auto = float32 on CPU, bfloat16 on CUDA
     device: str = "auto"                # auto = cuda if available else cpu
     linear_kernel: str = "auto"         # auto = prepacked oneDNN GEMMs on CPU, else F.linear
+    cpu_kernels: str = "auto"           # auto = fused C++ layer ops on CPU float32 when they build
     max_loras: int = 8                  # distinct adapters per step (= device slots)
     max_lora_rank: int = 64
     adapter_dtype: str = "float32"      # float32 (PEFT default) or compute
@@ -47,6 +49,8 @@ class EngineConfig:
             yield f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})"
         if self.linear_kernel not in LINEAR_KERNEL_CHOICES:
             yield f"linear_kernel must be one of {', '.join(LINEAR_KERNEL_CHOICES)} (got {self.linear_kernel!r})"
+        if self.cpu_kernels not in CPU_KERNEL_CHOICES:
+            yield f"cpu_kernels must be one of {', '.join(CPU_KERNEL_CHOICES)} (got {self.cpu_kernels!r})"
         if self.adapter_dtype not in ADAPTER_DTYPE_CHOICES:
             yield f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPE_CHOICES)}"
         positive = ("max_loras", "max_lora_rank", "max_num_seqs", "max_batch_tokens", "max_model_len",

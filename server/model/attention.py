@@ -11,11 +11,16 @@ With a sliding window W (Mistral), the query at position p sees keys at position
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .context import AttentionMetadata
+
+# (q [D, H, hd], k_cache, v_cache, block_tables [D, max_blocks], seq_lens [D], scale, window)
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         float, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,9 +39,11 @@ class AttentionPlan:
     """Per-step attention layout shared by all layers.
 
     Decode queries (one new token) run as one padded batch: decode_block_tables
-    [num_decodes, max_blocks], decode_mask [num_decodes, 1, 1, max_blocks * block_size]
-    (0 = attend, -inf = masked; in the compute dtype). decode_rows [num_decodes] holds their packed rows, None when every row
-    is a decode row (in order).
+    [num_decodes, max_blocks], decode_lens [num_decodes] int64 (keys per sequence),
+    decode_mask [num_decodes, 1, 1, max_blocks * block_size] (0 = attend, -inf = masked; in the
+    compute dtype; None when decode_kernel runs them). decode_rows [num_decodes] holds their
+    packed rows, None when every row is a decode row (in order). decode_kernel is a fused
+    kernel with decode_attention_torch's signature (native.py), or None for the torch path.
     """
 
     meta: AttentionMetadata
@@ -46,6 +53,12 @@ class AttentionPlan:
     decode_block_tables: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefills: tuple[PrefillChunk, ...]
+    decode_lens: torch.Tensor | None = None
+    decode_kernel: DecodeKernel | None = None
+
+    @property
+    def has_decodes(self) -> bool:
+        return self.decode_lens is not None
 
 
 def _causal_mask(num_queries: int, context_len: int, window: int | None,
@@ -63,7 +76,8 @@ def _causal_mask(num_queries: int, context_len: int, window: int | None,
 
 
 def plan_attention(meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                   dtype: torch.dtype = torch.float32) -> AttentionPlan:
+                   dtype: torch.dtype = torch.float32,
+                   decode_kernel: DecodeKernel | None = None) -> AttentionPlan:
     """Split the batch into decode rows and prefill chunks; build masks (host work, once a step)."""
     device = meta.seq_lens.device
     bs = meta.block_size
@@ -80,26 +94,31 @@ def plan_attention(meta: AttentionMetadata, scale: float, sliding_window: int | 
             prefills.append(PrefillChunk(row, q_len, ctx, blocks,
                                          _causal_mask(q_len, ctx, sliding_window, device)))
         row += q_len
-    rows_t = tables = mask = None
+    rows_t = tables = lens = mask = None
     if decode_rows:
-        ctx_lens = [meta.context_lens[i] for i in decode_seqs]
-        num_blocks = -(-max(ctx_lens) // bs)
-        all_decode = len(decode_rows) == len(meta.query_lens)
-        seq_index = None if all_decode else torch.tensor(decode_seqs, device=device)
-        tables = meta.block_tables[:, :num_blocks]
-        lens = meta.seq_lens
-        if seq_index is not None:
+        num_blocks = -(-max(meta.context_lens[i] for i in decode_seqs) // bs)
+        tables, lens = meta.block_tables[:, :num_blocks], meta.seq_lens
+        if len(decode_rows) != len(meta.query_lens):
+            seq_index = torch.tensor(decode_seqs, device=device)
             tables, lens = tables.index_select(0, seq_index), lens.index_select(0, seq_index)
             rows_t = torch.tensor(decode_rows, device=device)
-        k_pos = torch.arange(num_blocks * bs, device=device).unsqueeze(0)   # [1, L]
-        lens = lens.unsqueeze(1)                                             # [D, 1]
-        mask = k_pos < lens
-        if sliding_window is not None:
-            mask &= k_pos >= lens - sliding_window
-        # Additive float mask: SDPA would otherwise convert a bool mask in every layer.
-        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-        mask = mask[:, None, None, :]                                        # [D, 1, 1, L]
-    return AttentionPlan(meta, scale, sliding_window, rows_t, tables, mask, tuple(prefills))
+        if decode_kernel is None:
+            mask = decode_mask(lens, num_blocks * bs, sliding_window, dtype)
+    return AttentionPlan(meta, scale, sliding_window, rows_t, tables, mask, tuple(prefills),
+                         lens, decode_kernel)
+
+
+def decode_mask(lens: torch.Tensor, num_keys: int, sliding_window: int | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """lens [D] -> additive mask [D, 1, 1, num_keys]: 0 where key j < lens (within the window),
+    else -inf. Float, in the compute dtype: SDPA would otherwise convert a bool mask per layer."""
+    k_pos = torch.arange(num_keys, device=lens.device).unsqueeze(0)       # [1, L]
+    lens = lens.unsqueeze(1)                                               # [D, 1]
+    allowed = k_pos < lens
+    if sliding_window is not None:
+        allowed &= k_pos >= lens - sliding_window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=lens.device).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None, None, :]
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -131,8 +150,30 @@ def _gather_blocks(cache: torch.Tensor, flat_blocks: torch.Tensor) -> torch.Tens
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       plan: AttentionPlan) -> torch.Tensor:
+    """q [D, heads, head_dim] -> [D, heads, head_dim], by the plan's kernel or the torch path."""
+    if plan.decode_kernel is not None:
+        return plan.decode_kernel(q, k_cache, v_cache, plan.decode_block_tables, plan.decode_lens,
+                                  plan.scale, plan.sliding_window or 0)
+    return _decode_attention_masked(q, k_cache, v_cache, plan.decode_block_tables,
+                                    plan.decode_mask, plan.scale)
+
+
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           window: int) -> torch.Tensor:
+    """Pure-torch twin of the fused decode kernel (native.py), same signature.
+
+    q [D, heads, hd]; caches [blocks, block_size, kv_heads, hd]; block_tables [D, max_blocks];
+    seq_lens [D] keys per sequence; window 0 = none. Returns [D, heads, hd].
+    """
+    num_keys = block_tables.shape[1] * k_cache.shape[1]
+    mask = decode_mask(seq_lens, num_keys, window or None, q.dtype)
+    return _decode_attention_masked(q, k_cache, v_cache, block_tables, mask, scale)
+
+
+def _decode_attention_masked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             tables: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q [D, heads, head_dim] -> [D, heads, head_dim]; grouped heads ride the query-length axis."""
-    tables = plan.decode_block_tables
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -145,13 +186,13 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k = k.transpose(1, 2).reshape(batch, length, head_dim)                 # [D*KV, L, hd]
         v = v.transpose(1, 2).reshape(batch, length, head_dim)                 # [D*KV, L, hd]
         scores = torch.bmm(q.reshape(batch, group, head_dim), k.transpose(1, 2))  # [D*KV, G, L]
-        scores = torch.add(plan.decode_mask.view(num_seqs, 1, length),
-                           scores.view(num_seqs, num_heads, length), alpha=plan.scale)
+        scores = torch.add(mask.view(num_seqs, 1, length),
+                           scores.view(num_seqs, num_heads, length), alpha=scale)
         probs = torch.softmax(scores.view(batch, group, length), dim=-1)
         return torch.bmm(probs, v).view(num_seqs, num_heads, head_dim)
     q = q.reshape(num_seqs, num_kv_heads, group, head_dim)
     out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=plan.decode_mask, scale=plan.scale)
+                                         attn_mask=mask, scale=scale)
     return out.view(num_seqs, num_heads, head_dim)      # [D, kv_heads, group, hd] is contiguous
 
 
@@ -169,10 +210,10 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     plan: AttentionPlan) -> torch.Tensor:
     """q [T, heads, head_dim] (packed ragged batch, K/V already written) -> [T, heads, head_dim]."""
-    if plan.decode_mask is not None and plan.decode_rows is None:
+    if plan.has_decodes and plan.decode_rows is None:
         return _decode_attention(q, k_cache, v_cache, plan)
     out = torch.empty_like(q)
-    if plan.decode_mask is not None:
+    if plan.has_decodes:
         decoded = _decode_attention(q.index_select(0, plan.decode_rows), k_cache, v_cache, plan)
         out.index_copy_(0, plan.decode_rows, decoded)
     for chunk in plan.prefills:

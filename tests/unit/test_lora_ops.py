@@ -138,3 +138,54 @@ def test_select_ops_on_cpu():
         select_ops("cpu", "triton")
     with pytest.raises(ValueError, match="unknown"):
         select_ops("cpu", "cuda-magic")
+
+
+# ---- the fused native kernel (cpu_kernels.cpp lora_bgmv) --------------------------------
+
+@pytest.mark.parametrize("slots", [[3, 1, 4, 0, 2], [0, 0, 2, -1, 2], [-1, -1], [1]])
+@pytest.mark.parametrize("rank", [4, 7])
+def test_native_bgmv_matches_twin(native_kernels, slots, rank):
+    gen = torch.Generator().manual_seed(len(slots) * rank)
+    subs, in_features, outs = 3, 40, (24, 8, 13)
+    a = torch.randn(5, subs * rank, in_features, generator=gen)                 # [S, subs * R, in]
+    bts = [torch.randn(5, rank, out, generator=gen) for out in outs]            # [S, R, out_m]
+    col_starts = [0, 24, 32]
+    scales = torch.rand(5, generator=gen) + 0.5
+    token_slots = torch.tensor(slots)
+    x = torch.randn(len(slots), in_features + 3, generator=gen)[:, :in_features]   # strided rows
+    y_native = torch.randn(len(slots), 50, generator=gen)
+    y_twin = y_native.clone()
+    native_kernels.lora_bgmv(x, y_native, a, bts, col_starts, token_slots, scales)
+    ref.bgmv_delta(x, y_twin, a, bts, col_starts, token_slots, scales)
+    torch.testing.assert_close(y_native, y_twin, rtol=1e-5, atol=1e-5)
+
+
+def test_native_bgmv_refuses_bad_slots(native_kernels):
+    a, bt = torch.zeros(2, 4, 8), torch.zeros(2, 4, 6)
+    with pytest.raises(RuntimeError, match="token 1 has slot 2"):
+        native_kernels.lora_bgmv(torch.zeros(2, 8), torch.zeros(2, 6), a, [bt], [0],
+                                 torch.tensor([0, 2]), torch.ones(2))
+    with pytest.raises(RuntimeError, match="columns fall outside y"):
+        native_kernels.lora_bgmv(torch.zeros(2, 8), torch.zeros(2, 6), a, [bt], [3],
+                                 torch.tensor([0, 1]), torch.ones(2))
+
+
+def test_native_route_in_torch_ops_matches_reference(native_kernels):
+    """The decode rows of the mixed batch through TorchOps with the fused kernel."""
+    decode_slots = [1, -1, 3, 2, 0, 3]
+    pool, targets, _ = _pool(select_ops("cpu", cpu_kernels=native_kernels))
+    info = LoraBatchInfo.from_token_slots(torch.tensor(decode_slots))
+    step = pool.step_for(info)
+    gen = torch.Generator().manual_seed(3)
+    xs = {HIDDEN: torch.randn(6, HIDDEN, generator=gen), INTER: torch.randn(6, INTER, generator=gen)}
+    for i, target in enumerate(targets):
+        x = xs[target.in_features]
+        y_fast = target.base.apply(x)
+        y_ref = y_fast.clone()
+        pool.ops.add_delta(x, y_fast, pool.weights[i], step)
+        ref.add_delta(x, y_ref, pool.weights[i], ref.prepare(info, pool.scales))
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    assert set(step.plan.routes.values()) == {"native"}
+    prefill = pool.step_for(LoraBatchInfo.from_token_slots(torch.tensor([0] * 9 + [1])))
+    assert not pool.ops.native_fits(xs[HIDDEN][:1].expand(10, -1), torch.zeros(10, 4),
+                                    pool.weights[0], prefill.plan)    # 9 tokens of one slot: GEMMs

@@ -15,6 +15,7 @@ from loraplex.server.engine.runner import ModelRunner
 from loraplex.server.engine.sequence import SamplingParams, Sequence
 from loraplex.server.layers.base import QuantSpec
 from loraplex.server.model.config import ModelConfig
+from loraplex.server.model.fused_ops import TORCH_OPS, native_ops
 from loraplex.server.model.kv_cache import allocate_kv_caches
 from loraplex.server.model.llama import build_model
 
@@ -108,8 +109,9 @@ def hf_logits(model_dir: Path, token_ids: list[int], dtype=torch.float32) -> tor
         return hf(torch.tensor([token_ids])).logits[0].float()   # [len, vocab]
 
 
-def check_against_hf(model_dir: Path, attention: str = "fast", dtype=torch.float32, atol=1e-4):
-    model, config = build_model(model_dir, QuantSpec(compute_dtype=dtype), attention=attention)
+def check_against_hf(model_dir: Path, attention: str = "fast", dtype=torch.float32, atol=1e-4,
+                     ops=TORCH_OPS):
+    model, config = build_model(model_dir, QuantSpec(compute_dtype=dtype), attention=attention, ops=ops)
     gen = torch.Generator().manual_seed(7)
     vocab = min(config.vocab_size, 512)
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (7, 13, 5)]
@@ -127,6 +129,13 @@ def check_against_hf(model_dir: Path, attention: str = "fast", dtype=torch.float
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3-rope", "untied", "llama-sharded"])
 def test_logits_match_transformers(variants, name):
     rows = check_against_hf(variants[name])
+    assert sum(len(r) for r in rows.values()) > 30
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3-rope"])
+def test_fused_cpu_kernels_match_transformers(variants, name, native_kernels):
+    """The same mixed prefill/decode schedule through the fused C++ layer ops (native.py)."""
+    rows = check_against_hf(variants[name], ops=native_ops(native_kernels))
     assert sum(len(r) for r in rows.values()) > 30
 
 

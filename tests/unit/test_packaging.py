@@ -61,3 +61,12 @@ def test_checked_in_stubs_match_generated(tmp_path):
     names = {p.name for p in written}
     extra = {p.name for p in (ROOT / "loraplex" / "v1").glob("*_pb2*.py*")} - names
     assert not extra, f"stubs without a proto file: {extra}"
+
+
+def test_kernel_source_ships_with_the_package():
+    """native.py compiles cpu_kernels.cpp at first use, so wheels must carry the source."""
+    from loraplex.server.model import native
+
+    data = _pyproject()["tool"]["setuptools"]["package-data"]
+    assert "model/cpu_kernels.cpp" in data["loraplex.server"]
+    assert native.SOURCE.is_file() and native.SOURCE.name == "cpu_kernels.cpp"

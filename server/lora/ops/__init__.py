@@ -19,8 +19,9 @@ def triton_usable(device: str | torch.device) -> bool:
             and importlib.util.find_spec("triton") is not None)
 
 
-def select_ops(device: str | torch.device = "cpu", backend: str = "auto") -> LoraOps:
-    """An ops object for `device`: Triton kernels on CUDA when available, else the torch path."""
+def select_ops(device: str | torch.device = "cpu", backend: str = "auto", cpu_kernels=None) -> LoraOps:
+    """An ops object for `device`: Triton kernels on CUDA when available, else the torch path
+    (which uses the fused `lora_bgmv` of cpu_kernels, a loaded native.py module, at decode)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown LoRA ops backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "reference":
@@ -31,7 +32,7 @@ def select_ops(device: str | torch.device = "cpu", backend: str = "auto") -> Lor
         from .triton_ops import TritonOps
 
         return TritonOps()
-    return TorchOps()
+    return TorchOps(native_bgmv=None if cpu_kernels is None else cpu_kernels.lora_bgmv)
 
 
 __all__ = ["BACKENDS", "CostModel", "LoraOps", "ReferenceOps", "TorchOps", "select_ops", "triton_usable"]

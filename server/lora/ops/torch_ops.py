@@ -14,6 +14,10 @@ padded:  tokens are sorted by slot and laid out as [span, c_max] (c_max = most t
 grouped: per active slot, its tokens (a slice when they form one run, as in prefill) go
          through one shrink GEMM and one expand GEMM per sub-module: no padding waste, a few
          small ops per adapter. Wins when one slot has many more tokens than others.
+native:  the fused C++ kernel `lora_bgmv` (server/model/cpu_kernels.cpp; twin:
+         reference.bgmv_delta), when the engine built the CPU kernels, everything is float32
+         and no slot has more than NATIVE_MAX_TOKENS_PER_SLOT tokens (decode): shrink and expand
+         of every sub-module in one call, one adapter read per token, no padding or scatter.
 
 (A third layout, one GEMM x [T, in] @ A_cat [in, span * Ra] with a one-hot mask, was measured
 slower at decode on CPU: it does T times the FLOPs and MKL reaches less bandwidth at M = 16.)
@@ -29,6 +33,9 @@ import torch.nn.functional as F
 
 from ..batch_info import LoraBatchInfo
 from ..delta import LoraStep, ProjLoraWeights
+
+
+NATIVE_MAX_TOKENS_PER_SLOT = 4     # beyond this, GEMMs over a slot's tokens reuse weights better
 
 
 @dataclass(frozen=True)
@@ -181,8 +188,10 @@ class TorchOps:
 
     name = "torch"
 
-    def __init__(self, cost: CostModel | None = None):
+    def __init__(self, cost: CostModel | None = None, native_bgmv=None):
+        """native_bgmv: the fused kernel (native.py module's lora_bgmv) or None."""
         self.cost = cost or CostModel()
+        self.native_bgmv = native_bgmv
 
     def prepare(self, info: LoraBatchInfo, scales: torch.Tensor) -> LoraStep:
         return LoraStep(info=info, scales=scales, plan=TorchPlan(info, scales))
@@ -196,11 +205,24 @@ class TorchOps:
         key = (weights.rank, weights.in_features, weights.out_sizes)       # same for every layer
         route = plan.routes.get(key)
         if route is None:
-            route = plan.routes[key] = self.choose_route(weights, plan)
-        if route == "padded":
+            native = self.native_fits(x, y, weights, plan)
+            route = plan.routes[key] = "native" if native else self.choose_route(weights, plan)
+        if route == "native":
+            self.native_bgmv(x, y, weights.a, list(weights.bts), list(weights.col_starts),
+                             plan.info.token_slots, plan.scales)
+        elif route == "padded":
             padded_delta(x, y, weights, plan)
         else:
             grouped_delta(x, y, weights, plan)
+
+    def native_fits(self, x: torch.Tensor, y: torch.Tensor, w: ProjLoraWeights, plan: TorchPlan) -> bool:
+        """The fused kernel applies: built, float32 CPU tensors in its layouts, decode-like."""
+        tensors = (x, y, w.a, plan.scales, *w.bts)
+        return (self.native_bgmv is not None
+                and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+                and w.a.is_contiguous() and all(bt.is_contiguous() for bt in w.bts)
+                and plan.scales.is_contiguous() and plan.info.token_slots.dtype == torch.int64
+                and plan.padded.c_max <= NATIVE_MAX_TOKENS_PER_SLOT)
 
     def choose_route(self, w: ProjLoraWeights, plan: TorchPlan) -> str:
         """'padded' or 'grouped', whichever the cost model expects to be faster."""

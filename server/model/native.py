@@ -1,0 +1,119 @@
+"""Fused CPU kernels (cpu_kernels.cpp), compiled at first use as a torch C++ extension.
+
+`--cpu-kernels auto` (the default) uses them on a CPU device in float32 when a C++ compiler
+is present, and otherwise falls back to the pure-torch path with one log line; `native`
+makes a failed build an error; `torch` never builds them. The build (~30 s on 2 cores) is
+cached under `$LORAPLEX_CACHE/cpu-kernels/`, keyed by torch version, Python and CPU, and torch
+rebuilds it when the source or flags change; `make setup` builds it ahead of the first serve.
+
+Every kernel has a pure-torch twin with the same signature (decode_attention ->
+attention.decode_attention_torch); tests/unit/test_native_kernels.py compares them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from .default_model import cache_root
+
+CPU_KERNEL_CHOICES = ("auto", "native", "torch")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_CFLAGS = ["-O3", "-march=native", "-fopenmp",   # at::parallel_for is OpenMP in torch
+           "-fno-trapping-math", "-fno-math-errno"]   # lets exp/silu loops vectorize; no FP traps used
+_LDFLAGS = ["-fopenmp"]     # libgomp.so.1: the copy torch already loaded
+_build_lock = threading.Lock()
+
+Log = Callable[[str], None]
+
+
+def _cpu_tag() -> str:
+    """Short hash of this CPU's model and flags: -march=native code must not move between CPUs."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.processor()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+
+
+def build_dir(root: Path | None = None) -> Path:
+    """Where the compiled extension lives for this torch, Python and CPU."""
+    version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    return (root or cache_root()) / "cpu-kernels" / f"{version}-{_cpu_tag()}"
+
+
+def _already_built(directory: Path) -> bool:
+    return any(directory.glob("loraplex_cpu_kernels*.so"))
+
+
+_loaded: dict[Path, ModuleType] = {}
+
+
+def load(log: Log = print, root: Path | None = None) -> ModuleType:
+    """Compile (first time) and import the extension; raises when no compiler can build it."""
+    from torch.utils import cpp_extension
+
+    directory = build_dir(root)
+    with _build_lock:
+        if directory in _loaded:
+            return _loaded[directory]
+        directory.mkdir(parents=True, exist_ok=True)
+        if not _already_built(directory):
+            log(f"[loraplex] compiling fused CPU kernels into {directory} (first use, ~30 s)")
+        module = cpp_extension.load(name="loraplex_cpu_kernels", sources=[str(SOURCE)],
+                                    extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                                    build_directory=str(directory),
+                                    verbose=False)
+        _loaded[directory] = module
+        return module
+
+
+def supported(dtype: torch.dtype, device: str | torch.device) -> bool:
+    """The kernels exist for float32 on CPU only."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32
+
+
+def resolve(choice: str, dtype: torch.dtype, device: str | torch.device,
+            log: Log = print) -> ModuleType | None:
+    """The kernel module for a --cpu-kernels choice, or None for the pure-torch path."""
+    if choice not in CPU_KERNEL_CHOICES:
+        raise ValueError(f"cpu kernels {choice!r}; choose one of {', '.join(CPU_KERNEL_CHOICES)}")
+    if choice == "torch":
+        return None
+    if not supported(dtype, device):
+        if choice == "native":
+            raise ValueError(f"--cpu-kernels native needs a CPU device and dtype float32 (got "
+                             f"device={device}, dtype={dtype}); use auto or torch")
+        return None
+    try:
+        return load(log)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: fall back or report
+        if choice == "native":
+            raise RuntimeError(f"--cpu-kernels native: building {SOURCE.name} failed: {exc}") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log(f"[loraplex] fused CPU kernels unavailable ({first_line}); using the pure-torch path")
+        return None
+
+
+def main() -> int:
+    """`python -m loraplex.server.model.native`: build the kernels now (make setup runs it)."""
+    try:
+        load()
+    except Exception as exc:  # noqa: BLE001 - report and let the server fall back at start
+        print(f"[loraplex] fused CPU kernels could not be built ({exc}); the server will use "
+              "the pure-torch path (--cpu-kernels auto)")
+        return 0
+    print(f"[loraplex] fused CPU kernels ready in {build_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

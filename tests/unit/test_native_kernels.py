@@ -1,0 +1,120 @@
+"""Every fused CPU kernel (cpu_kernels.cpp via native.py) against its pure-torch twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.server.model import native
+from loraplex.server.model.attention import decode_attention_torch
+from loraplex.server.model.fused_ops import TORCH_OPS, native_ops
+
+ATOL = 2e-5      # float32, sums in another order; values are O(1)
+
+
+def paged_cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, gen):
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (6, 2, 48)])
+@pytest.mark.parametrize("window", [0, 5])
+def test_decode_attention_matches_twin(native_kernels, heads, kv_heads, head_dim, window):
+    gen = torch.Generator().manual_seed(heads * head_dim + window)
+    block_size, seqs, max_blocks = 4, 6, 7
+    k_cache, v_cache = paged_cache(60, block_size, kv_heads, head_dim, gen)
+    tables = torch.randperm(60, generator=gen)[: seqs * max_blocks].view(seqs, max_blocks)
+    lens = torch.tensor([1, 3, 4, 9, 17, 28])                       # 28 = every block in use
+    # q as a strided view, like the q columns of the fused qkv output
+    qkv = torch.randn(seqs, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    q = qkv[:, : heads * head_dim].view(seqs, heads, head_dim)
+    ours = native_kernels.decode_attention(q, k_cache, v_cache, tables, lens, 0.3, window)
+    twin = decode_attention_torch(q, k_cache, v_cache, tables, lens, 0.3, window)
+    assert ours.shape == (seqs, heads, head_dim) and ours.is_contiguous()
+    torch.testing.assert_close(ours, twin, atol=ATOL, rtol=ATOL)
+
+
+def test_decode_attention_refuses_bad_tables(native_kernels):
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = paged_cache(4, 4, 1, 64, gen)
+    q = torch.randn(1, 2, 64)
+    with pytest.raises(RuntimeError, match="block id 9 outside"):
+        native_kernels.decode_attention(q, k_cache, v_cache, torch.tensor([[0, 9]]), torch.tensor([6]), 1.0, 0)
+    with pytest.raises(RuntimeError, match="has 9 keys"):
+        native_kernels.decode_attention(q, k_cache, v_cache, torch.tensor([[0, 1]]), torch.tensor([9]), 1.0, 0)
+    with pytest.raises(RuntimeError, match="float32 only"):
+        native_kernels.decode_attention(q.double(), k_cache, v_cache, torch.tensor([[0]]), torch.tensor([1]), 1.0, 0)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_add_rms_norm_matches_twin(native_kernels, with_residual, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=gen) * 3
+    weight = torch.randn(576, generator=gen)
+    residual = torch.randn(rows, 576, generator=gen) if with_residual else None
+    twin_residual = residual.clone() if with_residual else None
+    ours = native_ops(native_kernels).add_rms_norm(x, residual, weight, 1e-5)
+    twin = TORCH_OPS.add_rms_norm(x, twin_residual, weight, 1e-5)
+    torch.testing.assert_close(ours, twin, atol=ATOL, rtol=ATOL)
+    if with_residual:
+        torch.testing.assert_close(residual, twin_residual, atol=0, rtol=0)   # the same adds
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_rope_write_kv_matches_twin(native_kernels, tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(tokens, width + 8, generator=gen)[:, :width]     # strided rows, like a slice
+    angles = torch.rand(tokens, head_dim // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    caches = [torch.zeros(8, block_size, kv_heads, head_dim) for _ in range(4)]
+    slots = torch.randperm(8 * block_size, generator=gen)[:tokens]
+    twin_qkv = qkv.clone()
+    native_ops(native_kernels).rope_write_kv(qkv, cos, sin, caches[0], caches[1], slots, heads, kv_heads)
+    TORCH_OPS.rope_write_kv(twin_qkv, cos, sin, caches[2], caches[3], slots, heads, kv_heads)
+    torch.testing.assert_close(qkv, twin_qkv, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(caches[0], caches[2], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(caches[1], caches[3], atol=0, rtol=0)       # v is copied as is
+    assert caches[0].view(-1, kv_heads, head_dim)[slots].abs().sum() > 0
+
+
+def test_rope_write_kv_refuses_bad_slots(native_kernels):
+    qkv = torch.zeros(2, 3 * 64)
+    cache = torch.zeros(2, 4, 1, 64)
+    with pytest.raises(RuntimeError, match="slot 8 outside"):
+        native_kernels.rope_write_kv(qkv, torch.ones(2, 64), torch.zeros(2, 64), cache, cache.clone(),
+                                     torch.tensor([0, 8]), 1, 1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_silu_mul_matches_twin(native_kernels, scale):
+    gen = torch.Generator().manual_seed(int(scale))
+    gate_up = torch.randn(17, 2 * 1536, generator=gen) * scale
+    ours = native_kernels.silu_mul(gate_up)
+    twin = TORCH_OPS.silu_mul(gate_up.clone())
+    torch.testing.assert_close(ours, twin, atol=ATOL * scale, rtol=ATOL)
+
+
+def test_resolve_choices(native_kernels):
+    assert native.resolve("torch", torch.float32, "cpu") is None
+    assert native.resolve("auto", torch.bfloat16, "cpu") is None          # float32 only
+    assert native.resolve("auto", torch.float32, "cpu") is native_kernels
+    with pytest.raises(ValueError, match="needs a CPU device and dtype float32"):
+        native.resolve("native", torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="choose one of auto, native, torch"):
+        native.resolve("fast", torch.float32, "cpu")
+
+
+def test_auto_falls_back_when_the_build_fails(monkeypatch):
+    """A machine without a working compiler still serves, on the torch path, and says so."""
+    def broken_build(*_args, **_kwargs):
+        raise RuntimeError("Error building extension 'loraplex_cpu_kernels'\nc++: not found")
+
+    monkeypatch.setattr(native, "load", broken_build)
+    lines: list[str] = []
+    assert native.resolve("auto", torch.float32, "cpu", log=lines.append) is None
+    assert "unavailable (Error building extension" in lines[0] and "pure-torch path" in lines[0]
+    with pytest.raises(RuntimeError, match="--cpu-kernels native: building cpu_kernels.cpp failed"):
+        native.resolve("native", torch.float32, "cpu", log=lines.append)
