@@ -21,6 +21,11 @@ _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _BATCH_HINT = 16        # oneDNN's layout choice barely depends on it (measured at M = 1..512)
 
 
+# The op's overload resolved once at import (calling the packet resolves it every call).
+_linear_pointwise = (torch.ops.mkldnn._linear_pointwise.default
+                     if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None)
+
+
 def onednn_supported(dtype: torch.dtype, device: str | torch.device) -> bool:
     """True when this torch build can run prepacked oneDNN linears for dtype on device."""
     return (torch.device(device).type == "cpu" and dtype in _PACKABLE_DTYPES
@@ -73,9 +78,10 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x [T, in] @ weight^T + bias -> [T, out]; weight from pack_weight."""
     num_rows = x.shape[0]
     rows = row_bucket(num_rows)
-    if rows != num_rows:
-        x = F.pad(x, (0, 0, 0, rows - num_rows))                           # [rows, in], zero rows
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")[:num_rows]
+    if rows == num_rows:
+        return _linear_pointwise(x, weight, bias, "none", [], "")
+    x = F.pad(x, (0, 0, 0, rows - num_rows))                               # [rows, in], zero rows
+    return _linear_pointwise(x, weight, bias, "none", [], "")[:num_rows]
 
 
 def packed_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

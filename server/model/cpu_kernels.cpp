@@ -53,32 +53,27 @@ struct DecodeShape {
   int64_t num_heads, num_kv_heads, head_dim, group, block_size, max_blocks;
 };
 
-// Attention of one sequence's `group` query heads that share kv head `kvh`.
-// q: [group, head_dim] rows, out: same; scores: scratch of group * num_keys floats.
-// HD > 0 fixes head_dim at compile time (the dot products unroll); 0 reads it from `s`.
-template <int64_t HD>
-void attend_one(const float* q, float* out, const float* k_cache, const float* v_cache,
-                const int64_t* blocks, int64_t first_key, int64_t num_keys, int64_t kvh,
-                float scale, const DecodeShape& s, std::vector<float>& scores) {
-  const int64_t hd = HD > 0 ? HD : s.head_dim, group = s.group, row_stride = s.num_kv_heads * hd;
-  scores.resize(static_cast<size_t>(group * num_keys));
-  float* sc = scores.data();
-  for (int64_t t = 0; t < num_keys; ++t) {                           // scores[g, t] = q_g . k_t
-    const int64_t key = first_key + t;
-    const int64_t slot = blocks[key / s.block_size] * s.block_size + key % s.block_size;
-    const float* k = k_cache + slot * row_stride + kvh * hd;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q + g * hd;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < hd; ++i) acc += qg[i] * k[i];
-      sc[g * num_keys + t] = acc * scale;
-    }
+// Calls fn(t, row) for the keys first_key .. first_key + num_keys - 1 of one sequence, t
+// counting from 0, row pointing at that key's [kv_heads, head_dim] row in the cache. Walks
+// block by block: no integer division per key.
+template <typename Fn>
+inline void for_each_key(const float* cache, const int64_t* blocks, int64_t first_key, int64_t num_keys,
+                         int64_t block_size, int64_t row_stride, Fn&& fn) {
+  int64_t t = 0;
+  int64_t offset = first_key % block_size;
+  for (int64_t b = first_key / block_size; t < num_keys; ++b, offset = 0) {
+    const float* block = cache + blocks[b] * block_size * row_stride;
+    const int64_t stop = std::min(block_size, offset + num_keys - t);
+    for (int64_t off = offset; off < stop; ++off, ++t) fn(t, block + off * row_stride);
   }
-  for (int64_t g = 0; g < group; ++g) {                              // softmax over keys
+}
+
+// Softmax in place over each of `group` rows of `num_keys` scores.
+void softmax_rows(float* sc, int64_t group, int64_t num_keys) {
+  for (int64_t g = 0; g < group; ++g) {
     float* row = sc + g * num_keys;
     float row_max = row[0];
-    for (int64_t t = 1; t < num_keys; ++t) row_max = std::max(row_max, row[t]);
+    for (int64_t t = 1; t < num_keys; ++t) row_max = row[t] > row_max ? row[t] : row_max;
     float total = 0.0f;
 #pragma omp simd reduction(+ : total)
     for (int64_t t = 0; t < num_keys; ++t) {
@@ -89,18 +84,77 @@ void attend_one(const float* q, float* out, const float* k_cache, const float* v
 #pragma omp simd
     for (int64_t t = 0; t < num_keys; ++t) row[t] *= inv;
   }
-  std::fill(out, out + group * hd, 0.0f);
-  for (int64_t t = 0; t < num_keys; ++t) {                           // out[g] = sum_t p[g, t] v_t
-    const int64_t key = first_key + t;
-    const int64_t slot = blocks[key / s.block_size] * s.block_size + key % s.block_size;
-    const float* v = v_cache + slot * row_stride + kvh * hd;
+}
+
+// Attention of one sequence's `group` query heads that share kv head `kvh`.
+// q: [group, head_dim] rows, out: same; scores: scratch of group * num_keys floats.
+// HD > 0 and G > 0 fix head_dim and group at compile time, so the query rows and the output
+// accumulators live in registers; 0 reads them from `s`.
+template <int64_t HD, int64_t G>
+void attend_one(const float* q, float* out, const float* k_cache, const float* v_cache,
+                const int64_t* blocks, int64_t first_key, int64_t num_keys, int64_t kvh,
+                float scale, const DecodeShape& s, std::vector<float>& scores) {
+  constexpr int64_t kMaxLocal = 2048;                                // floats of q / acc on stack
+  const int64_t hd = HD > 0 ? HD : s.head_dim, group = G > 0 ? G : s.group;
+  const int64_t row_stride = s.num_kv_heads * hd;
+  const bool local = group * hd <= kMaxLocal;
+  float q_local[kMaxLocal], acc_local[kMaxLocal];
+  std::vector<float> heap;
+  if (!local) heap.resize(static_cast<size_t>(2 * group * hd));
+  float* __restrict qs = local ? q_local : heap.data();              // q * scale
+  float* __restrict acc = local ? acc_local : heap.data() + group * hd;
+  for (int64_t i = 0; i < group * hd; ++i) {
+    qs[i] = q[i] * scale;
+    acc[i] = 0.0f;
+  }
+  scores.resize(static_cast<size_t>(group * num_keys));
+  float* sc = scores.data();
+  for_each_key(k_cache + kvh * hd, blocks, first_key, num_keys, s.block_size, row_stride,
+               [&](int64_t t, const float* __restrict k) {             // scores[g, t] = q_g . k_t
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qs + g * hd;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < hd; ++i) dot += qg[i] * k[i];
+      sc[g * num_keys + t] = dot;
+    }
+  });
+  softmax_rows(sc, group, num_keys);
+  for_each_key(v_cache + kvh * hd, blocks, first_key, num_keys, s.block_size, row_stride,
+               [&](int64_t t, const float* __restrict v) {             // acc[g] += p[g, t] v_t
     for (int64_t g = 0; g < group; ++g) {
       const float p = sc[g * num_keys + t];
-      float* o = out + g * hd;
+      float* a = acc + g * hd;
 #pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) o[i] += p * v[i];
+      for (int64_t i = 0; i < hd; ++i) a[i] += p * v[i];
     }
+  });
+  std::copy(acc, acc + group * hd, out);
+}
+
+using AttendFn = void (*)(const float*, float*, const float*, const float*, const int64_t*, int64_t,
+                          int64_t, int64_t, float, const DecodeShape&, std::vector<float>&);
+
+template <int64_t HD>
+AttendFn attend_for_group(int64_t group) {
+  switch (group) {
+    case 1: return attend_one<HD, 1>;
+    case 2: return attend_one<HD, 2>;
+    case 3: return attend_one<HD, 3>;
+    case 4: return attend_one<HD, 4>;
+    case 5: return attend_one<HD, 5>;
+    case 6: return attend_one<HD, 6>;
+    case 7: return attend_one<HD, 7>;
+    case 8: return attend_one<HD, 8>;
+    default: return attend_one<HD, 0>;
   }
+}
+
+// Specialized for the common head sizes (64, 128) and groups (1..8); generic otherwise.
+AttendFn attend_for(const DecodeShape& s) {
+  if (s.head_dim == 64) return attend_for_group<64>(s.group);
+  if (s.head_dim == 128) return attend_for_group<128>(s.group);
+  return attend_one<0, 0>;
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -152,8 +206,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   float* out_ptr = out.data_ptr<float>();
   const int64_t seq_stride = s.num_heads * s.head_dim, group_stride = s.group * s.head_dim;
   const int64_t q_seq_stride = q.stride(0);
-  const auto attend = s.head_dim == 64 ? attend_one<64> : s.head_dim == 128 ? attend_one<128>
-                                                                            : attend_one<0>;
+  const AttendFn attend = attend_for(s);
   at::parallel_for(0, num_seqs * s.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {

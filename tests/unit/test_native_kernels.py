@@ -17,7 +17,10 @@ def paged_cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, 
     return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (6, 2, 48)])
+# (9, 3, 64) and (4, 4, 128): compile-time head size and group; (32, 2, 64): group 16, runtime;
+# (6, 2, 48): all runtime; (16, 1, 256): group * head_dim past the on-stack buffers (heap path).
+@pytest.mark.parametrize("heads,kv_heads,head_dim",
+                         [(9, 3, 64), (4, 4, 128), (32, 2, 64), (6, 2, 48), (16, 1, 256)])
 @pytest.mark.parametrize("window", [0, 5])
 def test_decode_attention_matches_twin(native_kernels, heads, kv_heads, head_dim, window):
     gen = torch.Generator().manual_seed(heads * head_dim + window)
