@@ -185,21 +185,23 @@ each section are computed from that run's numbers.
   falls further behind.
 - **Engine vs floor at batch 16 (target 0.8x).** Against the `F.linear` floor the engine is far
   above 1x, but that is no longer a floor for this engine; against the floor of its own GEMMs it
-  misses (0.6x-0.75x across runs on this VM). With the GEMMs stubbed out, one decode step at
-  batch 16 still spends ~9 ms: paged attention ~5 ms (the block gather copies ~1.5 MB of K/V per
-  layer, then two small batched GEMMs and a softmax), RMSNorm, rope, K/V writes, and ~40 eager
-  torch calls per layer at a few microseconds each. The floor step is ~20 ms, so 0.8x leaves
-  ~5 ms for all of that: it needs fused per-layer kernels (a compiled graph or C++), not fewer
-  torch calls.
+  misses (0.70x-0.79x across runs on this VM, 0.63x-0.69x before the fused layer ops). Between
+  its GEMMs a layer now makes four calls into `cpu_kernels.cpp` (residual add + RMSNorm twice,
+  rotary + K/V write, decode attention, SiLU·up) instead of ~30 torch ops; the *torch ops* column
+  shows what that is worth. Timed inside a batch-16 step (caches cold after the GEMMs stream
+  ~540 MB of weights), what is left besides the GEMMs: decode attention ~2.3 ms (75 us a layer,
+  reading ~1.5 MB of K/V per layer, near this VM's memory bandwidth), the other fused ops ~1 ms,
+  scheduling, sampling and detokenization ~1.4 ms, Python dispatch ~1 ms. The floor step is
+  ~21 ms, so 0.8x leaves ~5 ms for all of that: the engine sits just under that line.
 - **16 adapters vs no adapters (target 0.85x).** The issue sized this against a ~100 ms dense
-  step; the dense step is now ~30 ms, while the sixteen rank-16 float32 adapters on all seven
-  modules are 312 MB that every step must read once: ~9 ms at the ~36 GB/s that MKL's batched
-  GEMV reaches here, plus ~25 small ops per layer. Even with no overhead the bound is about
-  30 / (30 + 9) = 0.77x, so the target cannot be met with float32 adapters and this fast a base.
-  The delta does read each active adapter once per step (one batched GEMM per projection for
-  the shrink, one per sub-module for the expand).
-- **16 adapters vs PEFT (target 6x).** The same arithmetic: ~40 ms per step at best, about 5.5x
-  PEFT's mixed-batch rate here; the measured ratio is in section 2.
+  step; the dense step is now ~26 ms, while the sixteen rank-16 float32 adapters on all seven
+  modules are 312 MB that every step must read once: ~9 ms at the ~35 GB/s this VM streams.
+  Even with no overhead the bound is about 26 / (26 + 9) = 0.74x, so the target cannot be met
+  with float32 adapters and this fast a base. The delta does read each active adapter once
+  per step: at decode the fused `lora_bgmv` kernel streams each token's adapter rows once
+  (shrink and expand of every sub-module in one call), and the measured cost is at that bound.
+- **16 adapters vs PEFT (target 6x).** Met since the fused kernels: PEFT's mixed-batch
+  `generate` runs each adapter's delta as separate small ops per module and pads the batch.
 - **Adapter scaling (target 1000-Zipf >= 0.8x of 10-Zipf).** Each cell is one 16-request
   batch including first-use loads from disk, so it is noisy (one batch, a few seconds). The
   TTFT columns show where the time goes: cold adapters are loaded off the step loop while their
