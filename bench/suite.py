@@ -179,13 +179,12 @@ each section are computed from that run's numbers.
   section 1). That is why `--linear-kernel auto` prepacks dense weights and the LM head on CPU.
   Only the summation order differs from `F.linear` (float32 rounding); the float32 greedy
   oracles against transformers and PEFT pass with it.
-- **Engine vs transformers at batch 16 (target 1.8x).** Met through the kernel. With the same
-  `F.linear` GEMMs as transformers (the aten column) the engine is only ~1.1x at batch 16, where
-  both are dominated by the same float32 GEMMs; at batch 64 transformers' padded `generate`
-  falls further behind.
+- **Engine vs transformers at batch 16 (target 1.8x).** Met, mostly through the GEMM kernel.
+  With the same `F.linear` GEMMs as transformers (the aten column) the engine is only
+  ~1.1x-1.25x at batch 16, where both are dominated by the same float32 GEMMs.
 - **Engine vs floor at batch 16 (target 0.8x).** Against the `F.linear` floor the engine is far
   above 1x, but that is no longer a floor for this engine; against the floor of its own GEMMs it
-  misses (0.70x-0.79x across runs on this VM, 0.63x-0.69x before the fused layer ops). Between
+  misses (0.70x-0.76x across runs on this VM, 0.63x-0.69x before the fused layer ops). Between
   its GEMMs a layer now makes four calls into `cpu_kernels.cpp` (residual add + RMSNorm twice,
   rotary + K/V write, decode attention, SiLU·up) instead of ~30 torch ops; the *torch ops* column
   shows what that is worth. Timed inside a batch-16 step (caches cold after the GEMMs stream
