@@ -54,8 +54,8 @@ struct DecodeShape {
 };
 
 // Calls fn(t, row) for the keys first_key .. first_key + num_keys - 1 of one sequence, t
-// counting from 0, row pointing at that key's [kv_heads, head_dim] row in the cache. Walks
-// block by block: no integer division per key.
+// counting from 0, row pointing at that key's head_dim floats in the cache. Walks block by
+// block: no integer division per key.
 template <typename Fn>
 inline void for_each_key(const float* cache, const int64_t* blocks, int64_t first_key, int64_t num_keys,
                          int64_t block_size, int64_t row_stride, Fn&& fn) {
@@ -83,6 +83,20 @@ void softmax_rows(float* sc, int64_t group, int64_t num_keys) {
     const float inv = 1.0f / total;
 #pragma omp simd
     for (int64_t t = 0; t < num_keys; ++t) row[t] *= inv;
+  }
+}
+
+// Starts loading one sequence's K and V rows of kv head `kvh`, all of them in flight at once
+// (decode_attention issues it as each task starts): after the GEMMs the rows come from DRAM,
+// and fetching one row at a time leaves the memory system idle between misses.
+void prefetch_rows(const float* k_cache, const float* v_cache, const int64_t* blocks, int64_t first_key,
+                   int64_t num_keys, int64_t kvh, const DecodeShape& s) {
+  const int64_t hd = s.head_dim, row_stride = s.num_kv_heads * hd;
+  for (const float* cache : {k_cache, v_cache}) {
+    for_each_key(cache + kvh * hd, blocks, first_key, num_keys, s.block_size, row_stride,
+                 [&](int64_t, const float* row) {
+      for (int64_t i = 0; i < hd; i += 16) __builtin_prefetch(row + i);
+    });
   }
 }
 
@@ -211,11 +225,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t d = task / s.num_kv_heads, kvh = task % s.num_kv_heads;
-      const int64_t len = lens[d];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, lens[d] - window) : 0;
+      const int64_t* blocks = table_ptr + d * s.max_blocks;
       const int64_t head_offset = kvh * group_stride;
+      prefetch_rows(k_ptr, v_ptr, blocks, first, lens[d] - first, kvh, s);
       attend(q_ptr + d * q_seq_stride + head_offset, out_ptr + d * seq_stride + head_offset,
-             k_ptr, v_ptr, table_ptr + d * s.max_blocks, first, len - first, kvh,
+             k_ptr, v_ptr, blocks, first, lens[d] - first, kvh,
              static_cast<float>(scale), s, scores);
     }
   });
