@@ -19,8 +19,10 @@ output by up to half a quantization step (absmax/254 times a weight row). Worse,
 decomposition is batch-dependent: a column goes through the float16 path for every row when
 any row of the batch exceeds the threshold, so a token's output depends on which other tokens
 share its matmul (the engine's packed batch, shaped by staggered arrivals and adapter-load
-timing, is never PEFT's padded one). Its near-tie bound is therefore larger:
-NEAR_TIE_INT8 = 0.5 logits (observed up to ~0.3 over repeated runs).
+timing, is never PEFT's padded one). The reference disagrees with itself the same way: run
+row by row instead of as one batch, PEFT's own bnb-int8 generations diverge at margins up to
+0.62 logits (measured on these prompts and adapters). Its near-tie bound is therefore
+NEAR_TIE_INT8 = 1.0 logits, above that self-disagreement (this engine: up to 0.56 observed).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ ADAPTERS = [  # name, rank, alpha, use_rslora, target modules
     ("h-r24-mixed", 24, 12, True, ["q_proj", "up_proj", "down_proj"]),
 ]
 ROWS = [name for name, *_ in ADAPTERS] + [None, None]    # 8 adapters + 2 base-only requests
-PROMPT_LEN, NEW_TOKENS, NEAR_TIE, NEAR_TIE_INT8 = 16, 12, 0.05, 0.5
+PROMPT_LEN, NEW_TOKENS, NEAR_TIE, NEAR_TIE_INT8 = 16, 12, 0.05, 1.0
 
 
 @pytest.fixture(scope="module")
