@@ -184,18 +184,19 @@ each section are computed from that run's numbers.
   ~1.1x-1.25x at batch 16, where both are dominated by the same float32 GEMMs.
 - **Engine vs floor at batch 16 (target 0.8x).** Against the `F.linear` floor the engine is far
   above 1x, but that is no longer a floor for this engine; against the floor of its own GEMMs it
-  misses (0.70x-0.76x across runs on this VM, 0.63x-0.69x before the fused layer ops). Between
+  sits at the line: 0.70x, 0.74x and 0.81x in three full runs on this VM with the fused layer
+  ops (0.63x-0.69x before them), so the verdict of one run is not a reliable one. Between
   its GEMMs a layer now makes four calls into `cpu_kernels.cpp` (residual add + RMSNorm twice,
   rotary + K/V write, decode attention, SiLU·up) instead of ~30 torch ops; the *torch ops* column
   shows what that is worth. Timed inside a batch-16 step (caches cold after the GEMMs stream
   ~540 MB of weights), what is left besides the GEMMs: decode attention ~2.3 ms (75 us a layer,
   reading ~1.5 MB of K/V per layer, near this VM's memory bandwidth), the other fused ops ~1 ms,
   scheduling, sampling and detokenization ~1.4 ms, Python dispatch ~1 ms. The floor step is
-  ~21 ms, so 0.8x leaves ~5 ms for all of that: the engine sits just under that line.
+  ~21 ms, so 0.8x leaves ~5 ms for all of that.
 - **16 adapters vs no adapters (target 0.85x).** The issue sized this against a ~100 ms dense
   step; the dense step is now ~26 ms, while the sixteen rank-16 float32 adapters on all seven
-  modules are 312 MB that every step must read once: ~9 ms at the ~35 GB/s this VM streams.
-  Even with no overhead the bound is about 26 / (26 + 9) = 0.74x, so the target cannot be met
+  modules are 312 MB that every step must read once: 8-9 ms at the 35-40 GB/s this VM streams.
+  Even with no overhead the bound is about 26 / (26 + 8) = 0.76x, so the target cannot be met
   with float32 adapters and this fast a base. The delta does read each active adapter once
   per step: at decode the fused `lora_bgmv` kernel streams each token's adapter rows once
   (shrink and expand of every sub-module in one call), and the measured cost is at that bound.
