@@ -12,9 +12,9 @@ from ..lora.fingerprint import base_spec_from_model_config
 from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
 from ..lora.slot_pool import SlotPool
-from ..model.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from ..model import native
 from ..model.fused_ops import TORCH_OPS, native_ops
+from ..model.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from ..model.llama import build_model
 from .adapters import AdapterGateway
 from .async_engine import EngineInfo

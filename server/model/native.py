@@ -4,10 +4,12 @@
 is present, and otherwise falls back to the pure-torch path with one log line; `native`
 makes a failed build an error; `torch` never builds them. The build (~30 s on 2 cores) is
 cached under `$LORAPLEX_CACHE/cpu-kernels/`, keyed by torch version, Python and CPU, and torch
-rebuilds it when the source or flags change; `make setup` builds it ahead of the first serve.
+rebuilds it when the source or flags change; `make model` builds it ahead of the first serve.
 
-Every kernel has a pure-torch twin with the same signature (decode_attention ->
-attention.decode_attention_torch); tests/unit/test_native_kernels.py compares them.
+Every kernel has a pure-torch twin with the same signature: decode_attention ->
+attention.decode_attention_torch; add_rms_norm, rope_write_kv, silu_mul -> fused_ops.TORCH_OPS;
+lora_bgmv -> lora/ops/reference.bgmv_delta. tests/unit/test_native_kernels.py and
+test_lora_ops.py compare them.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def resolve(choice: str, dtype: torch.dtype, device: str | torch.device,
 
 
 def main() -> int:
-    """`python -m loraplex.server.model.native`: build the kernels now (make setup runs it)."""
+    """`python -m loraplex.server.model.native`: build the kernels now (make model runs it)."""
     try:
         load()
     except Exception as exc:  # noqa: BLE001 - report and let the server fall back at start
