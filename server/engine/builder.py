@@ -24,7 +24,7 @@ from .engine import LLMEngine
 from .io import GenerationRequest
 from .prompt import eos_token_ids, load_tokenizer
 from .runner import ModelRunner
-from .sampling import Sampler
+from .sampling import Sampler, argmax_rows
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import SamplingParams
 
@@ -68,7 +68,8 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, dtype, device)
     log(f"[loraplex] KV cache: {num_blocks} blocks of {config.block_size} tokens")
 
-    sampler = Sampler(model_config.vocab_size, device=device, seed=config.seed)
+    sampler = Sampler(model_config.vocab_size, device=device, seed=config.seed,
+                      argmax=argmax_rows if kernels is None else kernels.argmax_rows)
     runner = ModelRunner(model, model_config, kv_caches, config.block_size, sampler, device=device)
     scheduler = Scheduler(
         SchedulerConfig(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens,

@@ -17,6 +17,7 @@ result equals the full sort's. Other rows fall back to the full stable sort
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -183,11 +184,28 @@ def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Ten
     return index[:, 0], log_probs.gather(1, index)[:, 0]
 
 
-class Sampler:
-    """Picks one token per row of a logits batch according to each sequence's SamplingParams."""
+ArgmaxFn = Callable[[torch.Tensor], torch.Tensor]    # logits [n, vocab] float32 -> [n] int64
 
-    def __init__(self, vocab_size: int, device: str = "cpu", seed: int = 0):
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[n, vocab] -> [n] int64, each row's first maximum (NaN counts as largest).
+
+    The pure-torch twin of the fused kernel cpu_kernels.argmax_rows (10x faster on a 2-core
+    CPU at [16, 49152]: torch's CPU argmax runs one scalar pass per row).
+    """
+    return logits.argmax(dim=-1)
+
+
+class Sampler:
+    """Picks one token per row of a logits batch according to each sequence's SamplingParams.
+
+    argmax: the greedy rows' kernel (argmax_rows, or the fused CPU kernel with its semantics).
+    """
+
+    def __init__(self, vocab_size: int, device: str = "cpu", seed: int = 0,
+                 argmax: ArgmaxFn = argmax_rows):
         self.vocab_size = vocab_size
+        self.argmax = argmax
         self.device = torch.device(device)
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
@@ -203,7 +221,7 @@ class Sampler:
             chosen, logprobs = self._sample(logits, params)
             return SampleResult(token_ids=chosen.tolist(),
                                 logprobs=logprobs.tolist() if want_logprobs else None)
-        chosen = logits.argmax(dim=-1)                                           # [n]
+        chosen = self.argmax(logits.contiguous())                                # [n]
         logprobs = None
         if want_logprobs:
             logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0]

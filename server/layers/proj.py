@@ -39,13 +39,16 @@ class ProjLinear(torch.nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.lora: LoraHook | None = None
+        self.apply_base = base.apply    # a plain attribute: self.base goes through Module.__getattr__
 
     def forward(self, x: torch.Tensor, lora_info: LoraBatchInfo | None) -> torch.Tensor:
         """x [T, in_features] -> [T, out_features]."""
-        y = self.base.apply(x)
+        y = self.apply_base(x)
         if self.lora is not None and lora_info is not None and lora_info.has_adapters:
             self.lora.add_delta(x, y, lora_info)
         return y
+
+    __call__ = forward    # no nn.Module hooks on the hot path (saves ~2 us per call)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, modules={'+'.join(self.sub_names)}, out={self.out_sizes}"

@@ -49,6 +49,28 @@ inline float exp_nonpositive(float x) {
   return p * std::bit_cast<float>(bits);
 }
 
+// Sum of 16 lanes as a balanced tree (a serial sum is a 16-add dependency chain).
+inline float sum_lanes(const float* __restrict v) {
+  float a[8], b[4];
+#pragma omp simd
+  for (int j = 0; j < 8; ++j) a[j] = v[j] + v[j + 8];
+#pragma omp simd
+  for (int j = 0; j < 4; ++j) b[j] = a[j] + a[j + 4];
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// a . b over n floats: 16 lane-wise partial sums (one vector register), then a tree.
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float lanes[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+#pragma omp simd
+    for (int j = 0; j < 16; ++j) lanes[j] += a[i + j] * b[i + j];
+  }
+  for (int j = 0; i < n; ++i, ++j) lanes[j] += a[i] * b[i];
+  return sum_lanes(lanes);
+}
+
 struct DecodeShape {
   int64_t num_heads, num_kv_heads, head_dim, group, block_size, max_blocks;
 };
@@ -125,13 +147,7 @@ void attend_one(const float* q, float* out, const float* k_cache, const float* v
   float* sc = scores.data();
   for_each_key(k_cache + kvh * hd, blocks, first_key, num_keys, s.block_size, row_stride,
                [&](int64_t t, const float* __restrict k) {             // scores[g, t] = q_g . k_t
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = qs + g * hd;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < hd; ++i) dot += qg[i] * k[i];
-      sc[g * num_keys + t] = dot;
-    }
+    for (int64_t g = 0; g < group; ++g) sc[g * num_keys + t] = dot(qs + g * hd, k, hd);
   });
   softmax_rows(sc, group, num_keys);
   for_each_key(v_cache + kvh * hd, blocks, first_key, num_keys, s.block_size, row_stride,
@@ -321,6 +337,12 @@ void rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tenso
   float* v_ptr = v_cache.data_ptr<float>();
   const int64_t stride = qkv.stride(0), rotated_heads = num_heads + num_kv_heads;
   at::parallel_for(0, tokens, rows_per_task(qkv.size(1)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {                          // the cache rows are cold:
+      for (int64_t i = 0; i < row; i += 16) {                        // start their loads first
+        __builtin_prefetch(k_ptr + slot_ptr[t] * row + i, 1);
+        __builtin_prefetch(v_ptr + slot_ptr[t] * row + i, 1);
+      }
+    }
     for (int64_t t = begin; t < end; ++t) {
       float* x_row = qkv_ptr + t * stride;
       const float* c = cos_ptr + t * hd;
@@ -378,13 +400,7 @@ namespace {
 // h[r] = scale * dot(a_rows[r], x) for r < ranks; a_rows [ranks, in] row-major.
 void lora_shrink_row(const float* __restrict a_rows, const float* __restrict x, float* __restrict h,
                      int64_t ranks, int64_t in, float scale) {
-  for (int64_t r = 0; r < ranks; ++r) {
-    const float* a = a_rows + r * in;
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < in; ++i) acc += a[i] * x[i];
-    h[r] = acc * scale;
-  }
+  for (int64_t r = 0; r < ranks; ++r) h[r] = dot(a_rows + r * in, x, in) * scale;
 }
 
 // y[j] += sum_r h[r] * bt[r, j] for j < out; bt [rank, out] row-major. Four ranks per pass
@@ -467,7 +483,78 @@ void lora_bgmv(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
   });
 }
 
+namespace {
+
+// Index of the largest of x[0 .. n): the first one on ties, the first NaN if there is one
+// (torch.argmax's rules). 16 lanes keep a running best value and its index, each lane taking
+// only a strictly greater value, so every lane holds its first maximum.
+int64_t argmax_row(const float* __restrict x, int64_t n) {
+  int64_t i = 0, best_index = 0;
+  float best = x[0];
+  if (n >= 16) {
+    float lane_best[16];
+    int32_t lane_index[16], lane_nan[16];
+    for (int j = 0; j < 16; ++j) {
+      lane_best[j] = x[j];
+      lane_index[j] = j;
+      lane_nan[j] = 0;
+    }
+    for (i = 16; i + 16 <= n; i += 16) {
+#pragma omp simd
+      for (int j = 0; j < 16; ++j) {
+        const float v = x[i + j];
+        const bool greater = v > lane_best[j];
+        lane_best[j] = greater ? v : lane_best[j];
+        lane_index[j] = greater ? static_cast<int32_t>(i + j) : lane_index[j];
+        lane_nan[j] |= v != v;
+      }
+    }
+    int32_t any_nan = 0;
+    for (int j = 0; j < 16; ++j) any_nan |= lane_nan[j] | (lane_best[j] != lane_best[j]);
+    if (any_nan) {
+      for (int64_t k = 0; k < n; ++k) if (x[k] != x[k]) return k;
+    }
+    best = lane_best[0];
+    best_index = lane_index[0];
+    for (int j = 1; j < 16; ++j) {
+      if (lane_best[j] > best || (lane_best[j] == best && lane_index[j] < best_index)) {
+        best = lane_best[j];
+        best_index = lane_index[j];
+      }
+    }
+  } else {
+    if (best != best) return 0;
+    i = 1;
+  }
+  for (; i < n; ++i) {                                               // the tail, in order
+    if (x[i] != x[i]) return i;
+    if (x[i] > best) {
+      best = x[i];
+      best_index = i;
+    }
+  }
+  return best_index;
+}
+
+}  // namespace
+
+// logits [n, vocab] float32 -> [n] int64: each row's argmax, as torch.argmax(dim=-1).
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous() &&
+              logits.size(1) > 0 && logits.size(1) < (int64_t{1} << 31),
+              "argmax_rows: logits must be contiguous float32 [rows, vocab] with 0 < vocab < 2^31");
+  const int64_t rows = logits.size(0), width = logits.size(1);
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  const float* in = logits.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) o[r] = argmax_row(in + r * width, width);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("argmax_rows", &argmax_rows, "argmax over the last dim of [rows, vocab], float32");
   m.def("decode_attention", &decode_attention, "paged decode attention, float32");
   m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm, float32");
   m.def("rope_write_kv", &rope_write_kv, "rotary embedding in place + K/V cache write, float32");

@@ -39,8 +39,11 @@ class DecoderLayer(torch.nn.Module):
         self.o_proj = projections["o_proj"]
         self.gate_up_proj = projections["gate_up_proj"]
         self.down_proj = projections["down_proj"]
-        self.register_buffer("input_norm", input_norm)
-        self.register_buffer("post_attention_norm", post_attention_norm)
+        # Hot-path references as plain attributes: reading a registered submodule or buffer goes
+        # through nn.Module.__getattr__ (~0.5 us each, ~300 reads per decode step).
+        self.projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+        self.input_norm = input_norm                      # [hidden]
+        self.post_attention_norm = post_attention_norm    # [hidden]
         self.attention = attention
         self.eps = config.rms_norm_eps
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
@@ -59,20 +62,23 @@ class DecoderLayer(torch.nn.Module):
         """
         num_tokens = hidden.shape[0]
         lora = ctx.lora
+        qkv_proj, o_proj, gate_up_proj, down_proj = self.projections
         if residual is None:
             normed, residual = ops.add_rms_norm(hidden, None, self.input_norm, self.eps), hidden
         else:
             normed = ops.add_rms_norm(hidden, residual, self.input_norm, self.eps)
-        qkv = self.qkv_proj(normed, lora)                                       # [T, q + 2 kv]
+        qkv = qkv_proj(normed, lora)                                            # [T, q + 2 kv]
         k_cache, v_cache = kv_cache
         ops.rope_write_kv(qkv, rope[0], rope[1], k_cache, v_cache, ctx.attn.slot_mapping,
                           self.num_heads, self.num_kv_heads)                    # in place
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)
         attn = self.attention(q, k_cache, v_cache, plan)                        # [T, H, hd]
-        attn_out = self.o_proj(attn.reshape(num_tokens, self.q_size), lora)
+        attn_out = o_proj(attn.reshape(num_tokens, self.q_size), lora)
         normed = ops.add_rms_norm(attn_out, residual, self.post_attention_norm, self.eps)
-        act = ops.silu_mul(self.gate_up_proj(normed, lora))                     # [T, inter]
-        return self.down_proj(act, lora), residual
+        act = ops.silu_mul(gate_up_proj(normed, lora))                          # [T, inter]
+        return down_proj(act, lora), residual
+
+    __call__ = forward    # no nn.Module hooks on the hot path (saves ~2 us per call)
 
 
 class CausalLM(torch.nn.Module):

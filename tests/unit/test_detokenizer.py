@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from loraplex.server.engine.detokenizer import IncrementalDetokenizer
+from loraplex.server.engine.detokenizer import IncrementalDetokenizer, decode_function
 
 TEXTS = [
     "Hello, world! How are you today?",
@@ -62,6 +62,18 @@ def test_deltas_concatenate_to_full_decode_without_partial_characters(tokenizer,
     for delta in deltas:
         emitted += delta
         assert expected.startswith(emitted)
+
+
+def test_backend_fast_path_gives_the_same_deltas(tokenizer, chat_prompt):
+    """The real tokenizer decodes through its Rust backend; a wrapper with only .decode (the
+    transformers path) must see exactly the same deltas, special tokens kept or skipped."""
+    assert decode_function(tokenizer, True).__code__ is not decode_function(RecordingTokenizer(tokenizer), True).__code__
+    for text in TEXTS:
+        output = tokenizer(text, add_special_tokens=False)["input_ids"]
+        output = output[:3] + [tokenizer.eos_token_id] + output[3:]
+        for skip in (True, False):
+            assert (stream(tokenizer, chat_prompt, output, skip_special_tokens=skip)
+                    == stream(RecordingTokenizer(tokenizer), chat_prompt, output, skip_special_tokens=skip))
 
 
 def test_multibyte_character_is_held_until_complete(tokenizer):

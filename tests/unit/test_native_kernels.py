@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraplex.server.engine.sampling import argmax_rows
 from loraplex.server.model import native
 from loraplex.server.model.attention import decode_attention_torch
 from loraplex.server.model.fused_ops import TORCH_OPS, native_ops
@@ -98,6 +99,30 @@ def test_silu_mul_matches_twin(native_kernels, scale):
     ours = native_kernels.silu_mul(gate_up)
     twin = TORCH_OPS.silu_mul(gate_up.clone())
     torch.testing.assert_close(ours, twin, atol=ATOL * scale, rtol=ATOL)
+
+
+@pytest.mark.parametrize("width", [1, 7, 16, 17, 49152, 49155])
+def test_argmax_rows_matches_twin(native_kernels, width):
+    gen = torch.Generator().manual_seed(width)
+    logits = torch.randn(12, width, generator=gen)
+    ties = torch.randint(0, 4, (12, width), generator=gen).float()   # many equal maxima
+    logits[6:] = ties[6:]
+    logits[3] = float("-inf")                                        # all -inf: index 0
+    logits[4, width // 2] = float("nan")                             # NaN counts as largest
+    logits[4, width - 1] = float("nan")
+    logits[5] = float("-inf")
+    logits[5, width - 1] = 1e30                                      # max in the last element
+    ours = native_kernels.argmax_rows(logits)
+    assert ours.dtype == torch.int64 and ours.shape == (12,)
+    assert ours.tolist() == argmax_rows(logits).tolist()
+
+
+def test_argmax_rows_refuses_bad_input(native_kernels):
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        native_kernels.argmax_rows(torch.zeros(2, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        native_kernels.argmax_rows(torch.zeros(8, 2).t())
+    assert native_kernels.argmax_rows(torch.zeros(0, 8)).shape == (0,)
 
 
 def test_resolve_choices(native_kernels):
