@@ -79,7 +79,15 @@ def transformers_decode_tok_s(model, prompts: list[list[int]], new_tokens: int, 
     return len(prompts) * (new_tokens - 1) / max(full - first, 1e-9)
 
 
-def dense_floor_tok_s(hf_model, batch: int, steps: int = 5) -> float:
+def floor_tok_s(step, batch: int, steps: int) -> float:
+    """Tokens/s of `steps` consecutive floor steps (after 2 warm-up steps): the same statistic
+    as engine_decode_tok_s, which averages over its decode steps."""
+    time_it(step, repeats=1, warmup=1)
+    total = time_it(lambda: [step() for _ in range(steps)], repeats=1, warmup=0).median_s
+    return batch * steps / total
+
+
+def dense_floor_tok_s(hf_model, batch: int, steps: int = 32) -> float:
     """Only the model's linear layers (and the LM head) at this batch size: an upper bound."""
     weights = [m.weight.detach() for name, m in hf_model.named_modules()
                if isinstance(m, torch.nn.Linear)]
@@ -90,10 +98,10 @@ def dense_floor_tok_s(hf_model, batch: int, steps: int = 5) -> float:
             for w in weights:
                 F.linear(inputs[w.shape[1]], w)
 
-    return batch / time_it(step, repeats=steps, warmup=2).median_s
+    return floor_tok_s(step, batch, steps)
 
 
-def engine_floor_tok_s(engine, batch: int, steps: int = 5) -> float:
+def engine_floor_tok_s(engine, batch: int, steps: int = 32) -> float:
     """Only the engine's linear layers (its kernels, incl. the LM head) at this batch size."""
     model = engine.runner.model
     layers = [proj.base for proj in model.lora_targets()] + [model.lm_head]
@@ -105,7 +113,7 @@ def engine_floor_tok_s(engine, batch: int, steps: int = 5) -> float:
             for layer in layers:
                 layer.apply(inputs[layer.in_features])
 
-    return batch / time_it(step, repeats=steps, warmup=2).median_s
+    return floor_tok_s(step, batch, steps)
 
 
 def run_decode_bench(model_dir: Path, batches=(1, 16, 64), prompt_len: int = 32,
@@ -125,13 +133,15 @@ def run_decode_bench(model_dir: Path, batches=(1, 16, 64), prompt_len: int = 32,
         engine_decode_tok_s(torch_ops_engine, prompts[:1], 4)
         best = [0.0] * 6
         for _ in range(3):   # interleaved, best of each: noise only ever slows a run down
-            runs = (engine_decode_tok_s(engine, prompts, new_tokens),
-                    engine_decode_tok_s(aten_engine, prompts, new_tokens),
-                    engine_decode_tok_s(torch_ops_engine, prompts, new_tokens),
-                    transformers_decode_tok_s(hf_model, prompts, new_tokens),
-                    dense_floor_tok_s(hf_model, batch),
-                    engine_floor_tok_s(engine, batch))
-            best = [max(b, r) for b, r in zip(best, runs)]
+            for first in (True, False):   # the engine and its floor back to back, twice a round
+                runs = [engine_decode_tok_s(engine, prompts, new_tokens), 0.0, 0.0, 0.0, 0.0,
+                        engine_floor_tok_s(engine, batch, new_tokens)]
+                if first:
+                    runs[1:5] = (engine_decode_tok_s(aten_engine, prompts, new_tokens),
+                                 engine_decode_tok_s(torch_ops_engine, prompts, new_tokens),
+                                 transformers_decode_tok_s(hf_model, prompts, new_tokens),
+                                 dense_floor_tok_s(hf_model, batch, new_tokens))
+                best = [max(b, r) for b, r in zip(best, runs)]
         result = DecodeResult(batch, *best)
         log(f"  batch {batch:3d}: engine {result.engine_tok_s:7.1f} tok/s (aten GEMMs "
             f"{result.aten_engine_tok_s:7.1f}, torch ops {result.torch_ops_engine_tok_s:7.1f}), transformers {result.transformers_tok_s:7.1f}, "

@@ -39,6 +39,9 @@ def section_decode(model_dir: Path, quick: bool) -> str:
         "Two floors run only the model's linear layers (incl. the LM head) at the same batch size,",
         "with no attention, norms or sampling: through `F.linear` (what transformers uses), and",
         "through the engine's own kernels. The second is the real floor for this engine.",
+        "Every figure is tokens/s averaged over the decode steps of a run (32 steps for the floors);",
+        "each configuration runs in 3 interleaved rounds and keeps its best round; the engine and",
+        "its GEMM floor run back to back twice a round, so their ratio compares the same minutes.",
         "",
         "| batch | loraplex tok/s | loraplex, aten GEMMs | loraplex, torch ops | transformers | "
         "floor, F.linear | floor, engine GEMMs | vs transformers | vs F.linear floor | "
