@@ -139,7 +139,8 @@ def section_sampling(model_dir: Path, quick: bool) -> str:
         "## 7. Sampling cost per step (CPU, 49k vocab, real logits)",
         ["The served sampler (inverse-CDF draw; top-k/top-p rows look at their 256 most likely",
          "tokens first and fall back to a full sort only when that cannot decide) against the same",
-         "draw after one stable sort of the whole vocab per row. Median ms per call."],
+         "draw after one stable sort of the whole vocab per row (greedy rows: the served fused",
+         "`argmax_rows` kernel against `torch.argmax`). Median ms per call."],
         "| batch | settings | served (ms) | full sort (ms) | speed-up |", "|---:|---|---:|---:|---:|",
         [f"| {r.batch} | {r.label} | {r.served_ms:.2f} | {r.full_sort_ms:.2f} | "
          f"{r.full_sort_ms / r.served_ms:.1f}x |" for r in results])
@@ -187,22 +188,26 @@ each section are computed from that run's numbers.
   ~1.1x-1.25x at batch 16, where both are dominated by the same float32 GEMMs.
 - **Engine vs floor at batch 16 (target 0.8x).** Against the `F.linear` floor the engine is far
   above 1x, but that is no longer a floor for this engine; against the floor of its own GEMMs it
-  sits at the line: 0.70x, 0.74x and 0.81x in three full runs on this VM with the fused layer
-  ops (0.63x-0.69x before them), so the verdict of one run is not a reliable one. Between
-  its GEMMs a layer now makes four calls into `cpu_kernels.cpp` (residual add + RMSNorm twice,
-  rotary + K/V write, decode attention, SiLU·up) instead of ~30 torch ops; the *torch ops* column
-  shows what that is worth. Timed inside a batch-16 step (caches cold after the GEMMs stream
-  ~540 MB of weights), what is left besides the GEMMs: decode attention ~2.3 ms (75 us a layer,
-  reading ~1.5 MB of K/V per layer, near this VM's memory bandwidth), the other fused ops ~1 ms,
-  scheduling, sampling and detokenization ~1.4 ms, Python dispatch ~1 ms. The floor step is
-  ~21 ms, so 0.8x leaves ~5 ms for all of that.
+  sits at the line: the decode-only and full runs after the latest kernel work gave 0.83x, 0.81x,
+  0.84x and 0.78x (0.70x-0.81x before it, 0.63x-0.69x before the fused layer ops). The engine
+  itself is steady (610-640 tok/s in each of those runs); the floor it is divided by read
+  720-795 tok/s, so one run's verdict is not a reliable one. Between its GEMMs a layer makes
+  four calls into `cpu_kernels.cpp` (residual add + RMSNorm twice, rotary + K/V write, decode
+  attention, SiLU·up) instead of ~30 torch ops; the *torch ops* column shows what that is
+  worth. Timed inside a batch-16 step, what is left besides the GEMMs is ~3.5 ms: decode
+  attention ~1.8 ms (~60 us a layer; the same call takes ~24 us when its ~1.2 MB of K/V is in
+  cache, but after the GEMMs stream ~540 MB of weights the rows come from DRAM), the other
+  fused ops ~0.8 ms, and Python plus host work (scheduling, greedy argmax, detokenization,
+  dispatch) ~0.6-0.9 ms. The floor step is ~20-22 ms, so 0.8x leaves 4-5.5 ms for all of that.
 - **16 adapters vs no adapters (target 0.85x).** The issue sized this against a ~100 ms dense
-  step; the dense step is now ~26 ms, while the sixteen rank-16 float32 adapters on all seven
-  modules are 312 MB that every step must read once: 8-9 ms at the 35-40 GB/s this VM streams.
-  Even with no overhead the bound is about 26 / (26 + 8) = 0.76x, so the target cannot be met
-  with float32 adapters and this fast a base. The delta does read each active adapter once
-  per step: at decode the fused `lora_bgmv` kernel streams each token's adapter rows once
-  (shrink and expand of every sub-module in one call), and the measured cost is at that bound.
+  step; the dense step is now ~25 ms, while the sixteen rank-16 float32 adapters on all seven
+  modules are 312 MB that every step must read once. This VM streams 38-62 GB/s (a 512 MB
+  `sum` on both cores, depending on the minute), so reading them costs 5-8 ms even at full
+  streaming speed: the bound is 25 / (25 + 5) = 0.83x at best, below the target, with
+  float32 adapters and this fast a base. The delta does read each active adapter once per
+  step: at decode the fused `lora_bgmv` kernel streams each token's adapter rows once (shrink
+  and expand of every sub-module in one call) at 26-47 GB/s measured per projection, and
+  the end-to-end ratio is 0.72x-0.77x across today's runs.
 - **16 adapters vs PEFT (target 6x).** Met since the fused kernels: PEFT's mixed-batch
   `generate` runs each adapter's delta as separate small ops per module and pads the batch.
 - **Adapter scaling (target 1000-Zipf >= 0.8x of 10-Zipf).** Each cell is one 16-request

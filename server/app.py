@@ -99,9 +99,10 @@ async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None
     if state.metrics is not None:
         state.metrics.watch_engine(engine.stats)
         engine.add_step_listener(state.metrics.on_step)
+        from ..adapters_store.cache import metrics_hook
         if store is not None:
-            from ..adapters_store.cache import metrics_hook
             store.set_event_hook(metrics_hook(state.metrics))
+        engine.set_adapter_event_hook(metrics_hook(state.metrics, tier="device"))
     for name in ("",) + SERVICE_NAMES:
         await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

@@ -101,6 +101,12 @@ class AsyncEngine:
     def add_step_listener(self, listener: StepListener) -> None:
         self._listeners.append(listener)
 
+    def set_adapter_event_hook(self, hook: Callable[[str, float], None] | None) -> None:
+        """Report the device slots' hits, misses, evictions and load times (AdapterManager
+        events; they fire on the engine thread). No-op for a server without adapters."""
+        if self.engine.adapters is not None:
+            self.engine.adapters.manager.set_event_hook(hook)
+
     async def run_on_engine(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread between steps (e.g. evict a deleted adapter's slot)."""
         return await asyncio.wrap_future(self._call(fn))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
 from ...adapters_store.types import LoadedAdapter
 from .slot_pool import SlotPool
+
+log = logging.getLogger("loraplex.lora")
+EventHook = Callable[[str, float], None]   # ("hit" | "miss" | "eviction" | "load_seconds", value)
 
 
 class TooManyAdapters(ValueError):
@@ -29,7 +34,9 @@ class AdapterManager:
     `activate` is called once per step with the batch's adapter keys; a key not resident is
     copied into the lowest free slot (so active slots stay dense for the delta kernels), or,
     when none is free, into the least recently used slot whose adapter this batch does not use.
-    Thread-safe: `evict` may come from a service thread.
+    Thread-safe: `evict` may come from a service thread. `set_event_hook` reports the device
+    tier's hits, misses, evictions and load times (the host cache's event names), e.g. to
+    Prometheus through adapters_store.cache.metrics_hook(metrics, tier="device").
     """
 
     def __init__(self, pool: SlotPool):
@@ -38,6 +45,10 @@ class AdapterManager:
         self._slots: OrderedDict[str, int] = OrderedDict()   # least recently used first
         self._loads = 0
         self._evictions = 0
+        self._on_event: EventHook | None = None
+
+    def set_event_hook(self, on_event: EventHook | None) -> None:
+        self._on_event = on_event
 
     @property
     def max_loras(self) -> int:
@@ -70,11 +81,15 @@ class AdapterManager:
             for key in sorted(keys):
                 if key in self._slots:
                     self._slots.move_to_end(key)
+                    self._emit("hit", 1)
             for key in sorted(k for k in keys if k not in self._slots):
+                self._emit("miss", 1)
                 slot = self._free_slot(protected=keys)
+                started = time.monotonic()
                 self.pool.load(slot, get_loaded(key))
                 self._slots[key] = slot
                 self._loads += 1
+                self._emit("load_seconds", time.monotonic() - started)
             return {key: self._slots[key] for key in keys}
 
     def evict(self, key: str) -> bool:
@@ -85,11 +100,21 @@ class AdapterManager:
                 return False
             self.pool.clear(slot)
             self._evictions += 1
+            self._emit("eviction", 1)
             return True
 
     def stats(self) -> AdapterManagerStats:
         with self._lock:
             return AdapterManagerStats(self.max_loras, len(self._slots), self._loads, self._evictions)
+
+    def _emit(self, name: str, value: float) -> None:
+        hook = self._on_event
+        if hook is None:
+            return
+        try:
+            hook(name, value)
+        except Exception:                                 # a broken metrics hook must not break a step
+            log.exception("adapter slot hook failed on %s", name)
 
     def _free_slot(self, protected: set[str] | frozenset[str]) -> int:
         """Lowest free slot, else the LRU slot whose adapter is not in `protected` (cleared)."""
@@ -102,5 +127,6 @@ class AdapterManager:
                 del self._slots[victim]
                 self.pool.clear(slot)
                 self._evictions += 1
+                self._emit("eviction", 1)
                 return slot
         raise TooManyAdapters(f"all {self.max_loras} slots hold adapters of the current batch")

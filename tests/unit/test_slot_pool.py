@@ -177,3 +177,34 @@ def test_base_spec_from_model_config_class():
         "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True,
     })
     assert base_spec_from_model_config(cfg, "bnb-nf4") == base_spec_from_model_config(_HfStyle(), "bnb-nf4")
+
+
+def test_manager_reports_device_tier_events_to_prometheus():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from loraplex.adapters_store.cache import metrics_hook
+    from loraplex.server.metrics import Metrics
+
+    pool, _ = _pool(max_loras=3)
+    manager, source, metrics = AdapterManager(pool), _Source(), Metrics()
+    manager.set_event_hook(metrics_hook(metrics, tier="device"))
+    manager.activate({"a", "b", "c"}, source)             # 3 misses, 3 loads
+    manager.activate({"a"}, source)                       # 1 hit
+    manager.activate({"c", "d"}, source)                  # 1 hit, 1 miss, b evicted
+    manager.evict("d")                                    # explicit eviction
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.render().decode())
+               for s in family.samples}
+    device = (("tier", "device"),)
+    assert samples[("loraplex_adapter_cache_misses_total", device)] == 4
+    assert samples[("loraplex_adapter_cache_hits_total", device)] == 2
+    assert samples[("loraplex_adapter_loads_total", device)] == 4
+    assert samples[("loraplex_adapter_evictions_total", device)] == 2
+    assert samples[("loraplex_adapter_load_seconds_count", device)] == 4
+
+
+def test_broken_event_hook_does_not_break_activation():
+    pool, _ = _pool()
+    manager = AdapterManager(pool)
+    manager.set_event_hook(lambda name, value: 1 / 0)
+    assert manager.activate({"a"}, _Source()) == {"a": 0}
