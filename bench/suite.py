@@ -188,10 +188,10 @@ each section are computed from that run's numbers.
   ~1.1x-1.25x at batch 16, where both are dominated by the same float32 GEMMs.
 - **Engine vs floor at batch 16 (target 0.8x).** Against the `F.linear` floor the engine is far
   above 1x, but that is no longer a floor for this engine; against the floor of its own GEMMs it
-  sits at the line: the decode-only and full runs after the latest kernel work gave 0.83x, 0.81x,
-  0.84x and 0.78x (0.70x-0.81x before it, 0.63x-0.69x before the fused layer ops). The engine
-  itself is steady (610-640 tok/s in each of those runs); the floor it is divided by read
-  720-795 tok/s, so one run's verdict is not a reliable one. Between its GEMMs a layer makes
+  sits at the line: the four decode-only and full runs before this one, all after the latest
+  kernel work, gave 0.83x, 0.81x, 0.84x and 0.78x (0.70x-0.81x before it, 0.63x-0.69x before
+  the fused layer ops). The engine itself is steady (605-645 tok/s in each of those runs); the
+  floor it is divided by read 720-800 tok/s, so one run's verdict is not a reliable one. Between its GEMMs a layer makes
   four calls into `cpu_kernels.cpp` (residual add + RMSNorm twice, rotary + K/V write, decode
   attention, SiLU·up) instead of ~30 torch ops; the *torch ops* column shows what that is
   worth. Timed inside a batch-16 step, what is left besides the GEMMs is ~3.5 ms: decode
