@@ -7,6 +7,7 @@ cache; for transformers we time generate(N) - generate(1).
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ class DecodeResult:
     transformers_tok_s: float
     floor_tok_s: float             # the model's linear layers only, through F.linear
     engine_floor_tok_s: float      # the engine's own linear layers only (its GEMM kernels)
+    paired_floor_ratio: float = 0.0   # median over back-to-back (engine, engine floor) pairs
 
 
 def make_engine(model_dir: Path, max_num_seqs: int = 64, store=None, **overrides):
@@ -41,11 +43,15 @@ def make_engine(model_dir: Path, max_num_seqs: int = 64, store=None, **overrides
 
 
 def engine_decode_tok_s(engine, prompts: list[list[int]], new_tokens: int,
-                        adapters: list[str | None] | None = None) -> float:
-    """Generated tokens per second over pure-decode steps only."""
+                        adapters: list[str | None] | None = None, warmup: bool = True) -> float:
+    """Generated tokens per second over pure-decode steps only. warmup: first run the same
+    batch for 4 tokens, untimed (a serving engine steps continuously; a benchmark engine may
+    come right after another configuration's run, with that run's caches and memory state)."""
     from loraplex.server.engine.io import GenerationRequest
     from loraplex.server.engine.sequence import SamplingParams
 
+    if warmup and new_tokens > 4:
+        engine_decode_tok_s(engine, prompts, 4, adapters, warmup=False)
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     for i, ids in enumerate(prompts):
         adapter = adapters[i] if adapters else None
@@ -74,6 +80,7 @@ def transformers_decode_tok_s(model, prompts: list[list[int]], new_tokens: int, 
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0, **kwargs)
 
+    run(2)   # warm-up, like every configuration here: the previous run left other work's caches
     full = time_it(lambda: run(new_tokens), repeats=1, warmup=0).median_s
     first = time_it(lambda: run(1), repeats=1, warmup=0).median_s
     return len(prompts) * (new_tokens - 1) / max(full - first, 1e-9)
@@ -132,19 +139,22 @@ def run_decode_bench(model_dir: Path, batches=(1, 16, 64), prompt_len: int = 32,
         engine_decode_tok_s(aten_engine, prompts[:1], 4)
         engine_decode_tok_s(torch_ops_engine, prompts[:1], 4)
         best = [0.0] * 6
+        pair_ratios = []
         for _ in range(3):   # interleaved, best of each: noise only ever slows a run down
             for first in (True, False):   # the engine and its floor back to back, twice a round
                 runs = [engine_decode_tok_s(engine, prompts, new_tokens), 0.0, 0.0, 0.0, 0.0,
                         engine_floor_tok_s(engine, batch, new_tokens)]
+                pair_ratios.append(runs[0] / runs[5])
                 if first:
                     runs[1:5] = (engine_decode_tok_s(aten_engine, prompts, new_tokens),
                                  engine_decode_tok_s(torch_ops_engine, prompts, new_tokens),
                                  transformers_decode_tok_s(hf_model, prompts, new_tokens),
                                  dense_floor_tok_s(hf_model, batch, new_tokens))
                 best = [max(b, r) for b, r in zip(best, runs)]
-        result = DecodeResult(batch, *best)
+        result = DecodeResult(batch, *best, paired_floor_ratio=statistics.median(pair_ratios))
         log(f"  batch {batch:3d}: engine {result.engine_tok_s:7.1f} tok/s (aten GEMMs "
             f"{result.aten_engine_tok_s:7.1f}, torch ops {result.torch_ops_engine_tok_s:7.1f}), transformers {result.transformers_tok_s:7.1f}, "
-            f"F.linear floor {result.floor_tok_s:7.1f}, engine-GEMM floor {result.engine_floor_tok_s:7.1f}")
+            f"F.linear floor {result.floor_tok_s:7.1f}, engine-GEMM floor {result.engine_floor_tok_s:7.1f} "
+            f"(paired ratios {', '.join(f'{r:.3f}' for r in pair_ratios)})")
         results.append(result)
     return results
