@@ -14,6 +14,11 @@
 // silu_mul: silu(gate) * up from the fused gate_up output.
 // lora_bgmv: one projection's LoRA delta for a decode batch (one adapter per token), shrink
 // and expand fused (twin: lora/ops/reference.py bgmv_delta).
+// argmax_rows: each logits row's first maximum for greedy sampling (twin:
+// engine/sampling.py argmax_rows, i.e. torch.argmax, NaN counting as largest).
+//
+// Dot products keep 16 lane-wise partial sums and add them as a tree (dot()): a plain
+// `omp simd` reduction ends in a serial 16-add chain, which dominated short dots.
 //
 // Numerics: float32 throughout; sums run in a different order than torch (differences ~1e-7
 // relative). exp is a degree-6 polynomial on [-ln2/2, ln2/2] after range reduction (relative

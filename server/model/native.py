@@ -8,8 +8,8 @@ rebuilds it when the source or flags change; `make model` builds it ahead of the
 
 Every kernel has a pure-torch twin with the same signature: decode_attention ->
 attention.decode_attention_torch; add_rms_norm, rope_write_kv, silu_mul -> fused_ops.TORCH_OPS;
-lora_bgmv -> lora/ops/reference.bgmv_delta. tests/unit/test_native_kernels.py and
-test_lora_ops.py compare them.
+lora_bgmv -> lora/ops/reference.bgmv_delta; argmax_rows -> engine/sampling.argmax_rows.
+tests/unit/test_native_kernels.py and test_lora_ops.py compare them.
 """
 
 from __future__ import annotations
