@@ -102,13 +102,18 @@ class HostCache:
                               self._num_bytes, len(self._entries))
 
     def _emit(self, name: str, value: float) -> None:
-        hook = self._on_event
-        if hook is None:
-            return
-        try:
-            hook(name, value)
-        except Exception:                                 # a broken metrics hook must not break loading
-            log.exception("adapter cache hook failed on %s", name)
+        emit_event(self._on_event, name, value)
+
+
+def emit_event(hook: EventHook | None, name: str, value: float) -> None:
+    """Call an adapter tier's event hook, if any; its errors are logged, never raised (a broken
+    metrics hook must not break loading an adapter or a step)."""
+    if hook is None:
+        return
+    try:
+        hook(name, value)
+    except Exception:
+        log.exception("adapter event hook failed on %s", name)
 
 
 def metrics_hook(sink: Any, tier: str = "host") -> EventHook:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
+from ...adapters_store.cache import EventHook, emit_event
 from ...adapters_store.types import LoadedAdapter
 from .slot_pool import SlotPool
-
-log = logging.getLogger("loraplex.lora")
-EventHook = Callable[[str, float], None]   # ("hit" | "miss" | "eviction" | "load_seconds", value)
 
 
 class TooManyAdapters(ValueError):
@@ -108,13 +105,7 @@ class AdapterManager:
             return AdapterManagerStats(self.max_loras, len(self._slots), self._loads, self._evictions)
 
     def _emit(self, name: str, value: float) -> None:
-        hook = self._on_event
-        if hook is None:
-            return
-        try:
-            hook(name, value)
-        except Exception:                                 # a broken metrics hook must not break a step
-            log.exception("adapter slot hook failed on %s", name)
+        emit_event(self._on_event, name, value)
 
     def _free_slot(self, protected: set[str] | frozenset[str]) -> int:
         """Lowest free slot, else the LRU slot whose adapter is not in `protected` (cleared)."""
