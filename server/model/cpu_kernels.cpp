@@ -502,7 +502,7 @@ int64_t argmax_row(const float* __restrict x, int64_t n) {
     for (int j = 0; j < 16; ++j) {
       lane_best[j] = x[j];
       lane_index[j] = j;
-      lane_nan[j] = 0;
+      lane_nan[j] = x[j] != x[j];
     }
     for (i = 16; i + 16 <= n; i += 16) {
 #pragma omp simd
@@ -515,7 +515,7 @@ int64_t argmax_row(const float* __restrict x, int64_t n) {
       }
     }
     int32_t any_nan = 0;
-    for (int j = 0; j < 16; ++j) any_nan |= lane_nan[j] | (lane_best[j] != lane_best[j]);
+    for (int j = 0; j < 16; ++j) any_nan |= lane_nan[j];
     if (any_nan) {
       for (int64_t k = 0; k < n; ++k) if (x[k] != x[k]) return k;
     }
