@@ -25,7 +25,7 @@ $(VENV)/.torch-$(TORCH_VERSION): | $(PY)
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
-	$(BIN)/pip install --disable-pip-version-check -q "torch==$(TORCH_VERSION)" -e ".[dev]"
+	$(BIN)/pip install --disable-pip-version-check -q "torch==$(TORCH_VERSION)" -e ".[server,dev]"
 	@touch $@
 
 setup: $(VENV)/.installed
