@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MIB = 2**20
 GIB = 2**30
@@ -16,7 +16,8 @@ class StoreConfig:
     all stored adapters (every version, counted by declared size). host_cache_bytes is the
     host-memory LRU budget of loaded (float32) adapters; it should exceed the largest loaded
     adapter or that adapter is loaded on every use. allowed_register_roots are the directories
-    `register_path` may read from (empty: registration from paths is refused).
+    `register_path` may read from (empty: registration from paths is refused); adapter_sources
+    are the s3:// prefixes it may import from. registry_url / blobs_url choose shared backends.
     """
 
     max_lora_rank: int = 64
@@ -29,6 +30,14 @@ class StoreConfig:
     max_chunk_bytes: int = MIB
     load_threads: int = 2
     busy_timeout_ms: int = 30_000
+    # Shared backends (docs/adapter-store.md): "" = SQLite file / directory under the store root.
+    registry_url: str = field(default="", repr=False)       # postgresql://... (may hold a password)
+    blobs_url: str = ""                                     # s3://bucket/prefix
+    blob_cache_bytes: int = 4 * GIB                         # local read-through cache of remote blobs
+    adapter_sources: tuple[str, ...] = ()                   # s3:// prefixes register_path may import from
+    registry_pool_size: int = 8
+    backend_timeout_s: float = 10.0
+    stale_delete_s: float = 600.0                           # shared registry: DELETING rows older -> finished
 
     def __post_init__(self) -> None:
         for name in ("max_lora_rank", "max_adapter_bytes", "quota_bytes", "max_header_bytes",
@@ -38,3 +47,6 @@ class StoreConfig:
         if self.host_cache_bytes < 0:
             raise ValueError(f"StoreConfig.host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
         object.__setattr__(self, "allowed_register_roots", tuple(str(r) for r in self.allowed_register_roots))
+        object.__setattr__(self, "adapter_sources", tuple(str(s) for s in self.adapter_sources))
+        if self.blob_cache_bytes < 0 or self.backend_timeout_s <= 0 or self.stale_delete_s < 0:
+            raise ValueError("StoreConfig: blob_cache_bytes and stale_delete_s must be >= 0, backend_timeout_s > 0")

@@ -38,3 +38,16 @@ class PermissionDenied(StoreError):
 
 class IntegrityError(StoreError):
     """A stored blob no longer matches its recorded sha256 (the adapter gets quarantined)."""
+
+
+class StoreUnavailable(StoreError):
+    """The registry database or the blob store cannot be reached (retry later). Messages name the
+    backend URL without its password."""
+
+    def __init__(self, message: str, retry_after_s: float = 2.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class SchemaError(StoreError):
+    """The registry's schema is newer than this code knows, or cannot be migrated."""

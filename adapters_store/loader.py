@@ -1,4 +1,4 @@
-"""Disk -> host tier: read a weights blob, verify its sha256, parse it into a LoadedAdapter.
+"""Blob store -> host tier: read a weights blob, verify its sha256, parse it into a LoadedAdapter.
 
 Loads run on a small thread pool (`prefetch`) so the engine's step loop never waits on disk;
 concurrent requests for the same key share one load.
@@ -10,7 +10,6 @@ import hashlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,13 +35,13 @@ def parse_weights(tensors: dict[str, torch.Tensor], dtype: torch.dtype
     return {key: (pair["A"], pair["B"]) for key, pair in sorted(factors.items())}
 
 
-def read_verified(path: Path, expected_sha256: str, key: str) -> bytes:
-    """The blob's bytes; IntegrityError if they no longer hash to the recorded digest."""
-    data = path.read_bytes()
+def read_verified(read: Callable[[str], bytes], expected_sha256: str, key: str) -> bytes:
+    """The blob's bytes (from `read(digest)`); IntegrityError if they no longer hash to the recorded digest."""
+    data = read(expected_sha256)
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
-        raise IntegrityError(f"adapter {key}: weights blob {path.name} hashes to {actual}, not the recorded "
-                             f"{expected_sha256}; the file was corrupted on disk. The adapter is quarantined; "
+        raise IntegrityError(f"adapter {key}: weights blob {expected_sha256} hashes to {actual}, not the "
+                             f"recorded digest; the stored blob was corrupted. The adapter is quarantined; "
                              f"delete it and upload it again")
     return data
 
@@ -50,10 +49,10 @@ def read_verified(path: Path, expected_sha256: str, key: str) -> bytes:
 class AdapterLoader:
     """Loads adapters into the host cache, on demand (`load`) or in the background (`prefetch`)."""
 
-    def __init__(self, cache: HostCache, blob_path: Callable[[str], Path], lookup: RecordLookup,
+    def __init__(self, cache: HostCache, read_blob: Callable[[str], bytes], lookup: RecordLookup,
                  on_corrupt: CorruptHandler, num_threads: int, dtype: torch.dtype = torch.float32):
         self.cache = cache
-        self._blob_path = blob_path
+        self._read_blob = read_blob
         self._lookup = lookup
         self._on_corrupt = on_corrupt
         self._dtype = dtype
@@ -101,10 +100,10 @@ class AdapterLoader:
         started = time.perf_counter()
         record = self._lookup(key)
         try:
-            data = read_verified(self._blob_path(record.sha256), record.sha256, key)
+            data = read_verified(self._read_blob, record.sha256, key)
         except FileNotFoundError:
             self._lookup(key)                          # raises AdapterNotFound if it was deleted meanwhile
-            reason = f"adapter {key}: its weights blob is missing from disk; delete and upload it again"
+            reason = f"adapter {key}: its weights blob is missing from the blob store; delete and upload it again"
             self._on_corrupt(key, reason)
             raise IntegrityError(reason) from None
         except IntegrityError as error:

@@ -32,6 +32,7 @@ class AdapterRecord:
     created_at: float
     state: AdapterState
     state_reason: str = ""
+    state_changed_at: float = 0.0                  # when the row entered `state` (0: before schema v2)
 
     @property
     def key(self) -> str:

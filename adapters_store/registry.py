@@ -1,8 +1,12 @@
-"""SQLite registry of adapter versions (WAL; safe across threads and processes).
+"""The adapter registry: rows of adapter versions, shared logic over SQL connections.
 
-Every call opens a short-lived connection (no connection is shared between threads);
-writes run in `BEGIN IMMEDIATE` transactions so concurrent writers serialise on the
-database lock instead of failing half-way, and `busy_timeout` makes them wait for it.
+`SqlRegistry` holds every query (written with `?` placeholders); a backend supplies
+connections (`_connect` for reads, `_write` for a serialised write transaction), the
+store-wide blob lock (`writing` shared / `collecting` exclusive) and the dialect.
+`Registry` is the embedded SQLite backend (WAL; safe across threads and processes): every
+call opens a short-lived connection and writes run in `BEGIN IMMEDIATE` transactions so
+concurrent writers serialise on the database lock; `busy_timeout` makes them wait for it.
+The PostgreSQL backend lives in registry_pg.py.
 """
 
 from __future__ import annotations
@@ -15,58 +19,58 @@ from pathlib import Path
 from typing import Iterator
 
 from .blobs import blob_relpath
-from .errors import QuotaExceeded, UploadConflict
+from .errors import QuotaExceeded, StoreUnavailable, UploadConflict
+from .fsutil import file_lock
 from .records import AdapterRecord, AdapterState, NewAdapter
+from .schema import VERSION_TABLE, migrate
 from .types import LoraConfigInfo
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS names (
-    name TEXT PRIMARY KEY, owner TEXT, last_version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT NOT NULL, version INTEGER NOT NULL,
-    sha256 TEXT NOT NULL, config_sha256 TEXT NOT NULL, size_bytes INTEGER NOT NULL,
-    rank INTEGER NOT NULL, lora_alpha REAL NOT NULL, use_rslora INTEGER NOT NULL,
-    target_modules TEXT NOT NULL, dtype TEXT NOT NULL, peft_type TEXT NOT NULL,
-    base_model TEXT, base_fingerprint TEXT, owner TEXT, private INTEGER NOT NULL,
-    created_at REAL NOT NULL, state TEXT NOT NULL, state_reason TEXT NOT NULL DEFAULT '',
-    weights_blob TEXT NOT NULL, config_blob TEXT NOT NULL,
-    PRIMARY KEY (name, version));
-CREATE INDEX IF NOT EXISTS adapters_sha ON adapters (sha256);
-"""
 _COLUMNS = ("name, version, sha256, config_sha256, size_bytes, rank, lora_alpha, use_rslora, target_modules, "
-            "dtype, peft_type, base_model, base_fingerprint, owner, created_at, state, state_reason")
+            "dtype, peft_type, base_model, base_fingerprint, owner, created_at, state, state_reason, "
+            "state_changed_at")
 
 
-class Registry:
+class SqlRegistry:
     """Adapter rows keyed by (name, version); versions are monotonic per name, never reused."""
 
-    def __init__(self, path: Path, busy_timeout_ms: int = 30_000):
-        self.path = Path(path)
-        self.busy_timeout_ms = busy_timeout_ms
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+    dialect = "sqlite"
+    url = ""                                  # for messages (no password)
+    shared = False                            # True when other machines may use the same registry
+    migrations_applied: list[int] = []
+
+    # ---- backend hooks ---------------------------------------------------------------
+    @contextmanager
+    def _connect(self) -> Iterator:
+        raise NotImplementedError
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)
-        try:
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-            conn.execute("PRAGMA synchronous=FULL")
-            yield conn
-        finally:
-            conn.close()
+    def _write(self) -> Iterator:
+        raise NotImplementedError
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def writing(self) -> Iterator[None]:
+        """Hold (shared) from storing blobs until their rows are inserted: GC waits meanwhile."""
+        raise NotImplementedError
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Hold (exclusive) while deciding which blobs are unreferenced and removing them."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections (no-op for SQLite)."""
+
+    def _schema_version(self, conn) -> int:
+        raise NotImplementedError
+
+    def _migrate(self) -> list[int]:
+        with self._write() as conn:
+            conn.execute(VERSION_TABLE)
+            return migrate(conn, self.dialect, self._schema_version(conn), self.url)
+
+    def schema_version(self) -> int:
         with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            return self._schema_version(conn)
 
     # ---- writes ----------------------------------------------------------------------
     def insert(self, new: NewAdapter, quota_bytes: int) -> AdapterRecord:
@@ -81,18 +85,19 @@ class Registry:
             if row is not None and row[0] != new.owner:
                 raise UploadConflict(f"adapter id {new.name!r} belongs to another owner; choose another id")
             version = 1 if row is None else row[1] + 1
-            conn.execute("INSERT OR REPLACE INTO names (name, owner, last_version) VALUES (?, ?, ?)",
+            conn.execute("INSERT INTO names (name, owner, last_version) VALUES (?, ?, ?) ON CONFLICT (name) "
+                         "DO UPDATE SET owner = excluded.owner, last_version = excluded.last_version",
                          (new.name, new.owner, version))
-            cfg = new.config
+            cfg, now = new.config, time.time()
             conn.execute(
                 "INSERT INTO adapters (name, version, sha256, config_sha256, size_bytes, rank, lora_alpha, "
                 "use_rslora, target_modules, dtype, peft_type, base_model, base_fingerprint, owner, private, "
-                "created_at, state, state_reason, weights_blob, config_blob) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
+                "created_at, state, state_reason, weights_blob, config_blob, state_changed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?, ?)",
                 (new.name, version, new.sha256, new.config_sha256, new.size_bytes, cfg.rank, cfg.lora_alpha,
                  int(cfg.use_rslora), json.dumps(list(cfg.target_modules)), new.dtype, cfg.peft_type,
-                 cfg.base_model, cfg.base_fingerprint, new.owner, int(new.owner is not None), time.time(),
-                 AdapterState.READY.value, blob_relpath(new.sha256), blob_relpath(new.config_sha256)))
+                 cfg.base_model, cfg.base_fingerprint, new.owner, int(new.owner is not None), now,
+                 AdapterState.READY.value, blob_relpath(new.sha256), blob_relpath(new.config_sha256), now))
             return _record(conn.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name = ? AND version = ?",
                                         (new.name, version)).fetchone())
 
@@ -105,14 +110,15 @@ class Registry:
                 row = conn.execute("SELECT state FROM adapters WHERE name = ? AND version = ?",
                                    (name, version)).fetchone()
                 if row is not None and AdapterState(row[0]) in from_states:
-                    conn.execute("UPDATE adapters SET state = ?, state_reason = ? WHERE name = ? AND version = ?",
-                                 (state.value, reason, name, version))
+                    conn.execute("UPDATE adapters SET state = ?, state_reason = ?, state_changed_at = ? "
+                                 "WHERE name = ? AND version = ?", (state.value, reason, time.time(), name, version))
                     moved.append(version)
             return moved
 
     def delete_rows(self, name: str, versions: list[int]) -> None:
         with self._write() as conn:
-            conn.executemany("DELETE FROM adapters WHERE name = ? AND version = ?", [(name, v) for v in versions])
+            for version in versions:
+                conn.execute("DELETE FROM adapters WHERE name = ? AND version = ?", (name, version))
 
     # ---- reads -----------------------------------------------------------------------
     def get(self, name: str, version: int) -> AdapterRecord | None:
@@ -133,15 +139,21 @@ class Registry:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM adapters ORDER BY name, version").fetchall()
         return [_record(row) for row in rows]
 
+    def names(self) -> list[tuple[str, str | None, int]]:
+        """(name, owner, last_version) of every name ever registered."""
+        with self._connect() as conn:
+            return [tuple(row) for row in conn.execute("SELECT name, owner, last_version FROM names "
+                                                       "ORDER BY name").fetchall()]
+
     def referenced_digests(self) -> set[str]:
-        """sha256 of every blob some row refers to (weights and config)."""
+        """sha256 of every blob some row refers to (weights and config), whatever its state."""
         with self._connect() as conn:
             rows = conn.execute("SELECT sha256, config_sha256 FROM adapters").fetchall()
         return {digest for row in rows for digest in row}
 
     def used_bytes(self) -> int:
         with self._connect() as conn:
-            return conn.execute("SELECT COALESCE(SUM(size_bytes), 0) FROM adapters").fetchone()[0]
+            return int(conn.execute("SELECT COALESCE(SUM(size_bytes), 0) FROM adapters").fetchone()[0])
 
     def name_owner(self, name: str) -> tuple[bool, str | None]:
         """(whether the name was ever registered, its owner)."""
@@ -150,12 +162,69 @@ class Registry:
         return (row is not None, None if row is None else row[0])
 
 
+class Registry(SqlRegistry):
+    """The embedded SQLite registry (`path`), with the blob lock on `gc.lock` beside it."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int = 30_000):
+        self.path = Path(path)
+        self.url = str(self.path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._lock_path = self.path.parent / "gc.lock"
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+        self.migrations_applied = self._migrate()
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None)
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable(f"cannot open the adapter registry {self.path}: {error}") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA synchronous=FULL")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with file_lock(self._lock_path, exclusive=False):
+            yield
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        with file_lock(self._lock_path, exclusive=True):
+            yield
+
+    def _schema_version(self, conn) -> int:
+        tables = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('schema_version', 'adapters')")}
+        if "schema_version" in tables:
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            if row[0] is not None:
+                return int(row[0])
+        return 1 if "adapters" in tables else 0
+
+
 def _record(row: tuple) -> AdapterRecord:
     (name, version, sha256, config_sha256, size_bytes, rank, alpha, use_rslora, targets, dtype, peft_type,
-     base_model, base_fingerprint, owner, created_at, state, reason) = row
-    config = LoraConfigInfo(rank=rank, lora_alpha=alpha, use_rslora=bool(use_rslora),
+     base_model, base_fingerprint, owner, created_at, state, reason, changed_at) = row
+    config = LoraConfigInfo(rank=int(rank), lora_alpha=float(alpha), use_rslora=bool(use_rslora),
                             target_modules=tuple(json.loads(targets)), peft_type=peft_type,
                             base_model=base_model, base_fingerprint=base_fingerprint)
-    return AdapterRecord(name=name, version=version, sha256=sha256, config_sha256=config_sha256,
-                         size_bytes=size_bytes, dtype=dtype, config=config, owner=owner, created_at=created_at,
-                         state=AdapterState(state), state_reason=reason)
+    return AdapterRecord(name=name, version=int(version), sha256=sha256, config_sha256=config_sha256,
+                         size_bytes=int(size_bytes), dtype=dtype, config=config, owner=owner,
+                         created_at=float(created_at), state=AdapterState(state), state_reason=reason,
+                         state_changed_at=float(changed_at))

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .blobs import BlobStore
+from .backends import open_backends
 from .cache import EventHook, HostCache
 from .config import StoreConfig
-from .errors import AdapterNotFound, AdapterValidationError, IntegrityError, QuotaExceeded, UploadConflict
+from .errors import (AdapterNotFound, AdapterValidationError, IntegrityError, QuotaExceeded, StoreUnavailable,
+                     UploadConflict)
+from .fsutil import file_lock
 from .ids import parse_key, parse_ref, validate_name
 from .leases import LeaseTable
 from .loader import AdapterLoader
 from .paths import CONFIG_NAME, WEIGHTS_NAME, adapter_files, confined_adapter_dir, copy_bounded
 from .records import AdapterRecord, AdapterState, NewAdapter
-from .recovery import RecoveryReport, recover
-from .registry import Registry
+from .recovery import RecoveryReport, collect_garbage, recover
 from .staging import HashingWriter, StagingDir
 from .types import BaseSpec, LoadedAdapter
 from .upload import StagedAdapter, UploadMeta, UploadSession
@@ -26,13 +28,16 @@ from .validation import validate_adapter
 __all__ = ["AdapterStore", "StoreConfig", "UploadMeta"]
 log = logging.getLogger(__name__)
 _LIVE = (AdapterState.READY, AdapterState.QUARANTINED)
+_MAX_REMEMBERED = 4096
 
 
 class AdapterStore:
-    """Adapters on disk under `root` (see docs/adapter-store.md), validated against `base`.
+    """Adapters in a registry + blob store (see docs/adapter-store.md), validated against `base`.
 
+    The backends come from config.registry_url / config.blobs_url (default: SQLite file and
+    directory under `root`); `root` always holds this process's staging area and blob cache.
     Opening a store runs recover(); its report is `self.recovery`. Thread-safe; several
-    processes may share one root (SQLite WAL + file locks), but leases are per process.
+    processes (or, with shared backends, servers) may share one store, but leases are per process.
     """
 
     def __init__(self, root: Path, config: StoreConfig, base: BaseSpec, on_event: EventHook | None = None):
@@ -41,12 +46,23 @@ class AdapterStore:
         self.base = base
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp_root = self.root / "tmp"
-        self._blobs = BlobStore(self.root)
-        self._registry = Registry(self.root / "registry.sqlite3", config.busy_timeout_ms)
-        self.recovery: RecoveryReport = recover(self._registry, self._blobs, self._tmp_root)
+        self._staging_lock = self.root / "staging.lock"
+        self._backends = open_backends(self.root, config)
+        self._registry, self._blobs = self._backends.registry, self._backends.blobs
+        self.shared = self._backends.shared
+        self._stale_delete_s = config.stale_delete_s if self._registry.shared else 0.0
+        try:
+            self.recovery: RecoveryReport = recover(self._registry, self._blobs, self._tmp_root,
+                                                    self._staging_lock, collect_blobs=not self.shared,
+                                                    stale_delete_s=self._stale_delete_s)
+        except BaseException:
+            self._backends.close()
+            raise
         self._leases = LeaseTable()
+        self._resolved: OrderedDict[tuple[str, str | None], AdapterRecord] = OrderedDict()
+        self._resolved_lock = threading.Lock()
         self.cache = HostCache(config.host_cache_bytes, on_event)
-        self._loader = AdapterLoader(self.cache, self._blobs.path, self._loadable, self.quarantine,
+        self._loader = AdapterLoader(self.cache, self._blobs.read, self._loadable, self.quarantine,
                                      config.load_threads)
         self._janitor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-delete")
         self._closed = threading.Event()
@@ -67,33 +83,46 @@ class AdapterStore:
             raise _size_error(f"the adapter is {total} bytes, above the limit of {self.config.max_adapter_bytes}; "
                               f"raise --max-adapter-bytes or use a smaller rank")
         self._check_quota(total)
-        staging = StagingDir(self._tmp_root, "upload", self._blobs.writing)
+        staging = StagingDir(self._tmp_root, "upload", self._staging_guard)
         return UploadSession(meta, staging, self.config.max_chunk_bytes, self._commit_staged)
 
     def register_path(self, name: str, path: str | Path, owner: str | None = None,
                       allow_base_mismatch: bool = False) -> AdapterRecord:
-        """Register a PEFT directory under an allowed root (copied into the store; admin only)."""
+        """Register a PEFT directory under an allowed root, or an `s3://bucket/path/` one under an allowed
+        adapter source (copied into the store with the same validation as an upload; admin only)."""
         validate_name(name)
         self._check_owner(name, owner)
-        roots = self.config.allowed_register_roots
-        config_src, weights_src = adapter_files(confined_adapter_dir(path, roots), roots)
-        staging = StagingDir(self._tmp_root, "register", self._blobs.writing)
+        if str(path).startswith("s3://"):
+            from .s3_source import allowed_location
+            allowed_location(str(path), self.config.adapter_sources)     # refused before any staging
+        staging = StagingDir(self._tmp_root, "register", self._staging_guard)
         try:
-            digests, total = [], 0
-            for src, dst, limit in ((config_src, CONFIG_NAME, self.config.max_config_bytes),
-                                    (weights_src, WEIGHTS_NAME, self.config.max_adapter_bytes)):
-                writer = HashingWriter(staging.file(dst))
-                try:
-                    copy_bounded(src, writer, limit)
-                    digests.append(writer.finish())
-                    total += writer.num_bytes
-                finally:
-                    writer.close()
+            digests, total = self._fetch_into(staging, path)
             self._check_quota(total)
             return self._commit_staged(StagedAdapter(staging, name, owner, digests[0], digests[1],
                                                      allow_base_mismatch))
         finally:
             staging.close()
+
+    def _fetch_into(self, staging: StagingDir, path: str | Path) -> tuple[list[str], int]:
+        if str(path).startswith("s3://"):
+            from .blobs_s3 import s3_client
+            from .s3_source import fetch_adapter
+            return fetch_adapter(str(path), self.config.adapter_sources, staging, self.config.max_config_bytes,
+                                 self.config.max_adapter_bytes, lambda: s3_client(self.config.backend_timeout_s))
+        roots = self.config.allowed_register_roots
+        config_src, weights_src = adapter_files(confined_adapter_dir(path, roots), roots)
+        digests, total = [], 0
+        for src, dst, limit in ((config_src, CONFIG_NAME, self.config.max_config_bytes),
+                                (weights_src, WEIGHTS_NAME, self.config.max_adapter_bytes)):
+            writer = HashingWriter(staging.file(dst))
+            try:
+                copy_bounded(src, writer, limit)
+                digests.append(writer.finish())
+                total += writer.num_bytes
+            finally:
+                writer.close()
+        return digests, total
 
     def delete(self, ref: str, tenant: str | None, wait: bool = True, timeout_s: float | None = None) -> list[int]:
         """Delete `name` (all versions) or `name@N`; returns the versions deleted.
@@ -124,15 +153,33 @@ class AdapterStore:
 
     # ---- reads -----------------------------------------------------------------------
     def resolve(self, ref: str, tenant: str | None) -> AdapterRecord:
-        """`name` -> its latest READY version (latest QUARANTINED one if none is READY); `name@N` -> N."""
+        """`name` -> its latest READY version (latest QUARANTINED one if none is READY); `name@N` -> N.
+
+        If the registry is unreachable, a reference resolved before whose adapter is still in
+        host memory resolves as it did then (cached adapters keep serving); others raise
+        StoreUnavailable."""
         parsed = parse_ref(ref)
-        rows = [r for r in self._registry.versions_of(parsed.name) if r.visible_to(tenant) and r.state in _LIVE]
+        try:
+            versions = self._registry.versions_of(parsed.name)
+        except StoreUnavailable:
+            with self._resolved_lock:
+                remembered = self._resolved.get((ref, tenant))
+            if remembered is not None and self.cache.contains(remembered.key):
+                return remembered
+            raise
+        rows = [r for r in versions if r.visible_to(tenant) and r.state in _LIVE]
         if parsed.version is not None:
             rows = [r for r in rows if r.version == parsed.version]
         ready = [r for r in rows if r.state is AdapterState.READY]
         if not rows:
             raise AdapterNotFound(f"no adapter {ref!r}; list adapters to see the available ids and versions")
-        return (ready or rows)[-1]
+        record = (ready or rows)[-1]
+        with self._resolved_lock:
+            self._resolved[(ref, tenant)] = record
+            self._resolved.move_to_end((ref, tenant))
+            while len(self._resolved) > _MAX_REMEMBERED:
+                self._resolved.popitem(last=False)
+        return record
 
     def get(self, ref: str, tenant: str | None) -> tuple[AdapterRecord, list[int]]:
         """The resolved record and every live version number of its name."""
@@ -171,11 +218,17 @@ class AdapterStore:
         """Metrics hook for the host tier (see cache.metrics_hook)."""
         self.cache.set_hook(on_event)
 
+    def gc(self) -> RecoveryReport:
+        """Store-wide GC: finish interrupted deletions, remove every blob no row refers to (safe
+        while servers use the store: blobs being written are held by the writers' lock)."""
+        return collect_garbage(self._registry, self._blobs, self._stale_delete_s)
+
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
             self._loader.close()
             self._janitor.shutdown(wait=True)
+            self._backends.close()
 
     # ---- internals -------------------------------------------------------------------
     def _commit_staged(self, staged: StagedAdapter) -> AdapterRecord:
@@ -187,9 +240,9 @@ class AdapterStore:
                          config=validated.config, owner=staged.owner)
         digests = [staged.config_sha256, staged.weights_sha256]
         try:
-            with self._blobs.writing():
-                self._blobs.adopt(files.file(CONFIG_NAME), staged.config_sha256)
-                self._blobs.adopt(files.file(WEIGHTS_NAME), staged.weights_sha256)
+            with self._registry.writing():
+                self._blobs.put(files.file(CONFIG_NAME), staged.config_sha256)
+                self._blobs.put(files.file(WEIGHTS_NAME), staged.weights_sha256)
                 return self._registry.insert(new, self.config.quota_bytes)
         except BaseException:
             self._remove_blobs_if_unreferenced(digests)
@@ -219,10 +272,10 @@ class AdapterStore:
         self._leases.forget(record.key)
 
     def _remove_blobs_if_unreferenced(self, digests: list[str]) -> None:
-        with self._blobs.collecting():
+        with self._registry.collecting():
             referenced = self._registry.referenced_digests()
             for digest in set(digests) - referenced:
-                self._blobs.path(digest).unlink(missing_ok=True)
+                self._blobs.remove(digest)
 
     def _loadable(self, key: str) -> AdapterRecord:
         name, version = parse_key(key)
@@ -232,6 +285,9 @@ class AdapterStore:
         if record.state is AdapterState.QUARANTINED:
             raise IntegrityError(f"adapter {key} is quarantined: {record.state_reason}")
         return record
+
+    def _staging_guard(self):
+        return file_lock(self._staging_lock, exclusive=False)
 
     def _check_owner(self, name: str, owner: str | None) -> None:
         known, current = self._registry.name_owner(name)

@@ -106,14 +106,14 @@ def test_recovery_removes_orphans_and_finishes_deletions(tmp_path):
     kept = upload(store, "kept", *adapter_bytes(seed=1))
     doomed = upload(store, "doomed", *adapter_bytes(seed=2))
     store._registry.set_state("doomed", [1], AdapterState.DELETING)     # crash after marking DELETING
-    orphan_staging = StagingDir(root / "tmp", "upload", store._blobs.writing)
+    orphan_staging = StagingDir(root / "tmp", "upload", store._staging_guard)
     (orphan_staging.path / "adapter_model.safetensors").write_bytes(b"partial")
     orphan_staging._lock_fd, fd = None, orphan_staging._lock_fd
     os.close(fd)                                                        # its process "died"
-    live_staging = StagingDir(root / "tmp", "upload", store._blobs.writing)   # a live upload elsewhere
+    live_staging = StagingDir(root / "tmp", "upload", store._staging_guard)   # a live upload elsewhere
     orphan_blob = root / "tmp" / "orphan"
     orphan_blob.write_bytes(b"x" * 10)
-    store._blobs.adopt(orphan_blob, sha256(b"x" * 10))                  # crash between blob and row
+    store._blobs.put(orphan_blob, sha256(b"x" * 10))                    # crash between blob and row
     store.close()
 
     reopened = make_store(root)

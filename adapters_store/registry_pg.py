@@ -1,0 +1,126 @@
+"""PostgreSQL registry backend (psycopg 3 + psycopg_pool), for a store shared by many servers.
+
+Every write transaction first takes one transaction-level advisory lock, so writes serialise
+exactly like SQLite's `BEGIN IMMEDIATE` (versions assigned once, quota checked atomically),
+from any number of servers. The blob lock is a session-level advisory lock (shared for
+writers, exclusive for GC) held on a dedicated connection: PostgreSQL drops it when the
+holder's connection dies, so a killed server never blocks GC. Migrations run at start in a
+write transaction, so concurrent starts apply them once.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import StoreUnavailable
+from .registry import SqlRegistry
+from .urls import redact_url
+
+_WRITE_LOCK = 7_304_105_001                  # advisory lock keys (arbitrary, fixed)
+_BLOB_LOCK = 7_304_105_002
+
+
+class _Conn:
+    """A psycopg connection that speaks the `?` placeholders of SqlRegistry's queries."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def execute(self, sql: str, params: tuple = ()):
+        return self._conn.execute(sql.replace("?", "%s"), params)
+
+
+class PostgresRegistry(SqlRegistry):
+    """The registry in a PostgreSQL database given by a `postgresql://` URL."""
+
+    dialect = "postgres"
+    shared = True
+
+    def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 10.0):
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self._psycopg = psycopg
+        self._raw_url = url
+        self.url = redact_url(url)
+        self._timeout_s = timeout_s
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=False,
+                                    check=ConnectionPool.check_connection,
+                                    kwargs={"connect_timeout": max(1, int(timeout_s / 2))},
+                                    name="loraplex-registry")
+        try:
+            self._pool.open(wait=True, timeout=timeout_s)
+        except Exception as error:  # noqa: BLE001 - PoolTimeout, OperationalError: reported with the URL
+            self._pool.close()
+            raise StoreUnavailable(f"cannot connect to the adapter registry {self.url}: "
+                                   f"{_reason(error)}; check the URL, that PostgreSQL runs and accepts "
+                                   f"this user") from None
+        self.migrations_applied = self._migrate()
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def _connect(self) -> Iterator[_Conn]:
+        with self._unavailable_on_error():
+            with self._pool.connection() as conn:
+                yield _Conn(conn)
+
+    @contextmanager
+    def _write(self) -> Iterator[_Conn]:
+        with self._unavailable_on_error():
+            with self._pool.connection() as conn:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+                    yield _Conn(conn)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._session_lock("pg_advisory_lock_shared", "pg_advisory_unlock_shared"):
+            yield
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        with self._session_lock("pg_advisory_lock", "pg_advisory_unlock"):
+            yield
+
+    def _schema_version(self, conn) -> int:
+        row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL, "
+                           "to_regclass('adapters') IS NOT NULL").fetchone()
+        if row[0]:
+            found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+            if found is not None:
+                return int(found)
+        return 1 if row[1] else 0
+
+    @contextmanager
+    def _session_lock(self, lock: str, unlock: str) -> Iterator[None]:
+        with self._unavailable_on_error():
+            conn = self._psycopg.connect(self._raw_url, autocommit=True,
+                                         connect_timeout=max(1, int(self._timeout_s / 2)))
+        try:
+            with self._unavailable_on_error():
+                conn.execute(f"SELECT {lock}(%s)", (_BLOB_LOCK,))
+            yield
+            try:
+                conn.execute(f"SELECT {unlock}(%s)", (_BLOB_LOCK,))
+            except self._psycopg.Error:
+                pass                                   # closing the session releases it anyway
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _unavailable_on_error(self) -> Iterator[None]:
+        from psycopg_pool import PoolTimeout
+
+        try:
+            yield
+        except (self._psycopg.OperationalError, self._psycopg.InterfaceError, PoolTimeout) as error:
+            raise StoreUnavailable(f"the adapter registry {self.url} is unreachable ({_reason(error)}); "
+                                   f"retry shortly") from None
+
+
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:300]
