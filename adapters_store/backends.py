@@ -73,6 +73,7 @@ def open_blobs(url: str, root: Path, config: StoreConfig):
 
 def open_backends(root: Path, config: StoreConfig) -> Backends:
     """Open (and migrate) the registry, then the blob store; StoreUnavailable names the failing URL."""
+    Path(root).mkdir(parents=True, exist_ok=True)
     registry = open_registry(config.registry_url, root, config)
     try:
         blobs = open_blobs(config.blobs_url, root, config)

@@ -45,6 +45,11 @@ class PostgresRegistry(SqlRegistry):
         self._raw_url = url
         self.url = redact_url(url)
         self._timeout_s = timeout_s
+        try:                                           # one direct attempt first: a clear reason, no retries
+            psycopg.connect(url, connect_timeout=max(1, int(timeout_s / 2))).close()
+        except psycopg.Error as error:
+            raise StoreUnavailable(f"cannot connect to the adapter registry {self.url}: {_reason(error)}; "
+                                   f"check the URL, that PostgreSQL runs and accepts this user") from None
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=timeout_s, open=False,
                                     check=ConnectionPool.check_connection,
                                     kwargs={"connect_timeout": max(1, int(timeout_s / 2))},

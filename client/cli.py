@@ -52,6 +52,15 @@ def register(sub) -> None:
     upload.add_argument("--no-progress", action="store_true", help="no progress bar")
     upload.add_argument("--json", action="store_true", help="print the stored adapter as JSON")
     upload.set_defaults(func=_run(_upload))
+    reg = adapters_sub.add_parser("register", parents=[common],
+                                  help="register an adapter directory the server can read: a path under an "
+                                       "--allowed-register-root, or s3://bucket/path/ under an --adapter-source")
+    reg.add_argument("adapter_id", metavar="ID")
+    reg.add_argument("source", metavar="PATH_OR_S3_URL")
+    reg.add_argument("--private", action="store_true", help="visible only to your tenant")
+    reg.add_argument("--allow-base-mismatch", action="store_true", help="skip the base fingerprint check")
+    reg.add_argument("--json", action="store_true", help="print the stored adapter as JSON")
+    reg.set_defaults(func=_run(_register))
     listing = adapters_sub.add_parser("list", parents=[common], help="list adapters (latest versions)")
     listing.add_argument("--json", action="store_true", help="print a JSON array")
     listing.set_defaults(func=_run(_list))
@@ -122,6 +131,15 @@ def _upload(client: Client, args: argparse.Namespace) -> int:
                                     allow_base_mismatch=args.allow_base_mismatch, show_progress=show_bar)
     print(fmt.dumps(adapter) if args.json else
           f"uploaded {adapter.ref} (rank {adapter.rank}, {fmt.human_bytes(adapter.size_bytes)}, "
+          f"sha256 {adapter.sha256[:12]})")
+    return EXIT_OK
+
+
+def _register(client: Client, args: argparse.Namespace) -> int:
+    adapter = client.register_adapter(args.adapter_id, args.source, private=args.private,
+                                      allow_base_mismatch=args.allow_base_mismatch)
+    print(fmt.dumps(adapter) if args.json else
+          f"registered {adapter.ref} (rank {adapter.rank}, {fmt.human_bytes(adapter.size_bytes)}, "
           f"sha256 {adapter.sha256[:12]})")
     return EXIT_OK
 

@@ -68,7 +68,13 @@ def register_fidelity(sub) -> None:
     register(sub)
 
 
-COMMAND_GROUPS = [register_serve, register_model, register_client, register_fidelity]
+def register_store(sub) -> None:
+    from loraplex.server.store_cli import register
+
+    register(sub)
+
+
+COMMAND_GROUPS = [register_serve, register_model, register_client, register_fidelity, register_store]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,7 +137,9 @@ def open_store(config: ServerConfig, engine_config: Any) -> Any:
     store_config = StoreConfig(
         max_lora_rank=config.max_lora_rank, host_cache_bytes=config.host_cache_bytes,
         quota_bytes=config.adapter_quota_bytes, max_adapter_bytes=config.max_adapter_bytes,
-        allowed_register_roots=tuple(config.allowed_register_roots))
+        allowed_register_roots=tuple(config.allowed_register_roots),
+        registry_url=config.store_registry, blobs_url=config.store_blobs,
+        blob_cache_bytes=config.blob_cache_bytes, adapter_sources=tuple(config.adapter_sources))
     return AdapterStore(config.store_path(), store_config, base=base_spec_for(engine_config))
 
 

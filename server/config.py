@@ -120,6 +120,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("allowed_register_roots", "--allowed-register-root", str,
          "directory RegisterAdapter may read from (repeatable)", many=True),
     Flag("host_cache_bytes", "--host-cache-bytes", parse_size, "host-memory adapter cache budget"),
+    # Shared adapter store (docs/adapter-store.md)
+    Flag("store_registry", "--store-registry", str,
+         "adapter registry: postgresql://user:pass@host:port/db (default: SQLite file under --store)"),
+    Flag("store_blobs", "--store-blobs", str,
+         "adapter blobs: s3://bucket/prefix (AWS_* env/profiles; default: directory under --store)"),
+    Flag("blob_cache_bytes", "--blob-cache-bytes", parse_size, "local disk cache of remote adapter blobs"),
+    Flag("adapter_sources", "--adapter-source", str,
+         "s3://bucket/prefix RegisterAdapter may import adapters from (repeatable)", many=True),
     Flag("adapter_quota_bytes", "--adapter-quota-bytes", parse_size, "store-wide adapter disk quota"),
     Flag("max_adapter_bytes", "--max-adapter-bytes", parse_size, "largest single adapter"),
     Flag("grace_period_s", "--grace-period", float, "seconds in-flight requests get after SIGTERM"),
@@ -162,6 +170,10 @@ class ServerConfig:
     kv_cache_memory: str = "0.25"
     allowed_register_roots: tuple[str, ...] = ()
     host_cache_bytes: int = 2**30
+    store_registry: str = field(default="", repr=False)      # may hold a password
+    store_blobs: str = ""
+    blob_cache_bytes: int = 4 * 2**30
+    adapter_sources: tuple[str, ...] = ()
     adapter_quota_bytes: int = 20 * 2**30
     max_adapter_bytes: int = 2**30
     grace_period_s: float = 30.0

@@ -40,8 +40,23 @@ def validate(config: ServerConfig):
     for root in config.allowed_register_roots:
         if not Path(root).expanduser().is_dir():
             yield f"--allowed-register-root {root!r} is not an existing directory"
+    yield from _validate_store(config)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         yield "--log-level must be debug, info, warning or error"
+
+
+def _validate_store(config: ServerConfig):
+    from ..adapters_store.backends import check_urls
+    from ..adapters_store.urls import parse_s3_url
+
+    yield from check_urls(config.store_registry, config.store_blobs)
+    for source in config.adapter_sources:
+        try:
+            parse_s3_url(source)
+        except ValueError as error:
+            yield f"--adapter-source: {error}"
+    if config.blob_cache_bytes < 0:
+        yield "--blob-cache-bytes must be >= 0"
 
 
 def _validate_limits(config: ServerConfig):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -61,3 +62,35 @@ def build_tiny_llama(out_dir: Path, tokenizer_src: Path, **overrides) -> Path:
 def tiny_llama_dir(tmp_path_factory, default_model_dir) -> Path:
     """A 2-layer random Llama (hidden 64, GQA 4/2 heads) with the SmolLM2 tokenizer."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def postgres_service():
+    """A real PostgreSQL server for the session (pgserver wheel; unix socket, stopped at the end)."""
+    from services import PostgresService
+
+    service = PostgresService()
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+@pytest.fixture(scope="session")
+def s3_service():
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's threaded server). boto3 in this process and in
+    subprocesses is pointed at it through AWS_* variables set for the session."""
+    from services import S3Service
+
+    service = S3Service()
+    saved = {name: os.environ.get(name) for name in service.env}
+    os.environ.update(service.env)
+    try:
+        yield service
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        service.close()

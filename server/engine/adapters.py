@@ -6,10 +6,10 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from ...adapters_store.errors import AdapterNotFound
+from ...adapters_store.errors import AdapterNotFound, StoreUnavailable
 from ...adapters_store.records import AdapterState
 from ..lora.manager import AdapterManager
-from .io import AdapterUnavailable
+from .io import AdapterBackendUnavailable, AdapterUnavailable
 
 
 class AdapterGateway:
@@ -25,7 +25,7 @@ class AdapterGateway:
         self.manager = manager
         self._lock = threading.Lock()
         self._pending: dict[str, Future] = {}
-        self._failed: dict[str, str] = {}
+        self._failed: dict[str, AdapterUnavailable] = {}
         self._staged: dict[str, Any] = {}    # loaded by prefetch, kept until activated
 
     def resolve(self, ref: str, tenant: str | None) -> str:
@@ -67,13 +67,16 @@ class AdapterGateway:
             self._pending.pop(key, None)
             error = future.exception()
             if error is not None:
-                self._failed[key] = _safe_message(error)
+                unavailable = isinstance(error, StoreUnavailable)
+                self._failed[key] = (AdapterBackendUnavailable if unavailable else AdapterUnavailable)(
+                    _safe_message(error))
             else:
                 # Held here too, so a host cache too small to keep it cannot stall the request.
                 self._staged[key] = future.result()
 
-    def take_failures(self) -> dict[str, str]:
-        """Adapters whose load failed since the last call (key -> message)."""
+    def take_failures(self) -> dict[str, AdapterUnavailable]:
+        """Adapters whose load failed since the last call (key -> error; AdapterBackendUnavailable when
+        the store's backend was unreachable: retrying later may work)."""
         with self._lock:
             failed, self._failed = self._failed, {}
         return failed

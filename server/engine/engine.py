@@ -11,7 +11,7 @@ from .adapters import AdapterGateway
 from .batch import RunnerOutput, ScheduledBatch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .io import (AdapterUnavailable, EngineError, EngineStats, GenerationRequest, QueueFull,
+from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
 from .prompt import encode_prompt, render_chat
 from .request_state import RequestState
@@ -220,11 +220,11 @@ class LLMEngine:
         for state in [s for s in self._states.values() if s.seq.adapter_key in failures]:
             if state.seq.is_finished:
                 continue
-            log.warning("adapter %s could not be loaded: %s", state.seq.adapter_key,
-                        failures[state.seq.adapter_key])
+            failure = failures[state.seq.adapter_key]
+            log.warning("adapter %s could not be loaded: %s", state.seq.adapter_key, failure)
             self.scheduler.finish(state.seq, FinishReason.ERROR)
-            message = f"adapter {state.seq.adapter_key} cannot be served: {failures[state.seq.adapter_key]}"
-            outputs.append(self._finalize(state, error=AdapterUnavailable(message)))
+            message = f"adapter {state.seq.adapter_key} cannot be served: {failure}"
+            outputs.append(self._finalize(state, error=type(failure)(message)))
         return outputs
 
     # ---- introspection --------------------------------------------------------------

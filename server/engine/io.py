@@ -36,6 +36,14 @@ class AdapterUnavailable(EngineError):
     """The adapter exists but cannot be served (refused at load, quarantined). -> FAILED_PRECONDITION."""
 
 
+class AdapterBackendUnavailable(AdapterUnavailable):
+    """The adapter store's database or object store is unreachable for a cold load. -> UNAVAILABLE."""
+
+    def __init__(self, message: str, retry_after_s: float = 2.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class RequestFailed(EngineError):
     """The request failed inside the engine. -> INTERNAL (message is safe to show)."""
 

@@ -21,8 +21,8 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from ..engine.io import (AdapterUnavailable, EngineDraining, QueueFull, RequestFailed,
-                         RequestRejected)
+from ..engine.io import (AdapterBackendUnavailable, AdapterUnavailable, EngineDraining, QueueFull,
+                         RequestFailed, RequestRejected)
 
 log = logging.getLogger("loraplex.service")
 
@@ -90,6 +90,8 @@ def _store_error_codes() -> list[tuple[type, grpc.StatusCode]]:
         (store.UploadConflict, grpc.StatusCode.ALREADY_EXISTS),
         (store.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
         (store.IntegrityError, grpc.StatusCode.FAILED_PRECONDITION),
+        (store.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+        (store.SchemaError, grpc.StatusCode.FAILED_PRECONDITION),
     ]
 
 
@@ -107,6 +109,8 @@ def map_error(error: BaseException) -> MappedStatus:
         return MappedStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), retry_after_s=error.retry_after_s)
     if isinstance(error, EngineDraining):
         return MappedStatus(grpc.StatusCode.UNAVAILABLE, str(error) or "the server is shutting down")
+    if isinstance(error, AdapterBackendUnavailable):
+        return MappedStatus(grpc.StatusCode.UNAVAILABLE, f"{error}; retry shortly", retry_after_s=error.retry_after_s)
     if isinstance(error, AdapterUnavailable):
         return MappedStatus(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     if isinstance(error, RequestFailed):
@@ -120,7 +124,7 @@ def map_error(error: BaseException) -> MappedStatus:
         if isinstance(error, error_type):
             name = _STORE_FIELDS.get(error_type.__name__)
             violations = (FieldViolation(name, str(error)),) if name and code is grpc.StatusCode.INVALID_ARGUMENT else ()
-            return MappedStatus(code, str(error), violations)
+            return MappedStatus(code, str(error), violations, getattr(error, "retry_after_s", None))
     incident = uuid.uuid4().hex[:12]
     log.error("internal error (incident %s)", incident, exc_info=error)
     return MappedStatus(grpc.StatusCode.INTERNAL, f"internal server error (incident {incident})")

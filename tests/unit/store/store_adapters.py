@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
+import os
 from pathlib import Path
 
 import torch
@@ -71,8 +71,11 @@ def write_adapter(directory: Path, rank: int = 4, seed: int = 0, config: dict | 
 
 
 def make_store(root: Path, base: BaseSpec = FAKE_BASE, **overrides) -> AdapterStore:
+    """A store under `root`; with the shared backends when LORAPLEX_TEST_STORE_* are set (conftest)."""
     settings = dict(max_lora_rank=16, max_adapter_bytes=4 * 2**20, quota_bytes=64 * 2**20,
-                    host_cache_bytes=8 * 2**20, allowed_register_roots=(str(root.parent / "adapters"),))
+                    host_cache_bytes=8 * 2**20, allowed_register_roots=(str(root.parent / "adapters"),),
+                    registry_url=os.environ.get("LORAPLEX_TEST_STORE_REGISTRY", ""),
+                    blobs_url=os.environ.get("LORAPLEX_TEST_STORE_BLOBS", ""), stale_delete_s=0.0)
     settings.update(overrides)
     return AdapterStore(root, StoreConfig(**settings), base)
 
@@ -97,17 +100,33 @@ def upload(store: AdapterStore, name: str, config_bytes: bytes, weights_bytes: b
         session.abort()
 
 
-def snapshot(root: Path) -> tuple[frozenset[str], tuple]:
-    """(every file under blobs/ and tmp/, every registry row): equal before and after = nothing stored."""
-    files = frozenset(str(p.relative_to(root)) for sub in ("blobs", "tmp") for p in (root / sub).rglob("*")
-                      if p.is_file())
-    conn = sqlite3.connect(root / "registry.sqlite3")
-    try:
-        rows = tuple(conn.execute("SELECT * FROM adapters ORDER BY name, version").fetchall())
-        rows += tuple(conn.execute("SELECT * FROM names ORDER BY name").fetchall())
-    finally:
-        conn.close()
-    return files, rows
+def snapshot(store: AdapterStore) -> tuple[frozenset[str], tuple]:
+    """(every blob and staged file, every registry row): equal before and after = nothing stored."""
+    tmp = store.root / "tmp"
+    files = frozenset(str(p.relative_to(store.root)) for p in tmp.rglob("*") if p.is_file()) if tmp.exists() \
+        else frozenset()
+    return files | blob_digests(store), tuple(store._registry.all()) + tuple(store._registry.names())
+
+
+def blob_digests(store: AdapterStore) -> frozenset[str]:
+    """Digests of every blob in the store's blob backend."""
+    return frozenset(store._blobs.list_digests())
+
+
+def corrupt_blob(store: AdapterStore, digest: str, data: bytes = b"corrupted") -> None:
+    """Overwrite a stored blob behind the store's back (and drop any local cached copy)."""
+    from loraplex.adapters_store.blobs_s3 import S3BlobStore
+
+    if isinstance(store._blobs, S3BlobStore):
+        location = store._blobs.location
+        store._blobs._client.put_object(Bucket=location.bucket, Key=store._blobs._key(digest), Body=data)
+        store._blobs.cache.drop(digest)
+    else:
+        store._blobs.path(digest).write_bytes(data)
+
+
+def remove_blob(store: AdapterStore, digest: str) -> None:
+    store._blobs.remove(digest)
 
 
 def staging_leftovers(root: Path) -> list[str]:
@@ -115,8 +134,7 @@ def staging_leftovers(root: Path) -> list[str]:
     return [str(p.relative_to(root)) for p in (root / "tmp").rglob("*")] if (root / "tmp").exists() else []
 
 
-def verify_blobs(root: Path) -> None:
+def verify_blobs(store: AdapterStore) -> None:
     """Every blob's content hashes to its name."""
-    for path in (root / "blobs" / "sha256").rglob("*"):
-        if path.is_file():
-            assert sha256(path.read_bytes()) == path.name, f"corrupt blob {path}"
+    for digest in store._blobs.list_digests():
+        assert sha256(store._blobs.read(digest)) == digest, f"corrupt blob {digest}"

@@ -106,14 +106,14 @@ def store(tmp_path):
 
 
 def _assert_nothing_stored(store, before) -> None:
-    assert snapshot(store.root) == before
+    assert snapshot(store) == before
     assert store.load("good@1").key == "good@1"            # the adapter stored before is intact
 
 
 @pytest.mark.parametrize("case", sorted(UPLOAD_CASES))
 def test_bad_upload_is_refused_with_its_rule_and_nothing_stored(store, case):
     config_bytes, weights_bytes, rule = UPLOAD_CASES[case]()
-    before = snapshot(store.root)
+    before = snapshot(store)
     with pytest.raises(AdapterValidationError) as caught:
         upload(store, f"bad-{case.replace('_', '-')}", config_bytes, weights_bytes)
     assert caught.value.rule == rule, str(caught.value)
@@ -131,7 +131,7 @@ def test_every_rule_has_its_own_message(store):
 
 def test_mismatched_sha256_is_refused_at_commit(store):
     config_bytes, weights_bytes = adapter_bytes(seed=5)
-    before = snapshot(store.root)
+    before = snapshot(store)
     meta = UploadMeta("bad", len(config_bytes), sha256(config_bytes), len(weights_bytes), sha256(b"other"))
     session = store.begin_upload(meta)
     session.write(CONFIG_NAME, config_bytes)
@@ -149,14 +149,14 @@ def test_wrong_fingerprint_is_accepted_with_the_operator_override(store):
 
 @pytest.mark.parametrize("bad_id", ["../x", "/etc/passwd", "a/../../b", "a..b", "", ".hidden", "x" * 129, "a b"])
 def test_traversal_and_unsafe_ids_are_refused(store, tmp_path, bad_id):
-    before = snapshot(store.root)
+    before = snapshot(store)
     config_bytes, weights_bytes = adapter_bytes()
     with pytest.raises(InvalidAdapterId):
         upload(store, bad_id, config_bytes, weights_bytes)
     write_adapter(tmp_path / "adapters" / "ok")
     with pytest.raises(InvalidAdapterId):
         store.register_path(bad_id, tmp_path / "adapters" / "ok")
-    assert snapshot(store.root) == before
+    assert snapshot(store) == before
 
 
 def _register_cases(tmp_path):
@@ -185,7 +185,7 @@ def _register_cases(tmp_path):
                                   "symlinked_file_escape", "pickle_only_dir"])
 def test_register_path_escapes_and_pickles_are_refused(store, tmp_path, case):
     path, error_type = _register_cases(tmp_path)[case]
-    before = snapshot(store.root)
+    before = snapshot(store)
     with pytest.raises(error_type) as caught:
         store.register_path("reg", path)
     assert isinstance(caught.value, StoreError) and str(caught.value)

@@ -16,7 +16,7 @@ from loraplex.adapters_store.errors import AdapterNotFound
 from loraplex.adapters_store.records import AdapterState
 from loraplex.adapters_store.staging import StagingDir
 from loraplex.adapters_store.store import AdapterStore
-from store_adapters import adapter_bytes, make_store, sha256, upload, verify_blobs
+from store_adapters import adapter_bytes, blob_digests, make_store, sha256, upload, verify_blobs
 
 WORKER = Path(__file__).with_name("store_worker.py")
 NAMES = ("shared", "alpha", "beta")
@@ -91,8 +91,8 @@ def test_parallel_uploads_reads_deletes_match_the_serial_model(tmp_path):
     assert {r.key: r.sha256 for r in rows} == expected
     assert all(r.state is AdapterState.READY for r in rows)
     referenced = {d for r in rows for d in (r.sha256, r.config_sha256)}
-    assert {p.name for p in (root / "blobs" / "sha256").rglob("*") if p.is_file()} == referenced
-    verify_blobs(root)
+    assert blob_digests(store) == referenced
+    verify_blobs(store)
     for name in by_name:
         survivors = sorted(int(k.split("@")[1]) for k in expected if k.split("@")[0] == name)
         if survivors:
@@ -120,7 +120,9 @@ def test_recovery_removes_orphans_and_finishes_deletions(tmp_path):
     report = reopened.recovery
     assert report.deletions_finished == [doomed.key]
     assert report.staging_removed == [orphan_staging.path.name]
-    removed = {Path(path).name for path in report.blobs_removed}       # doomed shares kept's config blob
+    collected = reopened.gc().blobs_removed if reopened.shared else []  # shared stores: GC is explicit only
+    assert not (reopened.shared and report.blobs_removed)
+    removed = {Path(path).name for path in report.blobs_removed + collected}   # doomed shares kept's config blob
     assert removed == {sha256(b"x" * 10), doomed.sha256}
     assert live_staging.path.exists()
     assert [r.key for r in reopened._registry.all()] == [kept.key]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters_store.records import AdapterState
-from store_adapters import adapter_bytes, make_store, sha256, upload, verify_blobs, write_adapter
+from store_adapters import adapter_bytes, blob_digests, make_store, sha256, upload, verify_blobs, write_adapter
 
 WORKER = Path(__file__).with_name("store_worker.py")
 KILLS_PER_MODE = 6
@@ -44,19 +44,19 @@ def _check_consistent(root: Path, must_exist: dict[str, str]) -> tuple[int, int]
     store = make_store(root, max_lora_rank=64)
     try:
         report = store.recovery
+        collected = store.gc()                                # shared stores collect orphans only here
         rows = store._registry.all()
         assert all(r.state is AdapterState.READY for r in rows), [(r.key, r.state_reason) for r in rows]
         referenced = {d for r in rows for d in (r.sha256, r.config_sha256)}
-        on_disk = {p.name for p in (root / "blobs" / "sha256").rglob("*") if p.is_file()}
-        assert on_disk == referenced
+        assert blob_digests(store) == referenced              # no row without blobs, no orphan blob kept
         assert not any((root / "tmp").iterdir())
-        verify_blobs(root)
+        verify_blobs(store)
         keys = {r.key: r.sha256 for r in rows}
         for key, digest in must_exist.items():
             assert keys.get(key) == digest, f"{key} lost or changed after a crash"
         for key in keys:
             assert store.load(key).key == key                 # sha256 verified and parsed on load
-        return len(report.staging_removed), len(report.blobs_removed)
+        return len(report.staging_removed), len(report.blobs_removed) + len(collected.blobs_removed)
     finally:
         store.close()
 

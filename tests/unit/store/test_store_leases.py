@@ -10,7 +10,7 @@ import pytest
 from loraplex.adapters_store.errors import AdapterNotFound
 from loraplex.adapters_store.leases import LeaseTable
 from loraplex.adapters_store.records import AdapterState
-from store_adapters import adapter_bytes, make_store, snapshot, upload
+from store_adapters import adapter_bytes, blob_digests, make_store, snapshot, upload
 
 
 @pytest.fixture
@@ -53,12 +53,11 @@ def test_delete_waits_for_leases_then_removes_rows_blobs_and_cache(store):
     with pytest.raises(AdapterNotFound):
         store.acquire(record.key)
     assert store.load(record.key).key == record.key            # the running request may still load it
-    blob = store.root / "blobs" / "sha256" / record.sha256[:2] / record.sha256
-    assert blob.exists() and store._registry.get("ad", 1).state is AdapterState.DELETING
+    assert record.sha256 in blob_digests(store) and store._registry.get("ad", 1).state is AdapterState.DELETING
     store.release(record.key)
     deleter.join(timeout=10)
     assert deleted == [[1]]
-    assert not blob.exists() and store._registry.get("ad", 1) is None and not store.is_loaded(record.key)
+    assert record.sha256 not in blob_digests(store) and store._registry.get("ad", 1) is None and not store.is_loaded(record.key)
     with pytest.raises(AdapterNotFound):
         store.load(record.key)
     assert store.load(keep.key).key == keep.key
@@ -71,9 +70,9 @@ def test_delete_without_wait_finishes_on_last_release(store):
     assert store._registry.get("ad", 1) is not None
     store.release(record.key)
     deadline = time.monotonic() + 10
-    while snapshot(store.root) != (frozenset(), (("ad", None, 1),)) and time.monotonic() < deadline:
+    while snapshot(store) != (frozenset(), (("ad", None, 1),)) and time.monotonic() < deadline:
         time.sleep(0.01)                                       # rows go first, then blobs
-    assert snapshot(store.root) == (frozenset(), (("ad", None, 1),))
+    assert snapshot(store) == (frozenset(), (("ad", None, 1),))
 
 
 def test_shared_blob_survives_deleting_one_of_two_versions(store):
@@ -85,7 +84,7 @@ def test_shared_blob_survives_deleting_one_of_two_versions(store):
     assert store.delete("ad", None) == [2]
     with pytest.raises(AdapterNotFound):
         store.delete("ad", None)
-    assert snapshot(store.root)[0] == frozenset()
+    assert snapshot(store)[0] == frozenset()
 
 
 def test_prefetch_of_a_deleted_adapter_fails_with_not_found(store):

@@ -12,7 +12,7 @@ from loraplex.adapters_store.errors import (AdapterNotFound, AdapterValidationEr
 from loraplex.adapters_store.paths import CONFIG_NAME, WEIGHTS_NAME
 from loraplex.adapters_store.records import AdapterState
 from loraplex.adapters_store.upload import UploadMeta
-from store_adapters import (adapter_bytes, adapter_tensors, make_store, sha256, snapshot, staging_leftovers,
+from store_adapters import (adapter_bytes, adapter_tensors, corrupt_blob, make_store, sha256, snapshot, staging_leftovers,
                             tensor_key, upload)
 
 
@@ -83,16 +83,15 @@ def test_load_parses_weights_and_uses_the_host_cache(store):
 
 def test_corrupted_blob_raises_integrity_error_and_quarantines(store):
     record = upload(store, "ad", *adapter_bytes())
-    blob = store.root / "blobs" / "sha256" / record.sha256[:2] / record.sha256
-    data = bytearray(blob.read_bytes())
+    data = bytearray(store._blobs.read(record.sha256))
     data[-5] ^= 0xFF
-    blob.write_bytes(bytes(data))
+    corrupt_blob(store, record.sha256, bytes(data))
     with pytest.raises(IntegrityError, match="corrupted"):
         store.prefetch(record.key).result(timeout=10)
     assert store.resolve("ad@1", None).state is AdapterState.QUARANTINED
     with pytest.raises(IntegrityError, match="quarantined"):
         store.load(record.key)
-    assert store.delete("ad", None) == [1] and snapshot(store.root)[0] == frozenset()
+    assert store.delete("ad", None) == [1] and snapshot(store)[0] == frozenset()
 
 
 def test_oversize_chunk_is_refused_at_once_and_leaves_nothing(store):
@@ -110,7 +109,7 @@ def test_oversize_chunk_is_refused_at_once_and_leaves_nothing(store):
 @pytest.mark.parametrize("rule", ["truncated", "chunk_size", "unknown_file", "abort"])
 def test_failed_or_aborted_uploads_leave_nothing(store, rule):
     config_bytes, weights_bytes = adapter_bytes()
-    before = snapshot(store.root)
+    before = snapshot(store)
     session = store.begin_upload(UploadMeta("ad", len(config_bytes), sha256(config_bytes), len(weights_bytes),
                                             sha256(weights_bytes)))
     session.write(CONFIG_NAME, config_bytes)
@@ -126,7 +125,7 @@ def test_failed_or_aborted_uploads_leave_nothing(store, rule):
             session.abort()
             raise AdapterValidationError("abort", "aborted")
     assert caught.value.rule == rule
-    assert snapshot(store.root) == before and staging_leftovers(store.root) == []
+    assert snapshot(store) == before and staging_leftovers(store.root) == []
 
 
 def test_quota_is_store_wide(tmp_path):
