@@ -1,15 +1,18 @@
 """Real backing services for tests: PostgreSQL (the `pgserver` wheel) and S3 (moto's threaded server).
 
 Both listen on loopback only (PostgreSQL on a unix socket inside its data directory, moto on
-127.0.0.1 with a free port), can be stopped and started again (outage tests), and hand out a
+127.0.0.1 with a free port, behind a proxy that can cut connections), can be stopped and started again (outage tests), and hand out a
 fresh database / bucket prefix per test. pgserver refuses nothing as root: it creates an
 unprivileged `pgserver` system user and runs PostgreSQL as that user.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,9 +70,72 @@ class PostgresService:
             self._server.cleanup()
 
 
+class TcpProxy:
+    """A loopback TCP proxy to `target_port` that can be cut: stop() closes the listener and every
+    open connection (clients then see refused connections, not a hang), start() listens again on
+    the same port. It stands in front of moto, whose own shutdown keeps keep-alive connections."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = 0
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.start()
+
+    def start(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                self._sockets.discard(src)
+                self._sockets.discard(dst)
+
+
 @dataclass
 class S3Service:
-    """moto's S3 on 127.0.0.1; `env` holds the AWS_* variables that point boto3 at it."""
+    """moto's S3 on 127.0.0.1 behind a TcpProxy; `env` holds the AWS_* variables that point boto3 at it."""
 
     bucket: str = "loraplex-test"
     env: dict[str, str] = field(default_factory=dict)
@@ -82,7 +148,9 @@ class S3Service:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)           # one line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
-        host, self.port = self._server.get_host_and_port()
+        _, moto_port = self._server.get_host_and_port()
+        self._proxy = TcpProxy(moto_port)
+        self.port = self._proxy.port
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {**AWS_TEST_ENV, "AWS_ENDPOINT_URL": self.endpoint}
         self.client().create_bucket(Bucket=self.bucket)
@@ -99,14 +167,12 @@ class S3Service:
         return f"s3://{self.bucket}/t-{uuid.uuid4().hex[:12]}"
 
     def stop(self) -> None:
-        """Stop answering (objects are kept in memory); start() listens on the same port again."""
-        self._server.stop()
+        """Cut the endpoint (objects are kept); start() serves them again on the same port."""
+        self._proxy.stop()
 
     def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+        self._proxy.start()
 
     def close(self) -> None:
+        self._proxy.stop()
         self._server.stop()
