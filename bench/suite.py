@@ -165,6 +165,21 @@ def section_store(model_dir: Path, quick: bool) -> str:
          for rank, disk_ms, slot_ms, size in results])
 
 
+def section_store_backends(model_dir: Path, quick: bool) -> str:
+    from store_backend_bench import run_backend_load
+
+    results = run_backend_load(model_dir, ranks=(8,) if quick else (8, 64), repeats=3 if quick else 7)
+    return table_section(
+        "## Adapter cold load by blob backend (default model, all seven modules)",
+        ["blob -> host (read, sha256, parse) with the blobs in the local directory, in S3 (moto's server on",
+         "loopback: HTTP GET, then the copy into the local blob cache), in S3 but already in this server's",
+         "disk cache (`--blob-cache-bytes`), and a host-cache hit (the path every warm request takes)."],
+        "| rank | file size | local dir (ms) | S3 cold (ms) | S3, disk-cached (ms) | host-cache hit (ms) |",
+        "|---:|---:|---:|---:|---:|---:|",
+        [f"| {r.rank} | {r.size_bytes / 2**20:.1f} MiB | {r.local_ms:.1f} | {r.s3_cold_ms:.1f} | "
+         f"{r.s3_cached_ms:.1f} | {r.host_hit_ms:.3f} |" for r in results])
+
+
 def section_scaling(model_dir: Path, quick: bool) -> str:
     from scaling_bench import section_scaling as run
 
@@ -234,7 +249,7 @@ each section are computed from that run's numbers.
 
 SECTIONS = {"decode": section_decode, "lora": section_lora, "scaling": section_scaling,
             "grpc": section_grpc, "backends": section_backends, "store": section_store,
-            "sampling": section_sampling}
+            "store_backends": section_store_backends, "sampling": section_sampling}
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ from loraplex.adapters_store.records import AdapterState
 from store_adapters import adapter_bytes, blob_digests, make_store, sha256, upload, verify_blobs, write_adapter
 
 WORKER = Path(__file__).with_name("store_worker.py")
-KILLS_PER_MODE = 6
+KILLS_PER_MODE = 5                                 # 10 SIGKILL cycles per backend pair
 
 
 def _run_and_kill(root: Path, mode: str, args: list[str], delay_s: float) -> list[dict]:
@@ -61,7 +61,7 @@ def _check_consistent(root: Path, must_exist: dict[str, str]) -> tuple[int, int]
         store.close()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_sigkill_during_uploads_and_registrations_leaves_a_consistent_store(tmp_path):
     root = tmp_path / "store"
     adapters = tmp_path / "adapters"
