@@ -57,7 +57,8 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
         store = self._writable_store()
         problems = _name_problems(request.adapter_id, "adapter_id", allow_version=False)
         if not request.path:
-            problems.append(FieldViolation("path", "must name a directory under an allowed register root"))
+            problems.append(FieldViolation("path", "must name a directory under an allowed register root, or "
+                                                   "s3://bucket/path/ under an allowed adapter source"))
         if problems:
             raise invalid_argument(problems)
         record = await asyncio.to_thread(

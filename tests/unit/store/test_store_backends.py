@@ -13,7 +13,7 @@ import pytest
 from loraplex.adapters_store.errors import AdapterValidationError, PermissionDenied, SchemaError, StoreUnavailable
 from loraplex.adapters_store.records import AdapterState
 from loraplex.adapters_store.schema import CURRENT_VERSION, MIGRATIONS
-from store_adapters import adapter_bytes, make_store, snapshot, upload
+from store_adapters import adapter_bytes, make_store, sha256, snapshot, upload
 
 FIXTURE_V1 = Path(__file__).with_name("fixtures") / "store_v1"
 
@@ -144,3 +144,25 @@ def test_s3_sources_are_off_without_adapter_source(tmp_path, s3_service):
     with pytest.raises(PermissionDenied, match="--adapter-source"):
         store.register_path("x", f"s3://{s3_service.bucket}/anything/")
     store.close()
+
+
+def test_store_gc_command_removes_orphans_and_keeps_referenced_blobs(tmp_path, capsys):
+    from loraplex.cli import main
+
+    root = tmp_path / "store"
+    store = make_store(root)
+    kept = upload(store, "kept", *adapter_bytes(seed=1))
+    orphan = root / "orphan"
+    orphan.write_bytes(b"orphan blob")
+    orphan_digest = sha256(b"orphan blob")
+    store._blobs.put(orphan, orphan_digest)                   # a writer killed between blob and row
+    store.close()
+    argv = ["store", "gc", "--store", str(root), "--stale-delete-after", "0"]
+    for flag, env in (("--store-registry", "LORAPLEX_TEST_STORE_REGISTRY"), ("--store-blobs", "LORAPLEX_TEST_STORE_BLOBS")):
+        argv += [flag, os.environ[env]] if os.environ.get(env) else []
+    assert main(argv) == 0
+    assert "1 orphan blobs removed" in capsys.readouterr().out
+    reopened = make_store(root)
+    assert orphan_digest not in reopened._blobs.list_digests()
+    assert reopened.load(kept.key).key == kept.key
+    reopened.close()
