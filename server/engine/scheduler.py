@@ -7,35 +7,14 @@ import heapq
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 
+from .config import SchedulerConfig
 from .batch import RunnerOutput, ScheduledBatch, ScheduledSeq
 from .block_manager import BlockManager
 from .sequence import FinishReason, Sequence, SequenceStatus
 from .waiting_queue import WaitingQueues
 
 AdapterReady = Callable[[str], bool]
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64          # running sequences per step
-    max_batch_tokens: int = 2048    # token budget per step (decodes count 1 each)
-    max_loras: int = 8              # distinct non-None adapter keys per step
-    max_model_len: int = 8192       # prompt + output cap -> FinishReason.LENGTH
-    max_waiting: int = 1024         # queue limit (the engine checks `num_waiting` to reject)
-    watermark_blocks: int = 0       # free blocks kept in reserve when admitting new sequences
-    max_overtakes: int = 32         # later arrivals admitted past a capacity-blocked sequence
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            minimum = 0 if f.name in ("watermark_blocks", "max_overtakes") else 1
-            if getattr(self, f.name) < minimum:
-                raise ValueError(f"SchedulerConfig.{f.name} must be >= {minimum} "
-                                 f"(got {getattr(self, f.name)})")
-        if self.max_batch_tokens < self.max_num_seqs:
-            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
-                             f"({self.max_num_seqs}) so every running sequence can decode each step")
 
 
 class Scheduler:
@@ -94,6 +73,11 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def queue_full(self) -> bool:
+        """True when `max_queued_requests` sequences wait: new requests are refused."""
+        return len(self._waiting) >= self.config.max_queued_requests
+
+    @property
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
 
@@ -112,9 +96,10 @@ class Scheduler:
 
     # ---- intake and removal ------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence. Raises ValueError when it could never run.
+        """Queue a new sequence. Raises ValueError when it could never fit the KV cache.
 
-        `max_waiting` is not enforced here: the engine compares `num_waiting` against it.
+        Requests are validated before (engine/validation.py: lengths against max_model_len);
+        the engine refuses new requests while `queue_full`.
         """
         if seq.seq_id in self._seqs:
             raise ValueError(f"sequence {seq.seq_id} was already added")
@@ -133,8 +118,6 @@ class Scheduler:
         fix = "lower max_new_tokens or shorten the prompt"
         if seq.num_prompt_tokens < 1:
             raise ValueError("the prompt is empty")
-        if total > cfg.max_model_len:
-            raise ValueError(f"{what} = {total} tokens exceeds max_model_len {cfg.max_model_len}; {fix}")
         need = blocks.blocks_for_tokens(total)
         if need > blocks.num_blocks:
             raise ValueError(f"{what} needs {need} KV blocks of {blocks.block_size} tokens but the cache "
