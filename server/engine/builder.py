@@ -78,7 +78,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
         pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
                         ops=select_ops(device, cpu_kernels=kernels))
         gateway = AdapterGateway(store, AdapterManager(pool))
-    runner = ModelRunner(model, model_config, kv_caches, cache.block_size, sampler, device=device)
+    runner = ModelRunner(model, model_config, kv_caches, cache.block_size, sampler, device=device, lora=pool)
 
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
                        adapters=gateway)

@@ -148,10 +148,11 @@ class LLMEngine:
         """Re-run each item alone; fail only the items whose own forward pass raises.
 
         Safe because nothing was advanced by the failed attempt: each item recomputes the same
-        positions into the same KV slots, and sampling seeds do not depend on the batch.
+        positions into the same KV slots, and sampling seeds do not depend on the batch. A
+        failed item gets no token: it is listed in `failed_seq_ids` and finished with ERROR.
         """
-        tokens: list[int] = []
-        logprobs: list[float] = []
+        tokens: dict[int, int] = {}
+        logprobs: dict[int, float] = {}
         failed: set[int] = set()
         for item in batch.items:
             try:
@@ -159,9 +160,9 @@ class LLMEngine:
             except Exception:  # noqa: BLE001 - this request's own failure
                 log.exception("request sequence %d failed inside the engine", item.seq.seq_id)
                 failed.add(item.seq.seq_id)
-                out = RunnerOutput(sampled_token_ids=[0] if item.sample else [], logprobs=None)
-            tokens += out.sampled_token_ids
-            logprobs += out.logprobs if out.logprobs is not None else [0.0] * len(out.sampled_token_ids)
+                continue
+            tokens.update(out.sampled_token_ids)
+            logprobs.update(out.logprobs or {})
         wants_logprobs = any(item.seq.sampling.logprobs for item in batch.sampled_items)
         return RunnerOutput(sampled_token_ids=tokens, logprobs=logprobs if wants_logprobs else None,
                             failed_seq_ids=frozenset(failed))

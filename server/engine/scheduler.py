@@ -257,23 +257,18 @@ class Scheduler:
     # ---- results -----------------------------------------------------------------------
     def update(self, batch: ScheduledBatch, output: RunnerOutput) -> list[Sequence]:
         """Apply one forward pass's results; return the sequences that finished in it."""
-        num_sampled = len(batch.sampled_items)
-        if len(output.sampled_token_ids) != num_sampled or (
-                output.logprobs is not None and len(output.logprobs) != num_sampled):
-            raise ValueError(f"the runner returned {len(output.sampled_token_ids)} tokens for "
-                             f"{num_sampled} sampled sequences")
+        tokens, logprobs, failed = output.sampled_token_ids, output.logprobs, output.failed_seq_ids
+        missing = [item.seq.seq_id for item in batch.items
+                   if item.sample and item.seq.seq_id not in tokens and item.seq.seq_id not in failed]
+        if missing:
+            raise ValueError(f"the runner returned no token for sampled sequences {missing}")
         finished: list[Sequence] = []
         now = self.clock()
-        k = 0
         for item in batch.items:
-            seq, token, logprob = item.seq, None, None
-            if item.sample:
-                token = output.sampled_token_ids[k]
-                logprob = output.logprobs[k] if output.logprobs is not None else None
-                k += 1
+            seq = item.seq
             if seq.is_finished:
                 continue
-            if seq.seq_id in output.failed_seq_ids:
+            if seq.seq_id in failed:
                 self.finish(seq, FinishReason.ERROR)
                 finished.append(seq)
                 continue
@@ -281,9 +276,11 @@ class Scheduler:
                 raise RuntimeError(f"sequence {seq.seq_id} changed between schedule and update "
                                    f"(computed {seq.num_computed_tokens}, scheduled from {item.start})")
             seq.num_computed_tokens += item.num_new_tokens
-            if token is None:
+            if not item.sample:
                 continue
+            token = tokens[seq.seq_id]
             seq.output_token_ids.append(token)
+            logprob = logprobs.get(seq.seq_id) if logprobs is not None else None
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
             if seq.first_token_time is None:
@@ -292,7 +289,7 @@ class Scheduler:
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
-        for seq_id in output.failed_seq_ids:
+        for seq_id in failed:
             seq = self._seqs.get(seq_id)
             if seq is not None:
                 self.finish(seq, FinishReason.ERROR)

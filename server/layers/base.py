@@ -27,14 +27,15 @@ class QuantSpec(QuantConfig):
 class QuantizedLinear(torch.nn.Module):
     """A frozen linear layer y = x @ W^T + b whose W may be stored quantized.
 
-    `apply(x)` takes activations in the compute dtype, shape [num_tokens, in_features],
-    and returns [num_tokens, out_features] in the compute dtype.
+    `linear(x)` takes activations in the compute dtype, shape [num_tokens, in_features],
+    and returns [num_tokens, out_features] in the compute dtype. (Not `apply`: that name is
+    nn.Module.apply, which walks submodules; `forward` is `linear` behind nn.Module hooks.)
     """
 
     in_features: int
     out_features: int
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:  # noqa: A003 - the public name
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def weight_bytes(self) -> int:
@@ -46,4 +47,4 @@ class QuantizedLinear(torch.nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply(x)
+        return self.linear(x)

@@ -63,8 +63,9 @@ def run_step(sched: Scheduler, ready: Callable[[str], bool] = lambda key: True,
              failed: frozenset[int] = frozenset()) -> tuple[ScheduledBatch, list[Sequence]]:
     batch = sched.schedule(ready)
     check_batch(sched, batch)
-    sampled = [token(item.seq, item.seq.num_tokens) for item in batch.sampled_items]
-    logprobs = [-0.5] * len(sampled)
+    sampled = {item.seq.seq_id: token(item.seq, item.seq.num_tokens) for item in batch.sampled_items
+               if item.seq.seq_id not in failed}            # a failed forward samples nothing
+    logprobs = {seq_id: -0.5 for seq_id in sampled}
     finished = sched.update(batch, RunnerOutput(sampled, logprobs, failed))
     sched.check_invariants()
     return batch, finished
@@ -272,10 +273,10 @@ def test_update_sets_times_and_checks_the_output():
     clock.now = 5.0
     batch = sched.schedule()
     assert s.first_scheduled_time == 5.0
-    with pytest.raises(ValueError, match="returned 0 tokens for 1 sampled"):
-        sched.update(batch, RunnerOutput(sampled_token_ids=[]))
+    with pytest.raises(ValueError, match=r"no token for sampled sequences \[0\]"):
+        sched.update(batch, RunnerOutput(sampled_token_ids={}))
     clock.now = 6.0
-    sched.update(batch, RunnerOutput(sampled_token_ids=[123], logprobs=[-1.25]))
+    sched.update(batch, RunnerOutput(sampled_token_ids={0: 123}, logprobs={0: -1.25}))
     assert s.first_token_time == 6.0 and s.output_token_ids == [123] and s.output_logprobs == [-1.25]
 
 
