@@ -36,7 +36,7 @@ class SqlRegistry:
     dialect = "sqlite"
     url = ""                                  # for messages (no password)
     shared = False                            # True when other machines may use the same registry
-    migrations_applied: list[int] = []
+    migrations_applied: list[int]             # schema versions applied when this registry was opened
 
     # ---- backend hooks ---------------------------------------------------------------
     @contextmanager
