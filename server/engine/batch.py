@@ -58,3 +58,4 @@ class RunnerOutput:
     sampled_token_ids: list[int]
     logprobs: list[float] | None = None
     failed_seq_ids: frozenset[int] = field(default_factory=frozenset)
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None   # per sampled item, when asked

@@ -14,7 +14,7 @@ from .detokenizer import IncrementalDetokenizer
 from .io import (AdapterUnavailable, EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
 from .prompt import encode_prompt, render_chat
-from .request_state import RequestState
+from .request_state import EMPTY_DELTA, Delta, RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
 from .stop import StopChecker
@@ -172,6 +172,7 @@ class LLMEngine:
         """
         tokens: list[int] = []
         logprobs: list[float] = []
+        alternatives: list[tuple[tuple[int, float], ...]] = []
         failed: set[int] = set()
         for item in batch.items:
             try:
@@ -182,9 +183,11 @@ class LLMEngine:
                 out = RunnerOutput(sampled_token_ids=[0] if item.sample else [], logprobs=None)
             tokens += out.sampled_token_ids
             logprobs += out.logprobs if out.logprobs is not None else [0.0] * len(out.sampled_token_ids)
-        wants_logprobs = any(item.seq.sampling.logprobs for item in batch.sampled_items)
+            alternatives += out.top_logprobs if out.top_logprobs is not None else [()] * len(out.sampled_token_ids)
+        wants_logprobs = any(item.seq.sampling.returns_logprobs for item in batch.sampled_items)
+        wants_top = any(item.seq.sampling.top_logprobs for item in batch.sampled_items)
         return RunnerOutput(sampled_token_ids=tokens, logprobs=logprobs if wants_logprobs else None,
-                            failed_seq_ids=frozenset(failed))
+                            top_logprobs=alternatives if wants_top else None, failed_seq_ids=frozenset(failed))
 
     def _collect(self, batch: ScheduledBatch, finished: list[Sequence]) -> list[RequestOutput]:
         outputs = []
@@ -193,21 +196,21 @@ class LLMEngine:
             state = self._by_seq.get(item.seq.seq_id)
             if state is None or not (item.sample or item.seq.seq_id in done):
                 continue
-            text, ids, logprobs = state.take_delta()
+            delta = state.take_delta()
             if state.stopped_by_text and not state.seq.is_finished:
                 self.scheduler.finish(state.seq, FinishReason.STOP)
             if state.seq.is_finished:
-                outputs.append(self._finalize(state, text, ids, logprobs))
-            elif text or ids:
-                outputs.append(state.output(self.clock(), text, ids, logprobs))
+                outputs.append(self._finalize(state, delta))
+            elif delta.text or delta.token_ids:
+                outputs.append(state.output(self.clock(), delta))
         return outputs
 
-    def _finalize(self, state: RequestState, text: str = "", ids: tuple[int, ...] = (),
-                  logprobs: tuple[float, ...] = (), error: EngineError | None = None) -> RequestOutput:
+    def _finalize(self, state: RequestState, delta: Delta = EMPTY_DELTA,
+                  error: EngineError | None = None) -> RequestOutput:
         self._states.pop(state.request.request_id, None)
         self._by_seq.pop(state.seq.seq_id, None)
         self._release(state.seq.adapter_key)
-        output = state.output(self.clock(), text, ids, logprobs)
+        output = state.output(self.clock(), delta)
         if output.finish_reason is FinishReason.ERROR:
             output = replace(output, error=error or RequestFailed("the request failed inside the engine"))
         return output

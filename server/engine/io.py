@@ -71,6 +71,7 @@ class RequestOutput:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()   # per token: (id, logprob) pairs
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     generated_tokens: int = 0

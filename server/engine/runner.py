@@ -58,9 +58,10 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
             result = self.sampler(logits, inputs.sample_seqs)
         tokens, logprobs = list(result.token_ids), result.logprobs
+        alternatives = getattr(result, "top_logprobs", None)
         if order is not None:
-            tokens, logprobs = _restore_order(batch, order, tokens, logprobs)
-        return RunnerOutput(sampled_token_ids=tokens, logprobs=logprobs)
+            tokens, logprobs, alternatives = _restore_order(batch, order, tokens, logprobs, alternatives)
+        return RunnerOutput(sampled_token_ids=tokens, logprobs=logprobs, top_logprobs=alternatives)
 
     def prepare(self, batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> StepInputs:
         """Host-side lists -> one tensor per field (this runs every step: keep it cheap)."""
@@ -139,11 +140,13 @@ def adapter_order(batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -
 
 
 def _restore_order(sorted_batch: ScheduledBatch, order: list[int], tokens: list[int],
-                   logprobs: list[float] | None) -> tuple[list[int], list[float] | None]:
+                   logprobs: list[float] | None, alternatives: list | None = None
+                   ) -> tuple[list[int], list[float] | None, list | None]:
     """Sampled outputs of the reordered batch -> the original batch's sampled-item order."""
     originals = [order[j] for j, item in enumerate(sorted_batch.items) if item.sample]
     rank = sorted(range(len(originals)), key=originals.__getitem__)
-    return [tokens[r] for r in rank], None if logprobs is None else [logprobs[r] for r in rank]
+    return ([tokens[r] for r in rank], None if logprobs is None else [logprobs[r] for r in rank],
+            None if alternatives is None else [alternatives[r] for r in rank])
 
 
 def _padded(block_table: list[int], length: int) -> list[int]:

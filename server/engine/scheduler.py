@@ -276,17 +276,19 @@ class Scheduler:
         """Apply one forward pass's results; return the sequences that finished in it."""
         num_sampled = len(batch.sampled_items)
         if len(output.sampled_token_ids) != num_sampled or (
-                output.logprobs is not None and len(output.logprobs) != num_sampled):
+                output.logprobs is not None and len(output.logprobs) != num_sampled) or (
+                output.top_logprobs is not None and len(output.top_logprobs) != num_sampled):
             raise ValueError(f"the runner returned {len(output.sampled_token_ids)} tokens for "
                              f"{num_sampled} sampled sequences")
         finished: list[Sequence] = []
         now = self.clock()
         k = 0
         for item in batch.items:
-            seq, token, logprob = item.seq, None, None
+            seq, token, logprob, alternatives = item.seq, None, None, None
             if item.sample:
                 token = output.sampled_token_ids[k]
                 logprob = output.logprobs[k] if output.logprobs is not None else None
+                alternatives = output.top_logprobs[k] if output.top_logprobs is not None else None
                 k += 1
             if seq.is_finished:
                 continue
@@ -303,6 +305,8 @@ class Scheduler:
             seq.output_token_ids.append(token)
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
+            if alternatives is not None and seq.sampling.top_logprobs:
+                seq.output_top_logprobs.append(alternatives)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             reason = self._stop_reason(seq, token)

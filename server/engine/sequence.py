@@ -7,6 +7,9 @@ import math
 from dataclasses import dataclass, field
 
 
+MAX_TOP_LOGPROBS = 20                  # alternatives per token, as OpenAI allows
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"        # queued, or preempted and waiting to be recomputed
     RUNNING = "running"        # holds KV blocks and takes part in steps
@@ -35,10 +38,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    # OpenAI-style extras (server/engine/penalties.py, top_logprobs.py)
+    presence_penalty: float = 0.0       # subtracted once from every token already generated
+    frequency_penalty: float = 0.0      # subtracted per occurrence in the generated tokens
+    min_tokens: int = 0                 # EOS and stop token ids are masked until this many tokens
+    top_logprobs: int = 0               # alternatives returned per token (implies logprobs)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def returns_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -55,6 +67,12 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop),
              "stop sequences must be non-empty strings"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
+            ("presence_penalty", math.isfinite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("frequency_penalty", math.isfinite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_new_tokens, "must be in [0, max_new_tokens]"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for name, ok, message in checks:
             if not ok:
@@ -78,6 +96,7 @@ class Sequence:
     eos_token_ids: tuple[int, ...] = ()
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
