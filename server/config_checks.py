@@ -27,11 +27,15 @@ def validate(config: ServerConfig):
         yield f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPE_CHOICES)}"
     if config.model != "default" and not (Path(config.model).expanduser() / "config.json").is_file():
         yield f"--model {config.model!r}: not a Hugging Face directory with config.json (or use 'default')"
-    for name in ("port", "metrics_port"):
+    for name in ("port", "metrics_port", "http_port"):
         if not 0 <= getattr(config, name) <= 65535:
             yield f"--{name.replace('_', '-')} must be in [0, 65535]"
     if config.port and config.port == config.metrics_port:
         yield "--port and --metrics-port must differ"
+    if config.http_port and config.http_port in (config.port, config.metrics_port):
+        yield "--http-port must differ from --port and --metrics-port"
+    if config.served_model_name and "@" in config.served_model_name:
+        yield "--served-model-name must not contain '@' (it marks adapter versions)"
     yield from _validate_limits(config)
     if config.max_batch_tokens < config.max_num_seqs:
         yield (f"--max-batch-tokens ({config.max_batch_tokens}) must be >= --max-num-seqs "

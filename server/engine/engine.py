@@ -251,4 +251,7 @@ class LLMEngine:
             last_batch_size=last.num_seqs if last else 0,
             last_batch_tokens=last.num_tokens if last else 0,
             total_preemptions=self.scheduler.total_preemptions,
+            running_adapters=self.scheduler.running_adapter_keys,
+            waiting_adapters=tuple(dict.fromkeys(self.scheduler.pending_adapter_keys())),
+            max_loras=self.config.max_loras,
         )

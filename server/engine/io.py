@@ -97,6 +97,9 @@ class EngineStats:
     last_batch_size: int
     last_batch_tokens: int
     total_preemptions: int
+    running_adapters: tuple[str, ...] = ()     # adapter keys of running requests ("name@N")
+    waiting_adapters: tuple[str, ...] = ()     # adapter keys of waiting requests, oldest first
+    max_loras: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -103,6 +103,11 @@ class Scheduler:
     def unfinished(self) -> list[Sequence]:
         return list(self._seqs.values())
 
+    @property
+    def running_adapter_keys(self) -> tuple[str, ...]:
+        """Adapter keys of the running sequences, sorted (at most max_loras of them)."""
+        return tuple(sorted(self._running_adapters))
+
     def pending_adapter_keys(self) -> list[str]:
         """Adapters of waiting sequences, oldest waiting request first (for prefetch)."""
         return [key for _, key in sorted(self._waiting.heads()) if key is not None]

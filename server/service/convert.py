@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ...v1 import generation_pb2 as pb
 from ..engine.io import GenerationRequest, RequestOutput
-from ..engine.sequence import FinishReason, SamplingParams
+from ..engine.sequence import MAX_TOP_LOGPROBS, FinishReason, SamplingParams
 from .errors import FieldViolation, invalid_argument
 
 ADAPTER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[1-9][0-9]{0,8})?$")
@@ -89,11 +89,27 @@ def _sampling(params: pb.SamplingParams, limits: RequestLimits, problems: list[F
         bad("stop", f"at most {limits.max_stop_sequences} stop sequences (got {len(params.stop)})")
     if any(not s for s in params.stop):
         bad("stop", "stop sequences must not be empty")
+    extras = _openai_extras(params, max_new, bad)
     return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p,
                           top_k=params.top_k if params.HasField("top_k") else 0,
                           repetition_penalty=penalty, seed=seed, stop=tuple(params.stop),
                           stop_token_ids=tuple(params.stop_token_ids), ignore_eos=params.ignore_eos,
-                          logprobs=params.logprobs)
+                          logprobs=params.logprobs, **extras)
+
+
+def _openai_extras(params: pb.SamplingParams, max_new: int, bad) -> dict:
+    """presence / frequency penalties, min_tokens, top_logprobs (fields 11-14)."""
+    extras = {name: getattr(params, name) for name in ("presence_penalty", "frequency_penalty", "min_tokens")
+              if params.HasField(name)}
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in extras and not (math.isfinite(extras[name]) and -2 <= extras[name] <= 2):
+            bad(name, "must be in [-2, 2]")
+    if extras.get("min_tokens", 0) > max_new:
+        bad("min_tokens", f"must be <= max_new_tokens ({max_new})")
+    if params.top_logprobs > MAX_TOP_LOGPROBS:
+        bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+    extras["top_logprobs"] = params.top_logprobs
+    return extras
 
 
 def finish_reason(reason: FinishReason | None) -> int:
@@ -102,7 +118,8 @@ def finish_reason(reason: FinishReason | None) -> int:
 
 def stream_response(output: RequestOutput) -> pb.GenerateStreamResponse:
     response = pb.GenerateStreamResponse(text=output.text, token_ids=list(output.token_ids),
-                                         logprobs=list(output.logprobs), adapter_id=output.adapter_key or "")
+                                         logprobs=list(output.logprobs), adapter_id=output.adapter_key or "",
+                                         top_logprobs=_top_logprobs(output.top_logprobs))
     if output.finished:
         response.finish_reason = finish_reason(output.finish_reason)
         _fill_tail(response, output)
@@ -115,9 +132,15 @@ def unary_response(outputs: list[RequestOutput]) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
         text="".join(o.text for o in outputs), token_ids=[t for o in outputs for t in o.token_ids],
         logprobs=[p for o in outputs for p in o.logprobs], finish_reason=finish_reason(last.finish_reason),
-        adapter_id=last.adapter_key or "")
+        adapter_id=last.adapter_key or "",
+        top_logprobs=_top_logprobs([alts for o in outputs for alts in o.top_logprobs]))
     _fill_tail(response, last)
     return response
+
+
+def _top_logprobs(per_token) -> list[pb.TopLogprobs]:
+    return [pb.TopLogprobs(alternatives=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in alts])
+            for alts in per_token]
 
 
 def _fill_tail(response, output: RequestOutput) -> None:
