@@ -34,7 +34,7 @@ def server(tiny_llama_dir, tmp_path_factory):
         "model": str(tiny_llama_dir), "port": "0", "metrics_port": str(free_port()),
         "store": str(tmp_path_factory.mktemp("store")), "kv_cache_memory": "32MiB", "max_num_seqs": "4",
         "max_queued_requests": "6", "max_total_tokens": "1024", "max_input_tokens": "512",
-        "max_new_tokens": "400", "max_loras": "2", "served_model_name": BASE,
+        "max_new_tokens": "400", "max_loras": "2", "served_model_name": BASE, "cpu_kernels": "torch",
         "allowed_register_roots": [str(roots)],
         "api_keys": [f"acme:{ACME}", f"beta:{BETA}"], "admin_keys": [ADMIN, f"acme:{ACME_ADMIN}"]}, {})
     running = loop.run(start_full_server(config))
@@ -303,3 +303,18 @@ def test_tls_http(server, tmp_path):
             httpx.get(f"http://127.0.0.1:{secure.port}/health", timeout=10).raise_for_status()
     finally:
         loop.run(secure.stop(1.0))
+
+
+def test_bench_over_the_openai_api(server, tmp_path, capsys):
+    from loraplex.cli import main
+
+    result_file = tmp_path / "bench.json"
+    code = main(["bench", "--api", "openai", "--base-url", _url(server), "--api-key", ACME, "--num-prompts", "6",
+                 "--concurrency", "3", "--adapters", "tone,legal", "--input-len", "8", "--output-len", "5",
+                 "--warmup", "1", "--json", str(result_file), "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    stats = json.loads(result_file.read_text())["runs"][0]["stats"]
+    assert stats["completed"] == 6 and stats["failed"] == 0 and stats["output_tokens"] == 30
+    assert stats["ttft"]["p50_ms"] > 0 and stats["itl"]["count"] > 0
+    assert main(["bench", "--api", "openai", "--base-url", _url(server), "--api-key", "bad-key-000",
+                 "--num-prompts", "1", "--no-progress"]) != 0

@@ -107,7 +107,7 @@ def test_top_logprobs_greedy_and_restricted_rows():
 def test_engine_returns_top_logprobs_and_penalties(tiny_llama_dir):
     from engine_helpers import greedy_request, make_engine, run_staggered, tokens_of
 
-    engine = make_engine(tiny_llama_dir)
+    engine = make_engine(tiny_llama_dir, cpu_kernels="torch")
     prompt = [1, 504, 3458, 6354, 30, 1789, 1003]
     outputs = run_staggered(engine, [
         (0, greedy_request("top", prompt, 6, top_logprobs=3, ignore_eos=True)),
