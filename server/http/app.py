@@ -77,7 +77,9 @@ class HttpApi:
             record(str(mapped.status), None, None)
             return mapped.response()
         text_of = token_text(engine, bool(parsed.body.return_tokens_as_token_ids))
-        return await respond(engine, parsed, request, endpoint, text_of, record)
+        metrics = self.state.metrics
+        return await respond(engine, parsed, request, endpoint, text_of, record,
+                             metrics.token_delta if metrics is not None else None)
 
     async def models(self, request: Request) -> dict:
         principal = authenticate(self.state.keys, request)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -26,6 +27,7 @@ from .responses import (ChoiceState, ResponseMeta, TokenText, chat_body, chat_ch
 
 DISCONNECTED = object()
 Record = Callable[[str, RequestOutput | None, str | None], None]   # (code, last output, adapter) -> metrics
+TokenTimer = Callable[[float, int], None]    # (seconds since the previous delta, tokens) -> metrics
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,21 @@ CHAT = Endpoint("chat.completions", "chat.completion.chunk", "messages")
 class ChoiceRunner:
     """The engine requests of one HTTP request, their outputs in one queue."""
 
-    def __init__(self, engine: Any, choices: list[Choice], request: Request):
+    def __init__(self, engine: Any, choices: list[Choice], request: Request, on_tokens: TokenTimer | None = None):
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.on_tokens = on_tokens
         self.tasks = [asyncio.create_task(self._pump(engine, choice)) for choice in choices]
         self.watcher = asyncio.create_task(self._watch(request))
 
     async def _pump(self, engine: Any, choice: Choice) -> None:
+        previous = None
         try:
             async with contextlib.aclosing(engine.generate(choice.request)) as outputs:
                 async for output in outputs:
+                    now = time.monotonic()
+                    if self.on_tokens is not None and previous is not None and output.token_ids:
+                        self.on_tokens(now - previous, len(output.token_ids))
+                    previous = now
                     self.queue.put_nowait((choice.index, output, None))
         except Exception as error:  # noqa: BLE001 - handed to the request's handler
             self.queue.put_nowait((choice.index, None, error))
@@ -87,9 +95,9 @@ def _states(parsed: ParsedRequest) -> dict[int, ChoiceState]:
 
 
 async def respond(engine: Any, parsed: ParsedRequest, request: Request, endpoint: Endpoint,
-                  text_of: TokenText, record: Record) -> Response:
+                  text_of: TokenText, record: Record, on_tokens: TokenTimer | None = None) -> Response:
     """Run every choice and answer with one JSON body or an SSE stream."""
-    runner = ChoiceRunner(engine, parsed.choices, request)
+    runner = ChoiceRunner(engine, parsed.choices, request, on_tokens)
     states = _states(parsed)
     meta = ResponseMeta(id=("chatcmpl-" if endpoint is CHAT else "cmpl-") + parsed.choices[0].request.request_id,
                         model=parsed.model)
