@@ -318,3 +318,22 @@ def test_bench_over_the_openai_api(server, tmp_path, capsys):
     assert stats["ttft"]["p50_ms"] > 0 and stats["itl"]["count"] > 0
     assert main(["bench", "--api", "openai", "--base-url", _url(server), "--api-key", "bad-key-000",
                  "--num-prompts", "1", "--no-progress"]) != 0
+
+
+def test_streamed_chat_with_n_choices(server):
+    chunks = list(_client(server).chat.completions.create(
+        model="tone", messages=[{"role": "user", "content": "Tell me"}], n=2, temperature=1.0, seed=5,
+        max_tokens=5, stream=True, extra_body={"ignore_eos": True}))
+    by_index: dict[int, list] = {0: [], 1: []}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            by_index[choice.index].append(choice)
+    for choices in by_index.values():
+        assert choices[0].delta.role == "assistant"
+        assert [c.finish_reason for c in choices].count("length") == 1 and choices[-1].finish_reason == "length"
+    whole = _client(server).chat.completions.create(
+        model="tone", messages=[{"role": "user", "content": "Tell me"}], n=2, temperature=1.0, seed=5,
+        max_tokens=5, extra_body={"ignore_eos": True})
+    for choice in whole.choices:
+        streamed = "".join(c.delta.content or "" for c in by_index[choice.index])
+        assert streamed == choice.message.content
