@@ -337,3 +337,18 @@ def test_streamed_chat_with_n_choices(server):
     for choice in whole.choices:
         streamed = "".join(c.delta.content or "" for c in by_index[choice.index])
         assert streamed == choice.message.content
+
+
+def test_readme_openai_example_runs(server, capsys):
+    """The README's "Use it with the OpenAI SDK" block, against this server (its adapter names swapped)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Use it with the OpenAI SDK", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    code = (code.replace("http://127.0.0.1:8000/v1", _url(server)).replace('"SECRET1234"', repr(ACME))
+            .replace("support-tone@2", "tone@1").replace("support-tone", "tone"))
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert f"'{BASE}'" in printed and "'tone@1'" in printed
