@@ -98,7 +98,7 @@ def _sampling(params: pb.SamplingParams, limits: RequestLimits, problems: list[F
 
 
 def _openai_extras(params: pb.SamplingParams, max_new: int, bad) -> dict:
-    """presence / frequency penalties, min_tokens, top_logprobs (fields 11-14)."""
+    """presence / frequency penalties, min_tokens, top_logprobs (fields 12-15)."""
     extras = {name: getattr(params, name) for name in ("presence_penalty", "frequency_penalty", "min_tokens")
               if params.HasField(name)}
     for name in ("presence_penalty", "frequency_penalty"):
