@@ -48,6 +48,7 @@ class HttpApi:
         self.state = state
         self.config = config
         self.base_name = config.base_model_name
+        self.limits = config.request_limits()
         self.started = int(time.time())
 
     def recorder(self, method: str) -> Callable[[str, RequestOutput | None, str | None], None]:
@@ -70,7 +71,7 @@ class HttpApi:
             data = await read_json(request, self.config.max_message_bytes)
             engine = self.state.require_engine()
             convert = chat_request if endpoint is CHAT else completion_request
-            parsed = convert(data, self.base_name, principal.tenant, self.config.max_new_tokens,
+            parsed = convert(data, self.base_name, principal.tenant, self.limits,
                              lambda: uuid.uuid4().hex)
         except Exception as error:  # noqa: BLE001 - answered in OpenAI's shape
             mapped = to_api_error(error, endpoint.prompt_param)

@@ -12,9 +12,10 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from ..engine.io import GenerationRequest
+from ..engine.config import RequestLimits
+from ..engine.io import GenerationRequest, RequestRejected
 from ..engine.sequence import SamplingParams
-from ..service.convert import ADAPTER_REF_RE, DEFAULT_MAX_NEW_TOKENS
+from ..engine.validation import ADAPTER_REF_RE, check_request
 from .errors import ApiError, bad_request, unsupported
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from .structured import structured_output
@@ -89,11 +90,12 @@ def resolve_model(model: str | None, base_name: str) -> str | None:
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    limit: int, seed_offset: int) -> SamplingParams:
-    """The engine's SamplingParams; range checks happen in the engine (mapped to param names)."""
+                    seed_offset: int) -> SamplingParams:
+    """The engine's SamplingParams (OpenAI defaults: temperature 1); the engine's validator
+    checks the ranges, and its field names map back to these parameters (errors.py)."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     values: dict[str, Any] = dict(
-        max_new_tokens=max_tokens if max_tokens is not None else min(DEFAULT_MAX_NEW_TOKENS, limit),
+        max_new_tokens=max_tokens,                      # None = the engine's default
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=max(0, body.top_k or 0),
@@ -103,20 +105,22 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
         logprobs=logprobs is not None, top_logprobs=logprobs or 0,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         min_tokens=body.min_tokens or 0)
-    if values["max_new_tokens"] > limit:
-        raise bad_request("max_tokens", f"must be <= {limit} on this server (got {values['max_new_tokens']})")
     return SamplingParams(**values)
 
 
 def _parsed(body: SamplingFields, inputs: list[dict[str, Any]], adapter: str | None, base_name: str,
             sampling: Callable[[int], SamplingParams], tenant: str | None, new_id: Callable[[], str],
-            logprobs: int | None) -> ParsedRequest:
+            logprobs: int | None, limits: RequestLimits) -> ParsedRequest:
     n = body.n or 1
     choices = []
     for prompt_index, fields in enumerate(inputs):
         for j in range(n):
             request = GenerationRequest(request_id=new_id(), adapter_id=adapter, sampling=sampling(j),
                                         tenant=tenant, **fields)
+            if j == 0:                     # the engine's checks, before anything waits in its queue
+                violations = check_request(request, limits)
+                if violations:
+                    raise RequestRejected.of(violations)
             choices.append(Choice(prompt_index * n + j, request))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream_options is not None and not body.stream:
@@ -124,7 +128,7 @@ def _parsed(body: SamplingFields, inputs: list[dict[str, Any]], adapter: str | N
     return ParsedRequest(body, choices, adapter, body.model or base_name, bool(body.stream), include_usage, logprobs)
 
 
-def completion_request(data: Any, base_name: str, tenant: str | None, limit: int,
+def completion_request(data: Any, base_name: str, tenant: str | None, limits: RequestLimits,
                        new_id: Callable[[], str]) -> ParsedRequest:
     body: CompletionRequest = parse_body(CompletionRequest, data)
     best_of_differs = body.best_of is not None and body.best_of != (body.n or 1)
@@ -134,9 +138,9 @@ def completion_request(data: Any, base_name: str, tenant: str | None, limit: int
     logprobs = body.logprobs
 
     def sampling(j: int) -> SamplingParams:
-        return sampling_params(body, body.max_tokens, logprobs, limit, j)
+        return sampling_params(body, body.max_tokens, logprobs, j)
 
-    return _parsed(body, _prompts(body.prompt), adapter, base_name, sampling, tenant, new_id, logprobs)
+    return _parsed(body, _prompts(body.prompt), adapter, base_name, sampling, tenant, new_id, logprobs, limits)
 
 
 def _prompts(prompt: Any) -> list[dict[str, Any]]:
@@ -151,7 +155,7 @@ def _prompts(prompt: Any) -> list[dict[str, Any]]:
     return [{"prompt_token_ids": tuple(p)} for p in prompt]
 
 
-def chat_request(data: Any, base_name: str, tenant: str | None, limit: int,
+def chat_request(data: Any, base_name: str, tenant: str | None, limits: RequestLimits,
                  new_id: Callable[[], str]) -> ParsedRequest:
     body: ChatCompletionRequest = parse_body(ChatCompletionRequest, data)
     _refuse_unknown(body, {})
@@ -164,9 +168,9 @@ def chat_request(data: Any, base_name: str, tenant: str | None, limit: int,
     messages = chat_messages(body.messages)
 
     def sampling(j: int) -> SamplingParams:
-        return sampling_params(body, max_tokens, logprobs, limit, j)
+        return sampling_params(body, max_tokens, logprobs, j)
 
-    return _parsed(body, [{"messages": messages}], adapter, base_name, sampling, tenant, new_id, logprobs)
+    return _parsed(body, [{"messages": messages}], adapter, base_name, sampling, tenant, new_id, logprobs, limits)
 
 
 def chat_messages(messages: list[ChatMessage]) -> tuple[tuple[str, str], ...]:

@@ -2,9 +2,9 @@
 
 `to_api_error` maps every error a handler can meet (engine, store, gRPC-side ServiceError) to
 an HTTP status; unknown errors become 500 with an incident id (traceback logged, never sent).
-Engine validation errors name fields relative to the engine's request type
-(`sampling.max_new_tokens`, `input`, ...); `PARAM_NAMES` maps them to the OpenAI parameter
-that set them.
+Engine validation errors (engine/validation.py) name fields relative to the engine's
+GenerationRequest (`sampling.max_new_tokens`, `""` for the input, `messages[1].role`);
+`engine_param` maps them to the OpenAI parameter that set them.
 """
 
 from __future__ import annotations
@@ -64,11 +64,15 @@ def unsupported(param: str, detail: str = "") -> ApiError:
 
 
 def engine_param(field_name: str, prompt_param: str) -> str:
-    """Engine field path ('sampling.top_p', 'input', 'input.adapter_id') -> OpenAI parameter."""
+    """Engine field path (engine/validation.py: 'sampling.top_p', '' = the input, 'prompt',
+    'messages[1].role', 'adapter_id') -> the OpenAI parameter that set it."""
+    head = field_name.split(".", 1)[0].split("[", 1)[0]
+    if head in ("", "prompt", "prompt_token_ids", "input"):
+        return prompt_param
+    if head == "messages":
+        return field_name.replace("[", ".").replace("]", "")
     last = field_name.split(".")[-1]
-    if last in PARAM_NAMES:
-        return PARAM_NAMES[last]
-    return prompt_param if field_name.startswith(("input", "prompt")) else last
+    return PARAM_NAMES.get(last, last)
 
 
 def to_api_error(error: BaseException, prompt_param: str = "prompt") -> ApiError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..service.convert import ADAPTER_REF_RE
+from ..engine.validation import ADAPTER_REF_RE
 from ..service.state import ServiceState
 from .errors import ApiError, bad_request
 from .schemas import LoadLoraRequest, UnloadLoraRequest

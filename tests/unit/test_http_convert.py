@@ -6,11 +6,13 @@ import itertools
 
 import pytest
 
+from loraplex.server.engine.config import RequestLimits
 from loraplex.server.engine.io import QueueFull, RequestRejected
 from loraplex.server.http.convert import chat_request, completion_request
 from loraplex.server.http.errors import ApiError, to_api_error
 
 BASE = "tiny"
+LIMITS = RequestLimits(max_new_tokens=400)
 
 
 def _ids():
@@ -19,18 +21,19 @@ def _ids():
 
 
 def _completion(**body):
-    return completion_request({"model": BASE, "prompt": "hi", **body}, BASE, "acme", 400, _ids())
+    return completion_request({"model": BASE, "prompt": "hi", **body}, BASE, "acme", LIMITS, _ids())
 
 
 def _chat(**body):
     return chat_request({"model": BASE, "messages": [{"role": "user", "content": "hi"}], **body},
-                        BASE, None, 400, _ids())
+                        BASE, None, LIMITS, _ids())
 
 
 def _param_of(call, **body) -> tuple[int, str | None]:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises((ApiError, RequestRejected)) as caught:
         call(**body)
-    return caught.value.status, caught.value.param
+    error = to_api_error(caught.value, "messages")
+    return error.status, error.param
 
 
 def test_model_names_and_choices():
@@ -70,6 +73,9 @@ def test_unsupported_and_unknown_parameters_are_named():
     assert _param_of(_completion, best_of=3) == (400, "best_of")
     assert _param_of(_chat, top_logprobs=2) == (400, "top_logprobs")             # needs logprobs: true
     assert _param_of(_chat, max_tokens=401) == (400, "max_tokens")
+    assert _param_of(_chat, presence_penalty=2.5) == (400, "presence_penalty")
+    assert _param_of(_chat, min_tokens=500, max_tokens=10) == (400, "min_tokens")
+    assert _param_of(_chat, temperature=-1) == (400, "temperature")
     assert _param_of(_chat, n=0) == (400, "n")
     assert _param_of(_chat, stream_options={"include_usage": True}) == (400, "stream_options")
     assert _param_of(_chat, messages=[{"role": "tool", "content": "x"}]) == (400, "messages.0.role")
@@ -84,8 +90,10 @@ def test_unsupported_and_unknown_parameters_are_named():
 def test_engine_errors_map_to_openai_params_and_statuses():
     assert to_api_error(RequestRejected("sampling.max_new_tokens", "too many")).param == "max_tokens"
     assert to_api_error(RequestRejected("sampling.presence_penalty", "bad")).param == "presence_penalty"
-    assert to_api_error(RequestRejected("input", "prompt too long"), "messages").param == "messages"
-    assert to_api_error(RequestRejected("input.adapter_id", "no adapters")).param == "model"
+    assert to_api_error(RequestRejected("", "prompt too long"), "messages").param == "messages"
+    assert to_api_error(RequestRejected("prompt_token_ids", "bad ids")).param == "prompt"
+    assert to_api_error(RequestRejected("messages[1].role", "bad role"), "messages").param == "messages.1.role"
+    assert to_api_error(RequestRejected("adapter_id", "no adapters")).param == "model"
     full = to_api_error(QueueFull("busy", retry_after_s=2.4))
     assert full.status == 429 and full.headers["Retry-After"] == "2"
     assert full.body()["error"]["type"] == "rate_limit_error"
