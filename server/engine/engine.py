@@ -234,5 +234,5 @@ class LLMEngine:
             total_preemptions=self.scheduler.total_preemptions,
             running_adapters=self.scheduler.running_adapter_keys,
             waiting_adapters=tuple(dict.fromkeys(self.scheduler.pending_adapter_keys())),
-            max_loras=self.config.max_loras,
+            max_loras=self.config.scheduler.max_loras,
         )
