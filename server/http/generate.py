@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.io import RequestOutput
 from .convert import Choice, ParsedRequest
-from .errors import ApiError, to_api_error
+from .errors import to_api_error
 from .responses import (ChoiceState, ResponseMeta, TokenText, chat_body, chat_chunk, completion_body,
                         completion_chunk, usage_chunk)
 
