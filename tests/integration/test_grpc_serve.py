@@ -29,7 +29,7 @@ def _start(tiny_llama_dir, store, http_port: int = 0) -> tuple[subprocess.Popen,
                "--max-input-tokens", "512"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
     lines: list[str] = []
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600      # a busy machine may be compiling the fused kernels
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:
