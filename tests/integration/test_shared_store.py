@@ -36,7 +36,7 @@ def start_server(tiny_llama_dir: Path, store: Path, registry: str, blobs: str, s
     command = [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0",
                "--metrics-port", "0", "--store", str(store), "--max-total-tokens", "1024",
                "--max-input-tokens", "256", "--adapter-source", source, "--cpu-kernels", "torch",
-               "--linear-kernel", "aten"]
+               "--linear-kernel", "aten", "--http-port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
     lines: list[str] = []
     deadline = time.monotonic() + 400
@@ -178,7 +178,8 @@ def test_unreachable_registry_at_start_is_a_clear_error_and_exit(tiny_llama_dir,
     environ = dict(os.environ, LORAPLEX_STORE_REGISTRY="postgresql://loraplex:hunter2-pw@127.0.0.1:1/adapters")
     result = subprocess.run([sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny_llama_dir),
                              "--port", "0", "--metrics-port", "0", "--store", str(tmp_path / "s"),
-                             "--kv-cache-memory", "16MiB", "--cpu-kernels", "torch"], capture_output=True, text=True, env=environ,
+                             "--kv-cache-memory", "16MiB", "--cpu-kernels", "torch", "--http-port", "0"],
+                            capture_output=True, text=True, env=environ,
                             timeout=300)
     assert result.returncode != 0
     assert "postgresql://loraplex:***@127.0.0.1:1/adapters" in result.stderr
