@@ -17,12 +17,12 @@ from typing import Callable, Iterator
 
 from .fsutil import file_lock, fsync_dir, make_dirs
 
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def blob_relpath(digest: str) -> str:
     """Path of a blob relative to the store root."""
-    if not _DIGEST_RE.match(digest):
+    if not _DIGEST_RE.fullmatch(digest):
         raise ValueError(f"not a sha256 hex digest: {digest!r}")
     return f"blobs/sha256/{digest[:2]}/{digest}"
 

@@ -79,7 +79,7 @@ class Registry:
                                     f"raise --adapter-quota-bytes")
             row = conn.execute("SELECT owner, last_version FROM names WHERE name = ?", (new.name,)).fetchone()
             if row is not None and row[0] != new.owner:
-                raise UploadConflict(f"adapter id {new.name!r} belongs to another owner; choose another id")
+                raise UploadConflict(f"adapter id {new.name!r} is taken; choose another id")
             version = 1 if row is None else row[1] + 1
             conn.execute("INSERT OR REPLACE INTO names (name, owner, last_version) VALUES (?, ?, ?)",
                          (new.name, new.owner, version))

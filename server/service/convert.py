@@ -15,7 +15,7 @@ from ..engine.io import GenerationRequest, RequestOutput
 from ..engine.sequence import FinishReason, SamplingParams
 from .errors import FieldViolation, invalid_argument
 
-ADAPTER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[1-9][0-9]{0,8})?$")
+ADAPTER_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[1-9][0-9]{0,8})?", re.ASCII)  # fullmatch only
 CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -35,8 +35,8 @@ def to_generation_request(message: pb.GenerationInput, request_id: str, tenant: 
                           limits: RequestLimits) -> GenerationRequest:
     problems: list[FieldViolation] = []
     prompt, messages = _input(message, problems)
-    adapter = message.adapter_id.strip()
-    if adapter and not ADAPTER_REF_RE.match(adapter):
+    adapter = message.adapter_id
+    if adapter and not ADAPTER_REF_RE.fullmatch(adapter):
         problems.append(FieldViolation("input.adapter_id", "must be 'name' or 'name@version' with name matching "
                                        "[A-Za-z0-9][A-Za-z0-9._-]{0,127}"))
     sampling = _sampling(message.sampling, limits, problems)

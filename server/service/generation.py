@@ -35,7 +35,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         """Yield the engine's deltas; closing early (cancel, deadline) aborts the engine request."""
         metrics = self.state.metrics
         last: RequestOutput | None = None
-        adapter = message.adapter_id if ADAPTER_REF_RE.match(message.adapter_id) else None
+        adapter = message.adapter_id if ADAPTER_REF_RE.fullmatch(message.adapter_id) else None
         try:
             config = self.state.config
             limits = RequestLimits(config.max_new_tokens, config.max_stop_sequences)

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import struct
+import threading
 
 import pytest
 import torch
@@ -215,7 +216,8 @@ def test_wrong_fingerprint_is_accepted_with_the_operator_override(store):
     assert record.config.base_fingerprint == "other-base"
 
 
-@pytest.mark.parametrize("bad_id", ["../x", "/etc/passwd", "a/../../b", "a..b", "", ".hidden", "x" * 129, "a b"])
+@pytest.mark.parametrize("bad_id", ["../x", "/etc/passwd", "a/../../b", "a..b", "", ".hidden", "x" * 129, "a b",
+                                    "nl\n", "x@1\n", "\u0661a"])
 def test_traversal_and_unsafe_ids_are_refused(store, tmp_path, bad_id):
     before = snapshot(store.root)
     config_bytes, weights_bytes = adapter_bytes()
@@ -272,3 +274,32 @@ def test_register_refused_without_allowed_roots(tmp_path):
     with pytest.raises(PermissionDenied, match="allowed-register-root"):
         store.register_path("reg", tmp_path / "adapters" / "ok")
     store.close()
+
+
+@pytest.mark.parametrize("fifo_name", [WEIGHTS_NAME, CONFIG_NAME])
+def test_register_refuses_a_fifo_without_blocking(store, tmp_path, fifo_name):
+    """Issue 16 item 5: a FIFO under the register root must not block a worker in open()."""
+    directory = write_adapter(tmp_path / "adapters" / "fifo")
+    os.unlink(directory / fifo_name)
+    os.mkfifo(directory / fifo_name)
+    before = snapshot(store.root)
+    outcome: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _capture(outcome, store.register_path, "fifo", directory))
+    worker.start()
+    worker.join(timeout=30)
+    if worker.is_alive():                         # unblock the open() so the thread can end
+        fd = os.open(directory / fifo_name, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        worker.join(timeout=30)
+        pytest.fail("register_path blocked opening a FIFO")
+    assert len(outcome) == 1 and isinstance(outcome[0], AdapterValidationError), outcome
+    assert "not a regular file" in str(outcome[0]) and str(tmp_path) not in str(outcome[0])
+    _assert_nothing_stored(store, before)
+
+
+def _capture(outcome: list, fn, *args) -> None:
+    try:
+        fn(*args)
+        outcome.append(AssertionError("no error"))
+    except BaseException as error:  # noqa: BLE001 - the test inspects it
+        outcome.append(error)
