@@ -13,7 +13,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .io import (AdapterUnavailable, EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
-from .prompt import encode_prompt, render_chat
+from .prompt import encode_prompt, max_token_bytes, prompt_bytes, render_chat
 from .request_state import RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
@@ -54,11 +54,18 @@ class LLMEngine:
         self._by_seq: dict[int, RequestState] = {}
         self._next_seq_id = 0
         self._last_batch: ScheduledBatch | None = None
+        self.max_prompt_bytes = config.max_input_tokens * max_token_bytes(tokenizer)
 
     # ---- intake ---------------------------------------------------------------------
     def tokenize(self, request: GenerationRequest) -> list[int]:
+        """Prompt token ids; thread-safe (AsyncEngine runs it off the engine thread)."""
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
+        num_bytes = prompt_bytes(request.prompt, request.messages)
+        if num_bytes > self.max_prompt_bytes:
+            raise RequestRejected("input", f"the prompt is {num_bytes} bytes, more than "
+                                  f"{self.max_prompt_bytes} ({self.config.max_input_tokens} tokens of at most "
+                                  f"{self.max_prompt_bytes // self.config.max_input_tokens} bytes); shorten it")
         if request.messages is not None:
             try:
                 return render_chat(self.tokenizer, request.messages)
@@ -149,14 +156,20 @@ class LLMEngine:
         if self.adapters is not None:
             self.adapters.prefetch(self.scheduler.pending_adapter_keys()[: self.config.max_loras])
         if not batch.is_empty:
-            result = self._run(batch)
-            finished = self.scheduler.update(batch, result)
-            outputs += self._collect(batch, finished)
+            try:
+                result = self._run(batch)
+                finished = self.scheduler.update(batch, result)
+                outputs += self._collect(batch, finished)
+            except Exception:  # noqa: BLE001 - last resort: fail this batch once, never loop on it
+                log.exception("engine step failed; failing the %d requests of this batch", batch.num_seqs)
+                outputs += self._fail_batch(batch)
         self._last_batch = batch
         return outputs, self._step_stats(batch, self.clock() - started, outputs)
 
     def _run(self, batch: ScheduledBatch) -> RunnerOutput:
-        slots = self.adapters.activate(batch.adapter_keys) if self.adapters is not None else {}
+        slots, bad_keys = self._activate(batch.adapter_keys)
+        if bad_keys:
+            return self._run_isolated(batch, slots, bad_keys)
         try:
             return self.runner.run(batch, slots)
         except Exception:  # noqa: BLE001 - isolate the failure to the requests that cause it
@@ -164,8 +177,31 @@ class LLMEngine:
                           batch.num_seqs)
         return self._run_isolated(batch, slots)
 
-    def _run_isolated(self, batch: ScheduledBatch, slots: dict[str, int]) -> RunnerOutput:
-        """Re-run each item alone; fail only the items whose own forward pass raises.
+    def _activate(self, keys: set[str]) -> tuple[dict[str, int], set[str]]:
+        """Device slots for the batch's adapters, and the keys whose slot load raised.
+
+        On a failure each key is retried alone, so one bad adapter fails only its own requests
+        (once: they finish with an error) and the rest of the batch still runs.
+        """
+        if self.adapters is None or not keys:
+            return {}, set()
+        try:
+            return self.adapters.activate(keys), set()
+        except Exception:  # noqa: BLE001 - found per key below
+            pass
+        slots: dict[str, int] = {}
+        bad: set[str] = set()
+        for key in sorted(keys):
+            try:
+                slots.update(self.adapters.activate({key}))
+            except Exception:  # noqa: BLE001 - this adapter's own failure
+                log.exception("adapter %s could not be loaded into a device slot", key)
+                bad.add(key)
+        return {key: slot for key, slot in slots.items() if self.adapters.manager.slot_of(key) == slot}, bad
+
+    def _run_isolated(self, batch: ScheduledBatch, slots: dict[str, int],
+                      bad_keys: set[str] = frozenset()) -> RunnerOutput:
+        """Re-run each item alone; fail only the items whose own forward pass (or adapter) fails.
 
         Safe because nothing was advanced by the failed attempt: each item recomputes the same
         positions into the same KV slots, and sampling seeds do not depend on the batch.
@@ -175,6 +211,8 @@ class LLMEngine:
         failed: set[int] = set()
         for item in batch.items:
             try:
+                if item.seq.adapter_key in bad_keys or (item.seq.adapter_key and item.seq.adapter_key not in slots):
+                    raise RequestFailed(f"adapter {item.seq.adapter_key} could not be loaded into a device slot")
                 out = self.runner.run(ScheduledBatch(items=(item,)), slots)
             except Exception:  # noqa: BLE001 - this request's own failure
                 log.exception("request sequence %d failed inside the engine", item.seq.seq_id)
@@ -211,6 +249,17 @@ class LLMEngine:
         if output.finish_reason is FinishReason.ERROR:
             output = replace(output, error=error or RequestFailed("the request failed inside the engine"))
         return output
+
+    def _fail_batch(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        outputs = []
+        for item in batch.items:
+            state = self._by_seq.get(item.seq.seq_id)
+            if state is None:
+                continue
+            if not state.seq.is_finished:
+                self.scheduler.finish(state.seq, FinishReason.ERROR)
+            outputs.append(self._finalize(state, error=RequestFailed("the request failed inside the engine")))
+        return outputs
 
     def _fail_unloadable_adapters(self) -> list[RequestOutput]:
         if self.adapters is None:
