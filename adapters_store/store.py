@@ -140,10 +140,9 @@ class AdapterStore:
         rows = [r for r in self._registry.versions_of(parsed.name) if r.visible_to(tenant) and r.state in _LIVE]
         if parsed.version is not None:
             rows = [r for r in rows if r.version == parsed.version]
-        ready = [r for r in rows if r.state is AdapterState.READY]
         if not rows:
             raise AdapterNotFound(f"no adapter {ref!r}; list adapters to see the available ids and versions")
-        return (ready or rows)[-1]
+        return _latest(rows)
 
     def get(self, ref: str, tenant: str | None) -> tuple[AdapterRecord, list[int]]:
         """The resolved record and every live version number of its name."""
@@ -153,8 +152,11 @@ class AdapterStore:
 
     def list(self, tenant: str | None) -> list[AdapterRecord]:
         """One record per visible name (as `resolve(name)` gives), sorted by name."""
-        names = sorted({r.name for r in self._registry.all() if r.visible_to(tenant) and r.state in _LIVE})
-        return [self.resolve(name, tenant) for name in names]
+        by_name: dict[str, list[AdapterRecord]] = {}
+        for record in self._registry.all():         # one snapshot: a concurrent delete cannot break it
+            if record.visible_to(tenant) and record.state in _LIVE:
+                by_name.setdefault(record.name, []).append(record)
+        return [_latest(rows) for _, rows in sorted(by_name.items())]
 
     def used_bytes(self) -> int:
         return self._registry.used_bytes()
@@ -212,10 +214,13 @@ class AdapterStore:
         def remove() -> None:
             try:
                 self._remove(name, version)
-                done.set_result(None)
             except BaseException as error:  # noqa: BLE001 - handed to the waiter
                 log.exception("removing adapter %s@%d failed", name, version)
-                done.set_exception(error)
+                if done.set_running_or_notify_cancel():
+                    done.set_exception(error)
+                return
+            if done.set_running_or_notify_cancel():      # False: the waiter gave up (cancelled)
+                done.set_result(None)
 
         self._leases.when_idle(f"{name}@{version}", lambda: self._janitor.submit(remove))
         return done
@@ -262,6 +267,12 @@ class AdapterStore:
             raise QuotaExceeded(f"storing {num_bytes} bytes would exceed the store quota ({used} of "
                                 f"{self.config.quota_bytes} bytes used); delete unused adapters or raise "
                                 f"--adapter-quota-bytes")
+
+
+def _latest(rows: list[AdapterRecord]) -> AdapterRecord:
+    """The latest READY version, else the latest (QUARANTINED) one; rows sorted by version."""
+    ready = [r for r in rows if r.state is AdapterState.READY]
+    return (ready or rows)[-1]
 
 
 TAKEN = "adapter id {name!r} is taken; choose another id"

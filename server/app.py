@@ -71,7 +71,7 @@ async def start_grpc(config: ServerConfig, metrics: Metrics | None = None) -> Ru
     await server.start()
     running = RunningServer(server, health, state, port)
     if metrics is not None and config.metrics_port:
-        running.metrics_http = metrics.serve(config.host, config.metrics_port)
+        running.metrics_http = metrics.serve(config.metrics_host or config.host, config.metrics_port)
         running.metrics_port = running.metrics_http.server_address[1]
     return running
 

@@ -127,6 +127,8 @@ FLAGS: tuple[Flag, ...] = (
          "adapters with their own metrics label (top-N by traffic; the rest are 'other')"),
     Flag("seed", "--seed", int, "engine sampling seed"),
     Flag("log_level", "--log-level", str, "debug, info, warning, error"),
+    # Hardening (issue 16): /metrics is unauthenticated; bind it where only scrapers reach it.
+    Flag("metrics_host", "--metrics-host", str, "Prometheus /metrics listen address (default: --host)"),
 )
 
 
@@ -166,6 +168,7 @@ class ServerConfig:
     max_adapter_bytes: int = 2**30
     grace_period_s: float = 30.0
     metrics_adapter_labels: int = 20
+    metrics_host: str = ""               # empty: the gRPC --host
     seed: int = 0
     log_level: str = "info"
 

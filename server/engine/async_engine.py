@@ -110,6 +110,11 @@ class AsyncEngine:
         if self.engine.adapters is not None:
             self.engine.adapters.manager.set_event_hook(hook)
 
+    def adapter_is_private(self, key: str) -> bool:
+        """Whether a resolved adapter key belongs to a tenant (thread-safe; for metrics labels)."""
+        gateway = self.engine.adapters
+        return gateway is not None and gateway.is_private(key)
+
     async def run_on_engine(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread between steps (e.g. evict a deleted adapter's slot)."""
         return await asyncio.wrap_future(self._call(fn))

@@ -83,7 +83,8 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
         _raise_on(_name_problems(request.adapter_id, "adapter_id", allow_version=True))
         deleted, removals = await asyncio.to_thread(store.begin_delete, request.adapter_id, self._tenant(context))
         # Waiting for in-flight requests to release their leases holds no worker thread.
-        await asyncio.gather(*(asyncio.wrap_future(removal) for removal in removals))
+        # shield: a cancelled call (client gone) must not cancel the removal itself.
+        await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(removal) for removal in removals)))
         name = request.adapter_id.split("@", 1)[0]
         if self.state.engine is not None:   # in-flight requests are done: drop the device slots too
             await self.state.engine.evict_adapters([f"{name}@{v}" for v in deleted])
