@@ -21,6 +21,10 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"            # failed inside the engine
 
 
+# Finite is not enough: logits / 1e-50 (or * 1e300) overflow float32 to inf and NaN.
+SAMPLING_PENALTY_RANGE = (1e-2, 1e2)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request. temperature == 0 means greedy."""
@@ -49,8 +53,8 @@ class SamplingParams:
             ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0"),
             ("repetition_penalty",
-             math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-             "must be a finite number > 0"),
+             SAMPLING_PENALTY_RANGE[0] <= self.repetition_penalty <= SAMPLING_PENALTY_RANGE[1],
+             f"must be in [{SAMPLING_PENALTY_RANGE[0]:g}, {SAMPLING_PENALTY_RANGE[1]:g}]"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
             ("stop", all(isinstance(s, str) and s for s in self.stop),
              "stop sequences must be non-empty strings"),

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 from ...v1 import generation_pb2 as pb
 from ..engine.io import GenerationRequest, RequestOutput
-from ..engine.sequence import FinishReason, SamplingParams
+from ..engine.sequence import SAMPLING_PENALTY_RANGE, FinishReason, SamplingParams
 from .errors import FieldViolation, invalid_argument
 
 ADAPTER_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[1-9][0-9]{0,8})?", re.ASCII)  # fullmatch only
 CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_NEW_TOKENS = 256
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = SAMPLING_PENALTY_RANGE
 
 _FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS: pb.FINISH_REASON_EOS,
            FinishReason.STOP: pb.FINISH_REASON_STOP}
@@ -80,8 +81,9 @@ def _sampling(params: pb.SamplingParams, limits: RequestLimits, problems: list[F
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         bad("top_p", "must be in (0, 1]")
     penalty = params.repetition_penalty if params.HasField("repetition_penalty") else 1.0
-    if not (math.isfinite(penalty) and penalty > 0):
-        bad("repetition_penalty", "must be a finite number > 0")
+    if not MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY:     # NaN fails too
+        bad("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] "
+                                  f"(further out, logits / penalty overflow float32)")
     seed = params.seed if params.HasField("seed") else None
     if seed is not None and seed >= 2**63:
         bad("seed", "must be < 2**63")

@@ -99,3 +99,13 @@ def test_async_engine_tokenizes_off_the_engine_thread(tiny_llama_dir):
     outputs = asyncio.run(run())
     assert sum(len(o.token_ids) for o in outputs) == 2
     assert recording.encode_threads and "loraplex-engine" not in recording.encode_threads
+
+
+@pytest.mark.parametrize("penalty", [1e-50, 1e-3, 1e3, 1e300, float("nan")])
+def test_repetition_penalties_that_overflow_float32_are_refused(penalty):
+    """Sibling of issue 16 item 1 (finite is not enough): 1e-50 becomes 0.0 in float32 and
+    logits / penalty turn into inf and NaN; such penalties are refused with a range."""
+    with pytest.raises(ValueError, match=r"repetition_penalty must be in \[0.01, 100\]"):
+        SamplingParams(repetition_penalty=penalty).validate()
+    SamplingParams(repetition_penalty=0.01).validate()
+    SamplingParams(repetition_penalty=100.0).validate()
