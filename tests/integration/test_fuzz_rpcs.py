@@ -173,7 +173,7 @@ def _upload_bytes(adapter_id: str, config: bytes, weights: bytes) -> list[apb.Up
             apb.UploadAdapterRequest(chunk=apb.UploadChunk(file=apb.ADAPTER_FILE_WEIGHTS, data=weights))]
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=20)
 @given(field=st.sampled_from(["r", "lora_alpha", "task_type", "target_modules"]), raw=HOSTILE_VALUES,
        regex=PATHOLOGICAL_REGEXES, duplicate=st.booleans())
 def test_fuzz_upload_hostile_config(server, field, raw, regex, duplicate):

@@ -17,7 +17,7 @@ from hostile_json import HOSTILE_VALUES, PATHOLOGICAL_REGEXES, duplicate_key_obj
 from loraplex.adapters_store.errors import AdapterValidationError
 from store_adapters import adapter_bytes, adapter_config, make_store, snapshot, upload
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 CONFIG_FIELDS = ("r", "lora_alpha", "task_type", "use_rslora", "lora_dropout", "new_field")
 
