@@ -8,29 +8,16 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from .builder import build_engine
 from .engine import LLMEngine, StepStats
-from .io import (EngineDraining, EngineStats, GenerationRequest, RequestOutput)
+from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput
 from .sequence import FinishReason
 
 log = logging.getLogger("loraplex.engine")
 
 StepListener = Callable[[StepStats], None]
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model: str
-    architecture: str
-    quantization: str
-    dtype: str
-    device: str
-    base_fingerprint: str
-    linear_weight_bytes: int
-    base_spec: Any
-    vocab_size: int
 
 
 class AsyncEngine:
@@ -60,8 +47,6 @@ class AsyncEngine:
     @classmethod
     async def create(cls, config, store=None, log_fn=print) -> "AsyncEngine":
         """Load the model (off the event loop), warm it up, start the step thread."""
-        from .builder import build_engine
-
         engine, info = await asyncio.to_thread(build_engine, config, store, log_fn)
         return cls(engine, info, store)
 
@@ -72,7 +57,7 @@ class AsyncEngine:
             raise EngineDraining("the server is shutting down; retry on another replica")
         loop = asyncio.get_running_loop()
         # Tokenizing (up to max_prompt_bytes of text) must not stall every stream's next token.
-        prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self.engine.tokenize, request)
+        prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self.engine.checked_prompt_ids, request)
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = (loop, outputs)
         try:

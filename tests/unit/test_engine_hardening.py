@@ -15,9 +15,10 @@ from loraplex.adapters_store.config import StoreConfig
 from loraplex.adapters_store.store import AdapterStore
 from loraplex.server.engine.async_engine import AsyncEngine
 from loraplex.server.engine.builder import base_spec_for
-from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.config import EngineConfig, RequestLimits
 from loraplex.server.engine.io import GenerationRequest, RequestFailed, RequestRejected
 from loraplex.server.engine.sequence import FinishReason, SamplingParams
+from loraplex.server.engine.validation import check_request
 
 
 @pytest.fixture
@@ -60,6 +61,8 @@ def test_prompt_over_the_byte_bound_is_refused_before_tokenizing(tiny_llama_dir)
     request = GenerationRequest(request_id="huge", prompt="x" * (limit + 1), sampling=SamplingParams())
     with pytest.raises(RequestRejected, match="bytes"):
         engine.add_request(request)
+    with pytest.raises(RequestRejected, match="bytes"):
+        engine.checked_prompt_ids(request)
     chat = GenerationRequest(request_id="huge-chat", messages=(("user", "é" * (limit // 2 + 1)),),
                              sampling=SamplingParams())
     with pytest.raises(RequestRejected, match="bytes"):
@@ -105,7 +108,9 @@ def test_async_engine_tokenizes_off_the_engine_thread(tiny_llama_dir):
 def test_repetition_penalties_that_overflow_float32_are_refused(penalty):
     """Sibling of issue 16 item 1 (finite is not enough): 1e-50 becomes 0.0 in float32 and
     logits / penalty turn into inf and NaN; such penalties are refused with a range."""
-    with pytest.raises(ValueError, match=r"repetition_penalty must be in \[0.01, 100\]"):
-        SamplingParams(repetition_penalty=penalty).validate()
-    SamplingParams(repetition_penalty=0.01).validate()
-    SamplingParams(repetition_penalty=100.0).validate()
+    def problems(value: float) -> list:
+        request = GenerationRequest(request_id="r", prompt="hi", sampling=SamplingParams(repetition_penalty=value))
+        return [v for v in check_request(request, RequestLimits()) if v.field == "sampling.repetition_penalty"]
+
+    assert problems(penalty) and "[0.01, 100]" in problems(penalty)[0].description
+    assert not problems(0.01) and not problems(100.0)
