@@ -19,7 +19,7 @@ from typing import Callable
 
 from .fsutil import fsync_dir, make_dirs
 
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def blob_relpath(digest: str) -> str:
@@ -30,7 +30,7 @@ def blob_relpath(digest: str) -> str:
 
 
 def is_digest(text: str) -> bool:
-    return bool(_DIGEST_RE.match(text))
+    return bool(_DIGEST_RE.fullmatch(text))
 
 
 class BlobStore:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from .errors import InvalidAdapterId
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
-_VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+_NAME_RE = re.compile(NAME_PATTERN, re.ASCII)
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,8}", re.ASCII)
 _GRAMMAR = "[A-Za-z0-9][A-Za-z0-9._-]{0,127} without '..'"
 
 
@@ -28,7 +28,7 @@ def validate_name(name: str) -> str:
     """Return `name` if it is a valid adapter id, else raise InvalidAdapterId saying why."""
     if not isinstance(name, str) or not name:
         raise InvalidAdapterId("adapter id is empty; use a name matching " + _GRAMMAR)
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidAdapterId(f"adapter id {name!r} is invalid: use 1-128 characters from "
                                f"[A-Za-z0-9._-], starting with a letter or digit (no '/', no spaces)")
     if ".." in name:
@@ -44,7 +44,7 @@ def parse_ref(ref: str) -> AdapterRef:
     validate_name(name)
     if not sep:
         return AdapterRef(name)
-    if not _VERSION_RE.match(version):
+    if not _VERSION_RE.fullmatch(version):
         raise InvalidAdapterId(f"adapter reference {ref!r} has an invalid version {version!r}; "
                                f"use 'name@N' with N a positive integer, or just 'name' for the latest")
     return AdapterRef(name, int(version))

@@ -63,11 +63,14 @@ def adapter_files(directory: Path, allowed_roots: tuple[str, ...]) -> tuple[Path
 
 
 def copy_bounded(source: Path, writer: HashingWriter, max_bytes: int) -> None:
-    """Copy a regular file (not following a final symlink) into `writer`, refusing > max_bytes."""
-    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    """Copy a regular file (not following a final symlink) into `writer`, refusing > max_bytes.
+
+    O_NONBLOCK: opening a FIFO (or a device) must not wait for a writer; it is refused below."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as file:
         if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise AdapterValidationError("missing_file", f"{source} is not a regular file")
+            raise AdapterValidationError("missing_file", f"{source.name} is not a regular file (a FIFO, device or socket); "
+                                         f"copy the real file into the adapter directory")
         while chunk := file.read(_COPY_CHUNK):
             if writer.num_bytes + len(chunk) > max_bytes:
                 raise AdapterValidationError("size_limit", f"{source} is larger than the limit of {max_bytes} "

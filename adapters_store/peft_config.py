@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
 
 from .errors import AdapterValidationError
+from .strict_json import StrictJsonError, loads_strict
+from .target_regex import TargetRegex, match_target_regex, module_name
 from .types import BaseSpec
 
 FINGERPRINT_KEY = "loraplex_base_fingerprint"
@@ -22,17 +22,20 @@ class ParsedConfig:
     lora_alpha: float
     use_rslora: bool
     target_names: tuple[str, ...] | None
-    target_regex: str | None
+    target_regex: TargetRegex | None
     base_model: str | None
     base_fingerprint: str | None
+
+    @property
+    def scaling(self) -> float:
+        """PEFT's scale: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def targets_module(self, layer_idx: int, parent: str, module: str) -> bool:
         """Whether the config targets `model.layers.{layer_idx}.{parent}.{module}`."""
         if self.target_names is not None:
             return module in self.target_names
-        if self.target_regex == "all-linear":
-            return True
-        return re.fullmatch(self.target_regex, f"model.layers.{layer_idx}.{parent}.{module}") is not None
+        return module_name(layer_idx, parent, module) in self.target_regex.selected
 
 
 def parse_config(raw: bytes, base: BaseSpec, max_lora_rank: int, allow_base_mismatch: bool) -> ParsedConfig:
@@ -60,8 +63,8 @@ def parse_config(raw: bytes, base: BaseSpec, max_lora_rank: int, allow_base_mism
 
 def _load_json(raw: bytes) -> dict:
     try:
-        config = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        config = loads_strict(raw)
+    except StrictJsonError as error:
         raise AdapterValidationError("config_json", f"adapter_config.json is not valid UTF-8 JSON ({error})") from None
     if not isinstance(config, dict):
         raise AdapterValidationError("config_json", "adapter_config.json must be a JSON object")
@@ -100,11 +103,11 @@ def _check_patterns(config: dict, rank: int, alpha: float) -> None:
                                          f"value {expected}); per-module ranks/alphas are not supported")
 
 
-def _targets(config: dict, base: BaseSpec) -> tuple[tuple[str, ...] | None, str | None]:
+def _targets(config: dict, base: BaseSpec) -> tuple[tuple[str, ...] | None, TargetRegex | None]:
     targets = _required(config, "target_modules", lambda v: isinstance(v, (str, list)) and len(v) > 0,
                         "a non-empty list of module names or a regex string")
     if isinstance(targets, str):
-        return None, _target_regex(targets)
+        return None, _target_regex(targets, base)
     names = []
     for target in targets:
         if not isinstance(target, str):
@@ -119,17 +122,11 @@ def _targets(config: dict, base: BaseSpec) -> tuple[tuple[str, ...] | None, str 
     return tuple(names), None
 
 
-def _target_regex(pattern: str) -> str:
+def _target_regex(pattern: str, base: BaseSpec) -> TargetRegex:
     if pattern == "all-linear":
-        return pattern
-    try:
-        compiled = re.compile(pattern)
-    except re.error as error:
-        raise _field("target_modules", f"is not a valid regex ({error})") from None
-    for name in ("model.embed_tokens", "lm_head"):
-        if compiled.fullmatch(name):
-            raise _embedding(pattern)
-    return pattern
+        return TargetRegex(pattern, frozenset(module_name(i, parent, m) for i in range(base.num_layers)
+                                              for m in base.module_shapes for parent in ("self_attn", "mlp")))
+    return match_target_regex(pattern, base)
 
 
 def _fingerprint(config: dict, base: BaseSpec, allow_base_mismatch: bool) -> str | None:

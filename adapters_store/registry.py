@@ -83,7 +83,7 @@ class SqlRegistry:
                                     f"raise --adapter-quota-bytes")
             row = conn.execute("SELECT owner, last_version FROM names WHERE name = ?", (new.name,)).fetchone()
             if row is not None and row[0] != new.owner:
-                raise UploadConflict(f"adapter id {new.name!r} belongs to another owner; choose another id")
+                raise UploadConflict(f"adapter id {new.name!r} is taken; choose another id")
             version = 1 if row is None else row[1] + 1
             conn.execute("INSERT INTO names (name, owner, last_version) VALUES (?, ?, ?) ON CONFLICT (name) "
                          "DO UPDATE SET owner = excluded.owner, last_version = excluded.last_version",

@@ -7,12 +7,12 @@ tensors must tile the region exactly (a truncated or padded file is refused).
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 
 from .errors import AdapterValidationError
+from .strict_json import StrictJsonError, loads_strict
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -65,8 +65,11 @@ def parse_header(data: bytes, max_header_bytes: int) -> list[TensorEntry]:
 
 def _decode_header(raw: bytes) -> dict:
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        header = loads_strict(raw)
+    except StrictJsonError as error:
+        if error.duplicate_key_at_top is not None:
+            raise AdapterValidationError("duplicate_tensor", f"the safetensors header names tensor "
+                                         f"{error.duplicate_key_at_top!r} twice; the file is corrupted") from None
         raise AdapterValidationError("header_json", f"the safetensors header is not valid UTF-8 JSON ({error}); "
                                      f"the file is not a safetensors file or is corrupted") from None
     if not isinstance(header, dict):

@@ -11,8 +11,8 @@ from pathlib import Path
 from .backends import open_backends
 from .cache import EventHook, HostCache
 from .config import StoreConfig
-from .errors import (AdapterNotFound, AdapterValidationError, IntegrityError, QuotaExceeded, StoreUnavailable,
-                     UploadConflict)
+from .errors import (AdapterNotFound, AdapterValidationError, IntegrityError, PermissionDenied, QuotaExceeded,
+                     StoreUnavailable, UploadConflict)
 from .fsutil import file_lock
 from .ids import parse_key, parse_ref, validate_name
 from .leases import LeaseTable
@@ -71,7 +71,7 @@ class AdapterStore:
     def begin_upload(self, meta: UploadMeta) -> UploadSession:
         """Start an upload; sizes, quota and ownership are checked before any byte is accepted."""
         validate_name(meta.name)
-        self._check_owner(meta.name, meta.owner)
+        self._check_owner(meta.name, meta.owner, meta.tenant if meta.tenant is not None else meta.owner)
         for label, size in (("config", meta.config_size), ("weights", meta.weights_size)):
             if size < 1:
                 raise _size_error(f"declared {label} size must be >= 1 byte")
@@ -87,11 +87,13 @@ class AdapterStore:
         return UploadSession(meta, staging, self.config.max_chunk_bytes, self._commit_staged)
 
     def register_path(self, name: str, path: str | Path, owner: str | None = None,
-                      allow_base_mismatch: bool = False) -> AdapterRecord:
+                      allow_base_mismatch: bool = False, tenant: str | None = None) -> AdapterRecord:
         """Register a PEFT directory under an allowed root, or an `s3://bucket/path/` one under an allowed
-        adapter source (copied into the store with the same validation as an upload; admin only)."""
+        adapter source (copied into the store with the same validation as an upload; admin only).
+
+        `tenant` is the caller's tenant (defaults to `owner`); see `_check_owner` for who may write."""
         validate_name(name)
-        self._check_owner(name, owner)
+        self._check_owner(name, owner, tenant if tenant is not None else owner)
         if str(path).startswith("s3://"):
             from .s3_source import allowed_location
             allowed_location(str(path), self.config.adapter_sources)     # refused before any staging
@@ -131,18 +133,26 @@ class AdapterStore:
         go once every lease has been released. wait=True blocks until then (or timeout_s,
         after which removal still completes in the background); wait=False returns at once.
         """
+        moved, removals = self.begin_delete(ref, tenant)
+        for future in removals if wait else ():
+            future.result(timeout=timeout_s)
+        return moved
+
+    def begin_delete(self, ref: str, tenant: str | None) -> tuple[list[int], list[Future]]:
+        """Mark for deletion without waiting: (versions, futures done once each is removed).
+
+        For callers that must not hold a thread while leases drain (e.g. `asyncio.wrap_future`)."""
         parsed = parse_ref(ref)
         rows = [r for r in self._registry.versions_of(parsed.name) if r.visible_to(tenant) and r.state in _LIVE
                 and parsed.version in (None, r.version)]
         if not rows:
             raise AdapterNotFound(f"no adapter {ref!r} to delete")
+        if tenant is not None and any(r.owner is None for r in rows):
+            raise PermissionDenied(_PUBLIC_WRITE.format(name=parsed.name, action="deleted"))
         self._leases.mark_deleting([r.key for r in rows])
         moved = self._registry.set_state(parsed.name, [r.version for r in rows], AdapterState.DELETING,
                                          "deleted", from_states=_LIVE)
-        futures = [self._schedule_removal(parsed.name, version) for version in moved]
-        for future in futures if wait else ():
-            future.result(timeout=timeout_s)
-        return moved
+        return moved, [self._schedule_removal(parsed.name, version) for version in moved]
 
     def quarantine(self, key: str, reason: str) -> None:
         """Refuse to serve `key` from now on (kept on disk for inspection; delete removes it)."""
@@ -170,10 +180,9 @@ class AdapterStore:
         rows = [r for r in versions if r.visible_to(tenant) and r.state in _LIVE]
         if parsed.version is not None:
             rows = [r for r in rows if r.version == parsed.version]
-        ready = [r for r in rows if r.state is AdapterState.READY]
         if not rows:
             raise AdapterNotFound(f"no adapter {ref!r}; list adapters to see the available ids and versions")
-        record = (ready or rows)[-1]
+        record = _latest(rows)
         with self._resolved_lock:
             self._resolved[(ref, tenant)] = record
             self._resolved.move_to_end((ref, tenant))
@@ -189,8 +198,11 @@ class AdapterStore:
 
     def list(self, tenant: str | None) -> list[AdapterRecord]:
         """One record per visible name (as `resolve(name)` gives), sorted by name."""
-        names = sorted({r.name for r in self._registry.all() if r.visible_to(tenant) and r.state in _LIVE})
-        return [self.resolve(name, tenant) for name in names]
+        by_name: dict[str, list[AdapterRecord]] = {}
+        for record in self._registry.all():         # one snapshot: a concurrent delete cannot break it
+            if record.visible_to(tenant) and record.state in _LIVE:
+                by_name.setdefault(record.name, []).append(record)
+        return [_latest(rows) for _, rows in sorted(by_name.items())]
 
     def used_bytes(self) -> int:
         return self._registry.used_bytes()
@@ -254,10 +266,13 @@ class AdapterStore:
         def remove() -> None:
             try:
                 self._remove(name, version)
-                done.set_result(None)
             except BaseException as error:  # noqa: BLE001 - handed to the waiter
                 log.exception("removing adapter %s@%d failed", name, version)
-                done.set_exception(error)
+                if done.set_running_or_notify_cancel():
+                    done.set_exception(error)
+                return
+            if done.set_running_or_notify_cancel():      # False: the waiter gave up (cancelled)
+                done.set_result(None)
 
         self._leases.when_idle(f"{name}@{version}", lambda: self._janitor.submit(remove))
         return done
@@ -289,10 +304,17 @@ class AdapterStore:
     def _staging_guard(self):
         return file_lock(self._staging_lock, exclusive=False)
 
-    def _check_owner(self, name: str, owner: str | None) -> None:
+    def _check_owner(self, name: str, owner: str | None, tenant: str | None) -> None:
+        """Who may write a new version of `name` (docs/adapter-store.md, Tenancy).
+
+        A taken id (public, or private to anyone but `owner`) gets one message whoever holds it;
+        an existing public id takes new versions only from callers without a tenant (operators).
+        """
         known, current = self._registry.name_owner(name)
         if known and current != owner:
-            raise UploadConflict(f"adapter id {name!r} belongs to another owner; choose another id")
+            raise UploadConflict(TAKEN.format(name=name))
+        if known and current is None and tenant is not None:
+            raise PermissionDenied(_PUBLIC_WRITE.format(name=name, action="given new versions"))
 
     def _check_quota(self, num_bytes: int) -> None:
         used = self._registry.used_bytes()
@@ -300,6 +322,17 @@ class AdapterStore:
             raise QuotaExceeded(f"storing {num_bytes} bytes would exceed the store quota ({used} of "
                                 f"{self.config.quota_bytes} bytes used); delete unused adapters or raise "
                                 f"--adapter-quota-bytes")
+
+
+def _latest(rows: list[AdapterRecord]) -> AdapterRecord:
+    """The latest READY version, else the latest (QUARANTINED) one; rows sorted by version."""
+    ready = [r for r in rows if r.state is AdapterState.READY]
+    return (ready or rows)[-1]
+
+
+TAKEN = "adapter id {name!r} is taken; choose another id"
+_PUBLIC_WRITE = ("public adapter {name!r} can only be {action} with an admin key without a tenant (an operator "
+                 "key); tenant admin keys manage their tenant's private adapters and may publish new ids")
 
 
 def _size_error(message: str) -> AdapterValidationError:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from .errors import AdapterValidationError
 from .types import ATTENTION_MODULES, MLP_MODULES
 
-_KEY_RE = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.([A-Za-z0-9_]+)"
-                     r"\.lora_([AB])(?:\.default)?\.weight$")
+_KEY_RE = re.compile(r"(?:base_model\.model\.)?model\.layers\.(0|[1-9][0-9]{0,5})\.(self_attn|mlp)\.([A-Za-z0-9_]+)"
+                     r"\.lora_([AB])(?:\.default)?\.weight", re.ASCII)
 _PARENT = {**{m: "self_attn" for m in ATTENTION_MODULES}, **{m: "mlp" for m in MLP_MODULES}}
 
 
@@ -23,7 +23,7 @@ class LoraTensorName:
 
 def parse_tensor_name(name: str) -> LoraTensorName:
     """Parse `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A[.default].weight`."""
-    match = _KEY_RE.match(name)
+    match = _KEY_RE.fullmatch(name)
     if match is None:
         if "embed_tokens" in name or "lm_head" in name:
             raise AdapterValidationError("embedding_target", f"tensor {name!r} adapts an embedding / lm_head; "

@@ -29,6 +29,7 @@ class UploadMeta:
     weights_sha256: str
     owner: str | None = None
     allow_base_mismatch: bool = False
+    tenant: str | None = None            # the uploader's tenant when it differs from owner (public upload)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +41,7 @@ class ChannelSettings:
         environ = os.environ if environ is None else environ
         if isinstance(root_certificates, (str, Path)):
             root_certificates = Path(root_certificates).expanduser().read_bytes()
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds or None, not {timeout}")
+        _check_timeout(timeout)
         return cls(address=address or environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS,
                    api_key=api_key if api_key is not None else (environ.get(API_KEY_ENV) or None),
                    tls=tls or root_certificates is not None, root_certificates=root_certificates,
@@ -62,7 +63,7 @@ class ChannelSettings:
 
     def call_timeout(self, timeout: float | None) -> float | None:
         """The per-call timeout: the call's own, else the client's default."""
-        return self.timeout_s if timeout is None else timeout
+        return self.timeout_s if timeout is None else _check_timeout(timeout)
 
 
 def open_sync_channel(settings: ChannelSettings) -> grpc.Channel:
@@ -77,3 +78,10 @@ def open_aio_channel(settings: ChannelSettings) -> grpc.aio.Channel:
     if credentials is None:
         return grpc.aio.insecure_channel(settings.address, options=settings.options())
     return grpc.aio.secure_channel(settings.address, credentials, options=settings.options())
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    """A finite number of seconds > 0, or None (nan and inf would reach gRPC as a deadline)."""
+    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, or None, not {timeout!r}")
+    return timeout

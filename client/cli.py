@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Callable
 
 from . import _format as fmt
 from ._exit import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, exit_code, explain
 from .bench.command import add_parser as add_bench
-from .errors import LoraplexError
+from .errors import LoraplexError, ValidationError
 from .sync_client import Client
 from .types import HealthStatus
 
@@ -24,7 +25,8 @@ def _connection_options() -> argparse.ArgumentParser:
     group = common.add_argument_group("connection")
     group.add_argument("--address", help="server host:port (env LORAPLEX_ADDRESS; default 127.0.0.1:50051)")
     group.add_argument("--api-key", dest="client_api_key", metavar="KEY", help="API key (env LORAPLEX_API_KEY)")
-    group.add_argument("--timeout", type=float, default=300.0, help="deadline per call in seconds (default 300)")
+    group.add_argument("--timeout", type=_positive_seconds, default=300.0,
+                       help="deadline per call in seconds (default 300)")
     group.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
     group.add_argument("--root-certs", metavar="PEM", help="CA certificate file to trust (implies --tls)")
     group.add_argument("--tls-server-name", metavar="NAME", help="name expected in the server certificate")
@@ -72,15 +74,33 @@ def register(sub) -> None:
     add_bench(sub, common)
 
 
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf are refused with a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds > 0")
+    return value
+
+
 def _add_generate(sub, common: argparse.ArgumentParser) -> None:
     gen = sub.add_parser("generate", parents=[common], help="generate text (optionally with an adapter)")
     gen.add_argument("prompt", help="prompt text, or - to read it from stdin")
     gen.add_argument("--adapter", help="adapter id: 'name' (latest) or 'name@version'")
     gen.add_argument("--max-new-tokens", type=int)
-    gen.add_argument("--temperature", type=float, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--temperature", type=_finite_float, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=_finite_float)
     gen.add_argument("--top-k", type=int)
-    gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument("--repetition-penalty", type=_finite_float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", default=None)
@@ -98,6 +118,9 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
+    if args.system is not None and not args.chat:
+        raise ValidationError("--system needs --chat (a plain prompt has no system message)",
+                              violations={"--system": "only valid with --chat"})
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,

@@ -8,12 +8,12 @@ and the safetensors header parses with tensor extents inside the file.
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..adapters_store.strict_json import StrictJsonError, loads_strict
 from ..v1 import adapters_pb2 as pb
 from .errors import ValidationError
 
@@ -54,8 +54,8 @@ def _fail(directory: Path, field: str, problem: str) -> ValidationError:
 def read_config(directory: Path) -> dict:
     """Parse and check adapter_config.json (peft_type LORA, positive integer r)."""
     try:
-        config = json.loads((directory / CONFIG_NAME).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        config = loads_strict((directory / CONFIG_NAME).read_bytes())
+    except StrictJsonError as error:
         raise _fail(directory, CONFIG_NAME, f"not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise _fail(directory, CONFIG_NAME, "must hold a JSON object")
@@ -81,8 +81,8 @@ def check_safetensors(directory: Path) -> int:
         if header_bytes > min(MAX_HEADER_BYTES, size - 8):
             raise _fail(directory, WEIGHTS_NAME, f"header length {header_bytes} is larger than the file")
         try:
-            header = json.loads(handle.read(header_bytes))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            header = loads_strict(handle.read(header_bytes))
+        except StrictJsonError as error:
             raise _fail(directory, WEIGHTS_NAME, f"header is not JSON ({error}); is this a safetensors file?") from None
     if not isinstance(header, dict):
         raise _fail(directory, WEIGHTS_NAME, "header must be a JSON object")
@@ -91,11 +91,25 @@ def check_safetensors(directory: Path) -> int:
         raise _fail(directory, WEIGHTS_NAME, "holds no tensors")
     data_bytes = size - 8 - header_bytes
     for name, entry in tensors.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1] <= data_bytes
-                or "dtype" not in entry or not isinstance(entry.get("shape"), list)):
+        if not _well_formed(entry, data_bytes):
             raise _fail(directory, WEIGHTS_NAME, f"tensor {name!r} has a malformed entry or lies outside the file")
     return len(tensors)
+
+
+def _well_formed(entry: object, data_bytes: int) -> bool:
+    """dtype a string, shape a list of counts, data_offsets two counts inside the data section."""
+    if not isinstance(entry, dict):
+        return False
+    offsets, shape = entry.get("data_offsets"), entry.get("shape")
+    if not isinstance(entry.get("dtype"), str) or not isinstance(shape, list) or not isinstance(offsets, list):
+        return False
+    if len(offsets) != 2 or not all(_is_count(v) for v in shape + offsets):
+        return False
+    return offsets[0] <= offsets[1] <= data_bytes
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def sha256_of(path: Path) -> str:
@@ -115,10 +129,13 @@ def validate_adapter_dir(path: str | Path) -> LocalAdapter:
     if missing:
         hint = " (save with safe_serialization=True)" if WEIGHTS_NAME in missing else ""
         raise _fail(directory, missing[0], f"missing{hint}")
-    config = read_config(directory)
-    check_safetensors(directory)
-    files = [LocalFile(directory / name, kind, (directory / name).stat().st_size, sha256_of(directory / name))
-             for name, kind in ((CONFIG_NAME, pb.ADAPTER_FILE_CONFIG), (WEIGHTS_NAME, pb.ADAPTER_FILE_WEIGHTS))]
+    try:
+        config = read_config(directory)
+        check_safetensors(directory)
+        files = [LocalFile(directory / name, kind, (directory / name).stat().st_size, sha256_of(directory / name))
+                 for name, kind in ((CONFIG_NAME, pb.ADAPTER_FILE_CONFIG), (WEIGHTS_NAME, pb.ADAPTER_FILE_WEIGHTS))]
+    except OSError as error:
+        raise _fail(directory, "path", f"cannot read it ({error.strerror or error})") from None
     return LocalAdapter(directory, files[0], files[1], rank=config["r"])
 
 

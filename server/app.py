@@ -73,7 +73,7 @@ async def start_grpc(config: ServerConfig, metrics: Metrics | None = None) -> Ru
     await server.start()
     running = RunningServer(server, health, state, port)
     if metrics is not None and config.metrics_port:
-        running.metrics_http = metrics.serve(config.host, config.metrics_port)
+        running.metrics_http = metrics.serve(config.metrics_host or config.host, config.metrics_port)
         running.metrics_port = running.metrics_http.server_address[1]
     return running
 
@@ -107,7 +107,7 @@ async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None
     state = running.state
     state.store, state.engine = store, engine
     if state.metrics is not None:
-        state.metrics.watch_engine(engine.stats)
+        state.metrics.watch_engine(engine.stats, engine.adapter_is_private)
         engine.add_step_listener(state.metrics.on_step)
         from ..adapters_store.cache import metrics_hook
         if store is not None:

@@ -19,8 +19,8 @@ from .config_checks import MiB, validate
 from .engine.config import CacheConfig, EngineConfig, LoraConfig, RequestLimits, SchedulerConfig
 from .layers.options import QuantConfig
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE | re.ASCII)   # fullmatch
+_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)                       # fullmatch
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "ki": 2**10, "m": 1e6, "mb": 1e6,
           "mib": 2**20, "mi": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30, "gi": 2**30,
           "t": 1e12, "tb": 1e12, "tib": 2**40, "ti": 2**40}
@@ -49,7 +49,7 @@ def parse_size(text: str | int) -> int:
     """'512MiB', '2GB', '1048576' -> bytes."""
     if isinstance(text, int):
         return text
-    match = _SIZE_RE.match(str(text))
+    match = _SIZE_RE.fullmatch(str(text))
     if not match:
         raise ValueError(f"{text!r} is not a size (examples: 1048576, 512MiB, 2GiB)")
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
@@ -60,7 +60,7 @@ def parse_key(text: str) -> ApiKey:
     tenant, sep, secret = text.strip().partition(":")
     if not sep:
         return ApiKey(secret=tenant)
-    if not _TENANT_RE.match(tenant):
+    if not _TENANT_RE.fullmatch(tenant):
         raise ValueError("the tenant in 'tenant:key' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}")
     return ApiKey(secret=secret, tenant=tenant)
 
@@ -156,6 +156,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("http_port", "--http-port", int, "OpenAI-compatible HTTP port on --host (0 turns it off)"),
     Flag("served_model_name", "--served-model-name", str,
          "the base model's name in the HTTP API's `model` (default: the model directory's name, or 'default')"),
+    # Hardening (issue 16): /metrics is unauthenticated; bind it where only scrapers reach it.
+    Flag("metrics_host", "--metrics-host", str, "Prometheus /metrics listen address (default: --host)"),
 )
 
 
@@ -199,6 +201,7 @@ class ServerConfig:
     max_adapter_bytes: int = 2**30
     grace_period_s: float = 30.0
     metrics_adapter_labels: int = 20
+    metrics_host: str = ""               # empty: the gRPC --host
     seed: int = EngineConfig.seed
     log_level: str = "info"
     http_port: int = 8000

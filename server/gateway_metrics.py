@@ -16,17 +16,21 @@ from prometheus_client.core import GaugeMetricFamily
 MAX_LISTED_ADAPTERS = 32        # bound on names per label (waiting queues can be long)
 
 
-def adapter_names(keys: Iterable[str], limit: int = MAX_LISTED_ADAPTERS) -> str:
-    """'tone@2', 'legal@1', 'tone@1' -> 'legal,tone' (names as clients send them in `model`)."""
-    names = sorted({key.split("@", 1)[0] for key in keys})
+def adapter_names(keys: Iterable[str], limit: int = MAX_LISTED_ADAPTERS,
+                  is_private: Callable[[str], bool] = lambda _key: False) -> str:
+    """'tone@2', 'legal@1', 'tone@1' -> 'legal,tone' (names as clients send them in `model`).
+
+    Private (tenant-owned) adapters are never named: they appear as 'private' (issue 16)."""
+    names = sorted({"private" if is_private(key) else key.split("@", 1)[0] for key in keys})
     return ",".join(names[:limit])
 
 
 class LoraRequestsInfo:
     """A prometheus_client custom collector over an EngineStats getter."""
 
-    def __init__(self, stats: Callable[[], Any]):
+    def __init__(self, stats: Callable[[], Any], is_private: Callable[[str], bool] = lambda _key: False):
         self.stats = stats
+        self.is_private = is_private
 
     def describe(self):
         return [GaugeMetricFamily("loraplex_lora_requests_info", "Running and waiting adapters, max LoRAs",
@@ -38,6 +42,7 @@ class LoraRequestsInfo:
                                    "Running and waiting adapters (labels) and the max-LoRA limit; value = "
                                    "Unix time of the snapshot", labels=["running_lora_adapters",
                                                                         "waiting_lora_adapters", "max_lora"])
-        family.add_metric([adapter_names(stats.running_adapters), adapter_names(stats.waiting_adapters),
+        family.add_metric([adapter_names(stats.running_adapters, is_private=self.is_private),
+                           adapter_names(stats.waiting_adapters, is_private=self.is_private),
                            str(stats.max_loras)], time.time())
         yield family

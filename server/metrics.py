@@ -4,7 +4,9 @@ Fed from three places: the service layer (`request_finished`, `token_delta`, `up
 the engine's per-step listener (`on_step`), and the adapter store's cache hooks
 (`adapter_cache_*`). Engine gauges (running, waiting, KV usage, ...) are read from
 `engine.stats()` at scrape time, so they are never stale. Per-adapter labels are bounded:
-the top-N adapters by traffic get their own label, the rest share `other`.
+the top-N public adapters by traffic get their own label, the rest share `other`; only
+adapters that exist (resolved by the engine) take a label, never an id a caller typed, and
+private adapters are never named (they share the label `private`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from prometheus_client.exposition import start_http_server
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-BASE_LABEL, OTHER_LABEL = "base", "other"
+BASE_LABEL, OTHER_LABEL, PRIVATE_LABEL = "base", "other", "private"
 
 
 class AdapterLabels:
@@ -36,9 +38,13 @@ class AdapterLabels:
         self._labeled: set[str] = set()
         self._lock = threading.Lock()
 
-    def label(self, adapter_key: str | None) -> str:
+    def label(self, adapter_key: str | None, private: bool = False) -> str:
+        """`adapter_key` must be a resolved, existing adapter's key (never a caller's string):
+        only those compete for the bounded labels. Private adapters all share `private`."""
         if not adapter_key:
             return BASE_LABEL
+        if private:
+            return PRIVATE_LABEL
         name = adapter_key.split("@", 1)[0]
         demoted = None
         with self._lock:
@@ -104,7 +110,7 @@ class Metrics:
         self._lora_info: Any = None          # gateway_metrics.LoraRequestsInfo once an engine is watched
 
     # ---- engine ----------------------------------------------------------------------
-    def watch_engine(self, stats: Callable[[], Any]) -> None:
+    def watch_engine(self, stats: Callable[[], Any], is_private: Callable[[str], bool] | None = None) -> None:
         """Expose gauges read from `stats()` (an EngineStats) at scrape time."""
         gauges = {
             "loraplex_requests_running": ("Requests holding KV blocks", lambda s: s.num_running),
@@ -126,6 +132,8 @@ class Metrics:
             self._lora_info = LoraRequestsInfo(stats)
             self.registry.register(self._lora_info)
         self._lora_info.stats = stats
+        if is_private is not None:
+            self._lora_info.is_private = is_private
 
     def on_step(self, step: Any) -> None:
         """Engine step listener (runs on the engine thread; prometheus_client is thread-safe)."""
@@ -138,8 +146,10 @@ class Metrics:
     # ---- service layer ---------------------------------------------------------------
     def request_finished(self, method: str, code: str, finish_reason: str, adapter_key: str | None,
                          prompt_tokens: int = 0, generated_tokens: int = 0, timing: Any = None,
-                         api: str = "grpc") -> None:
-        adapter = self.adapters.label(adapter_key)
+                         private: bool = False, unresolved: bool = False, api: str = "grpc") -> None:
+        """`adapter_key`: the resolved key (None for the base model); `unresolved`: an adapter
+        was asked for but never resolved (NOT_FOUND, invalid id): counted under `other`."""
+        adapter = OTHER_LABEL if unresolved else self.adapters.label(adapter_key, private)
         self._inc(self.requests, (api, method, code, finish_reason, adapter))
         if prompt_tokens:
             self._inc(self.prompt_tokens, (api, adapter), prompt_tokens)
@@ -183,7 +193,7 @@ class Metrics:
     def _inc(self, metric: Counter, labels: tuple[str, ...], amount: float = 1) -> None:
         metric.labels(*labels).inc(amount)
         adapter = labels[-1]
-        if adapter not in (BASE_LABEL, OTHER_LABEL):
+        if adapter not in (BASE_LABEL, OTHER_LABEL, PRIVATE_LABEL):
             with self._series_lock:
                 self._series.setdefault(adapter, set()).add((metric, labels))
 

@@ -27,6 +27,7 @@ class AdapterGateway:
         self._pending: dict[str, Future] = {}
         self._failed: dict[str, AdapterUnavailable] = {}
         self._staged: dict[str, Any] = {}    # loaded by prefetch, kept until activated
+        self._private: set[str] = set()      # resolved keys owned by a tenant
 
     def resolve(self, ref: str, tenant: str | None) -> str:
         """'name' or 'name@3' -> 'name@version', holding a lease until release(key)."""
@@ -37,7 +38,17 @@ class AdapterGateway:
             raise AdapterUnavailable(f"adapter {key} is {record.state.value.lower()}{reason}; "
                                      "it cannot be served")
         self.store.acquire(key)
+        with self._lock:
+            if record.private:
+                self._private.add(key)
+            else:
+                self._private.discard(key)
         return key
+
+    def is_private(self, key: str) -> bool:
+        """Whether `key` was private when it was last resolved (metrics never name those)."""
+        with self._lock:
+            return key in self._private
 
     def release(self, key: str) -> None:
         self.store.release(key)
@@ -93,6 +104,7 @@ class AdapterGateway:
         """Drop the adapter from the device slot and staging (call between steps)."""
         with self._lock:
             self._staged.pop(key, None)
+            self._private.discard(key)
         self.manager.evict(key)
 
 

@@ -7,7 +7,7 @@ import itertools
 import logging
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from .builder import build_engine
@@ -40,6 +40,7 @@ class AsyncEngine:
         self._listeners: list[StepListener] = []
         self._stats = engine.stats()
         self._ids = itertools.count()
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
 
@@ -55,10 +56,12 @@ class AsyncEngine:
         if self._draining or self._stopping:
             raise EngineDraining("the server is shutting down; retry on another replica")
         loop = asyncio.get_running_loop()
+        # Tokenizing (up to max_prompt_bytes of text) must not stall every stream's next token.
+        prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self.engine.checked_prompt_ids, request)
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = (loop, outputs)
         try:
-            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request)))
+            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request, prompt_ids)))
         except BaseException:
             self._queues.pop(request.request_id, None)
             # Cancelled while add_request was already running: drop the request it may have queued.
@@ -92,6 +95,11 @@ class AsyncEngine:
         if self.engine.adapters is not None:
             self.engine.adapters.manager.set_event_hook(hook)
 
+    def adapter_is_private(self, key: str) -> bool:
+        """Whether a resolved adapter key belongs to a tenant (thread-safe; for metrics labels)."""
+        gateway = self.engine.adapters
+        return gateway is not None and gateway.is_private(key)
+
     async def run_on_engine(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread between steps (e.g. evict a deleted adapter's slot)."""
         return await asyncio.wrap_future(self._call(fn))
@@ -117,6 +125,7 @@ class AsyncEngine:
         self._draining = self._stopping = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 30)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- engine thread ----------------------------------------------------------------
     def _call(self, fn: Callable[[], Any]) -> Future:

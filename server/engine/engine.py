@@ -13,7 +13,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
-from .prompt import encode_prompt, render_chat
+from .prompt import encode_prompt, max_token_bytes, prompt_bytes, render_chat
 from .request_state import EMPTY_DELTA, Delta, RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
@@ -55,18 +55,32 @@ class LLMEngine:
         self._by_seq: dict[int, RequestState] = {}
         self._next_seq_id = 0
         self._last_batch: ScheduledBatch | None = None
+        self.max_prompt_bytes = config.limits.max_input_tokens * max_token_bytes(tokenizer)
 
     # ---- intake ---------------------------------------------------------------------
     def tokenize(self, request: GenerationRequest) -> list[int]:
-        """The prompt's token ids (prompt_token_ids as given, chat rendered, or text encoded)."""
+        """The prompt's token ids (prompt_token_ids as given, chat rendered, or text encoded).
+
+        Touches no engine state: AsyncEngine runs it off the engine thread. A prompt of more
+        than max_prompt_bytes cannot fit max_input_tokens and is refused before tokenizing."""
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
+        num_bytes = prompt_bytes(request.prompt, request.messages)
+        if num_bytes > self.max_prompt_bytes:
+            max_tokens = self.config.limits.max_input_tokens
+            raise RequestRejected("", f"the prompt is {num_bytes} bytes, more than {self.max_prompt_bytes} "
+                                  f"({max_tokens} tokens of at most {self.max_prompt_bytes // max_tokens} "
+                                  f"bytes); shorten it")
         if request.messages is not None:
             try:
                 return render_chat(self.tokenizer, request.messages)
             except ValueError as error:
                 raise RequestRejected("messages", str(error)) from None
         return encode_prompt(self.tokenizer, request.prompt)
+
+    def checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """validate_request, then tokenize: what AsyncEngine runs off the engine thread."""
+        return self.tokenize(validate_request(request, self.config.limits))
 
     def add_request(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> None:
         """Validate and queue a request. Raises RequestRejected, QueueFull, store errors."""
@@ -129,14 +143,20 @@ class LLMEngine:
         if self.adapters is not None:
             self.adapters.prefetch(self.scheduler.pending_adapter_keys()[: self.config.scheduler.max_loras])
         if not batch.is_empty:
-            result = self._run(batch)
-            finished = self.scheduler.update(batch, result)
-            outputs += self._collect(batch, finished)
+            try:
+                result = self._run(batch)
+                finished = self.scheduler.update(batch, result)
+                outputs += self._collect(batch, finished)
+            except Exception:  # noqa: BLE001 - last resort: fail this batch once, never loop on it
+                log.exception("engine step failed; failing the %d requests of this batch", batch.num_seqs)
+                outputs += self._fail_batch(batch)
         self._last_batch = batch
         return outputs, self._step_stats(batch, self.clock() - started, outputs)
 
     def _run(self, batch: ScheduledBatch) -> RunnerOutput:
-        slots = self.adapters.activate(batch.adapter_keys) if self.adapters is not None else {}
+        slots, bad_keys = self._activate(batch.adapter_keys)
+        if bad_keys:
+            return self._run_isolated(batch, slots, bad_keys)
         try:
             return self.runner.run(batch, slots)
         except Exception:  # noqa: BLE001 - isolate the failure to the requests that cause it
@@ -144,8 +164,31 @@ class LLMEngine:
                           batch.num_seqs)
         return self._run_isolated(batch, slots)
 
-    def _run_isolated(self, batch: ScheduledBatch, slots: dict[str, int]) -> RunnerOutput:
-        """Re-run each item alone; fail only the items whose own forward pass raises.
+    def _activate(self, keys: set[str]) -> tuple[dict[str, int], set[str]]:
+        """Device slots for the batch's adapters, and the keys whose slot load raised.
+
+        On a failure each key is retried alone, so one bad adapter fails only its own requests
+        (once: they finish with an error) and the rest of the batch still runs.
+        """
+        if self.adapters is None or not keys:
+            return {}, set()
+        try:
+            return self.adapters.activate(keys), set()
+        except Exception:  # noqa: BLE001 - found per key below
+            pass
+        slots: dict[str, int] = {}
+        bad: set[str] = set()
+        for key in sorted(keys):
+            try:
+                slots.update(self.adapters.activate({key}))
+            except Exception:  # noqa: BLE001 - this adapter's own failure
+                log.exception("adapter %s could not be loaded into a device slot", key)
+                bad.add(key)
+        return {key: slot for key, slot in slots.items() if self.adapters.manager.slot_of(key) == slot}, bad
+
+    def _run_isolated(self, batch: ScheduledBatch, slots: dict[str, int],
+                      bad_keys: set[str] = frozenset()) -> RunnerOutput:
+        """Re-run each item alone; fail only the items whose own forward pass (or adapter) fails.
 
         Safe because nothing was advanced by the failed attempt: each item recomputes the same
         positions into the same KV slots, and sampling seeds do not depend on the batch. A
@@ -157,6 +200,8 @@ class LLMEngine:
         failed: set[int] = set()
         for item in batch.items:
             try:
+                if item.seq.adapter_key in bad_keys or (item.seq.adapter_key and item.seq.adapter_key not in slots):
+                    raise RequestFailed(f"adapter {item.seq.adapter_key} could not be loaded into a device slot")
                 out = self.runner.run(ScheduledBatch(items=(item,)), slots)
             except Exception:  # noqa: BLE001 - this request's own failure
                 log.exception("request sequence %d failed inside the engine", item.seq.seq_id)
@@ -195,6 +240,17 @@ class LLMEngine:
         if output.finish_reason is FinishReason.ERROR:
             output = replace(output, error=error or RequestFailed("the request failed inside the engine"))
         return output
+
+    def _fail_batch(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        outputs = []
+        for item in batch.items:
+            state = self._by_seq.get(item.seq.seq_id)
+            if state is None:
+                continue
+            if not state.seq.is_finished:
+                self.scheduler.finish(state.seq, FinishReason.ERROR)
+            outputs.append(self._finalize(state, error=RequestFailed("the request failed inside the engine")))
+        return outputs
 
     def _fail_unloadable_adapters(self) -> list[RequestOutput]:
         if self.adapters is None:

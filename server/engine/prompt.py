@@ -21,6 +21,28 @@ def load_tokenizer(model_dir: str | Path) -> Any:
                          f"tokenizer_config.json with a supported tokenizer ({error})") from error
 
 
+def max_token_bytes(tokenizer: Any, default: int = 256) -> int:
+    """An upper bound on the UTF-8 bytes of text one token covers (the longest vocab entry).
+
+    Byte-level BPE writes each byte as one character (>= 1 UTF-8 byte) and SentencePiece
+    pieces are the text itself, so a prompt of more than max_input_tokens * this many bytes
+    cannot fit in max_input_tokens tokens: it is refused without tokenizing it.
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 - a tokenizer without a vocab: fall back to a generous bound
+        return default
+    return max((len(token.encode("utf-8", "surrogatepass")) for token in vocab), default=default)
+
+
+def prompt_bytes(prompt: str | None, messages: Sequence[tuple[str, str]] | None) -> int:
+    """UTF-8 bytes of a plain prompt, or of every chat message's content (roles are tiny)."""
+    if prompt is not None:
+        return len(prompt.encode("utf-8", "surrogatepass")) if isinstance(prompt, str) else 0
+    return sum(len(message[1].encode("utf-8", "surrogatepass")) for message in messages or ()
+               if isinstance(message, (tuple, list)) and len(message) == 2 and isinstance(message[1], str))
+
+
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a plain prompt, as transformers gives them (special tokens included)."""
     return list(tokenizer(text)["input_ids"])

@@ -23,6 +23,10 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"            # failed inside the engine
 
 
+# Finite is not enough: logits / 1e-50 (or * 1e300) overflow float32 to inf and NaN.
+SAMPLING_PENALTY_RANGE = (1e-2, 1e2)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request. temperature == 0 means greedy.

@@ -25,9 +25,10 @@ from dataclasses import replace
 
 from .config import RequestLimits
 from .io import GenerationRequest, RequestRejected, Violation
-from .sequence import MAX_TOP_LOGPROBS, SamplingParams
+from .sequence import MAX_TOP_LOGPROBS, SAMPLING_PENALTY_RANGE as PENALTY_RANGE, SamplingParams
 
-ADAPTER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[1-9][0-9]{0,8})?$")
+# Use fullmatch: `$` would match before a trailing newline ("name\n" must be refused).
+ADAPTER_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[1-9][0-9]{0,8})?", re.ASCII)
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -51,7 +52,7 @@ def check_request(request: GenerationRequest, limits: RequestLimits) -> list[Vio
     """Every problem visible without tokenizing (input shape, adapter id, sampling ranges)."""
     problems = _input_problems(request)
     adapter = request.adapter_id
-    if adapter is not None and not ADAPTER_REF_RE.match(adapter):
+    if adapter is not None and not ADAPTER_REF_RE.fullmatch(adapter):
         problems.append(Violation("adapter_id", "must be 'name' or 'name@version' with name matching "
                                   "[A-Za-z0-9][A-Za-z0-9._-]{0,127}"))
     problems += _sampling_problems(request.sampling, limits)
@@ -112,8 +113,8 @@ def _sampling_problems(params: SamplingParams, limits: RequestLimits) -> list[Vi
          "must be a finite number >= 0"),
         ("top_p", math.isfinite(params.top_p) and 0 < params.top_p <= 1, "must be in (0, 1]"),
         ("top_k", params.top_k >= 0, "must be >= 0"),
-        ("repetition_penalty", math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0,
-         "must be a finite number > 0"),
+        ("repetition_penalty", PENALTY_RANGE[0] <= params.repetition_penalty <= PENALTY_RANGE[1],
+         f"must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}] (further out, logits overflow float32)"),
         ("seed", params.seed is None or 0 <= params.seed < 2**63, "must be in [0, 2**63)"),
         ("stop", len(params.stop) <= limits.max_stop_sequences,
          f"at most {limits.max_stop_sequences} stop sequences (got {len(params.stop)})"),

@@ -58,7 +58,10 @@ class HttpApi:
                 return
             finished = last is not None and last.finished
             reason = last.finish_reason.value if finished and last.finish_reason else "none"
-            metrics.request_finished(method, code, reason, (last.adapter_key if last is not None else None) or adapter,
+            key = last.adapter_key if last is not None else None      # resolved keys only (issue 16)
+            engine = self.state.engine
+            private = bool(key) and engine is not None and engine.adapter_is_private(key)
+            metrics.request_finished(method, code, reason, key, private=private, unresolved=bool(adapter) and not key,
                                      prompt_tokens=last.prompt_tokens if finished else 0,
                                      generated_tokens=last.generated_tokens if finished else 0,
                                      timing=last.timing if finished else None, api="http")

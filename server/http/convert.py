@@ -83,7 +83,7 @@ def resolve_model(model: str | None, base_name: str) -> str | None:
     """`model` -> adapter id (None = the base model). Unknown names fail later with 404."""
     if model is None or model == base_name:
         return None
-    if not ADAPTER_REF_RE.match(model):
+    if not ADAPTER_REF_RE.fullmatch(model):
         raise ApiError(404, f"the model '{model}' does not exist: use '{base_name}', an adapter id or "
                             "'name@version' (GET /v1/models lists them)", param="model", code="model_not_found")
     return model

@@ -52,7 +52,7 @@ async def list_models(state: ServiceState, tenant: str | None, base_name: str, s
 
 
 def _check_name(name: str, param: str) -> None:
-    if not ADAPTER_REF_RE.match(name) or "@" in name:
+    if not ADAPTER_REF_RE.fullmatch(name) or "@" in name:
         raise bad_request(param, "must be an adapter name matching [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

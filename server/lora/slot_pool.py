@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -164,6 +165,9 @@ class SlotPool:
         if rank > self.max_lora_rank:
             raise ValueError(f"adapter {adapter.key} has rank {rank} > max_lora_rank {self.max_lora_rank}; "
                              "raise --max-lora-rank")
+        scaling = adapter.config.scaling
+        if not math.isfinite(scaling) or abs(scaling) > torch.finfo(self.dtype).max:
+            raise ValueError(f"adapter {adapter.key}: its scale {scaling:g} does not fit {self.dtype}")
         return max(rank, 1)
 
 

@@ -23,7 +23,7 @@ _UNITS = {
     "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+_BUDGET_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class MemoryBudget:
 def parse_memory_budget(value: str | int | float) -> MemoryBudget:
     """'2GiB', '512MiB', '1.5GB', '1000000' (bytes) or '0.3' (a fraction in (0, 1])."""
     text = str(value)
-    match = _BUDGET_RE.match(text)
+    match = _BUDGET_RE.fullmatch(text)
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _UNITS:
         raise ValueError(f"KV cache memory {text!r} is not understood; use bytes with a unit "

@@ -18,7 +18,7 @@ from .state import ServiceState
 from .store_convert import adapter_info, upload_metadata
 
 MAX_CHUNK_BYTES = 2**20
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 FILE_NAMES = {pb.ADAPTER_FILE_CONFIG: "adapter_config.json", pb.ADAPTER_FILE_WEIGHTS: "adapter_model.safetensors"}
 
 
@@ -63,7 +63,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
             raise invalid_argument(problems)
         record = await asyncio.to_thread(
             store.register_path, request.adapter_id, request.path, owner=self._owner(request.private, context),
-            allow_base_mismatch=request.allow_base_mismatch)
+            allow_base_mismatch=request.allow_base_mismatch, tenant=self._tenant(context))
         return pb.RegisterAdapterResponse(adapter=adapter_info(record))
 
     @rpc_errors
@@ -82,7 +82,10 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context) -> pb.DeleteAdapterResponse:
         store = self._writable_store()
         _raise_on(_name_problems(request.adapter_id, "adapter_id", allow_version=True))
-        deleted = await asyncio.to_thread(store.delete, request.adapter_id, self._tenant(context))
+        deleted, removals = await asyncio.to_thread(store.begin_delete, request.adapter_id, self._tenant(context))
+        # Waiting for in-flight requests to release their leases holds no worker thread.
+        # shield: a cancelled call (client gone) must not cancel the removal itself.
+        await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(removal) for removal in removals)))
         name = request.adapter_id.split("@", 1)[0]
         if self.state.engine is not None:   # in-flight requests are done: drop the device slots too
             await self.state.engine.evict_adapters([f"{name}@{v}" for v in deleted])
@@ -102,7 +105,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
 
 
 def _name_problems(ref: str, field: str, allow_version: bool) -> list[FieldViolation]:
-    if ADAPTER_REF_RE.match(ref) and (allow_version or "@" not in ref):
+    if ADAPTER_REF_RE.fullmatch(ref) and (allow_version or "@" not in ref):
         return []
     form = "'name' or 'name@version'" if allow_version else "'name'"
     return [FieldViolation(field, f"must be {form} with name matching [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}")]
@@ -119,7 +122,7 @@ def _check_metadata(meta: pb.UploadMetadata, max_adapter_bytes: int) -> None:
         size, digest = getattr(meta, f"{name}_size"), getattr(meta, f"{name}_sha256")
         if size == 0:
             problems.append(FieldViolation(f"metadata.{name}_size", "must be > 0"))
-        if not _SHA256_RE.match(digest):
+        if not _SHA256_RE.fullmatch(digest):
             problems.append(FieldViolation(f"metadata.{name}_sha256", "must be 64 lowercase hex digits"))
     if meta.config_size + meta.weights_size > max_adapter_bytes:
         problems.append(FieldViolation("metadata.weights_size",

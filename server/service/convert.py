@@ -38,7 +38,7 @@ def to_generation_request(message: pb.GenerationInput, request_id: str, tenant: 
     """The engine's request for a proto input; raises INVALID_ARGUMENT (every problem, proto
     paths) when the engine's validator refuses it, before the request waits for the engine."""
     request = GenerationRequest(request_id=request_id, prompt=_prompt(message), messages=_messages(message),
-                                adapter_id=message.adapter_id.strip() or None,
+                                adapter_id=message.adapter_id or None,
                                 sampling=_sampling(message.sampling), tenant=tenant)
     violations = check_request(request, limits)
     if violations:

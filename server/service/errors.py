@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from ..engine.io import (AdapterBackendUnavailable, AdapterUnavailable, EngineDraining, QueueFull,
@@ -115,6 +116,11 @@ def map_error(error: BaseException) -> MappedStatus:
         return MappedStatus(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     if isinstance(error, RequestFailed):
         return MappedStatus(grpc.StatusCode.INTERNAL, str(error) or "the request failed")
+    if isinstance(error, DecodeError):
+        # A client-streaming request message that does not parse: grpcio hands the protobuf
+        # error to the servicer's iterator. Same code as for unary calls (docs/server.md).
+        return MappedStatus(grpc.StatusCode.UNKNOWN, "a request message could not be parsed (corrupt wire "
+                                                     "format or invalid UTF-8 in a string field)")
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         log.error("disk full: %s", error)
         return MappedStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,

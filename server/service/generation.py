@@ -11,7 +11,6 @@ from typing import AsyncIterator
 from ...v1 import generation_pb2 as pb
 from ...v1 import generation_pb2_grpc
 from ..engine.io import RequestOutput, RequestRejected
-from ..engine.validation import ADAPTER_REF_RE
 from .convert import stream_response, to_generation_request, unary_response, wire_violations
 from .errors import ServiceError, invalid_argument, map_error, rpc_errors
 from .state import ServiceState
@@ -37,7 +36,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         """Yield the engine's deltas; closing early (cancel, deadline) aborts the engine request."""
         metrics = self.state.metrics
         last: RequestOutput | None = None
-        adapter = message.adapter_id if ADAPTER_REF_RE.match(message.adapter_id) else None
+        asked_adapter = bool(message.adapter_id)
         try:
             tenant = self.state.keys.principal(context).tenant
             request = to_generation_request(message, uuid.uuid4().hex, tenant, self.limits)
@@ -52,25 +51,29 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     yield output
         except asyncio.CancelledError:
             code = "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
-            self._record(method, code, last, adapter)
+            self._record(method, code, last, asked_adapter)
             raise
         except GeneratorExit:
-            self._record(method, "CANCELLED", last, adapter)
+            self._record(method, "CANCELLED", last, asked_adapter)
             raise
         except Exception as error:  # noqa: BLE001 - mapped here once, so metrics see the code
             mapped = map_error(_to_wire(error))
-            self._record(method, mapped.code.name, last, adapter)
+            self._record(method, mapped.code.name, last, asked_adapter)
             raise ServiceError(mapped.code, mapped.message, mapped.violations, mapped.retry_after_s) from None
-        self._record(method, "OK", last, adapter)
+        self._record(method, "OK", last, asked_adapter)
 
-    def _record(self, method: str, code: str, last: RequestOutput | None, adapter: str | None) -> None:
+    def _record(self, method: str, code: str, last: RequestOutput | None, asked_adapter: bool) -> None:
+        """Metrics for one finished RPC; the adapter label comes from the engine's resolved key only."""
         metrics = self.state.metrics
         if metrics is None:
             return
         finished = last is not None and last.finished
         reason = last.finish_reason.value if finished and last.finish_reason else "none"
+        key = last.adapter_key if last is not None else None
+        engine = self.state.engine
+        private = bool(key) and engine is not None and engine.adapter_is_private(key)
         metrics.request_finished(
-            method, code, reason, (last.adapter_key if last is not None else None) or adapter,
+            method, code, reason, key, private=private, unresolved=asked_adapter and not key,
             prompt_tokens=last.prompt_tokens if finished else 0,
             generated_tokens=last.generated_tokens if finished else 0,
             timing=last.timing if finished else None)

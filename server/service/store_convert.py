@@ -34,4 +34,5 @@ def upload_metadata(meta: pb.UploadMetadata, tenant: str | None) -> Any:
                                                "private adapters need a key with a tenant ('tenant:key')")])
     return UploadMeta(name=meta.adapter_id, config_size=meta.config_size, config_sha256=meta.config_sha256,
                       weights_size=meta.weights_size, weights_sha256=meta.weights_sha256,
-                      owner=tenant if meta.private else None, allow_base_mismatch=meta.allow_base_mismatch)
+                      owner=tenant if meta.private else None, allow_base_mismatch=meta.allow_base_mismatch,
+                      tenant=tenant)

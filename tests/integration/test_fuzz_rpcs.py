@@ -7,20 +7,25 @@ at the end. Raw, undecodable request bytes are fuzzed too (invalid UTF-8 in stri
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from grpc_harness import LoopThread, make_peft_adapter, start_full_server, upload_requests
+from hostile_json import HOSTILE_VALUES, PATHOLOGICAL_REGEXES, TRAILING_NEWLINE_IDS
 from loraplex.server.app import drain_and_stop
 from loraplex.server.config import load_server_config
 from loraplex.v1 import adapters_pb2 as apb
 from loraplex.v1 import adapters_pb2_grpc, generation_pb2_grpc, server_pb2, server_pb2_grpc
 from loraplex.v1 import generation_pb2 as gen
 
-KEPT = "kept-adapter"     # uploaded once; the fuzz never generates this id (it has a '-k' infix)
+KEPT = "kept-adapter"
+KEPT_CONFIG: list[bytes] = []      # the kept adapter's (config, weights) bytes, set by the fixture     # uploaded once; the fuzz never generates this id (it has a '-k' infix)
 DEADLINE_S = 30.0
 C = grpc.StatusCode
 # docs/server.md "Status codes": what a client may see for a bad or unlucky request.
@@ -45,6 +50,8 @@ def server(tiny_llama_dir, tmp_path_factory):
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     directory = make_peft_adapter(tiny_llama_dir, tmp_path_factory.mktemp("kept"), seed=3)
     adapters_pb2_grpc.AdapterServiceStub(channel).UploadAdapter(upload_requests(directory, KEPT), timeout=60)
+    KEPT_CONFIG[:] = [(directory / "adapter_config.json").read_bytes(),
+                      (directory / "adapter_model.safetensors").read_bytes()]
     yield running, channel
     channel.close()
     loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
@@ -71,7 +78,8 @@ def _check(call, details: str = "") -> None:
 TEXT = st.one_of(st.just(""), st.text(max_size=40), st.text(max_size=5000),
                  st.sampled_from(["../../etc/passwd", "..", "a/../b", "/abs", "name@0", "name@-1",
                                   "x" * 200, "nul\x00byte", "ünï©ødé", "kept-adapter@99", "a@b@c"]))
-IDS = TEXT.filter(lambda s: s.split("@")[0] != KEPT) | st.just(KEPT)
+IDS = (TEXT.filter(lambda s: s.split("@")[0] != KEPT) | st.just(KEPT)
+       | TRAILING_NEWLINE_IDS.filter(lambda s: not s.startswith(KEPT + "@")))
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=32)
 U32 = st.integers(0, 2**32 - 1)
 
@@ -154,6 +162,34 @@ def test_fuzz_adapter_and_info_rpcs(server, adapter_id, path, private, mismatch,
         "info": lambda: server_pb2_grpc.ServerServiceStub(channel).Info(server_pb2.InfoRequest(), timeout=DEADLINE_S),
     }
     _check(calls[method], f"{method} {adapter_id!r} {path!r}")
+
+
+def _upload_bytes(adapter_id: str, config: bytes, weights: bytes) -> list[apb.UploadAdapterRequest]:
+    meta = apb.UploadMetadata(adapter_id=adapter_id, config_size=len(config), weights_size=len(weights),
+                              config_sha256=hashlib.sha256(config).hexdigest(),
+                              weights_sha256=hashlib.sha256(weights).hexdigest())
+    return [apb.UploadAdapterRequest(metadata=meta),
+            apb.UploadAdapterRequest(chunk=apb.UploadChunk(file=apb.ADAPTER_FILE_CONFIG, data=config)),
+            apb.UploadAdapterRequest(chunk=apb.UploadChunk(file=apb.ADAPTER_FILE_WEIGHTS, data=weights))]
+
+
+@settings(FUZZ, max_examples=20)
+@given(field=st.sampled_from(["r", "lora_alpha", "task_type", "target_modules"]), raw=HOSTILE_VALUES,
+       regex=PATHOLOGICAL_REGEXES, duplicate=st.booleans())
+def test_fuzz_upload_hostile_config(server, field, raw, regex, duplicate):
+    """Well-formed uploads (right sizes and digests) of configs holding the issue-16 classes: huge
+    numbers, deep nesting, lone surrogates, NaN, duplicate keys, pathological regexes."""
+    _, channel = server
+    assume(duplicate or field != "task_type" or raw not in ("1e300", "3e38", "-3.5e38", "1e-400"))  # ignored field
+    config = json.loads(KEPT_CONFIG[0])
+    if field == "target_modules":
+        raw = json.dumps(regex)
+    text = json.dumps({k: v for k, v in config.items() if k != field or duplicate})
+    config_bytes = (text[:-1] + f', "{field}": {raw}}}').encode()
+    stub = adapters_pb2_grpc.AdapterServiceStub(channel)
+    code = _code(lambda: stub.UploadAdapter(iter(_upload_bytes("hostile", config_bytes, KEPT_CONFIG[1])),
+                                            timeout=DEADLINE_S))
+    assert code is C.INVALID_ARGUMENT, (field, raw[:80], duplicate)
 
 
 METHODS = {"/loraplex.v1.GenerationService/Generate": gen.GenerateRequest,

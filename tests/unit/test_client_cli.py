@@ -89,3 +89,17 @@ def test_upload_validation_error_is_exit_2(tmp_path, capsys):
     status, _, err = run(capsys, "adapters", "upload", str(tmp_path), "--id", "x", "--address", "127.0.0.1:1")
     assert status == 2 and "adapter_config.json" in err
 
+
+
+@pytest.mark.parametrize("argv", [("--timeout", "nan"), ("--timeout", "inf"), ("--timeout", "-1"),
+                                  ("--temperature", "nan"), ("--top-p", "inf")])
+def test_non_finite_numbers_are_usage_errors(server, capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "hi", "--address", server.address, *argv])
+    assert exited.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_system_without_chat_is_refused(server, capsys):
+    code, _, err = run(capsys, "generate", "hi", "--address", server.address, "--system", "be terse")
+    assert code == 2 and "--system needs --chat" in err
+    assert not server.script.calls_to("Generate")

@@ -182,3 +182,18 @@ def test_async_client_maps_errors_retries_and_streams(server):
     assert generate_calls[1].at - generate_calls[0].at >= 0.2
     assert len(server.script.calls_to("GenerateStream")) == 1
     assert all(call.metadata["authorization"] == "Bearer k" for call in server.script.calls)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, 0.0])
+def test_non_finite_or_non_positive_timeouts_are_refused(timeout):
+    """Sibling of issue 16 item 10: a NaN/inf timeout would reach gRPC as a deadline."""
+    from loraplex.client import Client
+
+    with pytest.raises(ValueError, match="finite number of seconds"):
+        Client("127.0.0.1:1", timeout=timeout)
+    client = Client("127.0.0.1:1")
+    try:
+        with pytest.raises(ValueError, match="finite number of seconds"):
+            client.health(timeout=timeout)
+    finally:
+        client.close()

@@ -119,3 +119,37 @@ def test_invalid_directory_sends_nothing(tmp_path):
         assert server.script.calls == []
     finally:
         server.stop()
+
+
+def _header_with(directory, mutate) -> None:
+    """Rewrite the weights file's header JSON text through `mutate(text) -> text` (same data)."""
+    path = directory / "adapter_model.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = mutate(data[8:8 + length].decode()).encode("utf-8", "surrogatepass")
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length:])
+
+
+# Issue 16 item 10: hostile local files raise ValidationError, never TypeError/RecursionError/ValueError.
+HOSTILE = {
+    "offsets_are_strings": lambda d: _header_with(d, lambda h: h.replace('"data_offsets":[0,', '"data_offsets":["0",', 1)),
+    "shape_is_a_string": lambda d: _header_with(d, lambda h: h.replace('"shape":[', '"shape":"x","s":[', 1)),
+    "entry_not_an_object": lambda d: _header_with(d, lambda h: '{"t": 5, ' + h[1:]),
+    "header_deep_nesting": lambda d: _header_with(d, lambda h: '{"__metadata__": ' + "[" * 50000 + "]" * 50000 + ", " + h[1:]),
+    "header_huge_int": lambda d: _header_with(d, lambda h: h.replace('"data_offsets":[0,', '"data_offsets":[' + "9" * 5000 + ",", 1)),
+    "header_nan": lambda d: _header_with(d, lambda h: '{"x": NaN, ' + h[1:]),
+    "header_lone_surrogate": lambda d: _header_with(d, lambda h: '{"__metadata__": {"a": "\\ud800"}, ' + h[1:]),
+    "config_deep_nesting": lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "x": '
+                                                                             + "[" * 50000 + "]" * 50000 + "}"),
+    "config_r_5000_digits": lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": '
+                                                                              + "7" * 5000 + "}"),
+    "config_duplicate_r": lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "r": 8}'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_local_files_raise_validation_error(tmp_path, case):
+    directory = write_adapter(tmp_path / "a")
+    HOSTILE[case](directory)
+    with pytest.raises(ValidationError):
+        validate_adapter_dir(directory)

@@ -119,6 +119,17 @@ def test_own_registry_and_http_endpoint():
     assert all(name.startswith("loraplex_") for name in families)
 
 
+def test_private_adapters_share_one_label_and_take_no_slot():
+    """Issue 16 item 6: private adapters are never named; they do not compete for the bounded labels."""
+    metrics = Metrics(max_adapter_labels=1)
+    metrics.request_finished("Generate", "OK", "length", "secret@1", private=True, prompt_tokens=3)
+    metrics.request_finished("Generate", "NOT_FOUND", "none", None, unresolved=True)
+    metrics.request_finished("Generate", "OK", "length", "public@1", prompt_tokens=2)
+    body = metrics.render().decode()
+    assert 'adapter="private"' in body and 'adapter="public"' in body and 'adapter="other"' in body
+    assert "secret" not in body
+
+
 def test_lora_requests_info_lists_adapters_for_gateways():
     metrics = Metrics()
     current = {"stats": _stats(running_adapters=("tone@1", "legal@2"), waiting_adapters=("tone@3", "zeta@1"),

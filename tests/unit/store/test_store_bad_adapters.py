@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import struct
+import threading
 
 import pytest
 import torch
@@ -88,7 +89,75 @@ UPLOAD_CASES = {
                                                  config=adapter_config()), "target_mismatch"),
     "config_not_json": lambda: (b"{r: 4", adapter_bytes()[1], "config_json"),
     "header_not_json": lambda: (adapter_bytes()[0], struct.pack("<Q", 6) + b"{nope!", "header_json"),
+    # issue 16: values finite or well-formed for Python's json, hostile downstream
+    "alpha_1e300": lambda: (*adapter_bytes(config=_scaled_config(1e300)), "scaling"),
+    "alpha_3e38": lambda: (*adapter_bytes(config=_scaled_config(3e38)), "scaling"),
+    "r_5000_digits": lambda: (_config_text(r="7" * 5000), adapter_bytes()[1], "config_json"),
+    "alpha_10_pow_400": lambda: (_config_text(lora_alpha=str(10**400)), adapter_bytes()[1], "config_json"),
+    "config_deep_nesting": lambda: (_config_text(task_type="[" * 50000 + "]" * 50000), adapter_bytes()[1],
+                                    "config_json"),
+    "header_deep_nesting": lambda: (adapter_bytes()[0], _edit_header(
+        lambda p: [("__metadata__", "[" * 50000 + "]" * 50000)] + p), "header_json"),
+    "header_huge_shape": lambda: (adapter_bytes()[0], _edit_header(_header_huge_shape), "header_json"),
+    "header_extra_nan": lambda: (adapter_bytes()[0], _edit_header(lambda p: _with_field(p, '"extra": NaN')),
+                                 "header_json"),
+    "header_duplicate_dtype": lambda: (adapter_bytes()[0], _edit_header(
+        lambda p: _with_field(p, '"dtype": "F32"')), "header_json"),
+    "header_lone_surrogate": lambda: (adapter_bytes()[0], _edit_header(
+        lambda p: [("__metadata__", '{"format": "\\ud800"}')] + p), "header_json"),
+    "header_duplicate_tensor": lambda: (adapter_bytes()[0], _edit_header(lambda p: p + p[:1]),
+                                        "duplicate_tensor"),
+    "layer_arabic_indic_digit": lambda: (*adapter_bytes(tensors=_arabic_indic_layer_tensors()), "tensor_name"),
+    "target_regex_backtracking": lambda: (json.dumps(adapter_config(
+        target_modules=r"model\.layers\.0\.(?:.|.|.)*Z")).encode(), adapter_bytes()[1], "config_field"),
 }
+
+
+def _config_text(**replace: str) -> bytes:
+    """adapter_config.json text with some values replaced by raw JSON text (e.g. huge numbers)."""
+    text = json.dumps(adapter_config())
+    for key, raw in replace.items():
+        text = text.replace(f'"{key}": {json.dumps(adapter_config()[key])}', f'"{key}": {raw}')
+    return text.encode()
+
+
+def _header_pairs() -> tuple[list[tuple[str, str]], bytes]:
+    """The good weights file's header as (key, raw JSON value text) pairs, and its data section."""
+    weights = adapter_bytes()[1]
+    (length,) = struct.unpack("<Q", weights[:8])
+    header = json.loads(weights[8:8 + length])
+    return [(key, json.dumps(value)) for key, value in header.items()], weights[8 + length:]
+
+
+def _edit_header(edit) -> bytes:
+    """A weights file whose header is `edit(pairs)` joined as JSON text (duplicates, NaN allowed)."""
+    pairs, data = _header_pairs()
+    text = "{" + ", ".join(f"{json.dumps(key)}: {value}" for key, value in edit(pairs)) + "}"
+    raw = text.encode("utf-8", "surrogatepass")
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _with_field(pairs, raw_field: str):
+    """The first tensor's entry gains `raw_field` (e.g. '"dtype": "F32"') as an extra member."""
+    (key, value), rest = pairs[0], pairs[1:]
+    return [(key, value[:-1] + ", " + raw_field + "}")] + rest
+
+
+def _header_huge_shape(pairs):
+    (key, value), rest = pairs[0], pairs[1:]
+    return [(key, value.replace('"shape": [', '"shape": [' + "9" * 5000 + ", ", 1))] + rest
+
+
+def _arabic_indic_layer_tensors() -> dict:
+    tensors = adapter_tensors()
+    for factor in "AB":
+        tensors[tensor_key(0, "q_proj", factor).replace("layers.0.", "layers.\u0660.".encode().decode("unicode_escape"))] = \
+            tensors.pop(tensor_key(0, "q_proj", factor))
+    return tensors
+
+
+def _scaled_config(alpha: float) -> dict:
+    return adapter_config(alpha=alpha)
 
 
 def _torch_save(tensors: dict) -> bytes:
@@ -147,7 +216,8 @@ def test_wrong_fingerprint_is_accepted_with_the_operator_override(store):
     assert record.config.base_fingerprint == "other-base"
 
 
-@pytest.mark.parametrize("bad_id", ["../x", "/etc/passwd", "a/../../b", "a..b", "", ".hidden", "x" * 129, "a b"])
+@pytest.mark.parametrize("bad_id", ["../x", "/etc/passwd", "a/../../b", "a..b", "", ".hidden", "x" * 129, "a b",
+                                    "nl\n", "x@1\n", "\u0661a"])
 def test_traversal_and_unsafe_ids_are_refused(store, tmp_path, bad_id):
     before = snapshot(store)
     config_bytes, weights_bytes = adapter_bytes()
@@ -204,3 +274,32 @@ def test_register_refused_without_allowed_roots(tmp_path):
     with pytest.raises(PermissionDenied, match="allowed-register-root"):
         store.register_path("reg", tmp_path / "adapters" / "ok")
     store.close()
+
+
+@pytest.mark.parametrize("fifo_name", [WEIGHTS_NAME, CONFIG_NAME])
+def test_register_refuses_a_fifo_without_blocking(store, tmp_path, fifo_name):
+    """Issue 16 item 5: a FIFO under the register root must not block a worker in open()."""
+    directory = write_adapter(tmp_path / "adapters" / "fifo")
+    os.unlink(directory / fifo_name)
+    os.mkfifo(directory / fifo_name)
+    before = snapshot(store.root)
+    outcome: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _capture(outcome, store.register_path, "fifo", directory))
+    worker.start()
+    worker.join(timeout=30)
+    if worker.is_alive():                         # unblock the open() so the thread can end
+        fd = os.open(directory / fifo_name, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        worker.join(timeout=30)
+        pytest.fail("register_path blocked opening a FIFO")
+    assert len(outcome) == 1 and isinstance(outcome[0], AdapterValidationError), outcome
+    assert "not a regular file" in str(outcome[0]) and str(tmp_path) not in str(outcome[0])
+    _assert_nothing_stored(store, before)
+
+
+def _capture(outcome: list, fn, *args) -> None:
+    try:
+        fn(*args)
+        outcome.append(AssertionError("no error"))
+    except BaseException as error:  # noqa: BLE001 - the test inspects it
+        outcome.append(error)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from loraplex.adapters_store.errors import (AdapterNotFound, AdapterValidationError, IntegrityError,
-                                            QuotaExceeded, UploadConflict)
+                                            PermissionDenied, QuotaExceeded, UploadConflict)
 from loraplex.adapters_store.paths import CONFIG_NAME, WEIGHTS_NAME
 from loraplex.adapters_store.records import AdapterState
 from loraplex.adapters_store.upload import UploadMeta
 from store_adapters import (adapter_bytes, adapter_tensors, corrupt_blob, make_store, sha256, snapshot, staging_leftovers,
-                            tensor_key, upload)
+                            tensor_key, upload, write_adapter)
 
 
 @pytest.fixture
@@ -59,9 +59,41 @@ def test_private_adapters_are_invisible_to_other_tenants(store):
             store.delete("mine", tenant)
         assert [r.name for r in store.list(tenant)] == ["shared"]
     assert [r.name for r in store.list("acme")] == ["mine", "shared"]
-    with pytest.raises(UploadConflict, match="another owner"):
+    with pytest.raises(UploadConflict, match="is taken") as private_taken:
         upload(store, "mine", *adapter_bytes(seed=2), owner="globex")
     assert upload(store, "mine", *adapter_bytes(seed=2), owner="acme").version == 2
+    with pytest.raises(UploadConflict, match="is taken") as public_taken:
+        upload(store, "shared", *adapter_bytes(seed=2), owner="globex")
+    # one message for every taken id: it does not tell a private id from a public one, nor whose it is
+    assert str(private_taken.value).replace("mine", "X") == str(public_taken.value).replace("shared", "X")
+
+
+def test_public_ids_take_new_versions_and_deletes_from_operators_only(store, tmp_path):
+    """Tenant rule (issue 16, item 8): a tenant admin may publish a new public id, but only a caller
+    without a tenant may push a new version of an existing public id or delete it."""
+    record = upload_as(store, "catalog", tenant="acme")
+    assert record.owner is None and record.version == 1
+    for tenant in ("acme", "globex"):
+        with pytest.raises(PermissionDenied, match="without a tenant"):
+            upload_as(store, "catalog", tenant=tenant)
+        write_adapter(tmp_path / "adapters" / "ok")
+        with pytest.raises(PermissionDenied, match="without a tenant"):
+            store.register_path("catalog", tmp_path / "adapters" / "ok", tenant=tenant)
+        with pytest.raises(PermissionDenied, match="without a tenant"):
+            store.delete("catalog", tenant)
+    assert [r.version for r in store.list("globex")] == [1]
+    assert upload_as(store, "catalog", tenant=None).version == 2
+    assert store.delete("catalog", None) == [1, 2]
+
+
+def upload_as(store, name: str, tenant: str | None):
+    config_bytes, weights_bytes = adapter_bytes(seed=7)
+    meta = UploadMeta(name=name, config_size=len(config_bytes), config_sha256=sha256(config_bytes),
+                      weights_size=len(weights_bytes), weights_sha256=sha256(weights_bytes), tenant=tenant)
+    with store.begin_upload(meta) as session:
+        session.write(CONFIG_NAME, config_bytes)
+        session.write(WEIGHTS_NAME, weights_bytes)
+        return session.commit()
 
 
 def test_load_parses_weights_and_uses_the_host_cache(store):
