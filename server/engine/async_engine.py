@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from .engine import LLMEngine, StepStats
-from .io import (EngineDraining, EngineStats, GenerationRequest, RequestOutput)
+from .constraints.spec import ConstraintError
+from .io import (EngineDraining, EngineStats, GenerationRequest, RequestOutput, RequestRejected)
 from .sequence import FinishReason
 
 log = logging.getLogger("loraplex.engine")
@@ -69,11 +70,12 @@ class AsyncEngine:
         """Yield deltas for one request; closing the iterator early aborts the request."""
         if self._draining or self._stopping:
             raise EngineDraining("the server is shutting down; retry on another replica")
+        guide = await self._compile(request)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = (loop, outputs)
         try:
-            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request)))
+            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request, guide=guide)))
         except BaseException:
             self._queues.pop(request.request_id, None)
             # Cancelled while add_request was already running: drop the request it may have queued.
@@ -91,6 +93,26 @@ class AsyncEngine:
             self._queues.pop(request.request_id, None)
             if not finished:
                 self._call(lambda: self.engine.abort(request.request_id))
+
+    async def _compile(self, request: GenerationRequest) -> Any:
+        """The constraint's Guide, compiled on the grammar thread (never the engine's) within
+        the time limit; None for an unconstrained request."""
+        compiler, constraint = self.engine.constraints, request.sampling.constraint
+        if constraint is None or compiler is None:
+            return None
+        try:
+            future = compiler.submit(constraint)
+            return await asyncio.wait_for(asyncio.wrap_future(future), compiler.limits.compile_timeout_s)
+        except ConstraintError as error:
+            raise RequestRejected("sampling.constraint", str(error)) from None
+        except asyncio.TimeoutError:
+            raise RequestRejected("sampling.constraint", f"compiling the {constraint.kind} took longer than "
+                                  f"{compiler.limits.compile_timeout_s:g}s; simplify it") from None
+
+    def set_constraint_event_hook(self, hook: Callable[[str, str, float], None] | None) -> None:
+        """Report constrained requests and grammar compile times (ConstraintCompiler events)."""
+        if self.engine.constraints is not None:
+            self.engine.constraints.set_event_hook(hook)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"

@@ -36,6 +36,11 @@ class EngineConfig:
     hqq_group_size: int = 64
     bnb_double_quant: bool = False
     seed: int = 0
+    # structured output (docs/structured-output.md)
+    structured_output: bool = True      # accept per-request constraints (needs llguidance)
+    constraint_cache_size: int = 256    # compiled grammars kept, LRU by constraint hash
+    constraint_timeout_s: float = 10.0  # a caller waits at most this long for a compile
+    max_constraint_bytes: int = 65536   # schema / regex / grammar text size limit
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -55,10 +60,12 @@ class EngineConfig:
             yield f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPE_CHOICES)}"
         positive = ("max_loras", "max_lora_rank", "max_num_seqs", "max_batch_tokens", "max_model_len",
                     "max_input_tokens", "max_new_tokens", "max_queued_requests", "block_size",
-                    "hqq_group_size")
+                    "hqq_group_size", "constraint_cache_size", "max_constraint_bytes")
         for name in positive:
             if getattr(self, name) < 1:
                 yield f"{name} must be >= 1 (got {getattr(self, name)})"
+        if not self.constraint_timeout_s > 0:
+            yield "constraint_timeout_s must be > 0"
         if self.max_stop_sequences < 0:
             yield "max_stop_sequences must be >= 0"
         if self.max_input_tokens >= self.max_model_len:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
+
+from .constraints.spec import Constraint
 
 
 class SequenceStatus(enum.Enum):
@@ -35,6 +38,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    constraint: Constraint | None = None   # structured output (JSON Schema, regex, ...); None = free
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +89,7 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    guide: Any = None                   # constraints.compiler.Guide of a constrained request
 
     @property
     def num_prompt_tokens(self) -> int:

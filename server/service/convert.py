@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from ...v1 import generation_pb2 as pb
+from ..engine.constraints.spec import Constraint
 from ..engine.io import GenerationRequest, RequestOutput
 from ..engine.sequence import FinishReason, SamplingParams
 from .errors import FieldViolation, invalid_argument
@@ -93,7 +94,26 @@ def _sampling(params: pb.SamplingParams, limits: RequestLimits, problems: list[F
                           top_k=params.top_k if params.HasField("top_k") else 0,
                           repetition_penalty=penalty, seed=seed, stop=tuple(params.stop),
                           stop_token_ids=tuple(params.stop_token_ids), ignore_eos=params.ignore_eos,
-                          logprobs=params.logprobs)
+                          logprobs=params.logprobs, constraint=_constraint(params, problems))
+
+
+def _constraint(params: pb.SamplingParams, problems: list[FieldViolation]) -> Constraint | None:
+    """The proto Constraint as the engine's; its content is checked by the engine (one owner)."""
+    if not params.HasField("constraint"):
+        return None
+    message = params.constraint
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        problems.append(FieldViolation("input.sampling.constraint",
+                                       "set one of json_schema, json_object, regex, choice, grammar"))
+        return None
+    if kind == "json_object":
+        if not message.json_object:
+            problems.append(FieldViolation("input.sampling.constraint.json_object", "must be true when set"))
+        return Constraint("json_object")
+    if kind == "choice":
+        return Constraint("choice", choices=tuple(message.choice.choices))
+    return Constraint(kind, getattr(message, kind))
 
 
 def finish_reason(reason: FinishReason | None) -> int:
