@@ -127,6 +127,10 @@ FLAGS: tuple[Flag, ...] = (
          "adapters with their own metrics label (top-N by traffic; the rest are 'other')"),
     Flag("seed", "--seed", int, "engine sampling seed"),
     Flag("log_level", "--log-level", str, "debug, info, warning, error"),
+    # structured output (docs/structured-output.md)
+    Flag("constraint_timeout_s", "--constraint-timeout", float, "seconds a request waits for its grammar compile"),
+    Flag("constraint_cache_size", "--constraint-cache-size", int, "compiled grammars kept (LRU)"),
+    Flag("max_constraint_bytes", "--max-constraint-bytes", parse_size, "largest schema / regex / grammar text"),
 )
 
 
@@ -168,6 +172,9 @@ class ServerConfig:
     metrics_adapter_labels: int = 20
     seed: int = 0
     log_level: str = "info"
+    constraint_timeout_s: float = 10.0          # structured output
+    constraint_cache_size: int = 256
+    max_constraint_bytes: int = 65536
 
     @property
     def auth_enabled(self) -> bool:
@@ -194,7 +201,8 @@ class ServerConfig:
             max_model_len=self.max_total_tokens, max_input_tokens=self.max_input_tokens,
             max_new_tokens=self.max_new_tokens, max_stop_sequences=self.max_stop_sequences,
             max_queued_requests=self.max_queued_requests, kv_cache_memory=self.kv_cache_memory,
-            seed=self.seed)
+            seed=self.seed, constraint_timeout_s=self.constraint_timeout_s,
+            constraint_cache_size=self.constraint_cache_size, max_constraint_bytes=self.max_constraint_bytes)
 
 
 # ---- sources -------------------------------------------------------------------------------
