@@ -17,7 +17,8 @@ from engine_helpers import make_engine, run_staggered, tokens_of
 from conftest import build_tiny_llama
 from loraplex.server.engine.constraints import Constraint, ConstraintError, ConstraintLimits
 from loraplex.server.engine.constraints.compiler import ConstraintCompiler
-from loraplex.server.engine.constraints.masks import apply_token_bitmask, disallowed_tokens
+from loraplex.server.engine.constraints.masks import (apply_token_bitmask, disallowed_rows, disallowed_tokens,
+                                                     mask_rows)
 from loraplex.server.engine.io import GenerationRequest, RequestRejected
 from loraplex.server.engine.sequence import FinishReason, SamplingParams
 
@@ -58,6 +59,19 @@ def test_bitmask_twin_matches_a_per_token_loop():
             expected = logits[row, token].item() if allowed else float("-inf")
             assert masked[row, token].item() == expected, (row, token)
     assert disallowed_tokens(bitmask, 128).shape == (3, 128)
+
+
+def test_served_mask_path_matches_the_torch_reference():
+    torch.manual_seed(1)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (2, 5), dtype=torch.int32)   # [2, 5 words] = 160 tokens
+    for vocab in (150, 160, 170):
+        assert (disallowed_rows(bitmask, vocab) == disallowed_tokens(bitmask, vocab).numpy()).all()
+        logits = torch.randn(4, vocab)                                       # rows 1 and 3 constrained
+        expected = logits.clone()
+        expected[[1, 3]] = apply_token_bitmask(expected[[1, 3]], bitmask)
+        served = mask_rows(logits.clone(), [1, 3], disallowed_rows(bitmask, vocab))
+        assert torch.equal(served, expected)
+        assert torch.equal(served[[0, 2]], logits[[0, 2]])                  # other rows untouched
 
 
 @pytest.mark.parametrize("constraint, problem", [

@@ -2,10 +2,10 @@
 
 The engine calls `begin_step` with the step's sampled sequences before the forward pass: the
 masks of the constrained ones are filled on a background thread (llguidance drops the GIL)
-and expanded there to one bool per vocabulary column, while the model runs. The sampler
-calls the object on the logits (`__call__`): it waits for the masks and sets the disallowed
-tokens of constrained rows to -inf (one masked_fill on those rows); unconstrained rows are
-not touched. After sampling, `end_step` advances each guide by its sampled token.
+and expanded there to one bool per vocabulary column (numpy, outside torch's thread pool),
+while the model runs. The sampler calls the object on the logits (`__call__`): it waits for
+the masks and sets the disallowed tokens of constrained rows to -inf in place (numpy putmask
+per row); unconstrained rows are not touched. After sampling, `end_step` advances each guide by its sampled token.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..sequence import Sequence
@@ -32,8 +33,32 @@ def disallowed_tokens(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Set logits[i, t] = -inf where bit t of row i is 0, in place; returns logits [m, vocab]."""
+    """Set logits[i, t] = -inf where bit t of row i is 0, in place; returns logits [m, vocab].
+    The pure-torch reference of the served path (`disallowed_rows` + `mask_rows`)."""
     return logits.masked_fill_(disallowed_tokens(bitmask, logits.shape[1]).to(logits.device), float("-inf"))
+
+
+def disallowed_rows(bitmask: torch.Tensor, vocab: int) -> np.ndarray:
+    """Served twin of `disallowed_tokens` -> [m, vocab] numpy bool (np.unpackbits: no torch
+    thread pool, so it can run beside the forward without competing for its threads)."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")   # [m, words*32]
+    if bits.shape[1] < vocab:
+        bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])))
+    return bits[:, :vocab] == 0
+
+
+def mask_rows(logits: torch.Tensor, rows: list[int], disallowed: np.ndarray) -> torch.Tensor:
+    """logits [n, vocab]: row rows[j] gets -inf where disallowed[j]; in place on CPU (numpy
+    putmask per row: no gather/scatter of the batch), through index ops elsewhere."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        logits = logits.contiguous()
+        values = logits.numpy()                                               # shares memory
+        for j, row in enumerate(rows):
+            np.putmask(values[row], disallowed[j], -np.inf)
+        return logits
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    masked = logits.index_select(0, index).masked_fill_(torch.from_numpy(disallowed).to(logits.device), float("-inf"))
+    return logits.index_copy(0, index, masked)
 
 
 @dataclass
@@ -52,8 +77,8 @@ class MaskStats:
 class _Step:
     rows: dict[int, int]          # seq_id -> mask row
     bitmask: torch.Tensor         # [num_constrained, words] int32
-    pending: Future | None        # -> disallowed [num_constrained, vocab] bool
-    disallowed: torch.Tensor | None = None
+    pending: Future | None        # -> disallowed [num_constrained, vocab] numpy bool
+    disallowed: np.ndarray | None = None
 
 
 class GuidedDecoding:
@@ -100,10 +125,7 @@ class GuidedDecoding:
         started = time.perf_counter()
         pairs = [(i, step.rows[seq.seq_id]) for i, seq in enumerate(seqs) if seq.seq_id in step.rows]
         if pairs:
-            rows = torch.tensor([i for i, _ in pairs], dtype=torch.int64, device=logits.device)
-            disallowed = step.disallowed[[r for _, r in pairs]].to(logits.device)     # [k, vocab]
-            masked = logits.index_select(0, rows).masked_fill_(disallowed, float("-inf"))
-            logits = logits.contiguous().index_copy_(0, rows, masked)
+            logits = mask_rows(logits, [i for i, _ in pairs], step.disallowed[[r for _, r in pairs]])
         self.stats.apply_s += time.perf_counter() - started
         return logits
 
@@ -125,7 +147,7 @@ class GuidedDecoding:
 
             self._executor = llguidance.LLExecutor()
         self._executor.unsafe_compute_mask_ptr(jobs, bitmask.data_ptr(), self.num_words * 4, bitmask.shape[0])
-        disallowed = disallowed_tokens(bitmask, self.lm_vocab_size)
+        disallowed = disallowed_rows(bitmask, self.lm_vocab_size)
         self.stats.fill_s += time.perf_counter() - started
         return disallowed
 
