@@ -8,30 +8,18 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from .builder import build_engine
 from .engine import LLMEngine, StepStats
 from .constraints.spec import ConstraintError
-from .io import (EngineDraining, EngineStats, GenerationRequest, RequestOutput, RequestRejected)
+from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput, RequestRejected
 from .sequence import FinishReason
+from .validation import validate_request
 
 log = logging.getLogger("loraplex.engine")
 
 StepListener = Callable[[StepStats], None]
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model: str
-    architecture: str
-    quantization: str
-    dtype: str
-    device: str
-    base_fingerprint: str
-    linear_weight_bytes: int
-    base_spec: Any
-    vocab_size: int
 
 
 class AsyncEngine:
@@ -60,8 +48,6 @@ class AsyncEngine:
     @classmethod
     async def create(cls, config, store=None, log_fn=print) -> "AsyncEngine":
         """Load the model (off the event loop), warm it up, start the step thread."""
-        from .builder import build_engine
-
         engine, info = await asyncio.to_thread(build_engine, config, store, log_fn)
         return cls(engine, info, store)
 
@@ -100,6 +86,7 @@ class AsyncEngine:
         compiler, constraint = self.engine.constraints, request.sampling.constraint
         if constraint is None or compiler is None:
             return None
+        validate_request(request, self.engine.config.limits)     # every other problem first
         try:
             future = compiler.submit(constraint)
             return await asyncio.wait_for(asyncio.wrap_future(future), compiler.limits.compile_timeout_s)

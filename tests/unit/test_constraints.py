@@ -75,7 +75,7 @@ def test_served_mask_path_matches_the_torch_reference():
 
 
 @pytest.mark.parametrize("constraint, problem", [
-    (Constraint("xml", "<a/>"), "kind must be one of"),
+    (Constraint("xml", "<a/>"), "set one of json_schema, json_object"),
     (Constraint("regex", ""), "the regex is empty"),
     (Constraint("choice"), "at least one string"),
     (Constraint("choice", choices=("a", "")), "non-empty"),

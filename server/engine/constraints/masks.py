@@ -129,13 +129,15 @@ class GuidedDecoding:
         self.stats.apply_s += time.perf_counter() - started
         return logits
 
-    def end_step(self, seqs: list[Sequence], token_ids: list[int], skip: frozenset[int]) -> set[int]:
-        """Advance each constrained sequence by its sampled token; returns the seq ids whose
-        grammar refused it (their guide's `error` says why). `skip`: seq ids that failed."""
+    def end_step(self, seqs: list[Sequence], token_ids: dict[int, int]) -> set[int]:
+        """Advance each constrained sequence by its sampled token (token_ids: seq_id -> token;
+        a sequence without one failed); returns the seq ids whose grammar refused their token
+        (their guide's `error` says why)."""
         self._step = None
         refused = set()
-        for seq, token in zip(seqs, token_ids):
-            if seq.guide is not None and seq.seq_id not in skip and not seq.guide.accept(token):
+        for seq in seqs:
+            token = token_ids.get(seq.seq_id)
+            if seq.guide is not None and token is not None and not seq.guide.accept(token):
                 refused.add(seq.seq_id)
         return refused
 

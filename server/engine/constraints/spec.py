@@ -60,7 +60,7 @@ class Constraint:
     def check(self, limits: ConstraintLimits) -> None:
         """Raise ConstraintError naming the first problem found without compiling."""
         if self.kind not in CONSTRAINT_KINDS:
-            raise ConstraintError(f"kind must be one of {', '.join(CONSTRAINT_KINDS)} (got {self.kind!r})")
+            raise ConstraintError(f"set one of {', '.join(CONSTRAINT_KINDS)} (got {self.kind!r})")
         size = len(self.value.encode("utf-8", "surrogatepass")) + sum(len(c.encode("utf-8", "surrogatepass"))
                                                                     for c in self.choices)
         if size > limits.max_source_bytes:
