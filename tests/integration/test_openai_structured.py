@@ -39,8 +39,8 @@ def client(tiny_llama_dir, tmp_path_factory):
 
 
 def _chat(client, **kwargs):
-    return client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Status?"}],
-                                          max_tokens=64, **kwargs)
+    kwargs.setdefault("max_tokens", 64)
+    return client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Status?"}], **kwargs)
 
 
 def test_response_format_json_schema_and_json_object(client):
