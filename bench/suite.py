@@ -192,6 +192,35 @@ def section_grpc(model_dir: Path, quick: bool) -> str:
     return run(model_dir, quick)
 
 
+def section_structured(model_dir: Path, quick: bool) -> str:
+    from structured_bench import run_compile_bench, run_structured_bench
+
+    r = run_structured_bench(model_dir, new_tokens=8 if quick else 32, rounds=1 if quick else 3)
+    compiles = run_compile_bench(model_dir)
+    verdict = "meets" if r.paired_ratio >= 0.9 else "misses"
+    decode = table_section(
+        "## 8. Structured output: decode throughput with constrained rows, and compile times",
+        ["Default model, float32, CPU, batch 16, prompts of 32 tokens, greedy. *half* constrains 8",
+         "of the 16 rows with a JSON Schema (llguidance token masks, computed on a background thread",
+         "during the forward and applied to those rows only); *none* constrains no row. Decode steps",
+         "only; the two alternate, each keeps its best round; *paired* is the median of the",
+         f"back-to-back ratios (target >= 0.9x: {verdict}). Per constrained step: *wait* is what the",
+         "engine thread waited for the masks after the forward, *apply* the masked_fill on the",
+         "constrained rows, *fill* the mask computation itself (overlapped with the forward)."],
+        "| batch | none tok/s | half constrained tok/s | best/best | paired | wait ms | apply ms | fill ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        [f"| {r.batch} | {r.free_tok_s:.1f} | {r.half_tok_s:.1f} | {r.half_tok_s / r.free_tok_s:.2f}x | "
+         f"{r.paired_ratio:.2f}x | {r.wait_ms:.2f} | {r.apply_ms:.2f} | {r.fill_ms:.2f} |"])
+    table = table_section(
+        "Cold compile time of the 20 test schemas (tests/structured_cases.py): llguidance as",
+        ["served (grammar + lexer, first mask excluded), xgrammar 0.2.9 for comparison (its",
+         "compile precomputes the per-state token masks)."],
+        "| schema | llguidance ms | xgrammar ms |", "|---|---:|---:|",
+        [f"| {c.name} | {c.llguidance_ms:.2f} | "
+         f"{'n/a' if c.xgrammar_ms is None else f'{c.xgrammar_ms:.2f}'} |" for c in compiles])
+    return decode + "\n" + table
+
+
 def section_http(model_dir: Path, quick: bool) -> str:
     from http_bench import section_http as run
 
@@ -255,7 +284,8 @@ each section are computed from that run's numbers.
 
 SECTIONS = {"decode": section_decode, "lora": section_lora, "scaling": section_scaling,
             "grpc": section_grpc, "http": section_http, "backends": section_backends, "store": section_store,
-            "store_backends": section_store_backends, "sampling": section_sampling}
+            "store_backends": section_store_backends, "sampling": section_sampling,
+            "structured": section_structured}
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timezone
 from typing import Any, Iterable, Mapping
 
@@ -18,7 +19,9 @@ _FINISH = {generation_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
 _STATE = {adapters_pb2.ADAPTER_STATE_READY: AdapterState.READY,
           adapters_pb2.ADAPTER_STATE_QUARANTINED: AdapterState.QUARANTINED,
           adapters_pb2.ADAPTER_STATE_DELETING: AdapterState.DELETING}
-SAMPLING_FIELDS = frozenset(generation_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+CONSTRAINT_KEYS = ("json_schema", "json_object", "regex", "choice", "grammar")
+SAMPLING_FIELDS = (frozenset(generation_pb2.SamplingParams.DESCRIPTOR.fields_by_name) - {"constraint"}
+                   | frozenset(CONSTRAINT_KEYS))
 _ROLES = ("system", "user", "assistant")
 
 
@@ -30,12 +33,41 @@ def sampling_params(options: Mapping[str, Any]) -> generation_pb2.SamplingParams
         raise TypeError(f"unknown sampling argument(s) {', '.join(unknown)}; "
                         f"known: {', '.join(sorted(SAMPLING_FIELDS))}")
     values = {name: value for name, value in options.items() if value is not None}
+    if values.get("json_object") is False:
+        del values["json_object"]
     if isinstance(values.get("stop"), str):
         values["stop"] = [values["stop"]]
+    constraint = constraint_message({key: values.pop(key) for key in CONSTRAINT_KEYS if key in values})
     try:
-        return generation_pb2.SamplingParams(**values)
+        return generation_pb2.SamplingParams(**values, constraint=constraint)
     except (TypeError, ValueError) as error:
         raise ValidationError(f"invalid sampling arguments: {error}") from None
+
+
+def constraint_message(given: Mapping[str, Any]) -> generation_pb2.Constraint | None:
+    """At most one of json_schema (dict or JSON text), json_object (True), regex, choice (list of
+    str), grammar (Lark text) -> a Constraint message, or None when none is given."""
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValidationError(f"give at most one of {', '.join(CONSTRAINT_KEYS)} (got {', '.join(sorted(given))})",
+                              violations={key: "only one constraint per request" for key in given})
+    (key, value), = given.items()
+    if key == "json_schema" and not isinstance(value, str):
+        try:
+            value = json.dumps(value)
+        except (TypeError, ValueError) as error:
+            raise ValidationError(f"json_schema is not JSON-serializable: {error}",
+                                  violations={"json_schema": "not JSON"}) from None
+    if key == "choice":
+        if isinstance(value, str) or not all(isinstance(c, str) for c in value):
+            raise ValidationError("choice must be a list of strings", violations={"choice": "not a list of str"})
+        return generation_pb2.Constraint(choice=generation_pb2.ChoiceList(choices=list(value)))
+    if key == "json_object":
+        return generation_pb2.Constraint(json_object=True)
+    if not isinstance(value, str):
+        raise ValidationError(f"{key} must be a str", violations={key: f"got {type(value).__name__}"})
+    return generation_pb2.Constraint(**{key: value})
 
 
 def chat_messages(messages: Iterable[ChatMessage]) -> generation_pb2.ChatMessages:

@@ -104,6 +104,13 @@ def _add_generate(sub, common: argparse.ArgumentParser) -> None:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", default=None)
+    shape = gen.add_mutually_exclusive_group()    # structured output: docs/structured-output.md
+    shape.add_argument("--json-schema", metavar="SCHEMA", help="output must be JSON valid under this JSON Schema "
+                       "(JSON text, or @FILE to read it from a file)")
+    shape.add_argument("--json-object", action="store_true", default=None, help="output must be a JSON object")
+    shape.add_argument("--regex", help="the whole output must match this regular expression")
+    shape.add_argument("--choice", action="append", help="output must be one of these strings (repeatable)")
+    shape.add_argument("--grammar", metavar="LARK", help="output must match this Lark grammar (or @FILE)")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message (chat template)")
     gen.add_argument("--system", help="system message (with --chat)")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -124,7 +131,9 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                    stop=args.stop, ignore_eos=args.ignore_eos)
+                    stop=args.stop, ignore_eos=args.ignore_eos, json_schema=_text_arg(args.json_schema),
+                    json_object=args.json_object, regex=args.regex, choice=args.choice,
+                    grammar=_text_arg(args.grammar))
     if args.chat:
         messages = ([("system", args.system)] if args.system else []) + [("user", prompt)]
         result = (client.chat_stream if args.stream else client.chat)(messages, args.adapter, **sampling)
@@ -138,6 +147,17 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     if not args.json:
         print()
     return EXIT_OK
+
+
+def _text_arg(value: str | None) -> str | None:
+    """A flag's text, or the content of the file named after '@'."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as error:
+        raise ValidationError(f"cannot read {value[1:]}: {error.strerror}") from None
 
 
 def _upload(client: Client, args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Mapping, Sequence, TypedDict, Union
+from typing import Any, Callable, Mapping, Sequence, TypedDict, Union
 
 
 class _StrEnum(str, enum.Enum):
@@ -156,6 +156,12 @@ class Sampling(TypedDict, total=False):
     presence_penalty: float       # [-2, 2]; OpenAI semantics over generated tokens
     frequency_penalty: float      # [-2, 2]
     min_tokens: int               # EOS / stop token ids blocked until this many tokens
+    # structured output: at most one of these (docs/structured-output.md)
+    json_schema: Union[Mapping[str, Any], str]   # a JSON Schema (dict or JSON text)
+    json_object: bool             # True: any JSON object
+    regex: str                    # the whole output matches this regular expression
+    choice: Sequence[str]         # the output is exactly one of these strings
+    grammar: str                  # a Lark grammar (llguidance dialect) with a `start` rule
 
 
 ChatMessage = Union[Mapping[str, str], tuple[str, str]]   # {"role": ..., "content": ...} or (role, content)

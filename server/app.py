@@ -113,6 +113,7 @@ async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None
         if store is not None:
             store.set_event_hook(metrics_hook(state.metrics))
         engine.set_adapter_event_hook(metrics_hook(state.metrics, tier="device"))
+        engine.set_constraint_event_hook(state.metrics.constraint_event)
     for name in ("",) + SERVICE_NAMES:
         await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

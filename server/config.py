@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .config_checks import MiB, validate
-from .engine.config import CacheConfig, EngineConfig, LoraConfig, RequestLimits, SchedulerConfig
+from .engine.config import CacheConfig, EngineConfig, LoraConfig, RequestLimits, SchedulerConfig, StructuredConfig
 from .layers.options import QuantConfig
 
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE | re.ASCII)   # fullmatch
@@ -158,6 +158,13 @@ FLAGS: tuple[Flag, ...] = (
          "the base model's name in the HTTP API's `model` (default: the model directory's name, or 'default')"),
     # Hardening (issue 16): /metrics is unauthenticated; bind it where only scrapers reach it.
     Flag("metrics_host", "--metrics-host", str, "Prometheus /metrics listen address (default: --host)"),
+    # structured output (docs/structured-output.md)
+    Flag("constraint_timeout_s", "--constraint-timeout", float, "seconds a request waits for its grammar compile",
+         engine="constraint_timeout_s"),
+    Flag("constraint_cache_size", "--constraint-cache-size", int, "compiled grammars kept (LRU)",
+         engine="constraint_cache_size"),
+    Flag("max_constraint_bytes", "--max-constraint-bytes", parse_size, "largest schema / regex / grammar text",
+         engine="max_constraint_bytes"),
 )
 
 
@@ -206,6 +213,9 @@ class ServerConfig:
     log_level: str = "info"
     http_port: int = 8000
     served_model_name: str = ""                  # "" = the model directory's name, or "default"
+    constraint_timeout_s: float = StructuredConfig.constraint_timeout_s      # structured output
+    constraint_cache_size: int = StructuredConfig.constraint_cache_size
+    max_constraint_bytes: int = RequestLimits.max_constraint_bytes
 
     @property
     def auth_enabled(self) -> bool:

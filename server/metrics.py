@@ -106,6 +106,12 @@ class Metrics:
                                               ["tier"], buckets=LATENCY_BUCKETS, registry=reg)
         self.uploaded_bytes = Counter("loraplex_adapter_uploaded_bytes", "Bytes of committed adapter uploads",
                                       registry=reg)
+        self.constrained_requests = Counter("loraplex_constrained_requests",
+                                            "Requests with a structured-output constraint, by kind", ["kind"],
+                                            registry=reg)
+        self.grammar_compile_seconds = Histogram("loraplex_grammar_compile_seconds",
+                                                 "Grammar compile time (cache misses), by constraint kind",
+                                                 ["kind"], buckets=LATENCY_BUCKETS, registry=reg)
         self.engine_gauges: dict[str, Gauge] = {}
         self._lora_info: Any = None          # gateway_metrics.LoraRequestsInfo once an engine is watched
 
@@ -180,6 +186,14 @@ class Metrics:
 
     def adapter_evicted(self, tier: str) -> None:
         self.adapter_evictions.labels(tier).inc()
+
+    # ---- structured output -----------------------------------------------------------
+    def constraint_event(self, event: str, kind: str, seconds: float) -> None:
+        """ConstraintCompiler hook: "request" per constrained request, "compiled" per compile."""
+        if event == "request":
+            self.constrained_requests.labels(kind).inc()
+        elif event == "compiled":
+            self.grammar_compile_seconds.labels(kind).observe(seconds)
 
     # ---- exposition ------------------------------------------------------------------
     def render(self) -> bytes:

@@ -12,8 +12,10 @@ from typing import Any, AsyncIterator, Callable
 
 from .builder import build_engine
 from .engine import LLMEngine, StepStats
-from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput
+from .constraints.spec import ConstraintError
+from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput, RequestRejected
 from .sequence import FinishReason
+from .validation import validate_request
 
 log = logging.getLogger("loraplex.engine")
 
@@ -55,13 +57,14 @@ class AsyncEngine:
         """Yield deltas for one request; closing the iterator early aborts the request."""
         if self._draining or self._stopping:
             raise EngineDraining("the server is shutting down; retry on another replica")
+        guide = await self._compile(request)
         loop = asyncio.get_running_loop()
         # Tokenizing (up to max_prompt_bytes of text) must not stall every stream's next token.
         prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self.engine.checked_prompt_ids, request)
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = (loop, outputs)
         try:
-            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request, prompt_ids)))
+            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request, prompt_ids, guide=guide)))
         except BaseException:
             self._queues.pop(request.request_id, None)
             # Cancelled while add_request was already running: drop the request it may have queued.
@@ -79,6 +82,27 @@ class AsyncEngine:
             self._queues.pop(request.request_id, None)
             if not finished:
                 self._call(lambda: self.engine.abort(request.request_id))
+
+    async def _compile(self, request: GenerationRequest) -> Any:
+        """The constraint's Guide, compiled on the grammar thread (never the engine's) within
+        the time limit; None for an unconstrained request."""
+        compiler, constraint = self.engine.constraints, request.sampling.constraint
+        if constraint is None or compiler is None:
+            return None
+        validate_request(request, self.engine.config.limits)     # every other problem first
+        try:
+            future = compiler.submit(constraint)
+            return await asyncio.wait_for(asyncio.wrap_future(future), compiler.limits.compile_timeout_s)
+        except ConstraintError as error:
+            raise RequestRejected("sampling.constraint", str(error)) from None
+        except asyncio.TimeoutError:
+            raise RequestRejected("sampling.constraint", f"compiling the {constraint.kind} took longer than "
+                                  f"{compiler.limits.compile_timeout_s:g}s; simplify it") from None
+
+    def set_constraint_event_hook(self, hook: Callable[[str, str, float], None] | None) -> None:
+        """Report constrained requests and grammar compile times (ConstraintCompiler events)."""
+        if self.engine.constraints is not None:
+            self.engine.constraints.set_event_hook(hook)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"

@@ -67,8 +67,10 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     kv_caches = allocate_kv_caches(model_config, num_blocks, cache.block_size, dtype, device)
     log(f"[loraplex] KV cache: {num_blocks} blocks of {cache.block_size} tokens")
 
+    constraints, guided = structured_output(config, tokenizer, model_config.vocab_size,
+                                            eos_token_ids(config.model_dir, tokenizer))
     sampler = Sampler(model_config.vocab_size, device=device, seed=config.seed,
-                      argmax=argmax_rows if kernels is None else kernels.argmax_rows)
+                      argmax=argmax_rows if kernels is None else kernels.argmax_rows, logits_mask=guided)
     scheduler = Scheduler(sched, BlockManager(num_blocks=num_blocks, block_size=cache.block_size))
 
     base_spec = base_spec_from_model_config(model_config, spec.method)
@@ -81,7 +83,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     runner = ModelRunner(model, model_config, kv_caches, cache.block_size, sampler, device=device, lora=pool)
 
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
-                       adapters=gateway)
+                       adapters=gateway, constraints=constraints, guided=guided)
     info = EngineInfo(model=str(config.model_dir), architecture=model_config.architecture,
                       quantization=spec.method, dtype=str(dtype).removeprefix("torch."),
                       device=device, base_fingerprint=base_spec.fingerprint,
@@ -91,6 +93,22 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
         f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops)")
     return engine, info
+
+
+def structured_output(config: EngineConfig, tokenizer: Any, lm_vocab_size: int, eos_ids: tuple[int, ...]):
+    """(ConstraintCompiler, GuidedDecoding), or (None, None) when turned off."""
+    structured = config.structured
+    if not structured.structured_output:
+        return None, None
+    from .constraints.compiler import ConstraintCompiler
+    from .constraints.masks import GuidedDecoding
+    from .constraints.spec import ConstraintLimits
+
+    limits = ConstraintLimits(max_source_bytes=config.limits.max_constraint_bytes,
+                              cache_size=structured.constraint_cache_size,
+                              compile_timeout_s=structured.constraint_timeout_s)
+    compiler = ConstraintCompiler(tokenizer, lm_vocab_size, eos_ids, limits)
+    return compiler, GuidedDecoding(compiler.vocab_size, lm_vocab_size)
 
 
 def warm_up(engine: LLMEngine) -> None:

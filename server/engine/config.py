@@ -9,6 +9,7 @@ without loading torch).
       cache:     CacheConfig       paged KV cache
       lora:      LoraConfig        adapter slots' rank and dtype
       limits:    RequestLimits     what one request may ask for
+      structured: StructuredConfig structured output (grammar cache, compile time limit)
 
 Components take their sub-config whole (the scheduler its SchedulerConfig, the layers a
 QuantSpec resolved from QuantConfig). A problem is reported as a `ConfigProblem` whose `path`
@@ -83,17 +84,36 @@ class RequestLimits:
     max_new_tokens: int = 2048       # cap on a request's max_new_tokens
     max_stop_sequences: int = 8
     default_max_new_tokens: int = 256   # when a request leaves max_new_tokens unset (capped)
+    max_constraint_bytes: int = 65536   # a structured-output constraint's text (schema, regex, grammar)
 
     def __post_init__(self) -> None:
         raise_if(self.problems())
 
     def problems(self) -> Iterator[ConfigProblem]:
-        yield from at_least(self, 1, ("max_input_tokens", "max_new_tokens", "default_max_new_tokens"))
+        yield from at_least(self, 1, ("max_input_tokens", "max_new_tokens", "default_max_new_tokens",
+                                       "max_constraint_bytes"))
         yield from at_least(self, 0, ("max_stop_sequences",))
 
 
+@dataclass(frozen=True)
+class StructuredConfig:
+    """Structured output (docs/structured-output.md)."""
+
+    structured_output: bool = True       # accept per-request constraints (llguidance)
+    constraint_cache_size: int = 256     # compiled grammars kept, LRU by constraint hash
+    constraint_timeout_s: float = 10.0   # a request waits at most this long for its compile
+
+    def __post_init__(self) -> None:
+        raise_if(self.problems())
+
+    def problems(self) -> Iterator[ConfigProblem]:
+        yield from at_least(self, 1, ("constraint_cache_size",))
+        if not self.constraint_timeout_s > 0:
+            yield ConfigProblem("constraint_timeout_s", "must be > 0")
+
+
 SUB_CONFIGS: dict[str, type] = {"quant": QuantConfig, "scheduler": SchedulerConfig, "cache": CacheConfig,
-                                "lora": LoraConfig, "limits": RequestLimits}
+                                "lora": LoraConfig, "limits": RequestLimits, "structured": StructuredConfig}
 
 
 @dataclass(frozen=True)
@@ -108,6 +128,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
 
     def __post_init__(self) -> None:
         raise_if(self.problems())

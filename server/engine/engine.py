@@ -10,6 +10,7 @@ from typing import Any, Callable
 from .adapters import AdapterGateway
 from .batch import RunnerOutput, ScheduledBatch
 from .config import EngineConfig
+from .constraints.spec import ConstraintError
 from .detokenizer import IncrementalDetokenizer
 from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
@@ -43,8 +44,12 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, scheduler: Scheduler, runner: Any, tokenizer: Any,
                  eos_token_ids: tuple[int, ...], adapters: AdapterGateway | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, constraints: Any = None, guided: Any = None):
+        """constraints: a ConstraintCompiler, guided: the GuidedDecoding whose hook the runner's
+        sampler calls (both None: structured output is refused)."""
         self.config = config
+        self.constraints = constraints
+        self.guided = guided
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
@@ -82,8 +87,23 @@ class LLMEngine:
         """validate_request, then tokenize: what AsyncEngine runs off the engine thread."""
         return self.tokenize(validate_request(request, self.config.limits))
 
-    def add_request(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> None:
-        """Validate and queue a request. Raises RequestRejected, QueueFull, store errors."""
+    def compile_constraint(self, request: GenerationRequest) -> Any:
+        """The request's Guide (None when unconstrained); compiles on this thread if needed."""
+        if request.sampling.constraint is None:
+            return None
+        if self.constraints is None or self.guided is None:
+            raise RequestRejected("sampling.constraint", "this server does not support structured output")
+        try:
+            return self.constraints.guide(request.sampling.constraint)
+        except ConstraintError as error:
+            raise RequestRejected("sampling.constraint", str(error)) from None
+
+    def add_request(self, request: GenerationRequest, prompt_ids: list[int] | None = None,
+                    guide: Any = None) -> None:
+        """Validate and queue a request. Raises RequestRejected, QueueFull, store errors.
+
+        guide: the constraint's compiled Guide (AsyncEngine compiles it off this thread);
+        None with a constraint set compiles it here."""
         if request.request_id in self._states:
             raise RequestRejected("request_id", f"duplicate request id {request.request_id!r}")
         if self.scheduler.queue_full:
@@ -96,10 +116,12 @@ class LLMEngine:
                                   getattr(self.runner, "vocab_size", None))
         if violations:
             raise RequestRejected.of(violations)
+        if guide is None:
+            guide = self.compile_constraint(request)
         adapter_key = self._resolve_adapter(request)
         seq = Sequence(seq_id=self._next_seq_id, prompt_token_ids=prompt_ids,
                        sampling=request.sampling, adapter_key=adapter_key,
-                       arrival_time=self.clock(), eos_token_ids=self.eos_token_ids)
+                       arrival_time=self.clock(), eos_token_ids=self.eos_token_ids, guide=guide)
         self._next_seq_id += 1
         try:
             self.scheduler.add(seq)
@@ -144,7 +166,7 @@ class LLMEngine:
             self.adapters.prefetch(self.scheduler.pending_adapter_keys()[: self.config.scheduler.max_loras])
         if not batch.is_empty:
             try:
-                result = self._run(batch)
+                result = self._run_guided(batch) if self.guided is not None else self._run(batch)
                 finished = self.scheduler.update(batch, result)
                 outputs += self._collect(batch, finished)
             except Exception:  # noqa: BLE001 - last resort: fail this batch once, never loop on it
@@ -185,6 +207,20 @@ class LLMEngine:
                 log.exception("adapter %s could not be loaded into a device slot", key)
                 bad.add(key)
         return {key: slot for key, slot in slots.items() if self.adapters.manager.slot_of(key) == slot}, bad
+
+    def _run_guided(self, batch: ScheduledBatch) -> RunnerOutput:
+        """_run with the constrained rows' masks computed beside the forward, then each guide
+        advanced by its token; a token its grammar refuses fails that request."""
+        seqs = [item.seq for item in batch.sampled_items]
+        self.guided.begin_step(seqs)
+        result = self._run(batch)
+        refused = self.guided.end_step(seqs, result.sampled_token_ids)
+        if not refused:
+            return result
+        for seq in seqs:
+            if seq.seq_id in refused:
+                log.warning("sequence %d: the constraint refused a token: %s", seq.seq_id, seq.guide.error)
+        return replace(result, failed_seq_ids=result.failed_seq_ids | frozenset(refused))
 
     def _run_isolated(self, batch: ScheduledBatch, slots: dict[str, int],
                       bad_keys: set[str] = frozenset()) -> RunnerOutput:
@@ -238,6 +274,9 @@ class LLMEngine:
         self._release(state.seq.adapter_key)
         output = state.output(self.clock(), delta)
         if output.finish_reason is FinishReason.ERROR:
+            guide = state.seq.guide
+            if error is None and guide is not None and guide.error is not None:
+                error = RequestFailed(f"the output constraint failed: {guide.error}")
             output = replace(output, error=error or RequestFailed("the request failed inside the engine"))
         return output
 

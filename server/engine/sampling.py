@@ -189,6 +189,7 @@ def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Ten
 
 
 ArgmaxFn = Callable[[torch.Tensor], torch.Tensor]    # logits [n, vocab] float32 -> [n] int64
+LogitsMask = Callable[[torch.Tensor, list[Sequence]], torch.Tensor]   # [n, vocab] -> [n, vocab]
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -204,12 +205,15 @@ class Sampler:
     """Picks one token per row of a logits batch according to each sequence's SamplingParams.
 
     argmax: the greedy rows' kernel (argmax_rows, or the fused CPU kernel with its semantics).
+    logits_mask: applied after the repetition penalty, before any choice (structured output:
+    sets disallowed tokens of constrained rows to -inf; other rows must come back unchanged).
     """
 
     def __init__(self, vocab_size: int, device: str = "cpu", seed: int = 0,
-                 argmax: ArgmaxFn = argmax_rows):
+                 argmax: ArgmaxFn = argmax_rows, logits_mask: LogitsMask | None = None):
         self.vocab_size = vocab_size
         self.argmax = argmax
+        self.logits_mask = logits_mask
         self.device = torch.device(device)
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
@@ -220,6 +224,8 @@ class Sampler:
             raise ValueError(f"logits must be [num_seqs={len(seqs)}, vocab]; got {tuple(logits.shape)}")
         logits = apply_repetition_penalty(logits.float(), seqs)                 # [n, vocab]
         logits = apply_openai_processors(logits, seqs)                           # [n, vocab]
+        if self.logits_mask is not None:
+            logits = self.logits_mask(logits, seqs)
         want_logprobs = any(s.sampling.returns_logprobs for s in seqs)
         alternatives = top_logprobs(logits, seqs, mask_top_k_top_p)
         params = self._row_params(seqs, logits.shape[1])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
+
+from .constraints.spec import Constraint
 
 
 MAX_TOP_LOGPROBS = 20                  # alternatives per token, as OpenAI allows
@@ -50,6 +53,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0      # subtracted per occurrence in the generated tokens
     min_tokens: int = 0                 # EOS and stop token ids are masked until this many tokens
     top_logprobs: int = 0               # alternatives returned per token (implies logprobs)
+    constraint: Constraint | None = None   # structured output (JSON Schema, regex, ...); None = free
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +89,7 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    guide: Any = None                   # constraints.compiler.Guide of a constrained request
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -24,6 +24,7 @@ import re
 from dataclasses import replace
 
 from .config import RequestLimits
+from .constraints.spec import ConstraintError, ConstraintLimits
 from .io import GenerationRequest, RequestRejected, Violation
 from .sequence import MAX_TOP_LOGPROBS, SAMPLING_PENALTY_RANGE as PENALTY_RANGE, SamplingParams
 
@@ -122,7 +123,26 @@ def _sampling_problems(params: SamplingParams, limits: RequestLimits) -> list[Vi
         ("stop_token_ids", all(t >= 0 for t in params.stop_token_ids), "must be >= 0"),
         *_openai_checks(params, limits),
     ]
-    return [Violation(f"sampling.{name}", message) for name, ok, message in checks if not ok]
+    return [Violation(f"sampling.{name}", message) for name, ok, message in checks if not ok] + \
+        _constraint_problems(params, limits)
+
+
+def _constraint_problems(params: SamplingParams, limits: RequestLimits) -> list[Violation]:
+    """A structured-output constraint's shape and size (compiling it finds the rest)."""
+    if params.constraint is None:
+        return []
+    problems = []
+    ends = "the constraint ends the output with an end-of-sequence token"
+    if params.ignore_eos:
+        problems.append(Violation("sampling.ignore_eos", f"cannot be combined with a constraint ({ends})"))
+    if params.min_tokens:
+        problems.append(Violation("sampling.min_tokens", f"cannot be combined with a constraint ({ends}, "
+                                  "which min_tokens would block)"))
+    try:
+        params.constraint.check(ConstraintLimits(max_source_bytes=limits.max_constraint_bytes))
+    except ConstraintError as error:
+        problems.append(Violation("sampling.constraint", str(error)))
+    return problems
 
 
 def _openai_checks(params: SamplingParams, limits: RequestLimits) -> list[tuple[str, bool, str]]:

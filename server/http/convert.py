@@ -1,8 +1,8 @@
 """OpenAI request bodies -> engine GenerationRequests (one per prompt and choice).
 
 Parameters that would change the output but are not implemented are refused by name
-(`unsupported`); unknown fields are refused too. `response_format` goes through the
-structured-output hook (structured.py).
+(`unsupported`); unknown fields are refused too. `response_format` and the `guided_*`
+extensions go through structured.py (-> the engine's Constraint).
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from typing import Any, Callable
 from pydantic import BaseModel, ValidationError
 
 from ..engine.config import RequestLimits
+from ..engine.constraints.spec import Constraint
 from ..engine.io import GenerationRequest, RequestRejected
 from ..engine.sequence import SamplingParams
 from ..engine.validation import ADAPTER_REF_RE, check_request
 from .errors import ApiError, bad_request, unsupported
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
-from .structured import structured_output
+from .structured import GUIDED, structured_output
 
 # Known OpenAI parameters this server does not implement yet -> a hint for the caller.
 UNSUPPORTED = {
@@ -26,7 +27,6 @@ UNSUPPORTED = {
     "function_call": "function calling", "parallel_tool_calls": "tool calling",
     "logit_bias": "", "audio": "", "modalities": "", "prediction": "", "reasoning_effort": "",
     "web_search_options": "", "service_tier": "", "store": "", "metadata": "",
-    "guided_json": "", "guided_regex": "", "guided_choice": "", "guided_grammar": "",
 }
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -72,7 +72,7 @@ def _refuse_unknown(body: SamplingFields, also_unsupported: dict[str, bool]) -> 
             continue
         if name in UNSUPPORTED:
             raise unsupported(name, UNSUPPORTED[name])
-        if name != "response_format":
+        if name != "response_format" and name not in GUIDED:
             raise bad_request(name, f"unknown parameter '{name}'")
     for name, used in also_unsupported.items():
         if used:
@@ -90,7 +90,7 @@ def resolve_model(model: str | None, base_name: str) -> str | None:
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    seed_offset: int) -> SamplingParams:
+                    seed_offset: int, constraint: Constraint | None = None) -> SamplingParams:
     """The engine's SamplingParams (OpenAI defaults: temperature 1); the engine's validator
     checks the ranges, and its field names map back to these parameters (errors.py)."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -104,7 +104,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
         stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs is not None, top_logprobs=logprobs or 0,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-        min_tokens=body.min_tokens or 0)
+        min_tokens=body.min_tokens or 0, constraint=constraint)
     return SamplingParams(**values)
 
 
@@ -133,12 +133,12 @@ def completion_request(data: Any, base_name: str, tenant: str | None, limits: Re
     body: CompletionRequest = parse_body(CompletionRequest, data)
     best_of_differs = body.best_of is not None and body.best_of != (body.n or 1)
     _refuse_unknown(body, {"echo": bool(body.echo), "suffix": body.suffix is not None, "best_of": best_of_differs})
-    structured_output(body)
+    constraint = structured_output(body)
     adapter = resolve_model(body.model, base_name)
     logprobs = body.logprobs
 
     def sampling(j: int) -> SamplingParams:
-        return sampling_params(body, body.max_tokens, logprobs, j)
+        return sampling_params(body, body.max_tokens, logprobs, j, constraint)
 
     return _parsed(body, _prompts(body.prompt), adapter, base_name, sampling, tenant, new_id, logprobs, limits)
 
@@ -159,7 +159,7 @@ def chat_request(data: Any, base_name: str, tenant: str | None, limits: RequestL
                  new_id: Callable[[], str]) -> ParsedRequest:
     body: ChatCompletionRequest = parse_body(ChatCompletionRequest, data)
     _refuse_unknown(body, {})
-    structured_output(body)
+    constraint = structured_output(body)
     adapter = resolve_model(body.model, base_name)
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs", "top_logprobs needs logprobs: true")
@@ -168,7 +168,7 @@ def chat_request(data: Any, base_name: str, tenant: str | None, limits: RequestL
     messages = chat_messages(body.messages)
 
     def sampling(j: int) -> SamplingParams:
-        return sampling_params(body, max_tokens, logprobs, j)
+        return sampling_params(body, max_tokens, logprobs, j, constraint)
 
     return _parsed(body, [{"messages": messages}], adapter, base_name, sampling, tenant, new_id, logprobs, limits)
 

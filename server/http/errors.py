@@ -29,7 +29,8 @@ PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "to
                "top_k": "top_k", "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop",
                "stop_token_ids": "stop_token_ids", "presence_penalty": "presence_penalty",
                "frequency_penalty": "frequency_penalty", "min_tokens": "min_tokens",
-               "top_logprobs": "top_logprobs", "adapter_id": "model", "chat": "messages", "messages": "messages"}
+               "top_logprobs": "top_logprobs", "adapter_id": "model", "chat": "messages", "messages": "messages",
+               "constraint": "response_format", "ignore_eos": "ignore_eos"}
 
 
 @dataclass

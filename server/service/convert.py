@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ...v1 import generation_pb2 as pb
 from ..engine.config import RequestLimits
+from ..engine.constraints.spec import Constraint
 from ..engine.io import GenerationRequest, RequestOutput, RequestRejected
 from ..engine.sequence import FinishReason, SamplingParams
 from ..engine.validation import check_request
@@ -67,7 +68,23 @@ def _sampling(params: pb.SamplingParams) -> SamplingParams:
                           repetition_penalty=given("repetition_penalty", defaults.repetition_penalty),
                           seed=given("seed", None), stop=tuple(params.stop),
                           stop_token_ids=tuple(params.stop_token_ids), ignore_eos=params.ignore_eos,
-                          logprobs=params.logprobs, **_openai_extras(params))
+                          logprobs=params.logprobs, constraint=_constraint(params), **_openai_extras(params))
+
+
+def _constraint(params: pb.SamplingParams) -> Constraint | None:
+    """The proto Constraint as the engine's (no kind, or json_object false -> kind "", which the
+    validator refuses naming the kinds)."""
+    if not params.HasField("constraint"):
+        return None
+    message = params.constraint
+    kind = message.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not message.json_object):
+        return Constraint("")
+    if kind == "json_object":
+        return Constraint("json_object")
+    if kind == "choice":
+        return Constraint("choice", choices=tuple(message.choice.choices))
+    return Constraint(kind, getattr(message, kind))
 
 
 def _openai_extras(params: pb.SamplingParams) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import itertools
 
 import pytest
@@ -64,7 +65,10 @@ def test_every_parameter_reaches_the_engine():
 
 
 def test_unsupported_and_unknown_parameters_are_named():
-    assert _param_of(_chat, response_format={"type": "json_schema"}) == (400, "response_format")
+    assert _param_of(_chat, response_format={"type": "json_schema"}) == (400, "response_format.json_schema")
+    assert _param_of(_chat, response_format={"type": "xml"}) == (400, "response_format.type")
+    assert _param_of(_chat, response_format={"type": "json_object"}, guided_regex="a") == (400, "guided_regex")
+    assert _param_of(_chat, guided_choice="yes") == (400, "guided_choice")
     assert _param_of(_chat, tools=[{"type": "function"}]) == (400, "tools")
     assert _param_of(_chat, logit_bias={"5": 1}) == (400, "logit_bias")
     assert _param_of(_chat, frobnicate=True) == (400, "frobnicate")
@@ -103,3 +107,21 @@ def test_engine_errors_map_to_openai_params_and_statuses():
     assert (missing.status, missing.param, missing.code) == (404, "model", "model_not_found")
     bug = to_api_error(ZeroDivisionError("secret detail"))
     assert bug.status == 500 and "secret" not in bug.message and "incident" in bug.message
+
+
+def test_structured_output_parameters_become_the_engine_constraint():
+    from loraplex.server.engine.constraints import Constraint
+
+    def constraint(**kwargs):
+        return _chat(**kwargs).choices[0].request.sampling.constraint
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    got = constraint(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
+                                                                             "strict": True}})
+    assert got.kind == "json_schema" and json.loads(got.value) == schema
+    assert constraint(response_format={"type": "json_object"}) == Constraint("json_object")
+    assert json.loads(constraint(guided_json=schema).value) == schema
+    assert constraint(guided_regex="x+") == Constraint("regex", "x+")
+    assert constraint(guided_choice=["a", "b"]) == Constraint("choice", choices=("a", "b"))
+    assert constraint(guided_grammar='start: "a"') == Constraint("grammar", 'start: "a"')
+    assert constraint(response_format={"type": "text"}) is None and constraint() is None

@@ -1,0 +1,190 @@
+"""Structured output on the tiny random Llama: a random model is an adversary for the masks
+(it would pick any token, special ones included), so every constrained output that parses
+shows the masks hold. Also: the bitmask twin, checks, compile errors, the cache bound,
+unconstrained rows untouched, and an LM head wider than the tokenizer."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import jsonschema
+import pytest
+import torch
+
+from engine_helpers import make_engine, run_staggered, tokens_of
+from conftest import build_tiny_llama
+from loraplex.server.engine.constraints import Constraint, ConstraintError, ConstraintLimits
+from loraplex.server.engine.constraints.compiler import ConstraintCompiler
+from loraplex.server.engine.constraints.masks import (apply_token_bitmask, disallowed_rows, disallowed_tokens,
+                                                     mask_rows)
+from loraplex.server.engine.io import GenerationRequest, RequestRejected
+from loraplex.server.engine.sequence import FinishReason, SamplingParams
+
+PROMPT = (5, 6, 7, 8, 9)
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "kind", "tags"],
+          "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                         "kind": {"enum": ["a", "b"]},
+                         "tags": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 4}},
+                         "note": {"type": "string", "maxLength": 6}}}
+
+ARRAY = {"type": "array", "minItems": 1, "maxItems": 3, "items": {"type": "boolean"}}
+
+
+def _req(rid: str, constraint: Constraint | None, max_new_tokens: int = 96, **sampling) -> GenerationRequest:
+    return GenerationRequest(request_id=rid, prompt_token_ids=PROMPT,
+                             sampling=SamplingParams(max_new_tokens=max_new_tokens, constraint=constraint, **sampling))
+
+
+def _text(outputs) -> str:
+    return "".join(o.text for o in outputs)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return make_engine(tiny_llama_dir, max_num_seqs=8, max_batch_tokens=128)
+
+
+def test_bitmask_twin_matches_a_per_token_loop():
+    torch.manual_seed(0)
+    vocab = 100                                                          # not a multiple of 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32)  # [3, 4 words]
+    logits = torch.randn(3, vocab + 5)                                   # LM head wider than the mask
+    masked = apply_token_bitmask(logits.clone(), bitmask)
+    for row in range(3):
+        for token in range(vocab + 5):
+            word = int(bitmask[row, token // 32]) if token < 128 else 0
+            allowed = token < 128 and (word >> (token % 32)) & 1
+            expected = logits[row, token].item() if allowed else float("-inf")
+            assert masked[row, token].item() == expected, (row, token)
+    assert disallowed_tokens(bitmask, 128).shape == (3, 128)
+
+
+def test_served_mask_path_matches_the_torch_reference():
+    torch.manual_seed(1)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (2, 5), dtype=torch.int32)   # [2, 5 words] = 160 tokens
+    for vocab in (150, 160, 170):
+        assert (disallowed_rows(bitmask, vocab) == disallowed_tokens(bitmask, vocab).numpy()).all()
+        logits = torch.randn(4, vocab)                                       # rows 1 and 3 constrained
+        expected = logits.clone()
+        expected[[1, 3]] = apply_token_bitmask(expected[[1, 3]], bitmask)
+        served = mask_rows(logits.clone(), [1, 3], disallowed_rows(bitmask, vocab))
+        assert torch.equal(served, expected)
+        assert torch.equal(served[[0, 2]], logits[[0, 2]])                  # other rows untouched
+
+
+@pytest.mark.parametrize("constraint, problem", [
+    (Constraint("xml", "<a/>"), "set one of json_schema, json_object"),
+    (Constraint("regex", ""), "the regex is empty"),
+    (Constraint("choice"), "at least one string"),
+    (Constraint("choice", choices=("a", "")), "non-empty"),
+    (Constraint("json_schema", "{not json"), "not valid JSON"),
+    (Constraint("json_schema", "[1, 2]"), "must be a JSON object"),
+    (Constraint("json_object", "{}"), "takes no schema"),
+    (Constraint("grammar", "x" * 70_000), "the limit is 65536"),
+])
+def test_checks_name_the_problem(constraint, problem):
+    with pytest.raises(ConstraintError, match=re.escape(problem)):
+        constraint.check(ConstraintLimits(max_source_bytes=65536))
+
+
+@pytest.fixture(scope="module")
+def compiler(engine):
+    return engine.constraints
+
+
+@pytest.mark.parametrize("constraint, problem", [
+    (Constraint("json_schema", json.dumps({"type": "strnig"})), "strnig"),
+    (Constraint("json_schema", json.dumps({"$ref": "#/$defs/missing"})), "missing"),
+    (Constraint("regex", "(unclosed"), "regex"),
+    (Constraint("grammar", "start: undefined_rule"), "undefined_rule"),
+])
+def test_invalid_constraints_fail_with_the_reason(compiler, constraint, problem):
+    with pytest.raises(ConstraintError, match=problem):
+        compiler.guide(constraint)
+
+
+def test_pathological_schema_fails_fast(compiler):
+    deep: dict = {"type": "integer"}
+    for _ in range(300):
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    started = time.monotonic()
+    with pytest.raises(ConstraintError, match="limit"):
+        compiler.guide(Constraint("json_schema", json.dumps(deep)))
+    assert time.monotonic() - started < 5.0
+
+
+def test_cache_is_bounded_and_reuses_compiles(tiny_llama_dir, engine):
+    events = []
+    small = ConstraintCompiler(engine.tokenizer, 49152, (2,), ConstraintLimits(cache_size=2))
+    small.set_event_hook(lambda event, kind, seconds: events.append(event))
+    for pattern in ("a+", "b+", "a+", "c+", "b+"):
+        small.guide(Constraint("regex", pattern))
+    assert small.num_cached == 2
+    # a+ compiled, b+ compiled, a+ hit, c+ compiled (evicts b+), b+ compiled again
+    assert events.count("request") == 5 and events.count("compiled") == 4
+    small.close()
+
+
+def test_constrained_rows_always_match_and_free_rows_are_untouched(engine):
+    free = [_req(f"free{i}", None, max_new_tokens=12, ignore_eos=True) for i in range(2)]
+    alone = {r.request_id: tokens_of(run_staggered(engine, [(0, r)])[r.request_id]) for r in free}
+    constrained = [
+        _req("schema-greedy", Constraint("json_schema", json.dumps(SCHEMA))),
+        _req("schema-sampled", Constraint("json_schema", json.dumps(SCHEMA)), temperature=1.0, seed=7),
+        _req("array", Constraint("json_schema", json.dumps(ARRAY)), temperature=1.0, seed=3),
+        _req("regex", Constraint("regex", r"[A-Z]{2}-\d{3}"), temperature=1.0, seed=1),
+        _req("choice", Constraint("choice", choices=("yes", "no", 'say "hi"')), temperature=1.0, seed=2),
+        _req("lark", Constraint("grammar", 'start: "(" num ("+" num)* ")"\nnum: /[0-9]{1,3}/'), max_new_tokens=40),
+    ]
+    outputs = run_staggered(engine, [(0, r) for r in free + constrained])
+    for request in free:                     # same tokens in a batch with constrained rows
+        assert tokens_of(outputs[request.request_id]) == alone[request.request_id]
+    for request in constrained:
+        assert outputs[request.request_id][-1].finish_reason is FinishReason.EOS, request.request_id
+        assert outputs[request.request_id][-1].token_ids[-1:] == (2,)    # the grammar ends with EOS
+    for rid in ("schema-greedy", "schema-sampled"):
+        jsonschema.validate(json.loads(_text(outputs[rid])), SCHEMA)
+    jsonschema.validate(json.loads(_text(outputs["array"])), ARRAY)
+    assert re.fullmatch(r"[A-Z]{2}-\d{3}", _text(outputs["regex"]))
+    assert _text(outputs["choice"]) in ("yes", "no", 'say "hi"')
+    assert re.fullmatch(r"\(\d{1,3}(\+\d{1,3})*\)", _text(outputs["lark"]))
+    special = set(engine.tokenizer.all_special_ids) - {2}
+    for request in constrained:
+        assert not special & set(tokens_of(outputs[request.request_id])), request.request_id
+
+
+def test_seeded_constrained_sampling_repeats(engine):
+    constraint = Constraint("json_schema", json.dumps(SCHEMA))
+    first = run_staggered(engine, [(0, _req("s1", constraint, temperature=1.0, seed=11))])["s1"]
+    second = run_staggered(engine, [(0, _req("s2", constraint, temperature=1.0, seed=11)),
+                                    (0, _req("other", None, max_new_tokens=20, temperature=1.0))])["s2"]
+    assert tokens_of(first) == tokens_of(second)
+
+
+def test_stop_strings_and_streaming_deltas(engine):
+    constraint = Constraint("regex", r"abc-[0-9]{2}-xyz")
+    outputs = run_staggered(engine, [(0, _req("stop", constraint, stop=["-xy"]))])["stop"]
+    assert _text(outputs) .startswith("abc-") and outputs[-1].finish_reason is FinishReason.STOP
+    assert "-xy" not in _text(outputs) and len(outputs) > 1          # streamed in deltas
+
+
+def test_engine_rejects_bad_constraints_with_the_field(engine):
+    with pytest.raises(RequestRejected) as info:
+        engine.add_request(_req("bad", Constraint("json_schema", json.dumps({"type": "strnig"}))))
+    assert info.value.field_name == "sampling.constraint" and "strnig" in info.value.message
+    with pytest.raises(RequestRejected) as info:
+        engine.add_request(_req("eos", Constraint("json_object"), ignore_eos=True))
+    assert info.value.field_name == "sampling.ignore_eos"
+    assert not engine.has_work()
+
+
+def test_lm_head_wider_than_the_tokenizer(tmp_path, default_model_dir):
+    model_dir = build_tiny_llama(tmp_path / "wide", default_model_dir, vocab_size=49152 + 64)
+    engine = make_engine(model_dir, max_num_seqs=4, max_batch_tokens=64)
+    assert engine.constraints.vocab_size == 49152 + 64
+    outputs = run_staggered(engine, [(0, _req("wide", Constraint("json_schema", json.dumps(SCHEMA)),
+                                              temperature=1.0, seed=5))])["wide"]
+    assert all(t < 49152 for t in tokens_of(outputs))
+    jsonschema.validate(json.loads(_text(outputs)), SCHEMA)
