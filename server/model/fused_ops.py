@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import DecodeKernel, write_kv
+from .attention import DecodeKernel, VarlenKernel, write_kv
 from .rope import apply_rotary
 
 
@@ -69,9 +69,19 @@ class LayerOps:
     rope_write_kv: Callable[..., None]
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
     decode_attention: DecodeKernel | None     # None: attention.py's torch decode path
+    varlen_attention: VarlenKernel | None = None   # None: decode rows + per-chunk prefill
 
 
 TORCH_OPS = LayerOps("torch", add_rms_norm, rope_write_kv, silu_mul, None)
+
+
+def triton_layer_ops() -> LayerOps:
+    """CUDA: the Triton paged attention kernels (decode and varlen; triton_attention.py), the
+    torch ops elsewhere. Needs the triton package (and a GPU, or TRITON_INTERPRET=1 in tests)."""
+    from .triton_attention import decode_attention_triton, varlen_attention_triton
+
+    return LayerOps("triton", add_rms_norm, rope_write_kv, silu_mul, decode_attention_triton,
+                    varlen_attention_triton)
 
 
 def native_ops(module: ModuleType) -> LayerOps:
