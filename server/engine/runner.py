@@ -123,7 +123,7 @@ class ModelRunner:
                 raise ValueError(f"sequence {item.seq.seq_id} uses adapter {key!r}, which has no "
                                  "slot in this step (adapters.activate must load it first)")
             token_slots.extend([slot] * item.num_new_tokens)
-        return LoraBatchInfo.from_token_slots(torch.tensor(token_slots, dtype=torch.int64, device=self.device))
+        return LoraBatchInfo.from_token_slots(torch.tensor(token_slots, dtype=torch.int64), self.device)
 
 
 def adapter_order(batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> list[int] | None:

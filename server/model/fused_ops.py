@@ -88,3 +88,17 @@ def native_ops(module: ModuleType) -> LayerOps:
     """The fused kernels of a loaded cpu_kernels extension (float32, CPU only)."""
     return LayerOps("native", module.add_rms_norm, module.rope_write_kv, module.silu_mul,
                     module.decode_attention)
+
+
+def select_layer_ops(device: str | torch.device, choice: str = "auto",
+                     native_module: ModuleType | None = None) -> LayerOps:
+    """The per-layer op set, chosen once at start-up: the fused C++ kernels when native.resolve
+    built them (CPU, float32), the Triton attention kernels on CUDA when triton is installed
+    (unless --cpu-kernels torch asks for plain torch everywhere), else plain torch."""
+    from ..lora.ops import triton_usable
+
+    if native_module is not None:
+        return native_ops(native_module)
+    if choice != "torch" and triton_usable(device):
+        return triton_layer_ops()
+    return TORCH_OPS
