@@ -19,7 +19,7 @@ from ..lora.manager import AdapterManager
 from ..lora.slot_pool import SlotPool
 from .engine import LLMEngine
 from .io import GenerationRequest
-from .sequence import SamplingParams
+from .sequence import FinishReason, SamplingParams
 
 WARMUP_KEY = "__warmup__@0"
 WARMUP_RANK = 16
@@ -29,7 +29,8 @@ Log = Callable[[str], None]
 
 
 def run_request(engine: LLMEngine, request_id: str, adapter_id: str | None = None) -> list[int]:
-    """Run one short greedy request to the end; its generated token ids."""
+    """Run one short greedy request to the end; its generated token ids. Raises when the
+    engine fails it (the engine isolates a failing forward pass to its requests)."""
     request = GenerationRequest(request_id=request_id, prompt_token_ids=_PROMPT, adapter_id=adapter_id,
                                 sampling=SamplingParams(max_new_tokens=2, ignore_eos=True))
     engine.add_request(request)
@@ -37,8 +38,13 @@ def run_request(engine: LLMEngine, request_id: str, adapter_id: str | None = Non
     while engine.has_work():
         outputs, _stats = engine.step()
         for output in outputs:
-            if output.request_id == request_id:
-                tokens.extend(output.token_ids)
+            if output.request_id != request_id:
+                continue
+            tokens.extend(output.token_ids)
+            if output.finish_reason is FinishReason.ERROR:
+                raise RuntimeError(f"warm-up request {request_id} failed inside the engine "
+                                   f"({getattr(output, 'error', None) or 'see the log above'}); "
+                                   "the server cannot serve this path")
     return tokens
 
 

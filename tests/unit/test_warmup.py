@@ -1,0 +1,70 @@
+"""The start-up warm-up runs the adapter path (zero adapter, prefill and decode) and cleans up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_helpers import greedy_request, make_engine, tokens_of
+from loraplex.server.engine.warmup import WARMUP_RANK, warm_up
+from loraplex.server.lora.ops import select_ops
+from loraplex.server.lora.slot_pool import SlotPool
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llama_dir) -> Path:
+    return tiny_llama_dir
+
+
+class RecordingOps:
+    """The real torch LoRA ops, recording the token count of every delta call."""
+
+    def __init__(self, fail: bool = False):
+        self.inner = select_ops("cpu")
+        self.name = "recording"
+        self.calls: list[int] = []
+        self.fail = fail
+
+    def prepare(self, info, scales):
+        return self.inner.prepare(info, scales)
+
+    def add_delta(self, x, y, weights, step):
+        if self.fail:
+            raise RuntimeError("kernel launch failed")
+        self.calls.append(x.shape[0])
+        self.inner.add_delta(x, y, weights, step)
+
+
+def _engine_and_pool(model_dir, ops):
+    engine = make_engine(model_dir)
+    pool = SlotPool(engine.runner.model.lora_targets(), 2, 32, torch.float32, "cpu", ops=ops)
+    return engine, pool
+
+
+def test_warm_up_runs_prefill_and_decode_through_an_adapter_then_cleans_up(model_dir):
+    ops = RecordingOps()
+    engine, pool = _engine_and_pool(model_dir, ops)
+    versions = pool.version
+    warm_up(engine, pool, log=lambda m: pytest.fail(f"unexpected warning: {m}"))
+    num_targets = len(pool.targets)
+    assert ops.calls[:num_targets] == [5] * num_targets          # the 5-token prompt (prefill)
+    assert ops.calls[num_targets:] == [1] * num_targets          # one decode step
+    assert pool.version > versions and pool.stack_rank == 1       # loaded at rank 16, then shrunk
+    assert max(pool.slot_ranks) == 0 and not pool.scales.any()
+    assert engine.adapters is None and not engine.has_work()
+    assert WARMUP_RANK <= pool.max_lora_rank
+    outputs = {}
+    engine.add_request(greedy_request("after", [5, 6, 7], 3))
+    while engine.has_work():
+        for out in engine.step()[0]:
+            outputs.setdefault(out.request_id, []).append(out)
+    assert len(tokens_of(outputs["after"])) == 3
+
+
+def test_a_broken_adapter_path_fails_the_warm_up(model_dir):
+    engine, pool = _engine_and_pool(model_dir, RecordingOps(fail=True))
+    with pytest.raises(RuntimeError, match="warm-up request __warmup_adapter__ failed"):
+        warm_up(engine, pool)
+    assert engine.adapters is None
