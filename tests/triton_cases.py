@@ -94,7 +94,7 @@ def case_lora_add_delta(dtype: torch.dtype, device: str) -> None:
         x = xs[target.in_features]
         y_fast = torch.zeros(len(TOKEN_SLOTS), target.out_features, device=device, dtype=dtype)
         y_ref = torch.zeros(len(TOKEN_SLOTS), target.out_features, device=device)
-        target.lora.add_delta(x, y_fast, info)
+        target.lora.add_delta(x, y_fast, pool.prepare_step(info))
         weights = pool.weights[i]
         weights32 = type(weights)(weights.a.float(), tuple(b.float() for b in weights.bts),
                                   weights.col_starts, weights.rank)

@@ -38,9 +38,28 @@ class RecordingOps:
 
 
 def _engine_and_pool(model_dir, ops):
+    """An engine without a store, then a pool wired to its runner as build_engine wires one."""
     engine = make_engine(model_dir)
     pool = SlotPool(engine.runner.model.lora_targets(), 2, 32, torch.float32, "cpu", ops=ops)
+    engine.runner.lora = pool
     return engine, pool
+
+
+def test_build_engine_with_a_store_warms_the_adapter_path(model_dir, tmp_path):
+    from loraplex.adapters_store.store import AdapterStore, StoreConfig
+    from loraplex.server.engine.builder import base_spec_for
+    from loraplex.server.engine.config import EngineConfig
+
+    base = base_spec_for(EngineConfig.from_settings(model_dir, method="none"))
+    store = AdapterStore(tmp_path / "store", StoreConfig(), base)
+    try:
+        engine = make_engine(model_dir, store=store)
+        pool = engine.runner.lora
+        assert pool.version >= 5            # laid out at rank 16, loaded, cleared, shrunk back
+        assert pool.stack_rank == 1 and max(pool.slot_ranks) == 0
+        assert engine.adapters.manager.loads == 0 and engine.adapters.manager.num_loaded == 0
+    finally:
+        store.close()
 
 
 def test_warm_up_runs_prefill_and_decode_through_an_adapter_then_cleans_up(model_dir):
