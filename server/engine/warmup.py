@@ -21,7 +21,8 @@ from .engine import LLMEngine
 from .io import GenerationRequest
 from .sequence import FinishReason, SamplingParams
 
-WARMUP_KEY = "__warmup__@0"
+WARMUP_ID = "loraplex-warmup"          # a valid adapter id; served by its own gateway
+WARMUP_KEY = f"{WARMUP_ID}@0"
 WARMUP_RANK = 16
 _PROMPT = (1, 2, 3, 4, 5)
 
@@ -91,14 +92,16 @@ def warm_up(engine: LLMEngine, pool: SlotPool | None = None, log: Log = print) -
     base_tokens = run_request(engine, "__warmup__")
     if pool is None:
         return
-    gateway, engine.adapters = engine.adapters, _WarmupGateway(pool, zero_adapter(
-        pool, min(WARMUP_RANK, pool.max_lora_rank)))
+    rank = min(WARMUP_RANK, pool.max_lora_rank)
+    gateway, engine.adapters = engine.adapters, _WarmupGateway(pool, zero_adapter(pool, rank))
     try:
-        lora_tokens = run_request(engine, "__warmup_adapter__", adapter_id=WARMUP_KEY)
+        lora_tokens = run_request(engine, "__warmup_adapter__", adapter_id=WARMUP_ID)
         engine.adapters.manager.evict(WARMUP_KEY)
     finally:
         engine.adapters = gateway
     pool.shrink_to_loaded()
+    log(f"[loraplex] warm-up: a request through a zero rank-{rank} adapter ran "
+        f"({pool.ops.name} LoRA ops)")
     if lora_tokens != base_tokens:
         log(f"[loraplex] warning: the zero warm-up adapter changed greedy tokens ({base_tokens} -> "
             f"{lora_tokens}); the LoRA kernels ({pool.ops.name}) may be wrong on this device")
