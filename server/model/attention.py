@@ -48,7 +48,7 @@ class AttentionPlan:
     compute dtype; None when decode_kernel runs them). decode_rows [num_decodes] holds their
     packed rows, None when every row is a decode row (in order). decode_kernel is a fused
     kernel with decode_attention_torch's signature (native.py), or None for the torch path.
-    varlen_kernel (varlen_attention_torch's signature, triton_attention.py) is set when the
+    varlen_kernel (varlen_attention_ref's signature, triton_attention.py) is set when the
     batch has a prefill chunk and the layer ops have one: it then runs every row in one launch
     and nothing else of the plan is built.
     """
@@ -264,7 +264,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def varlen_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def varlen_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                            seq_lens: torch.Tensor, max_query_len: int, scale: float,
                            window: int) -> torch.Tensor:

@@ -78,10 +78,10 @@ TORCH_OPS = LayerOps("torch", add_rms_norm, rope_write_kv, silu_mul, None)
 def triton_layer_ops() -> LayerOps:
     """CUDA: the Triton paged attention kernels (decode and varlen; triton_attention.py), the
     torch ops elsewhere. Needs the triton package (and a GPU, or TRITON_INTERPRET=1 in tests)."""
-    from .triton_attention import decode_attention_triton, varlen_attention_triton
+    from .triton_attention import decode_attention, varlen_attention
 
-    return LayerOps("triton", add_rms_norm, rope_write_kv, silu_mul, decode_attention_triton,
-                    varlen_attention_triton)
+    return LayerOps("triton", add_rms_norm, rope_write_kv, silu_mul, decode_attention,
+                    varlen_attention)
 
 
 def native_ops(module: ModuleType) -> LayerOps:

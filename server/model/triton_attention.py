@@ -1,7 +1,7 @@
 """Triton attention over the paged KV cache (CUDA): decode and varlen (mixed prefill) kernels.
 
-decode_attention_triton has decode_attention_torch's signature (attention.py, the twin);
-varlen_attention_triton has varlen_attention_torch's. Both read K/V block by block through
+decode_attention has decode_attention_torch's signature (attention.py, the twin);
+varlen_attention has varlen_attention_ref's. Both read K/V block by block through
 the block tables, keep an online softmax in float32 and store in q's dtype. Every loop bound
 comes from device tensors (seq_lens, query_start_loc) read inside the kernel: launching them
 needs no host sync. Imported only when CUDA and triton are present (kernel selection in
@@ -132,7 +132,7 @@ def _check_layouts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} KV heads")
 
 
-def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                             window: int) -> torch.Tensor:
     """q [D, heads, hd]; caches [blocks, block_size, kv_heads, hd]; block_tables [D, max_blocks];
@@ -155,7 +155,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
-def varlen_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, max_query_len: int, scale: float,
                             window: int) -> torch.Tensor:
@@ -163,7 +163,7 @@ def varlen_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     q [T, heads, hd]; block_tables [N, max_blocks]; query_start_loc [N + 1]; seq_lens [N]
     (keys after this step); max_query_len: host int (grid size); window 0 = none.
-    Returns [T, heads, hd]. Twin: attention.varlen_attention_torch.
+    Returns [T, heads, hd]. Twin: attention.varlen_attention_ref.
     """
     _check_layouts(q, k_cache, v_cache)
     num_heads, head_dim = q.shape[1], q.shape[2]

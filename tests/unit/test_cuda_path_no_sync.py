@@ -18,7 +18,7 @@ SYNCING_CALLS = {"item", "tolist", "cpu", "numpy", "synchronize"}
 PER_LAYER = [
     llama.DecoderLayer.forward, llama.CausalLM.forward, proj.ProjLinear.forward,
     delta.ProjLoraHook.add_delta, attention.paged_attention, attention._decode_attention,
-    triton_attention.decode_attention_triton, triton_attention.varlen_attention_triton,
+    triton_attention.decode_attention, triton_attention.varlen_attention,
     triton_ops.TritonOps.prepare, triton_ops.TritonOps.add_delta, triton_ops._shrink,
     triton_ops._expand, triton_ops._launch, triton_ops._per_token,
     fused_ops.add_rms_norm, fused_ops.rope_write_kv, fused_ops.silu_mul,
@@ -38,4 +38,4 @@ def test_no_host_sync_on_the_cuda_layer_path(fn):
 
 
 def test_the_check_sees_a_sync():
-    assert _syncing_calls(attention.varlen_attention_torch) == ["tolist", "tolist"]  # the host twin
+    assert _syncing_calls(attention.varlen_attention_ref) == ["tolist", "tolist"]  # the host twin
