@@ -53,7 +53,7 @@ RUN pip install "torch==${TORCH_VERSION}" ".[${EXTRAS}]"
 
 USER loraplex
 VOLUME ["/var/lib/loraplex/cache", "/var/lib/loraplex/store"]
-EXPOSE 50051 9090
+EXPOSE 50051 9090 8000
 
 # Health through the standard gRPC health service: SERVING only after the warm-up, which runs
 # one request through a (zero) adapter, so Triton's kernels are compiled before traffic.
