@@ -8,7 +8,8 @@ PY     := $(BIN)/python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup model serve test test-unit test-integration test-store-shared bench stress fidelity proto clean help
+.PHONY: setup model serve test test-unit test-integration test-store-shared bench stress fidelity proto clean help \
+        test-client-install gpu-check
 
 help:
 	@echo "make serve   set up .venv, fetch the default model, start the server on 127.0.0.1:50051"
@@ -55,6 +56,14 @@ bench: model
 
 stress: model
 	$(PY) -m pytest tests/stress -m slow $(PYTEST_ARGS)
+
+# `pip install .` (no extras) into a fresh venv: SDK + client CLI against a real server, no torch.
+test-client-install: model
+	$(PY) -m pytest tests/integration/test_client_install.py -m slow $(PYTEST_ARGS)
+
+# On a CUDA machine: install, tests/gpu, bnb-nf4 serve with 16 adapters, bench -> gpu-check/gpu_check.json
+gpu-check:
+	scripts/gpu_check.sh
 
 fidelity: model
 	$(PY) bench/fidelity.py

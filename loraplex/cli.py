@@ -1,14 +1,33 @@
 """The `loraplex` console script: dispatches to server, model and client commands.
 
 Each command group adds itself with a `register(subparsers)` function; add new groups to
-`COMMAND_GROUPS`.
+`COMMAND_GROUPS`, as `CommandGroup(register, (command words...), needs_server)` so that a
+command registers (and imports) only its own group: `loraplex health` then never imports
+torch, and works from `pip install loraplex` (no server extra). A plain function in the list
+is registered for every command. A server group whose imports fail (no `loraplex[server]`)
+is replaced by commands that say how to install it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
+
+SERVER_INSTALL_HINT = 'pip install "loraplex[server]"'
+
+
+def server_extra_missing(command: str) -> str | None:
+    """A message naming the install command when the server's dependencies are absent."""
+    missing = [name for name in ("torch", "transformers", "safetensors")
+               if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"loraplex {command}: this install has the client only ({', '.join(missing)} missing); "
+            f"the server needs {SERVER_INSTALL_HINT}")
 
 
 def _model_command(args: argparse.Namespace) -> int:
@@ -28,6 +47,11 @@ def register_model(sub) -> None:
 
 def _serve_command(args: argparse.Namespace) -> int:
     from loraplex.server.config import ConfigError, load_server_config
+
+    missing = server_extra_missing("serve")
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
 
     values = {key: value for key, value in vars(args).items() if key not in ("func", "command")}
     try:
@@ -74,19 +98,66 @@ def register_store(sub) -> None:
     register(sub)
 
 
-COMMAND_GROUPS = [register_serve, register_model, register_client, register_fidelity, register_store]
+@dataclass(frozen=True)
+class CommandGroup:
+    """A `register(subparsers)` function, the top-level words it adds, and whether it is server-side."""
+
+    register: Callable
+    commands: tuple[str, ...]
+    needs_server: bool = True
 
 
-def build_parser() -> argparse.ArgumentParser:
+CLIENT_COMMANDS = ("generate", "adapters", "info", "health", "bench")
+COMMAND_GROUPS: list = [
+    CommandGroup(register_serve, ("serve",)),
+    CommandGroup(register_model, ("model",)),
+    CommandGroup(register_client, CLIENT_COMMANDS, needs_server=False),
+    CommandGroup(register_fidelity, ("eval", "merge")),
+    CommandGroup(register_store, ("store",)),
+]
+
+
+def _command_word(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def _register_missing(sub, group: CommandGroup) -> None:
+    """Stand-ins for a server group that cannot be imported here: they print the install hint."""
+    for word in group.commands:
+        stub = sub.add_parser(word, help=f"(needs {SERVER_INSTALL_HINT})", add_help=False)
+        stub.add_argument("rest", nargs=argparse.REMAINDER)
+        stub.set_defaults(func=lambda _args, word=word: _print_missing(word))
+
+
+def _print_missing(word: str) -> int:
+    print(server_extra_missing(word) or f"loraplex {word}: needs {SERVER_INSTALL_HINT}", file=sys.stderr)
+    return 2
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the groups `argv`'s command needs (all of them for --help or no command)."""
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LLM inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for register in COMMAND_GROUPS:
-        register(sub)
+    word = _command_word(argv) if argv is not None else None
+    known = {w for g in COMMAND_GROUPS if isinstance(g, CommandGroup) for w in g.commands}
+    for group in COMMAND_GROUPS:
+        if not isinstance(group, CommandGroup):
+            group(sub)
+        elif word in known and word not in group.commands:
+            continue
+        elif not group.needs_server:
+            group.register(sub)
+        else:
+            try:
+                group.register(sub)
+            except ImportError:
+                _register_missing(sub, group)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -13,20 +13,20 @@ from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
 from ..lora.slot_pool import SlotPool
 from ..model import native
-from ..model.fused_ops import TORCH_OPS, native_ops
 from ..model.config import ModelConfig
+from ..model.fused_ops import select_layer_ops
 from ..model.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from ..model.llama import build_model
 from .adapters import AdapterGateway
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .engine import LLMEngine
-from .io import EngineInfo, GenerationRequest
+from .io import EngineInfo
 from .prompt import eos_token_ids, load_tokenizer
 from .runner import ModelRunner
 from .sampling import Sampler, argmax_rows
 from .scheduler import Scheduler
-from .sequence import SamplingParams
+from .warmup import warm_up
 
 Log = Callable[[str], None]
 
@@ -34,9 +34,36 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device(device: str) -> str:
+    """'auto' -> cuda when usable, else cpu. An explicit cuda device must work: no silent CPU."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        require_cuda(device)
     return device
+
+
+class DeviceUnavailable(RuntimeError):
+    """--device names a device this process cannot use."""
+
+
+def require_cuda(device: str) -> None:
+    """Raise DeviceUnavailable with the reason when `device` (cuda, cuda:N) cannot run a kernel."""
+    hint = "; use --device cpu (or auto) to serve on the CPU"
+    if torch.version.cuda is None:
+        raise DeviceUnavailable(f"--device {device}: this torch ({torch.__version__}) is a CPU-only "
+                                f"build without CUDA{hint}")
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(f"--device {device}: torch {torch.__version__} (CUDA {torch.version.cuda}) "
+                                f"finds no usable GPU or driver (is the GPU passed to the container, "
+                                f"e.g. docker run --gpus all?){hint}")
+    index = torch.device(device).index or 0
+    if index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) "
+                                f"are visible{hint}")
+    try:
+        torch.ones(1, device=device).add_(1).cpu()
+    except RuntimeError as exc:
+        raise DeviceUnavailable(f"--device {device}: a first CUDA operation failed ({exc}){hint}") from exc
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -53,7 +80,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     spec = QuantSpec.resolve(config.quant, dtype, device)
     log(f"[loraplex] loading {config.model_dir} ({spec.method}, {str(dtype).removeprefix('torch.')}, {device})")
     kernels = native.resolve(config.cpu_kernels, dtype, device, log)
-    ops = TORCH_OPS if kernels is None else native_ops(kernels)
+    ops = select_layer_ops(device, config.cpu_kernels, kernels)
     model, model_config = build_model(config.model_dir, spec, ops=ops)
     tokenizer = load_tokenizer(config.model_dir)
 
@@ -89,7 +116,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       device=device, base_fingerprint=base_spec.fingerprint,
                       linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
                       vocab_size=model_config.vocab_size)
-    warm_up(engine)
+    warm_up(engine, pool, log)
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
         f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops)")
     return engine, info
@@ -109,15 +136,6 @@ def structured_output(config: EngineConfig, tokenizer: Any, lm_vocab_size: int, 
                               compile_timeout_s=structured.constraint_timeout_s)
     compiler = ConstraintCompiler(tokenizer, lm_vocab_size, eos_ids, limits)
     return compiler, GuidedDecoding(compiler.vocab_size, lm_vocab_size)
-
-
-def warm_up(engine: LLMEngine) -> None:
-    """Run one short request end to end so the first real request pays no start-up cost."""
-    request = GenerationRequest(request_id="__warmup__", prompt_token_ids=(1, 2, 3),
-                                sampling=SamplingParams(max_new_tokens=2, ignore_eos=True))
-    engine.add_request(request)
-    while engine.has_work():
-        engine.step()
 
 
 def base_spec_for(config: EngineConfig):

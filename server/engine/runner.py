@@ -139,7 +139,7 @@ class ModelRunner:
                 raise ValueError(f"sequence {item.seq.seq_id} uses adapter {key!r}, which has no "
                                  "slot in this step (adapters.activate must load it first)")
             token_slots.extend([slot] * item.num_new_tokens)
-        info = LoraBatchInfo.from_token_slots(torch.tensor(token_slots, dtype=torch.int64, device=self.device))
+        info = LoraBatchInfo.from_token_slots(torch.tensor(token_slots, dtype=torch.int64), self.device)
         return self.lora.prepare_step(info) if info.has_adapters else None
 
 

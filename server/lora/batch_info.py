@@ -22,6 +22,7 @@ class LoraBatchInfo:
     seg_lens:     [num_segments] int64, length of each run.
     seg_slots:    [num_segments] int64, slot of each run (-1 = none).
     active_slots: sorted distinct slots >= 0 used by this batch (python list; small).
+    max_seg_len:  the longest run (host int: a kernel grid size without a device sync).
     """
 
     token_slots: torch.Tensor
@@ -29,6 +30,7 @@ class LoraBatchInfo:
     seg_lens: torch.Tensor
     seg_slots: torch.Tensor
     active_slots: tuple[int, ...]
+    max_seg_len: int = 0
 
     @property
     def has_adapters(self) -> bool:
@@ -41,20 +43,26 @@ class LoraBatchInfo:
         return sort_by_slot(self.token_slots)
 
     @staticmethod
-    def from_token_slots(token_slots: torch.Tensor) -> "LoraBatchInfo":
-        """Derive the segment view from per-token slots. token_slots: [num_tokens] int64."""
+    def from_token_slots(token_slots: torch.Tensor, device: str | torch.device | None = None) -> "LoraBatchInfo":
+        """Derive the segment view from per-token slots. token_slots: [num_tokens] int64.
+
+        Give a host tensor and the target `device`: the segments are computed on the host and
+        copied once, so no step syncs with the GPU to read them back."""
+        device = token_slots.device if device is None else torch.device(device)
         slots = token_slots.to(torch.int64)
         n = slots.numel()
         if n == 0:
-            empty = torch.zeros(0, dtype=torch.int64)
-            return LoraBatchInfo(slots, empty, empty, empty, ())
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return LoraBatchInfo(slots.to(device), empty, empty, empty, ())
         change = torch.ones(n, dtype=torch.bool, device=slots.device)
         change[1:] = slots[1:] != slots[:-1]
         seg_starts = torch.nonzero(change).flatten()
         ends = torch.cat([seg_starts[1:], torch.tensor([n], device=slots.device)])
         seg_slots = slots[seg_starts]
+        seg_lens = ends - seg_starts
         active = tuple(sorted({int(s) for s in seg_slots.tolist() if s >= 0}))
-        return LoraBatchInfo(slots, seg_starts, ends - seg_starts, seg_slots, active)
+        return LoraBatchInfo(slots.to(device), seg_starts.to(device), seg_lens.to(device),
+                             seg_slots.to(device), active, int(seg_lens.max()))
 
 
 def sort_by_slot(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,6 +84,12 @@ class SlotPool:
         if 0 < largest and 2 * largest <= self.stack_rank:
             self._relayout(largest)
 
+    def shrink_to_loaded(self) -> None:
+        """Re-pad the stacks to the largest loaded rank (1 when no slot holds an adapter)."""
+        largest = max(max(self.slot_ranks), 1)
+        if largest < self.stack_rank:
+            self._relayout(largest)
+
     def prepare_step(self, info: LoraBatchInfo) -> LoraStep:
         """The step's routing for the ops, shared by every projection of one forward pass.
 

@@ -21,6 +21,10 @@ from .context import AttentionMetadata
 # (q [D, H, hd], k_cache, v_cache, block_tables [D, max_blocks], seq_lens [D], scale, window)
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                          float, int], torch.Tensor]
+# (q [T, H, hd], k_cache, v_cache, block_tables [N, max_blocks], query_start_loc [N + 1],
+#  seq_lens [N], max_query_len, scale, window)
+VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         torch.Tensor, int, float, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class AttentionPlan:
     compute dtype; None when decode_kernel runs them). decode_rows [num_decodes] holds their
     packed rows, None when every row is a decode row (in order). decode_kernel is a fused
     kernel with decode_attention_torch's signature (native.py), or None for the torch path.
+    varlen_kernel (varlen_attention_ref's signature, triton_attention.py) is set when the
+    batch has a prefill chunk and the layer ops have one: it then runs every row in one launch
+    and nothing else of the plan is built.
     """
 
     meta: AttentionMetadata
@@ -55,6 +62,7 @@ class AttentionPlan:
     prefills: tuple[PrefillChunk, ...]
     decode_lens: torch.Tensor | None = None
     decode_kernel: DecodeKernel | None = None
+    varlen_kernel: VarlenKernel | None = None
 
     @property
     def has_decodes(self) -> bool:
@@ -77,8 +85,12 @@ def _causal_mask(num_queries: int, context_len: int, window: int | None,
 
 def plan_attention(meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                    dtype: torch.dtype = torch.float32,
-                   decode_kernel: DecodeKernel | None = None) -> AttentionPlan:
+                   decode_kernel: DecodeKernel | None = None,
+                   varlen_kernel: VarlenKernel | None = None) -> AttentionPlan:
     """Split the batch into decode rows and prefill chunks; build masks (host work, once a step)."""
+    if varlen_kernel is not None and any(q_len > 1 for q_len in meta.query_lens):
+        return AttentionPlan(meta, scale, sliding_window, None, None, None, (),
+                             varlen_kernel=varlen_kernel)
     device = meta.seq_lens.device
     bs = meta.block_size
     decode_rows: list[int] = []
@@ -210,6 +222,11 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     plan: AttentionPlan) -> torch.Tensor:
     """q [T, heads, head_dim] (packed ragged batch, K/V already written) -> [T, heads, head_dim]."""
+    if plan.varlen_kernel is not None:
+        meta = plan.meta
+        return plan.varlen_kernel(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
+                                  meta.seq_lens, max(meta.query_lens), plan.scale,
+                                  plan.sliding_window or 0)
     if plan.has_decodes and plan.decode_rows is None:
         return _decode_attention(q, k_cache, v_cache, plan)
     out = torch.empty_like(q)
@@ -244,4 +261,27 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
         out[row: row + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
         row += q_len
+    return out
+
+
+def varlen_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                           seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                           window: int) -> torch.Tensor:
+    """Pure-torch twin of the Triton varlen kernel (triton_attention.py), same signature.
+
+    q [T, heads, hd] packed; block_tables [N, max_blocks]; query_start_loc [N + 1]; seq_lens
+    [N] keys after this step; window 0 = none. Returns [T, heads, hd]. Loops per sequence
+    on the host (a reference, not a CUDA path); max_query_len is unused here.
+    """
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for i, ctx in enumerate(lens):
+        start, end = starts[i], starts[i + 1]
+        if end == start:
+            continue
+        chunk = PrefillChunk(start, end - start, ctx, block_tables[i, : -(-ctx // block_size)],
+                             _causal_mask(end - start, ctx, window or None, q.device))
+        out[start:end] = _prefill_attention(q[start:end], k_cache, v_cache, chunk, scale)
     return out

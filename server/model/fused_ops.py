@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import DecodeKernel, write_kv
+from .attention import DecodeKernel, VarlenKernel, write_kv
 from .rope import apply_rotary
 
 
@@ -69,12 +69,36 @@ class LayerOps:
     rope_write_kv: Callable[..., None]
     silu_mul: Callable[[torch.Tensor], torch.Tensor]
     decode_attention: DecodeKernel | None     # None: attention.py's torch decode path
+    varlen_attention: VarlenKernel | None = None   # None: decode rows + per-chunk prefill
 
 
 TORCH_OPS = LayerOps("torch", add_rms_norm, rope_write_kv, silu_mul, None)
+
+
+def triton_layer_ops() -> LayerOps:
+    """CUDA: the Triton paged attention kernels (decode and varlen; triton_attention.py), the
+    torch ops elsewhere. Needs the triton package (and a GPU, or TRITON_INTERPRET=1 in tests)."""
+    from .triton_attention import decode_attention, varlen_attention
+
+    return LayerOps("triton", add_rms_norm, rope_write_kv, silu_mul, decode_attention,
+                    varlen_attention)
 
 
 def native_ops(module: ModuleType) -> LayerOps:
     """The fused kernels of a loaded cpu_kernels extension (float32, CPU only)."""
     return LayerOps("native", module.add_rms_norm, module.rope_write_kv, module.silu_mul,
                     module.decode_attention)
+
+
+def select_layer_ops(device: str | torch.device, choice: str = "auto",
+                     native_module: ModuleType | None = None) -> LayerOps:
+    """The per-layer op set, chosen once at start-up: the fused C++ kernels when native.resolve
+    built them (CPU, float32), the Triton attention kernels on CUDA when triton is installed
+    (unless --cpu-kernels torch asks for plain torch everywhere), else plain torch."""
+    from ..lora.ops import triton_usable
+
+    if native_module is not None:
+        return native_ops(native_module)
+    if choice != "torch" and triton_usable(device):
+        return triton_layer_ops()
+    return TORCH_OPS

@@ -112,7 +112,7 @@ class CausalLM(torch.nn.Module):
         hidden = F.embedding(input_ids, self.embed)                            # [T, hidden]
         rope = self.rotary.cos_sin(ctx.positions)                              # [T, hd] each
         plan = plan_attention(ctx.attn, self.scale, self.config.sliding_window, hidden.dtype,
-                              ops.decode_attention)
+                              ops.decode_attention, ops.varlen_attention)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, ctx, plan, rope, kv_cache, ops)

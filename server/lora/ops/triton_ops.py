@@ -6,7 +6,9 @@ shrink: h[rows] = x[rows] @ A[slot]^T              (K = in_features, N = Ra)
 expand: y[rows, cols] += scale[slot] * h[rows] @ B^T[slot]   (K = R, N = out_m)
 BGMV is the same kernel over one-token segments. Accumulation is float32; float32 inputs use
 IEEE dot products (no TF32), so results match the reference to float32 rounding.
-Imported only when CUDA and triton are present (see ops.select_ops).
+Imported only when CUDA and triton are present (see ops.select_ops), and by the tests under
+Triton's interpreter (TRITON_INTERPRET=1, tests/triton_cases.py). The per-step path
+(prepare, add_delta) reads nothing back from the device.
 """
 
 from __future__ import annotations
@@ -72,10 +74,13 @@ class Segments:
 
 
 def _segments(seg_starts: torch.Tensor, seg_lens: torch.Tensor, seg_slots: torch.Tensor,
-              device: torch.device) -> Segments:
+              device: torch.device, max_len: int | None = None) -> Segments:
+    """max_len None: read it from seg_lens (a host sync on CUDA; the standalone sgmv_* calls)."""
     lens = seg_lens.to(device=device, dtype=torch.int64)
+    if max_len is None:
+        max_len = int(lens.max()) if lens.numel() else 0
     return Segments(seg_starts.to(device=device, dtype=torch.int64), lens,
-                    seg_slots.to(device=device, dtype=torch.int64), int(lens.max()) if lens.numel() else 0)
+                    seg_slots.to(device=device, dtype=torch.int64), max_len)
 
 
 def _per_token(token_slots: torch.Tensor) -> Segments:
@@ -142,8 +147,9 @@ class TritonOps:
         _expand(h, bt, _segments(seg_starts, seg_lens, seg_slots, h.device), scales, y, col_start)
 
     def prepare(self, info: LoraBatchInfo, scales: torch.Tensor) -> LoraStep:
-        """Segments on the device and their longest length (one host sync per step)."""
-        segs = _segments(info.seg_starts, info.seg_lens, info.seg_slots, scales.device)
+        """Segments on the device; the grid's longest segment from the host (no sync)."""
+        segs = _segments(info.seg_starts, info.seg_lens, info.seg_slots, scales.device,
+                         info.max_seg_len)
         return LoraStep(info=info, scales=scales, plan=segs)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, weights: ProjLoraWeights, step: LoraStep) -> None:
