@@ -68,6 +68,7 @@ class Generation:
     timing: Timing
     adapter_id: str | None                # resolved "name@version"; None for the base model
     logprobs: list[float] | None = None   # one per token id when requested
+    replica: str | None = None            # the server's `loraplex-replica` trailer (fleet: which replica)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         metrics = self.state.metrics
         last: RequestOutput | None = None
         adapter = message.adapter_id if ADAPTER_REF_RE.match(message.adapter_id) else None
+        context.set_trailing_metadata(self.state.replica_trailer())
         try:
             config = self.state.config
             limits = RequestLimits(config.max_new_tokens, config.max_stop_sequences)
