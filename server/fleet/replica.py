@@ -147,6 +147,7 @@ class ReplicaBase:
             await self.warm_adapter(adapter_id)
         except Exception as error:  # noqa: BLE001 - the servicer reports not-found etc. properly
             log.debug("warming %s failed: %s", adapter_id, error)
+            return                                          # not an adapter this replica can hold
         finally:
             _CALLER.reset(token)
         self.fleet_metrics.request(held=not loaded_now[0])
