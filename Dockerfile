@@ -34,7 +34,7 @@ COPY --chown=loraplex:loraplex server ./server
 COPY --chown=loraplex:loraplex client ./client
 COPY --chown=loraplex:loraplex adapters_store ./adapters_store
 COPY --chown=loraplex:loraplex proto ./proto
-RUN pip install ".[server,eetq]"
+RUN pip install ".[server,fleet,eetq]"
 
 USER loraplex
 VOLUME ["/var/lib/loraplex/cache", "/var/lib/loraplex/store"]

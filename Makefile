@@ -8,7 +8,7 @@ PY     := $(BIN)/python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup model serve test test-unit test-integration bench stress fidelity proto clean help
+.PHONY: setup model serve test test-unit test-integration test-fleet bench stress fidelity proto clean help
 
 help:
 	@echo "make serve   set up .venv, fetch the default model, start the server on 127.0.0.1:50051"
@@ -45,6 +45,10 @@ test-unit: setup
 
 test-integration: model
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+# `loraplex fleet` on a local Ray cluster: 2 replicas, affinity, a replica kill (slow; not in `make test`).
+test-fleet: model
+	$(PY) -m pytest tests/integration/test_fleet.py tests/integration/test_fleet_scale.py -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: model
 	$(PY) bench/suite.py $(BENCH_ARGS)
