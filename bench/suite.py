@@ -177,6 +177,18 @@ def section_grpc(model_dir: Path, quick: bool) -> str:
     return run(model_dir, quick)
 
 
+def section_fleet(model_dir: Path, quick: bool) -> str:
+    from fleet_bench import section_fleet as run
+
+    return run(model_dir, quick)
+
+
+def section_fleet_sim(model_dir: Path, quick: bool) -> str:
+    from fleet_sim import section_fleet_sim as run
+
+    return run(quick, plot_dir=HERE / "plots")
+
+
 NOTES = """
 ## Notes on the targets
 
@@ -234,7 +246,7 @@ each section are computed from that run's numbers.
 
 SECTIONS = {"decode": section_decode, "lora": section_lora, "scaling": section_scaling,
             "grpc": section_grpc, "backends": section_backends, "store": section_store,
-            "sampling": section_sampling}
+            "sampling": section_sampling, "fleet": section_fleet, "fleet-sim": section_fleet_sim}
 
 
 def main() -> int:

@@ -115,7 +115,7 @@ def run(config: ServerConfig, options: FleetOptions, log: Log = lambda message: 
     for sig in (signal.SIGTERM, signal.SIGINT):     # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
     try:
-        _wait_running(options.app_name, stop)
+        wait_running(options.app_name, stop)
         if not stop.is_set():
             log(ready_line(config, options, fleet))
         while not stop.wait(0.5):
@@ -127,17 +127,20 @@ def run(config: ServerConfig, options: FleetOptions, log: Log = lambda message: 
     return 0
 
 
-def _wait_running(app_name: str, stop: threading.Event) -> None:
+def wait_running(app_name: str, stop: threading.Event | None = None, timeout_s: float | None = None) -> None:
     """Until the application is RUNNING (every replica loaded); raise if its deploy failed."""
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 
-    while not stop.is_set():
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while stop is None or not stop.is_set():
         status = serve.status().applications.get(app_name)
         if status is not None and status.status == ApplicationStatus.RUNNING:
             return
         if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
             raise RuntimeError(f"the fleet failed to deploy: {status.message}")
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"the fleet was not running after {timeout_s:g}s: {status}")
         time.sleep(0.5)
 
 

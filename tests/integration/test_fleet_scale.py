@@ -115,14 +115,21 @@ def test_affinity_tokens_and_replica_kill(fleet, tiny_llama_dir, tmp_path):
         replicas = {g.replica for _, g in results}
         assert len(replicas) == 2, "both replicas serve"
 
-        # Affinity after warm-up: the share of each adapter's requests on its main replica.
+        # Affinity after warm-up (capacity 8 >= 8 adapters: a replica holds what it has served).
+        seen: set[tuple[str, str]] = set()
+        held = on_main = 0
         by_adapter: dict[str, Counter] = defaultdict(Counter)
-        for adapter, generation in results[WARMUP_REQUESTS:]:
-            by_adapter[adapter][generation.replica] += 1
+        for index, (adapter, generation) in enumerate(results):
+            if index >= WARMUP_REQUESTS:
+                held += (adapter, generation.replica) in seen
+                by_adapter[adapter][generation.replica] += 1
+            seen.add((adapter, generation.replica))
         on_main = sum(counts.most_common(1)[0][1] for counts in by_adapter.values())
-        affinity = on_main / (NUM_REQUESTS - WARMUP_REQUESTS)
-        print(f"affinity after warm-up: {affinity:.3f}; per adapter: {dict(by_adapter)}")
-        assert affinity >= 0.9
+        counted = NUM_REQUESTS - WARMUP_REQUESTS
+        print(f"after warm-up: {held / counted:.3f} on a replica holding the adapter, {on_main / counted:.3f} on "
+              f"the adapter's main replica; {dict(by_adapter)}")
+        assert held / counted >= 0.9
+        assert on_main / counted >= 0.8          # sticky: round-robin would put ~half on each replica
 
         fleet_tokens = {a: client.generate("Same prompt", adapter_id=a, max_new_tokens=10).token_ids
                         for a in sorted(set(order))}
