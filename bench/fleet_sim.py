@@ -205,9 +205,26 @@ def section_fleet_sim(quick: bool, plot_dir: Path) -> str:
         "",
         table(results),
         "",
+        reading(results),
+        "",
         "" if quick else "![adapter loads per 1,000 requests](bench/plots/fleet_sim.png)",
         "",
     ])
+
+
+def reading(results: list[SimResult]) -> str:
+    """One paragraph computed from the results (what the table says)."""
+    mux = [r for r in results if r.policy == "multiplex"]
+    worst = max(mux, key=lambda r: r.imbalance)
+    others = [r.loads_per_1k for r in results if r.policy != "multiplex"]
+    return (f"Reading: Ray's multiplex routing needs {min(r.loads_per_1k for r in mux):.0f}-"
+            f"{max(r.loads_per_1k for r in mux):.0f} loads per 1,000 requests where round-robin and least-loaded "
+            f"need {min(others):.0f}-{max(others):.0f}, and its advantage grows with the fleet (more replicas "
+            "hold more of the adapters). Its cost is balance: the replicas holding the hottest adapters take "
+            f"more of the traffic (up to {worst.imbalance:.2f}x the mean at {worst.config.replicas} replicas and "
+            f"{worst.config.adapters:,} adapters), since a hot adapter only spreads to another replica once its "
+            "holders are full (`--max-ongoing-requests`); round-robin and least-loaded stay even but load an "
+            "adapter on most requests.")
 
 
 REPLICA_COUNTS, ADAPTER_COUNTS = (8, 64, 512), (1_000, 10_000, 100_000)
