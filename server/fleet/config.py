@@ -79,16 +79,21 @@ def validate(options: FleetOptions, config: ServerConfig) -> list[str]:
         value = getattr(options, name)
         if value is not None and value < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
-    if config.tls_enabled:
-        problems.append("--tls-cert/--tls-key: Ray Serve's gRPC proxy has no TLS; terminate TLS in front of "
-                        "the fleet (ingress or load balancer)")
     return problems
+
+
+def _tls_problems(cli_values: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    if any(cli_values.get(name) or environ.get(env) for name, env in
+           (("tls_cert", "LORAPLEX_TLS_CERT"), ("tls_key", "LORAPLEX_TLS_KEY"))):
+        return ["--tls-cert/--tls-key: Ray Serve's gRPC proxy has no TLS; terminate TLS in front of the fleet "
+                "(ingress or load balancer)"]
+    return []
 
 
 def load_fleet_config(cli_values: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[ServerConfig, FleetOptions]:
     """The replicas' ServerConfig and the FleetOptions; ConfigError lists every problem."""
     fleet_names = {flag.name for flag in FLEET_FLAGS}
-    problems: list[str] = []
+    problems = _tls_problems(cli_values, environ)
     try:
         config = load_server_config({k: v for k, v in cli_values.items() if k not in fleet_names}, environ)
     except ConfigError as error:
