@@ -39,8 +39,10 @@ def _start_one_replica_fleet(config):
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")           # a private local cluster
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-    running = start_fleet(replace(config, metrics_port=0), FleetOptions(replicas=1, replica_cpus=1.0),
-                          log=lambda _m: None)
+    # The replica reserves every core: Ray sets its OMP_NUM_THREADS (torch threads) from num_cpus, and
+    # the plain server uses every core too.
+    options = FleetOptions(replicas=1, replica_cpus=float(os.cpu_count()))
+    running = start_fleet(replace(config, metrics_port=0), options, log=lambda _m: None)
     wait_running(running.app_name, timeout_s=900)
     return running
 

@@ -2,7 +2,8 @@
 
 A real local Ray cluster started by the CLI, Ray Serve's gRPC proxy, the SDK unchanged: upload,
 generate (tokens equal a plain `loraplex serve` on the same store), typed errors through the proxy, the
-`loraplex-replica` trailer, the replica's fleet metrics, SIGTERM -> exit 0.
+`loraplex-replica` trailer, the replica's fleet metrics, SIGTERM drains a stream in flight (Ray's
+graceful replica shutdown, as on scale-down) and exits 0.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fleet_harness import FleetProcess, fleet_env
 from grpc_harness import free_port, make_peft_adapter, scrape
 
 pytest.importorskip("ray.serve")
+USER_KEY, ADMIN_KEY = "team:USERKEY12345", "ADMINKEY12345"
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +45,23 @@ def _plain_serve_generation(tiny_llama_dir, store, prompt, adapter, max_new_toke
 
 def test_one_replica_fleet_serves_the_sdk_unchanged(tiny_llama_dir, adapter_dir, tmp_path):
     from loraplex.client import Client
-    from loraplex.client.errors import AdapterNotFoundError, ValidationError
+    from loraplex.client.errors import (AdapterNotFoundError, AuthenticationError, PermissionDeniedError,
+                                        ValidationError)
 
     store, metrics_port = tmp_path / "store", free_port()
     fleet = FleetProcess(["--model", str(tiny_llama_dir), "--store", str(store), "--port", "0",
                           "--metrics-port", str(metrics_port), "--replicas", "1", "--replica-cpus", "0.5",
-                          "--max-total-tokens", "1024", "--max-input-tokens", "512", "--grace-period", "30"],
+                          "--max-total-tokens", "1024", "--max-input-tokens", "512", "--grace-period", "30",
+                          "--api-key", USER_KEY, "--admin-key", ADMIN_KEY],
                          fleet_env())
     try:
-        with Client(f"127.0.0.1:{fleet.port}", timeout=120) as client:
+        with Client(f"127.0.0.1:{fleet.port}", timeout=120) as anonymous, \
+                Client(f"127.0.0.1:{fleet.port}", api_key=USER_KEY.split(":")[1], timeout=120) as user:
+            with pytest.raises(AuthenticationError):               # each replica checks the forwarded key
+                anonymous.generate("x", max_new_tokens=2)
+            with pytest.raises(PermissionDeniedError):
+                user.upload_adapter(adapter_dir, "nope")
+        with Client(f"127.0.0.1:{fleet.port}", api_key=ADMIN_KEY, timeout=120) as client:
             assert client.health().value == "SERVING"
             assert client.info().model == str(tiny_llama_dir)
             assert client.upload_adapter(adapter_dir, "tone").version == 1
@@ -73,7 +83,12 @@ def test_one_replica_fleet_serves_the_sdk_unchanged(tiny_llama_dir, adapter_dir,
         assert samples[("loraplex_fleet_requests_total", (("adapter_held", "true"),))] >= 2
         assert samples[("loraplex_fleet_adapter_loads_total", ())] == 1
         assert samples[("loraplex_fleet_replica_info", (("replica", result.replica),))] == 1
-        fleet.process.send_signal(signal.SIGTERM)
+        with Client(f"127.0.0.1:{fleet.port}", api_key=ADMIN_KEY, timeout=300) as client:   # SIGTERM drains
+            stream = client.generate_stream("Count:", adapter_id="tone", max_new_tokens=900, ignore_eos=True)
+            received = list(next(stream).token_ids)
+            fleet.process.send_signal(signal.SIGTERM)
+            chunks = list(stream)
+        assert len(received) + sum(len(c.token_ids) for c in chunks) == 900
         assert fleet.process.wait(timeout=120) == 0, "\n".join(fleet.lines[-40:])
         assert "loraplex fleet: stopped" in fleet.lines
     finally:
