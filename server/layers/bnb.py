@@ -44,7 +44,7 @@ class Bnb4bitLinear(QuantizedLinear):
         self._matmul_4bit = bnb.matmul_4bit
         self._dequantize_4bit = bnbf.dequantize_4bit
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         return self._matmul_4bit(x, self.w_4bit, quant_state=self.quant_state, bias=self.bias)
 
     def weight_bytes(self) -> int:
@@ -82,7 +82,7 @@ class BnbInt8Linear(QuantizedLinear):
         self._vectorwise_quant = bnbf.int8_vectorwise_quant
         self._vectorwise_dequant = bnbf.int8_vectorwise_dequant
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         ops = torch.ops.bitsandbytes
         x_int8, x_absmax, outlier_cols = self._vectorwise_quant(
             x.to(torch.float16), threshold=self.threshold)

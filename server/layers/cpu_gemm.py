@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LINEAR_KERNEL_CHOICES = ("auto", "onednn", "aten")
+from .options import LINEAR_KERNEL_CHOICES
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _BATCH_HINT = 16        # oneDNN's layout choice barely depends on it (measured at M = 1..512)
 

@@ -30,7 +30,7 @@ class DenseLinear(QuantizedLinear):
         else:
             self.weight = torch.nn.Parameter(weight, requires_grad=False)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.packed:
             return packed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

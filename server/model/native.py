@@ -24,9 +24,9 @@ from typing import Callable
 
 import torch
 
+from ..layers.options import CPU_KERNEL_CHOICES
 from .default_model import cache_root
 
-CPU_KERNEL_CHOICES = ("auto", "native", "torch")
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp",   # at::parallel_for is OpenMP in torch
            "-fno-trapping-math", "-fno-math-errno"]   # lets exp/silu loops vectorize; no FP traps used
