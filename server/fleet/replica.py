@@ -21,7 +21,7 @@ from ..config import ServerConfig
 from ..metrics import Metrics
 from ..service.adapters import AdapterServicer
 from ..service.auth import KeyRing
-from ..service.convert import ADAPTER_REF_RE
+from ..engine.validation import ADAPTER_REF_RE
 from ..service.generation import GenerationServicer
 from ..service.server_info import ServerServicer
 from ..service.state import ServiceState

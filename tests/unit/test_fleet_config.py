@@ -62,3 +62,14 @@ def test_proxy_hook_maps_dead_replicas_to_unavailable():
         assert other.code is grpc.StatusCode.DEADLINE_EXCEEDED                          # Ray's own mapping
     finally:
         proxy.get_grpc_response_status = original
+
+
+def test_replica_class_builds_with_the_loader_capacity():
+    pytest.importorskip("ray.serve")
+    from loraplex.server.fleet.replica import ReplicaBase, replica_class
+
+    cls = replica_class(5)
+    assert issubclass(cls, ReplicaBase)
+    for method in ("Generate", "GenerateStream", "UploadAdapter", "RegisterAdapter", "ListAdapters",
+                   "GetAdapter", "DeleteAdapter", "Info", "Check"):
+        assert callable(getattr(cls, method))           # Ray's proxy calls the method named like the RPC
