@@ -30,7 +30,22 @@ RECOVERY_LIMIT_S = 180
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def shared_store(request) -> dict[str, str]:
+    """Real PostgreSQL + S3 (the shared-store issue's `postgres_service` / `s3_service` fixtures)
+    when this checkout has them, as a fleet across machines would use; else {} = the default
+    store (SQLite + blob directory on one path, shared by processes on one machine)."""
+    try:
+        postgres = request.getfixturevalue("postgres_service")
+        s3 = request.getfixturevalue("s3_service")           # puts AWS_* into os.environ
+    except pytest.FixtureLookupError:
+        return {}
+    return {"store_registry": postgres.new_database(), "store_blobs": s3.new_prefix()}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(shared_store):
+    """A private local Ray cluster, started after the store fixtures set their environment (Ray
+    workers, hence the replicas, inherit it)."""
     saved = {key: os.environ.get(key) for key in RAY_TEST_ENV}
     os.environ.update(RAY_TEST_ENV)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
@@ -49,14 +64,15 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def fleet(ray_cluster, tiny_llama_dir, tmp_path_factory):
+def fleet(ray_cluster, shared_store, tiny_llama_dir, tmp_path_factory):
     from loraplex.server.config import ServerConfig
     from loraplex.server.fleet.app import start_fleet
     from loraplex.server.fleet.config import FleetOptions
 
     store = tmp_path_factory.mktemp("fleet-store")
     config = ServerConfig(model=str(tiny_llama_dir), store=str(store), port=0, metrics_port=0,
-                          kv_cache_memory="16MiB", max_total_tokens=1024, max_input_tokens=512, grace_period_s=30)
+                          kv_cache_memory="16MiB", max_total_tokens=1024, max_input_tokens=512, grace_period_s=30,
+                          **shared_store)
     options = FleetOptions(replicas=2, replica_cpus=0.5)
     running = start_fleet(config, options, log=print)
     _wait_replicas(running.app_name, 2, timeout_s=600)
