@@ -10,7 +10,7 @@
 FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
 ARG TORCH_VERSION=2.13.0
-ARG EXTRAS=server
+ARG EXTRAS=server,fleet
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \

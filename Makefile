@@ -8,8 +8,8 @@ PY     := $(BIN)/python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup model serve test test-unit test-integration test-store-shared bench stress fidelity proto clean help \
-        test-client-install gpu-check
+.PHONY: setup model serve test test-unit test-integration test-store-shared test-fleet bench stress fidelity proto \
+        clean help test-client-install gpu-check
 
 help:
 	@echo "make serve   set up .venv, fetch the default model, start the server on 127.0.0.1:50051"
@@ -50,6 +50,10 @@ test-integration: model
 # Every store test case against PostgreSQL (pgserver) + S3 (moto); `make test` runs one case per test.
 test-store-shared: setup
 	$(PY) -m pytest tests/unit/store -m slow $(PYTEST_ARGS)
+
+# `loraplex fleet` on a local Ray cluster: 2 replicas, affinity, a replica kill (slow; not in `make test`).
+test-fleet: model
+	$(PY) -m pytest tests/integration/test_fleet.py tests/integration/test_fleet_scale.py -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: model
 	$(PY) bench/suite.py $(BENCH_ARGS)

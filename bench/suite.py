@@ -227,6 +227,18 @@ def section_http(model_dir: Path, quick: bool) -> str:
     return run(model_dir, quick)
 
 
+def section_fleet(model_dir: Path, quick: bool) -> str:
+    from fleet_bench import section_fleet as run
+
+    return run(model_dir, quick)
+
+
+def section_fleet_sim(model_dir: Path, quick: bool) -> str:
+    from fleet_sim import section_fleet_sim as run
+
+    return run(quick, plot_dir=HERE / "plots")
+
+
 NOTES = """
 ## Notes on the targets
 
@@ -285,7 +297,7 @@ each section are computed from that run's numbers.
 SECTIONS = {"decode": section_decode, "lora": section_lora, "scaling": section_scaling,
             "grpc": section_grpc, "http": section_http, "backends": section_backends, "store": section_store,
             "store_backends": section_store_backends, "sampling": section_sampling,
-            "structured": section_structured}
+            "structured": section_structured, "fleet": section_fleet, "fleet-sim": section_fleet_sim}
 
 
 def main() -> int:

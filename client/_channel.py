@@ -18,6 +18,10 @@ DEFAULT_TIMEOUT_S = 300.0
 ADDRESS_ENV = "LORAPLEX_ADDRESS"
 API_KEY_ENV = "LORAPLEX_API_KEY"
 MAX_MESSAGE_BYTES = 64 * 2**20
+# Ray Serve's gRPC proxy routes a call to a replica that already holds this id (a `loraplex
+# fleet` puts the adapter there); a plain `loraplex serve` ignores the key.
+ROUTING_METADATA_KEY = "multiplexed_model_id"
+REPLICA_METADATA_KEY = "loraplex-replica"
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,10 @@ class ChannelSettings:
     def credentials(self) -> grpc.ChannelCredentials | None:
         return grpc.ssl_channel_credentials(root_certificates=self.root_certificates) if self.tls else None
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+    def metadata(self, adapter_id: str | None = None) -> tuple[tuple[str, str], ...]:
+        """The key (when set) and, for generation calls, the adapter id as Ray's routing key."""
+        found = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+        return found + ((ROUTING_METADATA_KEY, adapter_id),) if adapter_id else found
 
     def call_timeout(self, timeout: float | None) -> float | None:
         """The per-call timeout: the call's own, else the client's default."""

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping
 from grpc_health.v1 import health_pb2
 
 from ..v1 import adapters_pb2, generation_pb2, server_pb2
+from ._channel import REPLICA_METADATA_KEY
 from .errors import ValidationError
 from .types import (AdapterInfo, AdapterState, ChatMessage, FinishReason, Generation, GenerationChunk,
                     HealthStatus, Limits, ServerInfo, Timing, Usage)
@@ -113,16 +114,25 @@ def _timing(message: generation_pb2.Timing) -> Timing:
                   total_seconds=message.total_seconds)
 
 
-def generation(response: generation_pb2.GenerateResponse) -> Generation:
+def generation(response: generation_pb2.GenerateResponse, trailers: Iterable[tuple[str, Any]] = ()) -> Generation:
     return Generation(
         text=response.text, token_ids=list(response.token_ids), finish_reason=_FINISH.get(response.finish_reason),
         usage=_usage(response.usage), timing=_timing(response.timing), adapter_id=response.adapter_id or None,
-        logprobs=list(response.logprobs) or None, top_logprobs=_top_logprobs(response))
+        logprobs=list(response.logprobs) or None, top_logprobs=_top_logprobs(response),
+        replica=replica_of(trailers))
 
 
 def _top_logprobs(response) -> list[list[tuple[int, float]]] | None:
     found = [[(alt.token_id, alt.logprob) for alt in top.alternatives] for top in response.top_logprobs]
     return found or None
+
+
+def replica_of(trailers: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The `loraplex-replica` value of a call's trailing metadata, if any."""
+    for key, value in trailers or ():
+        if key == REPLICA_METADATA_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
 
 
 def generation_chunk(response: generation_pb2.GenerateStreamResponse) -> GenerationChunk:

@@ -84,25 +84,25 @@ class AsyncClient:
                        **sampling: Unpack[Sampling]) -> Generation:
         """See Client.generate."""
         request = generation_pb2.GenerateRequest(input=convert.generation_input(prompt, None, adapter_id, sampling))
-        return convert.generation(await self._call(self._stubs.generation.Generate, request, timeout))
+        return await self._generate(request, adapter_id, timeout)
 
     def generate_stream(self, prompt: str, adapter_id: str | None = None, *, timeout: float | None = None,
                         **sampling: Unpack[Sampling]) -> AsyncIterator[GenerationChunk]:
         """See Client.generate_stream; use `async for chunk in client.generate_stream(...)`."""
         message = convert.generation_input(prompt, None, adapter_id, sampling)
-        return self._stream(generation_pb2.GenerateStreamRequest(input=message), timeout)
+        return self._stream(generation_pb2.GenerateStreamRequest(input=message), adapter_id, timeout)
 
     async def chat(self, messages: Iterable[ChatMessage], adapter_id: str | None = None, *,
                    timeout: float | None = None, **sampling: Unpack[Sampling]) -> Generation:
         """See Client.chat."""
         request = generation_pb2.GenerateRequest(input=convert.generation_input(None, messages, adapter_id, sampling))
-        return convert.generation(await self._call(self._stubs.generation.Generate, request, timeout))
+        return await self._generate(request, adapter_id, timeout)
 
     def chat_stream(self, messages: Iterable[ChatMessage], adapter_id: str | None = None, *,
                     timeout: float | None = None, **sampling: Unpack[Sampling]) -> AsyncIterator[GenerationChunk]:
         """See Client.chat_stream."""
         message = convert.generation_input(None, messages, adapter_id, sampling)
-        return self._stream(generation_pb2.GenerateStreamRequest(input=message), timeout)
+        return self._stream(generation_pb2.GenerateStreamRequest(input=message), adapter_id, timeout)
 
     # ---- adapters ------------------------------------------------------------------------------
     async def upload_adapter(self, path: str | Path, adapter_id: str, *, private: bool = False,
@@ -155,13 +155,25 @@ class AsyncClient:
         policy = self.settings.retry if retry else NO_RETRY
         return Attempts(policy, self.settings.call_timeout(timeout), self._rng)
 
+    async def _generate(self, request: generation_pb2.GenerateRequest, adapter_id: str | None,
+                        timeout: float | None) -> Generation:
+        method = self._stubs.generation.Generate
+
+        async def with_trailers(message, **kwargs):
+            call = method(message, **kwargs)
+            return await call, await call.trailing_metadata()
+
+        response, trailers = await self._call(with_trailers, request, timeout, adapter_id=adapter_id)
+        return convert.generation(response, trailers)
+
     async def _call(self, method: Callable[..., Any], request: Any, timeout: float | None,
-                    retry: bool = True) -> Any:
+                    retry: bool = True, adapter_id: str | None = None) -> Any:
         attempts = self._attempts(timeout, retry)
         while True:
             attempts.made += 1
             try:
-                return await method(request, timeout=attempts.remaining_s(), metadata=self.settings.metadata())
+                return await method(request, timeout=attempts.remaining_s(),
+                                    metadata=self.settings.metadata(adapter_id))
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error, self.settings.address)
             delay = attempts.next_delay_s(error)
@@ -169,13 +181,13 @@ class AsyncClient:
                 raise error
             await asyncio.sleep(delay)
 
-    async def _stream(self, request: generation_pb2.GenerateStreamRequest,
+    async def _stream(self, request: generation_pb2.GenerateStreamRequest, adapter_id: str | None,
                       timeout: float | None) -> AsyncIterator[GenerationChunk]:
         attempts = self._attempts(timeout, retry=True)
         while True:
             attempts.made += 1
             call = self._stubs.generation.GenerateStream(request, timeout=attempts.remaining_s(),
-                                                         metadata=self.settings.metadata())
+                                                         metadata=self.settings.metadata(adapter_id))
             received = False
             try:
                 async for response in call:

@@ -72,27 +72,27 @@ class Client:
         json_schema, json_object, regex, choice, grammar (see `loraplex.client.Sampling`).
         """
         request = generation_pb2.GenerateRequest(input=convert.generation_input(prompt, None, adapter_id, sampling))
-        return convert.generation(self._call(self._generation.Generate, request, timeout))
+        return self._generate(request, adapter_id, timeout)
 
     def generate_stream(self, prompt: str, adapter_id: str | None = None, *, timeout: float | None = None,
                         **sampling: Unpack[Sampling]) -> Iterator[GenerationChunk]:
         """Like generate, but yields text deltas as they are produced; the last chunk has
         finish_reason, usage and timing. Closing the iterator early cancels the request."""
         message = convert.generation_input(prompt, None, adapter_id, sampling)
-        return self._stream(generation_pb2.GenerateStreamRequest(input=message), timeout)
+        return self._stream(generation_pb2.GenerateStreamRequest(input=message), adapter_id, timeout)
 
     def chat(self, messages: Iterable[ChatMessage], adapter_id: str | None = None, *,
              timeout: float | None = None, **sampling: Unpack[Sampling]) -> Generation:
         """Generate the assistant's reply to chat `messages` ([{"role", "content"}] or (role, content)),
         rendered with the model's chat template."""
         request = generation_pb2.GenerateRequest(input=convert.generation_input(None, messages, adapter_id, sampling))
-        return convert.generation(self._call(self._generation.Generate, request, timeout))
+        return self._generate(request, adapter_id, timeout)
 
     def chat_stream(self, messages: Iterable[ChatMessage], adapter_id: str | None = None, *,
                     timeout: float | None = None, **sampling: Unpack[Sampling]) -> Iterator[GenerationChunk]:
         """Streaming `chat`."""
         message = convert.generation_input(None, messages, adapter_id, sampling)
-        return self._stream(generation_pb2.GenerateStreamRequest(input=message), timeout)
+        return self._stream(generation_pb2.GenerateStreamRequest(input=message), adapter_id, timeout)
 
     # ---- adapters ------------------------------------------------------------------------------
     def upload_adapter(self, path: str | Path, adapter_id: str, *, private: bool = False,
@@ -150,13 +150,19 @@ class Client:
         policy = self.settings.retry if retry else NO_RETRY
         return Attempts(policy, self.settings.call_timeout(timeout), self._rng)
 
-    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None, retry: bool = True) -> Any:
+    def _generate(self, request: generation_pb2.GenerateRequest, adapter_id: str | None,
+                  timeout: float | None) -> Generation:
+        response, call = self._call(self._generation.Generate.with_call, request, timeout, adapter_id=adapter_id)
+        return convert.generation(response, call.trailing_metadata())
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None, retry: bool = True,
+              adapter_id: str | None = None) -> Any:
         """One unary (or client-streaming) call with deadline, key metadata and retries."""
         attempts = self._attempts(timeout, retry)
         while True:
             attempts.made += 1
             try:
-                return method(request, timeout=attempts.remaining_s(), metadata=self.settings.metadata())
+                return method(request, timeout=attempts.remaining_s(), metadata=self.settings.metadata(adapter_id))
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error, self.settings.address)
             delay = attempts.next_delay_s(error)
@@ -164,13 +170,14 @@ class Client:
                 raise error
             time.sleep(delay)
 
-    def _stream(self, request: generation_pb2.GenerateStreamRequest, timeout: float | None) -> Iterator[GenerationChunk]:
+    def _stream(self, request: generation_pb2.GenerateStreamRequest, adapter_id: str | None,
+                timeout: float | None) -> Iterator[GenerationChunk]:
         """Server-streaming call; retried only while no chunk has arrived yet."""
         attempts = self._attempts(timeout, retry=True)
         while True:
             attempts.made += 1
             call = self._generation.GenerateStream(request, timeout=attempts.remaining_s(),
-                                                   metadata=self.settings.metadata())
+                                                   metadata=self.settings.metadata(adapter_id))
             received = False
             try:
                 for response in call:

@@ -69,6 +69,7 @@ class Generation:
     adapter_id: str | None                # resolved "name@version"; None for the base model
     logprobs: list[float] | None = None   # one per token id when requested
     top_logprobs: list[list[tuple[int, float]]] | None = None   # per token: (token id, logprob), best first
+    replica: str | None = None            # the server's `loraplex-replica` trailer (fleet: which replica)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,44 @@ def register_serve(sub) -> None:
     serve.set_defaults(func=_serve_command)
 
 
+def _fleet_command(args: argparse.Namespace) -> int:
+    from loraplex.server.config import ConfigError
+    from loraplex.server.fleet.config import load_fleet_config
+
+    values = {key: value for key, value in vars(args).items() if key not in ("func", "command")}
+    try:
+        config, options = load_fleet_config(values, os.environ)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"loraplex fleet: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        from loraplex.server.fleet.app import run
+    except ImportError as error:
+        print(f"loraplex fleet: error: {error} (install the fleet extra: pip install 'loraplex[fleet]')",
+              file=sys.stderr)
+        return 1
+    try:
+        return run(config, options)
+    except (OSError, ValueError, RuntimeError, ImportError) as error:
+        print(f"loraplex fleet: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+def register_fleet(sub) -> None:
+    from loraplex.server.config import add_arguments
+    from loraplex.server.fleet.config import add_fleet_arguments
+
+    fleet = sub.add_parser(
+        "fleet", help="run many engines behind one gRPC address on Ray Serve",
+        description="Run a Ray Serve application of loraplex replicas on a shared adapter store; Ray's gRPC "
+                    "proxy serves the loraplex.v1 services on --port. Takes serve's flags (for each replica) "
+                    "plus the fleet flags below; every flag can also be set with a LORAPLEX_* env var.")
+    add_arguments(fleet)
+    add_fleet_arguments(fleet)
+    fleet.set_defaults(func=_fleet_command)
+
+
 def register_client(sub) -> None:
     from loraplex.client.cli import register
 
@@ -110,6 +148,7 @@ class CommandGroup:
 CLIENT_COMMANDS = ("generate", "adapters", "info", "health", "bench")
 COMMAND_GROUPS: list = [
     CommandGroup(register_serve, ("serve",)),
+    CommandGroup(register_fleet, ("fleet",)),
     CommandGroup(register_model, ("model",)),
     CommandGroup(register_client, CLIENT_COMMANDS, needs_server=False),
     CommandGroup(register_fidelity, ("eval", "merge")),

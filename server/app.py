@@ -102,9 +102,8 @@ async def start_http_api(running: RunningServer, config: ServerConfig, port: int
     running.http_port = running.http.port
 
 
-async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None:
-    """Make the services live: wire metrics to the engine and report SERVING."""
-    state = running.state
+def wire_engine(state: ServiceState, store: Any, engine: Any) -> None:
+    """Hand the store and engine to the servicers and feed their events to the metrics."""
     state.store, state.engine = store, engine
     if state.metrics is not None:
         state.metrics.watch_engine(engine.stats, engine.adapter_is_private)
@@ -114,6 +113,11 @@ async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None
             store.set_event_hook(metrics_hook(state.metrics))
         engine.set_adapter_event_hook(metrics_hook(state.metrics, tier="device"))
         engine.set_constraint_event_hook(state.metrics.constraint_event)
+
+
+async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None:
+    """Make the services live: wire metrics to the engine and report SERVING."""
+    wire_engine(running.state, store, engine)
     for name in ("",) + SERVICE_NAMES:
         await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

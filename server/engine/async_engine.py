@@ -110,6 +110,10 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def alive(self) -> bool:
+        """False once the step thread has stopped (shutdown, or a crash)."""
+        return self._thread.is_alive()
+
     def add_step_listener(self, listener: StepListener) -> None:
         self._listeners.append(listener)
 
@@ -133,6 +137,27 @@ class AsyncEngine:
         gateway = self.engine.adapters
         if gateway is not None and keys:
             await self.run_on_engine(lambda: [gateway.evict(key) for key in keys])
+
+    async def warm_adapter(self, key: str) -> bool:
+        """Copy a host-loaded adapter into a FREE device slot between steps (never evicts one).
+
+        True when the adapter is resident afterwards. The fleet calls this when Ray routes an
+        adapter to this replica for the first time; load it into the host cache first
+        (store.load in a worker thread) so the engine thread never reads a blob.
+        """
+        gateway = self.engine.adapters
+        if gateway is None:
+            return False
+
+        def warm() -> bool:
+            manager = gateway.manager
+            if manager.slot_of(key) is not None:
+                return True
+            if manager.num_loaded >= manager.max_loras:
+                return False
+            gateway.activate({key})
+            return True
+        return await self.run_on_engine(warm)
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Refuse new requests; wait until in-flight ones finish. True when all finished."""

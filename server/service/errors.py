@@ -138,7 +138,8 @@ def map_error(error: BaseException) -> MappedStatus:
 
 async def abort_with(context: grpc.aio.ServicerContext, mapped: MappedStatus) -> None:
     """Abort the RPC with the mapped status and its rich details in the trailers."""
-    trailer = ((STATUS_DETAILS_KEY, mapped.to_status_proto().SerializeToString()),)
+    kept = tuple((key, value) for key, value in (context.trailing_metadata() or ()) if key != STATUS_DETAILS_KEY)
+    trailer = kept + ((STATUS_DETAILS_KEY, mapped.to_status_proto().SerializeToString()),)
     await context.abort(mapped.code, mapped.message, trailing_metadata=trailer)
 
 

@@ -37,6 +37,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         metrics = self.state.metrics
         last: RequestOutput | None = None
         asked_adapter = bool(message.adapter_id)
+        context.set_trailing_metadata(self.state.replica_trailer())
         try:
             tenant = self.state.keys.principal(context).tenant
             request = to_generation_request(message, uuid.uuid4().hex, tenant, self.limits)

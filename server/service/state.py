@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import socket
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -11,6 +13,14 @@ from ..config import ServerConfig
 from ..metrics import Metrics
 from .auth import KeyRing
 from .errors import ServiceError
+
+
+REPLICA_METADATA_KEY = "loraplex-replica"
+
+
+def default_replica_name() -> str:
+    """`host-pid` for a plain `loraplex serve`; the fleet sets the Ray Serve replica id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass
@@ -23,6 +33,11 @@ class ServiceState:
     store: Any = None            # loraplex.adapters_store AdapterStore
     engine: Any = None           # loraplex.server.engine.async_engine.AsyncEngine
     draining: bool = False
+    replica: str = field(default_factory=default_replica_name)   # `loraplex-replica` trailer
+
+    def replica_trailer(self) -> tuple[tuple[str, str], ...]:
+        """The trailing metadata every generation response carries."""
+        return ((REPLICA_METADATA_KEY, self.replica),)
 
     def require_engine(self) -> Any:
         if self.draining:

@@ -1,0 +1,58 @@
+"""Helpers for the fleet tests: a `loraplex fleet` subprocess and the environment Ray needs here."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+READY = re.compile(r"^loraplex: fleet serving .* on :(\d+) \(Ray (\S+)\)")
+# Ray 2.60 turns token auth on by default; tests run a private local cluster without it. Ray
+# starts workers at niceness 15, which starves replicas on a busy 2-core machine.
+RAY_TEST_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def fleet_env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, **RAY_TEST_ENV, LORAPLEX_KV_CACHE_MEMORY="16MiB", **extra)
+
+
+class FleetProcess:
+    """`loraplex fleet ...` in a subprocess; `port` once the ready line appeared."""
+
+    def __init__(self, args: list[str], env: dict[str, str], ready_timeout_s: float = 420):
+        command = [sys.executable, "-m", "loraplex.cli", "fleet", *args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=env, start_new_session=True)
+        self.lines: list[str] = []
+        self.port, self.ray_address = self._wait_ready(ready_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> tuple[int, str]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line.rstrip())
+            match = READY.match(line.strip())
+            if match:
+                threading.Thread(target=self._drain, daemon=True).start()
+                return int(match.group(1)), match.group(2)
+        self.kill()
+        pytest.fail("no fleet ready line:\n" + "\n".join(self.lines[-60:]))
+
+    def _drain(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip())
+
+    def kill(self) -> None:
+        """Last resort (the test failed): the whole process group, Ray's local cluster included."""
+        if self.process.poll() is None:
+            import signal
+
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)

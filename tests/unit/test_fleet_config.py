@@ -1,0 +1,75 @@
+"""`loraplex fleet` settings, the Ray Serve deployment options they map to, and the proxy hook."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from loraplex.server.config import ConfigError
+from loraplex.server.fleet.app import deployment_options
+from loraplex.server.fleet.config import FleetOptions, load_fleet_config
+
+
+def test_flags_env_and_defaults():
+    config, options = load_fleet_config({"replicas": "3", "max_loras": "4", "replica_cpus": "0.5"},
+                                        {"LORAPLEX_REPLICA_GPUS": "0.25", "LORAPLEX_PORT": "6000"})
+    assert (options.replicas, options.replica_cpus, options.replica_gpus) == (3, 0.5, 0.25)
+    assert config.port == 6000 and config.max_loras == 4
+    assert options.adapters_per_replica(config) == 4            # default: the engine's device slots
+    assert options.ongoing_requests(config) == config.max_num_seqs
+
+
+@pytest.mark.parametrize("values, environ, fragment", [
+    ({"min_replicas": "1"}, {}, "both --min-replicas and --max-replicas"),
+    ({"min_replicas": "3", "max_replicas": "2"}, {}, "--min-replicas <= --max-replicas"),
+    ({"replicas": "0"}, {}, "--replicas must be >= 1"),
+    ({"replica_cpus": "-1"}, {}, "--replica-cpus"),
+    ({"replicas": "two"}, {}, "--replicas"),
+    ({}, {"LORAPLEX_MAX_ONGOING_REQUESTS": "0"}, "--max-ongoing-requests must be >= 1"),
+    ({"tls_cert": "c.pem", "tls_key": "k.pem"}, {}, "no TLS"),
+    ({"max_loras": "0"}, {}, "max-loras"),                      # serve's own checks still apply
+])
+def test_bad_settings_are_reported(values, environ, fragment):
+    with pytest.raises(ConfigError) as error:
+        load_fleet_config(values, environ)
+    assert any(fragment in problem for problem in error.value.problems), error.value.problems
+
+
+def test_deployment_options_fixed_and_autoscaling():
+    config, options = load_fleet_config({"replicas": "2", "replica_cpus": "0.5", "grace_period_s": "12"}, {})
+    fixed = deployment_options(config, options)
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert fixed["graceful_shutdown_timeout_s"] == 12 and fixed["max_ongoing_requests"] == config.max_num_seqs
+    scaled = deployment_options(config, FleetOptions(min_replicas=1, max_replicas=5, target_ongoing_requests=4))
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 5, "target_ongoing_requests": 4}
+    assert "num_replicas" not in scaled
+
+
+def test_proxy_hook_maps_dead_replicas_to_unavailable():
+    pytest.importorskip("ray.serve")
+    from ray.exceptions import ActorDiedError
+    from ray.serve._private import proxy
+
+    from loraplex.server.fleet.proxy_hooks import REPLICA_DIED_MESSAGE, install_replica_death_mapping
+
+    original = proxy.get_grpc_response_status
+    try:
+        assert install_replica_death_mapping() and install_replica_death_mapping()      # idempotent
+        died = proxy.get_grpc_response_status(ActorDiedError(), None, "r1")
+        assert died.code is grpc.StatusCode.UNAVAILABLE and died.message == REPLICA_DIED_MESSAGE
+        other = proxy.get_grpc_response_status(TimeoutError(), 5.0, "r2")
+        assert other.code is grpc.StatusCode.DEADLINE_EXCEEDED                          # Ray's own mapping
+    finally:
+        proxy.get_grpc_response_status = original
+
+
+def test_replica_class_builds_with_the_loader_capacity():
+    pytest.importorskip("ray.serve")
+    from loraplex.server.fleet.replica import ReplicaBase, replica_class
+
+    cls = replica_class(5)
+    assert issubclass(cls, ReplicaBase)
+    for method in ("Generate", "GenerateStream", "UploadAdapter", "RegisterAdapter", "ListAdapters",
+                   "GetAdapter", "DeleteAdapter", "Info", "Check"):
+        assert callable(getattr(cls, method))           # Ray's proxy calls the method named like the RPC
