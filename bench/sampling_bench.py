@@ -65,7 +65,7 @@ def run_sampling_bench(model_dir: Path, batches=(16, 64), log=print) -> list[Sam
 
     from loraplex.server.engine.sampling import Sampler, argmax_rows
     from loraplex.server.engine.sequence import SamplingParams, Sequence
-    from loraplex.server.model import native
+    from loraplex.server.kernels import native
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     logits = real_logits(model_dir, tokenizer, max(batches))

@@ -13,7 +13,7 @@ def validate(config: ServerConfig):
     from .engine.config import ADAPTER_DTYPE_CHOICES, DTYPE_CHOICES
     from .layers.base import QUANTIZE_CHOICES
     from .layers.cpu_gemm import LINEAR_KERNEL_CHOICES
-    from .model.native import CPU_KERNEL_CHOICES
+    from .kernels.native import CPU_KERNEL_CHOICES
 
     if config.quantize not in QUANTIZE_CHOICES:
         yield f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)} (got {config.quantize!r})"

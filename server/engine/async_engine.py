@@ -31,6 +31,7 @@ class EngineInfo:
     linear_weight_bytes: int
     base_spec: Any
     vocab_size: int
+    linear_kernels: tuple = ()          # kernels.linear_choice.KernelChoice per layer shape
 
 
 class AsyncEngine:

@@ -12,8 +12,9 @@ from ..lora.fingerprint import base_spec_from_model_config
 from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
 from ..lora.slot_pool import SlotPool
-from ..model import native
-from ..model.fused_ops import TORCH_OPS, native_ops
+from ..kernels.linear_choice import choose_linear_kernels
+from ..kernels.registry import KernelSet
+from ..model.fused_ops import layer_ops
 from ..model.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from ..model.llama import build_model
 from .adapters import AdapterGateway
@@ -24,7 +25,7 @@ from .engine import LLMEngine
 from .io import GenerationRequest
 from .prompt import eos_token_ids, load_tokenizer
 from .runner import ModelRunner
-from .sampling import Sampler, argmax_rows
+from .sampling import Sampler
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import SamplingParams
 
@@ -54,9 +55,10 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                      hqq_group_size=config.hqq_group_size, bnb_double_quant=config.bnb_double_quant,
                      linear_kernel=config.linear_kernel)
     log(f"[loraplex] loading {config.model_dir} ({config.quantize}, {str(dtype).removeprefix('torch.')}, {device})")
-    kernels = native.resolve(config.cpu_kernels, dtype, device, log)
-    ops = TORCH_OPS if kernels is None else native_ops(kernels)
+    kernels = KernelSet.resolve(config.cpu_kernels, dtype, device, log)
+    ops = layer_ops(kernels)
     model, model_config = build_model(config.model_dir, spec, ops=ops)
+    linear_kernels = choose_linear_kernels(model, spec, kernels, log=log)
     tokenizer = load_tokenizer(config.model_dir)
 
     num_blocks = num_blocks_for_budget(config.kv_cache_memory, model_config, config.block_size, dtype, device)
@@ -69,7 +71,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     log(f"[loraplex] KV cache: {num_blocks} blocks of {config.block_size} tokens")
 
     sampler = Sampler(model_config.vocab_size, device=device, seed=config.seed,
-                      argmax=argmax_rows if kernels is None else kernels.argmax_rows)
+                      argmax=kernels.get("argmax_rows"))
     runner = ModelRunner(model, model_config, kv_caches, config.block_size, sampler, device=device)
     scheduler = Scheduler(
         SchedulerConfig(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens,
@@ -82,7 +84,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     if store is not None:
         adapter_dtype = torch.float32 if config.adapter_dtype == "float32" else dtype
         pool = SlotPool(model.lora_targets(), config.max_loras, config.max_lora_rank, adapter_dtype, device,
-                        ops=select_ops(device, cpu_kernels=kernels))
+                        ops=select_ops(device, cpu_kernels=kernels.native))
         gateway = AdapterGateway(store, AdapterManager(pool))
 
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
@@ -91,7 +93,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       quantization=config.quantize, dtype=str(dtype).removeprefix("torch."),
                       device=device, base_fingerprint=base_spec.fingerprint,
                       linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
-                      vocab_size=model_config.vocab_size)
+                      vocab_size=model_config.vocab_size, linear_kernels=linear_kernels)
     warm_up(engine)
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
         f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..layers.base import QUANTIZE_CHOICES
 from ..layers.cpu_gemm import LINEAR_KERNEL_CHOICES
-from ..model.native import CPU_KERNEL_CHOICES
+from ..kernels.native import CPU_KERNEL_CHOICES
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ADAPTER_DTYPE_CHOICES = ("float32", "compute")

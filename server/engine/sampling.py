@@ -187,10 +187,10 @@ def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Ten
 ArgmaxFn = Callable[[torch.Tensor], torch.Tensor]    # logits [n, vocab] float32 -> [n] int64
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+def argmax_rows_ref(logits: torch.Tensor) -> torch.Tensor:
     """[n, vocab] -> [n] int64, each row's first maximum (NaN counts as largest).
 
-    The pure-torch twin of the fused kernel cpu_kernels.argmax_rows (10x faster on a 2-core
+    The pure-torch twin of native kernel argmax_rows (10x faster on a 2-core
     CPU at [16, 49152]: torch's CPU argmax runs one scalar pass per row).
     """
     return logits.argmax(dim=-1)
@@ -199,11 +199,11 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Picks one token per row of a logits batch according to each sequence's SamplingParams.
 
-    argmax: the greedy rows' kernel (argmax_rows, or the fused CPU kernel with its semantics).
+    argmax: the greedy rows' kernel (argmax_rows_ref, or the native argmax_rows with its semantics).
     """
 
     def __init__(self, vocab_size: int, device: str = "cpu", seed: int = 0,
-                 argmax: ArgmaxFn = argmax_rows):
+                 argmax: ArgmaxFn = argmax_rows_ref):
         self.vocab_size = vocab_size
         self.argmax = argmax
         self.device = torch.device(device)

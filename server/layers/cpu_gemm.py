@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LINEAR_KERNEL_CHOICES = ("auto", "onednn", "aten")
+LINEAR_KERNEL_CHOICES = ("auto", "onednn", "aten", "native", "library")
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _BATCH_HINT = 16        # oneDNN's layout choice barely depends on it (measured at M = 1..512)
 
@@ -28,6 +28,8 @@ _linear_pointwise = (torch.ops.mkldnn._linear_pointwise.default
 
 def onednn_supported(dtype: torch.dtype, device: str | torch.device) -> bool:
     """True when this torch build can run prepacked oneDNN linears for dtype on device."""
+    if dtype == torch.bfloat16 and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        return False        # oneDNN packs bf16 only with AVX-512 (bw/vl/dq) or AVX-NE-CONVERT
     return (torch.device(device).type == "cpu" and dtype in _PACKABLE_DTYPES
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -38,7 +40,7 @@ def use_onednn(kernel: str, dtype: torch.dtype, device: str | torch.device) -> b
     """Resolve a --linear-kernel choice; 'onednn' where unsupported is an error, not a fallback."""
     if kernel not in LINEAR_KERNEL_CHOICES:
         raise ValueError(f"linear kernel {kernel!r}; choose one of {', '.join(LINEAR_KERNEL_CHOICES)}")
-    if kernel == "aten":
+    if kernel in ("aten", "library"):     # "library" on a dense layer: F.linear, torch's own
         return False
     supported = onednn_supported(dtype, device)
     if kernel == "onednn" and not supported:

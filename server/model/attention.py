@@ -43,7 +43,7 @@ class AttentionPlan:
     decode_mask [num_decodes, 1, 1, max_blocks * block_size] (0 = attend, -inf = masked; in the
     compute dtype; None when decode_kernel runs them). decode_rows [num_decodes] holds their
     packed rows, None when every row is a decode row (in order). decode_kernel is a fused
-    kernel with decode_attention_torch's signature (native.py), or None for the torch path.
+    kernel with decode_attention_ref's signature (native.py), or None for the torch path.
     """
 
     meta: AttentionMetadata
@@ -158,7 +158,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                     plan.decode_mask, plan.scale)
 
 
-def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            window: int) -> torch.Tensor:
     """Pure-torch twin of the fused decode kernel (native.py), same signature.

@@ -14,8 +14,8 @@ padded:  tokens are sorted by slot and laid out as [span, c_max] (c_max = most t
 grouped: per active slot, its tokens (a slice when they form one run, as in prefill) go
          through one shrink GEMM and one expand GEMM per sub-module: no padding waste, a few
          small ops per adapter. Wins when one slot has many more tokens than others.
-native:  the fused C++ kernel `lora_bgmv` (server/model/cpu_kernels.cpp; twin:
-         reference.bgmv_delta), when the engine built the CPU kernels, everything is float32
+native:  the fused C++ kernel `lora_bgmv` (server/kernels/csrc/lora.cpp; twin:
+         reference.lora_bgmv_ref), when the engine built the CPU kernels, everything is float32
          and no slot has more than NATIVE_MAX_TOKENS_PER_SLOT tokens (decode): shrink and expand
          of every sub-module in one call, one adapter read per token, no padding or scatter.
 
