@@ -32,6 +32,7 @@ class EngineInfo:
     base_spec: Any
     vocab_size: int
     linear_kernels: tuple = ()          # kernels.linear_choice.KernelChoice per layer shape
+    cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)
 
 
 class AsyncEngine:

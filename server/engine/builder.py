@@ -82,7 +82,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     base_spec = base_spec_from_model_config(model_config, config.quantize)
     gateway = None
     if store is not None:
-        adapter_dtype = torch.float32 if config.adapter_dtype == "float32" else dtype
+        adapter_dtype = dtype if config.adapter_dtype == "compute" else _DTYPES[config.adapter_dtype]
         pool = SlotPool(model.lora_targets(), config.max_loras, config.max_lora_rank, adapter_dtype, device,
                         ops=select_ops(device, cpu_kernels=kernels.native))
         gateway = AdapterGateway(store, AdapterManager(pool))
@@ -93,7 +93,8 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       quantization=config.quantize, dtype=str(dtype).removeprefix("torch."),
                       device=device, base_fingerprint=base_spec.fingerprint,
                       linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
-                      vocab_size=model_config.vocab_size, linear_kernels=linear_kernels)
+                      vocab_size=model_config.vocab_size, linear_kernels=linear_kernels,
+                      cpu_isa="" if kernels.native is None else kernels.native.quant_isa())
     warm_up(engine)
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
         f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops)")

@@ -10,7 +10,7 @@ from ..layers.cpu_gemm import LINEAR_KERNEL_CHOICES
 from ..kernels.native import CPU_KERNEL_CHOICES
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-ADAPTER_DTYPE_CHOICES = ("float32", "compute")
+ADAPTER_DTYPE_CHOICES = ("float32", "bfloat16", "float16", "compute")   # compute: the base dtype
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class EngineConfig:
     cpu_kernels: str = "auto"           # auto = fused C++ layer ops on CPU float32 when they build
     max_loras: int = 8                  # distinct adapters per step (= device slots)
     max_lora_rank: int = 64
-    adapter_dtype: str = "float32"      # float32 (PEFT default) or compute
+    adapter_dtype: str = "float32"      # float32 (PEFT default), bfloat16, float16 or compute
     max_num_seqs: int = 64
     max_batch_tokens: int = 2048
     max_model_len: int = 4096           # prompt + generated tokens per request

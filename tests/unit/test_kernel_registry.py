@@ -63,9 +63,12 @@ def case_silu_mul():
 
 def case_lora_bgmv():
     gen = _gen(4)
-    for slots, rank in [([0, 2, -1, 1, 2], 8), ([3, 3, 0], 5)]:
-        a = torch.randn(4, 2 * rank, 40, generator=gen)
-        bts = [torch.randn(4, rank, 24, generator=gen), torch.randn(4, rank, 16, generator=gen)]
+    for (slots, rank), dtype in zip([([0, 2, -1, 1, 2], 8), ([3, 3, 0], 5), ([1, 0, 2], 16),
+                                      ([2, -1], 4)],
+                                     [torch.float32, torch.float32, torch.bfloat16, torch.float16]):
+        a = torch.randn(4, 2 * rank, 40, generator=gen).to(dtype)     # --adapter-dtype weights
+        bts = [torch.randn(4, rank, 24, generator=gen).to(dtype),
+               torch.randn(4, rank, 16, generator=gen).to(dtype)]
         x, y = torch.randn(len(slots), 40, generator=gen), torch.randn(len(slots), 50, generator=gen)
         yield (x, y, a, bts, [0, 30], torch.tensor(slots), torch.rand(4, generator=gen)), 1e-5
 
