@@ -34,11 +34,12 @@ def make_engine(model_dir: Path, max_num_seqs: int = 64, store=None, **overrides
     from loraplex.server.engine.builder import build_engine
     from loraplex.server.engine.config import EngineConfig
 
-    params = dict(model_dir=model_dir, quantize="none", dtype="float32", device="cpu",
-                  max_num_seqs=max_num_seqs, max_batch_tokens=4096, kv_cache_memory="3GiB",
-                  max_model_len=1024, max_input_tokens=512)
-    params.update(overrides)
-    engine, _info = build_engine(EngineConfig(**params), store, log=lambda _m: None)
+    if "quantize" in overrides:                 # the --quantize flag's name for the method
+        overrides["method"] = overrides.pop("quantize")
+    settings = dict(method="none", dtype="float32", device="cpu", max_num_seqs=max_num_seqs,
+                    max_batch_tokens=4096, kv_cache_memory="3GiB", max_model_len=1024, max_input_tokens=512)
+    settings.update(overrides)
+    engine, _info = build_engine(EngineConfig.from_settings(model_dir, **settings), store, log=lambda _m: None)
     return engine
 
 
@@ -118,7 +119,7 @@ def engine_floor_tok_s(engine, batch: int, steps: int = 32) -> float:
     def step():
         with torch.inference_mode():
             for layer in layers:
-                layer.apply(inputs[layer.in_features])
+                layer.linear(inputs[layer.in_features])
 
     return floor_tok_s(step, batch, steps)
 

@@ -35,7 +35,7 @@ def section_decode(model_dir: Path, quick: bool) -> str:
         "(`--linear-kernel auto`: dense GEMMs prepacked for oneDNN); the *aten* column is the same",
         "engine with `--linear-kernel aten` (`F.linear`, MKL), to separate the kernel from the rest;",
         "the *torch ops* column is the engine with `--cpu-kernels torch` (attention, norms, rotary",
-        "and SiLU as torch ops instead of the fused C++ kernels of `cpu_kernels.cpp`).",
+        "and SiLU as torch ops instead of the fused C++ kernels of `server/kernels/csrc`).",
         "Two floors run only the model's linear layers (incl. the LM head) at the same batch size,",
         "with no attention, norms or sampling: through `F.linear` (what transformers uses), and",
         "through the engine's own kernels. The second is the real floor for this engine.",
@@ -205,7 +205,7 @@ each section are computed from that run's numbers.
   the pairs of a full run spread over about 0.79x-0.82x, so the target is met at the margin. Before the latest
   kernel work (tree-reduced dot products, the greedy argmax kernel, leaner per-layer Python)
   best/best read 0.70x-0.81x; before the fused layer ops 0.63x-0.69x. Between its GEMMs a layer makes
-  four calls into `cpu_kernels.cpp` (residual add + RMSNorm twice, rotary + K/V write, decode
+  four calls into `server/kernels/csrc` (residual add + RMSNorm twice, rotary + K/V write, decode
   attention, SiLU·up) instead of ~30 torch ops; the *torch ops* column shows what that is
   worth. Timed inside a batch-16 step, what is left besides the GEMMs is ~3.5 ms: decode
   attention ~1.8 ms (~60 us a layer; the same call takes ~24 us when its ~1.2 MB of K/V is in

@@ -12,18 +12,11 @@ import sys
 from typing import Callable
 
 from . import _format as fmt
-from .errors import (AdapterNotFoundError, AdapterRejectedError, AuthenticationError, DeadlineExceededError,
-                     LoraplexError, OverloadedError, PermissionDeniedError, ServerUnavailableError,
-                     ValidationError)
+from ._exit import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, exit_code, explain
+from .bench.command import add_parser as add_bench
+from .errors import LoraplexError
 from .sync_client import Client
 from .types import HealthStatus
-
-EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
-_EXIT_CODES: tuple[tuple[type[LoraplexError], int], ...] = (
-    (ValidationError, EXIT_USAGE), (AdapterRejectedError, EXIT_USAGE), (AdapterNotFoundError, EXIT_NOT_FOUND),
-    (AuthenticationError, EXIT_AUTH), (PermissionDeniedError, EXIT_AUTH), (ServerUnavailableError, EXIT_UNAVAILABLE),
-    (OverloadedError, EXIT_UNAVAILABLE), (DeadlineExceededError, EXIT_UNAVAILABLE))
-
 
 # ---- parser ------------------------------------------------------------------------------------
 def _connection_options() -> argparse.ArgumentParser:
@@ -67,7 +60,6 @@ def register(sub) -> None:
     info.set_defaults(func=_run(_info))
     health = sub.add_parser("health", parents=[common], help="print SERVING when the server is ready (exit 5 if not)")
     health.set_defaults(func=_run(_health))
-    from .bench.command import add_parser as add_bench   # late: bench imports this module's helpers
     add_bench(sub, common)
 
 
@@ -175,34 +167,3 @@ def _run(command: Callable[[Client, argparse.Namespace], int]) -> Callable[[argp
         except KeyboardInterrupt:
             return 130
     return run
-
-
-def exit_code(error: LoraplexError) -> int:
-    for error_type, code in _EXIT_CODES:
-        if isinstance(error, error_type):
-            return code
-    return EXIT_SERVER
-
-
-def explain(error: LoraplexError, address: str) -> str:
-    """One message a person can act on."""
-    if isinstance(error, ServerUnavailableError):
-        if error.unreachable:
-            return (f"cannot reach loraplex at {address}: is `make serve` running? "
-                    f"(or pass --address / set LORAPLEX_ADDRESS) [{error.message}]")
-        return f"loraplex at {address} is unavailable: {error.message}; try again shortly"
-    if isinstance(error, AuthenticationError):
-        return f"{error.message} (pass --api-key or set LORAPLEX_API_KEY)"
-    if isinstance(error, PermissionDeniedError):
-        return f"permission denied: {error.message}"
-    if isinstance(error, OverloadedError):
-        wait = f"; retry in {error.retry_after:g}s" if error.retry_after is not None else ""
-        return f"server overloaded: {error.message}{wait}"
-    if isinstance(error, DeadlineExceededError):
-        return f"no answer in time ({error.message}); raise --timeout"
-    if isinstance(error, AdapterNotFoundError):
-        return f"{error.message} (see `loraplex adapters list`)"
-    unlisted = {f: p for f, p in getattr(error, "violations", {}).items() if f"{f}: {p}" not in error.message}
-    if unlisted:
-        return error.message + "".join(f"\n  {field}: {problem}" for field, problem in unlisted.items())
-    return error.message

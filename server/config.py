@@ -1,5 +1,8 @@
 """ServerConfig: every `loraplex serve` setting, from flags > LORAPLEX_* env vars > config file > defaults.
 
+The engine's settings keep their defaults in engine/config.py (each Flag names the
+EngineConfig setting it sets); `engine_config()` builds the composed EngineConfig from them.
+
 `load_server_config(argv_values, environ)` merges the sources and validates everything at once;
 a `ConfigError` carries one line per problem (the CLI prints them and exits with code 2).
 """
@@ -12,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-MiB = 2**20
+from .config_checks import MiB, validate
+from .engine.config import CacheConfig, EngineConfig, LoraConfig, RequestLimits, SchedulerConfig
+from .layers.options import QuantConfig
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "ki": 2**10, "m": 1e6, "mb": 1e6,
@@ -80,6 +86,7 @@ class Flag:
     help: str
     many: bool = False
     env: str | None = None                     # default LORAPLEX_<FLAG>
+    engine: str | None = None                  # the EngineConfig setting it sets (engine/config.py)
 
     @property
     def env_name(self) -> str:
@@ -88,36 +95,45 @@ class Flag:
 
 FLAGS: tuple[Flag, ...] = (
     Flag("model", "--model", str, "local Hugging Face model directory, or 'default' (SmolLM2-135M-Instruct)"),
-    Flag("quantize", "--quantize", str, "none, bnb-nf4, bnb-fp4, bnb-int8, hqq-{2,3,4,8}bit, eetq"),
-    Flag("dtype", "--dtype", str, "compute dtype: auto, float32, bfloat16, float16"),
-    Flag("device", "--device", str, "auto, cpu, cuda, cuda:N"),
+    Flag("quantize", "--quantize", str, "none, bnb-nf4, bnb-fp4, bnb-int8, hqq-{2,3,4,8}bit, eetq",
+         engine="method"),
+    Flag("dtype", "--dtype", str, "compute dtype: auto, float32, bfloat16, float16", engine="dtype"),
+    Flag("device", "--device", str, "auto, cpu, cuda, cuda:N", engine="device"),
     Flag("linear_kernel", "--linear-kernel", str,
-         "dense GEMMs: auto (prepacked oneDNN on CPU), onednn, or aten (F.linear)"),
+         "dense GEMMs: auto (prepacked oneDNN on CPU), onednn, or aten (F.linear)", engine="linear_kernel"),
     Flag("cpu_kernels", "--cpu-kernels", str,
-         "per-layer ops: auto (fused C++ on CPU float32, built at first use), native, or torch"),
+         "per-layer ops: auto (fused C++ on CPU float32, built at first use), native, or torch",
+         engine="cpu_kernels"),
     Flag("host", "--host", str, "gRPC listen address"),
     Flag("port", "--port", int, "gRPC port (0 picks a free port)"),
     Flag("metrics_port", "--metrics-port", int, "Prometheus /metrics port (0 disables)"),
     Flag("store", "--store", str, "adapter store directory"),
-    Flag("max_loras", "--max-loras", int, "distinct adapters in one batch (device slots)"),
-    Flag("max_lora_rank", "--max-lora-rank", int, "largest adapter rank accepted"),
-    Flag("adapter_dtype", "--adapter-dtype", str,
-         "adapter weights in the slots: float32 (PEFT-exact), bfloat16, float16, or compute (the base dtype)"),
+    Flag("max_loras", "--max-loras", int, "distinct adapters in one batch (device slots)",
+         engine="max_loras"),
+    Flag("max_lora_rank", "--max-lora-rank", int, "largest adapter rank accepted", engine="max_lora_rank"),
+    Flag("adapter_dtype", "--adapter-dtype", str, "adapter weights in the slots: float32 (PEFT-exact), bfloat16, float16, or compute (the base dtype)",
+         engine="adapter_dtype"),
     Flag("api_keys", "--api-key", parse_key, "inference key, 'key' or 'tenant:key' (repeatable)",
          many=True, env="LORAPLEX_API_KEYS"),
     Flag("admin_keys", "--admin-key", parse_key, "admin key (adapter writes), 'key' or 'tenant:key' (repeatable)",
          many=True, env="LORAPLEX_ADMIN_KEYS"),
     Flag("tls_cert", "--tls-cert", str, "PEM certificate chain; enables TLS with --tls-key"),
     Flag("tls_key", "--tls-key", str, "PEM private key"),
-    Flag("max_input_tokens", "--max-input-tokens", int, "longest prompt in tokens"),
-    Flag("max_total_tokens", "--max-total-tokens", int, "prompt + generated tokens per request"),
-    Flag("max_new_tokens", "--max-new-tokens", int, "cap on a request's max_new_tokens"),
-    Flag("max_stop_sequences", "--max-stop-sequences", int, "stop sequences per request"),
+    Flag("max_input_tokens", "--max-input-tokens", int, "longest prompt in tokens",
+         engine="max_input_tokens"),
+    Flag("max_total_tokens", "--max-total-tokens", int, "prompt + generated tokens per request",
+         engine="max_model_len"),
+    Flag("max_new_tokens", "--max-new-tokens", int, "cap on a request's max_new_tokens",
+         engine="max_new_tokens"),
+    Flag("max_stop_sequences", "--max-stop-sequences", int, "stop sequences per request",
+         engine="max_stop_sequences"),
     Flag("max_message_bytes", "--max-message-bytes", parse_size, "largest gRPC message"),
-    Flag("max_queued_requests", "--max-queued-requests", int, "waiting requests before RESOURCE_EXHAUSTED"),
-    Flag("max_num_seqs", "--max-num-seqs", int, "running requests per step"),
-    Flag("max_batch_tokens", "--max-batch-tokens", int, "tokens per step"),
-    Flag("kv_cache_memory", "--kv-cache-memory", str, "KV cache size: bytes ('2GiB') or a fraction of free memory"),
+    Flag("max_queued_requests", "--max-queued-requests", int, "waiting requests before RESOURCE_EXHAUSTED",
+         engine="max_queued_requests"),
+    Flag("max_num_seqs", "--max-num-seqs", int, "running requests per step", engine="max_num_seqs"),
+    Flag("max_batch_tokens", "--max-batch-tokens", int, "tokens per step", engine="max_batch_tokens"),
+    Flag("kv_cache_memory", "--kv-cache-memory", str, "KV cache size: bytes ('2GiB') or a fraction of free memory",
+         engine="kv_cache_memory"),
     Flag("allowed_register_roots", "--allowed-register-root", str,
          "directory RegisterAdapter may read from (repeatable)", many=True),
     Flag("host_cache_bytes", "--host-cache-bytes", parse_size, "host-memory adapter cache budget"),
@@ -126,7 +142,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("grace_period_s", "--grace-period", float, "seconds in-flight requests get after SIGTERM"),
     Flag("metrics_adapter_labels", "--metrics-adapter-labels", int,
          "adapters with their own metrics label (top-N by traffic; the rest are 'other')"),
-    Flag("seed", "--seed", int, "engine sampling seed"),
+    Flag("seed", "--seed", int, "engine sampling seed", engine="seed"),
     Flag("log_level", "--log-level", str, "debug, info, warning, error"),
 )
 
@@ -136,38 +152,38 @@ class ServerConfig:
     """Validated settings of one `loraplex serve` process."""
 
     model: str = "default"
-    quantize: str = "none"
-    dtype: str = "auto"
-    device: str = "auto"
-    linear_kernel: str = "auto"
-    cpu_kernels: str = "auto"
+    quantize: str = QuantConfig.method
+    dtype: str = EngineConfig.dtype
+    device: str = EngineConfig.device
+    linear_kernel: str = QuantConfig.linear_kernel
+    cpu_kernels: str = EngineConfig.cpu_kernels
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090
     store: str = ""                              # "" = <cache root>/store
-    max_loras: int = 8
-    max_lora_rank: int = 64
-    adapter_dtype: str = "float32"
+    max_loras: int = SchedulerConfig.max_loras
+    max_lora_rank: int = LoraConfig.max_lora_rank
+    adapter_dtype: str = LoraConfig.adapter_dtype
     api_keys: tuple[ApiKey, ...] = field(default=(), repr=False)
     admin_keys: tuple[ApiKey, ...] = field(default=(), repr=False)
     tls_cert: str | None = None
     tls_key: str | None = None
-    max_input_tokens: int = 3072
-    max_total_tokens: int = 4096
-    max_new_tokens: int = 2048
-    max_stop_sequences: int = 8
+    max_input_tokens: int = RequestLimits.max_input_tokens
+    max_total_tokens: int = SchedulerConfig.max_model_len
+    max_new_tokens: int = RequestLimits.max_new_tokens
+    max_stop_sequences: int = RequestLimits.max_stop_sequences
     max_message_bytes: int = 4 * MiB
-    max_queued_requests: int = 256
-    max_num_seqs: int = 64
-    max_batch_tokens: int = 2048
-    kv_cache_memory: str = "0.25"
+    max_queued_requests: int = SchedulerConfig.max_queued_requests
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
+    max_batch_tokens: int = SchedulerConfig.max_batch_tokens
+    kv_cache_memory: str = CacheConfig.kv_cache_memory
     allowed_register_roots: tuple[str, ...] = ()
     host_cache_bytes: int = 2**30
     adapter_quota_bytes: int = 20 * 2**30
     max_adapter_bytes: int = 2**30
     grace_period_s: float = 30.0
     metrics_adapter_labels: int = 20
-    seed: int = 0
+    seed: int = EngineConfig.seed
     log_level: str = "info"
 
     @property
@@ -183,19 +199,14 @@ class ServerConfig:
 
         return Path(self.store).expanduser() if self.store else cache_root() / "store"
 
-    def engine_config(self, model_dir: Path):
-        """The EngineConfig for this server (raises ValueError on engine-level problems)."""
-        from .engine.config import EngineConfig
+    def request_limits(self) -> RequestLimits:
+        """What one request may ask for (the engine's RequestLimits from these settings)."""
+        return self.engine_config(Path(".")).limits
 
-        return EngineConfig(
-            model_dir=model_dir, quantize=self.quantize, dtype=self.dtype, device=self.device,
-            linear_kernel=self.linear_kernel, cpu_kernels=self.cpu_kernels, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
-            adapter_dtype=self.adapter_dtype,
-            max_num_seqs=self.max_num_seqs, max_batch_tokens=self.max_batch_tokens,
-            max_model_len=self.max_total_tokens, max_input_tokens=self.max_input_tokens,
-            max_new_tokens=self.max_new_tokens, max_stop_sequences=self.max_stop_sequences,
-            max_queued_requests=self.max_queued_requests, kv_cache_memory=self.kv_cache_memory,
-            seed=self.seed)
+    def engine_config(self, model_dir: Path) -> EngineConfig:
+        """The EngineConfig for this server (raises InvalidConfig on engine-level problems)."""
+        return EngineConfig.from_settings(model_dir, **{flag.engine: getattr(self, flag.name)
+                                                        for flag in FLAGS if flag.engine})
 
 
 # ---- sources -------------------------------------------------------------------------------
@@ -260,9 +271,7 @@ def load_server_config(cli_values: Mapping[str, Any], environ: Mapping[str, str]
     if problems:
         raise ConfigError(problems)
     config = ServerConfig(**values)
-    from .config_checks import validate
-
-    problems = list(validate(config))
+    problems = list(validate(config, FLAGS))
     if problems:
         raise ConfigError(problems)
     return config

@@ -13,11 +13,14 @@ from loraplex.server.engine.sequence import SamplingParams
 
 
 def make_engine(model_dir: Path, store=None, **overrides):
-    params = dict(model_dir=model_dir, quantize="none", dtype="float32", device="cpu",
-                  max_num_seqs=16, max_batch_tokens=256, kv_cache_memory="256MiB",
-                  max_model_len=512, max_input_tokens=384, block_size=16)
-    params.update(overrides)
-    engine, _info = build_engine(EngineConfig(**params), store, log=lambda _m: None)
+    """An engine for tests; overrides are flat engine settings (EngineConfig.from_settings), and
+    `quantize` (the --quantize flag's name) sets the quantization method."""
+    if "quantize" in overrides:
+        overrides["method"] = overrides.pop("quantize")
+    settings = dict(method="none", dtype="float32", device="cpu", max_num_seqs=16, max_batch_tokens=256,
+                    kv_cache_memory="256MiB", max_model_len=512, max_input_tokens=384, block_size=16)
+    settings.update(overrides)
+    engine, _info = build_engine(EngineConfig.from_settings(model_dir, **settings), store, log=lambda _m: None)
     return engine
 
 

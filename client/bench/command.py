@@ -8,6 +8,7 @@ import datetime as dt
 import platform
 import sys
 
+from .._exit import EXIT_SERVER, EXIT_USAGE, exit_code, explain
 from ..async_client import AsyncClient
 from ..errors import LoraplexError
 from .config import BenchConfig, add_arguments, configs_from_args
@@ -40,8 +41,6 @@ async def _run_all(args: argparse.Namespace, configs: list[BenchConfig]) -> list
 
 def run_command(args: argparse.Namespace) -> int:
     """Exit 0 when every request succeeded, 1 when some failed, 2 on bad options, 5 if unreachable."""
-    from ..cli import EXIT_SERVER, EXIT_USAGE, exit_code, explain
-
     try:
         configs = configs_from_args(args)
     except ValueError as error:

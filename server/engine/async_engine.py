@@ -8,31 +8,16 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from .builder import build_engine
 from .engine import LLMEngine, StepStats
-from .io import (EngineDraining, EngineStats, GenerationRequest, RequestOutput)
+from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput
 from .sequence import FinishReason
 
 log = logging.getLogger("loraplex.engine")
 
 StepListener = Callable[[StepStats], None]
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model: str
-    architecture: str
-    quantization: str
-    dtype: str
-    device: str
-    base_fingerprint: str
-    linear_weight_bytes: int
-    base_spec: Any
-    vocab_size: int
-    linear_kernels: tuple = ()          # kernels.linear_choice.KernelChoice per layer shape
-    cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)
 
 
 class AsyncEngine:
@@ -61,8 +46,6 @@ class AsyncEngine:
     @classmethod
     async def create(cls, config, store=None, log_fn=print) -> "AsyncEngine":
         """Load the model (off the event loop), warm it up, start the step thread."""
-        from .builder import build_engine
-
         engine, info = await asyncio.to_thread(build_engine, config, store, log_fn)
         return cls(engine, info, store)
 

@@ -53,8 +53,14 @@ class ScheduledBatch:
 
 @dataclass(frozen=True)
 class RunnerOutput:
-    """Result of one forward pass: one token (and logprob) per item with sample=True, in order."""
+    """Result of one forward pass, keyed by sequence id (batch order never matters).
 
-    sampled_token_ids: list[int]
-    logprobs: list[float] | None = None
+    sampled_token_ids: seq_id -> the token sampled for each item with sample=True.
+    logprobs:          seq_id -> its logprob, or None when no sequence asked for logprobs.
+    failed_seq_ids:    sequences whose forward pass failed; they have no token and are
+                       finished with FinishReason.ERROR by the scheduler.
+    """
+
+    sampled_token_ids: dict[int, int]
+    logprobs: dict[int, float] | None = None
     failed_seq_ids: frozenset[int] = field(default_factory=frozenset)

@@ -15,18 +15,18 @@ from ..lora.slot_pool import SlotPool
 from ..kernels.linear_choice import choose_linear_kernels
 from ..kernels.registry import KernelSet
 from ..model.fused_ops import layer_ops
+from ..model.config import ModelConfig
 from ..model.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from ..model.llama import build_model
 from .adapters import AdapterGateway
-from .async_engine import EngineInfo
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .engine import LLMEngine
-from .io import GenerationRequest
+from .io import EngineInfo, GenerationRequest
 from .prompt import eos_token_ids, load_tokenizer
 from .runner import ModelRunner
 from .sampling import Sampler
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler
 from .sequence import SamplingParams
 
 Log = Callable[[str], None]
@@ -51,46 +51,41 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     started = time.monotonic()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    spec = QuantSpec(method=config.quantize, compute_dtype=dtype, device=device,
-                     hqq_group_size=config.hqq_group_size, bnb_double_quant=config.bnb_double_quant,
-                     linear_kernel=config.linear_kernel)
-    log(f"[loraplex] loading {config.model_dir} ({config.quantize}, {str(dtype).removeprefix('torch.')}, {device})")
+    spec = QuantSpec.resolve(config.quant, dtype, device)
+    log(f"[loraplex] loading {config.model_dir} ({spec.method}, {str(dtype).removeprefix('torch.')}, {device})")
     kernels = KernelSet.resolve(config.cpu_kernels, dtype, device, log)
     ops = layer_ops(kernels)
     model, model_config = build_model(config.model_dir, spec, ops=ops)
     linear_kernels = choose_linear_kernels(model, spec, kernels, log=log)
     tokenizer = load_tokenizer(config.model_dir)
 
-    num_blocks = num_blocks_for_budget(config.kv_cache_memory, model_config, config.block_size, dtype, device)
-    min_blocks = -(-config.max_model_len // config.block_size)
+    cache, sched = config.cache, config.scheduler
+    num_blocks = num_blocks_for_budget(cache.kv_cache_memory, model_config, cache.block_size, dtype, device)
+    min_blocks = -(-sched.max_model_len // cache.block_size)
     if num_blocks < min_blocks:
-        raise ValueError(f"kv_cache_memory={config.kv_cache_memory!r} gives {num_blocks} KV blocks; one "
-                         f"request of max_model_len={config.max_model_len} needs {min_blocks}: raise "
+        raise ValueError(f"kv_cache_memory={cache.kv_cache_memory!r} gives {num_blocks} KV blocks; one "
+                         f"request of max_model_len={sched.max_model_len} needs {min_blocks}: raise "
                          "--kv-cache-memory or lower --max-total-tokens")
-    kv_caches = allocate_kv_caches(model_config, num_blocks, config.block_size, dtype, device)
-    log(f"[loraplex] KV cache: {num_blocks} blocks of {config.block_size} tokens")
+    kv_caches = allocate_kv_caches(model_config, num_blocks, cache.block_size, dtype, device)
+    log(f"[loraplex] KV cache: {num_blocks} blocks of {cache.block_size} tokens")
 
     sampler = Sampler(model_config.vocab_size, device=device, seed=config.seed,
                       argmax=kernels.get("argmax_rows"))
-    runner = ModelRunner(model, model_config, kv_caches, config.block_size, sampler, device=device)
-    scheduler = Scheduler(
-        SchedulerConfig(max_num_seqs=config.max_num_seqs, max_batch_tokens=config.max_batch_tokens,
-                        max_loras=config.max_loras, max_model_len=config.max_model_len,
-                        max_waiting=config.max_queued_requests),
-        BlockManager(num_blocks=num_blocks, block_size=config.block_size))
+    scheduler = Scheduler(sched, BlockManager(num_blocks=num_blocks, block_size=cache.block_size))
 
-    base_spec = base_spec_from_model_config(model_config, config.quantize)
-    gateway = None
+    base_spec = base_spec_from_model_config(model_config, spec.method)
+    gateway = pool = None
     if store is not None:
-        adapter_dtype = dtype if config.adapter_dtype == "compute" else _DTYPES[config.adapter_dtype]
-        pool = SlotPool(model.lora_targets(), config.max_loras, config.max_lora_rank, adapter_dtype, device,
+        adapter_dtype = dtype if config.lora.adapter_dtype == "compute" else _DTYPES[config.lora.adapter_dtype]
+        pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
                         ops=select_ops(device, cpu_kernels=kernels.native))
         gateway = AdapterGateway(store, AdapterManager(pool))
+    runner = ModelRunner(model, model_config, kv_caches, cache.block_size, sampler, device=device, lora=pool)
 
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
                        adapters=gateway)
     info = EngineInfo(model=str(config.model_dir), architecture=model_config.architecture,
-                      quantization=config.quantize, dtype=str(dtype).removeprefix("torch."),
+                      quantization=spec.method, dtype=str(dtype).removeprefix("torch."),
                       device=device, base_fingerprint=base_spec.fingerprint,
                       linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
                       vocab_size=model_config.vocab_size, linear_kernels=linear_kernels,
@@ -115,6 +110,4 @@ def base_spec_for(config: EngineConfig):
 
     The adapter store needs it before the (slow) model load, to validate uploads.
     """
-    from ..model.config import ModelConfig
-
-    return base_spec_from_model_config(ModelConfig.from_dir(config.model_dir), config.quantize)
+    return base_spec_from_model_config(ModelConfig.from_dir(config.model_dir), config.quant.method)

@@ -1,65 +1,158 @@
-"""Validated engine configuration (built by the server from flags / env / config file)."""
+"""The engine's configuration: one frozen dataclass composed of sub-configs, each the only home
+of its defaults, each validated once when it is built (torch-free, so the CLI can check flags
+without loading torch).
+
+    EngineConfig
+      model_dir, dtype, device, cpu_kernels, seed     what runs where
+      quant:     QuantConfig       (layers/options.py)  how the base linears are stored
+      scheduler: SchedulerConfig   batching, adapter and length limits per step
+      cache:     CacheConfig       paged KV cache
+      lora:      LoraConfig        adapter slots' rank and dtype
+      limits:    RequestLimits     what one request may ask for
+
+Components take their sub-config whole (the scheduler its SchedulerConfig, the layers a
+QuantSpec resolved from QuantConfig). A problem is reported as a `ConfigProblem` whose `path`
+names the field (`scheduler.max_model_len`), so a front end can name its own flag instead.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Iterator
 
-from ..layers.base import QUANTIZE_CHOICES
-from ..layers.cpu_gemm import LINEAR_KERNEL_CHOICES
-from ..kernels.native import CPU_KERNEL_CHOICES
+from ..layers.options import CPU_KERNEL_CHOICES, QuantConfig
+from ..problems import ConfigProblem, InvalidConfig, at_least, one_of, raise_if
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 ADAPTER_DTYPE_CHOICES = ("float32", "bfloat16", "float16", "compute")   # compute: the base dtype
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    model_dir: Path
-    quantize: str = "none"
-    dtype: str = "auto"                 # auto = float32 on CPU, bfloat16 on CUDA
-    device: str = "auto"                # auto = cuda if available else cpu
-    linear_kernel: str = "auto"         # auto = prepacked oneDNN GEMMs on CPU, else F.linear
-    cpu_kernels: str = "auto"           # auto = fused C++ layer ops on CPU float32 when they build
-    max_loras: int = 8                  # distinct adapters per step (= device slots)
-    max_lora_rank: int = 64
-    adapter_dtype: str = "float32"      # float32 (PEFT default), bfloat16, float16 or compute
-    max_num_seqs: int = 64
-    max_batch_tokens: int = 2048
-    max_model_len: int = 4096           # prompt + generated tokens per request
-    max_input_tokens: int = 3072
-    max_new_tokens: int = 2048          # cap on a request's max_new_tokens
-    max_stop_sequences: int = 8
-    max_queued_requests: int = 256
-    kv_cache_memory: str = "0.25"       # bytes ("2GiB") or a fraction of free memory
-    block_size: int = 16
-    hqq_group_size: int = 64
-    bnb_double_quant: bool = False
-    seed: int = 0
+class SchedulerConfig:
+    max_num_seqs: int = 64           # running sequences per step
+    max_batch_tokens: int = 2048     # token budget per step (decodes count 1 each)
+    max_loras: int = 8               # distinct adapters per step (= device slots)
+    max_model_len: int = 4096        # prompt + generated tokens per request -> FinishReason.LENGTH
+    max_queued_requests: int = 256   # waiting requests before new ones are refused (QueueFull)
+    watermark_blocks: int = 0        # free blocks kept in reserve when admitting new sequences
+    max_overtakes: int = 32          # later arrivals admitted past a capacity-blocked sequence
 
     def __post_init__(self) -> None:
-        problems = list(self._problems())
-        if problems:
-            raise ValueError("invalid engine configuration: " + "; ".join(problems))
+        raise_if(self.problems())
 
-    def _problems(self):
-        if self.quantize not in QUANTIZE_CHOICES:
-            yield f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (got {self.quantize!r})"
-        if self.dtype not in DTYPE_CHOICES:
-            yield f"dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})"
-        if self.linear_kernel not in LINEAR_KERNEL_CHOICES:
-            yield f"linear_kernel must be one of {', '.join(LINEAR_KERNEL_CHOICES)} (got {self.linear_kernel!r})"
-        if self.cpu_kernels not in CPU_KERNEL_CHOICES:
-            yield f"cpu_kernels must be one of {', '.join(CPU_KERNEL_CHOICES)} (got {self.cpu_kernels!r})"
-        if self.adapter_dtype not in ADAPTER_DTYPE_CHOICES:
-            yield f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPE_CHOICES)}"
-        positive = ("max_loras", "max_lora_rank", "max_num_seqs", "max_batch_tokens", "max_model_len",
-                    "max_input_tokens", "max_new_tokens", "max_queued_requests", "block_size",
-                    "hqq_group_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                yield f"{name} must be >= 1 (got {getattr(self, name)})"
-        if self.max_stop_sequences < 0:
-            yield "max_stop_sequences must be >= 0"
-        if self.max_input_tokens >= self.max_model_len:
-            yield "max_input_tokens must be smaller than max_model_len"
+    def problems(self) -> Iterator[ConfigProblem]:
+        yield from at_least(self, 1, ("max_num_seqs", "max_batch_tokens", "max_loras", "max_model_len",
+                                       "max_queued_requests"))
+        yield from at_least(self, 0, ("watermark_blocks", "max_overtakes"))
+        if self.max_batch_tokens < self.max_num_seqs:
+            yield ConfigProblem("max_batch_tokens", f"({self.max_batch_tokens}) must be >= max_num_seqs "
+                                f"({self.max_num_seqs}) so every running sequence can decode each step")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    kv_cache_memory: str = "0.25"    # bytes ("2GiB") or a fraction of free memory
+    block_size: int = 16             # tokens per KV block
+
+    def __post_init__(self) -> None:
+        raise_if(self.problems())
+
+    def problems(self) -> Iterator[ConfigProblem]:
+        yield from at_least(self, 1, ("block_size",))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    max_lora_rank: int = 64          # largest adapter rank accepted (slots pad to the largest loaded)
+    adapter_dtype: str = "float32"   # float32 (PEFT default), bfloat16, float16 or compute
+
+    def __post_init__(self) -> None:
+        raise_if(self.problems())
+
+    def problems(self) -> Iterator[ConfigProblem]:
+        yield from at_least(self, 1, ("max_lora_rank",))
+        yield from one_of(self.adapter_dtype, ADAPTER_DTYPE_CHOICES, "adapter_dtype")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for (checked by engine/validation.py at the engine boundary)."""
+
+    max_input_tokens: int = 3072     # longest prompt in tokens (< scheduler.max_model_len)
+    max_new_tokens: int = 2048       # cap on a request's max_new_tokens
+    max_stop_sequences: int = 8
+    default_max_new_tokens: int = 256   # when a request leaves max_new_tokens unset (capped)
+
+    def __post_init__(self) -> None:
+        raise_if(self.problems())
+
+    def problems(self) -> Iterator[ConfigProblem]:
+        yield from at_least(self, 1, ("max_input_tokens", "max_new_tokens", "default_max_new_tokens"))
+        yield from at_least(self, 0, ("max_stop_sequences",))
+
+
+SUB_CONFIGS: dict[str, type] = {"quant": QuantConfig, "scheduler": SchedulerConfig, "cache": CacheConfig,
+                                "lora": LoraConfig, "limits": RequestLimits}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    dtype: str = "auto"              # auto = float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"             # auto = cuda if available else cpu
+    cpu_kernels: str = "auto"        # auto = fused C++ layer ops on CPU float32 when they build
+    seed: int = 0                    # engine sampling seed
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    def __post_init__(self) -> None:
+        raise_if(self.problems())
+
+    def problems(self) -> Iterator[ConfigProblem]:
+        """The problems that span fields (each sub-config checked its own when built)."""
+        yield from one_of(self.dtype, DTYPE_CHOICES, "dtype")
+        yield from one_of(self.cpu_kernels, CPU_KERNEL_CHOICES, "cpu_kernels")
+        if self.limits.max_input_tokens >= self.scheduler.max_model_len:
+            yield ConfigProblem("limits.max_input_tokens", "must be smaller than max_model_len")
+
+    @classmethod
+    def from_settings(cls, model_dir: Path | str, **settings: Any) -> "EngineConfig":
+        """Build from flat settings, each routed by its (unique) name to the sub-config that owns
+        it: `from_settings(d, method="hqq-4bit", max_model_len=512)`. Every problem of every
+        sub-config is reported at once (InvalidConfig with paths like `scheduler.max_loras`)."""
+        owners = setting_owners()
+        unknown = sorted(set(settings) - set(owners))
+        if unknown:
+            raise InvalidConfig(ConfigProblem(name, "is not an engine setting") for name in unknown)
+        grouped: dict[str, dict[str, Any]] = {}
+        for name, value in settings.items():
+            grouped.setdefault(owners[name], {})[name] = value
+        top = grouped.pop("", {})
+        parts, problems = {}, []
+        for part, values in grouped.items():
+            try:
+                parts[part] = SUB_CONFIGS[part](**values)
+            except InvalidConfig as error:
+                problems += [ConfigProblem(f"{part}.{p.path}", p.message) for p in error.problems]
+        try:
+            config = cls(model_dir=Path(model_dir), **top, **parts)   # defaults stand in for bad parts
+        except InvalidConfig as error:
+            problems += error.problems
+        if problems:
+            raise InvalidConfig(problems)
+        return config
+
+
+def setting_owners() -> dict[str, str]:
+    """Flat setting name -> the EngineConfig field that owns it ("" = EngineConfig itself)."""
+    owners = {f.name: "" for f in fields(EngineConfig) if f.name not in SUB_CONFIGS and f.name != "model_dir"}
+    for part, config_type in SUB_CONFIGS.items():
+        for f in fields(config_type):
+            if f.name in owners:
+                raise AssertionError(f"setting {f.name!r} has two owners")  # one name per setting
+            owners[f.name] = part
+    return owners

@@ -18,6 +18,7 @@ from .request_state import RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
 from .stop import StopChecker
+from .validation import check_prompt, validate_request
 
 log = logging.getLogger("loraplex.engine")
 
@@ -57,51 +58,30 @@ class LLMEngine:
 
     # ---- intake ---------------------------------------------------------------------
     def tokenize(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids (prompt_token_ids as given, chat rendered, or text encoded)."""
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
         if request.messages is not None:
             try:
                 return render_chat(self.tokenizer, request.messages)
             except ValueError as error:
-                raise RequestRejected("input.chat", str(error)) from None
-        if request.prompt is None:
-            raise RequestRejected("input", "set either a prompt or chat messages")
+                raise RequestRejected("messages", str(error)) from None
         return encode_prompt(self.tokenizer, request.prompt)
-
-    def validate(self, request: GenerationRequest, prompt_ids: list[int]) -> None:
-        cfg, sampling = self.config, request.sampling
-        try:
-            sampling.validate()
-        except ValueError as error:
-            name = str(error).split(" ", 1)[0]
-            raise RequestRejected(f"sampling.{name}", str(error)) from None
-        if not prompt_ids:
-            raise RequestRejected("input", "the prompt is empty")
-        if len(prompt_ids) > cfg.max_input_tokens:
-            raise RequestRejected("input", f"the prompt has {len(prompt_ids)} tokens; the limit is "
-                                  f"{cfg.max_input_tokens}")
-        if sampling.max_new_tokens > cfg.max_new_tokens:
-            raise RequestRejected("sampling.max_new_tokens",
-                                  f"{sampling.max_new_tokens} is above the limit {cfg.max_new_tokens}")
-        if len(prompt_ids) + sampling.max_new_tokens > cfg.max_model_len:
-            raise RequestRejected("sampling.max_new_tokens",
-                                  f"prompt ({len(prompt_ids)}) + max_new_tokens "
-                                  f"({sampling.max_new_tokens}) exceeds max_model_len {cfg.max_model_len}")
-        if len(sampling.stop) > cfg.max_stop_sequences:
-            raise RequestRejected("sampling.stop", f"at most {cfg.max_stop_sequences} stop sequences")
-        vocab = getattr(self.runner, "vocab_size", None)
-        if vocab is not None and any(not 0 <= t < vocab for t in prompt_ids):
-            raise RequestRejected("input", f"token ids must be in [0, {vocab})")
 
     def add_request(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> None:
         """Validate and queue a request. Raises RequestRejected, QueueFull, store errors."""
         if request.request_id in self._states:
             raise RequestRejected("request_id", f"duplicate request id {request.request_id!r}")
-        if self.scheduler.num_waiting >= self.config.max_queued_requests:
+        if self.scheduler.queue_full:
             raise QueueFull(f"{self.scheduler.num_waiting} requests are queued; retry later")
+        limits = self.config.limits
+        request = validate_request(request, limits)
         if prompt_ids is None:
             prompt_ids = self.tokenize(request)
-        self.validate(request, prompt_ids)
+        violations = check_prompt(request, prompt_ids, limits, self.config.scheduler.max_model_len,
+                                  getattr(self.runner, "vocab_size", None))
+        if violations:
+            raise RequestRejected.of(violations)
         adapter_key = self._resolve_adapter(request)
         seq = Sequence(seq_id=self._next_seq_id, prompt_token_ids=prompt_ids,
                        sampling=request.sampling, adapter_key=adapter_key,
@@ -122,7 +102,7 @@ class LLMEngine:
         if not request.adapter_id:
             return None
         if self.adapters is None:
-            raise RequestRejected("input.adapter_id", "this server was started without adapters")
+            raise RequestRejected("adapter_id", "this server was started without adapters")
         return self.adapters.resolve(request.adapter_id, request.tenant)
 
     def _release(self, adapter_key: str | None) -> None:
@@ -147,7 +127,7 @@ class LLMEngine:
         ready = self.adapters.ready if self.adapters is not None else (lambda _key: True)
         batch = self.scheduler.schedule(ready)
         if self.adapters is not None:
-            self.adapters.prefetch(self.scheduler.pending_adapter_keys()[: self.config.max_loras])
+            self.adapters.prefetch(self.scheduler.pending_adapter_keys()[: self.config.scheduler.max_loras])
         if not batch.is_empty:
             result = self._run(batch)
             finished = self.scheduler.update(batch, result)
@@ -168,10 +148,11 @@ class LLMEngine:
         """Re-run each item alone; fail only the items whose own forward pass raises.
 
         Safe because nothing was advanced by the failed attempt: each item recomputes the same
-        positions into the same KV slots, and sampling seeds do not depend on the batch.
+        positions into the same KV slots, and sampling seeds do not depend on the batch. A
+        failed item gets no token: it is listed in `failed_seq_ids` and finished with ERROR.
         """
-        tokens: list[int] = []
-        logprobs: list[float] = []
+        tokens: dict[int, int] = {}
+        logprobs: dict[int, float] = {}
         failed: set[int] = set()
         for item in batch.items:
             try:
@@ -179,9 +160,9 @@ class LLMEngine:
             except Exception:  # noqa: BLE001 - this request's own failure
                 log.exception("request sequence %d failed inside the engine", item.seq.seq_id)
                 failed.add(item.seq.seq_id)
-                out = RunnerOutput(sampled_token_ids=[0] if item.sample else [], logprobs=None)
-            tokens += out.sampled_token_ids
-            logprobs += out.logprobs if out.logprobs is not None else [0.0] * len(out.sampled_token_ids)
+                continue
+            tokens.update(out.sampled_token_ids)
+            logprobs.update(out.logprobs or {})
         wants_logprobs = any(item.seq.sampling.logprobs for item in batch.sampled_items)
         return RunnerOutput(sampled_token_ids=tokens, logprobs=logprobs if wants_logprobs else None,
                             failed_seq_ids=frozenset(failed))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .sequence import FinishReason, SamplingParams
 
@@ -11,13 +12,30 @@ class EngineError(Exception):
     """Base of errors the engine raises to callers; the service maps them to status codes."""
 
 
-class RequestRejected(EngineError):
-    """The request cannot run as given (too long, bad parameters). -> INVALID_ARGUMENT."""
+@dataclass(frozen=True)
+class Violation:
+    """One problem of a request; `field` is a path inside GenerationRequest (validation.py)."""
 
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
+    field: str
+    description: str
+
+
+class RequestRejected(EngineError):
+    """The request cannot run as given (too long, bad parameters). -> INVALID_ARGUMENT.
+
+    `violations` lists every problem found; `field_name`/`message` are the first one's.
+    """
+
+    def __init__(self, field_name: str, message: str, violations: tuple[Violation, ...] = ()):
+        self.violations = violations or (Violation(field_name, message),)
+        super().__init__("; ".join(f"{v.field or 'input'}: {v.description}" for v in self.violations))
         self.field_name = field_name
         self.message = message
+
+    @classmethod
+    def of(cls, violations: list[Violation] | tuple[Violation, ...]) -> "RequestRejected":
+        first = violations[0]
+        return cls(first.field, first.description, tuple(violations))
 
 
 class QueueFull(EngineError):
@@ -101,3 +119,20 @@ class EngineStats:
     def kv_usage(self) -> float:
         used = self.num_total_blocks - self.num_free_blocks
         return used / self.num_total_blocks if self.num_total_blocks else 0.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the built engine serves (for Info, metrics and the adapter store)."""
+
+    model: str
+    architecture: str
+    quantization: str
+    dtype: str
+    device: str
+    base_fingerprint: str
+    linear_weight_bytes: int
+    base_spec: Any
+    vocab_size: int
+    linear_kernels: tuple = ()          # kernels.linear_choice.KernelChoice per layer shape
+    cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)

@@ -7,9 +7,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-CHAT_ROLES = ("system", "user", "assistant")
-
-
 def load_tokenizer(model_dir: str | Path) -> Any:
     """The model directory's HF tokenizer (local files only, never remote code)."""
     from transformers import AutoTokenizer
@@ -29,26 +26,11 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def _chat_messages(messages: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    """Check (role, content) pairs; raise ValueError naming the bad field."""
-    if not messages:
-        raise ValueError("messages must contain at least one message")
-    checked = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, (tuple, list)) or len(message) != 2:
-            raise ValueError(f"messages[{index}] must be a (role, content) pair")
-        role, content = message
-        if role not in CHAT_ROLES:
-            raise ValueError(f"messages[{index}].role {role!r} is not one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{index}].content must be a string")
-        checked.append({"role": role, "content": content})
-    return checked
-
-
 def render_chat(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[int]:
-    """Token ids of a chat rendered with the tokenizer's template plus the assistant prompt."""
-    checked = _chat_messages(messages)
+    """Token ids of a chat rendered with the tokenizer's template plus the assistant prompt.
+
+    messages: (role, content) pairs, already checked (validation.py)."""
+    checked = [{"role": role, "content": content} for role, content in messages]
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
     rendered = tokenizer.apply_chat_template(checked, add_generation_prompt=True, tokenize=True)

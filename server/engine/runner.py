@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from ..lora.batch_info import LoraBatchInfo
+from ..lora.delta import LoraStep
 from ..model.config import ModelConfig
 from ..model.context import AttentionMetadata, ForwardContext
 from .batch import RunnerOutput, ScheduledBatch
@@ -26,15 +27,27 @@ class StepInputs:
     sample_seqs: list[Sequence]
 
 
+class LoraStepSource(Protocol):
+    """Prepares a step's LoRA routing for the ops (the SlotPool)."""
+
+    def prepare_step(self, info: LoraBatchInfo) -> LoraStep: ...
+
+
 class ModelRunner:
     """Builds the step's inputs from a ScheduledBatch, runs the model, samples.
 
+    The batch runs in the scheduler's order; the LoRA metadata (LoraBatchInfo: per-token
+    slots, their runs and the active slots) tells the delta kernels which rows share an
+    adapter, and `lora.prepare_step` turns it into the step's routing once, before the
+    forward, handed down in the ForwardContext. Output is keyed by sequence id.
+
     kv_caches: per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim].
     sampler(logits [n, vocab] float32, seqs) -> SampleResult with token_ids and logprobs.
+    lora: the slot pool, or None for a server without adapters.
     """
 
     def __init__(self, model, config: ModelConfig, kv_caches, block_size: int, sampler: Sampler,
-                 device: str = "cpu"):
+                 device: str = "cpu", lora: LoraStepSource | None = None):
         self.model = model
         self.config = config
         self.kv_caches = kv_caches
@@ -42,25 +55,22 @@ class ModelRunner:
         self.sampler = sampler
         self.device = torch.device(device)
         self.vocab_size = config.vocab_size
+        self.lora = lora
 
     def run(self, batch: ScheduledBatch, adapter_slots: dict[str, int] | None = None) -> RunnerOutput:
-        """One forward pass; one token (and logprob) per item with sample=True, in item order."""
+        """One forward pass; a token (and logprob) for every item with sample=True, by seq id."""
         if batch.is_empty:
-            return RunnerOutput(sampled_token_ids=[], logprobs=None)
-        order = adapter_order(batch, adapter_slots)
-        if order is not None:   # group tokens by adapter slot: the LoRA delta then needs no gather
-            batch = ScheduledBatch(items=tuple(batch.items[i] for i in order), preempted=batch.preempted)
+            return RunnerOutput(sampled_token_ids={})
         inputs = self.prepare(batch, adapter_slots)
         with torch.inference_mode():
             hidden = self.model(inputs.input_ids, inputs.ctx, self.kv_caches)    # [T, hidden]
             if not inputs.sample_seqs:
-                return RunnerOutput(sampled_token_ids=[], logprobs=None)
+                return RunnerOutput(sampled_token_ids={})
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
             result = self.sampler(logits, inputs.sample_seqs)
-        tokens, logprobs = list(result.token_ids), result.logprobs
-        if order is not None:
-            tokens, logprobs = _restore_order(batch, order, tokens, logprobs)
-        return RunnerOutput(sampled_token_ids=tokens, logprobs=logprobs)
+        seq_ids = [seq.seq_id for seq in inputs.sample_seqs]
+        logprobs = None if result.logprobs is None else dict(zip(seq_ids, result.logprobs))
+        return RunnerOutput(sampled_token_ids=dict(zip(seq_ids, result.token_ids)), logprobs=logprobs)
 
     def prepare(self, batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> StepInputs:
         """Host-side lists -> one tensor per field (this runs every step: keep it cheap)."""
@@ -103,14 +113,16 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             query_lens=tuple(query_lens), context_lens=tuple(context_lens), block_size=bs)
         ctx = ForwardContext(positions=torch.tensor(positions, dtype=torch.int64, device=device),
-                             attn=attn, lora=self._lora_info(batch, adapter_slots))
+                             attn=attn, lora=self._lora_step(batch, adapter_slots))
         return StepInputs(torch.tensor(token_ids, dtype=torch.int64, device=device), ctx,
                           torch.tensor(sample_rows, dtype=torch.int64, device=device), sample_seqs)
 
-    def _lora_info(self, batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> LoraBatchInfo | None:
-        """Per-token adapter slots (-1 = base only); None when no item uses an adapter."""
+    def _lora_step(self, batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> LoraStep | None:
+        """The step's LoRA routing, prepared once for every projection; None without adapters."""
         if not any(item.seq.adapter_key for item in batch.items):
             return None
+        if self.lora is None:
+            raise ValueError("the batch uses adapters but this runner has no LoRA slot pool")
         adapter_slots = adapter_slots or {}
         token_slots: list[int] = []
         for item in batch.items:
@@ -123,27 +135,8 @@ class ModelRunner:
                 raise ValueError(f"sequence {item.seq.seq_id} uses adapter {key!r}, which has no "
                                  "slot in this step (adapters.activate must load it first)")
             token_slots.extend([slot] * item.num_new_tokens)
-        return LoraBatchInfo.from_token_slots(torch.tensor(token_slots, dtype=torch.int64, device=self.device))
-
-
-def adapter_order(batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> list[int] | None:
-    """Item order that groups equal adapter slots (stable; base-only items first), or None
-    when the batch is already grouped that way."""
-    if not adapter_slots:
-        return None
-    slots = [adapter_slots.get(item.seq.adapter_key, -1) if item.seq.adapter_key else -1
-             for item in batch.items]
-    if all(a <= b for a, b in zip(slots, slots[1:])):
-        return None
-    return sorted(range(len(slots)), key=slots.__getitem__)
-
-
-def _restore_order(sorted_batch: ScheduledBatch, order: list[int], tokens: list[int],
-                   logprobs: list[float] | None) -> tuple[list[int], list[float] | None]:
-    """Sampled outputs of the reordered batch -> the original batch's sampled-item order."""
-    originals = [order[j] for j, item in enumerate(sorted_batch.items) if item.sample]
-    rank = sorted(range(len(originals)), key=originals.__getitem__)
-    return [tokens[r] for r in rank], None if logprobs is None else [logprobs[r] for r in rank]
+        info = LoraBatchInfo.from_token_slots(torch.tensor(token_slots, dtype=torch.int64, device=self.device))
+        return self.lora.prepare_step(info) if info.has_adapters else None
 
 
 def _padded(block_table: list[int], length: int) -> list[int]:

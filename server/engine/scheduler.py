@@ -7,35 +7,14 @@ import heapq
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 
+from .config import SchedulerConfig
 from .batch import RunnerOutput, ScheduledBatch, ScheduledSeq
 from .block_manager import BlockManager
 from .sequence import FinishReason, Sequence, SequenceStatus
 from .waiting_queue import WaitingQueues
 
 AdapterReady = Callable[[str], bool]
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64          # running sequences per step
-    max_batch_tokens: int = 2048    # token budget per step (decodes count 1 each)
-    max_loras: int = 8              # distinct non-None adapter keys per step
-    max_model_len: int = 8192       # prompt + output cap -> FinishReason.LENGTH
-    max_waiting: int = 1024         # queue limit (the engine checks `num_waiting` to reject)
-    watermark_blocks: int = 0       # free blocks kept in reserve when admitting new sequences
-    max_overtakes: int = 32         # later arrivals admitted past a capacity-blocked sequence
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            minimum = 0 if f.name in ("watermark_blocks", "max_overtakes") else 1
-            if getattr(self, f.name) < minimum:
-                raise ValueError(f"SchedulerConfig.{f.name} must be >= {minimum} "
-                                 f"(got {getattr(self, f.name)})")
-        if self.max_batch_tokens < self.max_num_seqs:
-            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
-                             f"({self.max_num_seqs}) so every running sequence can decode each step")
 
 
 class Scheduler:
@@ -94,6 +73,11 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def queue_full(self) -> bool:
+        """True when `max_queued_requests` sequences wait: new requests are refused."""
+        return len(self._waiting) >= self.config.max_queued_requests
+
+    @property
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
 
@@ -112,9 +96,10 @@ class Scheduler:
 
     # ---- intake and removal ------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence. Raises ValueError when it could never run.
+        """Queue a new sequence. Raises ValueError when it could never fit the KV cache.
 
-        `max_waiting` is not enforced here: the engine compares `num_waiting` against it.
+        Requests are validated before (engine/validation.py: lengths against max_model_len);
+        the engine refuses new requests while `queue_full`.
         """
         if seq.seq_id in self._seqs:
             raise ValueError(f"sequence {seq.seq_id} was already added")
@@ -133,8 +118,6 @@ class Scheduler:
         fix = "lower max_new_tokens or shorten the prompt"
         if seq.num_prompt_tokens < 1:
             raise ValueError("the prompt is empty")
-        if total > cfg.max_model_len:
-            raise ValueError(f"{what} = {total} tokens exceeds max_model_len {cfg.max_model_len}; {fix}")
         need = blocks.blocks_for_tokens(total)
         if need > blocks.num_blocks:
             raise ValueError(f"{what} needs {need} KV blocks of {blocks.block_size} tokens but the cache "
@@ -274,23 +257,18 @@ class Scheduler:
     # ---- results -----------------------------------------------------------------------
     def update(self, batch: ScheduledBatch, output: RunnerOutput) -> list[Sequence]:
         """Apply one forward pass's results; return the sequences that finished in it."""
-        num_sampled = len(batch.sampled_items)
-        if len(output.sampled_token_ids) != num_sampled or (
-                output.logprobs is not None and len(output.logprobs) != num_sampled):
-            raise ValueError(f"the runner returned {len(output.sampled_token_ids)} tokens for "
-                             f"{num_sampled} sampled sequences")
+        tokens, logprobs, failed = output.sampled_token_ids, output.logprobs, output.failed_seq_ids
+        missing = [item.seq.seq_id for item in batch.items
+                   if item.sample and item.seq.seq_id not in tokens and item.seq.seq_id not in failed]
+        if missing:
+            raise ValueError(f"the runner returned no token for sampled sequences {missing}")
         finished: list[Sequence] = []
         now = self.clock()
-        k = 0
         for item in batch.items:
-            seq, token, logprob = item.seq, None, None
-            if item.sample:
-                token = output.sampled_token_ids[k]
-                logprob = output.logprobs[k] if output.logprobs is not None else None
-                k += 1
+            seq = item.seq
             if seq.is_finished:
                 continue
-            if seq.seq_id in output.failed_seq_ids:
+            if seq.seq_id in failed:
                 self.finish(seq, FinishReason.ERROR)
                 finished.append(seq)
                 continue
@@ -298,9 +276,11 @@ class Scheduler:
                 raise RuntimeError(f"sequence {seq.seq_id} changed between schedule and update "
                                    f"(computed {seq.num_computed_tokens}, scheduled from {item.start})")
             seq.num_computed_tokens += item.num_new_tokens
-            if token is None:
+            if not item.sample:
                 continue
+            token = tokens[seq.seq_id]
             seq.output_token_ids.append(token)
+            logprob = logprobs.get(seq.seq_id) if logprobs is not None else None
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
             if seq.first_token_time is None:
@@ -309,7 +289,7 @@ class Scheduler:
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
-        for seq_id in output.failed_seq_ids:
+        for seq_id in failed:
             seq = self._seqs.get(seq_id)
             if seq is not None:
                 self.finish(seq, FinishReason.ERROR)

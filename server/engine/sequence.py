@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 
 
@@ -23,9 +22,13 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request. temperature == 0 means greedy."""
+    """How to pick tokens for one request. temperature == 0 means greedy.
 
-    max_new_tokens: int = 256
+    Checked at the engine boundary (validation.py); max_new_tokens None = the engine's
+    default (RequestLimits.default_max_new_tokens, capped at the limit), filled in there.
+    """
+
+    max_new_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0                      # 0 = disabled
@@ -39,26 +42,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        checks = [
-            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
-            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0,
-             "must be a finite number >= 0"),
-            ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", self.top_k >= 0, "must be >= 0"),
-            ("repetition_penalty",
-             math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-             "must be a finite number > 0"),
-            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop),
-             "stop sequences must be non-empty strings"),
-            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
-        ]
-        for name, ok, message in checks:
-            if not ok:
-                raise ValueError(f"{name} {message}")
 
 
 @dataclass(eq=False)

@@ -24,9 +24,9 @@ from typing import Callable
 
 import torch
 
+from ..layers.options import CPU_KERNEL_CHOICES
 from ..model.default_model import cache_root
 
-CPU_KERNEL_CHOICES = ("auto", "native", "torch")
 SOURCE_DIR = Path(__file__).with_name("csrc")
 SOURCES = tuple(sorted(SOURCE_DIR.glob("*.cpp")))     # one file per kernel family + bindings
 _CFLAGS = ("-O3", "-march=native", "-fopenmp",   # at::parallel_for is OpenMP in torch

@@ -2,39 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 
-from .cpu_gemm import LINEAR_KERNEL_CHOICES
+from .options import LINEAR_KERNEL_CHOICES, QUANTIZE_CHOICES, QuantConfig
 
-QUANTIZE_CHOICES = (
-    "none", "bnb-nf4", "bnb-fp4", "bnb-int8",
-    "hqq-2bit", "hqq-3bit", "hqq-4bit", "hqq-8bit", "eetq",
-)
+__all__ = ["LINEAR_KERNEL_CHOICES", "QUANTIZE_CHOICES", "Kernel", "QuantConfig", "QuantSpec", "QuantizedLinear"]
 
 
 @dataclass(frozen=True)
-class QuantSpec:
-    """How the base model's linear layers are stored and computed."""
+class QuantSpec(QuantConfig):
+    """A QuantConfig resolved for one run: the compute dtype and the device the layers live on."""
 
-    method: str = "none"                    # one of QUANTIZE_CHOICES
     compute_dtype: torch.dtype = torch.float32
     device: str = "cpu"
-    hqq_group_size: int = 64
-    bnb_double_quant: bool = False
-    bnb_int8_threshold: float = 6.0
-    linear_kernel: str = "auto"             # auto (measured), onednn, aten, native, library
 
-    def __post_init__(self) -> None:
-        if self.method not in QUANTIZE_CHOICES:
-            raise ValueError(
-                f"unknown quantization {self.method!r}; choose one of {', '.join(QUANTIZE_CHOICES)}"
-            )
-        if self.linear_kernel not in LINEAR_KERNEL_CHOICES:
-            raise ValueError(f"unknown linear kernel {self.linear_kernel!r}; choose one of "
-                             f"{', '.join(LINEAR_KERNEL_CHOICES)}")
+    @classmethod
+    def resolve(cls, config: QuantConfig, compute_dtype: torch.dtype, device: str) -> "QuantSpec":
+        return cls(**{f.name: getattr(config, f.name) for f in fields(QuantConfig)},
+                   compute_dtype=compute_dtype, device=device)
 
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]      # x [T, in] -> [T, out]
@@ -43,8 +31,10 @@ Kernel = Callable[[torch.Tensor], torch.Tensor]      # x [T, in] -> [T, out]
 class QuantizedLinear(torch.nn.Module):
     """A frozen linear layer y = x @ W^T + b whose W may be stored quantized.
 
-    `apply(x)` takes activations in the compute dtype, shape [num_tokens, in_features],
-    and returns [num_tokens, out_features] in the compute dtype. It runs `library_apply`
+    `linear(x)` takes activations in the compute dtype, shape [num_tokens, in_features],
+    and returns [num_tokens, out_features] in the compute dtype. (Not `apply`: that name is
+    nn.Module.apply, which walks submodules; `forward` is `linear` behind nn.Module hooks.)
+    It runs `library_linear`
     (the backend library's own path) until `set_kernel_routes` picks, per row-count range,
     one of `kernel_candidates()` (kernels/linear_choice.py measures them).
     """
@@ -55,14 +45,14 @@ class QuantizedLinear(torch.nn.Module):
     route_names: tuple[tuple[int, str], ...] = ()
     native_kernel: tuple | None = None                   # (extension module, QuantPack, bias)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:  # noqa: A003 - the public name
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         for max_rows, kernel in self.routes:
             if rows <= max_rows:
                 return kernel(x)
-        return self.library_apply(x)
+        return self.library_linear(x)
 
-    def library_apply(self, x: torch.Tensor) -> torch.Tensor:
+    def library_linear(self, x: torch.Tensor) -> torch.Tensor:
         """The backend library's own path (the PEFT/transformers-identical one)."""
         raise NotImplementedError
 
@@ -80,7 +70,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def kernel_candidates(self) -> dict[str, Kernel]:
         """Name -> kernel for every path this layer can serve with ("library" always)."""
-        candidates: dict[str, Kernel] = {"library": self.library_apply}
+        candidates: dict[str, Kernel] = {"library": self.library_linear}
         if self.native_kernel is not None:
             from ..kernels.quant import quant_linear
 
@@ -114,4 +104,4 @@ class QuantizedLinear(torch.nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply(x)
+        return self.linear(x)

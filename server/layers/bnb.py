@@ -45,7 +45,7 @@ class Bnb4bitLinear(QuantizedLinear):
         self._matmul_4bit = bnb.matmul_4bit
         self._dequantize_4bit = bnbf.dequantize_4bit
 
-    def library_apply(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def library_linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         return self._matmul_4bit(x, self.w_4bit, quant_state=self.quant_state, bias=self.bias)
 
     def native_pack(self):
@@ -89,7 +89,7 @@ class BnbInt8Linear(QuantizedLinear):
         self._vectorwise_quant = bnbf.int8_vectorwise_quant
         self._vectorwise_dequant = bnbf.int8_vectorwise_dequant
 
-    def library_apply(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def library_linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         ops = torch.ops.bitsandbytes
         x_int8, x_absmax, outlier_cols = self._vectorwise_quant(
             x.to(torch.float16), threshold=self.threshold)
@@ -102,7 +102,7 @@ class BnbInt8Linear(QuantizedLinear):
 
     def native_pack(self):
         """LLM.int8's weight (q * absmax / 127) for the weight-only fused kernel: no activation
-        rounding and no outlier split, so it differs from library_apply by LLM.int8's own error."""
+        rounding and no outlier split, so it differs from library_linear by LLM.int8's own error."""
         from ..kernels.quant import pack_int8_rows
 
         return pack_int8_rows(self.w_int8, self.row_absmax.float() / 127.0), self.bias

@@ -22,10 +22,10 @@ class ConcatLinear(QuantizedLinear):
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, sum(out_i)]
-        return torch.cat([p.apply(x) for p in self.parts], dim=-1)   # each part routes itself
+    def linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, sum(out_i)]
+        return torch.cat([p.linear(x) for p in self.parts], dim=-1)   # each part routes itself
 
-    library_apply = apply
+    library_linear = linear
 
     def kernel_candidates(self) -> dict:
         return {}                                                    # the parts are chosen

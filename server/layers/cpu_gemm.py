@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LINEAR_KERNEL_CHOICES = ("auto", "onednn", "aten", "native", "library")
+from .options import LINEAR_KERNEL_CHOICES
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _BATCH_HINT = 16        # oneDNN's layout choice barely depends on it (measured at M = 1..512)
 
@@ -27,13 +27,18 @@ _linear_pointwise = (torch.ops.mkldnn._linear_pointwise.default
 
 
 def onednn_supported(dtype: torch.dtype, device: str | torch.device) -> bool:
-    """True when this torch build can run prepacked oneDNN linears for dtype on device."""
-    if dtype == torch.bfloat16 and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
-        return False        # oneDNN packs bf16 only with AVX-512 (bw/vl/dq) or AVX-NE-CONVERT
-    return (torch.device(device).type == "cpu" and dtype in _PACKABLE_DTYPES
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """True when this torch build and CPU can run prepacked oneDNN linears for dtype on device.
+
+    bfloat16 also needs the CPU's support (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): an AVX2-only
+    processor such as many AMD EPYCs has none, and oneDNN refuses the reorder there.
+    """
+    ops_present = (torch.device(device).type == "cpu" and dtype in _PACKABLE_DTYPES
+                   and torch.backends.mkldnn.is_available()
+                   and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                   and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if not ops_present or dtype != torch.bfloat16:
+        return ops_present
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def use_onednn(kernel: str, dtype: torch.dtype, device: str | torch.device) -> bool:

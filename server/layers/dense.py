@@ -43,7 +43,7 @@ class DenseLinear(QuantizedLinear):
     def _serves(self, name: str) -> bool:
         return any(kernel == name for _, kernel in self.route_names)
 
-    def library_apply(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def library_linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.weight is None:
             return packed_linear(x, self.packed_weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -47,7 +47,7 @@ class EetqLinear(QuantizedLinear):
         self.register_buffer("w_processed", w_processed.to(device))  # kernel's interleaved layout
         self.register_buffer("scale", scale.to(device, torch.float16))               # [out]
 
-    def library_apply(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def library_linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.uses_eetq_kernel:
             y = self._w8_a16_gemm(x, self.w_processed, self.scale)
             return y if self.bias is None else y + self.bias

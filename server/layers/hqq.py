@@ -70,7 +70,7 @@ class HqqLinear(QuantizedLinear):
         self.kernel = select_hqq_kernel(spec)
         self.fast = None if self.kernel == "pytorch" else _patch_fast_kernel(self.hqq, self.kernel)
 
-    def library_apply(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def library_linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.fast is not None:
             return self.fast(x)
         y = torch.matmul(x, self.hqq.dequantize().t())              # [T, out]

@@ -6,14 +6,14 @@ from typing import Protocol
 
 import torch
 
-from ..lora.batch_info import LoraBatchInfo
+from ..lora.delta import LoraStep
 from .base import QuantizedLinear
 
 
 class LoraHook(Protocol):
-    """Adds the batch's per-token LoRA deltas to a projection's output."""
+    """Adds the step's per-token LoRA deltas to a projection's output."""
 
-    def add_delta(self, x: torch.Tensor, y: torch.Tensor, info: LoraBatchInfo) -> None:
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, step: LoraStep) -> None:
         """y += delta in place; x [T, in_features], y [T, out_features]."""
         ...
 
@@ -39,13 +39,14 @@ class ProjLinear(torch.nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.lora: LoraHook | None = None
-        self.apply_base = base.apply    # a plain attribute: self.base goes through Module.__getattr__
+        self.base_linear = base.linear    # a plain attribute: self.base goes through Module.__getattr__
 
-    def forward(self, x: torch.Tensor, lora_info: LoraBatchInfo | None) -> torch.Tensor:
-        """x [T, in_features] -> [T, out_features]."""
-        y = self.apply_base(x)
-        if self.lora is not None and lora_info is not None and lora_info.has_adapters:
-            self.lora.add_delta(x, y, lora_info)
+    def forward(self, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
+        """x [T, in_features] -> [T, out_features]; lora: the step's prepared routing, None when
+        no token of the step uses an adapter."""
+        y = self.base_linear(x)
+        if lora is not None and self.lora is not None:
+            self.lora.add_delta(x, y, lora)
         return y
 
     __call__ = forward    # no nn.Module hooks on the hot path (saves ~2 us per call)

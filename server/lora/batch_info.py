@@ -1,8 +1,14 @@
-"""Per-step description of which adapter slot each token uses (built by the runner)."""
+"""Per-step description of which adapter slot each token uses (built by the runner).
+
+The batch keeps the scheduler's order; this metadata carries the grouping the delta kernels
+need (runs of equal slots for SGMV, tokens sorted by slot for the padded/grouped routes), the
+way vLLM's LoRA kernel metadata does, so nobody reorders the batch.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -28,6 +34,12 @@ class LoraBatchInfo:
     def has_adapters(self) -> bool:
         return bool(self.active_slots)
 
+    @cached_property
+    def slot_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [V], slots [V]): the tokens with an adapter, stably sorted by slot, and
+        their slots. Computed once per step, on first use."""
+        return sort_by_slot(self.token_slots)
+
     @staticmethod
     def from_token_slots(token_slots: torch.Tensor) -> "LoraBatchInfo":
         """Derive the segment view from per-token slots. token_slots: [num_tokens] int64."""
@@ -43,3 +55,11 @@ class LoraBatchInfo:
         seg_slots = slots[seg_starts]
         active = tuple(sorted({int(s) for s in seg_slots.tolist() if s >= 0}))
         return LoraBatchInfo(slots, seg_starts, ends - seg_starts, seg_slots, active)
+
+
+def sort_by_slot(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_slots [T] -> (tokens [V], slots [V]) of the tokens with slot >= 0, stably by slot."""
+    tokens = torch.nonzero(token_slots >= 0).flatten()                           # [V]
+    slots = token_slots.index_select(0, tokens)                                  # [V]
+    order = torch.argsort(slots, stable=True)
+    return tokens.index_select(0, order), slots.index_select(0, order)

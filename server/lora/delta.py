@@ -57,25 +57,15 @@ class LoraStep:
 
 
 class LoraOps(Protocol):
-    """A LoRA delta backend (reference, torch, triton): the same signatures for all.
+    """A LoRA delta backend (reference, torch, triton): what the engine calls each step.
 
-    Shapes: x [T, in], a [S, Ra, in], bt [S, R, out_m], h [T, Ra] or [T, R], y [T, out],
-    token_slots / seg_* int64 with -1 = no adapter, scales [S].
+    `prepare` runs once per forward pass (the runner calls it through SlotPool.prepare_step);
+    `add_delta` once per projection. Each backend also exposes the BGMV/SGMV shrink/expand of
+    reference.py with the same signatures; those are its twins' test surface, not part of this
+    protocol. Shapes: x [T, in], y [T, out], scales [S].
     """
 
     name: str
-
-    def bgmv_shrink(self, x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor: ...
-
-    def bgmv_expand(self, h: torch.Tensor, bt: torch.Tensor, token_slots: torch.Tensor,
-                    scales: torch.Tensor, y: torch.Tensor, col_start: int) -> None: ...
-
-    def sgmv_shrink(self, x: torch.Tensor, a: torch.Tensor, seg_starts: torch.Tensor,
-                    seg_lens: torch.Tensor, seg_slots: torch.Tensor) -> torch.Tensor: ...
-
-    def sgmv_expand(self, h: torch.Tensor, bt: torch.Tensor, seg_starts: torch.Tensor,
-                    seg_lens: torch.Tensor, seg_slots: torch.Tensor, scales: torch.Tensor,
-                    y: torch.Tensor, col_start: int) -> None: ...
 
     def prepare(self, info: LoraBatchInfo, scales: torch.Tensor) -> LoraStep: ...
 
@@ -83,20 +73,16 @@ class LoraOps(Protocol):
 
 
 class ProjLoraHook:
-    """The `proj.lora` hook: y += this batch's per-token LoRA delta for projection `index`.
+    """The `proj.lora` hook: y += this step's per-token LoRA delta for projection `index`.
 
     It reads the pool's current stacks at call time (they are re-laid out when the stack rank
-    changes) and the step's shared routing (prepared once per forward by the pool).
+    changes); the step's routing comes prepared in the forward context (`LoraStep`).
     """
 
-    def __init__(self, get_weights: Callable[[], ProjLoraWeights],
-                 get_step: Callable[[LoraBatchInfo], LoraStep], ops: LoraOps):
+    def __init__(self, get_weights: Callable[[], ProjLoraWeights], ops: LoraOps):
         self._get_weights = get_weights
-        self._get_step = get_step
         self._ops = ops
 
-    def add_delta(self, x: torch.Tensor, y: torch.Tensor, info: LoraBatchInfo) -> None:
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, step: LoraStep) -> None:
         """x [T, in], y [T, out] (modified in place)."""
-        if not info.has_adapters:
-            return
-        self._ops.add_delta(x, y, self._get_weights(), self._get_step(info))
+        self._ops.add_delta(x, y, self._get_weights(), step)

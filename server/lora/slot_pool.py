@@ -46,15 +46,12 @@ class SlotPool:
         self.scales = torch.zeros(max_loras, dtype=torch.float32, device=self.device)   # [S] float32 always
         self.slot_ranks = [0] * max_loras
         self.stack_rank = 0
-        self.version = 0
         self._a_bufs = [self._empty(0) for _ in self.targets]
         self._bt_bufs = [[self._empty(0) for _ in t.out_sizes] for t in self.targets]
         self.weights: list[ProjLoraWeights] = []
         self._relayout(max_lora_rank if reserve else 1)
-        self._step_key: tuple[LoraBatchInfo, int] | None = None
-        self._step: LoraStep | None = None
         for i, target in enumerate(self.targets):
-            target.lora = ProjLoraHook(lambda i=i: self.weights[i], self.step_for, self.ops)
+            target.lora = ProjLoraHook(lambda i=i: self.weights[i], self.ops)
 
     # ---- public -------------------------------------------------------------------
     def load(self, slot: int, adapter: LoadedAdapter) -> None:
@@ -75,7 +72,6 @@ class SlotPool:
                 w.bts[where.sub_idx][slot, :r].copy_(lora_b.T)                 # [r, out_m]
         self.scales[slot] = adapter.config.scaling
         self.slot_ranks[slot] = rank
-        self.version += 1
 
     def clear(self, slot: int) -> None:
         """Zero `slot`; shrink the stack rank when the largest remaining rank is half or less."""
@@ -83,18 +79,15 @@ class SlotPool:
         self._zero_slot(slot)
         self.scales[slot] = 0.0
         self.slot_ranks[slot] = 0
-        self.version += 1
         largest = max(self.slot_ranks)
         if 0 < largest and 2 * largest <= self.stack_rank:
             self._relayout(largest)
 
-    def step_for(self, info: LoraBatchInfo) -> LoraStep:
-        """The ops' per-step routing for `info`, prepared once and shared by all projections."""
-        key = (info, self.version)
-        if self._step_key is None or self._step_key[0] is not info or self._step_key[1] != self.version:
-            self._step = self.ops.prepare(info, self.scales)
-            self._step_key = key
-        return self._step
+    def prepare_step(self, info: LoraBatchInfo) -> LoraStep:
+        """The step's routing for the ops, shared by every projection of one forward pass.
+
+        The runner calls it once per step, after the batch's adapters are in their slots."""
+        return self.ops.prepare(info, self.scales)
 
     def detach(self) -> None:
         """Remove the hooks from the targets."""
@@ -133,7 +126,6 @@ class SlotPool:
                                                bts=tuple(bts), col_starts=_col_starts(target.out_sizes),
                                                rank=rank))
         self.weights, self.stack_rank = new_weights, rank
-        self.version += 1
 
     def _resized(self, bufs: list[torch.Tensor], j: int, shape: tuple[int, ...]) -> torch.Tensor:
         """A view of bufs[j] with `shape`, growing the flat buffer when it is too small."""

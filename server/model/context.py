@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lora.batch_info import LoraBatchInfo
+from ..lora.delta import LoraStep
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class AttentionMetadata:
 
 @dataclass(frozen=True)
 class ForwardContext:
+    """What one forward pass needs besides the token ids, prepared once by the runner."""
+
     positions: torch.Tensor             # [num_tokens] int64
     attn: AttentionMetadata
-    lora: LoraBatchInfo | None = None   # None = no adapters anywhere in this batch
+    lora: LoraStep | None = None        # the step's LoRA routing; None = no adapter in this batch

@@ -120,7 +120,7 @@ class CausalLM(torch.nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] (only rows that sample) -> [n, vocab] float32."""
-        return self.lm_head.apply(hidden).float()
+        return self.lm_head.linear(hidden).float()
 
     def lora_targets(self) -> list[ProjLinear]:
         """Every projection a LoRA delta can attach to, layer by layer (qkv, o, gate_up, down)."""

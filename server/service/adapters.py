@@ -12,7 +12,7 @@ import grpc
 
 from ...v1 import adapters_pb2 as pb
 from ...v1 import adapters_pb2_grpc
-from .convert import ADAPTER_REF_RE
+from ..engine.validation import ADAPTER_REF_RE
 from .errors import FieldViolation, ServiceError, invalid_argument, rpc_errors
 from .state import ServiceState
 from .store_convert import adapter_info, upload_metadata

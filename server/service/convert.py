@@ -1,97 +1,71 @@
-"""Proto <-> engine types for generation, with field-by-field validation.
+"""Proto <-> engine types for generation, and engine field paths -> proto field paths.
 
-`to_generation_request` collects every problem of a request as a BadRequest field violation
-(named by its proto path, e.g. `input.sampling.top_p`) and raises one INVALID_ARGUMENT.
+The converter checks nothing: the engine's validator (engine/validation.py) owns every check
+and names fields relative to GenerationRequest; `wire_field` maps those names onto this API's
+proto paths (`sampling.top_p` -> `input.sampling.top_p`), so clients see the fields they sent.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
-
 from ...v1 import generation_pb2 as pb
-from ..engine.io import GenerationRequest, RequestOutput
+from ..engine.config import RequestLimits
+from ..engine.io import GenerationRequest, RequestOutput, RequestRejected
 from ..engine.sequence import FinishReason, SamplingParams
+from ..engine.validation import check_request
 from .errors import FieldViolation, invalid_argument
-
-ADAPTER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[1-9][0-9]{0,8})?$")
-CHAT_ROLES = ("system", "user", "assistant")
-DEFAULT_MAX_NEW_TOKENS = 256
 
 _FINISH = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.EOS: pb.FINISH_REASON_EOS,
            FinishReason.STOP: pb.FINISH_REASON_STOP}
 
+# GenerationRequest field (first path segment) -> GenerationInput proto path.
+_WIRE_NAMES = {"": "input", "prompt": "input.prompt", "messages": "input.chat.messages",
+               "prompt_token_ids": "input", "adapter_id": "input.adapter_id", "sampling": "input.sampling"}
 
-@dataclass(frozen=True)
-class RequestLimits:
-    """The service-level limits checked before a request reaches the engine."""
 
-    max_new_tokens: int
-    max_stop_sequences: int
+def wire_field(path: str) -> str:
+    """An engine field path (validation.py) -> the proto path of the same field in this API."""
+    head = path.split(".", 1)[0].split("[", 1)[0]
+    wire = _WIRE_NAMES.get(head)
+    return path if wire is None else wire + path[len(head):]
+
+
+def wire_violations(error: RequestRejected) -> list[FieldViolation]:
+    return [FieldViolation(wire_field(v.field), v.description) for v in error.violations]
 
 
 def to_generation_request(message: pb.GenerationInput, request_id: str, tenant: str | None,
                           limits: RequestLimits) -> GenerationRequest:
-    problems: list[FieldViolation] = []
-    prompt, messages = _input(message, problems)
-    adapter = message.adapter_id.strip()
-    if adapter and not ADAPTER_REF_RE.match(adapter):
-        problems.append(FieldViolation("input.adapter_id", "must be 'name' or 'name@version' with name matching "
-                                       "[A-Za-z0-9][A-Za-z0-9._-]{0,127}"))
-    sampling = _sampling(message.sampling, limits, problems)
-    if problems:
-        raise invalid_argument(problems)
-    return GenerationRequest(request_id=request_id, prompt=prompt, messages=messages,
-                             adapter_id=adapter or None, sampling=sampling, tenant=tenant)
+    """The engine's request for a proto input; raises INVALID_ARGUMENT (every problem, proto
+    paths) when the engine's validator refuses it, before the request waits for the engine."""
+    request = GenerationRequest(request_id=request_id, prompt=_prompt(message), messages=_messages(message),
+                                adapter_id=message.adapter_id.strip() or None,
+                                sampling=_sampling(message.sampling), tenant=tenant)
+    violations = check_request(request, limits)
+    if violations:
+        raise invalid_argument(wire_violations(RequestRejected.of(violations)))
+    return request
 
 
-def _input(message: pb.GenerationInput, problems: list[FieldViolation]):
-    kind = message.WhichOneof("input")
-    if kind is None:
-        problems.append(FieldViolation("input", "set exactly one of prompt or chat"))
-        return None, None
-    if kind == "prompt":
-        if not message.prompt:
-            problems.append(FieldViolation("input.prompt", "must not be empty"))
-        return message.prompt, None
-    chat = message.chat.messages
-    if not chat:
-        problems.append(FieldViolation("input.chat.messages", "must hold at least one message"))
-    for index, item in enumerate(chat):
-        if item.role not in CHAT_ROLES:
-            problems.append(FieldViolation(f"input.chat.messages[{index}].role",
-                                           f"must be one of {', '.join(CHAT_ROLES)} (got {item.role!r})"))
-    return None, tuple((item.role, item.content) for item in chat)
+def _prompt(message: pb.GenerationInput) -> str | None:
+    return message.prompt if message.WhichOneof("input") == "prompt" else None
 
 
-def _sampling(params: pb.SamplingParams, limits: RequestLimits, problems: list[FieldViolation]) -> SamplingParams:
-    def bad(name: str, description: str) -> None:
-        problems.append(FieldViolation(f"input.sampling.{name}", description))
+def _messages(message: pb.GenerationInput) -> tuple[tuple[str, str], ...] | None:
+    if message.WhichOneof("input") != "chat":
+        return None
+    return tuple((item.role, item.content) for item in message.chat.messages)
 
-    max_new = params.max_new_tokens if params.HasField("max_new_tokens") else min(
-        DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
-    if not 1 <= max_new <= limits.max_new_tokens:
-        bad("max_new_tokens", f"must be in [1, {limits.max_new_tokens}] (got {max_new})")
-    temperature = params.temperature if params.HasField("temperature") else 0.0
-    if not (math.isfinite(temperature) and temperature >= 0):
-        bad("temperature", "must be a finite number >= 0")
-    top_p = params.top_p if params.HasField("top_p") else 1.0
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        bad("top_p", "must be in (0, 1]")
-    penalty = params.repetition_penalty if params.HasField("repetition_penalty") else 1.0
-    if not (math.isfinite(penalty) and penalty > 0):
-        bad("repetition_penalty", "must be a finite number > 0")
-    seed = params.seed if params.HasField("seed") else None
-    if seed is not None and seed >= 2**63:
-        bad("seed", "must be < 2**63")
-    if len(params.stop) > limits.max_stop_sequences:
-        bad("stop", f"at most {limits.max_stop_sequences} stop sequences (got {len(params.stop)})")
-    if any(not s for s in params.stop):
-        bad("stop", "stop sequences must not be empty")
-    return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p,
-                          top_k=params.top_k if params.HasField("top_k") else 0,
-                          repetition_penalty=penalty, seed=seed, stop=tuple(params.stop),
+
+def _sampling(params: pb.SamplingParams) -> SamplingParams:
+    def given(name: str, default):
+        return getattr(params, name) if params.HasField(name) else default
+
+    defaults = SamplingParams()
+    return SamplingParams(max_new_tokens=given("max_new_tokens", None),
+                          temperature=given("temperature", defaults.temperature),
+                          top_p=given("top_p", defaults.top_p), top_k=given("top_k", defaults.top_k),
+                          repetition_penalty=given("repetition_penalty", defaults.repetition_penalty),
+                          seed=given("seed", None), stop=tuple(params.stop),
                           stop_token_ids=tuple(params.stop_token_ids), ignore_eos=params.ignore_eos,
                           logprobs=params.logprobs)
 

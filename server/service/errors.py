@@ -101,8 +101,8 @@ def map_error(error: BaseException) -> MappedStatus:
     if isinstance(error, ServiceError):
         return MappedStatus(error.code, error.message, error.violations, error.retry_after_s)
     if isinstance(error, RequestRejected):
-        violation = FieldViolation(error.field_name, error.message)
-        return MappedStatus(grpc.StatusCode.INVALID_ARGUMENT, str(error), (violation,))
+        violations = tuple(FieldViolation(v.field, v.description) for v in error.violations)
+        return MappedStatus(grpc.StatusCode.INVALID_ARGUMENT, str(error), violations)
     if isinstance(error, QueueFull):
         return MappedStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), retry_after_s=error.retry_after_s)
     if isinstance(error, EngineDraining):

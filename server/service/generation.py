@@ -11,14 +11,16 @@ from typing import AsyncIterator
 from ...v1 import generation_pb2 as pb
 from ...v1 import generation_pb2_grpc
 from ..engine.io import RequestOutput, RequestRejected
-from .convert import ADAPTER_REF_RE, RequestLimits, stream_response, to_generation_request, unary_response
-from .errors import ServiceError, map_error, rpc_errors
+from ..engine.validation import ADAPTER_REF_RE
+from .convert import stream_response, to_generation_request, unary_response, wire_violations
+from .errors import ServiceError, invalid_argument, map_error, rpc_errors
 from .state import ServiceState
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, state: ServiceState):
         self.state = state
+        self.limits = state.config.request_limits()
 
     @rpc_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
@@ -37,10 +39,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         last: RequestOutput | None = None
         adapter = message.adapter_id if ADAPTER_REF_RE.match(message.adapter_id) else None
         try:
-            config = self.state.config
-            limits = RequestLimits(config.max_new_tokens, config.max_stop_sequences)
             tenant = self.state.keys.principal(context).tenant
-            request = to_generation_request(message, uuid.uuid4().hex, tenant, limits)
+            request = to_generation_request(message, uuid.uuid4().hex, tenant, self.limits)
             engine = self.state.require_engine()
             previous = time.monotonic()
             async with contextlib.aclosing(engine.generate(request)) as outputs:
@@ -58,7 +58,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             self._record(method, "CANCELLED", last, adapter)
             raise
         except Exception as error:  # noqa: BLE001 - mapped here once, so metrics see the code
-            mapped = map_error(_qualify(error))
+            mapped = map_error(_to_wire(error))
             self._record(method, mapped.code.name, last, adapter)
             raise ServiceError(mapped.code, mapped.message, mapped.violations, mapped.retry_after_s) from None
         self._record(method, "OK", last, adapter)
@@ -76,10 +76,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             timing=last.timing if finished else None)
 
 
-def _qualify(error: Exception) -> Exception:
-    """Engine field names are relative to GenerationInput; make them proto paths."""
-    if isinstance(error, RequestRejected) and not error.field_name.startswith(("input", "request_id")):
-        return RequestRejected(f"input.{error.field_name}", error.message)
+def _to_wire(error: Exception) -> Exception:
+    """The engine names fields inside GenerationRequest; clients see this API's proto paths."""
+    if isinstance(error, RequestRejected):
+        return invalid_argument(wire_violations(error))
     return error
 
 

@@ -63,6 +63,6 @@ def test_add_delta_matches_reference_on_pool(dtype):
         x = xs[target.in_features]
         y_fast = torch.zeros(len(TOKEN_SLOTS), target.out_features, device="cuda", dtype=dtype)
         y_ref = y_fast.clone()
-        target.lora.add_delta(x, y_fast, info)
+        target.lora.add_delta(x, y_fast, pool.prepare_step(info))
         ref.add_delta(x, y_ref, pool.weights[i], ref.prepare(info, pool.scales))
         torch.testing.assert_close(y_fast, y_ref, rtol=tol, atol=tol)

@@ -34,8 +34,8 @@ def test_bnb_4bit_matches_linear4bit_on_cuda(method):
     ours = build_linear(weight, None, spec)
     assert torch.equal(ours.w_4bit, library.weight.data)
     with torch.no_grad():
-        torch.testing.assert_close(ours.apply(x), library(x), rtol=0, atol=0)
-        torch.testing.assert_close(ours.apply(x[:1]), library(x[:1]), rtol=0, atol=0)  # gemv
+        torch.testing.assert_close(ours.linear(x), library(x), rtol=0, atol=0)
+        torch.testing.assert_close(ours.linear(x[:1]), library(x[:1]), rtol=0, atol=0)  # gemv
 
 
 def test_bnb_int8_matches_linear8bitlt_on_cuda():
@@ -49,7 +49,7 @@ def test_bnb_int8_matches_linear8bitlt_on_cuda():
     ours = build_linear(weight, None, QuantSpec(method="bnb-int8", compute_dtype=torch.float16,
                                                 device="cuda"))
     with torch.no_grad():
-        torch.testing.assert_close(ours.apply(x), library(x), rtol=0, atol=0)
+        torch.testing.assert_close(ours.linear(x), library(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["hqq-2bit", "hqq-3bit", "hqq-4bit", "hqq-8bit"])
@@ -60,7 +60,7 @@ def test_hqq_kernel_matches_dequantized_weight_on_cuda(method, dtype):
                                                  device="cuda"))
     expected = F.linear(x.float(), layer.dequantized_weight().float()).to(dtype)
     # fast kernels accumulate in other orders and may round activations; allow 16-bit rounding
-    torch.testing.assert_close(layer.apply(x), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer.linear(x), expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("EETQ") is None, reason="eetq is not installed")
@@ -75,7 +75,7 @@ def test_eetq_kernel_matches_torch_path():
     # Same scheme: int8 codes agree except on round-half ties; scales in float16 vs float32.
     torch.testing.assert_close(kernel.dequantized_weight().float(),
                                torch_path.dequantized_weight(), rtol=1e-2, atol=1e-3)
-    torch.testing.assert_close(kernel.apply(x).float(), torch_path.apply(x.float()),
+    torch.testing.assert_close(kernel.linear(x).float(), torch_path.linear(x.float()),
                                rtol=2e-2, atol=2e-2)
 
 
@@ -85,5 +85,5 @@ def test_eetq_torch_path_on_cuda_matches_cpu():
     cpu_layer = build_linear(weight, None, QuantSpec(method="eetq"))
     assert not cuda_layer.uses_eetq_kernel   # the kernel path needs float16
     assert torch.equal(cuda_layer.w_int8.cpu(), cpu_layer.w_int8)
-    torch.testing.assert_close(cuda_layer.apply(x).cpu(), cpu_layer.apply(x.cpu()),
+    torch.testing.assert_close(cuda_layer.linear(x).cpu(), cpu_layer.linear(x.cpu()),
                                rtol=1e-4, atol=1e-4)

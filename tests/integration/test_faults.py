@@ -63,7 +63,7 @@ def _generate(channel, prompt: str, adapter: str = "", n: int = 12):
     return generation_pb2_grpc.GenerationServiceStub(channel).Generate(_request(prompt, adapter, n), timeout=20)
 
 
-def _idle(running, timeout: float = 10.0):
+def _idle(running, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stats = running.state.engine.stats()
@@ -172,7 +172,7 @@ def test_disk_full_mid_upload_is_rejected_cleanly(tiny_llama_dir, tmp_path):
             stub.UploadAdapter(iter(messages), timeout=20)
         assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
         assert str(mount) not in caught.value.details()
-        deadline = time.monotonic() + 10                      # the staging dir is removed as the upload aborts
+        deadline = time.monotonic() + 60                      # the staging dir is removed as the upload aborts
         while _staged(mount) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _staged(mount) == [], "a partial upload was left on disk"
@@ -217,14 +217,16 @@ def test_sigkill_under_traffic_then_restart_recovers(tiny_llama_dir, tmp_path):
     port, store = _free_port(), tmp_path / "store"
     process = _serve(tiny_llama_dir, store, port)
     adapter = make_peft_adapter(tiny_llama_dir, tmp_path / "adapter", seed=21)
+    # The test waits on conditions (the ready line, the stream's end), never on a retry budget: the
+    # few retries only cover the channel reconnecting to the restarted server.
     client = Client(f"127.0.0.1:{port}", timeout=120,
-                    retry=RetryPolicy(max_attempts=12, initial_backoff_s=0.5, max_backoff_s=4.0))
+                    retry=RetryPolicy(max_attempts=4, initial_backoff_s=0.5, max_backoff_s=2.0))
     try:
         client.upload_adapter(adapter, "survivor")
         expected = client.generate("After the crash", "survivor", max_new_tokens=8, ignore_eos=True).token_ids
         raw = grpc.insecure_channel(f"127.0.0.1:{port}")
         in_flight = generation_pb2_grpc.GenerationServiceStub(raw).GenerateStream(gen.GenerateStreamRequest(
-            input=_request("Long running", n=400).input), timeout=20)
+            input=_request("Long running", n=400).input), timeout=120)
         next(in_flight)                                        # the request is running
         process.kill()                                         # SIGKILL under traffic
         process.wait(10)
@@ -234,12 +236,8 @@ def test_sigkill_under_traffic_then_restart_recovers(tiny_llama_dir, tmp_path):
         with pytest.raises(LoraplexError) as down:
             Client(f"127.0.0.1:{port}", timeout=5, retry=RetryPolicy(max_attempts=1)).info()
         assert down.value.code is grpc.StatusCode.UNAVAILABLE
-        holder: list[subprocess.Popen] = []
-        restarter = threading.Timer(1.0, lambda: holder.append(_serve(tiny_llama_dir, store, port)))
-        restarter.start()
-        after = client.generate("After the crash", "survivor", max_new_tokens=8, ignore_eos=True)   # retries
-        restarter.join()
-        process = holder[0]
+        process = _serve(tiny_llama_dir, store, port)          # returns once the server is ready
+        after = client.generate("After the crash", "survivor", max_new_tokens=8, ignore_eos=True)
         assert after.token_ids == expected
         assert [a.adapter_id for a in client.list_adapters()] == ["survivor"]
     finally:

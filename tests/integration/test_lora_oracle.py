@@ -117,7 +117,7 @@ def loraplex_outputs(model_dir, method, adapter_dirs, prompts, tmp_path):
     from loraplex.server.engine.config import EngineConfig
 
     root = next(iter(adapter_dirs.values())).parent
-    base = base_spec_for(EngineConfig(model_dir=model_dir, quantize=method))
+    base = base_spec_for(EngineConfig.from_settings(model_dir, method=method))
     store = AdapterStore(tmp_path / f"store-{method}", StoreConfig(allowed_register_roots=(root,)), base)
     for name, path in adapter_dirs.items():
         store.register_path(name, path)

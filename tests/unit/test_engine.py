@@ -100,4 +100,4 @@ def test_chat_messages_are_rendered(engine):
     assert out[-1].prompt_tokens > 3
     with pytest.raises(RequestRejected) as info:
         engine.add_request(GenerationRequest(request_id="badchat", messages=(("robot", "x"),)))
-    assert info.value.field_name == "input.chat"
+    assert info.value.field_name == "messages[0].role"

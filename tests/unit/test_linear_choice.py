@@ -60,7 +60,7 @@ def test_measured_choice_is_cached_and_reused(tmp_path, native_kernels, monkeypa
     assert any("native (1-4 rows)" in line and "library (33-64 rows)" in line for line in lines)
     layer = model[0]
     x = torch.randn(3, 128)
-    assert torch.allclose(layer.apply(x), layer.kernel_candidates()["native"](x))
+    assert torch.allclose(layer.linear(x), layer.kernel_candidates()["native"](x))
     # a second start on the same machine reads the cache: nothing is measured again
     model2, _ = _model("bnb-nf4")
     again = linear_choice.choose_linear_kernels(model2, spec, KernelSet(native=native_kernels),
@@ -114,7 +114,7 @@ def test_real_measurement_picks_a_candidate_and_serves_it(tmp_path, native_kerne
     for choice in choices:
         assert {name for _, name in choice.routes} <= {"native", "library"}
     layer, x = model[0], torch.randn(20, 128)
-    torch.testing.assert_close(layer.apply(x), x @ layer.dequantized_weight().t(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.linear(x), x @ layer.dequantized_weight().t(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not onednn_supported(torch.float32, "cpu"), reason="no oneDNN")

@@ -107,7 +107,7 @@ def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[
     manager = AdapterManager(pool)
     slots = manager.activate({k for k in ROWS if k}, lambda key: load_peft_dir(key, adapter_dirs[key]))
     caches = allocate_kv_caches(config, 32, BLOCK_SIZE, torch.float32)
-    runner = ModelRunner(model, config, caches, BLOCK_SIZE, sampler=lambda logits, seqs: None)
+    runner = ModelRunner(model, config, caches, BLOCK_SIZE, sampler=lambda logits, seqs: None, lora=pool)
     seqs = [Sequence(i, list(p), SamplingParams(), adapter_key=key) for i, (p, key) in enumerate(zip(prompts, ROWS))]
     for i, seq in enumerate(seqs):
         seq.block_table = list(range(i * 8, (i + 1) * 8))

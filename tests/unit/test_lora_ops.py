@@ -51,7 +51,7 @@ def test_reference_matches_direct_oracle():
     for target in targets:
         x = xs[target.in_features]
         y = torch.zeros(len(TOKEN_SLOTS), target.out_features)
-        target.lora.add_delta(x, y, info)
+        target.lora.add_delta(x, y, pool.prepare_step(info))
         torch.testing.assert_close(y.double(), oracle_delta(target, x, per_token), rtol=1e-5, atol=1e-5)
     assert y[5:8].abs().sum() == 0 and y[13].abs().sum() == 0          # slot -1 rows get nothing
 
@@ -62,11 +62,11 @@ def test_fast_routes_match_reference(route, dtype, tol):
     """Adapters and compute in `dtype`; bf16 tolerance covers accumulation-order rounding."""
     pool, targets, _ = _pool(TorchOps(), dtype)
     info = LoraBatchInfo.from_token_slots(torch.tensor(TOKEN_SLOTS))
-    step = pool.step_for(info)
+    step = pool.prepare_step(info)
     xs = _inputs(dtype)
     for i, target in enumerate(targets):
         x = xs[target.in_features]
-        y_base = target.base.apply(x)
+        y_base = target.base.linear(x)
         y_fast, y_ref = y_base.clone(), y_base.clone()
         route(x, y_fast, pool.weights[i], step.plan)
         ref.add_delta(x, y_ref, pool.weights[i], ref.prepare(info, pool.scales))
@@ -82,7 +82,7 @@ def test_float32_adapters_with_bf16_activations():
         x = xs[target.in_features]
         y_fast = torch.zeros(len(TOKEN_SLOTS), target.out_features, dtype=torch.bfloat16)
         y_ref = y_fast.clone()
-        target.lora.add_delta(x, y_fast, info)
+        target.lora.add_delta(x, y_fast, pool.prepare_step(info))
         ref.add_delta(x, y_ref, pool.weights[targets.index(target)], ref.prepare(info, pool.scales))
         torch.testing.assert_close(y_fast, y_ref, rtol=1e-2, atol=1e-2)
 
@@ -114,9 +114,9 @@ def test_route_choice_follows_batch_shape():
     pool, _, _ = _pool(TorchOps())
     fast: TorchOps = pool.ops
     weights = pool.weights[2]                                  # gate_up of layer 0
-    decode = pool.step_for(LoraBatchInfo.from_token_slots(torch.tensor([0, 1, 2, 3])))
+    decode = pool.prepare_step(LoraBatchInfo.from_token_slots(torch.tensor([0, 1, 2, 3])))
     assert fast.choose_route(weights, decode.plan) == "padded"
-    lopsided = pool.step_for(LoraBatchInfo.from_token_slots(torch.tensor([0] * 20000 + [1, 2, 3])))
+    lopsided = pool.prepare_step(LoraBatchInfo.from_token_slots(torch.tensor([0] * 20000 + [1, 2, 3])))
     assert fast.choose_route(weights, lopsided.plan) == "grouped"
 
 
@@ -125,10 +125,10 @@ def test_projection_forward_adds_delta_through_hook():
     info = LoraBatchInfo.from_token_slots(torch.tensor(TOKEN_SLOTS))
     target = targets[2]
     x = _inputs()[HIDDEN]
-    expected = target.base.apply(x).double() + oracle_delta(
+    expected = target.base.linear(x).double() + oracle_delta(
         target, x, [adapters[s] if s >= 0 else None for s in TOKEN_SLOTS])
-    torch.testing.assert_close(target(x, info).double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(target(x, None), target.base.apply(x))
+    torch.testing.assert_close(target(x, pool.prepare_step(info)).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target(x, None), target.base.linear(x))
 
 
 def test_select_ops_on_cpu():
@@ -140,7 +140,7 @@ def test_select_ops_on_cpu():
         select_ops("cpu", "cuda-magic")
 
 
-# ---- the fused native kernel (cpu_kernels.cpp lora_bgmv) --------------------------------
+# ---- the fused native kernel (kernels/csrc/lora.cpp lora_bgmv) --------------------------------
 
 @pytest.mark.parametrize("slots", [[3, 1, 4, 0, 2], [0, 0, 2, -1, 2], [-1, -1], [1]])
 @pytest.mark.parametrize("rank", [4, 7])
@@ -175,17 +175,17 @@ def test_native_route_in_torch_ops_matches_reference(native_kernels):
     decode_slots = [1, -1, 3, 2, 0, 3]
     pool, targets, _ = _pool(select_ops("cpu", cpu_kernels=native_kernels))
     info = LoraBatchInfo.from_token_slots(torch.tensor(decode_slots))
-    step = pool.step_for(info)
+    step = pool.prepare_step(info)
     gen = torch.Generator().manual_seed(3)
     xs = {HIDDEN: torch.randn(6, HIDDEN, generator=gen), INTER: torch.randn(6, INTER, generator=gen)}
     for i, target in enumerate(targets):
         x = xs[target.in_features]
-        y_fast = target.base.apply(x)
+        y_fast = target.base.linear(x)
         y_ref = y_fast.clone()
         pool.ops.add_delta(x, y_fast, pool.weights[i], step)
         ref.add_delta(x, y_ref, pool.weights[i], ref.prepare(info, pool.scales))
         torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
     assert set(step.plan.routes.values()) == {"native"}
-    prefill = pool.step_for(LoraBatchInfo.from_token_slots(torch.tensor([0] * 9 + [1])))
+    prefill = pool.prepare_step(LoraBatchInfo.from_token_slots(torch.tensor([0] * 9 + [1])))
     assert not pool.ops.native_fits(xs[HIDDEN][:1].expand(10, -1), torch.zeros(10, 4),
                                     pool.weights[0], prefill.plan)    # 9 tokens of one slot: GEMMs

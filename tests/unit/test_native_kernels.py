@@ -1,4 +1,4 @@
-"""Every fused CPU kernel (cpu_kernels.cpp via native.py) against its pure-torch twin."""
+"""Every fused CPU kernel (kernels/csrc via kernels/native.py) against its pure-torch twin."""
 
 from __future__ import annotations
 

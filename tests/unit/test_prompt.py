@@ -58,16 +58,21 @@ def test_render_chat_default_system_prompt_comes_from_the_template(tokenizer):
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("messages,field", [
-    ([], "at least one message"),
-    ([("user", "ok"), ("tool", "x")], r"messages\[1\]\.role 'tool'"),
-    ([("User", "x")], r"messages\[0\]\.role"),
-    ([("user", 3)], r"messages\[0\]\.content"),
-    ([("user",)], r"messages\[0\] must be a \(role, content\) pair"),
+@pytest.mark.parametrize("messages,field,description", [
+    ([], "messages", "at least one message"),
+    ([("user", "ok"), ("tool", "x")], "messages[1].role", "(got 'tool')"),
+    ([("User", "x")], "messages[0].role", "must be one of system, user, assistant"),
+    ([("user", 3)], "messages[0].content", "must be a string"),
+    ([("user",)], "messages[0]", "must be a (role, content) pair"),
 ])
-def test_render_chat_rejects_bad_messages(tokenizer, messages, field):
-    with pytest.raises(ValueError, match=field):
-        render_chat(tokenizer, messages)
+def test_validator_rejects_bad_chat_messages(messages, field, description):
+    from loraplex.server.engine.config import RequestLimits
+    from loraplex.server.engine.io import GenerationRequest
+    from loraplex.server.engine.validation import check_request
+
+    violations = check_request(GenerationRequest("r", messages=tuple(messages)), RequestLimits())
+    assert [v.field for v in violations] == [field]
+    assert description in violations[0].description
 
 
 def test_render_chat_without_template_says_what_to_do(tokenizer_only_dir):

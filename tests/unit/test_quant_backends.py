@@ -62,7 +62,7 @@ def test_output_equals_library_module(method, double_quant):
     ours = build_linear(weight, bias, spec)
     with torch.no_grad():
         expected = _library_module(method, weight, bias, spec)(x)
-    torch.testing.assert_close(ours.apply(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(ours.linear(x), expected, rtol=0, atol=0)
 
 
 def test_eetq_torch_path_matches_reference_twin():
@@ -74,7 +74,7 @@ def test_eetq_torch_path_matches_reference_twin():
                                                                   dtype=torch.int8))
     expected = int8_weight_only_linear_ref(x, layer.w_int8, layer.scale, layer.bias)
     # Only the order of rounding differs: (x @ q^T) * s vs x @ (q * s)^T.
-    torch.testing.assert_close(layer.apply(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.linear(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def _elementwise_weight_bound(method: str, weight: torch.Tensor, layer) -> torch.Tensor:
@@ -112,7 +112,7 @@ def test_error_vs_float_linear_is_within_scheme_bound(method):
         x_step = x.abs().amax(dim=1, keepdim=True) / 127
         output_bound += (x_step / 2 + x.abs() * 2**-11) @ layer.dequantized_weight().abs().t()
     output_bound += 1e-5 * (x.abs() @ weight.abs().t()) + 1e-5
-    error = (layer.apply(x) - F.linear(x, weight, bias)).abs()
+    error = (layer.linear(x) - F.linear(x, weight, bias)).abs()
     assert bool((error <= output_bound).all())
 
 
@@ -123,7 +123,7 @@ def test_apply_equals_dequantized_linear(method):
     layer = build_linear(weight, bias, QuantSpec(method=method))
     dequantized = layer.dequantized_weight()
     assert dequantized.shape == weight.shape and dequantized.dtype == torch.float32
-    torch.testing.assert_close(layer.apply(x), F.linear(x, dequantized, bias),
+    torch.testing.assert_close(layer.linear(x), F.linear(x, dequantized, bias),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -139,9 +139,9 @@ def test_fused_layer_equals_separate_layers(method, double_quant):
     parts = _parts(IN_FEATURES)
     x = _weights(seed=6)[2]
     fused = build_fused_linear(parts, [None] * 3, spec)
-    separate = torch.cat([build_linear(w, None, spec).apply(x) for w in parts], dim=-1)
+    separate = torch.cat([build_linear(w, None, spec).linear(x) for w in parts], dim=-1)
     assert fused.out_features == 256
-    torch.testing.assert_close(fused.apply(x), separate, rtol=0, atol=0)
+    torch.testing.assert_close(fused.linear(x), separate, rtol=0, atol=0)
     assert fused.weight_bytes() <= sum(build_linear(w, None, spec).weight_bytes() for w in parts)
 
 
@@ -204,13 +204,13 @@ def test_bfloat16_compute_matches_library_fed_bfloat16_weights(method):
     with torch.no_grad():
         expected = _library_module(method, weight.to(torch.bfloat16), bias.to(torch.bfloat16),
                                    spec)(x16)
-    assert ours.apply(x16).dtype == torch.bfloat16
-    torch.testing.assert_close(ours.apply(x16), expected, rtol=0, atol=0)
+    assert ours.linear(x16).dtype == torch.bfloat16
+    torch.testing.assert_close(ours.linear(x16), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", CPU_METHODS)
 def test_output_dtype_follows_compute_dtype(method):
     weight, bias, x = _weights(seed=8)
     layer = build_linear(weight, bias, QuantSpec(method=method, compute_dtype=torch.bfloat16))
-    assert layer.apply(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert layer.linear(x.to(torch.bfloat16)).dtype == torch.bfloat16
     assert layer.dequantized_weight().dtype == torch.bfloat16

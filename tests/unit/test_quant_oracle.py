@@ -45,7 +45,7 @@ def test_bnb_4bit_same_data_and_outputs_as_transformers(tiny_llama_dir, method, 
             assert torch.equal(ours.quant_state.offset, ref_state.offset)
         x = _inputs(ours.in_features)
         with torch.no_grad():
-            torch.testing.assert_close(ours.apply(x), module(x), rtol=0, atol=0)
+            torch.testing.assert_close(ours.linear(x), module(x), rtol=0, atol=0)
 
 
 def test_bnb_int8_same_data_and_outputs_as_transformers(tiny_llama_dir):
@@ -54,7 +54,7 @@ def test_bnb_int8_same_data_and_outputs_as_transformers(tiny_llama_dir):
         assert torch.equal(ours.row_absmax, module.weight.SCB)
         x = _inputs(ours.in_features)
         with torch.no_grad():
-            torch.testing.assert_close(ours.apply(x), module(x), rtol=0, atol=0)
+            torch.testing.assert_close(ours.linear(x), module(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["hqq-4bit", "hqq-8bit"])
@@ -65,7 +65,7 @@ def test_hqq_same_data_and_outputs_as_reference(tiny_llama_dir, method):
         assert torch.equal(ours.hqq.meta["zero"], module.meta["zero"])
         x = _inputs(ours.in_features)
         with torch.no_grad():
-            torch.testing.assert_close(ours.apply(x), module(x), rtol=0, atol=0)
+            torch.testing.assert_close(ours.linear(x), module(x), rtol=0, atol=0)
 
 
 def test_eetq_reference_uses_the_torch_path_weights(tiny_llama_dir):
@@ -73,7 +73,7 @@ def test_eetq_reference_uses_the_torch_path_weights(tiny_llama_dir):
         assert torch.equal(ours.dequantized_weight(), module.weight.data)
         x = _inputs(ours.in_features)
         with torch.no_grad():   # same weights; only the order of rounding differs
-            torch.testing.assert_close(ours.apply(x), module(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ours.linear(x), module(x), rtol=1e-5, atol=1e-5)
 
 
 def test_every_choice_loads_and_runs(tiny_llama_dir):

@@ -12,6 +12,7 @@ from loraplex.server.engine.runner import ModelRunner
 from loraplex.server.engine.sequence import SamplingParams, Sequence
 from loraplex.server.layers.base import QuantSpec
 from loraplex.server.lora.batch_info import LoraBatchInfo
+from loraplex.server.lora.delta import LoraStep
 from loraplex.server.model.kv_cache import allocate_kv_caches
 from loraplex.server.model.llama import build_model
 
@@ -29,10 +30,17 @@ def greedy(logits: torch.Tensor, seqs: list[Sequence]) -> Greedy:
     return Greedy(logits.argmax(-1).tolist(), logits.log_softmax(-1).max(-1).values.tolist())
 
 
+class StepSource:
+    """The runner's LoRA step source (the SlotPool's role): routing plus unit scales."""
+
+    def prepare_step(self, info: LoraBatchInfo) -> LoraStep:
+        return LoraStep(info=info, scales=torch.ones(2))
+
+
 def make_runner(model_dir, num_blocks=64):
     model, config = build_model(model_dir, QuantSpec())
     caches = allocate_kv_caches(config, num_blocks, BLOCK_SIZE, torch.float32)
-    return ModelRunner(model, config, caches, BLOCK_SIZE, greedy), model
+    return ModelRunner(model, config, caches, BLOCK_SIZE, greedy, lora=StepSource()), model
 
 
 def new_seq(seq_id: int, prompt: list[int], first_block: int, adapter: str | None = None) -> Sequence:
@@ -47,8 +55,8 @@ def greedy_generate(runner: ModelRunner, prompts: list[list[int]], num_new: int)
     items = [ScheduledSeq(seq, 0, seq.num_prompt_tokens, True) for seq in seqs]
     for _ in range(num_new):
         out = runner.run(ScheduledBatch(tuple(items)))
-        for seq, token in zip(seqs, out.sampled_token_ids):
-            seq.output_token_ids.append(token)
+        for seq in seqs:
+            seq.output_token_ids.append(out.sampled_token_ids[seq.seq_id])
         items = [ScheduledSeq(seq, seq.num_tokens - 1, 1, True) for seq in seqs]
     return [seq.output_token_ids for seq in seqs]
 
@@ -84,8 +92,8 @@ def test_samples_only_items_that_ask(tiny_llama_dir):
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf(torch.tensor([a.prompt_token_ids])).logits[0, -1].argmax().item()
-    assert out.sampled_token_ids == [expected]
-    assert runner.run(ScheduledBatch(())).sampled_token_ids == []
+    assert out.sampled_token_ids == {a.seq_id: expected}
+    assert runner.run(ScheduledBatch(())).sampled_token_ids == {}
 
 
 class RecordingLora:
@@ -97,7 +105,8 @@ class RecordingLora:
         self.b = torch.randn(out_features, 2, generator=gen)
         self.seen: list[LoraBatchInfo] = []
 
-    def add_delta(self, x: torch.Tensor, y: torch.Tensor, info: LoraBatchInfo) -> None:
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, step: LoraStep) -> None:
+        info = step.info
         self.seen.append(info)
         rows = info.token_slots == 0
         y[rows] += x[rows] @ self.a.T @ self.b.T
@@ -120,16 +129,16 @@ def test_lora_routing(tiny_llama_dir):
     info = hook.seen[0]
     assert info.token_slots.tolist() == [-1] * 4 + [0] * 4 + [1] * 2
     assert info.active_slots == (0, 1)
-    assert out.sampled_token_ids[0] == out_base.sampled_token_ids[0]
-    logits_differ = out.logprobs[1] != pytest.approx(out.logprobs[0], abs=1e-6)
+    assert out.sampled_token_ids[3] == out_base.sampled_token_ids[0]
+    logits_differ = out.logprobs[1] != pytest.approx(out.logprobs[3], abs=1e-6)
     assert logits_differ                                  # the delta changed slot 0's output
     with pytest.raises(ValueError, match="adapter 'y@2'"):
         runner.run(batch, adapter_slots={"x@1": 0})
 
 
-def test_items_are_grouped_by_adapter_slot_and_outputs_keep_batch_order(tiny_llama_dir):
-    """The runner reorders items so equal slots are adjacent (no gather in the LoRA delta) and
-    hands the sampled tokens back in the batch's own order."""
+def test_batch_order_is_kept_and_the_lora_metadata_carries_the_grouping(tiny_llama_dir):
+    """Items run in the scheduler's order; the routing says which tokens share a slot (runs for
+    SGMV, tokens sorted by slot) and outputs are keyed by sequence id."""
     runner, model = make_runner(tiny_llama_dir)
     proj = model.lora_targets()[0]
     hook = RecordingLora(proj.in_features, proj.out_features)
@@ -139,10 +148,16 @@ def test_items_are_grouped_by_adapter_slot_and_outputs_keep_batch_order(tiny_lla
             new_seq(3, [13, 14], 24, "b@1"), new_seq(4, [15], 32, "a@1")]
     items = [ScheduledSeq(seq, 0, seq.num_prompt_tokens, seq.seq_id != 2) for seq in seqs]
     out = runner.run(ScheduledBatch(tuple(items)), adapter_slots=slots)
-    assert hook.seen[-1].token_slots.tolist() == [-1] * 4 + [0] * 4 + [1] * 4
-    alone = [runner.run(ScheduledBatch((item,)), adapter_slots=slots) for item in items if item.sample]
-    assert out.sampled_token_ids == [o.sampled_token_ids[0] for o in alone]
-    assert out.logprobs == pytest.approx([o.logprobs[0] for o in alone], abs=1e-5)
+    info = hook.seen[-1]
+    assert info.token_slots.tolist() == [1, 1, 1, 0, 0, -1, -1, -1, -1, 0, 0, 1]
+    assert info.seg_slots.tolist() == [1, 0, -1, 0, 1] and info.active_slots == (0, 1)
+    tokens, token_slots = info.slot_order
+    assert tokens.tolist() == [3, 4, 9, 10, 0, 1, 2, 11] and token_slots.tolist() == [0] * 4 + [1] * 4
+    alone = {item.seq.seq_id: runner.run(ScheduledBatch((item,)), adapter_slots=slots)
+             for item in items if item.sample}
+    assert set(out.sampled_token_ids) == {0, 1, 3, 4}
+    assert out.sampled_token_ids == {i: o.sampled_token_ids[i] for i, o in alone.items()}
+    assert out.logprobs == pytest.approx({i: o.logprobs[i] for i, o in alone.items()}, abs=1e-5)
 
 
 def test_block_table_too_short_is_reported(tiny_llama_dir):

@@ -97,8 +97,22 @@ def test_cli_exits_2_with_one_line_per_problem():
 
 def test_linear_kernel_setting_reaches_the_engine_config(tmp_path):
     config = load_server_config({}, {"LORAPLEX_LINEAR_KERNEL": "aten"})
-    assert config.engine_config(tmp_path).linear_kernel == "aten"
-    assert load_server_config({}, {}).engine_config(tmp_path).linear_kernel == "auto"
+    assert config.engine_config(tmp_path).quant.linear_kernel == "aten"
+    assert load_server_config({}, {}).engine_config(tmp_path).quant.linear_kernel == "auto"
     with pytest.raises(ConfigError) as error:
         load_server_config({"linear_kernel": "mkl"}, {})
     assert error.value.problems == ["--linear-kernel must be one of auto, onednn, aten (got 'mkl')"]
+
+
+def test_engine_settings_keep_their_defaults_in_the_engine_config(tmp_path):
+    from loraplex.server.engine.config import EngineConfig
+
+    assert load_server_config({}, {}).engine_config(tmp_path) == EngineConfig(model_dir=tmp_path)
+    config = load_server_config({"max_total_tokens": "512", "max_input_tokens": "256"}, {})
+    assert config.engine_config(tmp_path).scheduler.max_model_len == 512
+    with pytest.raises(ConfigError) as error:
+        load_server_config({"max_num_seqs": "0"}, {})
+    assert error.value.problems == ["--max-num-seqs must be >= 1 (got 0)"]
+    with pytest.raises(ConfigError) as error:
+        load_server_config({"max_total_tokens": "100"}, {})
+    assert error.value.problems == ["--max-input-tokens must be smaller than --max-total-tokens"]

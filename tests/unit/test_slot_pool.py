@@ -18,10 +18,11 @@ def _pool(max_loras=3, max_rank=8, reserve=False):
     return SlotPool(targets, max_loras, max_rank, torch.float32, "cpu", ops=TorchOps(), reserve=reserve), targets
 
 
-def _delta(target, slots):
+def _delta(pool, target, slots):
+    """The target's delta for one step, routed the way the runner does it (pool.prepare_step)."""
     x = torch.randn(len(slots), target.in_features, generator=torch.Generator().manual_seed(5))
     y = torch.zeros(len(slots), target.out_features)
-    target.lora.add_delta(x, y, LoraBatchInfo.from_token_slots(torch.tensor(slots)))
+    target.lora.add_delta(x, y, pool.prepare_step(LoraBatchInfo.from_token_slots(torch.tensor(slots))))
     return x, y
 
 
@@ -43,16 +44,16 @@ def test_rank_growth_relayout_keeps_loaded_slots_and_clear_shrinks():
     pool, targets = _pool(max_rank=16)
     small, big = make_adapter("s@1", rank=2, seed=1), make_adapter("b@1", rank=12, seed=2)
     pool.load(0, small)
-    x, before = _delta(targets[2], [0, 0, -1])
+    x, before = _delta(pool, targets[2], [0, 0, -1])
     pool.load(2, big)
     assert pool.stack_rank == 12
-    _, after = _delta(targets[2], [0, 0, -1])
+    _, after = _delta(pool, targets[2], [0, 0, -1])
     torch.testing.assert_close(after, before)
     torch.testing.assert_close(after.double(), oracle_delta(targets[2], x, [small, small, None]),
                                rtol=1e-5, atol=1e-5)
     pool.clear(2)
     assert pool.stack_rank == 2
-    _, shrunk = _delta(targets[2], [0, 0, -1])
+    _, shrunk = _delta(pool, targets[2], [0, 0, -1])
     torch.testing.assert_close(shrunk, before)
 
 
@@ -68,7 +69,7 @@ def test_clear_zeroes_slot():
     pool.load(0, make_adapter("a@1", rank=4, seed=1))
     pool.clear(0)
     assert all(w.a[0].abs().sum() == 0 and all(bt[0].abs().sum() == 0 for bt in w.bts) for w in pool.weights)
-    assert _delta(targets[0], [0, 0])[1].abs().sum() == 0
+    assert _delta(pool, targets[0], [0, 0])[1].abs().sum() == 0
 
 
 def test_load_rejects_bad_adapters():
@@ -129,11 +130,11 @@ def test_manager_evict_then_reload_restores_weights():
     pool, targets = _pool()
     manager, source = AdapterManager(pool), _Source()
     manager.activate({"x", "y"}, source)
-    _, before = _delta(targets[3], [manager.slot_of("y")] * 2)
+    _, before = _delta(pool, targets[3], [manager.slot_of("y")] * 2)
     assert manager.evict("y") and not manager.evict("y") and manager.evictions == 1
     assert pool.slot_ranks[1] == 0
     slots = manager.activate({"y"}, source)
-    _, after = _delta(targets[3], [slots["y"]] * 2)
+    _, after = _delta(pool, targets[3], [slots["y"]] * 2)
     torch.testing.assert_close(after, before)
 
 

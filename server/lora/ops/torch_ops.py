@@ -31,7 +31,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from ..batch_info import LoraBatchInfo
+from ..batch_info import LoraBatchInfo, sort_by_slot
 from ..delta import LoraStep, ProjLoraWeights
 
 
@@ -71,13 +71,14 @@ class PaddedLayout:
     identity: bool
 
 
-def padded_layout(token_slots: torch.Tensor, lo: int, span: int) -> PaddedLayout:
-    """Vectorized bucketing of tokens by slot (no Python loop over tokens)."""
+def padded_layout(token_slots: torch.Tensor, lo: int, span: int,
+                  slot_order: tuple[torch.Tensor, torch.Tensor] | None = None) -> PaddedLayout:
+    """Vectorized bucketing of tokens by slot (no Python loop over tokens). slot_order: the
+    batch metadata's tokens sorted by slot (LoraBatchInfo.slot_order), computed when None."""
     num_tokens = token_slots.numel()
-    valid_tokens = torch.nonzero(token_slots >= 0).flatten()                # [V]
-    slots = token_slots.index_select(0, valid_tokens) - lo                  # [V] in [0, span)
-    order = torch.argsort(slots, stable=True)
-    tokens, slots = valid_tokens.index_select(0, order), slots.index_select(0, order)
+    if slot_order is None:
+        slot_order = sort_by_slot(token_slots)
+    tokens, slots = slot_order[0], slot_order[1] - lo                      # [V], slots in [0, span)
     counts = torch.bincount(slots, minlength=span)                          # [span]
     c_max = int(counts.max())
     firsts = torch.cumsum(counts, 0) - counts                               # [span]
@@ -105,7 +106,7 @@ class TorchPlan:
 
     @cached_property
     def padded(self) -> PaddedLayout:
-        return padded_layout(self.info.token_slots, self.lo, self.span)
+        return padded_layout(self.info.token_slots, self.lo, self.span, self.info.slot_order)
 
     @cached_property
     def span_scales(self) -> torch.Tensor:
