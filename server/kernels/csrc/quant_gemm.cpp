@@ -14,8 +14,9 @@
 // Work: blocks of 4 output rows over at::parallel_for; each block's rows are dequantized once
 // into a thread-local float buffer and multiplied with every activation row, so a decode batch
 // of T rows reads each weight byte once. The AVX2/FMA path (checked at run time, see
-// quant_isa) unpacks 8 codes per step and runs a 3-row x 4-output register tile; the portable
-// path is plain loops. AVX-512/VNNI/AMX paths are not written (no machine here to test them).
+// quant_isa) unpacks 8 codes per step and runs a 3-row x 4-output register tile; for 1-3 rows
+// it dequantizes in registers instead (no buffer) and applies each group's scale to the group's
+// sum; the portable path is plain loops. AVX-512/VNNI/AMX paths are not written (no machine here to test them).
 // Twins: kernels/quant.py quant_linear_4bit_ref / quant_linear_8bit_ref (dequantize, F.linear).
 #include "common.h"
 #include "kernels.h"
@@ -38,6 +39,7 @@ struct Packed {
   const float* scales;       // [out, in / group]
   const float* zeros;        // [out, in / group] or nullptr
   bool is_signed;            // 8-bit codes are int8
+  bool identity_lut;         // 4-bit: lut[q] == q (HQQ), skip the table
 };
 
 // ---- portable path --------------------------------------------------------------------
@@ -82,15 +84,30 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Codes 8 codes from 4 bytes at p, element order (high nibble of byte j first): one broadcast
+// load, one variable shift, one mask.
+__attribute__((target("avx2,fma"))) inline __m256i unpack_nibbles(const uint8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(four), shifts), _mm256_set1_epi32(15));
+}
+
+// The values of 8 nibble codes: lut[q] (two 8-entry permutes and a blend on q's bit 3), or q
+// itself when the table is the identity (HQQ).
+__attribute__((target("avx2,fma"))) inline __m256 nibble_values(__m256i q, __m256 lut_lo, __m256 lut_hi,
+                                                                bool identity) {
+  if (identity) return _mm256_cvtepi32_ps(q);
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, q), _mm256_permutevar8x32_ps(lut_hi, q),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+}
+
 __attribute__((target("avx2,fma")))
 void dequant_row_avx2(const Packed& w, int64_t o, float* __restrict dst) {
   const uint8_t* c = w.codes + o * w.row_bytes;
   const int64_t groups = w.in / w.group;
   const float* s = w.scales + o * groups;
   const float* z = w.zeros == nullptr ? nullptr : w.zeros + o * groups;
-  const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);     // byte j -> lanes 2j, 2j+1
-  const __m256i shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);  // high nibble first
-  const __m256i low4 = _mm256_set1_epi32(15);
   __m256 lut_lo = _mm256_setzero_ps(), lut_hi = _mm256_setzero_ps();
   if (w.lut != nullptr) {
     lut_lo = _mm256_loadu_ps(w.lut);
@@ -103,13 +120,7 @@ void dequant_row_avx2(const Packed& w, int64_t o, float* __restrict dst) {
     for (int64_t i = first; i < last; i += 8) {
       __m256 v;
       if (w.lut != nullptr) {
-        int32_t four;
-        std::memcpy(&four, c + i / 2, 4);
-        __m256i q = _mm256_cvtepu8_epi32(_mm_cvtsi32_si128(four));
-        q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(q, dup), shifts), low4);
-        const __m256 lo = _mm256_permutevar8x32_ps(lut_lo, q);
-        const __m256 hi = _mm256_permutevar8x32_ps(lut_hi, q);
-        v = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));   // q >= 8
+        v = nibble_values(unpack_nibbles(c + i / 2), lut_lo, lut_hi, w.identity_lut);
       } else {
         const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i));
         v = _mm256_cvtepi32_ps(w.is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
@@ -142,6 +153,57 @@ void micro_avx2(const float* x, int64_t x_stride, const float* wbuf, int64_t in,
       y[m * y_stride + r] = sum;
     }
   }
+}
+
+// Up to 3 activation rows against one output row, dequantizing in registers (no buffer):
+// each group's raw codes (lut[q] or q, minus the group's zero) are dotted with x, and the
+// group's scale multiplies the group sum once: y[m] = sum_g scale_g * sum_i (v_i - zero_g) x_mi.
+template <int MR>
+__attribute__((target("avx2,fma")))
+void fused_rows_avx2(const Packed& w, int64_t o, const float* x, int64_t x_stride, float* y,
+                     int64_t y_stride, const float* bias) {
+  const uint8_t* c = w.codes + o * w.row_bytes;
+  const int64_t groups = w.in / w.group;
+  const float* s = w.scales + o * groups;
+  const float* z = w.zeros == nullptr ? nullptr : w.zeros + o * groups;
+  __m256 lut_lo = _mm256_setzero_ps(), lut_hi = _mm256_setzero_ps();
+  if (w.lut != nullptr) {
+    lut_lo = _mm256_loadu_ps(w.lut);
+    lut_hi = _mm256_loadu_ps(w.lut + 8);
+  }
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 zero = _mm256_set1_ps(z == nullptr ? 0.0f : z[g]);
+    __m256 gacc[MR];
+    for (int m = 0; m < MR; ++m) gacc[m] = _mm256_setzero_ps();
+    const int64_t first = g * w.group, last = first + w.group;
+    for (int64_t i = first; i < last; i += 8) {
+      __m256 v;
+      if (w.lut != nullptr) {
+        v = nibble_values(unpack_nibbles(c + i / 2), lut_lo, lut_hi, w.identity_lut);
+      } else {
+        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i));
+        v = _mm256_cvtepi32_ps(w.is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
+      }
+      if (z != nullptr) v = _mm256_sub_ps(v, zero);
+      for (int m = 0; m < MR; ++m) gacc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * x_stride + i), v, gacc[m]);
+    }
+    const __m256 scale = _mm256_set1_ps(s[g]);
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_fmadd_ps(gacc[m], scale, acc[m]);
+  }
+  for (int m = 0; m < MR; ++m) y[m * y_stride] = hsum(acc[m]) + (bias ? bias[o] : 0.0f);
+}
+
+void small_rows_avx2(const Packed& w, const float* x, int64_t x_stride, int64_t rows, float* y,
+                     int64_t y_stride, const float* bias) {
+  at::parallel_for(0, w.out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      if (rows == 1) fused_rows_avx2<1>(w, o, x, x_stride, y + o, y_stride, bias);
+      if (rows == 2) fused_rows_avx2<2>(w, o, x, x_stride, y + o, y_stride, bias);
+      if (rows == 3) fused_rows_avx2<3>(w, o, x, x_stride, y + o, y_stride, bias);
+    }
+  });
 }
 
 void tile_avx2(const float* x, int64_t x_stride, int64_t rows, const float* wbuf, int64_t nr,
@@ -182,6 +244,12 @@ at::Tensor run(const at::Tensor& x, const Packed& w, const std::optional<at::Ten
   const float* b_ptr = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const int64_t blocks = (w.out + kRowBlock - 1) / kRowBlock;
   if (rows == 0) return y;
+#ifdef LORAPLEX_X86
+  if (dequant == dequant_row_avx2 && rows <= 3) {                   // decode: no weight buffer
+    small_rows_avx2(w, x_ptr, x_stride, rows, y_ptr, w.out, b_ptr);
+    return y;
+  }
+#endif
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wbuf(static_cast<size_t>(kRowBlock * w.in));
     std::vector<float> ybuf(static_cast<size_t>(rows * kRowBlock));
@@ -230,8 +298,12 @@ at::Tensor quant_linear_4bit(const at::Tensor& x, const at::Tensor& codes, const
               "quant_linear_4bit: codes must be uint8 [out, in / 2] and the group even");
   TORCH_CHECK(lut.is_contiguous() && lut.scalar_type() == at::kFloat && lut.numel() == 16,
               "quant_linear_4bit: lut must be float32 [16]");
-  const Packed w{codes.data_ptr<uint8_t>(), codes.size(1), x.size(1), out, group, lut.data_ptr<float>(),
-                 scales.data_ptr<float>(), zeros.has_value() ? zeros->data_ptr<float>() : nullptr, false};
+  const float* table = lut.data_ptr<float>();
+  bool identity = true;
+  for (int k = 0; k < 16; ++k) identity = identity && table[k] == static_cast<float>(k);
+  const Packed w{codes.data_ptr<uint8_t>(), codes.size(1), x.size(1), out, group, table,
+                 scales.data_ptr<float>(), zeros.has_value() ? zeros->data_ptr<float>() : nullptr, false,
+                 identity};
   return run(x, w, bias, portable);
 }
 
@@ -244,7 +316,7 @@ at::Tensor quant_linear_8bit(const at::Tensor& x, const at::Tensor& codes, const
               codes.size(1) == x.size(1), "quant_linear_8bit: codes must be int8 or uint8 [out, in]");
   const Packed w{static_cast<const uint8_t*>(codes.data_ptr()), codes.size(1), x.size(1), out, group, nullptr,
                  scales.data_ptr<float>(), zeros.has_value() ? zeros->data_ptr<float>() : nullptr,
-                 codes.scalar_type() == at::kChar};
+                 codes.scalar_type() == at::kChar, false};
   return run(x, w, bias, portable);
 }
 
