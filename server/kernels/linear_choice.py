@@ -14,7 +14,9 @@ does not measure again, and a new CPU, torch or kernel source (or an unseen shap
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +91,7 @@ def _write_cache(path: Path | None, data: dict) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{id(data)}")
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     tmp.replace(path)                       # atomic: concurrent servers never read half a file
 
