@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -58,8 +57,9 @@ def layer_key(layer: QuantizedLinear) -> str:
     return f"{type(layer).__name__}{getattr(layer, 'method_tag', '')}|{dtype}|{layer.out_features}x{layer.in_features}{group}"
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
-    """Median wall time of fn over `repeats` calls after two warm-up calls."""
+def best_seconds(fn: Callable[[], object], repeats: int = 9) -> float:
+    """Fastest wall time of fn over `repeats` calls after two warm-up calls (other processes
+    only ever slow a call down, so the minimum is the least noisy estimate on a shared host)."""
     fn()
     fn()
     times = []
@@ -67,7 +67,7 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def cache_file(root: Path | None = None) -> Path:
@@ -97,7 +97,7 @@ def _write_cache(path: Path | None, data: dict) -> None:
 
 
 def measure_routes(layer: QuantizedLinear, candidates: Iterable[str], dense: bool,
-                   timer: Timer = median_seconds) -> tuple[tuple[int, str], ...]:
+                   timer: Timer = best_seconds) -> tuple[tuple[int, str], ...]:
     """Time every candidate on BUCKETS rows; the routes serving each range with the fastest."""
     kernels = layer.kernel_candidates()
     names = [n for n in candidates if n in kernels]
@@ -117,7 +117,7 @@ def measure_routes(layer: QuantizedLinear, candidates: Iterable[str], dense: boo
 
 def choose_linear_kernels(model, spec: QuantSpec, kernels, log: Log = print,
                           cache: Path | None | str = "default",
-                          timer: Timer = median_seconds) -> tuple[KernelChoice, ...]:
+                          timer: Timer = best_seconds) -> tuple[KernelChoice, ...]:
     """Attach the native kernels, pick each layer shape's routes, set them, log them."""
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.kernel_candidates()]
     for layer in layers:
