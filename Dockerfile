@@ -38,7 +38,7 @@ RUN pip install ".[server,eetq]"
 
 USER loraplex
 VOLUME ["/var/lib/loraplex/cache", "/var/lib/loraplex/store"]
-EXPOSE 50051 9090
+EXPOSE 50051 9090 8000
 
 # Health through the standard gRPC health service (SERVING only once the model is warm).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \

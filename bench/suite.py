@@ -187,6 +187,12 @@ def section_grpc(model_dir: Path, quick: bool) -> str:
     return run(model_dir, quick)
 
 
+def section_http(model_dir: Path, quick: bool) -> str:
+    from http_bench import section_http as run
+
+    return run(model_dir, quick)
+
+
 NOTES = """
 ## Notes on the targets
 
@@ -243,7 +249,7 @@ each section are computed from that run's numbers.
 
 
 SECTIONS = {"decode": section_decode, "lora": section_lora, "scaling": section_scaling,
-            "grpc": section_grpc, "backends": section_backends, "store": section_store,
+            "grpc": section_grpc, "http": section_http, "backends": section_backends, "store": section_store,
             "sampling": section_sampling}
 
 

@@ -85,7 +85,12 @@ def generation(response: generation_pb2.GenerateResponse) -> Generation:
     return Generation(
         text=response.text, token_ids=list(response.token_ids), finish_reason=_FINISH.get(response.finish_reason),
         usage=_usage(response.usage), timing=_timing(response.timing), adapter_id=response.adapter_id or None,
-        logprobs=list(response.logprobs) or None)
+        logprobs=list(response.logprobs) or None, top_logprobs=_top_logprobs(response))
+
+
+def _top_logprobs(response) -> list[list[tuple[int, float]]] | None:
+    found = [[(alt.token_id, alt.logprob) for alt in top.alternatives] for top in response.top_logprobs]
+    return found or None
 
 
 def generation_chunk(response: generation_pb2.GenerateStreamResponse) -> GenerationChunk:
@@ -93,7 +98,8 @@ def generation_chunk(response: generation_pb2.GenerateStreamResponse) -> Generat
     return GenerationChunk(
         text=response.text, token_ids=list(response.token_ids), finish_reason=_FINISH.get(response.finish_reason),
         usage=_usage(response.usage) if last else None, timing=_timing(response.timing) if last else None,
-        adapter_id=response.adapter_id or None, logprobs=list(response.logprobs) or None)
+        adapter_id=response.adapter_id or None, logprobs=list(response.logprobs) or None,
+        top_logprobs=_top_logprobs(response))
 
 
 def adapter_info(message: adapters_pb2.AdapterInfo, versions: Iterable[int] = ()) -> AdapterInfo:

@@ -68,6 +68,7 @@ class Generation:
     timing: Timing
     adapter_id: str | None                # resolved "name@version"; None for the base model
     logprobs: list[float] | None = None   # one per token id when requested
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # per token: (token id, logprob), best first
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class GenerationChunk:
     timing: Timing | None = None
     adapter_id: str | None = None
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,10 @@ class Sampling(TypedDict, total=False):
     stop_token_ids: Sequence[int]
     ignore_eos: bool
     logprobs: bool                # return the log-probability of each chosen token
+    top_logprobs: int             # [0, 20] most likely alternatives per token (implies logprobs)
+    presence_penalty: float       # [-2, 2]; OpenAI semantics over generated tokens
+    frequency_penalty: float      # [-2, 2]
+    min_tokens: int               # EOS / stop token ids blocked until this many tokens
 
 
 ChatMessage = Union[Mapping[str, str], tuple[str, str]]   # {"role": ..., "content": ...} or (role, content)

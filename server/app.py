@@ -45,6 +45,8 @@ class RunningServer:
     port: int
     metrics_port: int = 0
     metrics_http: Any = None
+    http: Any = None             # http.server.HttpServer when --http-port is set
+    http_port: int = 0
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
@@ -92,6 +94,14 @@ def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
     return port
 
 
+async def start_http_api(running: RunningServer, config: ServerConfig, port: int | None = None) -> None:
+    """Serve the OpenAI-compatible HTTP API on the same ServiceState (engine, store, keys, metrics)."""
+    from .http.server import start_http
+
+    running.http = await start_http(config, running.state, port)
+    running.http_port = running.http.port
+
+
 async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None:
     """Make the services live: wire metrics to the engine and report SERVING."""
     state = running.state
@@ -118,6 +128,8 @@ async def drain_and_stop(running: RunningServer, grace_s: float, log: Log = prin
     if state.engine is not None:
         log(f"loraplex: draining ({state.engine.stats().num_running} running, up to {grace_s:g}s)")
         finished = await state.engine.drain(timeout_s=grace_s)
+    if running.http is not None:
+        await running.http.stop(grace_s=max(0.5, deadline - loop.time()))
     await running.grpc_server.stop(grace=max(0.5, deadline - loop.time()))
     if state.engine is not None:
         await state.engine.shutdown()
@@ -156,6 +168,15 @@ async def serve(config: ServerConfig, log: Log = print) -> int:
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics(config.metrics_adapter_labels)
     running = await start_grpc(config, metrics)
+    if config.http_port:
+        try:
+            await start_http_api(running, config)
+        except OSError:
+            await drain_and_stop(running, 0, log)
+            raise
+        scheme = "https" if config.tls_enabled else "http"
+        log(f"loraplex: OpenAI-compatible API on {scheme}://{config.host}:{running.http_port}/v1 "
+            f"(model '{config.base_model_name}' or an adapter id)")
     log(f"loraplex: loading {config.model} (health NOT_SERVING until ready; gRPC on {config.host}:{running.port})")
     load = asyncio.ensure_future(load_engine(config, log))
     stopper = asyncio.ensure_future(stop.wait())

@@ -144,6 +144,10 @@ FLAGS: tuple[Flag, ...] = (
          "adapters with their own metrics label (top-N by traffic; the rest are 'other')"),
     Flag("seed", "--seed", int, "engine sampling seed", engine="seed"),
     Flag("log_level", "--log-level", str, "debug, info, warning, error"),
+    # OpenAI-compatible HTTP API (server/http/)
+    Flag("http_port", "--http-port", int, "OpenAI-compatible HTTP port on --host (0 turns it off)"),
+    Flag("served_model_name", "--served-model-name", str,
+         "the base model's name in the HTTP API's `model` (default: the model directory's name, or 'default')"),
 )
 
 
@@ -185,6 +189,8 @@ class ServerConfig:
     metrics_adapter_labels: int = 20
     seed: int = EngineConfig.seed
     log_level: str = "info"
+    http_port: int = 8000
+    served_model_name: str = ""                  # "" = the model directory's name, or "default"
 
     @property
     def auth_enabled(self) -> bool:
@@ -193,6 +199,13 @@ class ServerConfig:
     @property
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert and self.tls_key)
+
+    @property
+    def base_model_name(self) -> str:
+        """The base model's id in the HTTP API (`--served-model-name`)."""
+        if self.served_model_name:
+            return self.served_model_name
+        return "default" if self.model == "default" else (Path(self.model).expanduser().name or "default")
 
     def store_path(self) -> Path:
         from .model.default_model import cache_root

@@ -26,11 +26,15 @@ def validate(config: ServerConfig, flags: Sequence[Flag]) -> Iterator[str]:
     yield from _engine_problems(config, flags)
     if config.model != "default" and not (Path(config.model).expanduser() / "config.json").is_file():
         yield f"--model {config.model!r}: not a Hugging Face directory with config.json (or use 'default')"
-    for name in ("port", "metrics_port"):
+    for name in ("port", "metrics_port", "http_port"):
         if not 0 <= getattr(config, name) <= 65535:
             yield f"--{name.replace('_', '-')} must be in [0, 65535]"
     if config.port and config.port == config.metrics_port:
         yield "--port and --metrics-port must differ"
+    if config.http_port and config.http_port in (config.port, config.metrics_port):
+        yield "--http-port must differ from --port and --metrics-port"
+    if config.served_model_name and "@" in config.served_model_name:
+        yield "--served-model-name must not contain '@' (it marks adapter versions)"
     yield from _validate_limits(config)
     yield from _validate_security(config)
     for root in config.allowed_register_roots:

@@ -67,12 +67,13 @@ class Metrics:
         self.adapters = AdapterLabels(max_adapter_labels, self._forget_adapter)
         self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
         self._series_lock = threading.Lock()
+        # api: "grpc" (code = gRPC status name) or "http" (code = HTTP status, 499 = client went away)
         self.requests = Counter("loraplex_requests", "Finished generation requests by status code and finish reason",
-                                ["method", "code", "finish_reason", "adapter"], registry=reg)
+                                ["api", "method", "code", "finish_reason", "adapter"], registry=reg)
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens of finished requests",
-                                     ["adapter"], registry=reg)
+                                     ["api", "adapter"], registry=reg)
         self.generated_tokens = Counter("loraplex_generated_tokens", "Generated tokens of finished requests",
-                                        ["adapter"], registry=reg)
+                                        ["api", "adapter"], registry=reg)
         self.time_to_first_token = Histogram("loraplex_time_to_first_token_seconds", "Arrival to first token",
                                              buckets=LATENCY_BUCKETS, registry=reg)
         self.inter_token_latency = Histogram("loraplex_inter_token_latency_seconds", "Time between tokens of a stream",
@@ -100,6 +101,7 @@ class Metrics:
         self.uploaded_bytes = Counter("loraplex_adapter_uploaded_bytes", "Bytes of committed adapter uploads",
                                       registry=reg)
         self.engine_gauges: dict[str, Gauge] = {}
+        self._lora_info: Any = None          # gateway_metrics.LoraRequestsInfo once an engine is watched
 
     # ---- engine ----------------------------------------------------------------------
     def watch_engine(self, stats: Callable[[], Any]) -> None:
@@ -118,6 +120,12 @@ class Metrics:
             gauge = self.engine_gauges.get(name) or Gauge(name, doc, registry=self.registry)
             gauge.set_function(lambda read=read: float(read(stats())))
             self.engine_gauges[name] = gauge
+        from .gateway_metrics import LoraRequestsInfo
+
+        if self._lora_info is None:
+            self._lora_info = LoraRequestsInfo(stats)
+            self.registry.register(self._lora_info)
+        self._lora_info.stats = stats
 
     def on_step(self, step: Any) -> None:
         """Engine step listener (runs on the engine thread; prometheus_client is thread-safe)."""
@@ -129,13 +137,14 @@ class Metrics:
 
     # ---- service layer ---------------------------------------------------------------
     def request_finished(self, method: str, code: str, finish_reason: str, adapter_key: str | None,
-                         prompt_tokens: int = 0, generated_tokens: int = 0, timing: Any = None) -> None:
+                         prompt_tokens: int = 0, generated_tokens: int = 0, timing: Any = None,
+                         api: str = "grpc") -> None:
         adapter = self.adapters.label(adapter_key)
-        self._inc(self.requests, (method, code, finish_reason, adapter))
+        self._inc(self.requests, (api, method, code, finish_reason, adapter))
         if prompt_tokens:
-            self._inc(self.prompt_tokens, (adapter,), prompt_tokens)
+            self._inc(self.prompt_tokens, (api, adapter), prompt_tokens)
         if generated_tokens:
-            self._inc(self.generated_tokens, (adapter,), generated_tokens)
+            self._inc(self.generated_tokens, (api, adapter), generated_tokens)
         if timing is not None:
             self.queue_time.observe(timing.queue_s)
             self.time_to_first_token.observe(timing.first_token_s)

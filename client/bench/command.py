@@ -20,15 +20,26 @@ from .stats import BenchStats, compute_stats
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     """Register `bench` on the `loraplex` subparsers (`common` holds the connection options)."""
     parser = sub.add_parser("bench", parents=[common], help="load-test a server (throughput, TTFT, TPOT, ITL)",
-                            description="Send a workload over gRPC and report throughput and latency, "
-                                        "like `vllm bench serve`.")
+                            description="Send a workload over gRPC (or the OpenAI-compatible HTTP API with "
+                                        "--api openai) and report throughput and latency, like `vllm bench serve`.")
     add_arguments(parser)
     parser.set_defaults(func=run_command, timeout=600.0)
 
 
+def _client(args: argparse.Namespace):
+    """AsyncClient over gRPC, or the OpenAI-compatible HTTP driver with --api openai."""
+    if args.api == "openai":
+        from .openai_client import OpenAIBenchClient
+
+        base_url = args.base_url or "http://127.0.0.1:8000/v1"
+        return OpenAIBenchClient(base_url, args.client_api_key, timeout=args.timeout,
+                                 verify=args.root_certs or True)
+    return AsyncClient(args.address, args.client_api_key, tls=args.tls, root_certificates=args.root_certs,
+                       tls_server_name=args.tls_server_name, timeout=args.timeout)
+
+
 async def _run_all(args: argparse.Namespace, configs: list[BenchConfig]) -> list[tuple[BenchConfig, BenchStats]]:
-    async with AsyncClient(args.address, args.client_api_key, tls=args.tls, root_certificates=args.root_certs,
-                           tls_server_name=args.tls_server_name, timeout=args.timeout) as client:
+    async with _client(args) as client:
         await client.health()
         results = []
         for config in configs:
@@ -58,7 +69,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     if args.json_path:
         meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "address": args.address, "python": platform.python_version()}
+                "api": args.api, "address": args.base_url if args.api == "openai" else args.address, "python": platform.python_version()}
         write_json(args.json_path, [run_record(c, s) for c, s in results], meta)
     if args.plot_dir:
         try:

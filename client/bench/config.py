@@ -74,6 +74,11 @@ class BenchConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The workload options of `loraplex bench` (connection options come from the CLI)."""
+    api = parser.add_argument_group("api")
+    api.add_argument("--api", choices=("grpc", "openai"), default="grpc",
+                     help="grpc (default, --address) or openai: streamed /v1/completions at --base-url")
+    api.add_argument("--base-url", help="OpenAI-compatible base URL for --api openai "
+                                        "(default http://127.0.0.1:8000/v1)")
     load = parser.add_argument_group("load")
     load.add_argument("--num-prompts", type=int, default=100, help="measured requests (default 100)")
     load.add_argument("--concurrency", help="closed loop: requests in flight; a list '1,4,16' sweeps")

@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 from ..async_client import AsyncClient
 from ..errors import LoraplexError
@@ -75,7 +75,7 @@ class Progress:
             self.stream.flush()
 
 
-async def send_one(client: AsyncClient, request: BenchRequest, clock: Callable[[], float],
+async def send_one(client: Any, request: BenchRequest, clock: Callable[[], float],
                    timeout_s: float) -> RequestRecord:
     """One streamed, greedy, ignore_eos request; errors are recorded, never raised."""
     record = RequestRecord(request.index, request.adapter_id, clock())
@@ -83,15 +83,22 @@ async def send_one(client: AsyncClient, request: BenchRequest, clock: Callable[[
         stream = client.generate_stream(request.prompt, request.adapter_id, timeout=timeout_s,
                                         max_new_tokens=request.max_new_tokens, temperature=0.0, ignore_eos=True)
         async for chunk in stream:
-            if chunk.token_ids:
+            num_tokens = _num_tokens(chunk)
+            if num_tokens:
                 record.chunk_s.append(clock())
-                record.chunk_tokens.append(len(chunk.token_ids))
+                record.chunk_tokens.append(num_tokens)
             if chunk.usage is not None:
                 record.prompt_tokens = chunk.usage.prompt_tokens
         record.done_s = clock()
     except LoraplexError as error:
         record.error = getattr(error.code, "name", str(error.code))
     return record
+
+
+def _num_tokens(chunk) -> int:
+    """Tokens in a chunk: the gRPC SDK's token_ids, or the HTTP driver's count (openai_client.py)."""
+    count = getattr(chunk, "num_tokens", None)
+    return count if count is not None else len(chunk.token_ids)
 
 
 async def _closed_loop(client: AsyncClient, requests: list[BenchRequest], workers: int,

@@ -24,35 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"\xc6\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x9a\x01\n\x0fGenerationInput\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.loraplex.v1.ChatMessagesH\x00\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParamsB\x07\n\x05input\">\n\x0fGenerateRequest\x12+\n\x05input\x18\x01 \x01(\x0b\x32\x1c.loraplex.v1.GenerationInput\"D\n\x15GenerateStreamRequest\x12+\n\x05input\x18\x01 \x01(\x0b\x32\x1c.loraplex.v1.GenerationInput\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"S\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xd3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.loraplex.v1.Timing\x12\x12\n\nadapter_id\x18\x07 \x01(\t\"\xd9\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.loraplex.v1.Timing\x12\x12\n\nadapter_id\x18\x07 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xb9\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".loraplex.v1.GenerateStreamRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"\xee\x03\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x08\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\rB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokens\"\x9a\x01\n\x0fGenerationInput\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.loraplex.v1.ChatMessagesH\x00\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParamsB\x07\n\x05input\">\n\x0fGenerateRequest\x12+\n\x05input\x18\x01 \x01(\x0b\x32\x1c.loraplex.v1.GenerationInput\"D\n\x15GenerateStreamRequest\x12+\n\x05input\x18\x01 \x01(\x0b\x32\x1c.loraplex.v1.GenerationInput\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"S\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\">\n\x0bTopLogprobs\x12/\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"\x83\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.loraplex.v1.Timing\x12\x12\n\nadapter_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.loraplex.v1.TopLogprobs\"\x89\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.loraplex.v1.Timing\x12\x12\n\nadapter_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.loraplex.v1.TopLogprobs*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xb9\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".loraplex.v1.GenerateStreamRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1348
-  _globals['_FINISHREASON']._serialized_end=1466
+  _globals['_FINISHREASON']._serialized_start=1727
+  _globals['_FINISHREASON']._serialized_end=1845
   _globals['_CHATMESSAGE']._serialized_start=45
   _globals['_CHATMESSAGE']._serialized_end=89
   _globals['_CHATMESSAGES']._serialized_start=91
   _globals['_CHATMESSAGES']._serialized_end=149
   _globals['_SAMPLINGPARAMS']._serialized_start=152
-  _globals['_SAMPLINGPARAMS']._serialized_end=478
-  _globals['_GENERATIONINPUT']._serialized_start=481
-  _globals['_GENERATIONINPUT']._serialized_end=635
-  _globals['_GENERATEREQUEST']._serialized_start=637
-  _globals['_GENERATEREQUEST']._serialized_end=699
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=701
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=769
-  _globals['_USAGE']._serialized_start=771
-  _globals['_USAGE']._serialized_end=827
-  _globals['_TIMING']._serialized_start=829
-  _globals['_TIMING']._serialized_end=912
-  _globals['_GENERATERESPONSE']._serialized_start=915
-  _globals['_GENERATERESPONSE']._serialized_end=1126
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1129
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1346
-  _globals['_GENERATIONSERVICE']._serialized_start=1469
-  _globals['_GENERATIONSERVICE']._serialized_end=1654
+  _globals['_SAMPLINGPARAMS']._serialized_end=646
+  _globals['_GENERATIONINPUT']._serialized_start=649
+  _globals['_GENERATIONINPUT']._serialized_end=803
+  _globals['_GENERATEREQUEST']._serialized_start=805
+  _globals['_GENERATEREQUEST']._serialized_end=867
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=869
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=937
+  _globals['_USAGE']._serialized_start=939
+  _globals['_USAGE']._serialized_end=995
+  _globals['_TIMING']._serialized_start=997
+  _globals['_TIMING']._serialized_end=1080
+  _globals['_TOKENLOGPROB']._serialized_start=1082
+  _globals['_TOKENLOGPROB']._serialized_end=1131
+  _globals['_TOPLOGPROBS']._serialized_start=1133
+  _globals['_TOPLOGPROBS']._serialized_end=1195
+  _globals['_GENERATERESPONSE']._serialized_start=1198
+  _globals['_GENERATERESPONSE']._serialized_end=1457
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1460
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1725
+  _globals['_GENERATIONSERVICE']._serialized_start=1848
+  _globals['_GENERATIONSERVICE']._serialized_end=2033
 # @@protoc_insertion_point(module_scope)

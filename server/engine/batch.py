@@ -59,8 +59,11 @@ class RunnerOutput:
     logprobs:          seq_id -> its logprob, or None when no sequence asked for logprobs.
     failed_seq_ids:    sequences whose forward pass failed; they have no token and are
                        finished with FinishReason.ERROR by the scheduler.
+    top_logprobs:      seq_id -> its top alternatives ((token id, logprob), best first), or
+                       None when no sequence asked for top_logprobs.
     """
 
     sampled_token_ids: dict[int, int]
     logprobs: dict[int, float] | None = None
     failed_seq_ids: frozenset[int] = field(default_factory=frozenset)
+    top_logprobs: dict[int, tuple[tuple[int, float], ...]] | None = None

@@ -14,7 +14,7 @@ from .detokenizer import IncrementalDetokenizer
 from .io import (AdapterUnavailable, EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
 from .prompt import encode_prompt, render_chat
-from .request_state import RequestState
+from .request_state import EMPTY_DELTA, Delta, RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
 from .stop import StopChecker
@@ -153,6 +153,7 @@ class LLMEngine:
         """
         tokens: dict[int, int] = {}
         logprobs: dict[int, float] = {}
+        alternatives: dict[int, tuple[tuple[int, float], ...]] = {}
         failed: set[int] = set()
         for item in batch.items:
             try:
@@ -163,9 +164,11 @@ class LLMEngine:
                 continue
             tokens.update(out.sampled_token_ids)
             logprobs.update(out.logprobs or {})
-        wants_logprobs = any(item.seq.sampling.logprobs for item in batch.sampled_items)
+            alternatives.update(out.top_logprobs or {})
+        wants_logprobs = any(item.seq.sampling.returns_logprobs for item in batch.sampled_items)
+        wants_top = any(item.seq.sampling.top_logprobs for item in batch.sampled_items)
         return RunnerOutput(sampled_token_ids=tokens, logprobs=logprobs if wants_logprobs else None,
-                            failed_seq_ids=frozenset(failed))
+                            top_logprobs=alternatives if wants_top else None, failed_seq_ids=frozenset(failed))
 
     def _collect(self, batch: ScheduledBatch, finished: list[Sequence]) -> list[RequestOutput]:
         outputs = []
@@ -174,21 +177,21 @@ class LLMEngine:
             state = self._by_seq.get(item.seq.seq_id)
             if state is None or not (item.sample or item.seq.seq_id in done):
                 continue
-            text, ids, logprobs = state.take_delta()
+            delta = state.take_delta()
             if state.stopped_by_text and not state.seq.is_finished:
                 self.scheduler.finish(state.seq, FinishReason.STOP)
             if state.seq.is_finished:
-                outputs.append(self._finalize(state, text, ids, logprobs))
-            elif text or ids:
-                outputs.append(state.output(self.clock(), text, ids, logprobs))
+                outputs.append(self._finalize(state, delta))
+            elif delta.text or delta.token_ids:
+                outputs.append(state.output(self.clock(), delta))
         return outputs
 
-    def _finalize(self, state: RequestState, text: str = "", ids: tuple[int, ...] = (),
-                  logprobs: tuple[float, ...] = (), error: EngineError | None = None) -> RequestOutput:
+    def _finalize(self, state: RequestState, delta: Delta = EMPTY_DELTA,
+                  error: EngineError | None = None) -> RequestOutput:
         self._states.pop(state.request.request_id, None)
         self._by_seq.pop(state.seq.seq_id, None)
         self._release(state.seq.adapter_key)
-        output = state.output(self.clock(), text, ids, logprobs)
+        output = state.output(self.clock(), delta)
         if output.finish_reason is FinishReason.ERROR:
             output = replace(output, error=error or RequestFailed("the request failed inside the engine"))
         return output
@@ -229,4 +232,7 @@ class LLMEngine:
             last_batch_size=last.num_seqs if last else 0,
             last_batch_tokens=last.num_tokens if last else 0,
             total_preemptions=self.scheduler.total_preemptions,
+            running_adapters=self.scheduler.running_adapter_keys,
+            waiting_adapters=tuple(dict.fromkeys(self.scheduler.pending_adapter_keys())),
+            max_loras=self.config.scheduler.max_loras,
         )

@@ -89,6 +89,7 @@ class RequestOutput:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()   # per token: (id, logprob) pairs
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -114,6 +115,9 @@ class EngineStats:
     last_batch_size: int
     last_batch_tokens: int
     total_preemptions: int
+    running_adapters: tuple[str, ...] = ()     # adapter keys of running requests ("name@N")
+    waiting_adapters: tuple[str, ...] = ()     # adapter keys of waiting requests, oldest first
+    max_loras: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -70,7 +70,11 @@ class ModelRunner:
             result = self.sampler(logits, inputs.sample_seqs)
         seq_ids = [seq.seq_id for seq in inputs.sample_seqs]
         logprobs = None if result.logprobs is None else dict(zip(seq_ids, result.logprobs))
-        return RunnerOutput(sampled_token_ids=dict(zip(seq_ids, result.token_ids)), logprobs=logprobs)
+        alternatives = getattr(result, "top_logprobs", None)
+        if alternatives is not None:
+            alternatives = dict(zip(seq_ids, alternatives))
+        return RunnerOutput(sampled_token_ids=dict(zip(seq_ids, result.token_ids)), logprobs=logprobs,
+                            top_logprobs=alternatives)
 
     def prepare(self, batch: ScheduledBatch, adapter_slots: dict[str, int] | None) -> StepInputs:
         """Host-side lists -> one tensor per field (this runs every step: keep it cheap)."""

@@ -1,4 +1,5 @@
-"""Batched token sampling: greedy, temperature, top-k, top-p, repetition penalty, seeds.
+"""Batched token sampling: greedy, temperature, top-k, top-p, repetition / presence / frequency
+penalties and min_tokens (penalties.py), top logprobs (top_logprobs.py), seeds.
 
 Every row of a batch may use different settings. A sampled row draws one uniform u and takes
 the first token whose cumulative probability (float64) reaches u: inverse-CDF sampling, exact
@@ -21,7 +22,9 @@ from typing import Callable
 
 import torch
 
+from .penalties import apply_openai_processors
 from .sequence import Sequence
+from .top_logprobs import TopLogprobs, top_logprobs
 
 _MASK32 = 0xFFFFFFFF
 _MIN_TEMPERATURE = 1e-5     # below this, logits / T overflows float32
@@ -39,6 +42,7 @@ class SampleResult:
 
     token_ids: list[int]
     logprobs: list[float] | None
+    top_logprobs: list[TopLogprobs] | None = None    # per row (top_logprobs.py); None if none asked
 
 
 @dataclass(frozen=True)
@@ -215,12 +219,15 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(f"logits must be [num_seqs={len(seqs)}, vocab]; got {tuple(logits.shape)}")
         logits = apply_repetition_penalty(logits.float(), seqs)                 # [n, vocab]
-        want_logprobs = any(s.sampling.logprobs for s in seqs)
+        logits = apply_openai_processors(logits, seqs)                           # [n, vocab]
+        want_logprobs = any(s.sampling.returns_logprobs for s in seqs)
+        alternatives = top_logprobs(logits, seqs, mask_top_k_top_p)
         params = self._row_params(seqs, logits.shape[1])
         if params is not None and params.rows.numel() == len(seqs):             # all sampled
             chosen, logprobs = self._sample(logits, params)
             return SampleResult(token_ids=chosen.tolist(),
-                                logprobs=logprobs.tolist() if want_logprobs else None)
+                                logprobs=logprobs.tolist() if want_logprobs else None,
+                                top_logprobs=alternatives)
         chosen = self.argmax(logits.contiguous())                                # [n]
         logprobs = None
         if want_logprobs:
@@ -231,7 +238,8 @@ class Sampler:
             if logprobs is not None:
                 logprobs = logprobs.index_copy(0, params.rows, token_logprobs)
         return SampleResult(token_ids=chosen.tolist(),
-                            logprobs=None if logprobs is None else logprobs.tolist())
+                            logprobs=None if logprobs is None else logprobs.tolist(),
+                            top_logprobs=alternatives)
 
     def _sample(self, logits: torch.Tensor, params: _RowParams) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [m, vocab] of the sampled rows -> token ids [m], log-probabilities [m]."""

@@ -87,6 +87,11 @@ class Scheduler:
     def unfinished(self) -> list[Sequence]:
         return list(self._seqs.values())
 
+    @property
+    def running_adapter_keys(self) -> tuple[str, ...]:
+        """Adapter keys of the running sequences, sorted (at most max_loras of them)."""
+        return tuple(sorted(self._running_adapters))
+
     def pending_adapter_keys(self) -> list[str]:
         """Adapters of waiting sequences, oldest waiting request first (for prefetch)."""
         return [key for _, key in sorted(self._waiting.heads()) if key is not None]
@@ -258,6 +263,7 @@ class Scheduler:
     def update(self, batch: ScheduledBatch, output: RunnerOutput) -> list[Sequence]:
         """Apply one forward pass's results; return the sequences that finished in it."""
         tokens, logprobs, failed = output.sampled_token_ids, output.logprobs, output.failed_seq_ids
+        alternatives = output.top_logprobs
         missing = [item.seq.seq_id for item in batch.items
                    if item.sample and item.seq.seq_id not in tokens and item.seq.seq_id not in failed]
         if missing:
@@ -283,6 +289,8 @@ class Scheduler:
             logprob = logprobs.get(seq.seq_id) if logprobs is not None else None
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
+            if alternatives is not None and seq.sampling.top_logprobs and seq.seq_id in alternatives:
+                seq.output_top_logprobs.append(alternatives[seq.seq_id])
             if seq.first_token_time is None:
                 seq.first_token_time = now
             reason = self._stop_reason(seq, token)

@@ -6,6 +6,9 @@ import enum
 from dataclasses import dataclass, field
 
 
+MAX_TOP_LOGPROBS = 20                  # alternatives per token, as OpenAI allows
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"        # queued, or preempted and waiting to be recomputed
     RUNNING = "running"        # holds KV blocks and takes part in steps
@@ -38,10 +41,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    # OpenAI-style extras (server/engine/penalties.py, top_logprobs.py)
+    presence_penalty: float = 0.0       # subtracted once from every token already generated
+    frequency_penalty: float = 0.0      # subtracted per occurrence in the generated tokens
+    min_tokens: int = 0                 # EOS and stop token ids are masked until this many tokens
+    top_logprobs: int = 0               # alternatives returned per token (implies logprobs)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def returns_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
 
 
 @dataclass(eq=False)
@@ -61,6 +73,7 @@ class Sequence:
     eos_token_ids: tuple[int, ...] = ()
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 from .config import RequestLimits
 from .io import GenerationRequest, RequestRejected, Violation
-from .sequence import SamplingParams
+from .sequence import MAX_TOP_LOGPROBS, SamplingParams
 
 ADAPTER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[1-9][0-9]{0,8})?$")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -119,5 +119,21 @@ def _sampling_problems(params: SamplingParams, limits: RequestLimits) -> list[Vi
          f"at most {limits.max_stop_sequences} stop sequences (got {len(params.stop)})"),
         ("stop", all(isinstance(s, str) and s for s in params.stop), "stop sequences must not be empty"),
         ("stop_token_ids", all(t >= 0 for t in params.stop_token_ids), "must be >= 0"),
+        *_openai_checks(params, limits),
     ]
     return [Violation(f"sampling.{name}", message) for name, ok, message in checks if not ok]
+
+
+def _openai_checks(params: SamplingParams, limits: RequestLimits) -> list[tuple[str, bool, str]]:
+    """presence / frequency penalties, min_tokens, top_logprobs (penalties.py, top_logprobs.py)."""
+    max_new = params.max_new_tokens
+    if max_new is None:
+        max_new = min(limits.default_max_new_tokens, limits.max_new_tokens)
+    return [
+        ("presence_penalty", math.isfinite(params.presence_penalty) and -2 <= params.presence_penalty <= 2,
+         "must be in [-2, 2]"),
+        ("frequency_penalty", math.isfinite(params.frequency_penalty) and -2 <= params.frequency_penalty <= 2,
+         "must be in [-2, 2]"),
+        ("min_tokens", 0 <= params.min_tokens <= max_new, f"must be in [0, max_new_tokens] (max_new_tokens is {max_new})"),
+        ("top_logprobs", 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+    ]

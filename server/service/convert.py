@@ -67,7 +67,15 @@ def _sampling(params: pb.SamplingParams) -> SamplingParams:
                           repetition_penalty=given("repetition_penalty", defaults.repetition_penalty),
                           seed=given("seed", None), stop=tuple(params.stop),
                           stop_token_ids=tuple(params.stop_token_ids), ignore_eos=params.ignore_eos,
-                          logprobs=params.logprobs)
+                          logprobs=params.logprobs, **_openai_extras(params))
+
+
+def _openai_extras(params: pb.SamplingParams) -> dict:
+    """presence / frequency penalties, min_tokens, top_logprobs (fields 12-15; checked by the engine)."""
+    extras = {name: getattr(params, name) for name in ("presence_penalty", "frequency_penalty", "min_tokens")
+              if params.HasField(name)}
+    extras["top_logprobs"] = params.top_logprobs
+    return extras
 
 
 def finish_reason(reason: FinishReason | None) -> int:
@@ -76,7 +84,8 @@ def finish_reason(reason: FinishReason | None) -> int:
 
 def stream_response(output: RequestOutput) -> pb.GenerateStreamResponse:
     response = pb.GenerateStreamResponse(text=output.text, token_ids=list(output.token_ids),
-                                         logprobs=list(output.logprobs), adapter_id=output.adapter_key or "")
+                                         logprobs=list(output.logprobs), adapter_id=output.adapter_key or "",
+                                         top_logprobs=_top_logprobs(output.top_logprobs))
     if output.finished:
         response.finish_reason = finish_reason(output.finish_reason)
         _fill_tail(response, output)
@@ -89,9 +98,15 @@ def unary_response(outputs: list[RequestOutput]) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
         text="".join(o.text for o in outputs), token_ids=[t for o in outputs for t in o.token_ids],
         logprobs=[p for o in outputs for p in o.logprobs], finish_reason=finish_reason(last.finish_reason),
-        adapter_id=last.adapter_key or "")
+        adapter_id=last.adapter_key or "",
+        top_logprobs=_top_logprobs([alts for o in outputs for alts in o.top_logprobs]))
     _fill_tail(response, last)
     return response
+
+
+def _top_logprobs(per_token) -> list[pb.TopLogprobs]:
+    return [pb.TopLogprobs(alternatives=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in alts])
+            for alts in per_token]
 
 
 def _fill_tail(response, output: RequestOutput) -> None:

@@ -200,7 +200,7 @@ def _free_port() -> int:
 
 def _serve(tiny_llama_dir, store, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
-               "--metrics-port", "0", "--store", str(store), "--kv-cache-memory", "16MiB",
+               "--metrics-port", "0", "--http-port", "0", "--store", str(store), "--kv-cache-memory", "16MiB",
                "--max-total-tokens", "512", "--max-input-tokens", "256"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:

@@ -186,10 +186,10 @@ def test_metrics_count_requests_and_tokens(server):
     before = scrape(running.metrics_port)
     _stub(channel).Generate(gen.GenerateRequest(input=_input(max_new_tokens=5, ignore_eos=True)), timeout=60)
     after = scrape(running.metrics_port)
-    key = ("loraplex_requests_total", (("adapter", "base"), ("code", "OK"), ("finish_reason", "length"),
-                                       ("method", "Generate")))
+    key = ("loraplex_requests_total", (("adapter", "base"), ("api", "grpc"), ("code", "OK"),
+                                       ("finish_reason", "length"), ("method", "Generate")))
     assert after[key] == before.get(key, 0) + 1
-    tokens = ("loraplex_generated_tokens_total", (("adapter", "base"),))
+    tokens = ("loraplex_generated_tokens_total", (("adapter", "base"), ("api", "grpc")))
     assert after[tokens] == before[tokens] + 5
     ttft = ("loraplex_time_to_first_token_seconds_count", ())
     assert after[ttft] == before[ttft] + 1

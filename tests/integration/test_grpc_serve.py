@@ -21,14 +21,15 @@ from loraplex.v1 import generation_pb2_grpc
 READY = re.compile(r"^loraplex: serving .* on 127\.0\.0\.1:(\d+), metrics on :(\d+)$")
 
 
-def _start(tiny_llama_dir, store) -> tuple[subprocess.Popen, int, list[str]]:
-    environ = dict(os.environ, LORAPLEX_KV_CACHE_MEMORY="16MiB", LORAPLEX_GRACE_PERIOD="60")
+def _start(tiny_llama_dir, store, http_port: int = 0) -> tuple[subprocess.Popen, int, list[str]]:
+    environ = dict(os.environ, LORAPLEX_KV_CACHE_MEMORY="16MiB", LORAPLEX_GRACE_PERIOD="60",
+                   LORAPLEX_HTTP_PORT=str(http_port))
     command = [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0",
                "--metrics-port", str(free_port()), "--store", str(store), "--max-total-tokens", "2048",
                "--max-input-tokens", "512"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
     lines: list[str] = []
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600      # a busy machine may be compiling the fused kernels
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:
@@ -51,8 +52,13 @@ def _serving(health) -> bool:
 
 
 def test_sigterm_drains_in_flight_and_exits_zero(tiny_llama_dir, tmp_path):
-    process, port, lines = _start(tiny_llama_dir, tmp_path / "store")
+    http_port = free_port()
+    process, port, lines = _start(tiny_llama_dir, tmp_path / "store", http_port)
     try:
+        import httpx
+
+        ready = f"http://127.0.0.1:{http_port}/ready"
+        assert httpx.get(ready, timeout=10).json() == {"status": "ready"}     # same process, same engine
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
@@ -69,6 +75,8 @@ def test_sigterm_drains_in_flight_and_exits_zero(tiny_llama_dir, tmp_path):
         with pytest.raises(grpc.RpcError) as error:
             stub.Generate(gen.GenerateRequest(input=gen.GenerationInput(prompt="late")), timeout=10)
         assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+        late = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", json={"prompt": "late"}, timeout=10)
+        assert late.status_code == 503 and late.json()["error"]["type"] == "service_unavailable"
         chunks = list(stream)
         received += [t for chunk in chunks for t in chunk.token_ids]
         assert chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH

@@ -44,7 +44,7 @@ def test_runs_as_non_root_with_volumes_and_ports():
     volumes = " ".join(_values("VOLUME"))
     assert "/var/lib/loraplex/cache" in volumes and "/var/lib/loraplex/store" in volumes
     ports = " ".join(_values("EXPOSE")).split()
-    assert "50051" in ports and "9090" in ports
+    assert "50051" in ports and "9090" in ports and "8000" in ports     # gRPC, metrics, OpenAI HTTP
 
 
 def test_healthcheck_uses_grpc_health_and_entrypoint_serves():

@@ -33,12 +33,13 @@ def test_request_counters_and_histograms_move():
     metrics.token_delta(0.03, 3)
     metrics.uploaded(1234)
     samples = _samples(metrics.render().decode())
-    ok = (("adapter", "tone"), ("code", "OK"), ("finish_reason", "length"), ("method", "Generate"))
+    ok = (("adapter", "tone"), ("api", "grpc"), ("code", "OK"), ("finish_reason", "length"), ("method", "Generate"))
     assert samples[("loraplex_requests_total", ok)] == 1
-    cancelled = (("adapter", "base"), ("code", "CANCELLED"), ("finish_reason", "none"), ("method", "GenerateStream"))
+    cancelled = (("adapter", "base"), ("api", "grpc"), ("code", "CANCELLED"), ("finish_reason", "none"),
+                 ("method", "GenerateStream"))
     assert samples[("loraplex_requests_total", cancelled)] == 1
-    assert samples[("loraplex_prompt_tokens_total", (("adapter", "tone"),))] == 7
-    assert samples[("loraplex_generated_tokens_total", (("adapter", "tone"),))] == 4
+    assert samples[("loraplex_prompt_tokens_total", (("adapter", "tone"), ("api", "grpc")))] == 7
+    assert samples[("loraplex_generated_tokens_total", (("adapter", "tone"), ("api", "grpc")))] == 4
     assert samples[("loraplex_time_to_first_token_seconds_count", ())] == 1
     assert samples[("loraplex_request_duration_seconds_sum", ())] == 0.2
     assert samples[("loraplex_request_queue_seconds_count", ())] == 1
@@ -116,3 +117,21 @@ def test_own_registry_and_http_endpoint():
     families = {family.name for family in text_string_to_metric_families(body)}
     assert {"loraplex_requests", "loraplex_time_to_first_token_seconds", "loraplex_batch_size"} <= families
     assert all(name.startswith("loraplex_") for name in families)
+
+
+def test_lora_requests_info_lists_adapters_for_gateways():
+    metrics = Metrics()
+    current = {"stats": _stats(running_adapters=("tone@1", "legal@2"), waiting_adapters=("tone@3", "zeta@1"),
+                               max_loras=4)}
+    metrics.watch_engine(lambda: current["stats"])
+    samples = _samples(metrics.render().decode())
+    info = [(labels, value) for (name, labels), value in samples.items() if name == "loraplex_lora_requests_info"]
+    assert len(info) == 1
+    labels, value = info[0]
+    assert dict(labels) == {"running_lora_adapters": "legal,tone", "waiting_lora_adapters": "tone,zeta",
+                            "max_lora": "4"}
+    assert value > 1.7e9                                     # a Unix time
+    current["stats"] = _stats(max_loras=4)
+    samples = _samples(metrics.render().decode())
+    info = [dict(labels) for (name, labels), _ in samples.items() if name == "loraplex_lora_requests_info"]
+    assert info == [{"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "4"}]   # no stale series

@@ -61,7 +61,8 @@ def _check_consistent(root: Path, must_exist: dict[str, str]) -> tuple[int, int]
         store.close()
 
 
-@pytest.mark.timeout(120)
+# 12 worker processes, each importing the store: minutes on a busy 2-core machine.
+@pytest.mark.timeout(600)
 def test_sigkill_during_uploads_and_registrations_leaves_a_consistent_store(tmp_path):
     root = tmp_path / "store"
     adapters = tmp_path / "adapters"

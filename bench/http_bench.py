@@ -1,0 +1,112 @@
+"""OpenAI-compatible HTTP end-to-end vs the in-process engine, at the same load.
+
+The same design as grpc_bench.py (same workload, same EngineConfig, the two sides alternate):
+the real server (`start_grpc` + `start_http_api` + `load_engine` + `attach_engine`, as
+`loraplex serve` wires them) runs on an event-loop thread of this process, and `loraplex
+bench --api openai`'s runner drives streamed `/v1/completions` over loopback HTTP (SSE, one
+event per token). Throughput = generated tokens / wall time, first request sent to last finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpc_bench import SideResult, _LoopThread, _mean, _server_config, _workload, run_in_process
+
+
+@dataclass(frozen=True)
+class HttpComparison:
+    concurrency: int
+    num_requests: int
+    input_len: int
+    output_len: int
+    in_process: SideResult
+    http: SideResult
+
+    @property
+    def ratio(self) -> float:
+        return self.http.tok_s / self.in_process.tok_s
+
+
+async def _start_server(config):
+    from loraplex.server.app import attach_engine, load_engine, start_grpc, start_http_api
+
+    running = await start_grpc(config)
+    await start_http_api(running, config, port=0)
+    store, engine = await load_engine(config, log=lambda _m: None)
+    await attach_engine(running, store, engine)
+    return running
+
+
+def run_over_http(base_url: str, bench_config) -> SideResult:
+    """One `loraplex bench --api openai` closed-loop run against `base_url` (.../v1)."""
+    from loraplex.client.bench.openai_client import OpenAIBenchClient
+    from loraplex.client.bench.runner import run_benchmark
+    from loraplex.client.bench.stats import compute_stats
+
+    async def drive():
+        async with OpenAIBenchClient(base_url, timeout=600) as client:
+            await client.health()
+            return await run_benchmark(client, bench_config)
+
+    result = asyncio.run(drive())
+    stats = compute_stats(result.records, result.duration_s)
+    if stats.failed:
+        raise RuntimeError(f"HTTP bench: {stats.failed} requests failed: {stats.errors}")
+    return SideResult(stats.output_throughput, stats.request_throughput, stats.ttft.p50_ms)
+
+
+def run_http_bench(model_dir: Path, concurrency: int = 16, num_requests: int = 48, input_len: int = 64,
+                   output_len: int = 32, rounds: int = 2, log=print) -> HttpComparison:
+    """Alternate in-process and HTTP runs `rounds` times; mean of each side."""
+    from loraplex.server.app import drain_and_stop
+    from loraplex.server.engine.builder import build_engine
+
+    bench_config, requests = _workload(num_requests, concurrency, input_len, output_len)
+    local_runs, remote_runs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = _server_config(model_dir, Path(tmp) / "store", concurrency)
+        engine, _info = build_engine(config.engine_config(model_dir), None, log=lambda _m: None)
+        _config, warm = _workload(2, 2, input_len, 4)
+        run_in_process(engine, warm, 2)
+        loop = _LoopThread()
+        try:
+            running = loop.run(_start_server(config))
+            for round_index in range(rounds):
+                local_runs.append(run_in_process(engine, requests, concurrency))
+                remote_runs.append(run_over_http(f"http://127.0.0.1:{running.http_port}/v1", bench_config))
+                log(f"  round {round_index + 1}: in-process {local_runs[-1].tok_s:.1f} tok/s, "
+                    f"HTTP {remote_runs[-1].tok_s:.1f} tok/s")
+            loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
+        finally:
+            loop.close()
+    return HttpComparison(concurrency, num_requests, input_len, output_len, _mean(local_runs), _mean(remote_runs))
+
+
+def section_http(model_dir: Path, quick: bool) -> str:
+    """Markdown section: OpenAI-compatible HTTP end-to-end vs in-process engine throughput."""
+    sizes = dict(concurrency=8, num_requests=16, input_len=32, output_len=16) if quick else \
+        dict(concurrency=16, num_requests=48, input_len=64, output_len=32)
+    r = run_http_bench(model_dir, **sizes)
+    verdict = "met" if r.ratio >= 0.9 else "MISSED"
+    return "\n".join([
+        "## 4b. OpenAI-compatible HTTP end-to-end vs in-process engine",
+        "",
+        f"Default model, float32, base model (no adapter). {r.num_requests} requests, closed loop at "
+        f"concurrency {r.concurrency}, prompts of ~{r.input_len} tokens, {r.output_len} generated tokens each "
+        "(greedy, `ignore_eos`); the same prompt texts and EngineConfig on both sides, alternating as in "
+        "section 4. HTTP: the real server (gRPC and HTTP in one process, one engine) on loopback, driven by "
+        "`loraplex bench --api openai` (streamed `/v1/completions`, one SSE event per token, usage in the "
+        "last event); TTFT there is measured by the client.",
+        "",
+        "| path | output tok/s | req/s | TTFT p50 ms |",
+        "|---|---:|---:|---:|",
+        f"| in-process engine | {r.in_process.tok_s:.1f} | {r.in_process.req_s:.2f} | {r.in_process.ttft_p50_ms:.0f} |",
+        f"| HTTP end-to-end | {r.http.tok_s:.1f} | {r.http.req_s:.2f} | {r.http.ttft_p50_ms:.0f} |",
+        "",
+        f"HTTP / in-process = {r.ratio:.3f}x (target >= 0.9x: {verdict}).",
+        "",
+    ])

@@ -1,0 +1,202 @@
+"""OpenAI request bodies -> engine GenerationRequests (one per prompt and choice).
+
+Parameters that would change the output but are not implemented are refused by name
+(`unsupported`); unknown fields are refused too. `response_format` goes through the
+structured-output hook (structured.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel, ValidationError
+
+from ..engine.config import RequestLimits
+from ..engine.io import GenerationRequest, RequestRejected
+from ..engine.sequence import SamplingParams
+from ..engine.validation import ADAPTER_REF_RE, check_request
+from .errors import ApiError, bad_request, unsupported
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from .structured import structured_output
+
+# Known OpenAI parameters this server does not implement yet -> a hint for the caller.
+UNSUPPORTED = {
+    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
+    "function_call": "function calling", "parallel_tool_calls": "tool calling",
+    "logit_bias": "", "audio": "", "modalities": "", "prediction": "", "reasoning_effort": "",
+    "web_search_options": "", "service_tier": "", "store": "", "metadata": "",
+    "guided_json": "", "guided_regex": "", "guided_choice": "", "guided_grammar": "",
+}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One engine request and where its output goes in the response."""
+
+    index: int
+    request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A validated OpenAI request: its body, the engine requests, the adapter it uses."""
+
+    body: SamplingFields
+    choices: list[Choice]
+    adapter_id: str | None
+    model: str
+    stream: bool
+    include_usage: bool
+    logprobs: int | None           # alternatives per token (0 = only the chosen token), None = off
+
+
+def parse_body(model_type: type[BaseModel], data: Any) -> Any:
+    """Validate a JSON body; the first problem becomes a 400 naming its parameter."""
+    if not isinstance(data, dict):
+        raise bad_request(None, "the request body must be a JSON object")
+    try:
+        return model_type.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise bad_request(param, f"{param}: {first['msg']}" if param else first["msg"]) from None
+
+
+def _refuse_unknown(body: SamplingFields, also_unsupported: dict[str, bool]) -> None:
+    for name, value in body.extras().items():
+        if name in UNSUPPORTED and value in (None, [], {}, False):
+            continue                                   # explicit "off" values change nothing
+        if name == "tool_choice" and value == "none":
+            continue
+        if name in UNSUPPORTED:
+            raise unsupported(name, UNSUPPORTED[name])
+        if name != "response_format":
+            raise bad_request(name, f"unknown parameter '{name}'")
+    for name, used in also_unsupported.items():
+        if used:
+            raise unsupported(name)
+
+
+def resolve_model(model: str | None, base_name: str) -> str | None:
+    """`model` -> adapter id (None = the base model). Unknown names fail later with 404."""
+    if model is None or model == base_name:
+        return None
+    if not ADAPTER_REF_RE.match(model):
+        raise ApiError(404, f"the model '{model}' does not exist: use '{base_name}', an adapter id or "
+                            "'name@version' (GET /v1/models lists them)", param="model", code="model_not_found")
+    return model
+
+
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    seed_offset: int) -> SamplingParams:
+    """The engine's SamplingParams (OpenAI defaults: temperature 1); the engine's validator
+    checks the ranges, and its field names map back to these parameters (errors.py)."""
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    values: dict[str, Any] = dict(
+        max_new_tokens=max_tokens,                      # None = the engine's default
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        seed=None if body.seed is None else (body.seed + seed_offset) % 2**63,
+        stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=bool(body.ignore_eos),
+        logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        min_tokens=body.min_tokens or 0)
+    return SamplingParams(**values)
+
+
+def _parsed(body: SamplingFields, inputs: list[dict[str, Any]], adapter: str | None, base_name: str,
+            sampling: Callable[[int], SamplingParams], tenant: str | None, new_id: Callable[[], str],
+            logprobs: int | None, limits: RequestLimits) -> ParsedRequest:
+    n = body.n or 1
+    choices = []
+    for prompt_index, fields in enumerate(inputs):
+        for j in range(n):
+            request = GenerationRequest(request_id=new_id(), adapter_id=adapter, sampling=sampling(j),
+                                        tenant=tenant, **fields)
+            if j == 0:                     # the engine's checks, before anything waits in its queue
+                violations = check_request(request, limits)
+                if violations:
+                    raise RequestRejected.of(violations)
+            choices.append(Choice(prompt_index * n + j, request))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options", "stream_options is only allowed with stream: true")
+    return ParsedRequest(body, choices, adapter, body.model or base_name, bool(body.stream), include_usage, logprobs)
+
+
+def completion_request(data: Any, base_name: str, tenant: str | None, limits: RequestLimits,
+                       new_id: Callable[[], str]) -> ParsedRequest:
+    body: CompletionRequest = parse_body(CompletionRequest, data)
+    best_of_differs = body.best_of is not None and body.best_of != (body.n or 1)
+    _refuse_unknown(body, {"echo": bool(body.echo), "suffix": body.suffix is not None, "best_of": best_of_differs})
+    structured_output(body)
+    adapter = resolve_model(body.model, base_name)
+    logprobs = body.logprobs
+
+    def sampling(j: int) -> SamplingParams:
+        return sampling_params(body, body.max_tokens, logprobs, j)
+
+    return _parsed(body, _prompts(body.prompt), adapter, base_name, sampling, tenant, new_id, logprobs, limits)
+
+
+def _prompts(prompt: Any) -> list[dict[str, Any]]:
+    if isinstance(prompt, str):
+        return [{"prompt": prompt}]
+    if not prompt:
+        raise bad_request("prompt", "prompt must not be empty")
+    if all(isinstance(p, int) for p in prompt):
+        return [{"prompt_token_ids": tuple(prompt)}]
+    if all(isinstance(p, str) for p in prompt):
+        return [{"prompt": p} for p in prompt]
+    return [{"prompt_token_ids": tuple(p)} for p in prompt]
+
+
+def chat_request(data: Any, base_name: str, tenant: str | None, limits: RequestLimits,
+                 new_id: Callable[[], str]) -> ParsedRequest:
+    body: ChatCompletionRequest = parse_body(ChatCompletionRequest, data)
+    _refuse_unknown(body, {})
+    structured_output(body)
+    adapter = resolve_model(body.model, base_name)
+    if body.top_logprobs and not body.logprobs:
+        raise bad_request("top_logprobs", "top_logprobs needs logprobs: true")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    messages = chat_messages(body.messages)
+
+    def sampling(j: int) -> SamplingParams:
+        return sampling_params(body, max_tokens, logprobs, j)
+
+    return _parsed(body, [{"messages": messages}], adapter, base_name, sampling, tenant, new_id, logprobs, limits)
+
+
+def chat_messages(messages: list[ChatMessage]) -> tuple[tuple[str, str], ...]:
+    """OpenAI messages -> (role, content) pairs; text parts are joined, other parts refused."""
+    pairs = []
+    for index, message in enumerate(messages):
+        role = CHAT_ROLES.get(message.role)
+        if role is None:
+            raise bad_request(f"messages.{index}.role", f"role {message.role!r} is not supported "
+                                                        f"(use one of {', '.join(CHAT_ROLES)})")
+        for name in ("tool_calls", "function_call", "tool_call_id"):
+            if (message.model_extra or {}).get(name):
+                raise unsupported(f"messages.{index}.{name}", "tool calling")
+        pairs.append((role, _text(message.content, index)))
+    return tuple(pairs)
+
+
+def _text(content: Any, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part_index, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise bad_request(f"messages.{index}.content.{part_index}",
+                              f"only text content parts are supported (got type {part.get('type')!r})")
+        texts.append(part["text"])
+    return "".join(texts)
