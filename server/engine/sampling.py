@@ -194,7 +194,7 @@ ArgmaxFn = Callable[[torch.Tensor], torch.Tensor]    # logits [n, vocab] float32
 def argmax_rows_ref(logits: torch.Tensor) -> torch.Tensor:
     """[n, vocab] -> [n] int64, each row's first maximum (NaN counts as largest).
 
-    The pure-torch twin of native kernel argmax_rows (10x faster on a 2-core
+    The pure-torch twin of the native kernel argmax_rows (10x faster on a 2-core
     CPU at [16, 49152]: torch's CPU argmax runs one scalar pass per row).
     """
     return logits.argmax(dim=-1)
