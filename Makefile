@@ -33,7 +33,7 @@ setup: $(VENV)/.installed
 
 model: setup
 	$(BIN)/loraplex model fetch-default
-	$(PY) -m loraplex.server.model.native    # compile the fused CPU kernels once (~30 s)
+	$(PY) -m loraplex.server.kernels.native    # compile the fused CPU kernels once (~30 s)
 
 serve: model
 	$(BIN)/loraplex serve --model default

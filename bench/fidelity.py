@@ -3,7 +3,8 @@
 Trains (or reuses, cached by the training script's hash) the demo adapter, merges it into the
 float32 base as the reference, then for every backend measures the unmerged adapter, plus the
 naive merge into nf4 and merge-then-quantize (nf4): perplexity on held-out demo-format text,
-greedy agreement with the reference, resident bytes. Writes the table into docs/fidelity.md
+greedy agreement with the reference, resident bytes; and the unmerged adapter stored in
+bfloat16 / float16 slots (`--adapter-dtype`) on the float32 base. Writes the table into docs/fidelity.md
 between the RESULTS markers and prints it.
 """
 
@@ -86,6 +87,11 @@ def main() -> int:
             adapter = load_peft_dir(adapter_dir, scorer.base_spec)
             rows.append(measure(f"unmerged, {method}", scorer, adapter, text_ids, prompts, NEW_TOKENS, reference)[0])
             print(f"[fidelity] {rows[-1]} ({time.monotonic() - started:.0f}s)", flush=True)
+        for adapter_dtype in ("bfloat16", "float16"):     # --adapter-dtype: half-precision slots
+            scorer = Scorer(model_dir, adapter_dtype=adapter_dtype)
+            adapter = load_peft_dir(adapter_dir, scorer.base_spec)
+            rows.append(measure(f"unmerged, none, {adapter_dtype} adapter", scorer, adapter, text_ids,
+                                prompts, NEW_TOKENS, reference)[0])
         rows.append(measure("naive merge into bnb-nf4", Scorer(naive), None, text_ids, prompts, NEW_TOKENS,
                             reference)[0])
         nf4_naive_bytes = Scorer(model_dir, quantize="bnb-nf4").resident_bytes()

@@ -66,6 +66,7 @@ class LoraResult:
     no_adapter_tok_s: float
     adapters_tok_s: float
     peft_tok_s: float
+    bf16_adapters_tok_s: float = 0.0      # the same 16 adapters stored in bfloat16 slots
 
 
 def peft_mixed_model(model_dir: Path, paths: list[Path]):
@@ -98,12 +99,18 @@ def run_lora_bench(model_dir: Path, num_adapters: int = 16, new_tokens: int = 32
             base_tok_s = max(base_tok_s, engine_decode_tok_s(engine, prompts, new_tokens))
             lora_tok_s = max(lora_tok_s, engine_decode_tok_s(engine, prompts, new_tokens, adapters=names))
         log(f"  engine: no adapters {base_tok_s:.1f} tok/s, {num_adapters} adapters {lora_tok_s:.1f} tok/s")
+        del engine
+        half = make_engine(model_dir, store=store, max_loras=num_adapters, adapter_dtype="bfloat16")
+        engine_decode_tok_s(half, prompts, 2, adapters=names)
+        bf16_tok_s = max(engine_decode_tok_s(half, prompts, new_tokens, adapters=names) for _ in range(REPEATS))
+        log(f"  engine: {num_adapters} bfloat16 adapters (--adapter-dtype bfloat16) {bf16_tok_s:.1f} tok/s")
+        del half
         peft = peft_mixed_model(model_dir, paths)
         peft_tok_s = max(transformers_decode_tok_s(peft, prompts, new_tokens,
                                                    adapter_names=[p.name for p in paths])
                          for _ in range(2))
         log(f"  PEFT mixed-batch generate: {peft_tok_s:.1f} tok/s")
-    return LoraResult(num_adapters, base_tok_s, lora_tok_s, peft_tok_s)
+    return LoraResult(num_adapters, base_tok_s, lora_tok_s, peft_tok_s, bf16_tok_s)
 
 
 def run_adapter_curve(model_dir: Path, counts=(1, 4, 16, 64), batch: int = 64, new_tokens: int = 16,

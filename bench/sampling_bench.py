@@ -63,14 +63,14 @@ def full_sort_sample(logits: torch.Tensor, kwargs: dict) -> torch.Tensor:
 def run_sampling_bench(model_dir: Path, batches=(16, 64), log=print) -> list[SamplingResult]:
     from transformers import AutoTokenizer
 
-    from loraplex.server.engine.sampling import Sampler, argmax_rows
+    from loraplex.server.engine.sampling import Sampler
     from loraplex.server.engine.sequence import SamplingParams, Sequence
-    from loraplex.server.model import native
+    from loraplex.server.kernels.registry import KernelSet
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     logits = real_logits(model_dir, tokenizer, max(batches))
-    kernels = native.resolve("auto", torch.float32, "cpu", log)   # as the server builds it
-    served = Sampler(logits.shape[1], argmax=argmax_rows if kernels is None else kernels.argmax_rows)
+    kernels = KernelSet.resolve("auto", torch.float32, "cpu", log)   # as the server builds it
+    served = Sampler(logits.shape[1], argmax=kernels.get("argmax_rows"))
     results = []
     for batch in batches:
         for label, kwargs in SETTINGS.items():

@@ -35,7 +35,7 @@ def section_decode(model_dir: Path, quick: bool) -> str:
         "(`--linear-kernel auto`: dense GEMMs prepacked for oneDNN); the *aten* column is the same",
         "engine with `--linear-kernel aten` (`F.linear`, MKL), to separate the kernel from the rest;",
         "the *torch ops* column is the engine with `--cpu-kernels torch` (attention, norms, rotary",
-        "and SiLU as torch ops instead of the fused C++ kernels of `cpu_kernels.cpp`).",
+        "and SiLU as torch ops instead of the fused C++ kernels of `server/kernels/csrc`).",
         "Two floors run only the model's linear layers (incl. the LM head) at the same batch size,",
         "with no attention, norms or sampling: through `F.linear` (what transformers uses), and",
         "through the engine's own kernels. The second is the real floor for this engine.",
@@ -103,6 +103,11 @@ def section_lora(model_dir: Path, quick: bool) -> str:
         f"{r.adapters_tok_s / r.peft_tok_s:.2f}x PEFT "
         f"({'met' if r.adapters_tok_s >= 6 * r.peft_tok_s else 'MISSED'}).",
         "",
+        f"With `--adapter-dtype bfloat16` (the slots hold bfloat16, the fused kernel sums in float32):"
+        f" {r.bf16_adapters_tok_s:.1f} tok/s, {r.bf16_adapters_tok_s / r.no_adapter_tok_s:.2f}x no adapters"
+        f" (target (issue 21) >= 0.85x: "
+        f"{'met' if r.bf16_adapters_tok_s >= 0.85 * r.no_adapter_tok_s else 'MISSED'}).",
+        "",
         f"### Throughput vs distinct adapters in the batch (batch {16 if quick else 64}, max_loras "
         f"{curve[-1][0]}, rank 16, all linear modules)",
         "",
@@ -121,20 +126,25 @@ def table_section(title: str, intro: list[str], header: str, align: str, rows: l
 
 
 def section_backends(model_dir: Path, quick: bool) -> str:
-    from backend_bench import run_backend_bench
+    from backend_bench import cpu_isa_line, run_backend_bench
 
     results = run_backend_bench(model_dir, new_tokens=8 if quick else 16)
     base = next(r for r in results if r.method == "none")
     return table_section(
-        "## 5. Quantization backends: throughput and resident weight bytes",
-        ["Default model, decode batch 16, float32 compute, CPU. Bytes are the decoder's linear",
-         "weights as stored (quantized data plus scales/zeros); embeddings and the LM head stay",
-         "float32 in every backend. `none` runs prepacked oneDNN GEMMs; the quantized backends run",
-         "their libraries' CPU kernels, which dequantize on the fly, so on this machine quantization",
-         "buys memory, not speed."],
-        "| backend | tok/s | vs float32 | linear weights (MiB) | vs float32 |", "|---|---:|---:|---:|---:|",
-        [f"| {r.method} | {r.tok_s:.1f} | {r.tok_s / base.tok_s:.2f}x | "
-         f"{r.weight_bytes / 2**20:.1f} | {r.weight_bytes / base.weight_bytes:.2f}x |" for r in results])
+        "## 5. Quantization backends: decode throughput, weight bytes, bandwidth",
+        ["Default model, greedy decode at batch 1 and 16, float32 compute, CPU: " + machine_line() + "; "
+         + cpu_isa_line() + ". Linear kernels are chosen by measurement at start-up",
+         "(`--linear-kernel auto`: fused dequantize-GEMM `native`, the library's own path, or for",
+         "float32 oneDNN / F.linear); the decode kernels column names what served 1-4 rows.",
+         "Weights: the decoder's linear weights as resident (quantized data, scales, zeros, and",
+         "the fused kernels' repacked copy where there is one). Step: bytes one decode step",
+         "streams (decoder linears as the decode kernel reads them + the float32 LM head);",
+         "GB/s = step bytes x steps/s at batch 1."],
+        "| backend | tok/s b1 | vs float32 | tok/s b16 | vs float32 | weights (MiB) | step (MiB) "
+        "| GB/s b1 | decode kernels |", "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        [f"| {r.method} | {r.tok_s[1]:.1f} | {r.tok_s[1] / base.tok_s[1]:.2f}x | {r.tok_s[16]:.1f} | "
+         f"{r.tok_s[16] / base.tok_s[16]:.2f}x | {r.weight_bytes / 2**20:.1f} | {r.step_bytes / 2**20:.1f} | "
+         f"{r.gb_s():.1f} | {r.kernels} |" for r in results])
 
 
 def section_sampling(model_dir: Path, quick: bool) -> str:
@@ -267,7 +277,7 @@ each section are computed from that run's numbers.
   the pairs of a full run spread over about 0.79x-0.82x, so the target is met at the margin. Before the latest
   kernel work (tree-reduced dot products, the greedy argmax kernel, leaner per-layer Python)
   best/best read 0.70x-0.81x; before the fused layer ops 0.63x-0.69x. Between its GEMMs a layer makes
-  four calls into `cpu_kernels.cpp` (residual add + RMSNorm twice, rotary + K/V write, decode
+  four calls into `server/kernels/csrc` (residual add + RMSNorm twice, rotary + K/V write, decode
   attention, SiLU·up) instead of ~30 torch ops; the *torch ops* column shows what that is
   worth. Timed inside a batch-16 step, what is left besides the GEMMs is ~3.5 ms: decode
   attention ~1.8 ms (~60 us a layer; the same call takes ~24 us when its ~1.2 MB of K/V is in

@@ -138,6 +138,8 @@ class ServerInfo:
     auth_enabled: bool
     device: str
     linear_weight_bytes: int
+    linear_kernels: tuple[str, ...] = ()     # kernel per linear layer shape (server's choice)
+    cpu_isa: str = ""
 
 
 class Sampling(TypedDict, total=False):

@@ -111,7 +111,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max_loras", "--max-loras", int, "distinct adapters in one batch (device slots)",
          engine="max_loras"),
     Flag("max_lora_rank", "--max-lora-rank", int, "largest adapter rank accepted", engine="max_lora_rank"),
-    Flag("adapter_dtype", "--adapter-dtype", str, "adapter weights: float32 or compute",
+    Flag("adapter_dtype", "--adapter-dtype", str, "adapter weights in the slots: float32 (PEFT-exact), bfloat16, float16, or compute (the base dtype)",
          engine="adapter_dtype"),
     Flag("api_keys", "--api-key", parse_key, "inference key, 'key' or 'tenant:key' (repeatable)",
          many=True, env="LORAPLEX_API_KEYS"),

@@ -21,10 +21,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def native_kernels():
-    """The fused CPU kernels (cpu_kernels.cpp), compiled on first use; skipped without a compiler."""
+    """The fused CPU kernels (kernels/csrc), compiled on first use; skipped without a compiler."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the fused CPU kernels cannot be built here")
-    from loraplex.server.model import native
+    from loraplex.server.kernels import native
 
     return native.load(log=lambda _msg: None)
 

@@ -141,7 +141,7 @@ def case_decode_attention(dtype: torch.dtype, device: str) -> None:
     from loraplex.server.model import attention
 
     # the twin's name under the registry's naming rule (<op>_ref), or its older name
-    decode_attention_torch = getattr(attention, "decode_attention_ref", None) or attention.decode_attention_torch
+    decode_attention_ref = getattr(attention, "decode_attention_ref", None) or attention.decode_attention_ref
     from loraplex.server.model import triton_attention
 
     gen = torch.Generator().manual_seed(3)
@@ -151,7 +151,7 @@ def case_decode_attention(dtype: torch.dtype, device: str) -> None:
     seq_lens = torch.tensor(lens, dtype=torch.int64, device=device)
     q = _randn(gen, len(lens), KV_HEADS * GROUP, HEAD_DIM, dtype=dtype, device=device)
     for window in (0, 5):
-        expected = decode_attention_torch(q.float(), k_cache.float(), v_cache.float(), tables,
+        expected = decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), tables,
                                           seq_lens, 0.2, window)
         actual = triton_attention.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.2, window)
         _close(actual, expected, dtype, f"decode attention, window {window}")

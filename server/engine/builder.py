@@ -12,9 +12,10 @@ from ..lora.fingerprint import base_spec_from_model_config
 from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
 from ..lora.slot_pool import SlotPool
-from ..model import native
+from ..kernels.linear_choice import choose_linear_kernels
+from ..kernels.registry import KernelSet
 from ..model.config import ModelConfig
-from ..model.fused_ops import select_layer_ops
+from ..model.fused_ops import layer_ops
 from ..model.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from ..model.llama import build_model
 from .adapters import AdapterGateway
@@ -24,7 +25,7 @@ from .engine import LLMEngine
 from .io import EngineInfo
 from .prompt import eos_token_ids, load_tokenizer
 from .runner import ModelRunner
-from .sampling import Sampler, argmax_rows
+from .sampling import Sampler
 from .scheduler import Scheduler
 from .warmup import warm_up
 
@@ -79,9 +80,10 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     dtype = resolve_dtype(config.dtype, device)
     spec = QuantSpec.resolve(config.quant, dtype, device)
     log(f"[loraplex] loading {config.model_dir} ({spec.method}, {str(dtype).removeprefix('torch.')}, {device})")
-    kernels = native.resolve(config.cpu_kernels, dtype, device, log)
-    ops = select_layer_ops(device, config.cpu_kernels, kernels)
+    kernels = KernelSet.resolve(config.cpu_kernels, dtype, device, log)
+    ops = layer_ops(kernels, config.cpu_kernels)
     model, model_config = build_model(config.model_dir, spec, ops=ops)
+    linear_kernels = choose_linear_kernels(model, spec, kernels, log=log)
     tokenizer = load_tokenizer(config.model_dir)
 
     cache, sched = config.cache, config.scheduler
@@ -97,15 +99,15 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     constraints, guided = structured_output(config, tokenizer, model_config.vocab_size,
                                             eos_token_ids(config.model_dir, tokenizer))
     sampler = Sampler(model_config.vocab_size, device=device, seed=config.seed,
-                      argmax=argmax_rows if kernels is None else kernels.argmax_rows, logits_mask=guided)
+                      argmax=kernels.get("argmax_rows"), logits_mask=guided)
     scheduler = Scheduler(sched, BlockManager(num_blocks=num_blocks, block_size=cache.block_size))
 
     base_spec = base_spec_from_model_config(model_config, spec.method)
     gateway = pool = None
     if store is not None:
-        adapter_dtype = torch.float32 if config.lora.adapter_dtype == "float32" else dtype
+        adapter_dtype = dtype if config.lora.adapter_dtype == "compute" else _DTYPES[config.lora.adapter_dtype]
         pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
-                        ops=select_ops(device, cpu_kernels=kernels))
+                        ops=select_ops(device, cpu_kernels=kernels.native))
         gateway = AdapterGateway(store, AdapterManager(pool))
     runner = ModelRunner(model, model_config, kv_caches, cache.block_size, sampler, device=device, lora=pool)
 
@@ -115,7 +117,8 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       quantization=spec.method, dtype=str(dtype).removeprefix("torch."),
                       device=device, base_fingerprint=base_spec.fingerprint,
                       linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
-                      vocab_size=model_config.vocab_size)
+                      vocab_size=model_config.vocab_size, linear_kernels=linear_kernels,
+                      cpu_isa="" if kernels.native is None else kernels.native.quant_isa())
     warm_up(engine, pool, log)
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
         f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops)")

@@ -26,7 +26,7 @@ from ..layers.options import CPU_KERNEL_CHOICES, QuantConfig
 from ..problems import ConfigProblem, InvalidConfig, at_least, one_of, raise_if
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-ADAPTER_DTYPE_CHOICES = ("float32", "compute")
+ADAPTER_DTYPE_CHOICES = ("float32", "bfloat16", "float16", "compute")   # compute: the base dtype
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     max_lora_rank: int = 64          # largest adapter rank accepted (slots pad to the largest loaded)
-    adapter_dtype: str = "float32"   # float32 (PEFT's default) or compute
+    adapter_dtype: str = "float32"   # float32 (PEFT default), bfloat16, float16 or compute
 
     def __post_init__(self) -> None:
         raise_if(self.problems())

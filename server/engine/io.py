@@ -146,3 +146,5 @@ class EngineInfo:
     linear_weight_bytes: int
     base_spec: Any
     vocab_size: int
+    linear_kernels: tuple = ()          # kernels.linear_choice.KernelChoice per layer shape
+    cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)

@@ -192,10 +192,10 @@ ArgmaxFn = Callable[[torch.Tensor], torch.Tensor]    # logits [n, vocab] float32
 LogitsMask = Callable[[torch.Tensor, list[Sequence]], torch.Tensor]   # [n, vocab] -> [n, vocab]
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+def argmax_rows_ref(logits: torch.Tensor) -> torch.Tensor:
     """[n, vocab] -> [n] int64, each row's first maximum (NaN counts as largest).
 
-    The pure-torch twin of the fused kernel cpu_kernels.argmax_rows (10x faster on a 2-core
+    The pure-torch twin of the native kernel argmax_rows (10x faster on a 2-core
     CPU at [16, 49152]: torch's CPU argmax runs one scalar pass per row).
     """
     return logits.argmax(dim=-1)
@@ -204,13 +204,13 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Picks one token per row of a logits batch according to each sequence's SamplingParams.
 
-    argmax: the greedy rows' kernel (argmax_rows, or the fused CPU kernel with its semantics).
+    argmax: the greedy rows' kernel (argmax_rows_ref, or the native argmax_rows with its semantics).
     logits_mask: applied after the repetition penalty, before any choice (structured output:
     sets disallowed tokens of constrained rows to -inf; other rows must come back unchanged).
     """
 
     def __init__(self, vocab_size: int, device: str = "cpu", seed: int = 0,
-                 argmax: ArgmaxFn = argmax_rows, logits_mask: LogitsMask | None = None):
+                 argmax: ArgmaxFn = argmax_rows_ref, logits_mask: LogitsMask | None = None):
         self.vocab_size = vocab_size
         self.argmax = argmax
         self.logits_mask = logits_mask

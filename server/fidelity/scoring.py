@@ -41,7 +41,10 @@ class Scorer:
     """A loaded (maybe quantized) base model that scores token sequences, with or without an adapter."""
 
     def __init__(self, model_dir: str | Path, quantize: str = "none", dtype: str = "float32",
-                 device: str = "cpu", hqq_group_size: int = 64, max_lora_rank: int = 256):
+                 device: str = "cpu", hqq_group_size: int = 64, max_lora_rank: int = 256,
+                 adapter_dtype: str = "float32"):
+        """adapter_dtype: float32, bfloat16 or float16 slots; the served LoRA kernels run them
+        (the fused CPU kernel, float32 sums, where it builds)."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         spec = QuantSpec(method=quantize, compute_dtype=self.dtype, device=self.device,
@@ -49,6 +52,7 @@ class Scorer:
         self.model, self.config = build_model(model_dir, spec)
         self.base_spec = base_spec_from_model_config(self.config, quantize)
         self.max_lora_rank = max_lora_rank
+        self.adapter_dtype = getattr(torch, adapter_dtype)
         self._pool: SlotPool | None = None
 
     def resident_bytes(self) -> int:
@@ -62,7 +66,12 @@ class Scorer:
                 self._pool.clear(0)
             return
         if self._pool is None:
-            self._pool = SlotPool(self.model.lora_targets(), 1, self.max_lora_rank, torch.float32, self.device)
+            from ..kernels.registry import KernelSet
+            from ..lora.ops import select_ops
+
+            kernels = KernelSet.resolve("auto", self.dtype, self.device, log=lambda _m: None)
+            self._pool = SlotPool(self.model.lora_targets(), 1, self.max_lora_rank, self.adapter_dtype,
+                                  self.device, ops=select_ops(self.device, cpu_kernels=kernels.native))
         self._pool.load(0, adapter)
 
     @property

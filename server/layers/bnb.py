@@ -34,6 +34,7 @@ class Bnb4bitLinear(QuantizedLinear):
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = spec.compute_dtype
         self.quant_type = spec.method.removeprefix("bnb-")          # "nf4" | "fp4"
+        self.method_tag = f"-{self.quant_type}{'-dq' if spec.bnb_double_quant else ''}"
         # transformers quantizes the weight as loaded, i.e. already cast to the model dtype.
         w = weight.to(device=spec.device, dtype=spec.compute_dtype).contiguous()
         w_4bit, self.quant_state = bnbf.quantize_4bit(
@@ -44,8 +45,14 @@ class Bnb4bitLinear(QuantizedLinear):
         self._matmul_4bit = bnb.matmul_4bit
         self._dequantize_4bit = bnbf.dequantize_4bit
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def library_linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         return self._matmul_4bit(x, self.w_4bit, quant_state=self.quant_state, bias=self.bias)
+
+    def native_pack(self):
+        from ..kernels.quant import pack_bnb_4bit
+
+        pack = pack_bnb_4bit(self.w_4bit, self.quant_state, self.out_features, self.in_features)
+        return None if pack is None else (pack, self.bias)
 
     def weight_bytes(self) -> int:
         state = self.quant_state
@@ -82,7 +89,7 @@ class BnbInt8Linear(QuantizedLinear):
         self._vectorwise_quant = bnbf.int8_vectorwise_quant
         self._vectorwise_dequant = bnbf.int8_vectorwise_dequant
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def library_linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         ops = torch.ops.bitsandbytes
         x_int8, x_absmax, outlier_cols = self._vectorwise_quant(
             x.to(torch.float16), threshold=self.threshold)
@@ -92,6 +99,13 @@ class BnbInt8Linear(QuantizedLinear):
             return y
         return ops.int8_scaled_mm.default(x_int8, self.w_int8, x_absmax, self.row_absmax,
                                           bias=self.bias, dtype=x.dtype)
+
+    def native_pack(self):
+        """LLM.int8's weight (q * absmax / 127) for the weight-only fused kernel: no activation
+        rounding and no outlier split, so it differs from library_linear by LLM.int8's own error."""
+        from ..kernels.quant import pack_int8_rows
+
+        return pack_int8_rows(self.w_int8, self.row_absmax.float() / 127.0), self.bias
 
     def weight_bytes(self) -> int:
         return _tensor_bytes(self.w_int8, self.row_absmax, self.bias)

@@ -23,7 +23,15 @@ class ConcatLinear(QuantizedLinear):
         self.out_features = sum(p.out_features for p in parts)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, sum(out_i)]
-        return torch.cat([p.linear(x) for p in self.parts], dim=-1)
+        return torch.cat([p.linear(x) for p in self.parts], dim=-1)   # each part routes itself
+
+    library_linear = linear
+
+    def kernel_candidates(self) -> dict:
+        return {}                                                    # the parts are chosen
+
+    def stream_bytes(self) -> int:
+        return sum(p.stream_bytes() for p in self.parts)
 
     def weight_bytes(self) -> int:
         return sum(p.weight_bytes() for p in self.parts)

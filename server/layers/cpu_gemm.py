@@ -45,7 +45,7 @@ def use_onednn(kernel: str, dtype: torch.dtype, device: str | torch.device) -> b
     """Resolve a --linear-kernel choice; 'onednn' where unsupported is an error, not a fallback."""
     if kernel not in LINEAR_KERNEL_CHOICES:
         raise ValueError(f"linear kernel {kernel!r}; choose one of {', '.join(LINEAR_KERNEL_CHOICES)}")
-    if kernel == "aten":
+    if kernel in ("aten", "library"):     # "library" on a dense layer: F.linear, torch's own
         return False
     supported = onednn_supported(dtype, device)
     if kernel == "onednn" and not supported:

@@ -47,11 +47,19 @@ class EetqLinear(QuantizedLinear):
         self.register_buffer("w_processed", w_processed.to(device))  # kernel's interleaved layout
         self.register_buffer("scale", scale.to(device, torch.float16))               # [out]
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def library_linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.uses_eetq_kernel:
             y = self._w8_a16_gemm(x, self.w_processed, self.scale)
             return y if self.bias is None else y + self.bias
         return int8_weight_only_linear(x, self.w_int8, self.scale, self.bias)
+
+    def native_pack(self):
+        from ..kernels.quant import pack_int8_rows
+
+        if self.uses_eetq_kernel:
+            return None
+        bias = None if self.bias is None else self.bias.float().contiguous()
+        return pack_int8_rows(self.w_int8, self.scale), bias
 
     def weight_bytes(self) -> int:
         stored = [self.w_processed if self.uses_eetq_kernel else self.w_int8, self.scale, self.bias]

@@ -59,6 +59,7 @@ class HqqLinear(QuantizedLinear):
             raise ValueError(f"hqq group_size {spec.hqq_group_size} must divide in_features "
                              f"{self.in_features}; pick a group size that divides it")
         self.compute_dtype = spec.compute_dtype
+        self.method_tag = f"-{hqq_nbits(spec.method)}bit"
         float_linear = torch.nn.Linear(self.in_features, self.out_features, bias=bias is not None)
         float_linear.weight.data = weight.to(spec.compute_dtype)
         if bias is not None:
@@ -69,18 +70,30 @@ class HqqLinear(QuantizedLinear):
         self.kernel = select_hqq_kernel(spec)
         self.fast = None if self.kernel == "pytorch" else _patch_fast_kernel(self.hqq, self.kernel)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def library_linear(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.fast is not None:
             return self.fast(x)
         y = torch.matmul(x, self.hqq.dequantize().t())              # [T, out]
         return y if self.hqq.bias is None else y + self.hqq.bias
+
+    def native_pack(self):
+        from ..kernels.quant import pack_hqq
+
+        if self.fast is not None:
+            return None
+        pack = pack_hqq(self.hqq, self.out_features, self.in_features)
+        bias = self.hqq.bias
+        return None if pack is None else (pack, None if bias is None else bias.detach().float().contiguous())
 
     def weight_bytes(self) -> int:
         meta = self.hqq.meta
         stored = [self.hqq.W_q, meta.get("scale"), meta.get("zero"), self.hqq.bias]
         if self.fast is not None:  # the fast kernel's repacked copy is resident as well
             stored += list(self.fast.parameters()) + list(self.fast.buffers())
-        return sum(t.numel() * t.element_size() for t in stored if torch.is_tensor(t))
+        total = sum(t.numel() * t.element_size() for t in stored if torch.is_tensor(t))
+        if self.native_kernel is not None and self.native_kernel[1].codes.data_ptr() != self.hqq.W_q.data_ptr():
+            total += self.native_kernel[1].codes.numel()     # the nibble copy (4/3/2-bit)
+        return total
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.hqq.dequantize().to(self.compute_dtype)         # [out, in]

@@ -15,8 +15,10 @@ QUANTIZE_CHOICES = (
     "none", "bnb-nf4", "bnb-fp4", "bnb-int8",
     "hqq-2bit", "hqq-3bit", "hqq-4bit", "hqq-8bit", "eetq",
 )
-LINEAR_KERNEL_CHOICES = ("auto", "onednn", "aten")   # dense GEMMs (cpu_gemm.py)
-CPU_KERNEL_CHOICES = ("auto", "native", "torch")      # fused per-layer CPU ops (model/native.py)
+# auto = measured per layer shape (kernels/linear_choice.py); onednn / aten: dense GEMMs
+# (cpu_gemm.py); native: fused dequantize-GEMM of quantized layers; library: the quant library's
+LINEAR_KERNEL_CHOICES = ("auto", "onednn", "aten", "native", "library")
+CPU_KERNEL_CHOICES = ("auto", "native", "torch")      # fused CPU kernels (kernels/native.py)
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class QuantConfig:
     hqq_group_size: int = 64
     bnb_double_quant: bool = False
     bnb_int8_threshold: float = 6.0
-    linear_kernel: str = "auto"             # dense GEMMs: auto, onednn (prepacked, CPU) or aten
+    linear_kernel: str = "auto"             # one of LINEAR_KERNEL_CHOICES
 
     def __post_init__(self) -> None:
         raise_if(self.problems())

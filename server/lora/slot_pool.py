@@ -44,7 +44,7 @@ class SlotPool:
         self.ops = ops or select_ops(self.device)
         self.targets = list(targets)
         self._index = _index_targets(self.targets)
-        self.scales = torch.zeros(max_loras, dtype=dtype, device=self.device)   # [S]
+        self.scales = torch.zeros(max_loras, dtype=torch.float32, device=self.device)   # [S] float32 always
         self.slot_ranks = [0] * max_loras
         self.stack_rank = 0
         self._a_bufs = [self._empty(0) for _ in self.targets]

@@ -47,7 +47,7 @@ class AttentionPlan:
     decode_mask [num_decodes, 1, 1, max_blocks * block_size] (0 = attend, -inf = masked; in the
     compute dtype; None when decode_kernel runs them). decode_rows [num_decodes] holds their
     packed rows, None when every row is a decode row (in order). decode_kernel is a fused
-    kernel with decode_attention_torch's signature (native.py), or None for the torch path.
+    kernel with decode_attention_ref's signature (native.py), or None for the torch path.
     varlen_kernel (varlen_attention_ref's signature, triton_attention.py) is set when the
     batch has a prefill chunk and the layer ops have one: it then runs every row in one launch
     and nothing else of the plan is built.
@@ -170,7 +170,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                     plan.decode_mask, plan.scale)
 
 
-def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            window: int) -> torch.Tensor:
     """Pure-torch twin of the fused decode kernel (native.py), same signature.

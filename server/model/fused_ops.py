@@ -1,15 +1,14 @@
 """The small per-layer ops of the decoder, as one swappable set: pure torch or fused C++.
 
-`TORCH_OPS` holds the pure-torch implementations (any dtype or device; the reference twins);
-`native_ops(module)` wraps the kernels of cpu_kernels.cpp (float32 CPU) with the same
-signatures. The model calls whichever set it was built with (see native.resolve);
-tests/unit/test_native_kernels.py checks every pair agrees.
+`TORCH_OPS` holds the pure-torch implementations (any dtype or device), which are the twins
+`<kernel>_ref` of the fused kernels in kernels/csrc/layer_ops.cpp; `layer_ops(kernels)` takes
+each op from a resolved kernels.registry.KernelSet (native where it was built, else the twin).
+tests/unit/test_kernel_registry.py checks every pair agrees.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Callable
 
 import torch
@@ -32,7 +31,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> torch.Tensor:
     """x [T, hidden]. With a residual [T, hidden]: residual += x in place, return
     rms_norm(residual); without: return rms_norm(x)."""
@@ -41,7 +40,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     return rms_norm(residual.add_(x), weight, eps)
 
 
-def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+def rope_write_kv_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slots: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
     """qkv [T, (H + 2 KV) * hd]: rotate the q and k heads in place (cos, sin [T, hd]), then store
     k and v [T, KV, hd] at their cache slots [T]."""
@@ -54,7 +53,7 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cac
     write_kv(k, v, k_cache, v_cache, slots)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2 I] (gate columns first) -> silu(gate) * up [T, I]."""
     inter = gate_up.shape[1] // 2
     return F.silu(gate_up[:, :inter], inplace=True).mul_(gate_up[:, inter:])   # a view of gate_up
@@ -72,33 +71,30 @@ class LayerOps:
     varlen_attention: VarlenKernel | None = None   # None: decode rows + per-chunk prefill
 
 
-TORCH_OPS = LayerOps("torch", add_rms_norm, rope_write_kv, silu_mul, None)
+TORCH_OPS = LayerOps("torch", add_rms_norm_ref, rope_write_kv_ref, silu_mul_ref, None)
+
+
+def layer_ops(kernels, choice: str = "auto") -> LayerOps:
+    """The per-layer op set of a resolved KernelSet, chosen once at start-up: the native C++
+    kernels when they were built (CPU, float32); on CUDA with triton installed (unless
+    --cpu-kernels torch asks for plain torch everywhere) the Triton paged attention kernels
+    (decode and varlen; triton_attention.py) beside the torch ops; else plain torch.
+
+    (decode_attention's twin is not used for serving on CPU: attention.py's batched torch path
+    is faster than the twin's one-query-at-a-time semantics.)"""
+    if kernels.native is not None:
+        return LayerOps("native", kernels.get("add_rms_norm"), kernels.get("rope_write_kv"),
+                        kernels.get("silu_mul"), kernels.get("decode_attention"))
+    if kernels.triton and choice != "torch":
+        return triton_layer_ops()
+    return TORCH_OPS
 
 
 def triton_layer_ops() -> LayerOps:
-    """CUDA: the Triton paged attention kernels (decode and varlen; triton_attention.py), the
-    torch ops elsewhere. Needs the triton package (and a GPU, or TRITON_INTERPRET=1 in tests)."""
-    from .triton_attention import decode_attention, varlen_attention
+    """CUDA: the registry's Triton attention kernels, the torch ops elsewhere. Needs the triton
+    package (and a GPU, or TRITON_INTERPRET=1 in tests)."""
+    from ..kernels.registry import implementation
 
-    return LayerOps("triton", add_rms_norm, rope_write_kv, silu_mul, decode_attention,
-                    varlen_attention)
-
-
-def native_ops(module: ModuleType) -> LayerOps:
-    """The fused kernels of a loaded cpu_kernels extension (float32, CPU only)."""
-    return LayerOps("native", module.add_rms_norm, module.rope_write_kv, module.silu_mul,
-                    module.decode_attention)
-
-
-def select_layer_ops(device: str | torch.device, choice: str = "auto",
-                     native_module: ModuleType | None = None) -> LayerOps:
-    """The per-layer op set, chosen once at start-up: the fused C++ kernels when native.resolve
-    built them (CPU, float32), the Triton attention kernels on CUDA when triton is installed
-    (unless --cpu-kernels torch asks for plain torch everywhere), else plain torch."""
-    from ..lora.ops import triton_usable
-
-    if native_module is not None:
-        return native_ops(native_module)
-    if choice != "torch" and triton_usable(device):
-        return triton_layer_ops()
-    return TORCH_OPS
+    return LayerOps("triton", add_rms_norm_ref, rope_write_kv_ref, silu_mul_ref,
+                    implementation("decode_attention", "triton"),
+                    implementation("varlen_attention", "triton"))

@@ -1,11 +1,11 @@
 """Triton attention over the paged KV cache (CUDA): decode and varlen (mixed prefill) kernels.
 
-decode_attention has decode_attention_torch's signature (attention.py, the twin);
+decode_attention has decode_attention_ref's signature (attention.py, the twin);
 varlen_attention has varlen_attention_ref's. Both read K/V block by block through
 the block tables, keep an online softmax in float32 and store in q's dtype. Every loop bound
 comes from device tensors (seq_lens, query_start_loc) read inside the kernel: launching them
 needs no host sync. Imported only when CUDA and triton are present (kernel selection in
-fused_ops.select_layer_ops), and by tests through Triton's interpreter (TRITON_INTERPRET=1).
+fused_ops.layer_ops), and by tests through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                             window: int) -> torch.Tensor:
     """q [D, heads, hd]; caches [blocks, block_size, kv_heads, hd]; block_tables [D, max_blocks];
-    seq_lens [D]; window 0 = none -> [D, heads, hd]. Twin: attention.decode_attention_torch."""
+    seq_lens [D]; window 0 = none -> [D, heads, hd]. Twin: attention.decode_attention_ref."""
     _check_layouts(q, k_cache, v_cache)
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]

@@ -27,4 +27,5 @@ class ServerServicer(server_pb2_grpc.ServerServiceServicer):
             version=__version__, model=config.model if config.model == "default" else info.model,
             architecture=info.architecture, quantization=info.quantization, dtype=info.dtype,
             base_fingerprint=info.base_fingerprint, limits=limits, auth_enabled=self.state.keys.enabled,
-            device=info.device, linear_weight_bytes=info.linear_weight_bytes)
+            device=info.device, linear_weight_bytes=info.linear_weight_bytes,
+            linear_kernels=[choice.describe() for choice in info.linear_kernels], cpu_isa=info.cpu_isa)

@@ -19,8 +19,10 @@ def test_triton_kernel_matches_twin_on_cuda(case, dtype):
 
 def test_cuda_selects_the_triton_kernels():
     from loraplex.server.lora.ops import select_ops
-    from loraplex.server.model.fused_ops import select_layer_ops
+    from loraplex.server.kernels.registry import KernelSet
+    from loraplex.server.model.fused_ops import layer_ops
 
+    kernels = KernelSet.resolve("auto", torch.float16, "cuda", log=lambda _line: None)
     assert select_ops("cuda").name == "triton"
-    assert select_layer_ops("cuda").name == "triton"
-    assert select_layer_ops("cuda", "torch").name == "torch"
+    assert layer_ops(kernels).name == "triton"
+    assert layer_ops(kernels, "torch").name == "torch"

@@ -21,7 +21,7 @@ PER_LAYER = [
     triton_attention.decode_attention, triton_attention.varlen_attention,
     triton_ops.TritonOps.prepare, triton_ops.TritonOps.add_delta, triton_ops._shrink,
     triton_ops._expand, triton_ops._launch, triton_ops._per_token,
-    fused_ops.add_rms_norm, fused_ops.rope_write_kv, fused_ops.silu_mul,
+    fused_ops.add_rms_norm_ref, fused_ops.rope_write_kv_ref, fused_ops.silu_mul_ref,
 ]
 
 

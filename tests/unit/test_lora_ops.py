@@ -140,7 +140,7 @@ def test_select_ops_on_cpu():
         select_ops("cpu", "cuda-magic")
 
 
-# ---- the fused native kernel (cpu_kernels.cpp lora_bgmv) --------------------------------
+# ---- the fused native kernel (kernels/csrc/lora.cpp lora_bgmv) --------------------------------
 
 @pytest.mark.parametrize("slots", [[3, 1, 4, 0, 2], [0, 0, 2, -1, 2], [-1, -1], [1]])
 @pytest.mark.parametrize("rank", [4, 7])
@@ -156,7 +156,7 @@ def test_native_bgmv_matches_twin(native_kernels, slots, rank):
     y_native = torch.randn(len(slots), 50, generator=gen)
     y_twin = y_native.clone()
     native_kernels.lora_bgmv(x, y_native, a, bts, col_starts, token_slots, scales)
-    ref.bgmv_delta(x, y_twin, a, bts, col_starts, token_slots, scales)
+    ref.lora_bgmv_ref(x, y_twin, a, bts, col_starts, token_slots, scales)
     torch.testing.assert_close(y_native, y_twin, rtol=1e-5, atol=1e-5)
 
 

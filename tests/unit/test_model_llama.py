@@ -15,7 +15,8 @@ from loraplex.server.engine.runner import ModelRunner
 from loraplex.server.engine.sequence import SamplingParams, Sequence
 from loraplex.server.layers.base import QuantSpec
 from loraplex.server.model.config import ModelConfig
-from loraplex.server.model.fused_ops import TORCH_OPS, native_ops
+from loraplex.server.kernels.registry import KernelSet
+from loraplex.server.model.fused_ops import TORCH_OPS, layer_ops
 from loraplex.server.model.kv_cache import allocate_kv_caches
 from loraplex.server.model.llama import build_model
 
@@ -135,7 +136,7 @@ def test_logits_match_transformers(variants, name):
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3-rope"])
 def test_fused_cpu_kernels_match_transformers(variants, name, native_kernels):
     """The same mixed prefill/decode schedule through the fused C++ layer ops (native.py)."""
-    rows = check_against_hf(variants[name], ops=native_ops(native_kernels))
+    rows = check_against_hf(variants[name], ops=layer_ops(KernelSet(native=native_kernels)))
     assert sum(len(r) for r in rows.values()) > 30
 
 

@@ -1,14 +1,15 @@
-"""Every fused CPU kernel (cpu_kernels.cpp via native.py) against its pure-torch twin."""
+"""Every fused CPU kernel (kernels/csrc via kernels/native.py) against its pure-torch twin."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loraplex.server.engine.sampling import argmax_rows
-from loraplex.server.model import native
-from loraplex.server.model.attention import decode_attention_torch
-from loraplex.server.model.fused_ops import TORCH_OPS, native_ops
+from loraplex.server.engine.sampling import argmax_rows_ref
+from loraplex.server.kernels import native
+from loraplex.server.model.attention import decode_attention_ref
+from loraplex.server.kernels.registry import KernelSet
+from loraplex.server.model.fused_ops import TORCH_OPS, layer_ops
 
 ATOL = 2e-5      # float32, sums in another order; values are O(1)
 
@@ -33,7 +34,7 @@ def test_decode_attention_matches_twin(native_kernels, heads, kv_heads, head_dim
     qkv = torch.randn(seqs, (heads + 2 * kv_heads) * head_dim, generator=gen)
     q = qkv[:, : heads * head_dim].view(seqs, heads, head_dim)
     ours = native_kernels.decode_attention(q, k_cache, v_cache, tables, lens, 0.3, window)
-    twin = decode_attention_torch(q, k_cache, v_cache, tables, lens, 0.3, window)
+    twin = decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.3, window)
     assert ours.shape == (seqs, heads, head_dim) and ours.is_contiguous()
     torch.testing.assert_close(ours, twin, atol=ATOL, rtol=ATOL)
 
@@ -58,7 +59,7 @@ def test_add_rms_norm_matches_twin(native_kernels, with_residual, rows):
     weight = torch.randn(576, generator=gen)
     residual = torch.randn(rows, 576, generator=gen) if with_residual else None
     twin_residual = residual.clone() if with_residual else None
-    ours = native_ops(native_kernels).add_rms_norm(x, residual, weight, 1e-5)
+    ours = layer_ops(KernelSet(native=native_kernels)).add_rms_norm(x, residual, weight, 1e-5)
     twin = TORCH_OPS.add_rms_norm(x, twin_residual, weight, 1e-5)
     torch.testing.assert_close(ours, twin, atol=ATOL, rtol=ATOL)
     if with_residual:
@@ -76,7 +77,7 @@ def test_rope_write_kv_matches_twin(native_kernels, tokens):
     caches = [torch.zeros(8, block_size, kv_heads, head_dim) for _ in range(4)]
     slots = torch.randperm(8 * block_size, generator=gen)[:tokens]
     twin_qkv = qkv.clone()
-    native_ops(native_kernels).rope_write_kv(qkv, cos, sin, caches[0], caches[1], slots, heads, kv_heads)
+    layer_ops(KernelSet(native=native_kernels)).rope_write_kv(qkv, cos, sin, caches[0], caches[1], slots, heads, kv_heads)
     TORCH_OPS.rope_write_kv(twin_qkv, cos, sin, caches[2], caches[3], slots, heads, kv_heads)
     torch.testing.assert_close(qkv, twin_qkv, atol=ATOL, rtol=ATOL)
     torch.testing.assert_close(caches[0], caches[2], atol=ATOL, rtol=ATOL)
@@ -114,7 +115,7 @@ def test_argmax_rows_matches_twin(native_kernels, width):
     logits[5, width - 1] = 1e30                                      # max in the last element
     ours = native_kernels.argmax_rows(logits)
     assert ours.dtype == torch.int64 and ours.shape == (12,)
-    assert ours.tolist() == argmax_rows(logits).tolist()
+    assert ours.tolist() == argmax_rows_ref(logits).tolist()
 
 
 def test_argmax_rows_refuses_bad_input(native_kernels):
@@ -144,5 +145,18 @@ def test_auto_falls_back_when_the_build_fails(monkeypatch):
     lines: list[str] = []
     assert native.resolve("auto", torch.float32, "cpu", log=lines.append) is None
     assert "unavailable (Error building extension" in lines[0] and "pure-torch path" in lines[0]
-    with pytest.raises(RuntimeError, match="--cpu-kernels native: building cpu_kernels.cpp failed"):
+    with pytest.raises(RuntimeError, match="--cpu-kernels native: building kernels/csrc failed"):
         native.resolve("native", torch.float32, "cpu", log=lines.append)
+
+
+def test_build_dir_is_keyed_by_the_sources(tmp_path, monkeypatch):
+    """A changed kernel source builds into a new directory, never over a loaded copy."""
+    import shutil
+
+    sources = tmp_path / "csrc"
+    shutil.copytree(native.SOURCE_DIR, sources)
+    monkeypatch.setattr(native, "SOURCE_DIR", sources)
+    before = native.build_dir(tmp_path)
+    assert before == native.build_dir(tmp_path) and before.parent == tmp_path / "cpu-kernels"
+    (sources / "lora.cpp").write_text((sources / "lora.cpp").read_text() + "\n// changed\n")
+    assert native.build_dir(tmp_path) != before

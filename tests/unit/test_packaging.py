@@ -64,9 +64,11 @@ def test_checked_in_stubs_match_generated(tmp_path):
 
 
 def test_kernel_source_ships_with_the_package():
-    """native.py compiles cpu_kernels.cpp at first use, so wheels must carry the source."""
-    from loraplex.server.model import native
+    """native.py compiles kernels/csrc at first use, so wheels must carry the sources."""
+    from loraplex.server.kernels import native
 
     data = _pyproject()["tool"]["setuptools"]["package-data"]
-    assert "model/cpu_kernels.cpp" in data["loraplex.server"]
-    assert native.SOURCE.is_file() and native.SOURCE.name == "cpu_kernels.cpp"
+    assert {"kernels/csrc/*.cpp", "kernels/csrc/*.h"} <= set(data["loraplex.server"])
+    names = {p.name for p in native.SOURCES}
+    assert {"bindings.cpp", "attention.cpp", "lora.cpp", "sampling.cpp", "quant_gemm.cpp"} <= names
+    assert all(p.is_file() for p in native.SOURCES) and (native.SOURCE_DIR / "common.h").is_file()

@@ -101,7 +101,7 @@ def test_linear_kernel_setting_reaches_the_engine_config(tmp_path):
     assert load_server_config({}, {}).engine_config(tmp_path).quant.linear_kernel == "auto"
     with pytest.raises(ConfigError) as error:
         load_server_config({"linear_kernel": "mkl"}, {})
-    assert error.value.problems == ["--linear-kernel must be one of auto, onednn, aten (got 'mkl')"]
+    assert error.value.problems == ["--linear-kernel must be one of auto, onednn, aten, native, library (got 'mkl')"]
 
 
 def test_engine_settings_keep_their_defaults_in_the_engine_config(tmp_path):

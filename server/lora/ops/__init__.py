@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
+from ...kernels.registry import triton_usable
 from ..delta import LoraOps
 from .reference import ReferenceOps
 from .torch_ops import CostModel, TorchOps
 
 BACKENDS = ("auto", "reference", "torch", "triton")
-
-
-def triton_usable(device: str | torch.device) -> bool:
-    """True when `device` is CUDA, CUDA is present and the triton package is installed."""
-    return (torch.device(device).type == "cuda" and torch.cuda.is_available()
-            and importlib.util.find_spec("triton") is not None)
 
 
 def select_ops(device: str | torch.device = "cpu", backend: str = "auto", cpu_kernels=None) -> LoraOps:

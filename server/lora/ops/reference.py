@@ -61,12 +61,15 @@ def sgmv_expand(h: torch.Tensor, bt: torch.Tensor, seg_starts: torch.Tensor, seg
             y[rows, cols] += (scales[slot] * (h[rows] @ bt[slot])).to(y.dtype)
 
 
-def bgmv_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bts: list[torch.Tensor],
+def lora_bgmv_ref(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bts: list[torch.Tensor],
                col_starts: list[int], token_slots: torch.Tensor, scales: torch.Tensor) -> None:
     """One projection's whole delta, one adapter per token: bgmv_shrink, then bgmv_expand per
     sub-module m into columns col_starts[m]. The twin of the fused native kernel `lora_bgmv`
-    (server/model/cpu_kernels.cpp), same signature. a [S, subs * R, in], bts[m] [S, R, out_m]."""
+    (server/kernels/csrc/lora.cpp), same signature. a [S, subs * R, in], bts[m] [S, R, out_m].
+    Half-precision adapter weights are widened to x's dtype first (the kernel's float32 sums)."""
     rank = a.shape[1] // len(bts)
+    if a.dtype != x.dtype:
+        a, bts = a.to(x.dtype), [bt.to(x.dtype) for bt in bts]
     h = bgmv_shrink(x, a, token_slots)                                  # [T, subs * R]
     for m, (bt, col_start) in enumerate(zip(bts, col_starts)):
         bgmv_expand(h[:, m * rank:(m + 1) * rank], bt, token_slots, scales, y, col_start)

@@ -14,8 +14,8 @@ padded:  tokens are sorted by slot and laid out as [span, c_max] (c_max = most t
 grouped: per active slot, its tokens (a slice when they form one run, as in prefill) go
          through one shrink GEMM and one expand GEMM per sub-module: no padding waste, a few
          small ops per adapter. Wins when one slot has many more tokens than others.
-native:  the fused C++ kernel `lora_bgmv` (server/model/cpu_kernels.cpp; twin:
-         reference.bgmv_delta), when the engine built the CPU kernels, everything is float32
+native:  the fused C++ kernel `lora_bgmv` (server/kernels/csrc/lora.cpp; twin:
+         reference.lora_bgmv_ref), when the engine built the CPU kernels, everything is float32
          and no slot has more than NATIVE_MAX_TOKENS_PER_SLOT tokens (decode): shrink and expand
          of every sub-module in one call, one adapter read per token, no padding or scatter.
 
@@ -36,6 +36,7 @@ from ..delta import LoraStep, ProjLoraWeights
 
 
 NATIVE_MAX_TOKENS_PER_SLOT = 4     # beyond this, GEMMs over a slot's tokens reuse weights better
+NATIVE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -201,26 +202,30 @@ class TorchOps:
         plan: TorchPlan = step.plan
         if plan.span == 0:
             return
-        if x.dtype != weights.a.dtype:
-            x = x.to(weights.a.dtype)
         key = (weights.rank, weights.in_features, weights.out_sizes)       # same for every layer
         route = plan.routes.get(key)
         if route is None:
             native = self.native_fits(x, y, weights, plan)
             route = plan.routes[key] = "native" if native else self.choose_route(weights, plan)
-        if route == "native":
+        if route == "native":       # float32 activations; the kernel widens half weights itself
             self.native_bgmv(x, y, weights.a, list(weights.bts), list(weights.col_starts),
                              plan.info.token_slots, plan.scales)
-        elif route == "padded":
+            return
+        if x.dtype != weights.a.dtype:
+            x = x.to(weights.a.dtype)
+        if route == "padded":
             padded_delta(x, y, weights, plan)
         else:
             grouped_delta(x, y, weights, plan)
 
     def native_fits(self, x: torch.Tensor, y: torch.Tensor, w: ProjLoraWeights, plan: TorchPlan) -> bool:
-        """The fused kernel applies: built, float32 CPU tensors in its layouts, decode-like."""
+        """The fused kernel applies: built, float32 CPU activations and scales, adapter weights
+        float32 / bfloat16 / float16 in its layouts, decode-like."""
         tensors = (x, y, w.a, plan.scales, *w.bts)
         return (self.native_bgmv is not None
-                and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+                and all(t.device.type == "cpu" for t in tensors)
+                and all(t.dtype == torch.float32 for t in (x, y, plan.scales))
+                and w.a.dtype in NATIVE_WEIGHT_DTYPES and all(bt.dtype == w.a.dtype for bt in w.bts)
                 and w.a.is_contiguous() and all(bt.is_contiguous() for bt in w.bts)
                 and plan.scales.is_contiguous() and plan.info.token_slots.dtype == torch.int64
                 and plan.padded.c_max <= NATIVE_MAX_TOKENS_PER_SLOT)

@@ -1,15 +1,15 @@
-"""Fused CPU kernels (cpu_kernels.cpp), compiled at first use as a torch C++ extension.
+"""Fused CPU kernels (kernels/csrc/*.cpp), compiled at first use as one torch C++ extension.
 
 `--cpu-kernels auto` (the default) uses them on a CPU device in float32 when a C++ compiler
 is present, and otherwise falls back to the pure-torch path with one log line; `native`
 makes a failed build an error; `torch` never builds them. The build (~30 s on 2 cores) is
-cached under `$LORAPLEX_CACHE/cpu-kernels/`, keyed by torch version, Python and CPU, and torch
-rebuilds it when the source or flags change; `make model` builds it ahead of the first serve.
+cached under `$LORAPLEX_CACHE/cpu-kernels/`, in a directory keyed by torch version, Python,
+CPU and a hash of the C++ sources and flags: a changed source builds into a new directory and
+never over a copy another process (or worktree) has loaded. `make model` builds it ahead of
+the first serve.
 
-Every kernel has a pure-torch twin with the same signature: decode_attention ->
-attention.decode_attention_torch; add_rms_norm, rope_write_kv, silu_mul -> fused_ops.TORCH_OPS;
-lora_bgmv -> lora/ops/reference.bgmv_delta; argmax_rows -> engine/sampling.argmax_rows.
-tests/unit/test_native_kernels.py and test_lora_ops.py compare them.
+Every kernel has a pure-torch twin `<kernel>_ref` with the same signature; registry.py lists
+the pairs and tests/unit/test_kernel_registry.py compares each of them.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from typing import Callable
 import torch
 
 from ..layers.options import CPU_KERNEL_CHOICES
-from .default_model import cache_root
+from ..model.default_model import cache_root
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_CFLAGS = ["-O3", "-march=native", "-fopenmp",   # at::parallel_for is OpenMP in torch
-           "-fno-trapping-math", "-fno-math-errno"]   # lets exp/silu loops vectorize; no FP traps used
-_LDFLAGS = ["-fopenmp"]     # libgomp.so.1: the copy torch already loaded
+SOURCE_DIR = Path(__file__).with_name("csrc")
+SOURCES = tuple(sorted(SOURCE_DIR.glob("*.cpp")))     # one file per kernel family + bindings
+_CFLAGS = ("-O3", "-march=native", "-fopenmp",   # at::parallel_for is OpenMP in torch
+           "-fno-trapping-math", "-fno-math-errno")   # lets exp/silu loops vectorize; no FP traps used
+_LDFLAGS = ("-fopenmp",)     # libgomp.so.1: the copy torch already loaded
 _build_lock = threading.Lock()
 
 Log = Callable[[str], None]
@@ -46,10 +47,18 @@ def _cpu_tag() -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
 
 
+def source_tag() -> str:
+    """Short hash of every C++ source and header and the compiler flags."""
+    digest = hashlib.sha256(" ".join(_CFLAGS + _LDFLAGS).encode())
+    for path in sorted(SOURCE_DIR.glob("*.*")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def build_dir(root: Path | None = None) -> Path:
-    """Where the compiled extension lives for this torch, Python and CPU."""
+    """Where the compiled extension lives for this torch, Python, CPU and source."""
     version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    return (root or cache_root()) / "cpu-kernels" / f"{version}-{_cpu_tag()}"
+    return (root or cache_root()) / "cpu-kernels" / f"{version}-{_cpu_tag()}-src{source_tag()}"
 
 
 def _already_built(directory: Path) -> bool:
@@ -70,8 +79,8 @@ def load(log: Log = print, root: Path | None = None) -> ModuleType:
         directory.mkdir(parents=True, exist_ok=True)
         if not _already_built(directory):
             log(f"[loraplex] compiling fused CPU kernels into {directory} (first use, ~30 s)")
-        module = cpp_extension.load(name="loraplex_cpu_kernels", sources=[str(SOURCE)],
-                                    extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+        module = cpp_extension.load(name="loraplex_cpu_kernels", sources=[str(p) for p in SOURCES],
+                                    extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),   # load() appends to them
                                     build_directory=str(directory),
                                     verbose=False)
         _loaded[directory] = module
@@ -99,14 +108,14 @@ def resolve(choice: str, dtype: torch.dtype, device: str | torch.device,
         return load(log)
     except Exception as exc:  # noqa: BLE001 - any build failure means: fall back or report
         if choice == "native":
-            raise RuntimeError(f"--cpu-kernels native: building {SOURCE.name} failed: {exc}") from exc
+            raise RuntimeError(f"--cpu-kernels native: building kernels/csrc failed: {exc}") from exc
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log(f"[loraplex] fused CPU kernels unavailable ({first_line}); using the pure-torch path")
         return None
 
 
 def main() -> int:
-    """`python -m loraplex.server.model.native`: build the kernels now (make model runs it)."""
+    """`python -m loraplex.server.kernels.native`: build the kernels now (make model runs it)."""
     try:
         load()
     except Exception as exc:  # noqa: BLE001 - report and let the server fall back at start

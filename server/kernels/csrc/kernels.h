@@ -1,0 +1,41 @@
+// The fused CPU kernels of loraplex, one family per source file, bound in bindings.cpp.
+// Every kernel has a pure-torch twin named `<kernel>_ref` (server/kernels/registry.py lists
+// the pairs; tests/unit/test_kernel_registry.py compares each pair).
+//
+//   attention.cpp  decode_attention   paged decode attention
+//   layer_ops.cpp  add_rms_norm, rope_write_kv, silu_mul
+//   lora.cpp       lora_bgmv          fused LoRA shrink + expand, one adapter per token
+//   sampling.cpp   argmax_rows        greedy rows' argmax
+//   quant_gemm.cpp quant_linear_4bit, quant_linear_8bit, quant_isa   fused dequantize + GEMM
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace loraplex {
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                            double scale, int64_t window);
+at::Tensor add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                        const at::Tensor& weight, double eps);
+void rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                   const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                   int64_t num_heads, int64_t num_kv_heads);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+void lora_bgmv(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
+               const std::vector<at::Tensor>& bts, const std::vector<int64_t>& col_starts,
+               const at::Tensor& token_slots, const at::Tensor& scales);
+at::Tensor argmax_rows(const at::Tensor& logits);
+at::Tensor quant_linear_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
+                             const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                             int64_t group, const std::optional<at::Tensor>& bias, bool portable);
+at::Tensor quant_linear_8bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& zeros, int64_t group,
+                             const std::optional<at::Tensor>& bias, bool portable);
+std::string quant_isa();
+
+}  // namespace loraplex

@@ -1,0 +1,325 @@
+// Fused dequantize + GEMM for the quantized bases (decode-sized row counts), float32.
+//
+// y [T, out] = x [T, in] @ W^T (+ bias), W read from its packed codes, group by group:
+//   4-bit: codes [out, in / 2] uint8, element 2j in the HIGH nibble of byte j, 2j + 1 in the low
+//          one (bitsandbytes' order, so bnb nf4/fp4 data is read where it lies);
+//          w = (lut[q] - zero[g]) * scale[g]   (lut: nf4/fp4 code table, or 0..15 for HQQ)
+//   8-bit: codes [out, in] int8 (bnb-int8, eetq) or uint8 (hqq-8bit);
+//          w = (q - zero[g]) * scale[g]
+// scales / zeros are float32 [out, in / group] (zeros optional = 0), one group never straddles
+// a row. These are the libraries' own dequantization formulas in float32, so each weight the
+// kernel multiplies equals the library's dequantized weight exactly (for bnb-int8 the scale is
+// absmax / 127 precomputed: one rounding apart); only the order of the sums differs.
+//
+// Work: blocks of 4 output rows over at::parallel_for; each block's rows are dequantized once
+// into a thread-local float buffer and multiplied with every activation row, so a decode batch
+// of T rows reads each weight byte once. The AVX2/FMA path (checked at run time, see
+// quant_isa) unpacks 8 codes per step and runs a 3-row x 4-output register tile; for 1-3 rows
+// it dequantizes in registers instead (no buffer) and applies each group's scale to the group's
+// sum; the portable path is plain loops. AVX-512/VNNI/AMX paths are not written (no machine here to test them).
+// Twins: kernels/quant.py quant_linear_4bit_ref / quant_linear_8bit_ref (dequantize, F.linear).
+#include "common.h"
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LORAPLEX_X86 1
+#endif
+
+namespace loraplex {
+
+namespace {
+
+constexpr int64_t kRowBlock = 4;
+
+struct Packed {
+  const uint8_t* codes;
+  int64_t row_bytes, in, out, group;
+  const float* lut;          // 16 floats (4-bit) or nullptr (8-bit)
+  const float* scales;       // [out, in / group]
+  const float* zeros;        // [out, in / group] or nullptr
+  bool is_signed;            // 8-bit codes are int8
+  bool identity_lut;         // 4-bit: lut[q] == q (HQQ), skip the table
+};
+
+// ---- portable path --------------------------------------------------------------------
+
+void dequant_row_portable(const Packed& w, int64_t o, float* __restrict dst) {
+  const uint8_t* c = w.codes + o * w.row_bytes;
+  const int64_t groups = w.in / w.group;
+  const float* s = w.scales + o * groups;
+  const float* z = w.zeros == nullptr ? nullptr : w.zeros + o * groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = s[g], zero = z == nullptr ? 0.0f : z[g];
+    const int64_t first = g * w.group, last = first + w.group;
+    if (w.lut != nullptr) {
+      for (int64_t i = first; i < last; i += 2) {
+        const uint8_t b = c[i / 2];
+        dst[i] = (w.lut[b >> 4] - zero) * scale;
+        dst[i + 1] = (w.lut[b & 15] - zero) * scale;
+      }
+    } else if (w.is_signed) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(c);
+      for (int64_t i = first; i < last; ++i) dst[i] = (static_cast<float>(q[i]) - zero) * scale;
+    } else {
+      for (int64_t i = first; i < last; ++i) dst[i] = (static_cast<float>(c[i]) - zero) * scale;
+    }
+  }
+}
+
+void tile_portable(const float* x, int64_t x_stride, int64_t rows, const float* wbuf, int64_t nr,
+                   int64_t in, float* y, int64_t y_stride) {
+  for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t r = 0; r < nr; ++r) y[t * y_stride + r] = dot(x + t * x_stride, wbuf + r * in, in);
+  }
+}
+
+#ifdef LORAPLEX_X86
+// ---- AVX2 / FMA path ------------------------------------------------------------------
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Codes 8 codes from 4 bytes at p, element order (high nibble of byte j first): one broadcast
+// load, one variable shift, one mask.
+__attribute__((target("avx2,fma"))) inline __m256i unpack_nibbles(const uint8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(four), shifts), _mm256_set1_epi32(15));
+}
+
+// The values of 8 nibble codes: lut[q] (two 8-entry permutes and a blend on q's bit 3), or q
+// itself when the table is the identity (HQQ).
+__attribute__((target("avx2,fma"))) inline __m256 nibble_values(__m256i q, __m256 lut_lo, __m256 lut_hi,
+                                                                bool identity) {
+  if (identity) return _mm256_cvtepi32_ps(q);
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, q), _mm256_permutevar8x32_ps(lut_hi, q),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+}
+
+__attribute__((target("avx2,fma")))
+void dequant_row_avx2(const Packed& w, int64_t o, float* __restrict dst) {
+  const uint8_t* c = w.codes + o * w.row_bytes;
+  const int64_t groups = w.in / w.group;
+  const float* s = w.scales + o * groups;
+  const float* z = w.zeros == nullptr ? nullptr : w.zeros + o * groups;
+  __m256 lut_lo = _mm256_setzero_ps(), lut_hi = _mm256_setzero_ps();
+  if (w.lut != nullptr) {
+    lut_lo = _mm256_loadu_ps(w.lut);
+    lut_hi = _mm256_loadu_ps(w.lut + 8);
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 scale = _mm256_set1_ps(s[g]);
+    const __m256 zero = _mm256_set1_ps(z == nullptr ? 0.0f : z[g]);
+    const int64_t first = g * w.group, last = first + w.group;
+    for (int64_t i = first; i < last; i += 8) {
+      __m256 v;
+      if (w.lut != nullptr) {
+        v = nibble_values(unpack_nibbles(c + i / 2), lut_lo, lut_hi, w.identity_lut);
+      } else {
+        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i));
+        v = _mm256_cvtepi32_ps(w.is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
+      }
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_sub_ps(v, zero), scale));
+    }
+  }
+}
+
+// y[t, r] = x_t . w_r for MR activation rows and 4 weight rows, 8 columns per step.
+template <int MR>
+__attribute__((target("avx2,fma")))
+void micro_avx2(const float* x, int64_t x_stride, const float* wbuf, int64_t in, float* y, int64_t y_stride) {
+  __m256 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) {
+    __m256 xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * x_stride + k);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 wv = _mm256_loadu_ps(wbuf + r * in + k);
+      for (int m = 0; m < MR; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int r = 0; r < 4; ++r) {
+      float sum = hsum(acc[m][r]);
+      for (int64_t j = k; j < in; ++j) sum += x[m * x_stride + j] * wbuf[r * in + j];
+      y[m * y_stride + r] = sum;
+    }
+  }
+}
+
+// Up to 3 activation rows against one output row, dequantizing in registers (no buffer):
+// each group's raw codes (lut[q] or q, minus the group's zero) are dotted with x, and the
+// group's scale multiplies the group sum once: y[m] = sum_g scale_g * sum_i (v_i - zero_g) x_mi.
+template <int MR>
+__attribute__((target("avx2,fma")))
+void fused_rows_avx2(const Packed& w, int64_t o, const float* x, int64_t x_stride, float* y,
+                     int64_t y_stride, const float* bias) {
+  const uint8_t* c = w.codes + o * w.row_bytes;
+  const int64_t groups = w.in / w.group;
+  const float* s = w.scales + o * groups;
+  const float* z = w.zeros == nullptr ? nullptr : w.zeros + o * groups;
+  __m256 lut_lo = _mm256_setzero_ps(), lut_hi = _mm256_setzero_ps();
+  if (w.lut != nullptr) {
+    lut_lo = _mm256_loadu_ps(w.lut);
+    lut_hi = _mm256_loadu_ps(w.lut + 8);
+  }
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 zero = _mm256_set1_ps(z == nullptr ? 0.0f : z[g]);
+    __m256 gacc[MR];
+    for (int m = 0; m < MR; ++m) gacc[m] = _mm256_setzero_ps();
+    const int64_t first = g * w.group, last = first + w.group;
+    for (int64_t i = first; i < last; i += 8) {
+      __m256 v;
+      if (w.lut != nullptr) {
+        v = nibble_values(unpack_nibbles(c + i / 2), lut_lo, lut_hi, w.identity_lut);
+      } else {
+        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i));
+        v = _mm256_cvtepi32_ps(w.is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
+      }
+      if (z != nullptr) v = _mm256_sub_ps(v, zero);
+      for (int m = 0; m < MR; ++m) gacc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * x_stride + i), v, gacc[m]);
+    }
+    const __m256 scale = _mm256_set1_ps(s[g]);
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_fmadd_ps(gacc[m], scale, acc[m]);
+  }
+  for (int m = 0; m < MR; ++m) y[m * y_stride] = hsum(acc[m]) + (bias ? bias[o] : 0.0f);
+}
+
+void small_rows_avx2(const Packed& w, const float* x, int64_t x_stride, int64_t rows, float* y,
+                     int64_t y_stride, const float* bias) {
+  at::parallel_for(0, w.out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      if (rows == 1) fused_rows_avx2<1>(w, o, x, x_stride, y + o, y_stride, bias);
+      if (rows == 2) fused_rows_avx2<2>(w, o, x, x_stride, y + o, y_stride, bias);
+      if (rows == 3) fused_rows_avx2<3>(w, o, x, x_stride, y + o, y_stride, bias);
+    }
+  });
+}
+
+void tile_avx2(const float* x, int64_t x_stride, int64_t rows, const float* wbuf, int64_t nr,
+               int64_t in, float* y, int64_t y_stride) {
+  if (nr != kRowBlock) {
+    tile_portable(x, x_stride, rows, wbuf, nr, in, y, y_stride);
+    return;
+  }
+  int64_t t = 0;
+  for (; t + 3 <= rows; t += 3) micro_avx2<3>(x + t * x_stride, x_stride, wbuf, in, y + t * y_stride, y_stride);
+  if (rows - t == 2) micro_avx2<2>(x + t * x_stride, x_stride, wbuf, in, y + t * y_stride, y_stride);
+  if (rows - t == 1) micro_avx2<1>(x + t * x_stride, x_stride, wbuf, in, y + t * y_stride, y_stride);
+}
+
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+using DequantFn = void (*)(const Packed&, int64_t, float*);
+using TileFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+
+at::Tensor run(const at::Tensor& x, const Packed& w, const std::optional<at::Tensor>& bias, bool portable) {
+  DequantFn dequant = dequant_row_portable;
+  TileFn tile = tile_portable;
+#ifdef LORAPLEX_X86
+  if (!portable && cpu_has_avx2() && w.group % 8 == 0) {
+    dequant = dequant_row_avx2;
+    tile = tile_avx2;
+  }
+#endif
+  const int64_t rows = x.size(0), x_stride = x.stride(0);
+  at::Tensor y = at::empty({rows, w.out}, x.options());
+  const float* x_ptr = x.data_ptr<float>();
+  float* y_ptr = y.data_ptr<float>();
+  const float* b_ptr = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const int64_t blocks = (w.out + kRowBlock - 1) / kRowBlock;
+  if (rows == 0) return y;
+#ifdef LORAPLEX_X86
+  if (dequant == dequant_row_avx2 && rows <= 3) {                   // decode: no weight buffer
+    small_rows_avx2(w, x_ptr, x_stride, rows, y_ptr, w.out, b_ptr);
+    return y;
+  }
+#endif
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> wbuf(static_cast<size_t>(kRowBlock * w.in));
+    std::vector<float> ybuf(static_cast<size_t>(rows * kRowBlock));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t o0 = blk * kRowBlock, nr = std::min(kRowBlock, w.out - o0);
+      for (int64_t r = 0; r < nr; ++r) dequant(w, o0 + r, wbuf.data() + r * w.in);
+      tile(x_ptr, x_stride, rows, wbuf.data(), nr, w.in, ybuf.data(), kRowBlock);
+      for (int64_t t = 0; t < rows; ++t) {
+        for (int64_t r = 0; r < nr; ++r) {
+          y_ptr[t * w.out + o0 + r] = ybuf[t * kRowBlock + r] + (b_ptr ? b_ptr[o0 + r] : 0.0f);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& zeros, int64_t group, int64_t out,
+                  const std::optional<at::Tensor>& bias) {
+  check_float_rows(x, "quant_linear x");
+  const int64_t in = x.size(1);
+  TORCH_CHECK(group > 0 && in % group == 0, "quant_linear: group ", group, " must divide in_features ", in);
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && codes.size(0) == out,
+              "quant_linear: codes must be contiguous [out, ...]");
+  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat &&
+              scales.numel() == out * (in / group), "quant_linear: scales must be float32 [out, in / group]");
+  if (zeros.has_value()) {
+    TORCH_CHECK(zeros->is_contiguous() && zeros->scalar_type() == at::kFloat &&
+                zeros->numel() == scales.numel(), "quant_linear: zeros must be float32 like scales");
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == out,
+                "quant_linear: bias must be float32 [out]");
+  }
+}
+
+}  // namespace
+
+at::Tensor quant_linear_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
+                             const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                             int64_t group, const std::optional<at::Tensor>& bias, bool portable) {
+  const int64_t out = codes.size(0);
+  check_common(x, codes, scales, zeros, group, out, bias);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.size(1) * 2 == x.size(1) && group % 2 == 0,
+              "quant_linear_4bit: codes must be uint8 [out, in / 2] and the group even");
+  TORCH_CHECK(lut.is_contiguous() && lut.scalar_type() == at::kFloat && lut.numel() == 16,
+              "quant_linear_4bit: lut must be float32 [16]");
+  const float* table = lut.data_ptr<float>();
+  bool identity = true;
+  for (int k = 0; k < 16; ++k) identity = identity && table[k] == static_cast<float>(k);
+  const Packed w{codes.data_ptr<uint8_t>(), codes.size(1), x.size(1), out, group, table,
+                 scales.data_ptr<float>(), zeros.has_value() ? zeros->data_ptr<float>() : nullptr, false,
+                 identity};
+  return run(x, w, bias, portable);
+}
+
+at::Tensor quant_linear_8bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                             const std::optional<at::Tensor>& zeros, int64_t group,
+                             const std::optional<at::Tensor>& bias, bool portable) {
+  const int64_t out = codes.size(0);
+  check_common(x, codes, scales, zeros, group, out, bias);
+  TORCH_CHECK((codes.scalar_type() == at::kByte || codes.scalar_type() == at::kChar) &&
+              codes.size(1) == x.size(1), "quant_linear_8bit: codes must be int8 or uint8 [out, in]");
+  const Packed w{static_cast<const uint8_t*>(codes.data_ptr()), codes.size(1), x.size(1), out, group, nullptr,
+                 scales.data_ptr<float>(), zeros.has_value() ? zeros->data_ptr<float>() : nullptr,
+                 codes.scalar_type() == at::kChar, false};
+  return run(x, w, bias, portable);
+}
+
+std::string quant_isa() { return cpu_has_avx2() ? "avx2" : "portable"; }
+
+}  // namespace loraplex

@@ -1,0 +1,237 @@
+"""Every registered kernel against its pure-torch twin, driven by the registry's table.
+
+A new row in kernels/registry.py KERNEL_OPS needs a case here (test_every_op_has_a_case); each
+case yields (args, atol): the fast implementation and the twin run on copies of the same args,
+and every output and every tensor argument (for in-place ops) must agree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.server.kernels import quant
+from loraplex.server.kernels.registry import (KERNEL_OPS, KernelSet, implementation, kernel_op,
+                                              reference)
+from loraplex.server.layers.base import QuantSpec
+from loraplex.server.layers.cpu_gemm import onednn_supported, pack_weight
+from loraplex.server.layers.factory import build_linear
+
+ATOL = 2e-5
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def case_decode_attention():
+    gen = _gen(0)
+    for heads, kv_heads, head_dim, window in [(9, 3, 64, 0), (4, 4, 128, 5), (6, 2, 48, 0)]:
+        k_cache = torch.randn(40, 4, kv_heads, head_dim, generator=gen)
+        v_cache = torch.randn(40, 4, kv_heads, head_dim, generator=gen)
+        tables = torch.randperm(40, generator=gen)[:35].view(5, 7)
+        q = torch.randn(5, heads, head_dim, generator=gen)
+        yield (q, k_cache, v_cache, tables, torch.tensor([1, 4, 9, 17, 28]), 0.3, window), ATOL
+
+
+def case_varlen_attention():
+    gen = _gen(9)
+    k_cache = torch.randn(40, 4, 2, 32, generator=gen)                   # [blocks, block, kv_heads, hd]
+    v_cache = torch.randn(40, 4, 2, 32, generator=gen)
+    tables = torch.randperm(40, generator=gen)[:36].view(4, 9)           # [seqs, max_blocks]
+    query_lens, seq_lens = [1, 7, 21, 3], [9, 7, 33, 12]                 # decode, prefill, long, chunk
+    starts = torch.tensor([0, 1, 8, 29, 32])
+    q = torch.randn(sum(query_lens), 6, 32, generator=gen)              # [T, heads, hd]
+    for window in (0, 6):
+        yield (q, k_cache, v_cache, tables, starts, torch.tensor(seq_lens), max(query_lens), 0.2,
+               window), ATOL
+
+
+def case_add_rms_norm():
+    gen = _gen(1)
+    for rows in (1, 16, 300):
+        x, weight = torch.randn(rows, 576, generator=gen) * 3, torch.randn(576, generator=gen)
+        yield (x, None, weight, 1e-5), ATOL
+        yield (x, torch.randn(rows, 576, generator=gen), weight, 1e-5), ATOL
+
+
+def case_rope_write_kv():
+    gen = _gen(2)
+    heads, kv_heads, head_dim = 9, 3, 64
+    for tokens in (1, 5, 40):
+        width = (heads + 2 * kv_heads) * head_dim
+        qkv = torch.randn(tokens, width, generator=gen)
+        angles = torch.rand(tokens, head_dim // 2, generator=gen) * 6
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        caches = [torch.zeros(8, 16, kv_heads, head_dim) for _ in range(2)]
+        slots = torch.randperm(128, generator=gen)[:tokens]
+        yield (qkv, cos, sin, caches[0], caches[1], slots, heads, kv_heads), ATOL
+
+
+def case_silu_mul():
+    gen = _gen(3)
+    for scale in (1.0, 40.0):
+        yield (torch.randn(7, 2 * 1536, generator=gen) * scale,), ATOL
+
+
+def case_lora_bgmv():
+    gen = _gen(4)
+    for (slots, rank), dtype in zip([([0, 2, -1, 1, 2], 8), ([3, 3, 0], 5), ([1, 0, 2], 16),
+                                      ([2, -1], 4)],
+                                     [torch.float32, torch.float32, torch.bfloat16, torch.float16]):
+        a = torch.randn(4, 2 * rank, 40, generator=gen).to(dtype)     # --adapter-dtype weights
+        bts = [torch.randn(4, rank, 24, generator=gen).to(dtype),
+               torch.randn(4, rank, 16, generator=gen).to(dtype)]
+        x, y = torch.randn(len(slots), 40, generator=gen), torch.randn(len(slots), 50, generator=gen)
+        yield (x, y, a, bts, [0, 30], torch.tensor(slots), torch.rand(4, generator=gen)), 1e-5
+
+
+def case_argmax_rows():
+    gen = _gen(5)
+    for width in (1, 17, 49155):
+        logits = torch.randn(6, width, generator=gen)
+        logits[1, width // 2] = float("nan")
+        yield (logits,), 0
+
+
+def _packs(bits: int):
+    """QuantPacks from every backend's real layers of that width, odd shapes and groups."""
+    gen = _gen(6)
+    if bits == 4:
+        rows = [("bnb-nf4", False, 64, 97, 192), ("bnb-fp4", True, 64, 64, 256),
+                ("bnb-nf4", True, 64, 33, 64), ("hqq-4bit", False, 32, 97, 64),
+                ("hqq-3bit", False, 64, 40, 128), ("hqq-2bit", False, 16, 52, 48),
+                ("hqq-4bit", False, 128, 24, 256)]
+    else:
+        rows = [("bnb-int8", False, 64, 95, 200), ("eetq", False, 64, 33, 72),
+                ("hqq-8bit", False, 64, 96, 192), ("hqq-8bit", False, 16, 17, 48)]
+    for method, double_quant, group, out, inn in rows:
+        weight, bias = torch.randn(out, inn, generator=gen) * 0.05, torch.randn(out, generator=gen)
+        layer = build_linear(weight, bias, QuantSpec(method=method, bnb_double_quant=double_quant,
+                                                     hqq_group_size=group))
+        pack, pack_bias = layer.native_pack()
+        yield pack, pack_bias
+
+
+def _quant_cases(bits: int):
+    gen = _gen(7)
+    for pack, bias in _packs(bits):
+        for rows in (1, 3, 16, 65):
+            x = torch.randn(rows, pack.scales.shape[1] * pack.group, generator=gen)
+            for portable in (False, True):
+                if bits == 4:
+                    yield (x, pack.codes, pack.lut, pack.scales, pack.zeros, pack.group, bias, portable), 1e-4
+                else:
+                    yield (x, pack.codes, pack.scales, pack.zeros, pack.group, bias, portable), 1e-4
+
+
+def case_quant_linear_4bit():
+    yield from _quant_cases(4)
+
+
+def case_quant_linear_8bit():
+    yield from _quant_cases(8)
+
+
+def case_packed_linear():
+    if not onednn_supported(torch.float32, "cpu"):
+        pytest.skip("no oneDNN in this torch build")
+    gen = _gen(8)
+    for rows in (1, 7, 65):
+        weight = torch.randn(40, 24, generator=gen)
+        # the fast path takes the packed weight: (fast args, twin args)
+        yield ((torch.randn(rows, 24, generator=gen), pack_weight(weight), None), weight), 1e-5
+
+
+def case_int8_weight_only_linear():
+    gen = _gen(9)
+    w = torch.randint(-127, 128, (30, 20), generator=gen, dtype=torch.int8)
+    yield (torch.randn(5, 20, generator=gen), w, torch.rand(30, generator=gen), torch.randn(30)), 1e-5
+
+
+CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
+INPLACE = {"add_rms_norm", "rope_write_kv", "lora_bgmv"}   # ops whose tensor arguments are outputs
+IMPLS = [(op.name, backend) for op in KERNEL_OPS for backend, _ in op.impls]
+
+
+def test_every_op_has_a_case_and_a_twin_named_by_the_rule():
+    assert {op.name for op in KERNEL_OPS} == set(CASES)
+    for op in KERNEL_OPS:
+        assert op.ref.endswith(f":{op.name}_ref"), f"{op.name}'s twin must be named {op.name}_ref"
+        assert callable(reference(op.name))
+        assert op.impls and all(b in ("native", "torch", "triton") for b, _ in op.impls)
+
+
+def test_every_native_kernel_is_registered(native_kernels):
+    bound = {name for name in dir(native_kernels) if not name.startswith("_")} - {"quant_isa"}
+    registered = {op.impl("native") for op in KERNEL_OPS if op.impl("native")}
+    assert bound == registered
+    assert native_kernels.quant_isa() in ("avx2", "portable")
+
+
+def _copy(value):
+    if torch.is_tensor(value):
+        return value.clone() if value.layout == torch.strided else value   # oneDNN: read-only
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    return value
+
+
+def _run(fn, args):
+    args = _copy(args)
+    out = fn(*args)
+    return out, args
+
+
+@pytest.mark.parametrize("name,backend", IMPLS, ids=[f"{n}-{b}" for n, b in IMPLS])
+def test_implementation_matches_twin(name, backend, request):
+    native = request.getfixturevalue("native_kernels") if backend == "native" else None
+    if backend == "triton":
+        # Triton rows run in a subprocess per case, on CPU through the interpreter
+        # (test_triton_interpreter.py) and on CUDA in tests/gpu/test_triton_kernels.py.
+        pytest.skip("Triton kernels are checked by test_triton_interpreter.py and tests/gpu")
+    fast, twin = implementation(name, backend, native), reference(name)
+    for args, atol in CASES[name]():
+        fast_args, twin_args = args, args
+        if name == "packed_linear":
+            fast_args, weight = args
+            twin_args = (fast_args[0], weight, fast_args[2])
+        fast_out, fast_after = _run(fast, fast_args)
+        twin_out, twin_after = _run(twin, twin_args)
+        if fast_out is not None or twin_out is not None:
+            torch.testing.assert_close(fast_out, twin_out, atol=atol, rtol=atol)
+        if name in INPLACE:                   # in-place ops: every tensor argument agrees too
+            for got, want in zip(fast_after, twin_after):
+                if torch.is_tensor(got):
+                    torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+
+
+def test_kernel_set_prefers_native_and_falls_back_to_twins(native_kernels):
+    assert KernelSet().get("argmax_rows") is reference("argmax_rows")
+    assert KernelSet().backend_of("silu_mul") == "ref"
+    built = KernelSet(native=native_kernels)
+    assert built.get("silu_mul") is native_kernels.silu_mul
+    assert built.backend_of("lora_bgmv") == "native"
+    assert built.backend_of("packed_linear") == "ref"        # torch impls are the layers' choice
+    with pytest.raises(KeyError, match="no kernel op"):
+        kernel_op("nope")
+
+
+def test_pack_dequantizes_to_the_library_weights():
+    """Each pack's values equal the library's own dequantized weight (bnb-int8: one rounding)."""
+    gen = _gen(10)
+    for method, group in [("bnb-nf4", 64), ("bnb-fp4", 64), ("hqq-2bit", 16), ("hqq-3bit", 32),
+                          ("hqq-4bit", 64), ("hqq-8bit", 128), ("eetq", 64), ("bnb-int8", 64)]:
+        for double_quant in (False, True) if method.startswith("bnb-") else (False,):
+            weight = torch.randn(40, 256, generator=gen) * 0.05
+            layer = build_linear(weight, None, QuantSpec(method=method, hqq_group_size=group,
+                                                         bnb_double_quant=double_quant))
+            pack, _ = layer.native_pack()
+            atol = 1e-7 if method == "bnb-int8" else 0
+            torch.testing.assert_close(pack.dequantize(), layer.dequantized_weight(), atol=atol, rtol=0)
+
+
+def test_pack_refuses_blocks_that_straddle_rows():
+    layer = build_linear(torch.randn(8, 96), None, QuantSpec(method="bnb-nf4"))   # 96 % 64 != 0
+    assert layer.native_pack() is None
+    assert quant.pack_int8_rows(torch.zeros(3, 5, dtype=torch.int8), torch.ones(3)).group == 5
