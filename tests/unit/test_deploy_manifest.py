@@ -34,7 +34,10 @@ def test_kind_and_image_match_the_package_and_its_ray_pin():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"ray[serve]=={CLUSTER["rayVersion"]}"' in pyproject          # head/workers run this Ray
     dockerfile = (ROOT / "Dockerfile").read_text()
-    install = re.search(r'pip install "\.\[([^\]]+)\]"', dockerfile).group(1).split(",")
+    extras = re.search(r'pip install [^\n]*"\.\[([^\]]+)\]"', dockerfile).group(1)
+    if extras == "${EXTRAS}":                                               # the build argument's default
+        extras = re.search(r"^ARG EXTRAS=(\S+)", dockerfile, re.M).group(1)
+    install = extras.split(",")
     assert "fleet" in install and "server" in install                      # the image has Ray Serve
 
 
