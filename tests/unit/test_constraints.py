@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine_helpers import make_engine, run_staggered, tokens_of
-from conftest import build_tiny_llama
+from model_helpers import build_tiny_llama
 from loraplex.server.engine.constraints import Constraint, ConstraintError, ConstraintLimits
 from loraplex.server.engine.constraints.compiler import ConstraintCompiler
 from loraplex.server.engine.constraints.masks import (apply_token_bitmask, disallowed_rows, disallowed_tokens,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tiny_llama
+from model_helpers import build_tiny_llama
 from loraplex.server.engine.batch import ScheduledBatch, ScheduledSeq
 from loraplex.server.engine.runner import ModelRunner
 from loraplex.server.engine.sequence import SamplingParams, Sequence
