@@ -85,6 +85,11 @@ def _entry(name: str, value: object) -> TensorEntry:
                                  f"'dtype', 'shape' (list of ints >= 0) and 'data_offsets' ([begin, end])")
     if not isinstance(value, dict):
         raise bad
+    extra = sorted(set(value) - {"dtype", "shape", "data_offsets"})
+    if extra:
+        raise AdapterValidationError("header_json", f"tensor {name!r} in the safetensors header has unknown "
+                                     f"field(s) {', '.join(map(repr, extra))}; an entry holds only 'dtype', "
+                                     f"'shape' and 'data_offsets'")
     dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
     if (not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list)
             or len(offsets) != 2 or not all(_is_count(x) for x in shape + offsets)):

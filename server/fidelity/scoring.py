@@ -129,5 +129,6 @@ class Scorer:
             query_lens=(n,), context_lens=(n,), block_size=BLOCK_SIZE)
         lora = None
         if self.has_adapter:
-            lora = LoraBatchInfo.from_token_slots(torch.zeros(n, dtype=torch.int64, device=device))
+            info = LoraBatchInfo.from_token_slots(torch.zeros(n, dtype=torch.int64), device)
+            lora = self._pool.prepare_step(info)                    # the step's LoRA routing, once
         return ForwardContext(positions=torch.arange(n, dtype=torch.int64, device=device), attn=attn, lora=lora)

@@ -282,7 +282,7 @@ def test_register_refuses_a_fifo_without_blocking(store, tmp_path, fifo_name):
     directory = write_adapter(tmp_path / "adapters" / "fifo")
     os.unlink(directory / fifo_name)
     os.mkfifo(directory / fifo_name)
-    before = snapshot(store.root)
+    before = snapshot(store)
     outcome: list[BaseException] = []
     worker = threading.Thread(target=lambda: _capture(outcome, store.register_path, "fifo", directory))
     worker.start()

@@ -59,10 +59,10 @@ def _weights_with(raw: str, where: str) -> bytes:
 
 
 def _refused(store, config_bytes: bytes, weights_bytes: bytes) -> AdapterValidationError:
-    before = snapshot(store.root)
+    before = snapshot(store)
     with pytest.raises(AdapterValidationError) as caught:
         upload(store, "fuzzed", config_bytes, weights_bytes)
-    assert snapshot(store.root) == before
+    assert snapshot(store) == before
     return caught.value
 
 
