@@ -105,10 +105,13 @@ class _LoopThread:
         self.thread.join(10)
 
 
-async def _start_server(config):
-    from loraplex.server.app import attach_engine, load_engine, start_grpc
+async def _start_server(config, http: bool = False):
+    """The real serve wiring on loopback: gRPC, plus the OpenAI HTTP API when `http`."""
+    from loraplex.server.app import attach_engine, load_engine, start_grpc, start_http_api
 
     running = await start_grpc(config)
+    if http:
+        await start_http_api(running, config, port=0)
     store, engine = await load_engine(config, log=lambda _m: None)
     await attach_engine(running, store, engine)
     return running
@@ -136,9 +139,11 @@ def _mean(results: list[SideResult]) -> SideResult:
                         for name in ("tok_s", "req_s", "ttft_p50_ms")))
 
 
-def run_grpc_bench(model_dir: Path, concurrency: int = 16, num_requests: int = 48, input_len: int = 64,
-                   output_len: int = 32, rounds: int = 2, log=print) -> GrpcComparison:
-    """Alternate in-process and gRPC runs `rounds` times (so machine noise hits both); mean of each."""
+def run_side_by_side(model_dir: Path, remote, label: str, concurrency: int, num_requests: int,
+                     input_len: int, output_len: int, rounds: int, log=print,
+                     http: bool = False) -> tuple[SideResult, SideResult]:
+    """Alternate in-process and served runs `rounds` times (so machine noise hits both); the mean
+    of each side. remote(running_server, bench_config) -> SideResult drives the served API."""
     from loraplex.server.app import drain_and_stop
     from loraplex.server.engine.builder import build_engine
 
@@ -151,16 +156,25 @@ def run_grpc_bench(model_dir: Path, concurrency: int = 16, num_requests: int = 4
         run_in_process(engine, warm, 2)
         loop = _LoopThread()
         try:
-            running = loop.run(_start_server(config))
+            running = loop.run(_start_server(config, http))
             for round_index in range(rounds):
                 local_runs.append(run_in_process(engine, requests, concurrency))
-                remote_runs.append(run_over_grpc(f"127.0.0.1:{running.port}", bench_config))
+                remote_runs.append(remote(running, bench_config))
                 log(f"  round {round_index + 1}: in-process {local_runs[-1].tok_s:.1f} tok/s, "
-                    f"gRPC {remote_runs[-1].tok_s:.1f} tok/s")
+                    f"{label} {remote_runs[-1].tok_s:.1f} tok/s")
             loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
         finally:
             loop.close()
-    return GrpcComparison(concurrency, num_requests, input_len, output_len, _mean(local_runs), _mean(remote_runs))
+    return _mean(local_runs), _mean(remote_runs)
+
+
+def run_grpc_bench(model_dir: Path, concurrency: int = 16, num_requests: int = 48, input_len: int = 64,
+                   output_len: int = 32, rounds: int = 2, log=print) -> GrpcComparison:
+    """In-process engine vs the same engine served over gRPC (run_side_by_side)."""
+    local, remote = run_side_by_side(
+        model_dir, lambda running, cfg: run_over_grpc(f"127.0.0.1:{running.port}", cfg), "gRPC",
+        concurrency, num_requests, input_len, output_len, rounds, log)
+    return GrpcComparison(concurrency, num_requests, input_len, output_len, local, remote)
 
 
 def section_grpc(model_dir: Path, quick: bool) -> str:

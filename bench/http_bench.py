@@ -10,11 +10,10 @@ event per token). Throughput = generated tokens / wall time, first request sent 
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpc_bench import SideResult, _LoopThread, _mean, _server_config, _workload, run_in_process
+from grpc_bench import SideResult, run_side_by_side
 
 
 @dataclass(frozen=True)
@@ -29,16 +28,6 @@ class HttpComparison:
     @property
     def ratio(self) -> float:
         return self.http.tok_s / self.in_process.tok_s
-
-
-async def _start_server(config):
-    from loraplex.server.app import attach_engine, load_engine, start_grpc, start_http_api
-
-    running = await start_grpc(config)
-    await start_http_api(running, config, port=0)
-    store, engine = await load_engine(config, log=lambda _m: None)
-    await attach_engine(running, store, engine)
-    return running
 
 
 def run_over_http(base_url: str, bench_config) -> SideResult:
@@ -61,29 +50,11 @@ def run_over_http(base_url: str, bench_config) -> SideResult:
 
 def run_http_bench(model_dir: Path, concurrency: int = 16, num_requests: int = 48, input_len: int = 64,
                    output_len: int = 32, rounds: int = 2, log=print) -> HttpComparison:
-    """Alternate in-process and HTTP runs `rounds` times; mean of each side."""
-    from loraplex.server.app import drain_and_stop
-    from loraplex.server.engine.builder import build_engine
-
-    bench_config, requests = _workload(num_requests, concurrency, input_len, output_len)
-    local_runs, remote_runs = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        config = _server_config(model_dir, Path(tmp) / "store", concurrency)
-        engine, _info = build_engine(config.engine_config(model_dir), None, log=lambda _m: None)
-        _config, warm = _workload(2, 2, input_len, 4)
-        run_in_process(engine, warm, 2)
-        loop = _LoopThread()
-        try:
-            running = loop.run(_start_server(config))
-            for round_index in range(rounds):
-                local_runs.append(run_in_process(engine, requests, concurrency))
-                remote_runs.append(run_over_http(f"http://127.0.0.1:{running.http_port}/v1", bench_config))
-                log(f"  round {round_index + 1}: in-process {local_runs[-1].tok_s:.1f} tok/s, "
-                    f"HTTP {remote_runs[-1].tok_s:.1f} tok/s")
-            loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
-        finally:
-            loop.close()
-    return HttpComparison(concurrency, num_requests, input_len, output_len, _mean(local_runs), _mean(remote_runs))
+    """In-process engine vs the same engine served over HTTP (grpc_bench.run_side_by_side)."""
+    local, remote = run_side_by_side(
+        model_dir, lambda running, cfg: run_over_http(f"http://127.0.0.1:{running.http_port}/v1", cfg), "HTTP",
+        concurrency, num_requests, input_len, output_len, rounds, log, http=True)
+    return HttpComparison(concurrency, num_requests, input_len, output_len, local, remote)
 
 
 def section_http(model_dir: Path, quick: bool) -> str:
