@@ -70,3 +70,23 @@ def test_env_holds_only_settings_the_code_reads():
         assert set(env) <= known | {name for name in env if name.startswith("AWS_")}, set(env) - known
         for secret in ("LORAPLEX_API_KEYS", "LORAPLEX_ADMIN_KEYS"):
             assert "valueFrom" in env[secret] and "value" not in env[secret]    # keys only from Secrets
+
+
+def test_replicas_share_one_store_with_secrets_from_secrets():
+    """Every container names the same PostgreSQL registry and S3 blob store (a replica on its own
+    disk would not see adapters uploaded through another); the registry URL (it holds a
+    password) and the AWS keys come only from Secrets; every value parses as the code parses it."""
+    from loraplex.server.config import ServerConfig, load_server_config
+
+    for container in _containers():
+        env = _env(container)
+        for secret in ("LORAPLEX_STORE_REGISTRY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert "valueFrom" in env[secret] and "value" not in env[secret], secret
+        assert env["LORAPLEX_STORE_BLOBS"]["value"].startswith("s3://")
+        plain = {name: item["value"] for name, item in env.items() if "value" in item}
+        plain["LORAPLEX_STORE_REGISTRY"] = "postgresql://loraplex:secret@postgres:5432/loraplex"
+        config = load_server_config({}, plain)
+        assert isinstance(config, ServerConfig)
+        assert config.store_blobs == env["LORAPLEX_STORE_BLOBS"]["value"]
+        assert config.adapter_sources == (env["LORAPLEX_ADAPTER_SOURCE"]["value"],)
+        assert config.blob_cache_bytes == 8 * 2**30
