@@ -86,7 +86,7 @@ def section_fleet(model_dir: Path, quick: bool) -> str:
     r = run_fleet_bench(model_dir, **sizes)
     verdict = "met" if r.ratio >= 0.85 else "MISSED"
     return "\n".join([
-        "## 8. One-replica fleet vs plain serve (Ray Serve's proxy hop)",
+        "## 9. One-replica fleet vs plain serve (Ray Serve's proxy hop)",
         "",
         f"Default model, float32, base model. {r.num_requests} requests, closed loop at concurrency "
         f"{r.concurrency}, ~{r.input_len}-token prompts, {r.output_len} generated tokens each (greedy, "

@@ -190,7 +190,7 @@ def section_fleet_sim(quick: bool, plot_dir: Path) -> str:
         plot(results, plot_dir / "fleet_sim.png")
     config = results[0].config
     return "\n".join([
-        "## 9. Fleet routing simulation (`bench/fleet_sim.py`)",
+        "## 10. Fleet routing simulation (`bench/fleet_sim.py`)",
         "",
         "A seeded simulation, not a measurement: the plan for many replicas on paper (the local fleet tests "
         "prove the mechanism). Each replica holds at most "

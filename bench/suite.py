@@ -180,7 +180,7 @@ def section_store_backends(model_dir: Path, quick: bool) -> str:
 
     results = run_backend_load(model_dir, ranks=(8,) if quick else (8, 64), repeats=3 if quick else 7)
     return table_section(
-        "## Adapter cold load by blob backend (default model, all seven modules)",
+        "## 6b. Adapter cold load by blob backend (default model, all seven modules)",
         ["blob -> host (read, sha256, parse) with the blobs in the local directory, in S3 (moto's server on",
          "loopback: HTTP GET, then the copy into the local blob cache), in S3 but already in this server's",
          "disk cache (`--blob-cache-bytes`), and a host-cache hit (the path every warm request takes)."],
@@ -253,53 +253,37 @@ NOTES = """
 ## Notes on the targets
 
 These notes are static text appended by `bench/suite.py` to every run; the verdict lines in
-each section are computed from that run's numbers.
+each section are computed from that run's numbers. The machines differ between runs (AMD EPYC
+with AVX2 only, or with AVX-512; Intel Xeon with AVX-512/VNNI/AMX): the header names this
+run's, and section 5 its instruction set.
 
-- **The dense GEMM kernel.** On this AMD EPYC, `F.linear` (MKL sgemm) runs MKL's AVX2 code
-  path; oneDNN picks AVX-512 and, with each weight reordered once at load into its blocked
-  layout, runs the decode-sized GEMMs about 3x faster (compare the *aten* column with loraplex in
-  section 1). That is why `--linear-kernel auto` prepacks dense weights and the LM head on CPU.
-  Only the summation order differs from `F.linear` (float32 rounding); the float32 greedy
-  oracles against transformers and PEFT pass with it.
-- **Engine vs transformers at batch 16 (target 1.8x).** Met, mostly through the GEMM kernel.
-  With the same `F.linear` GEMMs as transformers (the aten column) the engine is only
-  ~1.1x-1.25x at batch 16, where both are dominated by the same float32 GEMMs.
-- **Engine vs floor at batch 16 (target 0.8x).** Against the `F.linear` floor the engine is far
-  above 1x, but that is no longer a floor for this engine; against the floor of its own GEMMs it
-  is just above the line. The engine itself is steady (605-660 tok/s at batch 16 in every run
-  today after the latest kernel work) while the floor it is divided by read 720-800 tok/s, so
-  dividing the two bests of a run (best/best column) gave 0.78x-0.84x across five runs: the
-  bests can come from different minutes of this shared VM. Pairs measured back to back
-  cancel that drift: eight in-process pairs at a quiet moment gave 0.82x-0.85x (median 0.84x),
-  and the paired column above is the median of this run's six pairs. Runs right after another
-  configuration's are slower until the engine has stepped a few times (pairs that followed a
-  transformers run read 0.76x-0.79x before every timed run got its warm-up); with the warm-ups
-  the pairs of a full run spread over about 0.79x-0.82x, so the target is met at the margin. Before the latest
-  kernel work (tree-reduced dot products, the greedy argmax kernel, leaner per-layer Python)
-  best/best read 0.70x-0.81x; before the fused layer ops 0.63x-0.69x. Between its GEMMs a layer makes
-  four calls into `server/kernels/csrc` (residual add + RMSNorm twice, rotary + K/V write, decode
-  attention, SiLU·up) instead of ~30 torch ops; the *torch ops* column shows what that is
-  worth. Timed inside a batch-16 step, what is left besides the GEMMs is ~3.5 ms: decode
-  attention ~1.8 ms (~60 us a layer; the same call takes ~24 us when its ~1.2 MB of K/V is in
-  cache, but after the GEMMs stream ~540 MB of weights the rows come from DRAM), the other
-  fused ops ~0.8 ms, and Python plus host work (scheduling, greedy argmax, detokenization,
-  dispatch) ~0.6-0.9 ms. The floor step is ~20-22 ms, so 0.8x leaves 4-5.5 ms for all of that.
-- **16 adapters vs no adapters (target 0.85x).** The issue sized this against a ~100 ms dense
-  step; the dense step is now ~25 ms, while the sixteen rank-16 float32 adapters on all seven
-  modules are 312 MB that every step must read once. This VM streams 38-62 GB/s (a 512 MB
-  `sum` on both cores, depending on the minute), so reading them costs 5-8 ms even at full
-  streaming speed: the bound is 25 / (25 + 5) = 0.83x at best, below the target, with
-  float32 adapters and this fast a base. The delta does read each active adapter once per
-  step: at decode the fused `lora_bgmv` kernel streams each token's adapter rows once (shrink
-  and expand of every sub-module in one call) at 26-47 GB/s measured per projection, and
-  the end-to-end ratio is 0.72x-0.77x across today's runs.
-- **16 adapters vs PEFT (target 6x).** Met since the fused kernels: PEFT's mixed-batch
-  `generate` runs each adapter's delta as separate small ops per module and pads the batch.
+- **The dense GEMM kernel.** `--linear-kernel auto` times prepacked oneDNN against `F.linear`
+  (MKL) on the model's own shapes and row buckets at start-up and serves with the faster
+  (cached per CPU and shape; section 5's *decode kernels* column shows the choice). On an
+  AVX-512 machine oneDNN's prepacked GEMMs were ~3x `F.linear` at decode sizes (2026-11-23:
+  engine 3.18x transformers at batch 16); on an AVX2-only EPYC the two are close, `auto`
+  picks `F.linear` for most shapes, and the engine's lead over transformers shrinks to what
+  the fused layer ops and the scheduler are worth (~1.6-1.7x). Only the summation order
+  differs between the kernels (float32 rounding); the greedy oracles pass with either.
+- **Engine vs its GEMM floor.** The paired column divides the engine by a loop of the same
+  GEMMs measured right after it; what is left besides the GEMMs at batch 16 is decode
+  attention over K/V that comes from DRAM after the weights streamed through the caches, the
+  other fused layer ops, and host work (scheduling, sampling, detokenization, Python
+  dispatch): a few ms per step. The slower the GEMMs, the closer the engine sits to its floor.
+- **16 adapters vs no adapters (target 0.85x).** Sixteen rank-16 float32 adapters on all seven
+  modules are 312 MB that every step must read once (156 MB in bfloat16); the fused `lora_bgmv`
+  kernel streams each token's adapter rows once per step (shrink and expand of every
+  sub-module in one call). Where the dense step is short, reading them bounds the ratio below
+  the target; with bfloat16 slots the bytes halve but the kernel widens each value to float32,
+  which costs as much as the saved bytes on a core without native bfloat16 arithmetic.
+- **16 adapters vs PEFT (target 6x).** PEFT's mixed-batch `generate` runs each adapter's delta
+  as separate small ops per module and pads the batch; the ratio tracks how fast the base
+  GEMMs are (both sides run them).
 - **Adapter scaling (target 1000-Zipf >= 0.8x of 10-Zipf).** Each cell is one 16-request
   batch including first-use loads from disk, so it is noisy (one batch, a few seconds). The
   TTFT columns show where the time goes: cold adapters are loaded off the step loop while their
   requests wait.
-- This 2-core VM has no isolation from other processes; each section interleaves its baselines
+- A 2-core VM has no isolation from other processes; each section interleaves its baselines
   and keeps the best of several runs so that background noise cannot manufacture a ratio.
 """
 
