@@ -1,13 +1,17 @@
 """Kernel choice by measurement for the model's linear layers (`--linear-kernel auto`).
 
 At start-up, for each distinct layer shape (backend, dtype, out x in, quantization group) the
-candidate kernels of one such layer (`QuantizedLinear.kernel_candidates`: "library", "native"
-fused dequantize-GEMM, "onednn", "aten") are timed on row counts 1, 16 and 64 and the fastest
+candidate kernels (`QuantizedLinear.kernel_candidates`: "library", "native" fused
+dequantize-GEMM, "onednn", "aten") are timed on row counts 1, 16 and 64 and the fastest
 serves each row range (dense layers: one kernel for all rows, the fastest in total, so only
 one copy of the weight stays). Quantized layers serve more than 64 rows with "library"
-(dequantize, then one GEMM). The choices are cached per machine in
-`$LORAPLEX_CACHE/kernel-choice/<cpu>-torch<version>-src<kernels hash>.json`, so a restart
-does not measure again, and a new CPU, torch or kernel source (or an unseen shape) does.
+(dequantize, then one GEMM). One timed call runs the candidate over every layer of that
+shape in turn, as a decode step does, so the weights stream from memory instead of sitting in
+a cache that one layer alone fits in (timed on one hot layer, an AVX2 EPYC picked F.linear for
+shapes that served faster with prepacked oneDNN). The choices are cached per machine in
+`$LORAPLEX_CACHE/kernel-choice/<cpu>-torch<version>-src<kernels hash>-<method>.json`, so a restart
+does not measure again, and a new CPU, torch, kernel source or measuring method (or an
+unseen shape) does.
 `--linear-kernel NAME` forces NAME on every layer that has it and measures the others.
 """
 
@@ -28,6 +32,7 @@ from ..layers.base import QuantizedLinear, QuantSpec
 BUCKETS = (1, 16, 64)             # measured row counts
 RANGES = (4, 32, 64)              # rows <= 4 take bucket 1's choice, <= 32 bucket 16's, ...
 MAX_ROWS = 2**62
+METHOD = "sweep1"                 # how choices are measured; part of the cache file name
 Log = Callable[[str], None]
 Timer = Callable[[Callable[[], object]], float]
 
@@ -57,7 +62,7 @@ def layer_key(layer: QuantizedLinear) -> str:
     return f"{type(layer).__name__}{getattr(layer, 'method_tag', '')}|{dtype}|{layer.out_features}x{layer.in_features}{group}"
 
 
-def best_seconds(fn: Callable[[], object], repeats: int = 9) -> float:
+def best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
     """Fastest wall time of fn over `repeats` calls after two warm-up calls (other processes
     only ever slow a call down, so the minimum is the least noisy estimate on a shared host)."""
     fn()
@@ -75,7 +80,8 @@ def cache_file(root: Path | None = None) -> Path:
     from . import native
 
     version = f"torch{torch.__version__}"
-    return (root or cache_root()) / "kernel-choice" / f"{native._cpu_tag()}-{version}-src{native.source_tag()}.json"
+    name = f"{native._cpu_tag()}-{version}-src{native.source_tag()}-{METHOD}.json"
+    return (root or cache_root()) / "kernel-choice" / name
 
 
 def _read_cache(path: Path | None) -> dict:
@@ -96,18 +102,20 @@ def _write_cache(path: Path | None, data: dict) -> None:
     tmp.replace(path)                       # atomic: concurrent servers never read half a file
 
 
-def measure_routes(layer: QuantizedLinear, candidates: Iterable[str], dense: bool,
+def measure_routes(layers: list[QuantizedLinear], candidates: Iterable[str], dense: bool,
                    timer: Timer = best_seconds) -> tuple[tuple[int, str], ...]:
-    """Time every candidate on BUCKETS rows; the routes serving each range with the fastest."""
-    kernels = layer.kernel_candidates()
-    names = [n for n in candidates if n in kernels]
-    dtype = getattr(layer, "compute_dtype", torch.float32)
+    """Time every candidate on BUCKETS rows, one call running it over all `layers` (the layers of
+    one shape, in model order); the routes serving each range with the fastest."""
+    per_layer = [layer.kernel_candidates() for layer in layers]
+    names = [n for n in candidates if n in per_layer[0]]
+    dtype = getattr(layers[0], "compute_dtype", torch.float32)
     times = {}
     with torch.inference_mode():
         for rows in BUCKETS:
-            x = torch.randn(rows, layer.in_features, dtype=dtype)
+            x = torch.randn(rows, layers[0].in_features, dtype=dtype)             # [rows, in]
             for name in names:
-                times[rows, name] = timer(lambda k=kernels[name]: k(x))
+                sweep = [kernels[name] for kernels in per_layer]
+                times[rows, name] = timer(lambda sweep=sweep: [kernel(x) for kernel in sweep])
     if dense:
         best = min(names, key=lambda n: sum(times[r, n] / r for r in BUCKETS))
         return ((MAX_ROWS, best),)
@@ -139,7 +147,7 @@ def choose_linear_kernels(model, spec: QuantSpec, kernels, log: Log = print,
             if any(n not in candidates for _, n in routes):
                 routes = None
         if routes is None:
-            routes, source = measure_routes(members[0], candidates, dense, timer), "measured"
+            routes, source = measure_routes(members, candidates, dense, timer), "measured"
             cached[key], changed = [list(r) for r in routes], True
         for layer in members:
             layer.set_kernel_routes(routes)

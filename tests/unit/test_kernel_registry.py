@@ -116,7 +116,7 @@ def _packs(bits: int):
 def _quant_cases(bits: int):
     gen = _gen(7)
     for pack, bias in _packs(bits):
-        for rows in (1, 3, 16, 65):
+        for rows in (1, 2, 3, 16, 65):
             x = torch.randn(rows, pack.scales.shape[1] * pack.group, generator=gen)
             for portable in (False, True):
                 if bits == 4:

@@ -81,7 +81,27 @@ def test_cache_file_changes_with_the_cpu_and_the_kernel_sources(tmp_path, monkey
     other_cpu = linear_choice.cache_file(tmp_path)
     monkeypatch.setattr(native, "source_tag", lambda: "othersrc")
     other_src = linear_choice.cache_file(tmp_path)
-    assert len({first, other_cpu, other_src}) == 3 and first.parent == other_src.parent
+    monkeypatch.setattr(linear_choice, "METHOD", "othermethod")
+    other_method = linear_choice.cache_file(tmp_path)
+    assert len({first, other_cpu, other_src, other_method}) == 4 and first.parent == other_method.parent
+
+
+def test_one_timed_call_runs_the_candidate_over_every_layer_of_the_shape():
+    """A decode step streams every layer's weight once; the measurement does the same."""
+    model, _ = _model("none", shapes=((48, 64), (48, 64), (48, 64)))
+    ran: list[int] = []
+    for index, layer in enumerate(model):
+        kernels = layer.kernel_candidates()
+        layer.kernel_candidates = lambda kernels=kernels, index=index: {
+            name: (lambda x, k=k: (ran.append(index), k(x))[1]) for name, k in kernels.items()}
+
+    def timer(fn):
+        ran.clear()
+        fn()
+        assert ran == [0, 1, 2]
+        return 1.0
+    routes = linear_choice.measure_routes(list(model), ["aten", "onednn"], dense=True, timer=timer)
+    assert routes[0][1] in ("aten", "onednn")
 
 
 @pytest.mark.parametrize("forced", ["native", "library"])

@@ -15,8 +15,11 @@
 // into a thread-local float buffer and multiplied with every activation row, so a decode batch
 // of T rows reads each weight byte once. The AVX2/FMA path (checked at run time, see
 // quant_isa) unpacks 8 codes per step and runs a 3-row x 4-output register tile; for 1-3 rows
-// it dequantizes in registers instead (no buffer) and applies each group's scale to the group's
-// sum; the portable path is plain loops. AVX-512/VNNI/AMX paths are not written (no machine here to test them).
+// it dequantizes in registers instead (no buffer), 4 (1 row) or 2 (2-3 rows) output rows at a
+// time so that independent FMA chains overlap. 4-bit codes in groups of a multiple of 32 take
+// byte-table lookups instead (see lut32: in-lane shuffles, no lane-crossing permutes, which are
+// slow on some AVX2 cores), with the activations permuted once per call to match. The portable
+// path is plain loops. AVX-512/VNNI/AMX paths are not written (no machine here to test them).
 // Twins: kernels/quant.py quant_linear_4bit_ref / quant_linear_8bit_ref (dequantize, F.linear).
 #include "common.h"
 #include "kernels.h"
@@ -84,22 +87,32 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Codes 8 codes from 4 bytes at p, element order (high nibble of byte j first): one broadcast
-// load, one variable shift, one mask.
+// 8 codes from 4 bytes at p, element order (high nibble of byte j first): one broadcast load
+// and one variable shift put code k in the low 4 bits of lane k; the bits above are garbage
+// (nibble_values ignores them, the identity path masks them).
 __attribute__((target("avx2,fma"))) inline __m256i unpack_nibbles(const uint8_t* p) {
   int32_t four;
   std::memcpy(&four, p, 4);
   const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
-  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(four), shifts), _mm256_set1_epi32(15));
+  return _mm256_srlv_epi32(_mm256_set1_epi32(four), shifts);
 }
 
-// The values of 8 nibble codes: lut[q] (two 8-entry permutes and a blend on q's bit 3), or q
-// itself when the table is the identity (HQQ).
+// The values of 8 nibble codes (lane k: code in bits 0-3): lut[q] (two 8-entry permutes,
+// which read bits 0-2, and a blend on bit 3 moved to the sign), or q itself when the table is
+// the identity (HQQ).
 __attribute__((target("avx2,fma"))) inline __m256 nibble_values(__m256i q, __m256 lut_lo, __m256 lut_hi,
                                                                 bool identity) {
-  if (identity) return _mm256_cvtepi32_ps(q);
+  if (identity) return _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, q), _mm256_permutevar8x32_ps(lut_hi, q),
                           _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+}
+
+// The 8 raw values (before zero and scale) of row c's columns i..i+7.
+__attribute__((target("avx2,fma"))) inline __m256 raw_values(const Packed& w, const uint8_t* c, int64_t i,
+                                                             __m256 lut_lo, __m256 lut_hi) {
+  if (w.lut != nullptr) return nibble_values(unpack_nibbles(c + i / 2), lut_lo, lut_hi, w.identity_lut);
+  const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i));
+  return _mm256_cvtepi32_ps(w.is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
 }
 
 __attribute__((target("avx2,fma")))
@@ -118,13 +131,7 @@ void dequant_row_avx2(const Packed& w, int64_t o, float* __restrict dst) {
     const __m256 zero = _mm256_set1_ps(z == nullptr ? 0.0f : z[g]);
     const int64_t first = g * w.group, last = first + w.group;
     for (int64_t i = first; i < last; i += 8) {
-      __m256 v;
-      if (w.lut != nullptr) {
-        v = nibble_values(unpack_nibbles(c + i / 2), lut_lo, lut_hi, w.identity_lut);
-      } else {
-        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i));
-        v = _mm256_cvtepi32_ps(w.is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
-      }
+      const __m256 v = raw_values(w, c, i, lut_lo, lut_hi);
       _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_sub_ps(v, zero), scale));
     }
   }
@@ -155,54 +162,60 @@ void micro_avx2(const float* x, int64_t x_stride, const float* wbuf, int64_t in,
   }
 }
 
-// Up to 3 activation rows against one output row, dequantizing in registers (no buffer):
-// each group's raw codes (lut[q] or q, minus the group's zero) are dotted with x, and the
-// group's scale multiplies the group sum once: y[m] = sum_g scale_g * sum_i (v_i - zero_g) x_mi.
-template <int MR>
+// Up to 3 activation rows against NR output rows at once, dequantizing in registers (no
+// buffer): each weight is (raw - zero) * scale, the library's value, then one FMA per activation
+// row. The NR rows' independent accumulator chains keep the FMA units busy (one row alone waits
+// on its own FMA latency at every step).
+template <int MR, int NR>
 __attribute__((target("avx2,fma")))
-void fused_rows_avx2(const Packed& w, int64_t o, const float* x, int64_t x_stride, float* y,
+void fused_rows_avx2(const Packed& w, int64_t o0, const float* x, int64_t x_stride, float* y,
                      int64_t y_stride, const float* bias) {
-  const uint8_t* c = w.codes + o * w.row_bytes;
   const int64_t groups = w.in / w.group;
-  const float* s = w.scales + o * groups;
-  const float* z = w.zeros == nullptr ? nullptr : w.zeros + o * groups;
+  const uint8_t* c[NR];
+  for (int r = 0; r < NR; ++r) c[r] = w.codes + (o0 + r) * w.row_bytes;
   __m256 lut_lo = _mm256_setzero_ps(), lut_hi = _mm256_setzero_ps();
   if (w.lut != nullptr) {
     lut_lo = _mm256_loadu_ps(w.lut);
     lut_hi = _mm256_loadu_ps(w.lut + 8);
   }
-  __m256 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256 zero = _mm256_set1_ps(z == nullptr ? 0.0f : z[g]);
-    __m256 gacc[MR];
-    for (int m = 0; m < MR; ++m) gacc[m] = _mm256_setzero_ps();
+    __m256 scale[NR], zero[NR];
+    for (int r = 0; r < NR; ++r) {
+      scale[r] = _mm256_set1_ps(w.scales[(o0 + r) * groups + g]);
+      zero[r] = _mm256_set1_ps(w.zeros == nullptr ? 0.0f : w.zeros[(o0 + r) * groups + g]);
+    }
     const int64_t first = g * w.group, last = first + w.group;
     for (int64_t i = first; i < last; i += 8) {
-      __m256 v;
-      if (w.lut != nullptr) {
-        v = nibble_values(unpack_nibbles(c + i / 2), lut_lo, lut_hi, w.identity_lut);
-      } else {
-        const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i));
-        v = _mm256_cvtepi32_ps(w.is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
+      __m256 xv[MR];
+      for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * x_stride + i);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 v = _mm256_mul_ps(_mm256_sub_ps(raw_values(w, c[r], i, lut_lo, lut_hi), zero[r]), scale[r]);
+        for (int m = 0; m < MR; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], v, acc[m][r]);
       }
-      if (z != nullptr) v = _mm256_sub_ps(v, zero);
-      for (int m = 0; m < MR; ++m) gacc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * x_stride + i), v, gacc[m]);
     }
-    const __m256 scale = _mm256_set1_ps(s[g]);
-    for (int m = 0; m < MR; ++m) acc[m] = _mm256_fmadd_ps(gacc[m], scale, acc[m]);
   }
-  for (int m = 0; m < MR; ++m) y[m * y_stride] = hsum(acc[m]) + (bias ? bias[o] : 0.0f);
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) y[m * y_stride + o0 + r] = hsum(acc[m][r]) + (bias ? bias[o0 + r] : 0.0f);
+}
+
+// Output rows [begin, end) for MR activation rows: NR at a time, the rest one by one.
+template <int MR, int NR>
+void fused_range_avx2(const Packed& w, int64_t begin, int64_t end, const float* x, int64_t x_stride,
+                      float* y, int64_t y_stride, const float* bias) {
+  int64_t o = begin;
+  for (; o + NR <= end; o += NR) fused_rows_avx2<MR, NR>(w, o, x, x_stride, y, y_stride, bias);
+  for (; o < end; ++o) fused_rows_avx2<MR, 1>(w, o, x, x_stride, y, y_stride, bias);
 }
 
 void small_rows_avx2(const Packed& w, const float* x, int64_t x_stride, int64_t rows, float* y,
                      int64_t y_stride, const float* bias) {
   at::parallel_for(0, w.out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      if (rows == 1) fused_rows_avx2<1>(w, o, x, x_stride, y + o, y_stride, bias);
-      if (rows == 2) fused_rows_avx2<2>(w, o, x, x_stride, y + o, y_stride, bias);
-      if (rows == 3) fused_rows_avx2<3>(w, o, x, x_stride, y + o, y_stride, bias);
-    }
+    if (rows == 1) fused_range_avx2<1, 4>(w, begin, end, x, x_stride, y, y_stride, bias);
+    if (rows == 2) fused_range_avx2<2, 2>(w, begin, end, x, x_stride, y, y_stride, bias);
+    if (rows == 3) fused_range_avx2<3, 2>(w, begin, end, x, x_stride, y, y_stride, bias);
   });
 }
 
@@ -216,6 +229,158 @@ void tile_avx2(const float* x, int64_t x_stride, int64_t rows, const float* wbuf
   for (; t + 3 <= rows; t += 3) micro_avx2<3>(x + t * x_stride, x_stride, wbuf, in, y + t * y_stride, y_stride);
   if (rows - t == 2) micro_avx2<2>(x + t * x_stride, x_stride, wbuf, in, y + t * y_stride, y_stride);
   if (rows - t == 1) micro_avx2<1>(x + t * x_stride, x_stride, wbuf, in, y + t * y_stride, y_stride);
+}
+
+// ---- AVX2, 4-bit codes through byte tables (group a multiple of 32) ----------------------
+// 32 codes (16 packed bytes) become 4 vectors of 8 float32 values with four in-lane byte
+// shuffles (one per byte of the 16 table values) and two rounds of unpacking: ~4 cheap ops per
+// 8 weights instead of two lane-crossing permutes and a blend. The vectors come out in "split
+// order": vector k holds elements 8k+{0,2,4,6} in its low lane and 8k+{1,3,5,7} in its high
+// lane; the activations are read in the same order (split_rows permutes each block of 8 once
+// per call), so every product pairs the same weight and activation as the plain order.
+struct LutBytes {
+  __m256i plane[4];          // byte j of lut[q] at position q of both 128-bit lanes
+};
+
+__attribute__((target("avx2,fma"))) inline LutBytes lut_bytes(const float* lut) {
+  alignas(32) uint8_t planes[4][32];
+  for (int q = 0; q < 16; ++q) {
+    uint32_t bits;
+    std::memcpy(&bits, lut + q, 4);
+    for (int j = 0; j < 4; ++j) planes[j][q] = planes[j][q + 16] = static_cast<uint8_t>(bits >> (8 * j));
+  }
+  LutBytes t;
+  for (int j = 0; j < 4; ++j) t.plane[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[j]));
+  return t;
+}
+
+// lut[code] of the 32 codes in the 16 bytes at p, in split order (see above).
+__attribute__((target("avx2,fma"))) inline void lut32(const uint8_t* p, const LutBytes& t, __m256 v[4]) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i nibble = _mm_set1_epi8(15);
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);     // elements 0, 2, .., 30
+  const __m128i low = _mm_and_si128(packed, nibble);                          // elements 1, 3, .., 31
+  const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(high), low, 1);
+  const __m256i b0 = _mm256_shuffle_epi8(t.plane[0], q), b1 = _mm256_shuffle_epi8(t.plane[1], q);
+  const __m256i b2 = _mm256_shuffle_epi8(t.plane[2], q), b3 = _mm256_shuffle_epi8(t.plane[3], q);
+  const __m256i w01_lo = _mm256_unpacklo_epi8(b0, b1), w01_hi = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i w23_lo = _mm256_unpacklo_epi8(b2, b3), w23_hi = _mm256_unpackhi_epi8(b2, b3);
+  v[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01_lo, w23_lo));
+  v[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01_lo, w23_lo));
+  v[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01_hi, w23_hi));
+  v[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01_hi, w23_hi));
+}
+
+// rows x [rows, in] (row stride x_stride) -> dst [rows, in] contiguous, each block of 8 in split order.
+__attribute__((target("avx2,fma")))
+void split_rows(const float* x, int64_t x_stride, int64_t rows, int64_t in, float* dst) {
+  const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t i = 0; i < in; i += 8) {
+      _mm256_storeu_ps(dst + t * in + i, _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + t * x_stride + i), order));
+    }
+  }
+}
+
+// One weight row dequantized into dst in split order: (lut[q] - zero) * scale, the library's values.
+__attribute__((target("avx2,fma")))
+void dequant_row_lut32(const Packed& w, const LutBytes& t, int64_t o, float* __restrict dst) {
+  const uint8_t* c = w.codes + o * w.row_bytes;
+  const int64_t groups = w.in / w.group;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 scale = _mm256_set1_ps(w.scales[o * groups + g]);
+    const __m256 zero = _mm256_set1_ps(w.zeros == nullptr ? 0.0f : w.zeros[o * groups + g]);
+    for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 32) {
+      __m256 v[4];
+      lut32(c + i / 2, t, v);
+      for (int k = 0; k < 4; ++k) _mm256_storeu_ps(dst + i + 8 * k, _mm256_mul_ps(_mm256_sub_ps(v[k], zero), scale));
+    }
+  }
+}
+
+// MR split activation rows (stride in) against NR weight rows, dequantizing in registers: each
+// group's (lut[q] - zero) . x is summed in two partial accumulators, then scaled once.
+template <int MR, int NR>
+__attribute__((target("avx2,fma")))
+void fused_rows_lut32(const Packed& w, const LutBytes& t, int64_t o0, const float* xs, float* y,
+                      int64_t y_stride, const float* bias) {
+  const int64_t groups = w.in / w.group;
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[MR][NR][2];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) part[m][r][0] = part[m][r][1] = _mm256_setzero_ps();
+    for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 32) {
+      for (int r = 0; r < NR; ++r) {
+        __m256 v[4];
+        lut32(w.codes + (o0 + r) * w.row_bytes + i / 2, t, v);
+        if (w.zeros != nullptr) {
+          const __m256 zero = _mm256_set1_ps(w.zeros[(o0 + r) * groups + g]);
+          for (int k = 0; k < 4; ++k) v[k] = _mm256_sub_ps(v[k], zero);
+        }
+        for (int m = 0; m < MR; ++m) {
+          const float* xm = xs + m * w.in + i;
+          for (int k = 0; k < 4; ++k) {
+            part[m][r][k & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8 * k), v[k], part[m][r][k & 1]);
+          }
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m256 scale = _mm256_set1_ps(w.scales[(o0 + r) * groups + g]);
+      for (int m = 0; m < MR; ++m) {
+        acc[m][r] = _mm256_fmadd_ps(_mm256_add_ps(part[m][r][0], part[m][r][1]), scale, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) y[m * y_stride + o0 + r] = hsum(acc[m][r]) + (bias ? bias[o0 + r] : 0.0f);
+}
+
+template <int MR, int NR>
+void fused_range_lut32(const Packed& w, const LutBytes& t, int64_t begin, int64_t end, const float* xs,
+                       float* y, int64_t y_stride, const float* bias) {
+  int64_t o = begin;
+  for (; o + NR <= end; o += NR) fused_rows_lut32<MR, NR>(w, t, o, xs, y, y_stride, bias);
+  for (; o < end; ++o) fused_rows_lut32<MR, 1>(w, t, o, xs, y, y_stride, bias);
+}
+
+// The 4-bit path when the group is a multiple of 32: x split once, then the register path for
+// 1-3 rows or dequantize-4-rows-then-tile (the tile reads the split x) for more.
+at::Tensor run_lut32(const at::Tensor& x, const Packed& w, const float* b_ptr) {
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, w.out}, x.options());
+  at::Tensor xs = at::empty({rows, w.in}, x.options());                       // [rows, in] split order
+  split_rows(x.data_ptr<float>(), x.stride(0), rows, w.in, xs.data_ptr<float>());
+  const float* xs_ptr = xs.data_ptr<float>();
+  float* y_ptr = y.data_ptr<float>();
+  const LutBytes t = lut_bytes(w.lut);
+  if (rows <= 3) {
+    at::parallel_for(0, w.out, 16, [&](int64_t begin, int64_t end) {
+      if (rows == 1) fused_range_lut32<1, 2>(w, t, begin, end, xs_ptr, y_ptr, w.out, b_ptr);
+      if (rows == 2) fused_range_lut32<2, 1>(w, t, begin, end, xs_ptr, y_ptr, w.out, b_ptr);
+      if (rows == 3) fused_range_lut32<3, 1>(w, t, begin, end, xs_ptr, y_ptr, w.out, b_ptr);
+    });
+    return y;
+  }
+  const int64_t blocks = (w.out + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> wbuf(static_cast<size_t>(kRowBlock * w.in));
+    std::vector<float> ybuf(static_cast<size_t>(rows * kRowBlock));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t o0 = blk * kRowBlock, nr = std::min(kRowBlock, w.out - o0);
+      for (int64_t r = 0; r < nr; ++r) dequant_row_lut32(w, t, o0 + r, wbuf.data() + r * w.in);
+      tile_avx2(xs_ptr, w.in, rows, wbuf.data(), nr, w.in, ybuf.data(), kRowBlock);
+      for (int64_t tt = 0; tt < rows; ++tt) {
+        for (int64_t r = 0; r < nr; ++r) {
+          y_ptr[tt * w.out + o0 + r] = ybuf[tt * kRowBlock + r] + (b_ptr ? b_ptr[o0 + r] : 0.0f);
+        }
+      }
+    }
+  });
+  return y;
 }
 
 bool cpu_has_avx2() {
@@ -245,6 +410,7 @@ at::Tensor run(const at::Tensor& x, const Packed& w, const std::optional<at::Ten
   const int64_t blocks = (w.out + kRowBlock - 1) / kRowBlock;
   if (rows == 0) return y;
 #ifdef LORAPLEX_X86
+  if (dequant == dequant_row_avx2 && w.lut != nullptr && w.group % 32 == 0) return run_lut32(x, w, b_ptr);
   if (dequant == dequant_row_avx2 && rows <= 3) {                   // decode: no weight buffer
     small_rows_avx2(w, x_ptr, x_stride, rows, y_ptr, w.out, b_ptr);
     return y;
