@@ -49,7 +49,7 @@ test-integration: model
 
 # Every store test case against PostgreSQL (pgserver) + S3 (moto); `make test` runs one case per test.
 test-store-shared: setup
-	$(PY) -m pytest tests/unit/store -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit/store tests/integration/test_shared_store_kill.py -m slow $(PYTEST_ARGS)
 
 # `loraplex fleet` on a local Ray cluster: 2 replicas, affinity, a replica kill (slow; not in `make test`).
 test-fleet: model
