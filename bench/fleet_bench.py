@@ -14,7 +14,8 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from grpc_bench import SideResult, _LoopThread, _mean, _server_config, _start_server, _workload, run_over_grpc
+from grpc_bench import (SideResult, _LoopThread, _mean, _server_config, _start_server, _workload, comparison_section,
+                        run_over_grpc)
 
 
 @dataclass(frozen=True)
@@ -84,22 +85,12 @@ def section_fleet(model_dir: Path, quick: bool) -> str:
     sizes = dict(concurrency=4, num_requests=8, input_len=32, output_len=8, rounds=1) if quick else \
         dict(concurrency=16, num_requests=48, input_len=64, output_len=32)
     r = run_fleet_bench(model_dir, **sizes)
-    verdict = "met" if r.ratio >= 0.85 else "MISSED"
-    return "\n".join([
+    return comparison_section(
         "## 9. One-replica fleet vs plain serve (Ray Serve's proxy hop)",
-        "",
         f"Default model, float32, base model. {r.num_requests} requests, closed loop at concurrency "
         f"{r.concurrency}, ~{r.input_len}-token prompts, {r.output_len} generated tokens each (greedy, "
         "`ignore_eos`), through `loraplex bench`'s runner. `loraplex serve`: the real server in this process. "
         "`loraplex fleet`: a local Ray cluster, Serve's gRPC proxy and one replica with the same engine "
         "settings (the replica is a separate process; every chunk crosses proxy -> replica -> proxy). "
         "The two alternate; each row is the mean of its runs.",
-        "",
-        "| path | output tok/s | req/s | TTFT p50 ms |",
-        "|---|---:|---:|---:|",
-        f"| loraplex serve | {r.plain.tok_s:.1f} | {r.plain.req_s:.2f} | {r.plain.ttft_p50_ms:.0f} |",
-        f"| loraplex fleet, 1 replica | {r.fleet.tok_s:.1f} | {r.fleet.req_s:.2f} | {r.fleet.ttft_p50_ms:.0f} |",
-        "",
-        f"fleet / serve = {r.ratio:.3f}x (target >= 0.85x: {verdict}).",
-        "",
-    ])
+        [("loraplex serve", r.plain), ("loraplex fleet, 1 replica", r.fleet)], "fleet / serve", r.ratio, 0.85)

@@ -13,7 +13,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpc_bench import SideResult, run_side_by_side
+from grpc_bench import SideResult, comparison_section, run_side_by_side
 
 
 @dataclass(frozen=True)
@@ -62,22 +62,12 @@ def section_http(model_dir: Path, quick: bool) -> str:
     sizes = dict(concurrency=8, num_requests=16, input_len=32, output_len=16) if quick else \
         dict(concurrency=16, num_requests=48, input_len=64, output_len=32)
     r = run_http_bench(model_dir, **sizes)
-    verdict = "met" if r.ratio >= 0.9 else "MISSED"
-    return "\n".join([
+    return comparison_section(
         "## 4b. OpenAI-compatible HTTP end-to-end vs in-process engine",
-        "",
         f"Default model, float32, base model (no adapter). {r.num_requests} requests, closed loop at "
         f"concurrency {r.concurrency}, prompts of ~{r.input_len} tokens, {r.output_len} generated tokens each "
         "(greedy, `ignore_eos`); the same prompt texts and EngineConfig on both sides, alternating as in "
         "section 4. HTTP: the real server (gRPC and HTTP in one process, one engine) on loopback, driven by "
         "`loraplex bench --api openai` (streamed `/v1/completions`, one SSE event per token, usage in the "
         "last event); TTFT there is measured by the client.",
-        "",
-        "| path | output tok/s | req/s | TTFT p50 ms |",
-        "|---|---:|---:|---:|",
-        f"| in-process engine | {r.in_process.tok_s:.1f} | {r.in_process.req_s:.2f} | {r.in_process.ttft_p50_ms:.0f} |",
-        f"| HTTP end-to-end | {r.http.tok_s:.1f} | {r.http.req_s:.2f} | {r.http.ttft_p50_ms:.0f} |",
-        "",
-        f"HTTP / in-process = {r.ratio:.3f}x (target >= 0.9x: {verdict}).",
-        "",
-    ])
+        [("in-process engine", r.in_process), ("HTTP end-to-end", r.http)], "HTTP / in-process", r.ratio, 0.9)
