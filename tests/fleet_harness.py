@@ -6,10 +6,10 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
+
+from grpc_harness import wait_for_line
 
 READY = re.compile(r"^loraplex: fleet serving .* on :(\d+) \(Ray (\S+)\)")
 # Ray 2.60 turns token auth on by default; tests run a private local cluster without it. Ray
@@ -32,22 +32,11 @@ class FleetProcess:
         self.port, self.ray_address = self._wait_ready(ready_timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> tuple[int, str]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line.rstrip())
-            match = READY.match(line.strip())
-            if match:
-                threading.Thread(target=self._drain, daemon=True).start()
-                return int(match.group(1)), match.group(2)
+        match = wait_for_line(self.process, READY, self.lines, timeout_s)
+        if match:
+            return int(match.group(1)), match.group(2)
         self.kill()
         pytest.fail("no fleet ready line:\n" + "\n".join(self.lines[-60:]))
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip())
 
     def kill(self) -> None:
         """Last resort (the test failed): the whole process group, Ray's local cluster included."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -123,3 +124,21 @@ def self_signed_cert(directory, common_name: str, subject_alt_name: str):
                     "-out", str(cert), "-days", "1", "-subj", f"/CN={common_name}",
                     "-addext", f"subjectAltName={subject_alt_name}"], check=True, capture_output=True)
     return cert, key
+
+
+def wait_for_line(process, pattern, lines: list[str], timeout_s: float):
+    """Read a subprocess's output (stdout, stderr merged, text mode) into `lines` until a line
+    matches `pattern`; then keep draining it into `lines` on a daemon thread (so the pipe never
+    fills) and return the match. None if the output ended or `timeout_s` passed first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            return None
+        lines.append(line.rstrip())
+        match = pattern.match(line.strip())
+        if match:
+            threading.Thread(target=lambda: lines.extend(rest.rstrip() for rest in process.stdout),
+                             daemon=True).start()
+            return match
+    return None

@@ -7,14 +7,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grpc_harness import free_port
+from grpc_harness import free_port, wait_for_line
 from loraplex.v1 import generation_pb2 as gen
 from loraplex.v1 import generation_pb2_grpc
 
@@ -29,16 +28,9 @@ def _start(tiny_llama_dir, store, http_port: int = 0) -> tuple[subprocess.Popen,
                "--max-input-tokens", "512"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
     lines: list[str] = []
-    deadline = time.monotonic() + 600      # a busy machine may be compiling the fused kernels
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line.rstrip())
-        match = READY.match(line.strip())
-        if match:
-            threading.Thread(target=lambda: lines.extend(l.rstrip() for l in process.stdout), daemon=True).start()
-            return process, int(match.group(1)), lines
+    match = wait_for_line(process, READY, lines, 600)      # a busy machine may be compiling the kernels
+    if match:
+        return process, int(match.group(1)), lines
     process.kill()
     pytest.fail("no ready line:\n" + "\n".join(lines))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from grpc_harness import free_port, make_peft_adapter
+from grpc_harness import make_peft_adapter, wait_for_line
 from loraplex.client import Client
 from loraplex.client._retry import RetryPolicy
 from loraplex.client.errors import AdapterNotFoundError, ServerUnavailableError
@@ -39,16 +39,9 @@ def start_server(tiny_llama_dir: Path, store: Path, registry: str, blobs: str, s
                "--linear-kernel", "aten", "--http-port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
     lines: list[str] = []
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line.rstrip())
-        match = READY.match(line.strip())
-        if match:
-            threading.Thread(target=lambda: lines.extend(l.rstrip() for l in process.stdout), daemon=True).start()
-            return process, f"127.0.0.1:{match.group(1)}", lines
+    match = wait_for_line(process, READY, lines, 400)
+    if match:
+        return process, f"127.0.0.1:{match.group(1)}", lines
     process.kill()
     process.wait()
     raise AssertionError("no ready line:\n" + "\n".join(lines))
