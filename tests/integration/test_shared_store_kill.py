@@ -37,11 +37,11 @@ class SlowUpload(threading.Thread):
     """Streams an upload in 1 KiB chunks `pause_s` apart; `reached` is set once `kill_after`
     chunks are sent (kill_after = all of them: the server is then validating and committing)."""
 
-    def __init__(self, address: str, path: Path, adapter_id: str, pause_s: float, kill_after: int):
+    def __init__(self, address: str, path: Path, adapter_id: str, pause_s: float):
         super().__init__(daemon=True)
-        self.address, self.path, self.adapter_id, self.pause_s = address, path, adapter_id, pause_s
+        self.address, self.pause_s = address, pause_s
         self.requests = list(upload_requests(validate_adapter_dir(path), adapter_id, chunk_bytes=1024))
-        self.kill_after = min(kill_after, len(self.requests))
+        self.kill_after = len(self.requests)                 # set before start()
         self.reached = threading.Event()
         self.sent = 0
         self.outcome: str | None = None            # "committed", or the gRPC status the kill caused
@@ -106,14 +106,14 @@ def test_sigkill_mid_upload_ten_cycles_keeps_the_shared_store_whole(tiny_llama_d
                 expected[f"kept-{cycle}"] = _greedy(client, f"kept-{cycle}")
             referenced |= {_sha256(kept[cycle] / name)
                            for name in ("adapter_config.json", "adapter_model.safetensors")}
-            total = len(list(upload_requests(validate_adapter_dir(victims[cycle]), "x", chunk_bytes=1024)))
+            uploader = SlowUpload(address, victims[cycle], f"victim-{cycle}", 0.002)
+            total = len(uploader.requests)
             # Kill points: mid-stream at a random chunk, or (every third cycle) after the last
             # chunk, while the server validates, writes the blobs to S3 and commits the row.
-            kill_after = total if cycle % 3 == 2 else rng.randrange(1, total)
-            uploader = SlowUpload(address, victims[cycle], f"victim-{cycle}", 0.002, kill_after)
+            uploader.kill_after = total if cycle % 3 == 2 else rng.randrange(1, total)
             uploader.start()
             assert uploader.reached.wait(120), "the upload never reached its kill point"
-            if kill_after == total:
+            if uploader.kill_after == total:
                 time.sleep(rng.uniform(0.0, 0.05))
         finally:
             process.kill()

@@ -349,13 +349,11 @@ void fused_range_lut32(const Packed& w, const LutBytes& t, int64_t begin, int64_
 
 // The 4-bit path when the group is a multiple of 32: x split once, then the register path for
 // 1-3 rows or dequantize-4-rows-then-tile (the tile reads the split x) for more.
-at::Tensor run_lut32(const at::Tensor& x, const Packed& w, const float* b_ptr) {
+void run_lut32(const at::Tensor& x, const Packed& w, const float* b_ptr, float* y_ptr) {
   const int64_t rows = x.size(0);
-  at::Tensor y = at::empty({rows, w.out}, x.options());
   at::Tensor xs = at::empty({rows, w.in}, x.options());                       // [rows, in] split order
   split_rows(x.data_ptr<float>(), x.stride(0), rows, w.in, xs.data_ptr<float>());
   const float* xs_ptr = xs.data_ptr<float>();
-  float* y_ptr = y.data_ptr<float>();
   const LutBytes t = lut_bytes(w.lut);
   if (rows <= 3) {
     at::parallel_for(0, w.out, 16, [&](int64_t begin, int64_t end) {
@@ -363,7 +361,7 @@ at::Tensor run_lut32(const at::Tensor& x, const Packed& w, const float* b_ptr) {
       if (rows == 2) fused_range_lut32<2, 1>(w, t, begin, end, xs_ptr, y_ptr, w.out, b_ptr);
       if (rows == 3) fused_range_lut32<3, 1>(w, t, begin, end, xs_ptr, y_ptr, w.out, b_ptr);
     });
-    return y;
+    return;
   }
   const int64_t blocks = (w.out + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -380,7 +378,6 @@ at::Tensor run_lut32(const at::Tensor& x, const Packed& w, const float* b_ptr) {
       }
     }
   });
-  return y;
 }
 
 bool cpu_has_avx2() {
@@ -410,7 +407,10 @@ at::Tensor run(const at::Tensor& x, const Packed& w, const std::optional<at::Ten
   const int64_t blocks = (w.out + kRowBlock - 1) / kRowBlock;
   if (rows == 0) return y;
 #ifdef LORAPLEX_X86
-  if (dequant == dequant_row_avx2 && w.lut != nullptr && w.group % 32 == 0) return run_lut32(x, w, b_ptr);
+  if (dequant == dequant_row_avx2 && w.lut != nullptr && w.group % 32 == 0) {
+    run_lut32(x, w, b_ptr, y_ptr);
+    return y;
+  }
   if (dequant == dequant_row_avx2 && rows <= 3) {                   // decode: no weight buffer
     small_rows_avx2(w, x_ptr, x_stride, rows, y_ptr, w.out, b_ptr);
     return y;
