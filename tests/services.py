@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
 import tempfile
 import threading
 import uuid
@@ -32,6 +33,7 @@ class PostgresService:
         os.chmod(base, 0o755)
         self.pgdata = base / "data"
         self._server = pgserver.get_server(self.pgdata, cleanup_mode="delete")
+        self._socket_dir = self._server.get_postmaster_info().socket_dir   # start() listens there again
         import psycopg
 
         with psycopg.connect(self.url(), autocommit=True) as conn:     # a test server: speed over durability
@@ -52,14 +54,34 @@ class PostgresService:
 
     def stop(self) -> None:
         """Stop PostgreSQL (fast shutdown: clients are disconnected); start() brings it back."""
-        from pgserver._commands import pg_ctl
-
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self._server.system_user)
+        self._pg_ctl(["-w", "-m", "fast", "stop"])
 
     def start(self) -> None:
-        self._server.ensure_postgres_running()
-        info = self._server.get_postmaster_info()
-        assert info.is_running()
+        from pgserver.utils import PostmasterInfo
+
+        self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self._socket_dir}", "-l", str(self._server.log), "start"])
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        assert info is not None and info.is_running() and info.status == "ready"
+        self._server._postmaster_info = info          # pgserver's cleanup() stops the new postmaster
+
+    def _pg_ctl(self, args: list[str]) -> None:
+        """Run pg_ctl as the PostgreSQL user without fork() in this process.
+
+        pgserver's own helper passes `user=` to subprocess, which makes Python fork() (never vfork)
+        and run every pthread_atfork handler of this multi-threaded process (gRPC, OpenMP) in the
+        child; under gRPC traffic that child once died with SIGSEGV before exec (a CI failure).
+        `runuser` switches the user after exec instead, and subprocess can use vfork."""
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata), *args]
+        user = self._server.system_user
+        if user is not None:
+            command = ["runuser", "-u", user, "--", *command]
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+        if result.returncode != 0:
+            log = Path(self._server.log).read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"pg_ctl {args[-1]} failed ({result.returncode}): {result.stderr}\n{log}")
 
     def close(self) -> None:
         try:

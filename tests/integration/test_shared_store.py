@@ -139,22 +139,25 @@ def test_backend_outage_under_traffic(cluster, postgres_service, s3_service, bac
                         served.append(_greedy(client, hot.ref) == expected)
                     except Exception as error:  # noqa: BLE001 - reported by the test
                         failures.append(error)
+                        stop.wait(0.5)                             # a failure ends the test; no busy loop
 
-        worker = threading.Thread(target=traffic)
+        worker = threading.Thread(target=traffic, daemon=True)
         worker.start()
-        service.stop()
         try:
+            service.stop()
             with pytest.raises(ServerUnavailableError) as error:
                 _greedy(a, cold.ref)                               # cold on a: needs the backend
             assert "retry" in str(error.value)
             count = len(served)
             deadline = time.monotonic() + 60
-            while len(served) < count + 3 and time.monotonic() < deadline:
+            while len(served) < count + 3 and time.monotonic() < deadline and not failures:
                 time.sleep(0.05)
-        finally:
-            service.start()
+        finally:                                                   # the traffic thread ends on every path
             stop.set()
-            worker.join(timeout=120)
+            try:
+                service.start()
+            finally:
+                worker.join(timeout=120)
         assert not failures and len(served) >= count + 3 and all(served)   # cached adapter kept serving
         deadline = time.monotonic() + 60
         while True:                                                # recovers once the backend is back

@@ -65,15 +65,20 @@ def test_parallel_uploads_reads_deletes_match_the_serial_model(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     uploads, deletes, errors, stop = [], [], [], threading.Event()
     writers = [threading.Thread(target=_writer, args=(store, n, uploads, deletes, errors)) for n in range(4)]
-    readers = [threading.Thread(target=_reader, args=(store, stop, errors)) for _ in range(2)]
+    readers = [threading.Thread(target=_reader, args=(store, stop, errors), daemon=True) for _ in range(2)]
     for thread in writers + readers:
         thread.start()
-    out, err = other.communicate(timeout=100)
-    for thread in writers:
-        thread.join()
-    stop.set()
-    for thread in readers:
-        thread.join()
+    try:
+        out, err = other.communicate(timeout=100)
+        for thread in writers:
+            thread.join()
+    finally:                                   # readers end (and the worker process) on every path
+        stop.set()
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+        for thread in readers:
+            thread.join()
     assert other.returncode == 0, err
     assert not errors, errors
     assert len(uploads) == 4 * 8 and deletes

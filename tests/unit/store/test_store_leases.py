@@ -44,7 +44,7 @@ def test_delete_waits_for_leases_then_removes_rows_blobs_and_cache(store):
     store.acquire(record.key)
     store.load(record.key)
     deleted = []
-    deleter = threading.Thread(target=lambda: deleted.append(store.delete("ad", None)))
+    deleter = threading.Thread(target=lambda: deleted.append(store.delete("ad", None)), daemon=True)
     deleter.start()
     time.sleep(0.2)
     assert deleter.is_alive()                                  # a request still holds the lease
