@@ -143,12 +143,14 @@ def test_select_ops_on_cpu():
 # ---- the fused native kernel (kernels/csrc/lora.cpp lora_bgmv) --------------------------------
 
 @pytest.mark.parametrize("slots", [[3, 1, 4, 0, 2], [0, 0, 2, -1, 2], [-1, -1], [1]])
-@pytest.mark.parametrize("rank", [4, 7])
-def test_native_bgmv_matches_twin(native_kernels, slots, rank):
+@pytest.mark.parametrize("rank", [4, 7, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_bgmv_matches_twin(native_kernels, slots, rank, dtype):
+    """Every --adapter-dtype; in and out widths off the kernels' 4/8/16-wide blocks, ranks off 4."""
     gen = torch.Generator().manual_seed(len(slots) * rank)
-    subs, in_features, outs = 3, 40, (24, 8, 13)
-    a = torch.randn(5, subs * rank, in_features, generator=gen)                 # [S, subs * R, in]
-    bts = [torch.randn(5, rank, out, generator=gen) for out in outs]            # [S, R, out_m]
+    subs, in_features, outs = 3, 53, (24, 8, 13)
+    a = torch.randn(5, subs * rank, in_features, generator=gen).to(dtype)       # [S, subs * R, in]
+    bts = [torch.randn(5, rank, out, generator=gen).to(dtype) for out in outs]  # [S, R, out_m]
     col_starts = [0, 24, 32]
     scales = torch.rand(5, generator=gen) + 0.5
     token_slots = torch.tensor(slots)
