@@ -47,15 +47,22 @@ inline float sum_lanes(const float* __restrict v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// a . b over n floats: 16 lane-wise partial sums (one vector register), then a tree.
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+// One stored weight as float32: float32 itself, or bfloat16 bits (the high half of a float32;
+// exact, and a shift the compiler vectorizes).
+inline float to_float(float w) { return w; }
+inline float to_float(uint16_t bf16_bits) { return std::bit_cast<float>(static_cast<uint32_t>(bf16_bits) << 16); }
+
+// a . b over n elements (a float32 or bfloat16 bits, b float32): 16 lane-wise partial sums
+// (one vector register), then a tree.
+template <typename E>
+inline float dot(const E* __restrict a, const float* __restrict b, int64_t n) {
   float lanes[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
 #pragma omp simd
-    for (int j = 0; j < 16; ++j) lanes[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < 16; ++j) lanes[j] += to_float(a[i + j]) * b[i + j];
   }
-  for (int j = 0; i < n; ++i, ++j) lanes[j] += a[i] * b[i];
+  for (int j = 0; i < n; ++i, ++j) lanes[j] += to_float(a[i]) * b[i];
   return sum_lanes(lanes);
 }
 

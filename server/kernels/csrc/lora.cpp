@@ -3,14 +3,15 @@
 // bfloat16 or float16 (--adapter-dtype); every sum runs in float32.
 //
 // Decode reads each token's adapter rows once, so the kernel should run at streaming speed;
-// the arithmetic must stay cheaper than the bytes and overlap with them. Shrink computes four rank rows at a time
-// (x loaded once for four rows, eight independent accumulators instead of one dependency
-// chain). bfloat16 rows are read in place: a bfloat16 is the high half of a float32, so
-// widening is an unpack against zero (x86: one shuffle per 4-8 values; the shrink permutes x
-// once per token to match the in-lane order of the 256-bit unpack, and the expand stays at 128
-// bits, where the unpack keeps order without lane-crossing permutes, which are slow on some
-// AVX2 cores). Elsewhere the loops widen with a shift and let the compiler vectorize. float16
-// rows are widened into a thread-local buffer (F16C where present) and take the float32 loops.
+// the arithmetic must stay cheaper than the bytes and overlap with them. Shrink computes four
+// rank rows at a time (x loaded once for four rows, eight independent accumulators instead of
+// one dependency chain). bfloat16 rows are read in place: a bfloat16 is the high half of a
+// float32, so widening is an unpack against zero (x86: one shuffle per 4-8 values; the shrink
+// permutes x once per token to match the in-lane order of the 256-bit unpack, and the expand
+// stays at 128 bits, where the unpack keeps order without lane-crossing permutes, which are
+// slow on some AVX2 cores). Elsewhere the loops widen with a shift (common.h to_float) and let
+// the compiler vectorize. float16 rows are widened into a thread-local buffer (F16C where
+// present) and take the float32 loops.
 #include "common.h"
 #include "kernels.h"
 
@@ -27,10 +28,6 @@ namespace loraplex {
 
 namespace {
 
-// One stored adapter weight as float32: float32 itself, or bfloat16 bits (exact).
-inline float to_float(float w) { return w; }
-inline float to_float(uint16_t bf16_bits) { return std::bit_cast<float>(static_cast<uint32_t>(bf16_bits) << 16); }
-
 inline void widen(const c10::Half* src, float* __restrict dst, int64_t n) {
   int64_t i = 0;
 #if defined(__F16C__)
@@ -39,19 +36,6 @@ inline void widen(const c10::Half* src, float* __restrict dst, int64_t n) {
   }
 #endif
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);     // exact
-}
-
-// scale * dot(a, x) over n elements (float32 or bfloat16 bits), 16 lane-wise partial sums.
-template <typename E>
-inline float dot_scaled(const E* __restrict a, const float* __restrict x, int64_t n, float scale) {
-  float lanes[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-#pragma omp simd
-    for (int j = 0; j < 16; ++j) lanes[j] += to_float(a[i + j]) * x[i + j];
-  }
-  for (int j = 0; i < n; ++i, ++j) lanes[j] += to_float(a[i]) * x[i];
-  return sum_lanes(lanes) * scale;
 }
 
 inline float sum8(const float* v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
@@ -87,7 +71,7 @@ void shrink_portable(const E* __restrict a_rows, const float* __restrict x, floa
     h[r + 2] = sum8(l2) * scale;
     h[r + 3] = sum8(l3) * scale;
   }
-  for (; r < ranks; ++r) h[r] = dot_scaled(a_rows + r * in, x, in, scale);
+  for (; r < ranks; ++r) h[r] = dot(a_rows + r * in, x, in) * scale;
 }
 
 // y[j] += sum_r h[r] * bt[r, j] for j < out; bt [rank, out] row-major. Four ranks per pass
@@ -163,7 +147,7 @@ void shrink_bf16(const uint16_t* __restrict a_rows, const float* __restrict x, f
       h[r + k] = acc * scale;
     }
   }
-  for (; r < ranks; ++r) h[r] = dot_scaled(a_rows + r * in, x, in, scale);
+  for (; r < ranks; ++r) h[r] = dot(a_rows + r * in, x, in) * scale;
 }
 
 // expand_portable for bfloat16 rows: 128-bit unpacks keep the order of y.
