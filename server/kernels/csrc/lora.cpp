@@ -304,8 +304,11 @@ void lora_bgmv_typed(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
   const float* scale_ptr = scales.data_ptr<float>();
   const int64_t x_stride = x.stride(0), y_stride = y.stride(0), ranks = subs * rank;
   at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> h(static_cast<size_t>(ranks)), xp_buf(static_cast<size_t>(in + 16)), a_buf, b_buf;
-    float* xp = align64(xp_buf.data());          // 256-bit loads of x must not split cache lines
+    // xp: x in the bfloat16 shrink's order (only that path reads it), 64-byte aligned so its
+    // 256-bit loads never split cache lines.
+    std::vector<float> h(static_cast<size_t>(ranks)), a_buf, b_buf;
+    std::vector<float> xp_buf(std::is_same_v<W, c10::BFloat16> ? static_cast<size_t>(in + 16) : 0);
+    float* xp = xp_buf.empty() ? nullptr : align64(xp_buf.data());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = slot_ptr[t];
       if (slot < 0) continue;
