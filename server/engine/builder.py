@@ -13,6 +13,7 @@ from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
 from ..lora.slot_pool import SlotPool
 from ..kernels.linear_choice import choose_linear_kernels
+from ..model.decode_stack import build_decode_stack
 from ..kernels.registry import KernelSet
 from ..model.config import ModelConfig
 from ..model.fused_ops import layer_ops
@@ -84,6 +85,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     ops = layer_ops(kernels, config.cpu_kernels)
     model, model_config = build_model(config.model_dir, spec, ops=ops)
     linear_kernels = choose_linear_kernels(model, spec, kernels, log=log)
+    model.decode_stack = build_decode_stack(model, kernels)
     tokenizer = load_tokenizer(config.model_dir)
 
     cache, sched = config.cache, config.scheduler
@@ -121,7 +123,8 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       cpu_isa="" if kernels.native is None else kernels.native.quant_isa())
     warm_up(engine, pool, log)
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
-        f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops)")
+        f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops"
+        f"{', decode steps in one native call' if model.decode_stack is not None else ''})")
     return engine, info
 
 

@@ -58,6 +58,8 @@ KERNEL_OPS: tuple[KernelOp, ...] = (
              (("native", "quant_linear_4bit"),)),
     KernelOp("quant_linear_8bit", "quant_gemm", "kernels.quant:quant_linear_8bit_ref",
              (("native", "quant_linear_8bit"),)),
+    KernelOp("decode_stack", "decode_stack", "model.decode_stack:decode_stack_ref",
+             (("native", "decode_stack"),)),
     KernelOp("packed_linear", "dense_gemm", "layers.cpu_gemm:packed_linear_ref",
              (("torch", "layers.cpu_gemm:packed_linear"),)),
     KernelOp("int8_weight_only_linear", "quant_gemm", "layers.eetq_ref:int8_weight_only_linear_ref",

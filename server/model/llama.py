@@ -93,6 +93,7 @@ class CausalLM(torch.nn.Module):
         self.register_buffer("final_norm", final_norm)   # [hidden]
         self.lm_head = lm_head                           # hidden -> vocab; weight maybe the embedding
         self.ops = ops                                   # per-layer ops: torch or fused (fused_ops.py)
+        self.decode_stack = None     # decode_stack.DecodeStack: decode-only steps in one native call
         self.scale = config.head_dim ** -0.5
         self.rotary = RotaryEmbedding(config.rope, config.head_dim,
                                       min(config.max_position_embeddings, _INITIAL_ROPE_POSITIONS),
@@ -113,6 +114,11 @@ class CausalLM(torch.nn.Module):
         rope = self.rotary.cos_sin(ctx.positions)                              # [T, hd] each
         plan = plan_attention(ctx.attn, self.scale, self.config.sliding_window, hidden.dtype,
                               ops.decode_attention, ops.varlen_attention)
+        stack = self.decode_stack
+        if stack is not None and stack.applies(ctx, plan):
+            gemms = stack.gemms(hidden.shape[0])
+            if gemms is not None:
+                return stack(hidden, rope, ctx, plan, kv_caches, gemms)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, ctx, plan, rope, kv_cache, ops)

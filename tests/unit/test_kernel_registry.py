@@ -149,8 +149,38 @@ def case_int8_weight_only_linear():
     yield (torch.randn(5, 20, generator=gen), w, torch.rand(30, generator=gen), torch.randn(30)), 1e-5
 
 
+def case_decode_stack():
+    """Two layers of a small GQA model, GEMMs mixing F.linear and oneDNN prepacked weights (and a
+    qkv bias); row counts on and off the prepacked GEMM's row buckets (11 pads to 16)."""
+    gen = _gen(11)
+    hidden, heads, kv_heads, head_dim, inter, layers, bs = 64, 4, 2, 16, 96, 2, 4
+    packed = onednn_supported(torch.float32, "cpu")
+    shapes = [((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden),
+              (hidden, inter)]
+    weights, kinds, biases = [], [], []
+    for layer in range(layers):
+        for i, shape in enumerate(shapes):
+            weight = torch.randn(*shape, generator=gen) * 0.1
+            kind = 1 if packed and (layer + i) % 2 else 0
+            weights.append(pack_weight(weight) if kind else weight)
+            kinds.append(kind)
+            biases.append(torch.randn(shape[0], generator=gen) if i == 0 and layer == 0 else None)
+    norms = [torch.rand(hidden, generator=gen) + 0.5 for _ in range(2 * layers + 1)]
+    for rows, window in [(1, 0), (5, 3), (11, 0)]:
+        lens = torch.randint(1, 4 * bs, (rows,), generator=gen)
+        tables = torch.randperm(rows * 4, generator=gen).view(rows, 4)
+        last = lens - 1
+        slots = tables.gather(1, (last // bs).unsqueeze(1)).squeeze(1) * bs + last % bs
+        k_caches = [torch.randn(rows * 4, bs, kv_heads, head_dim, generator=gen) for _ in range(layers)]
+        v_caches = [torch.randn(rows * 4, bs, kv_heads, head_dim, generator=gen) for _ in range(layers)]
+        cos, sin = torch.rand(rows, head_dim, generator=gen), torch.rand(rows, head_dim, generator=gen)
+        yield (torch.randn(rows, hidden, generator=gen), norms, weights, kinds, biases, cos, sin,
+               k_caches, v_caches, slots, tables, lens, head_dim ** -0.5, window, 1e-5, heads,
+               kv_heads), 1e-4
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
-INPLACE = {"add_rms_norm", "rope_write_kv", "lora_bgmv"}   # ops whose tensor arguments are outputs
+INPLACE = {"add_rms_norm", "rope_write_kv", "lora_bgmv", "decode_stack"}   # ops whose tensor arguments are outputs
 IMPLS = [(op.name, backend) for op in KERNEL_OPS for backend, _ in op.impls]
 
 
@@ -177,6 +207,15 @@ def _copy(value):
     return value
 
 
+def _tensors(args):
+    """The strided tensors among args, lists of tensors (per-layer caches) flattened."""
+    for value in args:
+        if isinstance(value, (list, tuple)):
+            yield from _tensors(value)
+        elif torch.is_tensor(value) and value.layout == torch.strided:
+            yield value
+
+
 def _run(fn, args):
     args = _copy(args)
     out = fn(*args)
@@ -201,9 +240,8 @@ def test_implementation_matches_twin(name, backend, request):
         if fast_out is not None or twin_out is not None:
             torch.testing.assert_close(fast_out, twin_out, atol=atol, rtol=atol)
         if name in INPLACE:                   # in-place ops: every tensor argument agrees too
-            for got, want in zip(fast_after, twin_after):
-                if torch.is_tensor(got):
-                    torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+            for got, want in zip(_tensors(fast_after), _tensors(twin_after)):
+                torch.testing.assert_close(got, want, atol=atol, rtol=atol)
 
 
 def test_kernel_set_prefers_native_and_falls_back_to_twins(native_kernels):

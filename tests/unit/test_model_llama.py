@@ -17,6 +17,8 @@ from loraplex.server.layers.base import QuantSpec
 from loraplex.server.model.config import ModelConfig
 from loraplex.server.kernels.registry import KernelSet
 from loraplex.server.model.fused_ops import TORCH_OPS, layer_ops
+from loraplex.server.layers.cpu_gemm import onednn_supported
+from loraplex.server.model.decode_stack import build_decode_stack
 from loraplex.server.model.kv_cache import allocate_kv_caches
 from loraplex.server.model.llama import build_model
 
@@ -204,3 +206,38 @@ def test_tiny_llama_fixture_is_usable(tiny_llama_dir):
     config = ModelConfig.from_dir(tiny_llama_dir)
     assert (config.vocab_size, config.num_kv_heads, config.tie_word_embeddings) == (49152, 2, True)
     assert build_tiny_llama is not None
+
+
+@pytest.mark.parametrize("linear_kernel", ["aten", "onednn"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+def test_decode_stack_is_bit_equal_to_the_layer_path(variants, name, linear_kernel, native_kernels):
+    """Decode-only steps through the one-call native stack give the layer-by-layer path's logits
+    bit for bit (same kernels, same order); mixed prefill/decode steps keep the layer path."""
+    if linear_kernel == "onednn" and not onednn_supported(torch.float32, "cpu"):
+        pytest.skip("no oneDNN in this torch build")
+    kernels = KernelSet(native=native_kernels)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (7, 13, 5)]
+    extra = [torch.randint(0, 512, (5,), generator=gen).tolist() for _ in range(3)]
+    results, calls = [], []
+    for stacked in (False, True):
+        model, config = build_model(variants[name], QuantSpec(linear_kernel=linear_kernel),
+                                    ops=layer_ops(kernels))
+        if stacked:
+            stack = model.decode_stack = build_decode_stack(model, kernels)
+            kernel = stack.kernel
+            stack.kernel = lambda *args: calls.append(args[0].shape[0]) or kernel(*args)
+        results.append(drive(model, config, prompts, extra)[0])
+    assert calls == [3] * (len(extra[0]) - 1)          # every decode-only step, nothing else
+    for seq, layer_rows in results[0].items():
+        for (pos, want), (pos_stacked, got) in zip(layer_rows, results[1][seq]):
+            assert pos == pos_stacked and torch.equal(got, want), f"seq {seq} position {pos}"
+
+
+def test_decode_stack_leaves_quantized_and_lora_steps_to_the_layer_path(tiny_llama_dir, native_kernels):
+    kernels = KernelSet(native=native_kernels)
+    model, _ = build_model(tiny_llama_dir, QuantSpec(method="bnb-nf4"), ops=layer_ops(kernels))
+    assert build_decode_stack(model, kernels).gemms(1) is None        # no dense float32 GEMMs
+    model, _ = build_model(tiny_llama_dir, QuantSpec(), ops=TORCH_OPS)
+    assert build_decode_stack(model, kernels) is None                  # torch layer ops
+    assert build_decode_stack(model, KernelSet()) is None              # no native build

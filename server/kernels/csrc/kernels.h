@@ -6,6 +6,7 @@
 //   layer_ops.cpp  add_rms_norm, rope_write_kv, silu_mul
 //   lora.cpp       lora_bgmv          fused LoRA shrink + expand, one adapter per token
 //   sampling.cpp   argmax_rows        greedy rows' argmax
+//   decode_stack.cpp decode_stack     every decoder layer of a pure-decode step in one call
 //   quant_gemm.cpp quant_linear_4bit, quant_linear_8bit, quant_isa   fused dequantize + GEMM
 #pragma once
 
@@ -37,5 +38,12 @@ at::Tensor quant_linear_8bit(const at::Tensor& x, const at::Tensor& codes, const
                              const std::optional<at::Tensor>& zeros, int64_t group,
                              const std::optional<at::Tensor>& bias, bool portable);
 std::string quant_isa();
+at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>& norms,
+                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& kinds,
+                        const std::vector<std::optional<at::Tensor>>& biases, const at::Tensor& cos,
+                        const at::Tensor& sin, const std::vector<at::Tensor>& k_caches,
+                        const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                        int64_t window, double eps, int64_t num_heads, int64_t num_kv_heads);
 
 }  // namespace loraplex

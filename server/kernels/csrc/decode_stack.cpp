@@ -1,0 +1,104 @@
+// decode_stack: every decoder layer of a pure-decode step (one new token per sequence, no
+// LoRA delta) in one call, so the step pays the Python interpreter once instead of ~20 calls a
+// layer. Each layer is the sequence model/llama.py DecoderLayer runs, with the same kernels in
+// the same order (the results are bit-equal to that path):
+//   add_rms_norm -> qkv GEMM -> rope_write_kv -> decode_attention -> o GEMM -> add_rms_norm
+//   -> gate_up GEMM -> silu_mul -> down GEMM,
+// then the final add_rms_norm. A GEMM runs either F.linear on the plain weight (kind 0) or the
+// oneDNN prepacked weight (kind 1, layers/cpu_gemm.py packed_linear, row count padded to the
+// same bucket). Twin: model/decode_stack.py decode_stack_ref.
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <string_view>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace loraplex {
+
+namespace {
+
+constexpr int64_t kGemmAten = 0, kGemmOnednn = 1;
+
+// Rows a prepacked GEMM runs with (layers/cpu_gemm.py row_bucket): exact up to 8, then
+// multiples of 8 up to 64, then of 64.
+int64_t row_bucket(int64_t rows) {
+  if (rows <= 8) return rows;
+  if (rows <= 64) return (rows + 7) / 8 * 8;
+  return (rows + 63) / 64 * 64;
+}
+
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        std::string_view, c10::List<std::optional<at::Scalar>>,
+                        std::optional<std::string_view>)>();
+  const auto call = [&](const at::Tensor& input) {
+    return op.call(input, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), std::string_view(""));
+  };
+  const int64_t rows = x.size(0), padded = row_bucket(rows);
+  if (padded == rows) return call(x);
+  return call(at::constant_pad_nd(x, {0, 0, 0, padded - rows})).narrow(0, 0, rows);
+}
+
+struct Gemm {
+  const at::Tensor& weight;
+  int64_t kind;
+  const std::optional<at::Tensor>& bias;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    return kind == kGemmOnednn ? onednn_linear(x, weight, bias) : at::linear(x, weight, bias);
+  }
+};
+
+}  // namespace
+
+// hidden [D, hidden] (the step's embeddings, one row per sequence); norms: per layer its input
+// and post-attention norm weights, then the final norm (2 L + 1); weights, kinds, biases: per
+// layer qkv, o, gate_up, down (4 L); cos, sin [D, hd]; k_caches, v_caches: per layer;
+// slots [D]; block_tables [D, max_blocks]; seq_lens [D] (keys incl. this step's). Writes this
+// step's K/V and returns the final-normed hidden states [D, hidden].
+at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>& norms,
+                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& kinds,
+                        const std::vector<std::optional<at::Tensor>>& biases, const at::Tensor& cos,
+                        const at::Tensor& sin, const std::vector<at::Tensor>& k_caches,
+                        const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                        int64_t window, double eps, int64_t num_heads, int64_t num_kv_heads) {
+  const int64_t num_layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(v_caches.size() == k_caches.size() && norms.size() == static_cast<size_t>(2 * num_layers + 1) &&
+              weights.size() == static_cast<size_t>(4 * num_layers) && kinds.size() == weights.size() &&
+              biases.size() == weights.size(),
+              "decode_stack: per layer one K and V cache, two norms (plus the final one) and four GEMMs");
+  for (const int64_t kind : kinds) {
+    TORCH_CHECK(kind == kGemmAten || kind == kGemmOnednn, "decode_stack: GEMM kind ", kind,
+                " (0 = F.linear, 1 = oneDNN prepacked)");
+  }
+  check_float_rows(hidden, "decode_stack hidden");
+  const int64_t rows = hidden.size(0), head_dim = k_caches.empty() ? 0 : k_caches[0].size(3);
+  const int64_t q_size = num_heads * head_dim;
+  at::Tensor x = hidden, residual;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const auto gemm = [&](int64_t i) { return Gemm{weights[4 * l + i], kinds[4 * l + i], biases[4 * l + i]}; };
+    at::Tensor normed;
+    if (l == 0) {
+      normed = add_rms_norm(x, std::nullopt, norms[0], eps);
+      residual = x;                                                  // updated in place from here on
+    } else {
+      normed = add_rms_norm(x, residual, norms[2 * l], eps);
+    }
+    const at::Tensor qkv = gemm(0)(normed);                          // [D, (H + 2 KV) hd]
+    rope_write_kv(qkv, cos, sin, k_caches[l], v_caches[l], slots, num_heads, num_kv_heads);
+    const at::Tensor q = qkv.narrow(1, 0, q_size).view({rows, num_heads, head_dim});
+    const at::Tensor attn = decode_attention(q, k_caches[l], v_caches[l], block_tables, seq_lens,
+                                             scale, window);           // [D, H, hd]
+    const at::Tensor attn_out = gemm(1)(attn.view({rows, q_size}));
+    normed = add_rms_norm(attn_out, residual, norms[2 * l + 1], eps);
+    x = gemm(3)(silu_mul(gemm(2)(normed)));                          // [D, hidden]
+  }
+  return add_rms_norm(x, num_layers > 0 ? std::optional<at::Tensor>(residual) : std::nullopt,
+                      norms[2 * num_layers], eps);
+}
+
+}  // namespace loraplex

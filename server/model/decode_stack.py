@@ -1,0 +1,142 @@
+"""Pure-decode steps without LoRA: every decoder layer in one native call.
+
+A decode step's non-GEMM work is small (a 576-wide norm costs microseconds), so at small
+batches the step's time besides the GEMMs is mostly the interpreter: ~20 Python-level calls a
+layer (the projection chain, the layer ops, views). `DecodeStack` hands the whole layer loop
+to the C++ kernel `decode_stack` (kernels/csrc/decode_stack.cpp), which calls the same kernels
+in the same order as DecoderLayer, so its results are bit-equal to the layer-by-layer path.
+
+It applies when the step is decode-only, no token uses an adapter, the layer ops are the native
+ones, and every projection is a dense layer (float32; F.linear or oneDNN prepacked). Anything
+else (prefill chunks, LoRA deltas, quantized bases, the reference attention) takes the
+layer-by-layer path. The GEMM choice per projection comes from each layer's kernel routes
+(kernels/linear_choice.py) for the step's row count; build the stack after the routes are set.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..layers.cpu_gemm import packed_linear
+from ..layers.dense import DenseLinear
+from .attention import AttentionPlan, decode_attention_ref, paged_attention
+from .context import ForwardContext
+from .fused_ops import add_rms_norm_ref, rope_write_kv_ref, silu_mul_ref
+
+GEMM_ATEN, GEMM_ONEDNN = 0, 1          # kinds: F.linear on the plain weight / oneDNN prepacked
+
+# (hidden, norms, weights, kinds, biases, cos, sin, k_caches, v_caches, slots, block_tables,
+#  seq_lens, scale, window, eps, num_heads, num_kv_heads) -> final-normed hidden
+StackKernel = Callable[..., torch.Tensor]
+GemmSpec = tuple[list[torch.Tensor], list[int], list[torch.Tensor | None]]
+
+
+def _gemm_ref(x: torch.Tensor, weight: torch.Tensor, kind: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return packed_linear(x, weight, bias) if kind == GEMM_ONEDNN else F.linear(x, weight, bias)
+
+
+def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                     kinds: Sequence[int], biases: Sequence[torch.Tensor | None], cos: torch.Tensor,
+                     sin: torch.Tensor, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
+                     slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float, window: int, eps: float, num_heads: int,
+                     num_kv_heads: int) -> torch.Tensor:
+    """Pure-torch twin of the native decode_stack, same signature.
+
+    hidden [D, hidden] embeddings (one row per sequence); norms: per layer the input and
+    post-attention norm weights, then the final norm (2 L + 1); weights/kinds/biases: per layer
+    qkv, o, gate_up, down (4 L; kind GEMM_ATEN or GEMM_ONEDNN); cos, sin [D, hd]; per-layer
+    caches [blocks, block_size, KV, hd]; slots [D]; block_tables [D, max_blocks]; seq_lens [D].
+    Writes this step's K/V; returns the final-normed hidden [D, hidden].
+    """
+    rows, head_dim = hidden.shape[0], k_caches[0].shape[3] if k_caches else 0
+    q_size = num_heads * head_dim
+    x, residual = hidden, None
+    for layer, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches)):
+        gemm = [(weights[4 * layer + i], kinds[4 * layer + i], biases[4 * layer + i]) for i in range(4)]
+        if residual is None:
+            normed, residual = add_rms_norm_ref(x, None, norms[0], eps), x
+        else:
+            normed = add_rms_norm_ref(x, residual, norms[2 * layer], eps)
+        qkv = _gemm_ref(normed, *gemm[0][:2], gemm[0][2])                          # [D, q + 2 kv]
+        rope_write_kv_ref(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)
+        q = qkv[:, :q_size].view(rows, num_heads, head_dim)
+        attn = decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, window)
+        attn_out = _gemm_ref(attn.reshape(rows, q_size), *gemm[1][:2], gemm[1][2])
+        normed = add_rms_norm_ref(attn_out, residual, norms[2 * layer + 1], eps)
+        act = silu_mul_ref(_gemm_ref(normed, *gemm[2][:2], gemm[2][2]))
+        x = _gemm_ref(act, *gemm[3][:2], gemm[3][2])
+    return add_rms_norm_ref(x, residual, norms[-1], eps)
+
+
+def dense_gemm(layer, rows: int) -> tuple[torch.Tensor, int, torch.Tensor | None] | None:
+    """(weight, kind, bias) the layer serves `rows` rows with, or None when it is not a float32
+    DenseLinear on CPU (its GEMM then stays in Python)."""
+    if not isinstance(layer, DenseLinear) or layer.compute_dtype != torch.float32:
+        return None
+    route = next((name for max_rows, name in layer.route_names if rows <= max_rows), "library")
+    if route == "library":
+        route = "aten" if layer.weight is not None else "onednn"
+    if route == "onednn" and layer.packed_weight is not None:
+        return layer.packed_weight, GEMM_ONEDNN, layer.bias
+    if route == "aten" and layer.weight is not None and layer.weight.device.type == "cpu":
+        return layer.weight, GEMM_ATEN, layer.bias
+    return None
+
+
+def build_decode_stack(model, kernels) -> "DecodeStack | None":
+    """The model's DecodeStack when the native kernels are built and serve its layer ops, else
+    None. Call after the linear kernel routes are chosen (kernels/linear_choice.py)."""
+    from ..kernels.registry import implementation
+
+    kernel = implementation("decode_stack", "native", kernels.native)
+    if kernel is None or model.ops.name != "native" or model.dtype != torch.float32:
+        return None
+    return DecodeStack(model, kernel)
+
+
+class DecodeStack:
+    """Runs a pure-decode step's decoder layers through one `decode_stack` kernel call."""
+
+    def __init__(self, model, kernel: StackKernel):
+        self.model = model
+        self.kernel = kernel
+        self.config = model.config
+        self.norms = [w for layer in model.layers for w in (layer.input_norm, layer.post_attention_norm)]
+        self.norms.append(model.final_norm)
+        self._gemms: dict[int, GemmSpec | None] = {}      # per row count; routes fixed at build
+        self._caches: tuple = (None, [], [])               # (kv_caches, K list, V list)
+
+    def gemms(self, rows: int) -> GemmSpec | None:
+        """Per projection (weight, kind, bias) for `rows` rows, or None when one is unsupported."""
+        if rows not in self._gemms:
+            specs = [dense_gemm(proj.base, rows) for proj in self.model.lora_targets()]
+            if any(spec is None for spec in specs):
+                self._gemms[rows] = None
+            else:
+                weights, kinds, biases = (list(column) for column in zip(*specs))
+                self._gemms[rows] = (weights, kinds, biases)
+        return self._gemms[rows]
+
+    def applies(self, ctx: ForwardContext, plan: AttentionPlan) -> bool:
+        """True for a decode-only step without adapters whose attention runs the fused kernel."""
+        return (ctx.lora is None and plan.decode_kernel is not None and plan.varlen_kernel is None
+                and plan.has_decodes and plan.decode_rows is None and not plan.prefills
+                and all(layer.attention is paged_attention for layer in self.model.layers))
+
+    def __call__(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext,
+                 plan: AttentionPlan, kv_caches, gemms: GemmSpec) -> torch.Tensor:
+        """hidden [D, hidden] embeddings -> final-normed hidden [D, hidden]; writes K/V."""
+        config = self.config
+        weights, kinds, biases = gemms
+        if self._caches[0] is not kv_caches:
+            self._caches = (kv_caches, [k for k, _ in kv_caches], [v for _, v in kv_caches])
+        _, k_caches, v_caches = self._caches
+        return self.kernel(hidden, self.norms, weights, kinds, biases, rope[0], rope[1],
+                           k_caches, v_caches, ctx.attn.slot_mapping,
+                           plan.decode_block_tables, plan.decode_lens, plan.scale,
+                           plan.sliding_window or 0, config.rms_norm_eps, config.num_heads,
+                           config.num_kv_heads)
