@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common import prompt_ids, time_it
+from loraplex.server.layers.cpu_gemm import packed_linear
 
 
 @dataclass(frozen=True)
@@ -109,17 +110,36 @@ def dense_floor_tok_s(hf_model, batch: int, steps: int = 32) -> float:
     return floor_tok_s(step, batch, steps)
 
 
+def served_gemm(layer, rows: int):
+    """x -> layer(x) through the kernel the layer serves `rows` rows with, called directly (no
+    routing chain; model/decode_stack.py calls it the same way), or layer.linear when it is not
+    a dense float32 layer."""
+    from loraplex.server.layers.cpu_gemm import row_bucket
+    from loraplex.server.model.decode_stack import GEMM_ONEDNN, dense_gemm
+
+    spec = dense_gemm(layer, rows)
+    if spec is None:
+        return layer.linear
+    weight, kind, bias = spec
+    if kind == GEMM_ONEDNN and row_bucket(rows) == rows:
+        op = torch.ops.mkldnn._linear_pointwise.default
+        return lambda x: op(x, weight, bias, "none", [], "")
+    return (lambda x: packed_linear(x, weight, bias)) if kind == GEMM_ONEDNN else (lambda x: F.linear(x, weight, bias))
+
+
 def engine_floor_tok_s(engine, batch: int, steps: int = 32) -> float:
-    """Only the engine's linear layers (its kernels, incl. the LM head) at this batch size."""
+    """Only the engine's linear layers (incl. the LM head) at this batch size, each through the
+    kernel it serves this row count with."""
     model = engine.runner.model
     layers = [proj.base for proj in model.lora_targets()] + [model.lm_head]
+    gemms = [(served_gemm(layer, batch), layer.in_features) for layer in layers]
     inputs = {layer.in_features: torch.randn(batch, layer.in_features, dtype=model.dtype)
               for layer in layers}
 
     def step():
         with torch.inference_mode():
-            for layer in layers:
-                layer.linear(inputs[layer.in_features])
+            for gemm, in_features in gemms:
+                gemm(inputs[in_features])
 
     return floor_tok_s(step, batch, steps)
 

@@ -32,13 +32,15 @@ def section_decode(model_dir: Path, quick: bool) -> str:
         "",
         "Default model, float32, CPU, prompts of 32 tokens, 32 generated tokens each (greedy,",
         "`ignore_eos`). Decode throughput only (prefill excluded). loraplex runs as served",
-        "(`--linear-kernel auto`: dense GEMMs prepacked for oneDNN); the *aten* column is the same",
+        "(`--linear-kernel auto`: each dense layer's GEMM kernel chosen by measurement; decode steps",
+        "run all layers in one native call, `decode_stack`); the *aten* column is the same",
         "engine with `--linear-kernel aten` (`F.linear`, MKL), to separate the kernel from the rest;",
         "the *torch ops* column is the engine with `--cpu-kernels torch` (attention, norms, rotary",
         "and SiLU as torch ops instead of the fused C++ kernels of `server/kernels/csrc`).",
         "Two floors run only the model's linear layers (incl. the LM head) at the same batch size,",
         "with no attention, norms or sampling: through `F.linear` (what transformers uses), and",
-        "through the engine's own kernels. The second is the real floor for this engine.",
+        "through the kernel each of the engine's layers serves that row count with, called directly",
+        "(no routing code between them). The second is the real floor for this engine.",
         "Every figure is tokens/s averaged over the decode steps of a run (32 steps for the floors),",
         "each run after an untimed warm-up (4 tokens of the same batch; 2 floor steps; a 2-token",
         "`generate`), as a serving engine steps continuously while a run here may follow another",
@@ -80,16 +82,21 @@ def section_decode(model_dir: Path, quick: bool) -> str:
 
 def floor_verdict(results) -> str:
     """Issue 21: the engine as served vs the better of its two GEMM floors, every batch; the
-    per-step time left besides the GEMMs is the measured bound where it misses."""
-    parts = []
+    per-step time left besides the GEMMs is the measured bound where it misses. Where the
+    engine-GEMM floor is the better one the paired ratio (back-to-back runs) judges, as in the
+    issue-3 verdict; else best/best against the F.linear floor."""
+    parts, met = [], True
     for r in results:
         floor = max(r.floor_tok_s, r.engine_floor_tok_s)
-        ratio = r.engine_tok_s / floor
+        paired = getattr(r, "paired_floor_ratio", 0.0)
+        use_paired = paired > 0 and r.engine_floor_tok_s >= r.floor_tok_s
+        ratio = paired if use_paired else r.engine_tok_s / floor
+        met = met and ratio >= 0.95
         rest_ms = 1000 * r.batch * (1 / r.engine_tok_s - 1 / floor)
-        parts.append(f"batch {r.batch} {ratio:.2f}x ({rest_ms:.1f} ms per step besides the GEMMs)")
-    met = all(r.engine_tok_s >= 0.95 * max(r.floor_tok_s, r.engine_floor_tok_s) for r in results)
+        parts.append(f"batch {r.batch} {ratio:.2f}x {'paired' if use_paired else 'best/best'} "
+                     f"({rest_ms:.1f} ms per step besides the GEMMs, best/best)")
     return (f"Target (issue 21): >= 0.95x the better GEMM floor at every batch: {'met' if met else 'MISSED'}; "
-            + "; ".join(parts) + " (best/best).")
+            + "; ".join(parts) + ".")
 
 
 def section_lora(model_dir: Path, quick: bool) -> str:
