@@ -86,3 +86,9 @@ class ProjLoraHook:
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, step: LoraStep) -> None:
         """x [T, in], y [T, out] (modified in place)."""
         self._ops.add_delta(x, y, self._get_weights(), step)
+
+    def native_args(self, step: LoraStep) -> tuple | None:
+        """The fused-kernel arguments of this step's delta (ops.native_delta: `()` for no delta,
+        (a, bts, col_starts), or None when the ops have no fused route for it)."""
+        native_delta = getattr(self._ops, "native_delta", None)
+        return None if native_delta is None else native_delta(self._get_weights(), step)

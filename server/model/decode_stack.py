@@ -6,10 +6,11 @@ layer (the projection chain, the layer ops, views). `DecodeStack` hands the whol
 to the C++ kernel `decode_stack` (kernels/csrc/decode_stack.cpp), which calls the same kernels
 in the same order as DecoderLayer, so its results are bit-equal to the layer-by-layer path.
 
-It applies when the step is decode-only, no token uses an adapter, the layer ops are the native
-ones, and every projection is a dense layer (float32; F.linear or oneDNN prepacked). Anything
-else (prefill chunks, LoRA deltas, quantized bases, the reference attention) takes the
-layer-by-layer path. The GEMM choice per projection comes from each layer's kernel routes
+It applies when the step is decode-only, the layer ops are the native ones, every projection
+is a dense layer (float32; F.linear or oneDNN prepacked) and every LoRA delta of the step (if
+any) takes the fused lora_bgmv kernel, which the stack then calls after each GEMM as the
+projection's hook would. Anything else (prefill chunks, quantized bases, LoRA deltas on a torch
+route, the reference attention) takes the layer-by-layer path. The GEMM choice per projection comes from each layer's kernel routes
 (kernels/linear_choice.py) for the step's row count; build the stack after the routes are set.
 """
 
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 
 from ..layers.cpu_gemm import packed_linear
 from ..layers.dense import DenseLinear
+from ..lora.ops.reference import lora_bgmv_ref
 from .attention import AttentionPlan, decode_attention_ref, paged_attention
+from ..lora.delta import LoraStep
 from .context import ForwardContext
 from .fused_ops import add_rms_norm_ref, rope_write_kv_ref, silu_mul_ref
 
@@ -42,33 +45,44 @@ def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor], weight
                      kinds: Sequence[int], biases: Sequence[torch.Tensor | None], cos: torch.Tensor,
                      sin: torch.Tensor, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
                      slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     scale: float, window: int, eps: float, num_heads: int,
-                     num_kv_heads: int) -> torch.Tensor:
+                     scale: float, window: int, eps: float, num_heads: int, num_kv_heads: int,
+                     lora_a: Sequence[torch.Tensor | None] = (),
+                     lora_bts: Sequence[Sequence[torch.Tensor]] = (),
+                     lora_col_starts: Sequence[Sequence[int]] = (),
+                     token_slots: torch.Tensor | None = None,
+                     lora_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-torch twin of the native decode_stack, same signature.
 
     hidden [D, hidden] embeddings (one row per sequence); norms: per layer the input and
     post-attention norm weights, then the final norm (2 L + 1); weights/kinds/biases: per layer
     qkv, o, gate_up, down (4 L; kind GEMM_ATEN or GEMM_ONEDNN); cos, sin [D, hd]; per-layer
     caches [blocks, block_size, KV, hd]; slots [D]; block_tables [D, max_blocks]; seq_lens [D].
+    LoRA (empty lists for none): per projection lora_bgmv's a (or None), bts and col_starts, and
+    the step's token_slots [D] and per-slot scales; each GEMM is then followed by lora_bgmv.
     Writes this step's K/V; returns the final-normed hidden [D, hidden].
     """
+    def gemm(x: torch.Tensor, index: int) -> torch.Tensor:
+        y = _gemm_ref(x, weights[index], kinds[index], biases[index])
+        if lora_a and lora_a[index] is not None:
+            lora_bgmv_ref(x, y, lora_a[index], list(lora_bts[index]), list(lora_col_starts[index]),
+                          token_slots, lora_scales)
+        return y
+
     rows, head_dim = hidden.shape[0], k_caches[0].shape[3] if k_caches else 0
     q_size = num_heads * head_dim
     x, residual = hidden, None
     for layer, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches)):
-        gemm = [(weights[4 * layer + i], kinds[4 * layer + i], biases[4 * layer + i]) for i in range(4)]
         if residual is None:
             normed, residual = add_rms_norm_ref(x, None, norms[0], eps), x
         else:
             normed = add_rms_norm_ref(x, residual, norms[2 * layer], eps)
-        qkv = _gemm_ref(normed, *gemm[0][:2], gemm[0][2])                          # [D, q + 2 kv]
+        qkv = gemm(normed, 4 * layer)                                              # [D, q + 2 kv]
         rope_write_kv_ref(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)
         q = qkv[:, :q_size].view(rows, num_heads, head_dim)
         attn = decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, window)
-        attn_out = _gemm_ref(attn.reshape(rows, q_size), *gemm[1][:2], gemm[1][2])
+        attn_out = gemm(attn.reshape(rows, q_size), 4 * layer + 1)
         normed = add_rms_norm_ref(attn_out, residual, norms[2 * layer + 1], eps)
-        act = silu_mul_ref(_gemm_ref(normed, *gemm[2][:2], gemm[2][2]))
-        x = _gemm_ref(act, *gemm[3][:2], gemm[3][2])
+        x = gemm(silu_mul_ref(gemm(normed, 4 * layer + 2)), 4 * layer + 3)
     return add_rms_norm_ref(x, residual, norms[-1], eps)
 
 
@@ -107,6 +121,7 @@ class DecodeStack:
         self.config = model.config
         self.norms = [w for layer in model.layers for w in (layer.input_norm, layer.post_attention_norm)]
         self.norms.append(model.final_norm)
+        self.targets = model.lora_targets()                # ProjLinear, in the kernel's order
         self._gemms: dict[int, GemmSpec | None] = {}      # per row count; routes fixed at build
         self._caches: tuple = (None, [], [])               # (kv_caches, K list, V list)
 
@@ -122,14 +137,34 @@ class DecodeStack:
         return self._gemms[rows]
 
     def applies(self, ctx: ForwardContext, plan: AttentionPlan) -> bool:
-        """True for a decode-only step without adapters whose attention runs the fused kernel."""
-        return (ctx.lora is None and plan.decode_kernel is not None and plan.varlen_kernel is None
+        """True for a decode-only step whose attention runs the fused kernel."""
+        return (plan.decode_kernel is not None and plan.varlen_kernel is None
                 and plan.has_decodes and plan.decode_rows is None and not plan.prefills
                 and all(layer.attention is paged_attention for layer in self.model.layers))
 
+    def lora_args(self, step: LoraStep | None) -> tuple | None:
+        """The kernel's five LoRA arguments for this step (empty lists when no token has a delta),
+        or None when some projection's delta does not take the fused kernel."""
+        none = ([], [], [], None, None)
+        if step is None:
+            return none
+        a, bts, col_starts = [], [], []
+        for target in self.targets:
+            args = None if target.lora is None else target.lora.native_args(step)
+            if args is None and target.lora is not None:
+                return None
+            if not args:                                   # no hook, or () = nothing to add
+                a.append(None), bts.append([]), col_starts.append([])
+                continue
+            a.append(args[0]), bts.append(args[1]), col_starts.append(args[2])
+        if all(t is None for t in a):
+            return none
+        return a, bts, col_starts, step.info.token_slots, step.scales
+
     def __call__(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext,
-                 plan: AttentionPlan, kv_caches, gemms: GemmSpec) -> torch.Tensor:
-        """hidden [D, hidden] embeddings -> final-normed hidden [D, hidden]; writes K/V."""
+                 plan: AttentionPlan, kv_caches, gemms: GemmSpec, lora: tuple) -> torch.Tensor:
+        """hidden [D, hidden] embeddings -> final-normed hidden [D, hidden]; writes K/V.
+        gemms from `gemms(rows)`, lora from `lora_args(ctx.lora)`."""
         config = self.config
         weights, kinds, biases = gemms
         if self._caches[0] is not kv_caches:
@@ -139,4 +174,4 @@ class DecodeStack:
                            k_caches, v_caches, ctx.attn.slot_mapping,
                            plan.decode_block_tables, plan.decode_lens, plan.scale,
                            plan.sliding_window or 0, config.rms_norm_eps, config.num_heads,
-                           config.num_kv_heads)
+                           config.num_kv_heads, *lora)

@@ -116,9 +116,9 @@ class CausalLM(torch.nn.Module):
                               ops.decode_attention, ops.varlen_attention)
         stack = self.decode_stack
         if stack is not None and stack.applies(ctx, plan):
-            gemms = stack.gemms(hidden.shape[0])
-            if gemms is not None:
-                return stack(hidden, rope, ctx, plan, kv_caches, gemms)
+            gemms, lora = stack.gemms(hidden.shape[0]), stack.lora_args(ctx.lora)
+            if gemms is not None and lora is not None:
+                return stack(hidden, rope, ctx, plan, kv_caches, gemms, lora)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, ctx, plan, rope, kv_cache, ops)

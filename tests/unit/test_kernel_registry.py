@@ -166,6 +166,17 @@ def case_decode_stack():
             kinds.append(kind)
             biases.append(torch.randn(shape[0], generator=gen) if i == 0 and layer == 0 else None)
     norms = [torch.rand(hidden, generator=gen) + 0.5 for _ in range(2 * layers + 1)]
+    subs = [(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), (hidden,), (inter, inter), (hidden,)]
+    slots_n, rank = 3, 4
+    lora_a, lora_bts, lora_cols = [], [], []
+    for index in range(4 * layers):                      # LoRA on every projection but layer 1's o
+        shape, outs = shapes[index % 4], subs[index % 4]
+        if index == 5:
+            lora_a.append(None), lora_bts.append([]), lora_cols.append([])
+            continue
+        lora_a.append(torch.randn(slots_n, len(outs) * rank, shape[1], generator=gen) * 0.1)
+        lora_bts.append([torch.randn(slots_n, rank, out, generator=gen) * 0.1 for out in outs])
+        lora_cols.append([sum(outs[:m]) for m in range(len(outs))])
     for rows, window in [(1, 0), (5, 3), (11, 0)]:
         lens = torch.randint(1, 4 * bs, (rows,), generator=gen)
         tables = torch.randperm(rows * 4, generator=gen).view(rows, 4)
@@ -174,9 +185,11 @@ def case_decode_stack():
         k_caches = [torch.randn(rows * 4, bs, kv_heads, head_dim, generator=gen) for _ in range(layers)]
         v_caches = [torch.randn(rows * 4, bs, kv_heads, head_dim, generator=gen) for _ in range(layers)]
         cos, sin = torch.rand(rows, head_dim, generator=gen), torch.rand(rows, head_dim, generator=gen)
-        yield (torch.randn(rows, hidden, generator=gen), norms, weights, kinds, biases, cos, sin,
-               k_caches, v_caches, slots, tables, lens, head_dim ** -0.5, window, 1e-5, heads,
-               kv_heads), 1e-4
+        args = (torch.randn(rows, hidden, generator=gen), norms, weights, kinds, biases, cos, sin,
+                k_caches, v_caches, slots, tables, lens, head_dim ** -0.5, window, 1e-5, heads, kv_heads)
+        yield args + ([], [], [], None, None), 1e-4
+        token_slots = torch.randint(-1, slots_n, (rows,), generator=gen)     # -1: no adapter
+        yield args + (lora_a, lora_bts, lora_cols, token_slots, torch.rand(slots_n, generator=gen) + 0.5), 1e-4
 
 
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}

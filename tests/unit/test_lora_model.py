@@ -13,10 +13,13 @@ from loraplex.adapters_store.types import LoadedAdapter, LoraConfigInfo
 from loraplex.server.engine.batch import ScheduledBatch, ScheduledSeq
 from loraplex.server.engine.runner import ModelRunner
 from loraplex.server.engine.sequence import SamplingParams, Sequence
+from loraplex.server.kernels.registry import KernelSet
 from loraplex.server.layers.base import QuantSpec
 from loraplex.server.lora.manager import AdapterManager
 from loraplex.server.lora.ops import select_ops
 from loraplex.server.lora.slot_pool import SlotPool
+from loraplex.server.model.decode_stack import build_decode_stack
+from loraplex.server.model.fused_ops import TORCH_OPS, layer_ops
 from loraplex.server.model.kv_cache import allocate_kv_caches
 from loraplex.server.model.llama import build_model
 
@@ -100,10 +103,19 @@ def peft_logits(model_dir: Path, adapter_dirs: dict[str, Path], token_ids: list[
 
 
 def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[int]], extra: list[int],
-             backend: str) -> list[torch.Tensor]:
-    """Step 1: all four prompts packed in one prefill; step 2: one decode token each."""
-    model, config = build_model(model_dir, QuantSpec(compute_dtype=torch.float32))
-    pool = SlotPool(model.lora_targets(), max_loras=4, max_lora_rank=8, ops=select_ops("cpu", backend))
+             backend: str, native=None, stack_calls: list | None = None) -> list[torch.Tensor]:
+    """Step 1: all four prompts packed in one prefill; step 2: one decode token each.
+    native: the built C++ kernels (layer ops and the fused LoRA kernel); stack_calls: a list to
+    run decode steps through the one-call decode stack, which records each call in it."""
+    kernels = KernelSet(native=native)
+    model, config = build_model(model_dir, QuantSpec(compute_dtype=torch.float32),
+                                ops=layer_ops(kernels) if native is not None else TORCH_OPS)
+    pool = SlotPool(model.lora_targets(), max_loras=4, max_lora_rank=8,
+                    ops=select_ops("cpu", backend, cpu_kernels=native))
+    if stack_calls is not None:
+        stack = model.decode_stack = build_decode_stack(model, kernels)
+        kernel = stack.kernel
+        stack.kernel = lambda *args: stack_calls.append(args[-5]) or kernel(*args)
     manager = AdapterManager(pool)
     slots = manager.activate({k for k in ROWS if k}, lambda key: load_peft_dir(key, adapter_dirs[key]))
     caches = allocate_kv_caches(config, 32, BLOCK_SIZE, torch.float32)
@@ -145,3 +157,20 @@ def test_mixed_adapter_batch_matches_peft(model_dir, adapter_dirs, backend):
     for i, name in enumerate(ROWS):
         change = float((expected[i] - base[i]).abs().max())
         assert (change > 1e-2) if name else (change == 0.0), (name, change)
+
+
+def test_decode_stack_with_adapters_is_bit_equal_to_the_layer_path(model_dir, adapter_dirs, native_kernels):
+    """A mixed-adapter decode step through the one-call stack (lora_bgmv after each GEMM) gives
+    the layer-by-layer path's logits bit for bit, and both match PEFT."""
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 9, 5, 7)]
+    extra = torch.randint(3, 256, (4,), generator=gen).tolist()
+    layers = run_ours(model_dir, adapter_dirs, prompts, extra, "torch", native=native_kernels)
+    calls: list = []
+    stacked = run_ours(model_dir, adapter_dirs, prompts, extra, "torch", native=native_kernels,
+                       stack_calls=calls)
+    assert len(calls) == 1 and sum(a is not None for a in calls[0]) > 0     # the decode step, with LoRA
+    expected = peft_logits(model_dir, adapter_dirs, [p + [t] for p, t in zip(prompts, extra)], ROWS)
+    for i, (got, want) in enumerate(zip(stacked, layers)):
+        assert torch.equal(got, want), f"row {i} ({ROWS[i]})"
+        torch.testing.assert_close(got, expected[i], atol=1e-4, rtol=1e-4)

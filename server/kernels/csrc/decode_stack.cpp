@@ -1,12 +1,12 @@
-// decode_stack: every decoder layer of a pure-decode step (one new token per sequence, no
-// LoRA delta) in one call, so the step pays the Python interpreter once instead of ~20 calls a
-// layer. Each layer is the sequence model/llama.py DecoderLayer runs, with the same kernels in
+// decode_stack: every decoder layer of a pure-decode step (one new token per sequence) in one
+// call, so the step pays the Python interpreter once instead of ~20 calls a layer. Each layer is the sequence model/llama.py DecoderLayer runs, with the same kernels in
 // the same order (the results are bit-equal to that path):
 //   add_rms_norm -> qkv GEMM -> rope_write_kv -> decode_attention -> o GEMM -> add_rms_norm
 //   -> gate_up GEMM -> silu_mul -> down GEMM,
 // then the final add_rms_norm. A GEMM runs either F.linear on the plain weight (kind 0) or the
 // oneDNN prepacked weight (kind 1, layers/cpu_gemm.py packed_linear, row count padded to the
-// same bucket). Twin: model/decode_stack.py decode_stack_ref.
+// same bucket). On a LoRA step each GEMM is followed by lora_bgmv, as ProjLinear's hook does
+// with the native LoRA route. Twin: model/decode_stack.py decode_stack_ref.
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <string_view>
@@ -42,13 +42,33 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const st
   return call(at::constant_pad_nd(x, {0, 0, 0, padded - rows})).narrow(0, 0, rows);
 }
 
+// The step's LoRA routing: per projection its adapter stacks (lora_bgmv's a, bts, col_starts;
+// a None where the projection has no hook), the token slots and per-slot scales.
+struct StackLora {
+  const std::vector<std::optional<at::Tensor>>& a;
+  const std::vector<std::vector<at::Tensor>>& bts;
+  const std::vector<std::vector<int64_t>>& col_starts;
+  const std::optional<at::Tensor>& token_slots;
+  const std::optional<at::Tensor>& scales;
+
+  bool active() const { return !a.empty(); }
+};
+
+// One projection: the base GEMM, then (on a LoRA step) y += the tokens' deltas in place.
 struct Gemm {
   const at::Tensor& weight;
   int64_t kind;
   const std::optional<at::Tensor>& bias;
+  const StackLora& lora;
+  int64_t index;                                                     // projection number
 
   at::Tensor operator()(const at::Tensor& x) const {
-    return kind == kGemmOnednn ? onednn_linear(x, weight, bias) : at::linear(x, weight, bias);
+    at::Tensor y = kind == kGemmOnednn ? onednn_linear(x, weight, bias) : at::linear(x, weight, bias);
+    if (lora.active() && lora.a[index].has_value()) {
+      lora_bgmv(x, y, *lora.a[index], lora.bts[index], lora.col_starts[index], *lora.token_slots,
+                *lora.scales);
+    }
+    return y;
   }
 };
 
@@ -57,16 +77,28 @@ struct Gemm {
 // hidden [D, hidden] (the step's embeddings, one row per sequence); norms: per layer its input
 // and post-attention norm weights, then the final norm (2 L + 1); weights, kinds, biases: per
 // layer qkv, o, gate_up, down (4 L); cos, sin [D, hd]; k_caches, v_caches: per layer;
-// slots [D]; block_tables [D, max_blocks]; seq_lens [D] (keys incl. this step's). Writes this
-// step's K/V and returns the final-normed hidden states [D, hidden].
+// slots [D]; block_tables [D, max_blocks]; seq_lens [D] (keys incl. this step's); LoRA: empty
+// lists for none, else per projection (4 L) lora_bgmv's a (or None), bts and col_starts, and
+// the step's token_slots [D] and scales. Writes this step's K/V and returns the final-normed
+// hidden states [D, hidden].
 at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>& norms,
                         const std::vector<at::Tensor>& weights, const std::vector<int64_t>& kinds,
                         const std::vector<std::optional<at::Tensor>>& biases, const at::Tensor& cos,
                         const at::Tensor& sin, const std::vector<at::Tensor>& k_caches,
                         const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
                         const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                        int64_t window, double eps, int64_t num_heads, int64_t num_kv_heads) {
+                        int64_t window, double eps, int64_t num_heads, int64_t num_kv_heads,
+                        const std::vector<std::optional<at::Tensor>>& lora_a,
+                        const std::vector<std::vector<at::Tensor>>& lora_bts,
+                        const std::vector<std::vector<int64_t>>& lora_col_starts,
+                        const std::optional<at::Tensor>& token_slots,
+                        const std::optional<at::Tensor>& lora_scales) {
   const int64_t num_layers = static_cast<int64_t>(k_caches.size());
+  const StackLora lora{lora_a, lora_bts, lora_col_starts, token_slots, lora_scales};
+  TORCH_CHECK(!lora.active() || (lora_a.size() == weights.size() && lora_bts.size() == weights.size() &&
+                                 lora_col_starts.size() == weights.size() && token_slots.has_value() &&
+                                 lora_scales.has_value()),
+              "decode_stack: LoRA needs per projection a, bts and col_starts, plus token slots and scales");
   TORCH_CHECK(v_caches.size() == k_caches.size() && norms.size() == static_cast<size_t>(2 * num_layers + 1) &&
               weights.size() == static_cast<size_t>(4 * num_layers) && kinds.size() == weights.size() &&
               biases.size() == weights.size(),
@@ -80,7 +112,9 @@ at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>&
   const int64_t q_size = num_heads * head_dim;
   at::Tensor x = hidden, residual;
   for (int64_t l = 0; l < num_layers; ++l) {
-    const auto gemm = [&](int64_t i) { return Gemm{weights[4 * l + i], kinds[4 * l + i], biases[4 * l + i]}; };
+    const auto gemm = [&](int64_t i) {
+      return Gemm{weights[4 * l + i], kinds[4 * l + i], biases[4 * l + i], lora, 4 * l + i};
+    };
     at::Tensor normed;
     if (l == 0) {
       normed = add_rms_norm(x, std::nullopt, norms[0], eps);

@@ -44,6 +44,11 @@ at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>&
                         const at::Tensor& sin, const std::vector<at::Tensor>& k_caches,
                         const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
                         const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                        int64_t window, double eps, int64_t num_heads, int64_t num_kv_heads);
+                        int64_t window, double eps, int64_t num_heads, int64_t num_kv_heads,
+                        const std::vector<std::optional<at::Tensor>>& lora_a,
+                        const std::vector<std::vector<at::Tensor>>& lora_bts,
+                        const std::vector<std::vector<int64_t>>& lora_col_starts,
+                        const std::optional<at::Tensor>& token_slots,
+                        const std::optional<at::Tensor>& lora_scales);
 
 }  // namespace loraplex

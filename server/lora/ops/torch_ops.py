@@ -218,13 +218,33 @@ class TorchOps:
         else:
             grouped_delta(x, y, weights, plan)
 
+    def native_delta(self, weights: ProjLoraWeights, step: LoraStep) -> tuple | None:
+        """For decode_stack (model/decode_stack.py), which calls the fused kernel itself on float32
+        CPU activations: `()` when the step has no delta to add, (a, bts, col_starts) when the
+        delta takes the fused kernel, None when it takes a torch route (the stack then leaves
+        the step to the layer-by-layer path)."""
+        plan: TorchPlan = step.plan
+        if plan.span == 0:
+            return ()
+        key = (weights.rank, weights.in_features, weights.out_sizes)
+        route = plan.routes.get(key)
+        if route is None:
+            native = self.native_bgmv is not None and self.weights_fit_native(weights, plan)
+            route = plan.routes[key] = "native" if native else self.choose_route(weights, plan)
+        return (weights.a, list(weights.bts), list(weights.col_starts)) if route == "native" else None
+
     def native_fits(self, x: torch.Tensor, y: torch.Tensor, w: ProjLoraWeights, plan: TorchPlan) -> bool:
         """The fused kernel applies: built, float32 CPU activations and scales, adapter weights
         float32 / bfloat16 / float16 in its layouts, decode-like."""
-        tensors = (x, y, w.a, plan.scales, *w.bts)
         return (self.native_bgmv is not None
-                and all(t.device.type == "cpu" for t in tensors)
-                and all(t.dtype == torch.float32 for t in (x, y, plan.scales))
+                and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, y))
+                and self.weights_fit_native(w, plan))
+
+    def weights_fit_native(self, w: ProjLoraWeights, plan: TorchPlan) -> bool:
+        """The adapter side of native_fits: CPU, float32 scales, weights in the kernel's dtypes
+        and layouts, at most NATIVE_MAX_TOKENS_PER_SLOT tokens per slot."""
+        return (all(t.device.type == "cpu" for t in (w.a, plan.scales, *w.bts))
+                and plan.scales.dtype == torch.float32
                 and w.a.dtype in NATIVE_WEIGHT_DTYPES and all(bt.dtype == w.a.dtype for bt in w.bts)
                 and w.a.is_contiguous() and all(bt.is_contiguous() for bt in w.bts)
                 and plan.scales.is_contiguous() and plan.info.token_slots.dtype == torch.int64
