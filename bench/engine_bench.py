@@ -111,20 +111,31 @@ def dense_floor_tok_s(hf_model, batch: int, steps: int = 32) -> float:
 
 
 def served_gemm(layer, rows: int):
-    """x -> layer(x) through the kernel the layer serves `rows` rows with, called directly (no
-    routing chain; model/decode_stack.py calls it the same way), or layer.linear when it is not
-    a dense float32 layer."""
+    """x -> layer(x) through the kernel(s) the layer serves `rows` rows with, called directly (no
+    routing chain; model/decode_stack.py runs the same parts), or layer.linear when the stack
+    does not run this layer's kernel."""
     from loraplex.server.layers.cpu_gemm import row_bucket
-    from loraplex.server.model.decode_stack import GEMM_ONEDNN, dense_gemm
+    from loraplex.server.model.decode_stack import GEMM_ATEN, GEMM_ONEDNN, GEMM_QUANT4, stack_parts
 
-    spec = dense_gemm(layer, rows)
-    if spec is None:
+    parts = stack_parts(layer, rows)
+    if parts is None:
         return layer.linear
-    weight, kind, bias = spec
-    if kind == GEMM_ONEDNN and row_bucket(rows) == rows:
-        op = torch.ops.mkldnn._linear_pointwise.default
-        return lambda x: op(x, weight, bias, "none", [], "")
-    return (lambda x: packed_linear(x, weight, bias)) if kind == GEMM_ONEDNN else (lambda x: F.linear(x, weight, bias))
+    native = next((p.native_kernel[0] for p in getattr(layer, "parts", [layer]) if p.native_kernel), None)
+    onednn = torch.ops.mkldnn._linear_pointwise.default
+
+    def part_fn(tensors, kind, group):
+        if kind == GEMM_ATEN:
+            return lambda x: F.linear(x, tensors[0], tensors[1])
+        if kind == GEMM_ONEDNN:
+            if row_bucket(rows) == rows:
+                return lambda x: onednn(x, tensors[0], tensors[1], "none", [], "")
+            return lambda x: packed_linear(x, tensors[0], tensors[1])
+        if kind == GEMM_QUANT4:
+            return lambda x: native.quant_linear_4bit(x, *tensors[:4], group, tensors[4], False)
+        return lambda x: native.quant_linear_8bit(x, *tensors[:3], group, tensors[3], False)
+
+    fns = [part_fn(*part) for part in parts]
+    return fns[0] if len(fns) == 1 else (lambda x: torch.cat([fn(x) for fn in fns], dim=-1))
 
 
 def engine_floor_tok_s(engine, batch: int, steps: int = 32) -> float:

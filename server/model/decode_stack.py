@@ -21,28 +21,43 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..kernels.quant import quant_linear_4bit_ref, quant_linear_8bit_ref
+from ..layers.base import QuantizedLinear
+from ..layers.concat import ConcatLinear
 from ..layers.cpu_gemm import packed_linear
 from ..layers.dense import DenseLinear
+from ..lora.delta import LoraStep
 from ..lora.ops.reference import lora_bgmv_ref
 from .attention import AttentionPlan, decode_attention_ref, paged_attention
-from ..lora.delta import LoraStep
 from .context import ForwardContext
 from .fused_ops import add_rms_norm_ref, rope_write_kv_ref, silu_mul_ref
 
-GEMM_ATEN, GEMM_ONEDNN = 0, 1          # kinds: F.linear on the plain weight / oneDNN prepacked
+# Kinds of a projection part, with the tensors each takes:
+#   GEMM_ATEN    F.linear on the plain weight          [weight, bias]
+#   GEMM_ONEDNN  oneDNN prepacked weight               [packed weight, bias]
+#   GEMM_QUANT4  fused 4-bit dequantize-GEMM           [codes, lut, scales, zeros, bias]
+#   GEMM_QUANT8  fused 8-bit dequantize-GEMM           [codes, scales, zeros, bias]
+GEMM_ATEN, GEMM_ONEDNN, GEMM_QUANT4, GEMM_QUANT8 = 0, 1, 2, 3
 
-# (hidden, norms, weights, kinds, biases, cos, sin, k_caches, v_caches, slots, block_tables,
-#  seq_lens, scale, window, eps, num_heads, num_kv_heads) -> final-normed hidden
-StackKernel = Callable[..., torch.Tensor]
-GemmSpec = tuple[list[torch.Tensor], list[int], list[torch.Tensor | None]]
+StackKernel = Callable[..., torch.Tensor]        # decode_stack_ref's signature
+Part = tuple[list[torch.Tensor | None], int, int]                 # (tensors, kind, group)
+# per projection, per part: tensors, kinds, groups (the kernel's gemm_* arguments)
+GemmSpec = tuple[list[list[list[torch.Tensor | None]]], list[list[int]], list[list[int]]]
 
 
-def _gemm_ref(x: torch.Tensor, weight: torch.Tensor, kind: int, bias: torch.Tensor | None) -> torch.Tensor:
-    return packed_linear(x, weight, bias) if kind == GEMM_ONEDNN else F.linear(x, weight, bias)
+def _part_ref(x: torch.Tensor, tensors: Sequence[torch.Tensor | None], kind: int, group: int) -> torch.Tensor:
+    if kind == GEMM_ATEN:
+        return F.linear(x, tensors[0], tensors[1])
+    if kind == GEMM_ONEDNN:
+        return packed_linear(x, tensors[0], tensors[1])
+    if kind == GEMM_QUANT4:
+        return quant_linear_4bit_ref(x, *tensors[:4], group, tensors[4], False)
+    return quant_linear_8bit_ref(x, *tensors[:3], group, tensors[3], False)
 
 
-def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                     kinds: Sequence[int], biases: Sequence[torch.Tensor | None], cos: torch.Tensor,
+def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor],
+                     gemm_tensors: Sequence[Sequence[Sequence[torch.Tensor | None]]],
+                     gemm_kinds: Sequence[Sequence[int]], gemm_groups: Sequence[Sequence[int]], cos: torch.Tensor,
                      sin: torch.Tensor, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
                      slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, window: int, eps: float, num_heads: int, num_kv_heads: int,
@@ -54,15 +69,18 @@ def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor], weight
     """Pure-torch twin of the native decode_stack, same signature.
 
     hidden [D, hidden] embeddings (one row per sequence); norms: per layer the input and
-    post-attention norm weights, then the final norm (2 L + 1); weights/kinds/biases: per layer
-    qkv, o, gate_up, down (4 L; kind GEMM_ATEN or GEMM_ONEDNN); cos, sin [D, hd]; per-layer
+    post-attention norm weights, then the final norm (2 L + 1); gemm_tensors/kinds/groups: per
+    projection (qkv, o, gate_up, down of each layer: 4 L) per part its tensors (see GEMM_*),
+    kind and quantization group, the parts' outputs concatenated; cos, sin [D, hd]; per-layer
     caches [blocks, block_size, KV, hd]; slots [D]; block_tables [D, max_blocks]; seq_lens [D].
     LoRA (empty lists for none): per projection lora_bgmv's a (or None), bts and col_starts, and
     the step's token_slots [D] and per-slot scales; each GEMM is then followed by lora_bgmv.
     Writes this step's K/V; returns the final-normed hidden [D, hidden].
     """
     def gemm(x: torch.Tensor, index: int) -> torch.Tensor:
-        y = _gemm_ref(x, weights[index], kinds[index], biases[index])
+        parts = [_part_ref(x, t, kind, group) for t, kind, group
+                 in zip(gemm_tensors[index], gemm_kinds[index], gemm_groups[index])]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if lora_a and lora_a[index] is not None:
             lora_bgmv_ref(x, y, lora_a[index], list(lora_bts[index]), list(lora_col_starts[index]),
                           token_slots, lora_scales)
@@ -86,18 +104,34 @@ def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor], weight
     return add_rms_norm_ref(x, residual, norms[-1], eps)
 
 
-def dense_gemm(layer, rows: int) -> tuple[torch.Tensor, int, torch.Tensor | None] | None:
-    """(weight, kind, bias) the layer serves `rows` rows with, or None when it is not a float32
-    DenseLinear on CPU (its GEMM then stays in Python)."""
-    if not isinstance(layer, DenseLinear) or layer.compute_dtype != torch.float32:
+def served_route(layer: QuantizedLinear, rows: int) -> str:
+    """The kernel name a layer serves `rows` rows with ("library" past its last route)."""
+    return next((name for max_rows, name in layer.route_names if rows <= max_rows), "library")
+
+
+def stack_parts(layer: QuantizedLinear, rows: int) -> list[Part] | None:
+    """The parts the kernel runs for this layer at `rows` rows, or None when one of its GEMMs
+    is not float32 dense (F.linear / oneDNN) or the fused quantized kernel (then the step
+    stays on the layer path)."""
+    if isinstance(layer, ConcatLinear):
+        parts = [stack_parts(part, rows) for part in layer.parts]
+        return None if any(p is None for p in parts) else [q for p in parts for q in p]
+    if layer.compute_dtype != torch.float32:
         return None
-    route = next((name for max_rows, name in layer.route_names if rows <= max_rows), "library")
-    if route == "library":
-        route = "aten" if layer.weight is not None else "onednn"
-    if route == "onednn" and layer.packed_weight is not None:
-        return layer.packed_weight, GEMM_ONEDNN, layer.bias
-    if route == "aten" and layer.weight is not None and layer.weight.device.type == "cpu":
-        return layer.weight, GEMM_ATEN, layer.bias
+    route = served_route(layer, rows)
+    if isinstance(layer, DenseLinear):
+        if route == "library":
+            route = "aten" if layer.weight is not None else "onednn"
+        if route == "onednn" and layer.packed_weight is not None:
+            return [([layer.packed_weight, layer.bias], GEMM_ONEDNN, 0)]
+        if route == "aten" and layer.weight is not None and layer.weight.device.type == "cpu":
+            return [([layer.weight, layer.bias], GEMM_ATEN, 0)]
+        return None
+    if route == "native" and layer.native_kernel is not None:
+        _module, pack, bias = layer.native_kernel
+        if pack.bits == 4:
+            return [([pack.codes, pack.lut, pack.scales, pack.zeros, bias], GEMM_QUANT4, pack.group)]
+        return [([pack.codes, pack.scales, pack.zeros, bias], GEMM_QUANT8, pack.group)]
     return None
 
 
@@ -126,14 +160,16 @@ class DecodeStack:
         self._caches: tuple = (None, [], [])               # (kv_caches, K list, V list)
 
     def gemms(self, rows: int) -> GemmSpec | None:
-        """Per projection (weight, kind, bias) for `rows` rows, or None when one is unsupported."""
+        """The kernel's gemm_* arguments for `rows` rows, or None when a projection's GEMM is
+        one the kernel does not run."""
         if rows not in self._gemms:
-            specs = [dense_gemm(proj.base, rows) for proj in self.model.lora_targets()]
-            if any(spec is None for spec in specs):
+            projections = [stack_parts(proj.base, rows) for proj in self.targets]
+            if any(parts is None for parts in projections):
                 self._gemms[rows] = None
             else:
-                weights, kinds, biases = (list(column) for column in zip(*specs))
-                self._gemms[rows] = (weights, kinds, biases)
+                self._gemms[rows] = ([[t for t, _, _ in parts] for parts in projections],
+                                     [[kind for _, kind, _ in parts] for parts in projections],
+                                     [[group for _, _, group in parts] for parts in projections])
         return self._gemms[rows]
 
     def applies(self, ctx: ForwardContext, plan: AttentionPlan) -> bool:
@@ -166,11 +202,10 @@ class DecodeStack:
         """hidden [D, hidden] embeddings -> final-normed hidden [D, hidden]; writes K/V.
         gemms from `gemms(rows)`, lora from `lora_args(ctx.lora)`."""
         config = self.config
-        weights, kinds, biases = gemms
         if self._caches[0] is not kv_caches:
             self._caches = (kv_caches, [k for k, _ in kv_caches], [v for _, v in kv_caches])
         _, k_caches, v_caches = self._caches
-        return self.kernel(hidden, self.norms, weights, kinds, biases, rope[0], rope[1],
+        return self.kernel(hidden, self.norms, *gemms, rope[0], rope[1],
                            k_caches, v_caches, ctx.attn.slot_mapping,
                            plan.decode_block_tables, plan.decode_lens, plan.scale,
                            plan.sliding_window or 0, config.rms_norm_eps, config.num_heads,

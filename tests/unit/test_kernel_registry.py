@@ -149,6 +149,17 @@ def case_int8_weight_only_linear():
     yield (torch.randn(5, 20, generator=gen), w, torch.rand(30, generator=gen), torch.randn(30)), 1e-5
 
 
+def _stack_parts(weight: torch.Tensor, outs: list[int]):
+    """A ConcatLinear-like projection for decode_stack: rows split into an hqq-4bit part, an
+    eetq (8-bit) part and a dense part, each as (tensors, kind, group)."""
+    q, k, v = weight.split(outs)
+    pack4, bias4 = build_linear(q, None, QuantSpec(method="hqq-4bit", hqq_group_size=16)).native_pack()
+    pack8, bias8 = build_linear(k, None, QuantSpec(method="eetq")).native_pack()
+    return [([pack4.codes, pack4.lut, pack4.scales, pack4.zeros, bias4], 2, pack4.group),
+            ([pack8.codes, pack8.scales, pack8.zeros, bias8], 3, pack8.group),
+            ([v.contiguous(), None], 0, 0)]
+
+
 def case_decode_stack():
     """Two layers of a small GQA model, GEMMs mixing F.linear and oneDNN prepacked weights (and a
     qkv bias); row counts on and off the prepacked GEMM's row buckets (11 pads to 16)."""
@@ -157,14 +168,21 @@ def case_decode_stack():
     packed = onednn_supported(torch.float32, "cpu")
     shapes = [((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden),
               (hidden, inter)]
-    weights, kinds, biases = [], [], []
+    tensors, kinds, groups = [], [], []                  # per projection, per part
     for layer in range(layers):
         for i, shape in enumerate(shapes):
             weight = torch.randn(*shape, generator=gen) * 0.1
+            bias = torch.randn(shape[0], generator=gen) if i == 0 and layer == 0 else None
+            if layer == 1 and i == 0:                    # qkv as three parts: 4-bit, 8-bit, dense
+                parts = _stack_parts(weight, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+                tensors.append([t for t, _, _ in parts])
+                kinds.append([k for _, k, _ in parts])
+                groups.append([g for _, _, g in parts])
+                continue
             kind = 1 if packed and (layer + i) % 2 else 0
-            weights.append(pack_weight(weight) if kind else weight)
-            kinds.append(kind)
-            biases.append(torch.randn(shape[0], generator=gen) if i == 0 and layer == 0 else None)
+            tensors.append([[pack_weight(weight) if kind else weight, bias]])
+            kinds.append([kind])
+            groups.append([0])
     norms = [torch.rand(hidden, generator=gen) + 0.5 for _ in range(2 * layers + 1)]
     subs = [(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), (hidden,), (inter, inter), (hidden,)]
     slots_n, rank = 3, 4
@@ -185,7 +203,7 @@ def case_decode_stack():
         k_caches = [torch.randn(rows * 4, bs, kv_heads, head_dim, generator=gen) for _ in range(layers)]
         v_caches = [torch.randn(rows * 4, bs, kv_heads, head_dim, generator=gen) for _ in range(layers)]
         cos, sin = torch.rand(rows, head_dim, generator=gen), torch.rand(rows, head_dim, generator=gen)
-        args = (torch.randn(rows, hidden, generator=gen), norms, weights, kinds, biases, cos, sin,
+        args = (torch.randn(rows, hidden, generator=gen), norms, tensors, kinds, groups, cos, sin,
                 k_caches, v_caches, slots, tables, lens, head_dim ** -0.5, window, 1e-5, heads, kv_heads)
         yield args + ([], [], [], None, None), 1e-4
         token_slots = torch.randint(-1, slots_n, (rows,), generator=gen)     # -1: no adapter

@@ -17,6 +17,7 @@ from loraplex.server.layers.base import QuantSpec
 from loraplex.server.model.config import ModelConfig
 from loraplex.server.kernels.registry import KernelSet
 from loraplex.server.model.fused_ops import TORCH_OPS, layer_ops
+from loraplex.server.kernels.linear_choice import choose_linear_kernels
 from loraplex.server.layers.cpu_gemm import onednn_supported
 from loraplex.server.model.decode_stack import build_decode_stack
 from loraplex.server.model.kv_cache import allocate_kv_caches
@@ -208,21 +209,28 @@ def test_tiny_llama_fixture_is_usable(tiny_llama_dir):
     assert build_tiny_llama is not None
 
 
-@pytest.mark.parametrize("linear_kernel", ["aten", "onednn"])
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
-def test_decode_stack_is_bit_equal_to_the_layer_path(variants, name, linear_kernel, native_kernels):
+STACK_CASES = [("llama", "none", "aten"), ("qwen2", "none", "aten"), ("mistral", "none", "aten"),
+               ("llama", "none", "onednn"), ("qwen2", "none", "onednn"), ("mistral", "none", "onednn"),
+               ("llama", "bnb-nf4", "native"), ("llama", "hqq-4bit", "native"), ("llama", "bnb-int8", "native"),
+               ("qwen2", "hqq-8bit", "native")]
+
+
+@pytest.mark.parametrize("name,method,linear_kernel", STACK_CASES, ids=["-".join(c) for c in STACK_CASES])
+def test_decode_stack_is_bit_equal_to_the_layer_path(variants, name, method, linear_kernel, native_kernels):
     """Decode-only steps through the one-call native stack give the layer-by-layer path's logits
-    bit for bit (same kernels, same order); mixed prefill/decode steps keep the layer path."""
+    bit for bit (same kernels, same order: dense, oneDNN, fused quantized GEMMs, HQQ's and bnb
+    4-bit's per-part projections); mixed prefill/decode steps keep the layer path."""
     if linear_kernel == "onednn" and not onednn_supported(torch.float32, "cpu"):
         pytest.skip("no oneDNN in this torch build")
     kernels = KernelSet(native=native_kernels)
+    spec = QuantSpec(method=method, linear_kernel=linear_kernel)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (7, 13, 5)]
     extra = [torch.randint(0, 512, (5,), generator=gen).tolist() for _ in range(3)]
     results, calls = [], []
     for stacked in (False, True):
-        model, config = build_model(variants[name], QuantSpec(linear_kernel=linear_kernel),
-                                    ops=layer_ops(kernels))
+        model, config = build_model(variants[name], spec, ops=layer_ops(kernels))
+        choose_linear_kernels(model, spec, kernels, log=lambda _m: None, cache=None)
         if stacked:
             stack = model.decode_stack = build_decode_stack(model, kernels)
             kernel = stack.kernel
@@ -234,10 +242,12 @@ def test_decode_stack_is_bit_equal_to_the_layer_path(variants, name, linear_kern
             assert pos == pos_stacked and torch.equal(got, want), f"seq {seq} position {pos}"
 
 
-def test_decode_stack_leaves_quantized_and_lora_steps_to_the_layer_path(tiny_llama_dir, native_kernels):
+def test_decode_stack_leaves_library_kernels_to_the_layer_path(tiny_llama_dir, native_kernels):
     kernels = KernelSet(native=native_kernels)
-    model, _ = build_model(tiny_llama_dir, QuantSpec(method="bnb-nf4"), ops=layer_ops(kernels))
-    assert build_decode_stack(model, kernels).gemms(1) is None        # no dense float32 GEMMs
+    spec = QuantSpec(method="bnb-nf4", linear_kernel="library")
+    model, _ = build_model(tiny_llama_dir, spec, ops=layer_ops(kernels))
+    choose_linear_kernels(model, spec, kernels, log=lambda _m: None, cache=None)
+    assert build_decode_stack(model, kernels).gemms(1) is None        # bitsandbytes' own path
     model, _ = build_model(tiny_llama_dir, QuantSpec(), ops=TORCH_OPS)
     assert build_decode_stack(model, kernels) is None                  # torch layer ops
     assert build_decode_stack(model, KernelSet()) is None              # no native build

@@ -3,9 +3,10 @@
 // the same order (the results are bit-equal to that path):
 //   add_rms_norm -> qkv GEMM -> rope_write_kv -> decode_attention -> o GEMM -> add_rms_norm
 //   -> gate_up GEMM -> silu_mul -> down GEMM,
-// then the final add_rms_norm. A GEMM runs either F.linear on the plain weight (kind 0) or the
-// oneDNN prepacked weight (kind 1, layers/cpu_gemm.py packed_linear, row count padded to the
-// same bucket). On a LoRA step each GEMM is followed by lora_bgmv, as ProjLinear's hook does
+// then the final add_rms_norm. A projection's base is one or more parts (a ConcatLinear's
+// outputs are concatenated), each F.linear on the plain weight (kind 0), the oneDNN prepacked
+// weight (kind 1, layers/cpu_gemm.py packed_linear, rows padded to the same bucket) or the
+// fused 4-bit / 8-bit dequantize-GEMM (kinds 2, 3; quant_gemm.cpp). On a LoRA step each GEMM is followed by lora_bgmv, as ProjLinear's hook does
 // with the native LoRA route. Twin: model/decode_stack.py decode_stack_ref.
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -18,7 +19,9 @@ namespace loraplex {
 
 namespace {
 
-constexpr int64_t kGemmAten = 0, kGemmOnednn = 1;
+// GEMM kinds of a projection part, and how many tensors each takes (see decode_stack below).
+constexpr int64_t kGemmAten = 0, kGemmOnednn = 1, kGemmQuant4 = 2, kGemmQuant8 = 3;
+constexpr size_t kPartTensors[] = {2, 2, 5, 4};
 
 // Rows a prepacked GEMM runs with (layers/cpu_gemm.py row_bucket): exact up to 8, then
 // multiples of 8 up to 64, then of 64.
@@ -54,16 +57,35 @@ struct StackLora {
   bool active() const { return !a.empty(); }
 };
 
-// One projection: the base GEMM, then (on a LoRA step) y += the tokens' deltas in place.
+// One part of a projection's base (a ConcatLinear has several, each its own kernel).
+at::Tensor run_part(const at::Tensor& x, int64_t kind, const std::vector<std::optional<at::Tensor>>& t,
+                    int64_t group) {
+  switch (kind) {
+    case kGemmAten: return at::linear(x, *t[0], t[1]);
+    case kGemmOnednn: return onednn_linear(x, *t[0], t[1]);
+    case kGemmQuant4: return quant_linear_4bit(x, *t[0], *t[1], *t[2], t[3], group, t[4], false);
+    default: return quant_linear_8bit(x, *t[0], *t[1], t[2], group, t[3], false);
+  }
+}
+
+// One projection: its base (parts' outputs concatenated), then (on a LoRA step) y += the
+// tokens' deltas in place.
 struct Gemm {
-  const at::Tensor& weight;
-  int64_t kind;
-  const std::optional<at::Tensor>& bias;
+  const std::vector<std::vector<std::optional<at::Tensor>>>& tensors;   // per part
+  const std::vector<int64_t>& kinds;
+  const std::vector<int64_t>& groups;
   const StackLora& lora;
   int64_t index;                                                     // projection number
 
   at::Tensor operator()(const at::Tensor& x) const {
-    at::Tensor y = kind == kGemmOnednn ? onednn_linear(x, weight, bias) : at::linear(x, weight, bias);
+    at::Tensor y;
+    if (kinds.size() == 1) {
+      y = run_part(x, kinds[0], tensors[0], groups[0]);
+    } else {
+      std::vector<at::Tensor> outs;
+      for (size_t p = 0; p < kinds.size(); ++p) outs.push_back(run_part(x, kinds[p], tensors[p], groups[p]));
+      y = at::cat(outs, -1);
+    }
     if (lora.active() && lora.a[index].has_value()) {
       lora_bgmv(x, y, *lora.a[index], lora.bts[index], lora.col_starts[index], *lora.token_slots,
                 *lora.scales);
@@ -72,18 +94,42 @@ struct Gemm {
   }
 };
 
+void check_gemms(const std::vector<std::vector<std::vector<std::optional<at::Tensor>>>>& tensors,
+                 const std::vector<std::vector<int64_t>>& kinds, const std::vector<std::vector<int64_t>>& groups) {
+  TORCH_CHECK(kinds.size() == tensors.size() && groups.size() == tensors.size(),
+              "decode_stack: gemm tensors, kinds and groups differ in length");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(!kinds[i].empty() && kinds[i].size() == tensors[i].size() && groups[i].size() == kinds[i].size(),
+                "decode_stack: projection ", i, " needs one kind, group and tensor list per part");
+    for (size_t p = 0; p < kinds[i].size(); ++p) {
+      const int64_t kind = kinds[i][p];
+      TORCH_CHECK(kind >= kGemmAten && kind <= kGemmQuant8, "decode_stack: GEMM kind ", kind,
+                  " (0 = F.linear, 1 = oneDNN prepacked, 2 = 4-bit, 3 = 8-bit fused dequantize-GEMM)");
+      const auto& t = tensors[i][p];
+      TORCH_CHECK(t.size() == kPartTensors[kind] && t[0].has_value() &&
+                      (kind != kGemmQuant4 || (t[1].has_value() && t[2].has_value())) &&
+                      (kind != kGemmQuant8 || t[1].has_value()),
+                  "decode_stack: projection ", i, " part ", p, ": kind ", kind, " takes ",
+                  kPartTensors[kind], " tensors (see decode_stack.py)");
+    }
+  }
+}
+
 }  // namespace
 
 // hidden [D, hidden] (the step's embeddings, one row per sequence); norms: per layer its input
-// and post-attention norm weights, then the final norm (2 L + 1); weights, kinds, biases: per
-// layer qkv, o, gate_up, down (4 L); cos, sin [D, hd]; k_caches, v_caches: per layer;
+// and post-attention norm weights, then the final norm (2 L + 1); gemm_tensors, gemm_kinds,
+// gemm_groups: per projection (qkv, o, gate_up, down of each layer: 4 L) per part its tensors
+// (kind 0/1: weight, bias; 2: codes, lut, scales, zeros, bias; 3: codes, scales, zeros, bias;
+// bias and zeros may be None), kind and quantization group; cos, sin [D, hd]; k_caches, v_caches: per layer;
 // slots [D]; block_tables [D, max_blocks]; seq_lens [D] (keys incl. this step's); LoRA: empty
 // lists for none, else per projection (4 L) lora_bgmv's a (or None), bts and col_starts, and
 // the step's token_slots [D] and scales. Writes this step's K/V and returns the final-normed
 // hidden states [D, hidden].
 at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>& norms,
-                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& kinds,
-                        const std::vector<std::optional<at::Tensor>>& biases, const at::Tensor& cos,
+                        const std::vector<std::vector<std::vector<std::optional<at::Tensor>>>>& gemm_tensors,
+                        const std::vector<std::vector<int64_t>>& gemm_kinds,
+                        const std::vector<std::vector<int64_t>>& gemm_groups, const at::Tensor& cos,
                         const at::Tensor& sin, const std::vector<at::Tensor>& k_caches,
                         const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
                         const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
@@ -95,25 +141,22 @@ at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>&
                         const std::optional<at::Tensor>& lora_scales) {
   const int64_t num_layers = static_cast<int64_t>(k_caches.size());
   const StackLora lora{lora_a, lora_bts, lora_col_starts, token_slots, lora_scales};
-  TORCH_CHECK(!lora.active() || (lora_a.size() == weights.size() && lora_bts.size() == weights.size() &&
-                                 lora_col_starts.size() == weights.size() && token_slots.has_value() &&
+  TORCH_CHECK(!lora.active() || (lora_a.size() == gemm_tensors.size() && lora_bts.size() == gemm_tensors.size() &&
+                                 lora_col_starts.size() == gemm_tensors.size() && token_slots.has_value() &&
                                  lora_scales.has_value()),
               "decode_stack: LoRA needs per projection a, bts and col_starts, plus token slots and scales");
   TORCH_CHECK(v_caches.size() == k_caches.size() && norms.size() == static_cast<size_t>(2 * num_layers + 1) &&
-              weights.size() == static_cast<size_t>(4 * num_layers) && kinds.size() == weights.size() &&
-              biases.size() == weights.size(),
+              gemm_tensors.size() == static_cast<size_t>(4 * num_layers),
               "decode_stack: per layer one K and V cache, two norms (plus the final one) and four GEMMs");
-  for (const int64_t kind : kinds) {
-    TORCH_CHECK(kind == kGemmAten || kind == kGemmOnednn, "decode_stack: GEMM kind ", kind,
-                " (0 = F.linear, 1 = oneDNN prepacked)");
-  }
+  check_gemms(gemm_tensors, gemm_kinds, gemm_groups);
   check_float_rows(hidden, "decode_stack hidden");
   const int64_t rows = hidden.size(0), head_dim = k_caches.empty() ? 0 : k_caches[0].size(3);
   const int64_t q_size = num_heads * head_dim;
   at::Tensor x = hidden, residual;
   for (int64_t l = 0; l < num_layers; ++l) {
     const auto gemm = [&](int64_t i) {
-      return Gemm{weights[4 * l + i], kinds[4 * l + i], biases[4 * l + i], lora, 4 * l + i};
+      const int64_t j = 4 * l + i;
+      return Gemm{gemm_tensors[j], gemm_kinds[j], gemm_groups[j], lora, j};
     };
     at::Tensor normed;
     if (l == 0) {

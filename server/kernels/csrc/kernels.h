@@ -39,8 +39,9 @@ at::Tensor quant_linear_8bit(const at::Tensor& x, const at::Tensor& codes, const
                              const std::optional<at::Tensor>& bias, bool portable);
 std::string quant_isa();
 at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>& norms,
-                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& kinds,
-                        const std::vector<std::optional<at::Tensor>>& biases, const at::Tensor& cos,
+                        const std::vector<std::vector<std::vector<std::optional<at::Tensor>>>>& gemm_tensors,
+                        const std::vector<std::vector<int64_t>>& gemm_kinds,
+                        const std::vector<std::vector<int64_t>>& gemm_groups, const at::Tensor& cos,
                         const at::Tensor& sin, const std::vector<at::Tensor>& k_caches,
                         const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
                         const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
