@@ -76,8 +76,54 @@ def section_decode(model_dir: Path, quick: bool) -> str:
             f"the fused layer ops: {at16.engine_tok_s / at16.torch_ops_engine_tok_s:.2f}x.",
         ]
     lines.append(floor_verdict(results))
+    lines += step_ops_lines(model_dir, results)
     lines.append("")
     return "\n".join(lines)
+
+
+def step_ops_lines(model_dir: Path, results) -> list[str]:
+    """Where the served decode step's time goes (bench/step_ops_bench.py, timers inside the
+    one-call decode stack of a bench build) and the bound it puts on engine / GEMM floor."""
+    from transformers import AutoTokenizer
+
+    from common import prompt_ids
+    from engine_bench import make_engine
+    from step_ops_bench import run_step_ops, weight_stream_bytes
+
+    engine = make_engine(model_dir, kv_cache_memory="1GiB")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ops = run_step_ops(engine, {r.batch: prompt_ids(tokenizer, r.batch, 32) for r in results})
+    at1 = next((r for r in results if r.batch == 1), None)
+    stream = weight_stream_bytes(engine) * at1.engine_floor_tok_s if at1 else 0.0    # bytes/s
+    lines = [
+        "",
+        "Where the served decode step's time goes (`bench/step_ops_bench.py`): a bench build of",
+        "the same C++ sources times each op class inside the one-call decode stack, on the same",
+        "prompts (milliseconds per decode step, the fastest of 3 runs); *rest* is the step minus",
+        "the timed ops (LM head GEMM, sampling, host work); attention reads each sequence's K/V",
+        "(float32, all 30 layers) once per step.",
+        "",
+        "| batch | step | decoder GEMMs | norms | rotary + K/V write | attention | SiLU·up | rest | "
+        "K/V read per step | attention's read rate |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for o in ops:
+        ms = o.ms
+        rest = o.step_ms - sum(ms.values())
+        lines.append(f"| {o.batch} | {o.step_ms:.1f} | {ms['GEMMs']:.1f} | {ms['norms']:.2f} | "
+                     f"{ms['rotary + K/V write']:.2f} | {ms['attention']:.2f} | {ms['SiLU·up']:.2f} | "
+                     f"{rest:.1f} | {o.kv_bytes / 1e6:.1f} MB | {o.attention_gb_s:.1f} GB/s |")
+    if stream:
+        bounds = []
+        for r, o in zip(results, ops):
+            floor_ms = 1000 * r.batch / r.engine_floor_tok_s
+            ideal_ms = o.kv_bytes / stream * 1000 + o.besides_gemms_ms - o.ms["attention"]
+            bounds.append(f"{floor_ms / (floor_ms + ideal_ms):.2f}x at batch {r.batch}")
+        lines += ["", f"Bound: the batch-1 engine-GEMM floor streams the weights at {stream / 1e9:.1f} GB/s. "
+                  "If attention read its K/V at that rate and the norms, rotary and SiLU took the times "
+                  "above, a step could reach at most " + ", ".join(bounds) + " of the engine-GEMM "
+                  "floor, before sampling and host work."]
+    return lines
 
 
 def floor_verdict(results) -> str:

@@ -55,10 +55,11 @@ def source_tag() -> str:
     return digest.hexdigest()[:12]
 
 
-def build_dir(root: Path | None = None) -> Path:
+def build_dir(root: Path | None = None, timing: bool = False) -> Path:
     """Where the compiled extension lives for this torch, Python, CPU and source."""
     version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    return (root or cache_root()) / "cpu-kernels" / f"{version}-{_cpu_tag()}-src{source_tag()}"
+    suffix = "-timing" if timing else ""
+    return (root or cache_root()) / "cpu-kernels" / f"{version}-{_cpu_tag()}-src{source_tag()}{suffix}"
 
 
 def _already_built(directory: Path) -> bool:
@@ -68,19 +69,23 @@ def _already_built(directory: Path) -> bool:
 _loaded: dict[Path, ModuleType] = {}
 
 
-def load(log: Log = print, root: Path | None = None) -> ModuleType:
-    """Compile (first time) and import the extension; raises when no compiler can build it."""
+def load(log: Log = print, root: Path | None = None, timing: bool = False) -> ModuleType:
+    """Compile (first time) and import the extension; raises when no compiler can build it.
+    timing: a separate bench build whose decode_stack times its op classes (`stack_timings()`,
+    bench/step_ops_bench.py); never used for serving."""
     from torch.utils import cpp_extension
 
-    directory = build_dir(root)
+    directory = build_dir(root, timing)
     with _build_lock:
         if directory in _loaded:
             return _loaded[directory]
         directory.mkdir(parents=True, exist_ok=True)
         if not _already_built(directory):
             log(f"[loraplex] compiling fused CPU kernels into {directory} (first use, ~30 s)")
-        module = cpp_extension.load(name="loraplex_cpu_kernels", sources=[str(p) for p in SOURCES],
-                                    extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),   # load() appends to them
+        name = "loraplex_cpu_kernels_timing" if timing else "loraplex_cpu_kernels"
+        cflags = list(_CFLAGS) + (["-DLORAPLEX_STACK_TIMING"] if timing else [])
+        module = cpp_extension.load(name=name, sources=[str(p) for p in SOURCES],
+                                    extra_cflags=cflags, extra_ldflags=list(_LDFLAGS),   # load() appends to them
                                     build_directory=str(directory),
                                     verbose=False)
         _loaded[directory] = module

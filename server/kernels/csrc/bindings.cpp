@@ -14,5 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear_4bit", &quant_linear_4bit, "fused 4-bit dequantize + GEMM (nibble codes, LUT)");
   m.def("quant_linear_8bit", &quant_linear_8bit, "fused 8-bit dequantize + GEMM (int8 / uint8 codes)");
   m.def("decode_stack", &decode_stack, "every decoder layer of a pure-decode step, float32");
+#ifdef LORAPLEX_STACK_TIMING
+  m.def("stack_timings", &stack_timings, "bench builds: seconds per op class inside decode_stack since the last call");
+#endif
   m.def("quant_isa", &quant_isa, "the instruction set the quantized GEMMs use here (avx2 / portable)");
 }

@@ -10,12 +10,38 @@
 // with the native LoRA route. Twin: model/decode_stack.py decode_stack_ref.
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <chrono>
 #include <string_view>
 
 #include "common.h"
 #include "kernels.h"
 
 namespace loraplex {
+
+#ifdef LORAPLEX_STACK_TIMING
+// Bench builds only (native.load(timing=True), bench/step_ops_bench.py): seconds spent in each
+// op class inside decode_stack since the last stack_timings() call.
+namespace {
+enum TimedOp { kTimeGemm, kTimeNorm, kTimeRope, kTimeAttention, kTimeSilu, kTimedOps };
+double g_op_seconds[kTimedOps] = {};
+struct OpTimer {
+  TimedOp op;
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  ~OpTimer() {
+    g_op_seconds[op] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+};
+}  // namespace
+#define LORAPLEX_TIME(op) OpTimer timer_##op{op}
+
+std::vector<double> stack_timings() {
+  std::vector<double> out(g_op_seconds, g_op_seconds + kTimedOps);
+  std::fill(g_op_seconds, g_op_seconds + kTimedOps, 0.0);
+  return out;
+}
+#else
+#define LORAPLEX_TIME(op)
+#endif
 
 namespace {
 
@@ -78,6 +104,7 @@ struct Gemm {
   int64_t index;                                                     // projection number
 
   at::Tensor operator()(const at::Tensor& x) const {
+    LORAPLEX_TIME(kTimeGemm);
     at::Tensor y;
     if (kinds.size() == 1) {
       y = run_part(x, kinds[0], tensors[0], groups[0]);
@@ -159,20 +186,38 @@ at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>&
       return Gemm{gemm_tensors[j], gemm_kinds[j], gemm_groups[j], lora, j};
     };
     at::Tensor normed;
-    if (l == 0) {
-      normed = add_rms_norm(x, std::nullopt, norms[0], eps);
-      residual = x;                                                  // updated in place from here on
-    } else {
-      normed = add_rms_norm(x, residual, norms[2 * l], eps);
+    {
+      LORAPLEX_TIME(kTimeNorm);
+      if (l == 0) {
+        normed = add_rms_norm(x, std::nullopt, norms[0], eps);
+        residual = x;                                                // updated in place from here on
+      } else {
+        normed = add_rms_norm(x, residual, norms[2 * l], eps);
+      }
     }
     const at::Tensor qkv = gemm(0)(normed);                          // [D, (H + 2 KV) hd]
-    rope_write_kv(qkv, cos, sin, k_caches[l], v_caches[l], slots, num_heads, num_kv_heads);
+    {
+      LORAPLEX_TIME(kTimeRope);
+      rope_write_kv(qkv, cos, sin, k_caches[l], v_caches[l], slots, num_heads, num_kv_heads);
+    }
     const at::Tensor q = qkv.narrow(1, 0, q_size).view({rows, num_heads, head_dim});
-    const at::Tensor attn = decode_attention(q, k_caches[l], v_caches[l], block_tables, seq_lens,
-                                             scale, window);           // [D, H, hd]
+    at::Tensor attn;                                                 // [D, H, hd]
+    {
+      LORAPLEX_TIME(kTimeAttention);
+      attn = decode_attention(q, k_caches[l], v_caches[l], block_tables, seq_lens, scale, window);
+    }
     const at::Tensor attn_out = gemm(1)(attn.view({rows, q_size}));
-    normed = add_rms_norm(attn_out, residual, norms[2 * l + 1], eps);
-    x = gemm(3)(silu_mul(gemm(2)(normed)));                          // [D, hidden]
+    {
+      LORAPLEX_TIME(kTimeNorm);
+      normed = add_rms_norm(attn_out, residual, norms[2 * l + 1], eps);
+    }
+    const at::Tensor gate_up = gemm(2)(normed);
+    at::Tensor act;
+    {
+      LORAPLEX_TIME(kTimeSilu);
+      act = silu_mul(gate_up);
+    }
+    x = gemm(3)(act);                                                // [D, hidden]
   }
   return add_rms_norm(x, num_layers > 0 ? std::optional<at::Tensor>(residual) : std::nullopt,
                       norms[2 * num_layers], eps);

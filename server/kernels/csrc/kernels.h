@@ -38,6 +38,7 @@ at::Tensor quant_linear_8bit(const at::Tensor& x, const at::Tensor& codes, const
                              const std::optional<at::Tensor>& zeros, int64_t group,
                              const std::optional<at::Tensor>& bias, bool portable);
 std::string quant_isa();
+std::vector<double> stack_timings();      // bench builds only (LORAPLEX_STACK_TIMING)
 at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>& norms,
                         const std::vector<std::vector<std::vector<std::optional<at::Tensor>>>>& gemm_tensors,
                         const std::vector<std::vector<int64_t>>& gemm_kinds,
