@@ -23,12 +23,12 @@ def test_floor_verdict_takes_the_better_floor_and_states_the_time_left():
     rows = [SimpleNamespace(batch=1, engine_tok_s=19.0, floor_tok_s=20.0, engine_floor_tok_s=15.0),
             SimpleNamespace(batch=16, engine_tok_s=100.0, floor_tok_s=80.0, engine_floor_tok_s=125.0)]
     line = suite.floor_verdict(rows)
-    assert "MISSED" in line and "batch 1 0.95x best/best" in line and "batch 16 0.80x best/best" in line
+    assert "MISSED" in line and "batch 1 0.950x best/best" in line and "batch 16 0.800x best/best" in line
     assert "(32.0 ms per step besides the GEMMs, best/best)" in line   # 16 * (1/100 - 1/125) s
     rows[1].engine_tok_s = 120.0
     assert ": met;" in suite.floor_verdict(rows)
     rows[1].paired_floor_ratio = 0.94        # the engine-GEMM floor is the better one: paired judges
     line = suite.floor_verdict(rows)
-    assert "MISSED" in line and "batch 16 0.94x paired" in line
+    assert "MISSED" in line and "batch 16 0.940x paired" in line
     rows[0].paired_floor_ratio = 0.5         # not used: F.linear is the better floor at batch 1
-    assert "batch 1 0.95x best/best" in suite.floor_verdict(rows)
+    assert "batch 1 0.950x best/best" in suite.floor_verdict(rows)
