@@ -359,8 +359,8 @@ run's, and section 5 its instruction set.
 - **Engine vs its GEMM floor.** The paired column divides the engine by a loop of the same
   GEMMs measured right after it; what is left besides the GEMMs at batch 16 is decode
   attention over K/V that comes from DRAM after the weights streamed through the caches, the
-  other fused layer ops, and host work (scheduling, sampling, detokenization, Python
-  dispatch): a few ms per step. The slower the GEMMs, the closer the engine sits to its floor.
+  other fused layer ops, and host work (scheduling, sampling, detokenization; the layers
+  run in one native call): a few ms per step (section 1's second table). The slower the GEMMs, the closer the engine sits to its floor.
 - **16 adapters vs no adapters (target 0.85x).** Sixteen rank-16 float32 adapters on all seven
   modules are 312 MB that every step must read once (156 MB in bfloat16); the fused `lora_bgmv`
   kernel streams each token's adapter rows once per step (shrink and expand of every
