@@ -158,6 +158,7 @@ class DecodeStack:
         self.targets = model.lora_targets()                # ProjLinear, in the kernel's order
         self._gemms: dict[int, GemmSpec | None] = {}      # per row count; routes fixed at build
         self._caches: tuple = (None, [], [])               # (kv_caches, K list, V list)
+        self._fused_attention = all(layer.attention is paged_attention for layer in model.layers)
 
     def gemms(self, rows: int) -> GemmSpec | None:
         """The kernel's gemm_* arguments for `rows` rows, or None when a projection's GEMM is
@@ -176,7 +177,7 @@ class DecodeStack:
         """True for a decode-only step whose attention runs the fused kernel."""
         return (plan.decode_kernel is not None and plan.varlen_kernel is None
                 and plan.has_decodes and plan.decode_rows is None and not plan.prefills
-                and all(layer.attention is paged_attention for layer in self.model.layers))
+                and self._fused_attention)
 
     def lora_args(self, step: LoraStep | None) -> tuple | None:
         """The kernel's five LoRA arguments for this step (empty lists when no token has a delta),
@@ -189,10 +190,10 @@ class DecodeStack:
             args = None if target.lora is None else target.lora.native_args(step)
             if args is None and target.lora is not None:
                 return None
-            if not args:                                   # no hook, or () = nothing to add
-                a.append(None), bts.append([]), col_starts.append([])
-                continue
-            a.append(args[0]), bts.append(args[1]), col_starts.append(args[2])
+            a_i, bts_i, col_starts_i = args or (None, [], [])   # no hook, or () = nothing to add
+            a.append(a_i)
+            bts.append(bts_i)
+            col_starts.append(col_starts_i)
         if all(t is None for t in a):
             return none
         return a, bts, col_starts, step.info.token_slots, step.scales
