@@ -42,7 +42,9 @@ def cpu_isa_line() -> str:
     return f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, fused kernels {fused}"
 
 
-def _step_bytes(model) -> int:
+def step_bytes(model) -> int:
+    """Bytes one decode step streams: every decoder linear as its decode kernel reads it, and the
+    float32 LM head."""
     linears = sum(proj.base.stream_bytes() for proj in model.lora_targets())
     return linears + model.lm_head.weight_bytes()
 
@@ -74,7 +76,7 @@ def run_backend_bench(model_dir: Path, new_tokens: int = 16, prompt_len: int = 3
     results = []
     for method, engine in engines.items():
         model = engine.runner.model
-        result = BackendResult(method, best[method], model.linear_weight_bytes(), _step_bytes(model),
+        result = BackendResult(method, best[method], model.linear_weight_bytes(), step_bytes(model),
                                _decode_kernels(model))
         log(f"  {method:9s}: " + ", ".join(f"b{b} {t:7.1f} tok/s" for b, t in result.tok_s.items())
             + f", weights {result.weight_bytes / 2**20:6.1f} MiB, step {result.step_bytes / 2**20:6.1f} MiB,"

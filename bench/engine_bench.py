@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from common import prompt_ids, time_it
-from loraplex.server.layers.cpu_gemm import packed_linear
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ def served_gemm(layer, rows: int):
     routing chain; model/decode_stack.py runs the same parts), or layer.linear when the stack
     does not run this layer's kernel."""
     from loraplex.server.layers.cpu_gemm import row_bucket
-    from loraplex.server.model.decode_stack import GEMM_ATEN, GEMM_ONEDNN, GEMM_QUANT4, stack_parts
+    from loraplex.server.model.decode_stack import GEMM_ONEDNN, part_linear, stack_parts
 
     parts = stack_parts(layer, rows)
     if parts is None:
@@ -124,15 +123,11 @@ def served_gemm(layer, rows: int):
     onednn = torch.ops.mkldnn._linear_pointwise.default
 
     def part_fn(tensors, kind, group):
-        if kind == GEMM_ATEN:
-            return lambda x: F.linear(x, tensors[0], tensors[1])
-        if kind == GEMM_ONEDNN:
-            if row_bucket(rows) == rows:
-                return lambda x: onednn(x, tensors[0], tensors[1], "none", [], "")
-            return lambda x: packed_linear(x, tensors[0], tensors[1])
-        if kind == GEMM_QUANT4:
-            return lambda x: native.quant_linear_4bit(x, *tensors[:4], group, tensors[4], False)
-        return lambda x: native.quant_linear_8bit(x, *tensors[:3], group, tensors[3], False)
+        if kind == GEMM_ONEDNN and row_bucket(rows) == rows:     # the op itself, no bucket check
+            return lambda x: onednn(x, tensors[0], tensors[1], "none", [], "")
+        if native is None:
+            return part_linear(tensors, kind, group)
+        return part_linear(tensors, kind, group, native.quant_linear_4bit, native.quant_linear_8bit)
 
     fns = [part_fn(*part) for part in parts]
     return fns[0] if len(fns) == 1 else (lambda x: torch.cat([fn(x) for fn in fns], dim=-1))

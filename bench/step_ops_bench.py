@@ -33,13 +33,6 @@ class StepOps:
         return self.kv_bytes / (self.ms["attention"] / 1e3) / 1e9
 
 
-def weight_stream_bytes(engine) -> int:
-    """Bytes of weights a decode step reads: every linear layer's served representation and the
-    LM head."""
-    model = engine.runner.model
-    return sum(proj.base.stream_bytes() for proj in model.lora_targets()) + model.lm_head.stream_bytes()
-
-
 def _decode(engine, timing, prompts: list[list[int]], new_tokens: int) -> StepOps:
     from loraplex.server.engine.io import GenerationRequest
     from loraplex.server.engine.sequence import SamplingParams

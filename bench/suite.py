@@ -88,13 +88,14 @@ def step_ops_lines(model_dir: Path, results) -> list[str]:
 
     from common import prompt_ids
     from engine_bench import make_engine
-    from step_ops_bench import run_step_ops, weight_stream_bytes
+    from backend_bench import step_bytes
+    from step_ops_bench import run_step_ops
 
     engine = make_engine(model_dir, kv_cache_memory="1GiB")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ops = run_step_ops(engine, {r.batch: prompt_ids(tokenizer, r.batch, 32) for r in results})
     at1 = next((r for r in results if r.batch == 1), None)
-    stream = weight_stream_bytes(engine) * at1.engine_floor_tok_s if at1 else 0.0    # bytes/s
+    stream = step_bytes(engine.runner.model) * at1.engine_floor_tok_s if at1 else 0.0    # bytes/s
     lines = [
         "",
         "Where the served decode step's time goes (`bench/step_ops_bench.py`): a bench build of",

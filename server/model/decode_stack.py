@@ -1,4 +1,4 @@
-"""Pure-decode steps without LoRA: every decoder layer in one native call.
+"""Pure-decode steps: every decoder layer in one native call.
 
 A decode step's non-GEMM work is small (a 576-wide norm costs microseconds), so at small
 batches the step's time besides the GEMMs is mostly the interpreter: ~20 Python-level calls a
@@ -6,12 +6,14 @@ layer (the projection chain, the layer ops, views). `DecodeStack` hands the whol
 to the C++ kernel `decode_stack` (kernels/csrc/decode_stack.cpp), which calls the same kernels
 in the same order as DecoderLayer, so its results are bit-equal to the layer-by-layer path.
 
-It applies when the step is decode-only, the layer ops are the native ones, every projection
-is a dense layer (float32; F.linear or oneDNN prepacked) and every LoRA delta of the step (if
-any) takes the fused lora_bgmv kernel, which the stack then calls after each GEMM as the
-projection's hook would. Anything else (prefill chunks, quantized bases, LoRA deltas on a torch
-route, the reference attention) takes the layer-by-layer path. The GEMM choice per projection comes from each layer's kernel routes
-(kernels/linear_choice.py) for the step's row count; build the stack after the routes are set.
+It applies when the step is decode-only, the layer ops are the native ones, every projection's
+GEMM(s) are ones the kernel runs (float32 F.linear or oneDNN prepacked, or the fused 4-bit /
+8-bit dequantize-GEMM; a ConcatLinear's parts each) and every LoRA delta of the step (if any)
+takes the fused lora_bgmv kernel, which the stack then calls after each GEMM as the
+projection's hook would. Anything else (prefill chunks, the libraries' own quantized paths,
+LoRA deltas on a torch route, the reference attention) takes the layer-by-layer path. The
+GEMM choice per projection comes from each layer's kernel routes (kernels/linear_choice.py)
+for the step's row count; build the stack after the routes are set.
 """
 
 from __future__ import annotations
@@ -45,14 +47,18 @@ Part = tuple[list[torch.Tensor | None], int, int]                 # (tensors, ki
 GemmSpec = tuple[list[list[list[torch.Tensor | None]]], list[list[int]], list[list[int]]]
 
 
-def _part_ref(x: torch.Tensor, tensors: Sequence[torch.Tensor | None], kind: int, group: int) -> torch.Tensor:
+def part_linear(tensors: Sequence[torch.Tensor | None], kind: int, group: int,
+                quant4: Callable = quant_linear_4bit_ref,
+                quant8: Callable = quant_linear_8bit_ref) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [T, in] -> [T, out_part] for one part (see GEMM_*); quant4 / quant8: the fused
+    quantized GEMMs to call (the pure-torch twins by default, the native ones in benches)."""
     if kind == GEMM_ATEN:
-        return F.linear(x, tensors[0], tensors[1])
+        return lambda x: F.linear(x, tensors[0], tensors[1])
     if kind == GEMM_ONEDNN:
-        return packed_linear(x, tensors[0], tensors[1])
+        return lambda x: packed_linear(x, tensors[0], tensors[1])
     if kind == GEMM_QUANT4:
-        return quant_linear_4bit_ref(x, *tensors[:4], group, tensors[4], False)
-    return quant_linear_8bit_ref(x, *tensors[:3], group, tensors[3], False)
+        return lambda x: quant4(x, *tensors[:4], group, tensors[4], False)
+    return lambda x: quant8(x, *tensors[:3], group, tensors[3], False)
 
 
 def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor],
@@ -78,7 +84,7 @@ def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor],
     Writes this step's K/V; returns the final-normed hidden [D, hidden].
     """
     def gemm(x: torch.Tensor, index: int) -> torch.Tensor:
-        parts = [_part_ref(x, t, kind, group) for t, kind, group
+        parts = [part_linear(t, kind, group)(x) for t, kind, group
                  in zip(gemm_tensors[index], gemm_kinds[index], gemm_groups[index])]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if lora_a and lora_a[index] is not None:

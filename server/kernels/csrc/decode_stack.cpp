@@ -1,13 +1,15 @@
 // decode_stack: every decoder layer of a pure-decode step (one new token per sequence) in one
-// call, so the step pays the Python interpreter once instead of ~20 calls a layer. Each layer is the sequence model/llama.py DecoderLayer runs, with the same kernels in
-// the same order (the results are bit-equal to that path):
+// call, so the step pays the Python interpreter once instead of ~20 calls a layer. Each layer
+// is the sequence model/llama.py DecoderLayer runs, with the same kernels in the same order
+// (the results are bit-equal to that path):
 //   add_rms_norm -> qkv GEMM -> rope_write_kv -> decode_attention -> o GEMM -> add_rms_norm
 //   -> gate_up GEMM -> silu_mul -> down GEMM,
 // then the final add_rms_norm. A projection's base is one or more parts (a ConcatLinear's
 // outputs are concatenated), each F.linear on the plain weight (kind 0), the oneDNN prepacked
 // weight (kind 1, layers/cpu_gemm.py packed_linear, rows padded to the same bucket) or the
-// fused 4-bit / 8-bit dequantize-GEMM (kinds 2, 3; quant_gemm.cpp). On a LoRA step each GEMM is followed by lora_bgmv, as ProjLinear's hook does
-// with the native LoRA route. Twin: model/decode_stack.py decode_stack_ref.
+// fused 4-bit / 8-bit dequantize-GEMM (kinds 2, 3; quant_gemm.cpp). On a LoRA step each GEMM
+// is followed by lora_bgmv, as ProjLinear's hook does with the native LoRA route.
+// Twin: model/decode_stack.py decode_stack_ref.
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <chrono>
@@ -148,8 +150,8 @@ void check_gemms(const std::vector<std::vector<std::vector<std::optional<at::Ten
 // and post-attention norm weights, then the final norm (2 L + 1); gemm_tensors, gemm_kinds,
 // gemm_groups: per projection (qkv, o, gate_up, down of each layer: 4 L) per part its tensors
 // (kind 0/1: weight, bias; 2: codes, lut, scales, zeros, bias; 3: codes, scales, zeros, bias;
-// bias and zeros may be None), kind and quantization group; cos, sin [D, hd]; k_caches, v_caches: per layer;
-// slots [D]; block_tables [D, max_blocks]; seq_lens [D] (keys incl. this step's); LoRA: empty
+// bias and zeros may be None), kind and quantization group; cos, sin [D, hd]; k_caches,
+// v_caches: per layer; slots [D]; block_tables [D, max_blocks]; seq_lens [D] (keys incl. this step's); LoRA: empty
 // lists for none, else per projection (4 L) lora_bgmv's a (or None), bts and col_starts, and
 // the step's token_slots [D] and scales. Writes this step's K/V and returns the final-normed
 // hidden states [D, hidden].

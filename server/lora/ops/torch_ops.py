@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -202,11 +203,7 @@ class TorchOps:
         plan: TorchPlan = step.plan
         if plan.span == 0:
             return
-        key = (weights.rank, weights.in_features, weights.out_sizes)       # same for every layer
-        route = plan.routes.get(key)
-        if route is None:
-            native = self.native_fits(x, y, weights, plan)
-            route = plan.routes[key] = "native" if native else self.choose_route(weights, plan)
+        route = self._route(weights, plan, lambda: self.native_fits(x, y, weights, plan))
         if route == "native":       # float32 activations; the kernel widens half weights itself
             self.native_bgmv(x, y, weights.a, list(weights.bts), list(weights.col_starts),
                              plan.info.token_slots, plan.scales)
@@ -226,12 +223,18 @@ class TorchOps:
         plan: TorchPlan = step.plan
         if plan.span == 0:
             return ()
-        key = (weights.rank, weights.in_features, weights.out_sizes)
+        route = self._route(weights, plan,
+                            lambda: self.native_bgmv is not None and self.weights_fit_native(weights, plan))
+        return (weights.a, list(weights.bts), list(weights.col_starts)) if route == "native" else None
+
+    def _route(self, weights: ProjLoraWeights, plan: TorchPlan, native_fits: Callable[[], bool]) -> str:
+        """This step's route for a projection shape, decided at its first projection and cached in
+        the plan: "native" when native_fits(), else the cost model's choice."""
+        key = (weights.rank, weights.in_features, weights.out_sizes)       # same for every layer
         route = plan.routes.get(key)
         if route is None:
-            native = self.native_bgmv is not None and self.weights_fit_native(weights, plan)
-            route = plan.routes[key] = "native" if native else self.choose_route(weights, plan)
-        return (weights.a, list(weights.bts), list(weights.col_starts)) if route == "native" else None
+            route = plan.routes[key] = "native" if native_fits() else self.choose_route(weights, plan)
+        return route
 
     def native_fits(self, x: torch.Tensor, y: torch.Tensor, w: ProjLoraWeights, plan: TorchPlan) -> bool:
         """The fused kernel applies: built, float32 CPU activations and scales, adapter weights
