@@ -16,10 +16,13 @@
 // of T rows reads each weight byte once. The AVX2/FMA path (checked at run time, see
 // quant_isa) unpacks 8 codes per step and runs a 3-row x 4-output register tile; for 1-3 rows
 // it dequantizes in registers instead (no buffer), 4 (1 row) or 2 (2-3 rows) output rows at a
-// time so that independent FMA chains overlap. 4-bit codes in groups of a multiple of 32 take
-// byte-table lookups instead (see lut32: in-lane shuffles, no lane-crossing permutes, which are
-// slow on some AVX2 cores), with the activations permuted once per call to match. The portable
-// path is plain loops. AVX-512/VNNI/AMX paths are not written (no machine here to test them).
+// time so that independent FMA chains overlap. For 1-3 rows, codes whose value is the code
+// (8-bit; HQQ's nibbles) take the folded path: each group's scale and zero are applied to
+// its sum of code x activation products, so the inner loop is widen, convert, FMA (see
+// folded_rows_avx2). Other 4-bit codes in groups of a multiple of 32 take byte-table lookups
+// (see lut32: in-lane shuffles, no lane-crossing permutes, which are slow on some AVX2
+// cores), with the activations permuted once per call to match. The portable path is plain
+// loops. AVX-512/VNNI/AMX paths are not written (no machine here to test them).
 // Twins: kernels/quant.py quant_linear_4bit_ref / quant_linear_8bit_ref (dequantize, F.linear).
 #include "common.h"
 #include "kernels.h"
@@ -380,6 +383,133 @@ void run_lut32(const at::Tensor& x, const Packed& w, const float* b_ptr, float* 
   });
 }
 
+// ---- AVX2, linear codes with the group's affine folded out of the inner loop ---------------
+// For codes whose value is the code itself (8-bit, and HQQ's 4/3/2-bit nibbles) a group's
+// sum_k (q_k - zero) * scale * x_k is computed as scale * (sum_k q_k x_k - zero * sum_k x_k),
+// lane-wise: the inner loop is only widen, convert and FMA. The lane-wise group sums of the
+// activations (xsum) are taken once per call. Differs from dequantize-then-multiply by float
+// rounding only (the zero term is subtracted per lane, after at most group / 8 products).
+// 4-bit codes: 8 bytes widen to 8 lanes; the high nibbles are elements 0, 2, .., 14 of the 16
+// and the low ones 1, 3, .., 15, so the activations are read with each block of 16 split into
+// its even then its odd elements (split16_rows, once per call).
+
+// rows x [rows, in] -> xs [rows, in] contiguous (each block of 16 even-then-odd when split16,
+// else as is) and, when xsum is given, xsum [rows, in / group, 8]: lane j of group g sums the
+// activations xs places in lane j of that group's vectors.
+__attribute__((target("avx2,fma")))
+void folded_rows(const float* x, int64_t x_stride, int64_t rows, int64_t in, int64_t group, bool split16,
+                 float* xs, float* xsum) {
+  const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* src = x + t * x_stride;
+    float* dst = xs + t * in;
+    if (split16) {
+      for (int64_t i = 0; i < in; i += 16) {
+        const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + i), even_odd);      // 0 2 4 6 | 1 3 5 7
+        const __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + i + 8), even_odd);  // 8 .. 14 | 9 .. 15
+        _mm256_storeu_ps(dst + i, _mm256_permute2f128_ps(a, b, 0x20));
+        _mm256_storeu_ps(dst + i + 8, _mm256_permute2f128_ps(a, b, 0x31));
+      }
+    } else {
+      std::memcpy(dst, src, sizeof(float) * in);
+    }
+    if (xsum == nullptr) continue;
+    for (int64_t g = 0; g < in / group; ++g) {
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t i = g * group; i < (g + 1) * group; i += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(dst + i));
+      _mm256_storeu_ps(xsum + (t * (in / group) + g) * 8, sum);
+    }
+  }
+}
+
+// The group's contribution to acc: scale * (part - zero * xsum), lane-wise.
+__attribute__((target("avx2,fma"))) inline __m256 fold_group(__m256 acc, __m256 part, const Packed& w,
+                                                             int64_t at, const float* xsum_g) {
+  if (w.zeros != nullptr) part = _mm256_fnmadd_ps(_mm256_set1_ps(w.zeros[at]), _mm256_loadu_ps(xsum_g), part);
+  return _mm256_fmadd_ps(part, _mm256_set1_ps(w.scales[at]), acc);
+}
+
+// MR prepared activation rows (xs, stride in) against NR weight rows of linear codes, 16
+// (4-bit) or 8 (8-bit) weights per step.
+template <int MR, int NR>
+__attribute__((target("avx2,fma")))
+void folded_rows_avx2(const Packed& w, int64_t o0, const float* xs, const float* xsum, float* y,
+                      int64_t y_stride, const float* bias) {
+  const int64_t groups = w.in / w.group;
+  const bool nibbles = w.lut != nullptr;
+  const __m256i low4 = _mm256_set1_epi32(15);
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) part[m][r] = _mm256_setzero_ps();
+    if (nibbles) {
+      for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 16) {
+        __m256 xe[MR], xo[MR];
+        for (int m = 0; m < MR; ++m) {
+          xe[m] = _mm256_loadu_ps(xs + m * w.in + i);
+          xo[m] = _mm256_loadu_ps(xs + m * w.in + i + 8);
+        }
+        for (int r = 0; r < NR; ++r) {
+          const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.codes + (o0 + r) * w.row_bytes + i / 2));
+          const __m256i bytes = _mm256_cvtepu8_epi32(eight);
+          const __m256 high = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));         // elements 0, 2, .., 14
+          const __m256 low = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low4));        // elements 1, 3, .., 15
+          for (int m = 0; m < MR; ++m) part[m][r] = _mm256_fmadd_ps(xo[m], low, _mm256_fmadd_ps(xe[m], high, part[m][r]));
+        }
+      }
+    } else {
+      for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 8) {
+        __m256 xv[MR];
+        for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(xs + m * w.in + i);
+        for (int r = 0; r < NR; ++r) {
+          const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.codes + (o0 + r) * w.row_bytes + i));
+          const __m256 v = _mm256_cvtepi32_ps(w.is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
+          for (int m = 0; m < MR; ++m) part[m][r] = _mm256_fmadd_ps(xv[m], v, part[m][r]);
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      for (int m = 0; m < MR; ++m) {
+        acc[m][r] = fold_group(acc[m][r], part[m][r], w, (o0 + r) * groups + g,
+                               xsum == nullptr ? nullptr : xsum + (m * groups + g) * 8);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) y[m * y_stride + o0 + r] = hsum(acc[m][r]) + (bias ? bias[o0 + r] : 0.0f);
+}
+
+template <int MR, int NR>
+void folded_range_avx2(const Packed& w, int64_t begin, int64_t end, const float* xs, const float* xsum,
+                       float* y, int64_t y_stride, const float* bias) {
+  int64_t o = begin;
+  for (; o + NR <= end; o += NR) folded_rows_avx2<MR, NR>(w, o, xs, xsum, y, y_stride, bias);
+  for (; o < end; ++o) folded_rows_avx2<MR, 1>(w, o, xs, xsum, y, y_stride, bias);
+}
+
+// True when the folded path takes this weight: linear codes (8-bit, or the identity table)
+// in groups of whole steps.
+bool folds(const Packed& w) {
+  return w.lut == nullptr ? w.group % 8 == 0 : w.identity_lut && w.group % 16 == 0;
+}
+
+// 1-3 activation rows through the folded path.
+void run_folded(const float* x, int64_t x_stride, int64_t rows, const Packed& w, const float* b_ptr, float* y_ptr) {
+  const int64_t groups = w.in / w.group;
+  std::vector<float> xs(static_cast<size_t>(rows * w.in));                        // [rows, in]
+  std::vector<float> xsum(w.zeros == nullptr ? 0 : static_cast<size_t>(rows * groups * 8));   // [rows, G, 8]
+  float* xsum_ptr = w.zeros == nullptr ? nullptr : xsum.data();
+  folded_rows(x, x_stride, rows, w.in, w.group, w.lut != nullptr, xs.data(), xsum_ptr);
+  at::parallel_for(0, w.out, 16, [&](int64_t begin, int64_t end) {
+    if (rows == 1) folded_range_avx2<1, 4>(w, begin, end, xs.data(), xsum_ptr, y_ptr, w.out, b_ptr);
+    if (rows == 2) folded_range_avx2<2, 2>(w, begin, end, xs.data(), xsum_ptr, y_ptr, w.out, b_ptr);
+    if (rows == 3) folded_range_avx2<3, 1>(w, begin, end, xs.data(), xsum_ptr, y_ptr, w.out, b_ptr);
+  });
+}
+
 bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
@@ -407,6 +537,10 @@ at::Tensor run(const at::Tensor& x, const Packed& w, const std::optional<at::Ten
   const int64_t blocks = (w.out + kRowBlock - 1) / kRowBlock;
   if (rows == 0) return y;
 #ifdef LORAPLEX_X86
+  if (dequant == dequant_row_avx2 && rows <= 3 && folds(w)) {       // decode, linear codes
+    run_folded(x_ptr, x_stride, rows, w, b_ptr, y_ptr);
+    return y;
+  }
   if (dequant == dequant_row_avx2 && w.lut != nullptr && w.group % 32 == 0) {
     run_lut32(x, w, b_ptr, y_ptr);
     return y;
