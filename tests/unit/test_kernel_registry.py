@@ -101,7 +101,8 @@ def _packs(bits: int):
         rows = [("bnb-nf4", False, 64, 97, 192), ("bnb-fp4", True, 64, 64, 256),
                 ("bnb-nf4", True, 64, 33, 64), ("hqq-4bit", False, 32, 97, 64),
                 ("hqq-3bit", False, 64, 40, 128), ("hqq-2bit", False, 16, 52, 48),
-                ("hqq-4bit", False, 128, 24, 256)]
+                ("hqq-4bit", False, 128, 24, 256),
+                ("hqq-4bit", False, 8, 20, 40)]    # group not a multiple of 16: the unfolded path
     else:
         rows = [("bnb-int8", False, 64, 95, 200), ("eetq", False, 64, 33, 72),
                 ("hqq-8bit", False, 64, 96, 192), ("hqq-8bit", False, 16, 17, 48)]
