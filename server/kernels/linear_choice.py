@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..layers.base import QuantizedLinear, QuantSpec
+from ..layers.concat import ConcatLinear
 
 BUCKETS = (1, 16, 64)             # measured row counts
 RANGES = (4, 32, 64)              # rows <= 4 take bucket 1's choice, <= 32 bucket 16's, ...
@@ -126,7 +127,8 @@ def measure_routes(layers: list[QuantizedLinear], candidates: Iterable[str], den
 def choose_linear_kernels(model, spec: QuantSpec, kernels, log: Log = print,
                           cache: Path | None | str = "default",
                           timer: Timer = best_seconds) -> tuple[KernelChoice, ...]:
-    """Attach the native kernels, pick each layer shape's routes, set them, log them."""
+    """Attach the native kernels, pick each layer shape's routes, set them, log them; then let
+    each ConcatLinear join its parts' packs (`ConcatLinear.join_native`)."""
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.kernel_candidates()]
     for layer in layers:
         layer.attach_native(kernels.native)
@@ -154,6 +156,9 @@ def choose_linear_kernels(model, spec: QuantSpec, kernels, log: Log = print,
         choices.append(KernelChoice(key, len(members), routes, source))
     if changed:
         _write_cache(path, cached)
+    for module in model.modules():
+        if isinstance(module, ConcatLinear):
+            module.join_native()
     for choice in choices:
         log(f"[loraplex] linear kernel {choice.describe()}")
     return tuple(choices)

@@ -21,7 +21,7 @@ layer keeps its library path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ class QuantPack:
     zeros: torch.Tensor | None      # [out, in / group] float32 or None (= 0)
     group: int
     lut: torch.Tensor | None = None  # [16] float32 (4-bit only)
+    owned: bool = False             # codes are a copy made for the kernel, not the library's data
 
     def nbytes(self) -> int:
         tensors = (self.codes, self.scales, self.zeros, self.lut)
@@ -144,4 +145,32 @@ def pack_hqq(hqq_layer, out_features: int, in_features: int) -> QuantPack | None
     codes = Quantizer.unpack[meta["packing"]](hqq_layer.W_q.data, dtype=torch.uint8)[:num_groups]
     codes = codes.reshape(out_features, in_features)                        # [out, in] 0..2^b-1
     nibbles = ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()         # [out, in / 2]
-    return QuantPack(4, nibbles, scales, zeros, group, torch.arange(16, dtype=torch.float32))
+    return QuantPack(4, nibbles, scales, zeros, group, torch.arange(16, dtype=torch.float32), owned=True)
+
+
+def joinable(packs: list[QuantPack]) -> bool:
+    """True when `packs` can be one weight of stacked rows (`join_packs`) without copying data
+    a library holds: every pack owns its codes, and bits, group, table and zeros agree."""
+    first = packs[0]
+    return all(p.owned and p.bits == first.bits and p.group == first.group
+               and p.codes.dtype == first.codes.dtype and (p.zeros is None) == (first.zeros is None)
+               and (p.lut is None) == (first.lut is None)
+               and (p.lut is None or torch.equal(p.lut, first.lut)) for p in packs)
+
+
+def join_packs(packs: list[QuantPack]) -> tuple[QuantPack, list[QuantPack]]:
+    """One pack of the parts' rows stacked ([sum(out_i), ...]: each output row dequantizes and
+    sums exactly as in its part), and each part's pack as views into it (no second copy)."""
+    def cat(tensors):
+        return None if tensors[0] is None else torch.cat(tensors).contiguous()
+
+    first = packs[0]
+    joined = replace(first, codes=cat([p.codes for p in packs]), scales=cat([p.scales for p in packs]),
+                     zeros=cat([p.zeros for p in packs]))
+    views, row = [], 0
+    for p in packs:
+        rows = slice(row, row + p.codes.shape[0])
+        views.append(replace(p, codes=joined.codes[rows], scales=joined.scales[rows],
+                             zeros=None if joined.zeros is None else joined.zeros[rows]))
+        row = rows.stop
+    return joined, views

@@ -56,6 +56,10 @@ class QuantizedLinear(torch.nn.Module):
         """The backend library's own path (the PEFT/transformers-identical one)."""
         raise NotImplementedError
 
+    def served_route(self, rows: int) -> str:
+        """The kernel name serving `rows` rows ("library" past the last route)."""
+        return next((name for max_rows, name in self.route_names if rows <= max_rows), "library")
+
     def native_pack(self):
         """(QuantPack, float32 bias or None) for the fused quantized GEMMs, or None."""
         return None

@@ -90,9 +90,13 @@ class HqqLinear(QuantizedLinear):
         stored = [self.hqq.W_q, meta.get("scale"), meta.get("zero"), self.hqq.bias]
         if self.fast is not None:  # the fast kernel's repacked copy is resident as well
             stored += list(self.fast.parameters()) + list(self.fast.buffers())
-        total = sum(t.numel() * t.element_size() for t in stored if torch.is_tensor(t))
-        if self.native_kernel is not None and self.native_kernel[1].codes.data_ptr() != self.hqq.W_q.data_ptr():
-            total += self.native_kernel[1].codes.numel()     # the nibble copy (4/3/2-bit)
+        stored = [t for t in stored if torch.is_tensor(t)]
+        total = sum(t.numel() * t.element_size() for t in stored)
+        if self.native_kernel is not None:   # the kernel's own copies (nibbles; joined scales, zeros)
+            pack = self.native_kernel[1]
+            held = {t.untyped_storage().data_ptr() for t in stored}
+            total += sum(t.numel() * t.element_size() for t in (pack.codes, pack.scales, pack.zeros)
+                         if t is not None and t.untyped_storage().data_ptr() not in held)
         return total
 
     def dequantized_weight(self) -> torch.Tensor:

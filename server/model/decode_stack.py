@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..kernels.quant import quant_linear_4bit_ref, quant_linear_8bit_ref
+from ..kernels.quant import QuantPack, quant_linear_4bit_ref, quant_linear_8bit_ref
 from ..layers.base import QuantizedLinear
 from ..layers.concat import ConcatLinear
 from ..layers.cpu_gemm import packed_linear
@@ -110,21 +110,19 @@ def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor],
     return add_rms_norm_ref(x, residual, norms[-1], eps)
 
 
-def served_route(layer: QuantizedLinear, rows: int) -> str:
-    """The kernel name a layer serves `rows` rows with ("library" past its last route)."""
-    return next((name for max_rows, name in layer.route_names if rows <= max_rows), "library")
-
-
 def stack_parts(layer: QuantizedLinear, rows: int) -> list[Part] | None:
     """The parts the kernel runs for this layer at `rows` rows, or None when one of its GEMMs
     is not float32 dense (F.linear / oneDNN) or the fused quantized kernel (then the step
     stays on the layer path)."""
     if isinstance(layer, ConcatLinear):
+        joined = layer.joined_native(rows)
+        if joined is not None:
+            return [_quant_part(*joined)]
         parts = [stack_parts(part, rows) for part in layer.parts]
         return None if any(p is None for p in parts) else [q for p in parts for q in p]
     if layer.compute_dtype != torch.float32:
         return None
-    route = served_route(layer, rows)
+    route = layer.served_route(rows)
     if isinstance(layer, DenseLinear):
         if route == "library":
             route = "aten" if layer.weight is not None else "onednn"
@@ -134,11 +132,14 @@ def stack_parts(layer: QuantizedLinear, rows: int) -> list[Part] | None:
             return [([layer.weight, layer.bias], GEMM_ATEN, 0)]
         return None
     if route == "native" and layer.native_kernel is not None:
-        _module, pack, bias = layer.native_kernel
-        if pack.bits == 4:
-            return [([pack.codes, pack.lut, pack.scales, pack.zeros, bias], GEMM_QUANT4, pack.group)]
-        return [([pack.codes, pack.scales, pack.zeros, bias], GEMM_QUANT8, pack.group)]
+        return [_quant_part(*layer.native_kernel[1:])]
     return None
+
+
+def _quant_part(pack: QuantPack, bias: torch.Tensor | None) -> Part:
+    if pack.bits == 4:
+        return ([pack.codes, pack.lut, pack.scales, pack.zeros, bias], GEMM_QUANT4, pack.group)
+    return ([pack.codes, pack.scales, pack.zeros, bias], GEMM_QUANT8, pack.group)
 
 
 def build_decode_stack(model, kernels) -> "DecodeStack | None":

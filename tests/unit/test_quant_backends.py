@@ -214,3 +214,52 @@ def test_output_dtype_follows_compute_dtype(method):
     layer = build_linear(weight, bias, QuantSpec(method=method, compute_dtype=torch.bfloat16))
     assert layer.linear(x.to(torch.bfloat16)).dtype == torch.bfloat16
     assert layer.dequantized_weight().dtype == torch.bfloat16
+
+
+NATIVE_ROUTES = ((4, "native"), (32, "native"), (64, "library"))
+
+
+@pytest.mark.parametrize("method,double_quant,joins", [
+    ("hqq-4bit", False, True), ("hqq-3bit", False, True), ("hqq-2bit", False, True),
+    ("hqq-8bit", False, False),            # 8-bit codes are HQQ's own tensor: not copied
+    ("bnb-nf4", True, False)])             # bnb codes are read where they lie
+def test_concat_parts_join_into_one_fused_gemm(native_kernels, method, double_quant, joins):
+    """A ConcatLinear whose parts own their fused-kernel packs stacks them into one (the parts'
+    packs become views into it): rows every part serves natively run one GEMM, bit-equal to
+    the parts one by one; resident bytes count the joined copies once."""
+    spec = QuantSpec(method=method, bnb_double_quant=double_quant)
+    fused = build_fused_linear(_parts(IN_FEATURES), [None] * 3, spec)
+    for part in fused.parts:
+        assert part.attach_native(native_kernels)
+        part.set_kernel_routes(NATIVE_ROUTES)
+    xs = {rows: torch.randn(rows, IN_FEATURES, generator=torch.Generator().manual_seed(rows))
+          for rows in (1, 2, 3, 16, 40, 70)}
+    before, bytes_before = {rows: fused.linear(x) for rows, x in xs.items()}, fused.weight_bytes()
+    assert fused.join_native() is joins
+    for rows, x in xs.items():
+        torch.testing.assert_close(fused.linear(x), before[rows], rtol=0, atol=0)
+    if not joins:
+        assert fused.joined is None and fused.weight_bytes() == bytes_before
+        return
+    _, pack, _ = fused.joined
+    assert pack.codes.shape[0] == fused.out_features
+    start = pack.codes.data_ptr()
+    offsets = [part.native_kernel[1].codes.data_ptr() - start for part in fused.parts]
+    assert offsets == [0, 128 * pack.codes.shape[1], 192 * pack.codes.shape[1]]   # views, no copy
+    assert fused.joined_native(16) is not None and fused.joined_native(40) is None  # 33+: library
+    scales_zeros = 2 * pack.scales.numel() * pack.scales.element_size()
+    assert fused.weight_bytes() == bytes_before + scales_zeros      # HQQ keeps its own meta too
+
+
+def test_concat_does_not_join_parts_on_different_routes(native_kernels):
+    fused = build_fused_linear(_parts(IN_FEATURES), [None] * 3, QuantSpec(method="hqq-4bit"))
+    for part in fused.parts:
+        part.attach_native(native_kernels)
+    fused.parts[0].set_kernel_routes(NATIVE_ROUTES)
+    for part in fused.parts[1:]:
+        part.set_kernel_routes(((4, "native"), (32, "library"), (64, "library")))
+    assert fused.join_native()
+    assert fused.joined_native(1) is not None and fused.joined_native(16) is None
+    x = torch.randn(16, IN_FEATURES)
+    torch.testing.assert_close(fused.linear(x), torch.cat([p.linear(x) for p in fused.parts], -1),
+                               rtol=0, atol=0)
