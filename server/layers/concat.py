@@ -32,7 +32,7 @@ class ConcatLinear(QuantizedLinear):
         from ..kernels.quant import join_packs, joinable
 
         kernels = [p.native_kernel for p in self.parts]
-        if any(k is None for k in kernels) or not joinable([k[1] for k in kernels]):
+        if len(kernels) < 2 or any(k is None for k in kernels) or not joinable([k[1] for k in kernels]):
             return False
         joined, views = join_packs([k[1] for k in kernels])
         biases = [k[2] for k in kernels]

@@ -251,6 +251,13 @@ def test_concat_parts_join_into_one_fused_gemm(native_kernels, method, double_qu
     assert fused.weight_bytes() == bytes_before + scales_zeros      # HQQ keeps its own meta too
 
 
+def test_concat_of_one_part_does_not_join(native_kernels):
+    single = build_fused_linear(_parts(IN_FEATURES)[:1], [None], QuantSpec(method="hqq-4bit"))
+    single.parts[0].attach_native(native_kernels)
+    single.parts[0].set_kernel_routes(NATIVE_ROUTES)
+    assert not single.join_native()                       # nothing to save, scales not copied
+
+
 def test_concat_does_not_join_parts_on_different_routes(native_kernels):
     fused = build_fused_linear(_parts(IN_FEATURES), [None] * 3, QuantSpec(method="hqq-4bit"))
     for part in fused.parts:
