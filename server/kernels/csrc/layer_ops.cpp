@@ -36,9 +36,7 @@ at::Tensor add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& re
         for (int64_t j = 0; j < width; ++j) r[j] += src[j];
         src = r;
       }
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < width; ++j) sum += src[j] * src[j];
+      const float sum = dot(src, src, width);                          // 16 partial sums
       const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + feps);
       float* o = o_ptr + i * width;
 #pragma omp simd
@@ -107,15 +105,22 @@ void rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tenso
 
 namespace {
 
-// o = silu(g) * u over n floats; silu(g) = g / (1 + exp(-g)), with exp's argument kept <= 0.
+// o[j] = silu(g[j]) * u[j]; silu(g) = g / (1 + exp(-g)), with exp's argument kept <= 0.
+inline float silu_mul_one(float g, float u) {
+  const float e = exp_nonpositive(-std::fabs(g));                       // exp(-|g|)
+  const float numerator = g >= 0.0f ? g : g * e;                        // one division, no branch
+  return numerator / (1.0f + e) * u;
+}
+
+// o = silu(g) * u over n floats, 16 at a time: the vectors of one block are independent, so
+// their long exp-and-divide chains overlap (one vector per iteration waited on its own chain).
 void silu_mul_row(const float* __restrict g, const float* __restrict u, float* __restrict o, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float e = exp_nonpositive(-std::fabs(g[j]));                  // exp(-|g|)
-    const float numerator = g[j] >= 0.0f ? g[j] : g[j] * e;            // one division, no branch
-    const float silu = numerator / (1.0f + e);
-    o[j] = silu * u[j];
+    for (int64_t k = j; k < j + 16; ++k) o[k] = silu_mul_one(g[k], u[k]);
   }
+  for (; j < n; ++j) o[j] = silu_mul_one(g[j], u[j]);
 }
 
 }  // namespace
