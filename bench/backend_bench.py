@@ -50,9 +50,11 @@ def step_bytes(model) -> int:
 
 
 def _decode_kernels(model) -> str:
+    """Kernel name x GEMM calls per decode step at batch 1 (a joined ConcatLinear is one call)."""
     names: dict[str, int] = {}
     for proj in model.lora_targets():
-        parts = getattr(proj.base, "parts", [proj.base])
+        joined = getattr(proj.base, "joined_native", lambda _rows: None)(1) is not None
+        parts = [proj.base.parts[0]] if joined else getattr(proj.base, "parts", [proj.base])
         for part in parts:
             first = part.route_names[0][1] if part.route_names else "library"
             names[first] = names.get(first, 0) + 1

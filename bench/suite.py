@@ -223,7 +223,8 @@ def section_backends(model_dir: Path, quick: bool) -> str:
         ["Default model, greedy decode at batch 1 and 16, float32 compute, CPU: " + machine_line() + "; "
          + cpu_isa_line() + ". Linear kernels are chosen by measurement at start-up",
          "(`--linear-kernel auto`: fused dequantize-GEMM `native`, the library's own path, or for",
-         "float32 oneDNN / F.linear); the decode kernels column names what served 1-4 rows.",
+         "float32 oneDNN / F.linear); the decode kernels column names what served 1-4 rows and",
+         "its GEMM calls per step (HQQ's q/k/v and gate/up parts are joined into one call each).",
          "Weights: the decoder's linear weights as resident (quantized data, scales, zeros, and",
          "the fused kernels' repacked copy where there is one). Step: bytes one decode step",
          "streams (decoder linears as the decode kernel reads them + the float32 LM head);",
