@@ -25,6 +25,11 @@ class StepOps:
     kv_bytes: float               # mean K and V bytes attention reads per step
 
     @property
+    def rest_ms(self) -> float:
+        """The step outside the stack's timed ops: LM head GEMM, sampling, host work."""
+        return self.step_ms - sum(self.ms.values())
+
+    @property
     def besides_gemms_ms(self) -> float:
         return sum(v for k, v in self.ms.items() if k != "GEMMs")
 

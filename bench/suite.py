@@ -83,7 +83,8 @@ def section_decode(model_dir: Path, quick: bool) -> str:
 
 def step_ops_lines(model_dir: Path, results) -> list[str]:
     """Where the served decode step's time goes (bench/step_ops_bench.py, timers inside the
-    one-call decode stack of a bench build) and the bound it puts on engine / GEMM floor."""
+    one-call decode stack of a bench build) and, where the floor target is missed, the bound
+    it puts on engine / GEMM floor."""
     from transformers import AutoTokenizer
 
     from common import prompt_ids
@@ -94,8 +95,6 @@ def step_ops_lines(model_dir: Path, results) -> list[str]:
     engine = make_engine(model_dir, kv_cache_memory="1GiB")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ops = run_step_ops(engine, {r.batch: prompt_ids(tokenizer, r.batch, 32) for r in results})
-    at1 = next((r for r in results if r.batch == 1), None)
-    stream = step_bytes(engine.runner.model) * at1.engine_floor_tok_s if at1 else 0.0    # bytes/s
     lines = [
         "",
         "Where the served decode step's time goes (`bench/step_ops_bench.py`): a bench build of",
@@ -110,21 +109,45 @@ def step_ops_lines(model_dir: Path, results) -> list[str]:
     ]
     for o in ops:
         ms = o.ms
-        rest = o.step_ms - sum(ms.values())
         lines.append(f"| {o.batch} | {o.step_ms:.1f} | {ms['GEMMs']:.1f} | {ms['norms']:.2f} | "
                      f"{ms['rotary + K/V write']:.2f} | {ms['attention']:.2f} | {ms['SiLU·up']:.2f} | "
-                     f"{rest:.1f} | {o.kv_bytes / 1e6:.1f} MB | {o.attention_gb_s:.1f} GB/s |")
-    if stream:
-        bounds = []
-        for r, o in zip(results, ops):
-            floor_ms = 1000 * r.batch / r.engine_floor_tok_s
-            ideal_ms = o.kv_bytes / stream * 1000 + o.besides_gemms_ms - o.ms["attention"]
-            bounds.append(f"{floor_ms / (floor_ms + ideal_ms):.2f}x at batch {r.batch}")
-        lines += ["", f"Bound: the batch-1 engine-GEMM floor streams the weights at {stream / 1e9:.1f} GB/s. "
-                  "If attention read its K/V at that rate and the norms, rotary and SiLU took the times "
-                  "above, a step could reach at most " + ", ".join(bounds) + " of the engine-GEMM "
-                  "floor, before sampling and host work."]
-    return lines
+                     f"{o.rest_ms:.1f} | {o.kv_bytes / 1e6:.1f} MB | {o.attention_gb_s:.1f} GB/s |")
+    bound = step_ops_bound(results, ops, step_bytes(engine.runner.model))
+    return lines + (["", bound] if bound else [])
+
+
+def step_ops_bound(results, ops, bytes_per_step: int) -> str:
+    """For the batches that miss the issue-21 floor target, the most a step could reach with
+    attention reading its K/V as fast as the batch-1 step streams its weights and the other
+    ops as measured, all from the step-ops run itself (its minute, not the floor's). The
+    GEMMs and *rest* (LM head, sampling, host work) count as floor work, so it is an upper
+    bound. "" when every batch meets the target or there is no batch-1 row."""
+    at1 = next((o for o in ops if o.batch == 1), None)
+    missed = [(r, o) for r, o in zip(results, ops) if floor_ratio(r)[0] < FLOOR_TARGET]
+    if at1 is None or not missed:
+        return ""
+    stream = bytes_per_step / ((at1.ms["GEMMs"] + at1.rest_ms) / 1000)            # bytes/s
+    bounds = []
+    for r, o in missed:
+        floor_ms = o.ms["GEMMs"] + o.rest_ms
+        other_ms = o.kv_bytes / stream * 1000 + o.besides_gemms_ms - o.ms["attention"]
+        bounds.append(f"{floor_ms / (floor_ms + other_ms):.2f}x at batch {r.batch}")
+    return (f"Bound: the batch-1 step streams its weights at {stream / 1e9:.1f} GB/s. If attention read "
+            "its K/V at that rate and the norms, rotary and SiLU took the times above, a step could reach "
+            "at most " + ", ".join(bounds) + " of the engine-GEMM floor (GEMMs and the rest counted as floor work).")
+
+
+FLOOR_TARGET = 0.95
+
+
+def floor_ratio(r) -> tuple[float, bool]:
+    """Issue 21's ratio for one batch and whether it is the paired one: where the engine-GEMM
+    floor is the better floor the paired ratio (back-to-back runs) judges, as in the issue-3
+    verdict; else best/best against the F.linear floor."""
+    paired = getattr(r, "paired_floor_ratio", 0.0)
+    if paired > 0 and r.engine_floor_tok_s >= r.floor_tok_s:
+        return paired, True
+    return r.engine_tok_s / max(r.floor_tok_s, r.engine_floor_tok_s), False
 
 
 def floor_verdict(results) -> str:
@@ -135,10 +158,8 @@ def floor_verdict(results) -> str:
     parts, met = [], True
     for r in results:
         floor = max(r.floor_tok_s, r.engine_floor_tok_s)
-        paired = getattr(r, "paired_floor_ratio", 0.0)
-        use_paired = paired > 0 and r.engine_floor_tok_s >= r.floor_tok_s
-        ratio = paired if use_paired else r.engine_tok_s / floor
-        met = met and ratio >= 0.95
+        ratio, use_paired = floor_ratio(r)
+        met = met and ratio >= FLOOR_TARGET
         rest_ms = 1000 * r.batch * (1 / r.engine_tok_s - 1 / floor)
         parts.append(f"batch {r.batch} {ratio:.3f}x {'paired' if use_paired else 'best/best'} "
                      f"({rest_ms:.1f} ms per step besides the GEMMs, best/best)")

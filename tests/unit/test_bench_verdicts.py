@@ -32,3 +32,26 @@ def test_floor_verdict_takes_the_better_floor_and_states_the_time_left():
     assert "MISSED" in line and "batch 16 0.940x paired" in line
     rows[0].paired_floor_ratio = 0.5         # not used: F.linear is the better floor at batch 1
     assert "batch 1 0.950x best/best" in suite.floor_verdict(rows)
+
+
+def _ops(batch, step_ms, gemms_ms, attention_ms, kv_bytes, other_ms=0.0):
+    import step_ops_bench
+
+    ms = {"GEMMs": gemms_ms, "norms": other_ms, "rotary + K/V write": 0.0, "attention": attention_ms,
+          "SiLU·up": 0.0}
+    return step_ops_bench.StepOps(batch, step_ms, ms, kv_bytes)
+
+
+def test_step_ops_bound_only_for_missed_batches_and_from_the_ops_run_alone():
+    rows = [SimpleNamespace(batch=1, engine_tok_s=20.0, floor_tok_s=10.0, engine_floor_tok_s=19.0,
+                            paired_floor_ratio=1.02),
+            SimpleNamespace(batch=16, engine_tok_s=100.0, floor_tok_s=50.0, engine_floor_tok_s=105.0,
+                            paired_floor_ratio=0.93)]
+    # batch 1: 40 ms of GEMMs + 10 ms rest stream 500 MB -> 10 GB/s
+    ops = [_ops(1, 52.0, 40.0, 2.0, 1e6), _ops(16, 110.0, 80.0, 8.0, 40e6, other_ms=2.0)]
+    line = suite.step_ops_bound(rows, ops, 500_000_000)
+    assert line.startswith("Bound: the batch-1 step streams its weights at 10.0 GB/s")
+    # batch 16: floor work 80 + 20 rest = 100 ms; attention at 10 GB/s 4 ms + norms 2 ms -> 100 / 106
+    assert "at most 0.94x at batch 16 " in line and "batch 1 " not in line
+    rows[1].paired_floor_ratio = 0.95
+    assert suite.step_ops_bound(rows, ops, 500_000_000) == ""          # every batch met
