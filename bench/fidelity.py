@@ -89,7 +89,8 @@ def main() -> int:
             print(f"[fidelity] {rows[-1]} ({time.monotonic() - started:.0f}s)", flush=True)
         for adapter_dtype in ("bfloat16", "float16"):     # --adapter-dtype: half-precision slots
             scorer = Scorer(model_dir, adapter_dtype=adapter_dtype)
-            adapter = load_peft_dir(adapter_dir, scorer.base_spec)
+            # factors in the slots' dtype, so the row's resident bytes count them as served
+            adapter = load_peft_dir(adapter_dir, scorer.base_spec, dtype=getattr(torch, adapter_dtype))
             rows.append(measure(f"unmerged, none, {adapter_dtype} adapter", scorer, adapter, text_ids,
                                 prompts, NEW_TOKENS, reference)[0])
         rows.append(measure("naive merge into bnb-nf4", Scorer(naive), None, text_ids, prompts, NEW_TOKENS,

@@ -31,6 +31,7 @@ class ConcatLinear(QuantizedLinear):
         part computes."""
         from ..kernels.quant import join_packs, joinable
 
+        self.joined = None
         kernels = [p.native_kernel for p in self.parts]
         if len(kernels) < 2 or any(k is None for k in kernels) or not joinable([k[1] for k in kernels]):
             return False

@@ -7,9 +7,11 @@
 //   8-bit: codes [out, in] int8 (bnb-int8, eetq) or uint8 (hqq-8bit);
 //          w = (q - zero[g]) * scale[g]
 // scales / zeros are float32 [out, in / group] (zeros optional = 0), one group never straddles
-// a row. These are the libraries' own dequantization formulas in float32, so each weight the
-// kernel multiplies equals the library's dequantized weight exactly (for bnb-int8 the scale is
-// absmax / 127 precomputed: one rounding apart); only the order of the sums differs.
+// a row. These are the libraries' own dequantization formulas in float32: the paths that
+// dequantize (tiles, byte tables) multiply exactly the library's dequantized weights (for
+// bnb-int8 the scale is absmax / 127 precomputed: one rounding apart), only the order of the
+// sums differs; the folded path (below) applies scale and zero once per group, which differs
+// by float rounding.
 //
 // Work: blocks of 4 output rows over at::parallel_for; each block's rows are dequantized once
 // into a thread-local float buffer and multiplied with every activation row, so a decode batch
@@ -391,7 +393,7 @@ void run_lut32(const at::Tensor& x, const Packed& w, const float* b_ptr, float* 
 // rounding only (the zero term is subtracted per lane, after at most group / 8 products).
 // 4-bit codes: 8 bytes widen to 8 lanes; the high nibbles are elements 0, 2, .., 14 of the 16
 // and the low ones 1, 3, .., 15, so the activations are read with each block of 16 split into
-// its even then its odd elements (split16_rows, once per call).
+// its even then its odd elements (folded_rows, once per call).
 
 // rows x [rows, in] -> xs [rows, in] contiguous (each block of 16 even-then-odd when split16,
 // else as is) and, when xsum is given, xsum [rows, in / group, 8]: lane j of group g sums the
