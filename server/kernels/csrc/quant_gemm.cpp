@@ -395,25 +395,23 @@ void run_lut32(const at::Tensor& x, const Packed& w, const float* b_ptr, float* 
 // and the low ones 1, 3, .., 15, so the activations are read with each block of 16 split into
 // its even then its odd elements (folded_rows, once per call).
 
-// rows x [rows, in] -> xs [rows, in] contiguous (each block of 16 even-then-odd when split16,
-// else as is) and, when xsum is given, xsum [rows, in / group, 8]: lane j of group g sums the
-// activations xs places in lane j of that group's vectors.
+// rows x [rows, in] -> xs [rows, in] contiguous, each block of 16 even-then-odd (split16; else
+// xs is x itself and nothing is written) and, when xsum is given, xsum [rows, in / group, 8]:
+// lane j of group g sums the activations xs places in lane j of that group's vectors.
 __attribute__((target("avx2,fma")))
 void folded_rows(const float* x, int64_t x_stride, int64_t rows, int64_t in, int64_t group, bool split16,
                  float* xs, float* xsum) {
   const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   for (int64_t t = 0; t < rows; ++t) {
     const float* src = x + t * x_stride;
-    float* dst = xs + t * in;
+    const float* dst = split16 ? xs + t * in : src;                  // the rows the kernel reads
     if (split16) {
       for (int64_t i = 0; i < in; i += 16) {
         const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + i), even_odd);      // 0 2 4 6 | 1 3 5 7
         const __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + i + 8), even_odd);  // 8 .. 14 | 9 .. 15
-        _mm256_storeu_ps(dst + i, _mm256_permute2f128_ps(a, b, 0x20));
-        _mm256_storeu_ps(dst + i + 8, _mm256_permute2f128_ps(a, b, 0x31));
+        _mm256_storeu_ps(xs + t * in + i, _mm256_permute2f128_ps(a, b, 0x20));
+        _mm256_storeu_ps(xs + t * in + i + 8, _mm256_permute2f128_ps(a, b, 0x31));
       }
-    } else {
-      std::memcpy(dst, src, sizeof(float) * in);
     }
     if (xsum == nullptr) continue;
     for (int64_t g = 0; g < in / group; ++g) {
@@ -431,12 +429,12 @@ __attribute__((target("avx2,fma"))) inline __m256 fold_group(__m256 acc, __m256 
   return _mm256_fmadd_ps(part, _mm256_set1_ps(w.scales[at]), acc);
 }
 
-// MR prepared activation rows (xs, stride in) against NR weight rows of linear codes, 16
-// (4-bit) or 8 (8-bit) weights per step.
+// MR prepared activation rows (xs, row stride xs_stride) against NR weight rows of linear
+// codes, 16 (4-bit) or 8 (8-bit) weights per step.
 template <int MR, int NR>
 __attribute__((target("avx2,fma")))
-void folded_rows_avx2(const Packed& w, int64_t o0, const float* xs, const float* xsum, float* y,
-                      int64_t y_stride, const float* bias) {
+void folded_rows_avx2(const Packed& w, int64_t o0, const float* xs, int64_t xs_stride, const float* xsum,
+                      float* y, int64_t y_stride, const float* bias) {
   const int64_t groups = w.in / w.group;
   const bool nibbles = w.lut != nullptr;
   const __m256i low4 = _mm256_set1_epi32(15);
@@ -451,8 +449,8 @@ void folded_rows_avx2(const Packed& w, int64_t o0, const float* xs, const float*
       for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 16) {
         __m256 xe[MR], xo[MR];
         for (int m = 0; m < MR; ++m) {
-          xe[m] = _mm256_loadu_ps(xs + m * w.in + i);
-          xo[m] = _mm256_loadu_ps(xs + m * w.in + i + 8);
+          xe[m] = _mm256_loadu_ps(xs + m * xs_stride + i);
+          xo[m] = _mm256_loadu_ps(xs + m * xs_stride + i + 8);
         }
         for (int r = 0; r < NR; ++r) {
           const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.codes + (o0 + r) * w.row_bytes + i / 2));
@@ -465,7 +463,7 @@ void folded_rows_avx2(const Packed& w, int64_t o0, const float* xs, const float*
     } else {
       for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 8) {
         __m256 xv[MR];
-        for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(xs + m * w.in + i);
+        for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(xs + m * xs_stride + i);
         for (int r = 0; r < NR; ++r) {
           const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.codes + (o0 + r) * w.row_bytes + i));
           const __m256 v = _mm256_cvtepi32_ps(w.is_signed ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
@@ -485,11 +483,11 @@ void folded_rows_avx2(const Packed& w, int64_t o0, const float* xs, const float*
 }
 
 template <int MR, int NR>
-void folded_range_avx2(const Packed& w, int64_t begin, int64_t end, const float* xs, const float* xsum,
-                       float* y, int64_t y_stride, const float* bias) {
+void folded_range_avx2(const Packed& w, int64_t begin, int64_t end, const float* xs, int64_t xs_stride,
+                       const float* xsum, float* y, int64_t y_stride, const float* bias) {
   int64_t o = begin;
-  for (; o + NR <= end; o += NR) folded_rows_avx2<MR, NR>(w, o, xs, xsum, y, y_stride, bias);
-  for (; o < end; ++o) folded_rows_avx2<MR, 1>(w, o, xs, xsum, y, y_stride, bias);
+  for (; o + NR <= end; o += NR) folded_rows_avx2<MR, NR>(w, o, xs, xs_stride, xsum, y, y_stride, bias);
+  for (; o < end; ++o) folded_rows_avx2<MR, 1>(w, o, xs, xs_stride, xsum, y, y_stride, bias);
 }
 
 // True when the folded path takes this weight: linear codes (8-bit, or the identity table)
@@ -501,14 +499,17 @@ bool folds(const Packed& w) {
 // 1-3 activation rows through the folded path.
 void run_folded(const float* x, int64_t x_stride, int64_t rows, const Packed& w, const float* b_ptr, float* y_ptr) {
   const int64_t groups = w.in / w.group;
-  std::vector<float> xs(static_cast<size_t>(rows * w.in));                        // [rows, in]
+  const bool split16 = w.lut != nullptr;                              // 4-bit: even/odd order
+  std::vector<float> split(split16 ? static_cast<size_t>(rows * w.in) : 0);      // [rows, in]
   std::vector<float> xsum(w.zeros == nullptr ? 0 : static_cast<size_t>(rows * groups * 8));   // [rows, G, 8]
   float* xsum_ptr = w.zeros == nullptr ? nullptr : xsum.data();
-  folded_rows(x, x_stride, rows, w.in, w.group, w.lut != nullptr, xs.data(), xsum_ptr);
+  folded_rows(x, x_stride, rows, w.in, w.group, split16, split.data(), xsum_ptr);
+  const float* xs = split16 ? split.data() : x;
+  const int64_t xs_stride = split16 ? w.in : x_stride;
   at::parallel_for(0, w.out, 16, [&](int64_t begin, int64_t end) {
-    if (rows == 1) folded_range_avx2<1, 4>(w, begin, end, xs.data(), xsum_ptr, y_ptr, w.out, b_ptr);
-    if (rows == 2) folded_range_avx2<2, 2>(w, begin, end, xs.data(), xsum_ptr, y_ptr, w.out, b_ptr);
-    if (rows == 3) folded_range_avx2<3, 1>(w, begin, end, xs.data(), xsum_ptr, y_ptr, w.out, b_ptr);
+    if (rows == 1) folded_range_avx2<1, 4>(w, begin, end, xs, xs_stride, xsum_ptr, y_ptr, w.out, b_ptr);
+    if (rows == 2) folded_range_avx2<2, 2>(w, begin, end, xs, xs_stride, xsum_ptr, y_ptr, w.out, b_ptr);
+    if (rows == 3) folded_range_avx2<3, 1>(w, begin, end, xs, xs_stride, xsum_ptr, y_ptr, w.out, b_ptr);
   });
 }
 
