@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from loraplex.server.engine.async_engine import ADAPTER_WAIT_S
+
 PROMPT_TEXT = (
     "Write a short story about a lighthouse keeper who discovers a message in a bottle. "
     "The story should have a beginning, a middle and an end, and mention the sea, a storm, "
@@ -30,6 +32,16 @@ def machine_line() -> str:
         pass
     return (f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def engine_step(engine):
+    """engine.step(), then, when nothing could run because every request waits on an adapter
+    load, a short sleep as the served loop does (AsyncEngine): a tight loop of empty steps holds
+    the GIL and starves the store's loader threads (a cold load took seconds instead of ms)."""
+    outputs, stats = engine.step()
+    if stats.batch_size == 0 and engine.has_work():
+        time.sleep(ADAPTER_WAIT_S)
+    return outputs, stats
 
 
 def prompt_ids(tokenizer, batch: int, length: int) -> list[list[int]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import prompt_ids, time_it
+from common import engine_step, prompt_ids, time_it
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,8 @@ def engine_decode_tok_s(engine, prompts: list[list[int]], new_tokens: int,
     decode_tokens, decode_s = 0, 0.0
     while engine.has_work():
         started = time.perf_counter()
-        _outputs, stats = engine.step()
+        _outputs, stats = engine_step(engine)
         elapsed = time.perf_counter() - started
-        if stats.batch_size == 0:
-            time.sleep(0.002)          # waiting on adapter loads; let the loader thread run
         if stats.batch_tokens == stats.batch_size and stats.batch_size == len(prompts):
             decode_tokens += stats.batch_size
             decode_s += elapsed

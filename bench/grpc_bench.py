@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import engine_step
+
 
 @dataclass(frozen=True)
 class SideResult:
@@ -76,7 +78,7 @@ def run_in_process(engine, requests, concurrency: int) -> SideResult:
                 request_id=f"inproc-{request.index}-{time.monotonic_ns()}", prompt=request.prompt,
                 sampling=SamplingParams(max_new_tokens=request.max_new_tokens, ignore_eos=True)))
             in_flight += 1
-        outputs, _stats = engine.step()
+        outputs, _stats = engine_step(engine)
         for output in outputs:
             if output.error is not None:
                 raise RuntimeError(f"in-process request failed: {output.error}")

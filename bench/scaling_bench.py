@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import prompt_ids
+from common import engine_step, prompt_ids
 from engine_bench import make_engine
 from lora_bench import model_shapes, open_store, write_random_adapter
 
@@ -68,7 +68,7 @@ def run_batch(engine, prompts: list[list[int]], adapters: list[str | None],
                                              prompt_token_ids=tuple(ids), adapter_id=adapter, sampling=sampling))
     generated, ttfts = 0, []
     while engine.has_work():
-        outputs, _stats = engine.step()
+        outputs, _stats = engine_step(engine)
         for output in outputs:
             if output.error is not None:
                 raise RuntimeError(f"scaling bench request failed: {output.error}")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import prompt_ids
+from common import engine_step, prompt_ids
 from engine_bench import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ def _decode_tok_s(engine, prompts: list[list[int]], new_tokens: int, constrained
     tokens, seconds = 0, 0.0
     while engine.has_work():
         started = time.perf_counter()
-        _outputs, stats = engine.step()
+        _outputs, stats = engine_step(engine)
         elapsed = time.perf_counter() - started
         if stats.batch_tokens == stats.batch_size == len(prompts):
             tokens += stats.batch_size

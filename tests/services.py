@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -31,6 +32,7 @@ class PostgresService:
 
         base = Path(tempfile.mkdtemp(prefix="loraplex-pg-", dir=base_dir))
         os.chmod(base, 0o755)
+        self._base = base
         self.pgdata = base / "data"
         self._server = pgserver.get_server(self.pgdata, cleanup_mode="delete")
         self._socket_dir = self._server.get_postmaster_info().socket_dir   # start() listens there again
@@ -89,7 +91,8 @@ class PostgresService:
         except Exception:  # noqa: BLE001 - already stopped (an outage test); cleanup still runs
             pass
         finally:
-            self._server.cleanup()
+            self._server.cleanup()                   # deletes pgdata, not the directory above it
+            shutil.rmtree(self._base, ignore_errors=True)
 
 
 class TcpProxy:

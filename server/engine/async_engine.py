@@ -19,6 +19,11 @@ from .validation import validate_request
 
 log = logging.getLogger("loraplex.engine")
 
+# When a step could run nothing because every request waits on an adapter load, the loop
+# sleeps this long before the next one: a loop of empty steps would hold the GIL and starve
+# the store's loader threads.
+ADAPTER_WAIT_S = 0.005
+
 StepListener = Callable[[StepStats], None]
 
 
@@ -217,7 +222,7 @@ class AsyncEngine:
             self._dispatch(outputs)
             if step_stats.batch_size == 0:
                 # Everything waits on an adapter load: yield the CPU to the loader thread.
-                self._wake.wait(0.005)
+                self._wake.wait(ADAPTER_WAIT_S)
                 self._wake.clear()
             for listener in self._listeners:
                 try:
