@@ -4,32 +4,19 @@ Same model, EngineConfig and workload as section 4 (`grpc_bench`): closed loop a
 16 through `loraplex bench`'s runner (`AsyncClient.generate_stream`). Plain: the real server on
 a loopback port in this process. Fleet: a private local Ray cluster in this process, Serve's
 gRPC proxy, one replica running the same engine (`start_fleet`, as `loraplex fleet` does). The
-two sides alternate; each row is the mean of its runs. Target: fleet >= 0.85x plain.
+two sides alternate; each row is the mean of its runs, and the verdict uses the median of the
+rounds' ratios. Target: fleet >= 0.85x plain.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from grpc_bench import (SideResult, _LoopThread, _mean, _server_config, _start_server, _workload, comparison_section,
+from grpc_bench import (Comparison, _LoopThread, _server_config, _start_server, _workload, comparison_section,
                         run_over_grpc)
-
-
-@dataclass(frozen=True)
-class FleetComparison:
-    concurrency: int
-    num_requests: int
-    input_len: int
-    output_len: int
-    plain: SideResult
-    fleet: SideResult
-
-    @property
-    def ratio(self) -> float:
-        return self.fleet.tok_s / self.plain.tok_s
 
 
 def _start_one_replica_fleet(config):
@@ -49,7 +36,7 @@ def _start_one_replica_fleet(config):
 
 
 def run_fleet_bench(model_dir: Path, concurrency: int = 16, num_requests: int = 48, input_len: int = 64,
-                    output_len: int = 32, rounds: int = 2, log=print) -> FleetComparison:
+                    output_len: int = 32, rounds: int = 3, log=print) -> Comparison:
     import ray
     from ray import serve
 
@@ -77,7 +64,7 @@ def run_fleet_bench(model_dir: Path, concurrency: int = 16, num_requests: int = 
                 serve.shutdown()
                 ray.shutdown()
             loop.close()
-    return FleetComparison(concurrency, num_requests, input_len, output_len, _mean(plain_runs), _mean(fleet_runs))
+    return Comparison(concurrency, num_requests, input_len, output_len, tuple(plain_runs), tuple(fleet_runs))
 
 
 def section_fleet(model_dir: Path, quick: bool) -> str:
@@ -92,5 +79,5 @@ def section_fleet(model_dir: Path, quick: bool) -> str:
         "`ignore_eos`), through `loraplex bench`'s runner. `loraplex serve`: the real server in this process. "
         "`loraplex fleet`: a local Ray cluster, Serve's gRPC proxy and one replica with the same engine "
         "settings (the replica is a separate process; every chunk crosses proxy -> replica -> proxy). "
-        "The two alternate; each row is the mean of its runs.",
-        [("loraplex serve", r.plain), ("loraplex fleet, 1 replica", r.fleet)], "fleet / serve", r.ratio, 0.85)
+        "The two alternate; each row is the mean of its runs and the verdict uses the median of the rounds' ratios.",
+        ("loraplex serve", "loraplex fleet, 1 replica"), r, "fleet / serve", 0.85)

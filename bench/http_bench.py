@@ -10,24 +10,9 @@ event per token). Throughput = generated tokens / wall time, first request sent 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from pathlib import Path
 
-from grpc_bench import SideResult, comparison_section, run_side_by_side
-
-
-@dataclass(frozen=True)
-class HttpComparison:
-    concurrency: int
-    num_requests: int
-    input_len: int
-    output_len: int
-    in_process: SideResult
-    http: SideResult
-
-    @property
-    def ratio(self) -> float:
-        return self.http.tok_s / self.in_process.tok_s
+from grpc_bench import Comparison, SideResult, comparison_section, run_side_by_side
 
 
 def run_over_http(base_url: str, bench_config) -> SideResult:
@@ -49,17 +34,16 @@ def run_over_http(base_url: str, bench_config) -> SideResult:
 
 
 def run_http_bench(model_dir: Path, concurrency: int = 16, num_requests: int = 48, input_len: int = 64,
-                   output_len: int = 32, rounds: int = 2, log=print) -> HttpComparison:
+                   output_len: int = 32, rounds: int = 3, log=print) -> Comparison:
     """In-process engine vs the same engine served over HTTP (grpc_bench.run_side_by_side)."""
-    local, remote = run_side_by_side(
+    return run_side_by_side(
         model_dir, lambda running, cfg: run_over_http(f"http://127.0.0.1:{running.http_port}/v1", cfg), "HTTP",
         concurrency, num_requests, input_len, output_len, rounds, log, http=True)
-    return HttpComparison(concurrency, num_requests, input_len, output_len, local, remote)
 
 
 def section_http(model_dir: Path, quick: bool) -> str:
     """Markdown section: OpenAI-compatible HTTP end-to-end vs in-process engine throughput."""
-    sizes = dict(concurrency=8, num_requests=16, input_len=32, output_len=16) if quick else \
+    sizes = dict(concurrency=8, num_requests=16, input_len=32, output_len=16, rounds=1) if quick else \
         dict(concurrency=16, num_requests=48, input_len=64, output_len=32)
     r = run_http_bench(model_dir, **sizes)
     return comparison_section(
@@ -70,4 +54,4 @@ def section_http(model_dir: Path, quick: bool) -> str:
         "section 4. HTTP: the real server (gRPC and HTTP in one process, one engine) on loopback, driven by "
         "`loraplex bench --api openai` (streamed `/v1/completions`, one SSE event per token, usage in the "
         "last event); TTFT there is measured by the client.",
-        [("in-process engine", r.in_process), ("HTTP end-to-end", r.http)], "HTTP / in-process", r.ratio, 0.9)
+        ("in-process engine", "HTTP end-to-end"), r, "HTTP / in-process", 0.9)

@@ -55,3 +55,20 @@ def test_step_ops_bound_only_for_missed_batches_and_from_the_ops_run_alone():
     assert "at most 0.94x at batch 16 " in line and "batch 1 " not in line
     rows[1].paired_floor_ratio = 0.95
     assert suite.step_ops_bound(rows, ops, 500_000_000) == ""          # every batch met
+
+
+def test_served_comparison_judges_the_median_of_the_rounds_ratios():
+    from grpc_bench import Comparison, SideResult, comparison_section
+
+    def side(tok_s):
+        return SideResult(tok_s=tok_s, req_s=tok_s / 32, ttft_p50_ms=100.0)
+
+    # round 1 ran in a slow minute for the served side only (0.70x); rounds 2 and 3 agree (0.90x, 0.95x)
+    comparison = Comparison(16, 48, 64, 32, (side(50.0), side(40.0), side(40.0)), (side(35.0), side(36.0), side(38.0)))
+    assert comparison.round_ratios == [0.7, 0.9, 0.95]
+    assert comparison.ratio == 0.9 and round(comparison.mean_ratio, 3) == round(109 / 130, 3)
+    text = comparison_section("## 9. t", "intro", ("serve", "fleet"), comparison, "fleet / serve", 0.85)
+    assert "| serve | 43.3 |" in text and "| fleet | 36.3 |" in text                 # rows: means of the runs
+    assert "fleet / serve = 0.900x, median of the rounds (0.700x, 0.900x, 0.950x); mean / mean 0.838x" in text
+    assert "(target >= 0.85x: met)" in text
+    assert "MISSED" in comparison_section("t", "i", ("a", "b"), comparison, "b / a", 0.91)
