@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -160,3 +163,36 @@ def test_build_dir_is_keyed_by_the_sources(tmp_path, monkeypatch):
     assert before == native.build_dir(tmp_path) and before.parent == tmp_path / "cpu-kernels"
     (sources / "lora.cpp").write_text((sources / "lora.cpp").read_text() + "\n// changed\n")
     assert native.build_dir(tmp_path) != before
+
+
+def test_kernels_release_the_gil_while_they_run(native_kernels):
+    """Another Python thread runs during a long native call: a served decode step (one native
+    call) must not stop the server's event loop, adapter loaders or mask thread. A thread that
+    holds the GIL in native code lets no Python run, so no tick can fall inside the call."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (8192, 4096), generator=gen, dtype=torch.int8)
+    scales, x = torch.rand(8192, 1, generator=gen), torch.randn(64, 4096, generator=gen)
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=ticker, daemon=True)
+    thread.start()
+    try:
+        inside = 0
+        for _attempt in range(5):                   # a busy machine may not schedule the ticker at once
+            start = time.perf_counter()
+            native_kernels.quant_linear_8bit(x, codes, scales, None, 4096, None, False)
+            end = time.perf_counter()
+            margin = (end - start) / 4              # the middle half of the call only
+            inside = sum(start + margin < tick < end - margin for tick in ticks)
+            if inside:
+                break
+    finally:
+        stop.set()
+        thread.join(10)
+    assert inside > 0, f"no Python ran during a {1e3 * (end - start):.0f} ms native call: the kernel holds the GIL"
