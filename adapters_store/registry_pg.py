@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+from .breaker import BackendDown, Breaker
 from .errors import StoreUnavailable
 from .registry import SqlRegistry
 from .urls import redact_url
@@ -37,7 +38,9 @@ class PostgresRegistry(SqlRegistry):
     dialect = "postgres"
     shared = True
 
-    def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 10.0):
+    def __init__(self, url: str, pool_size: int = 8, timeout_s: float = 10.0, breaker: Breaker | None = None):
+        """breaker: fails calls fast during an outage (default: one probe per second, each
+        probe waiting at most min(2 s, timeout_s) for a connection)."""
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -45,6 +48,8 @@ class PostgresRegistry(SqlRegistry):
         self._raw_url = url
         self.url = redact_url(url)
         self._timeout_s = timeout_s
+        self._probe_timeout_s = min(2.0, timeout_s)
+        self._breaker = breaker or Breaker()
         try:                                           # one direct attempt first: a clear reason, no retries
             psycopg.connect(url, connect_timeout=max(1, int(timeout_s / 2))).close()
         except psycopg.Error as error:
@@ -68,14 +73,14 @@ class PostgresRegistry(SqlRegistry):
 
     @contextmanager
     def _connect(self) -> Iterator[_Conn]:
-        with self._unavailable_on_error():
-            with self._pool.connection() as conn:
+        with self._unavailable_on_error() as wait_s:
+            with self._pool.connection(timeout=wait_s) as conn:
                 yield _Conn(conn)
 
     @contextmanager
     def _write(self) -> Iterator[_Conn]:
-        with self._unavailable_on_error():
-            with self._pool.connection() as conn:
+        with self._unavailable_on_error() as wait_s:
+            with self._pool.connection(timeout=wait_s) as conn:
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
                     yield _Conn(conn)
@@ -101,9 +106,9 @@ class PostgresRegistry(SqlRegistry):
 
     @contextmanager
     def _session_lock(self, lock: str, unlock: str) -> Iterator[None]:
-        with self._unavailable_on_error():
+        with self._unavailable_on_error() as wait_s:
             conn = self._psycopg.connect(self._raw_url, autocommit=True,
-                                         connect_timeout=max(1, int(self._timeout_s / 2)))
+                                         connect_timeout=max(1, int(wait_s / 2)))
         try:
             with self._unavailable_on_error():
                 conn.execute(f"SELECT {lock}(%s)", (_BLOB_LOCK,))
@@ -116,14 +121,27 @@ class PostgresRegistry(SqlRegistry):
             conn.close()
 
     @contextmanager
-    def _unavailable_on_error(self) -> Iterator[None]:
+    def _unavailable_on_error(self) -> Iterator[float]:
+        """Yields how long the call may wait for a connection (short when it probes a registry
+        that failed recently); StoreUnavailable at once while the breaker is open, and when the
+        call fails to reach PostgreSQL (which opens it)."""
         from psycopg_pool import PoolTimeout
 
         try:
-            yield
+            admission = self._breaker.admit()
+        except BackendDown as down:
+            raise StoreUnavailable(f"the adapter registry {self.url} is unreachable ({down}); "
+                                   f"retry shortly") from None
+        try:
+            yield self._probe_timeout_s if admission.probe else self._timeout_s
         except (self._psycopg.OperationalError, self._psycopg.InterfaceError, PoolTimeout) as error:
+            self._breaker.failed()
             raise StoreUnavailable(f"the adapter registry {self.url} is unreachable ({_reason(error)}); "
                                    f"retry shortly") from None
+        except BaseException:
+            self._breaker.succeeded()                  # it answered (an SQL or caller error)
+            raise
+        self._breaker.succeeded()
 
 
 def _reason(error: BaseException) -> str:

@@ -3,11 +3,25 @@ ones fail with StoreUnavailable (never quarantined, nothing lost), and the store
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from loraplex.adapters_store.errors import StoreUnavailable
 from loraplex.adapters_store.records import AdapterState
 from store_adapters import adapter_bytes, make_store, upload
+
+
+def _eventually(call, timeout_s: float = 60):
+    """call() once the backend answers again: right after a restart the registry's breaker
+    (one probe per second) and the pool's reconnection may still refuse for a moment."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "the store did not recover"
+            time.sleep(0.2)
 
 
 @pytest.fixture
@@ -34,7 +48,7 @@ def test_postgres_restart_cached_adapters_keep_resolving_and_the_store_recovers(
             upload(store, "new", *adapter_bytes(seed=3))
     finally:
         postgres_service.start()
-    assert store.resolve("cold", None).key == cold.key               # pool reconnects
+    assert _eventually(lambda: store.resolve("cold", None)).key == cold.key   # pool reconnects, breaker closes
     assert store.load(cold.key).key == cold.key
     assert upload(store, "new", *adapter_bytes(seed=3)).version == 1
     assert all(r.state is AdapterState.READY for r in store._registry.all())
