@@ -135,7 +135,10 @@ class PostgresRegistry(SqlRegistry):
         try:
             yield self._probe_timeout_s if admission.probe else self._timeout_s
         except (self._psycopg.OperationalError, self._psycopg.InterfaceError, PoolTimeout) as error:
-            self._breaker.failed()
+            if getattr(error, "sqlstate", None) is None:
+                self._breaker.failed()                 # no connection; not an error PostgreSQL sent
+            else:
+                self._breaker.succeeded()              # e.g. a cancelled statement: it answered
             raise StoreUnavailable(f"the adapter registry {self.url} is unreachable ({_reason(error)}); "
                                    f"retry shortly") from None
         except BaseException:

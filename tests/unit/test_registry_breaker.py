@@ -74,3 +74,20 @@ def test_registry_outage_fails_fast_once_known_and_recovers(postgres_service):
                 time.sleep(0.2)
     finally:
         registry.close()
+
+
+def test_an_error_postgresql_sends_does_not_open_the_breaker(postgres_service):
+    """A cancelled statement is StoreUnavailable for its caller, but PostgreSQL answered: other
+    calls go on without a pause."""
+    from loraplex.adapters_store.registry_pg import PostgresRegistry
+
+    registry = PostgresRegistry(postgres_service.new_database(), timeout_s=2)
+    try:
+        with pytest.raises(StoreUnavailable, match="statement timeout"):
+            with registry._connect() as conn:
+                conn.execute("SET LOCAL statement_timeout = 10")
+                conn.execute("SELECT pg_sleep(5)")
+        assert not registry._breaker.is_open
+        assert registry.versions_of("x") == []
+    finally:
+        registry.close()
