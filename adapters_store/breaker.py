@@ -4,23 +4,15 @@ Without it every call during an outage waits the backend's full timeout (a pool 
 `--backend-timeout`, 10 s by default) before it fails: each request for an adapter the server
 still holds in memory stalled that long before the store fell back to its remembered record.
 After a failed call the breaker is open: calls fail at once for `retry_after_s`; then one call
-is let through as a probe (with a short timeout, see `Admission.probe`) while the others keep
-failing fast, and the probe's outcome closes the breaker or opens it again.
+is let through as a probe (`admit()` returns True: the caller waits only briefly) while the
+others keep failing fast, and the probe's outcome closes the breaker or opens it again.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
-
-
-@dataclass(frozen=True)
-class Admission:
-    """What a call admitted by the breaker may do."""
-
-    probe: bool           # the backend failed recently: this call tests it (short timeout)
 
 
 class BackendDown(Exception):
@@ -40,16 +32,18 @@ class Breaker:
         self._down_since: float | None = None      # None: closed (the backend answered last time)
         self._next_probe_at = 0.0
 
-    def admit(self) -> Admission:
-        """Admission for a call, or BackendDown while the breaker is open and no probe is due."""
+    def admit(self) -> bool:
+        """Let a call through: True when it is the probe of a backend that failed recently
+        (use a short timeout), False when the backend answered last time. BackendDown while the
+        breaker is open and no probe is due."""
         now = self._clock()
         with self._lock:
             if self._down_since is None:
-                return Admission(probe=False)
+                return False
             if now < self._next_probe_at:
                 raise BackendDown(now - self._down_since, self._next_probe_at - now)
             self._next_probe_at = now + self._retry_after_s     # one probe at a time
-            return Admission(probe=True)
+            return True
 
     def succeeded(self) -> None:
         with self._lock:

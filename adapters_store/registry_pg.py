@@ -128,12 +128,12 @@ class PostgresRegistry(SqlRegistry):
         from psycopg_pool import PoolTimeout
 
         try:
-            admission = self._breaker.admit()
+            probe = self._breaker.admit()
         except BackendDown as down:
             raise StoreUnavailable(f"the adapter registry {self.url} is unreachable ({down}); "
                                    f"retry shortly") from None
         try:
-            yield self._probe_timeout_s if admission.probe else self._timeout_s
+            yield self._probe_timeout_s if probe else self._timeout_s
         except (self._psycopg.OperationalError, self._psycopg.InterfaceError, PoolTimeout) as error:
             if getattr(error, "sqlstate", None) is None:
                 self._breaker.failed()                 # no connection; not an error PostgreSQL sent

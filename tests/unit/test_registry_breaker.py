@@ -22,12 +22,12 @@ class Clock:
 def test_breaker_fails_fast_after_a_failure_and_lets_one_probe_through_per_interval():
     clock = Clock()
     breaker = Breaker(retry_after_s=1.0, clock=clock)
-    assert breaker.admit().probe is False                     # closed: calls go through normally
+    assert breaker.admit() is False                           # closed: calls go through normally
     breaker.failed()
     with pytest.raises(BackendDown, match=r"failing for 0\.0 s; not tried again for 1\.0 s"):
         breaker.admit()
     clock.now += 1.5
-    assert breaker.admit().probe is True                      # the due probe ...
+    assert breaker.admit() is True                            # the due probe ...
     with pytest.raises(BackendDown, match=r"failing for 1\.5 s"):
         breaker.admit()                                       # ... and no second one while it runs
     breaker.failed()                                          # the probe failed: open again
@@ -35,9 +35,9 @@ def test_breaker_fails_fast_after_a_failure_and_lets_one_probe_through_per_inter
     with pytest.raises(BackendDown):
         breaker.admit()
     clock.now += 0.6
-    assert breaker.admit().probe is True
+    assert breaker.admit() is True
     breaker.succeeded()                                       # the probe reached the backend
-    assert not breaker.is_open and breaker.admit().probe is False
+    assert not breaker.is_open and breaker.admit() is False
 
 
 def test_registry_outage_fails_fast_once_known_and_recovers(postgres_service):

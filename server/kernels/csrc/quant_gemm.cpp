@@ -404,7 +404,7 @@ void folded_rows(const float* x, int64_t x_stride, int64_t rows, int64_t in, int
   const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   for (int64_t t = 0; t < rows; ++t) {
     const float* src = x + t * x_stride;
-    const float* dst = split16 ? xs + t * in : src;                  // the rows the kernel reads
+    const float* row = split16 ? xs + t * in : src;                  // the row the kernel reads
     if (split16) {
       for (int64_t i = 0; i < in; i += 16) {
         const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + i), even_odd);      // 0 2 4 6 | 1 3 5 7
@@ -416,7 +416,7 @@ void folded_rows(const float* x, int64_t x_stride, int64_t rows, int64_t in, int
     if (xsum == nullptr) continue;
     for (int64_t g = 0; g < in / group; ++g) {
       __m256 sum = _mm256_setzero_ps();
-      for (int64_t i = g * group; i < (g + 1) * group; i += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(dst + i));
+      for (int64_t i = g * group; i < (g + 1) * group; i += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(row + i));
       _mm256_storeu_ps(xsum + (t * (in / group) + g) * 8, sum);
     }
   }
