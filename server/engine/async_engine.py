@@ -14,6 +14,7 @@ from .builder import build_engine
 from .engine import LLMEngine, StepStats
 from .constraints.spec import ConstraintError
 from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput, RequestRejected
+from .prompt import encode_prompt, render_chat
 from .sequence import FinishReason
 from .validation import validate_request
 
@@ -28,7 +29,7 @@ StepListener = Callable[[StepStats], None]
 
 
 class AsyncEngine:
-    """Owns one LLMEngine; every call that touches it runs on the engine thread.
+    """The in-process EngineClient (client.py). Owns one LLMEngine; every call that touches it runs on the engine thread.
 
     Requests enter through an inbox that the engine thread drains before each step, so the
     scheduler is never touched from two threads. Outputs are handed to each request's
@@ -133,7 +134,36 @@ class AsyncEngine:
         gateway = self.engine.adapters
         return gateway is not None and gateway.is_private(key)
 
-    async def run_on_engine(self, fn: Callable[[], Any]) -> Any:
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """EngineClient.tokenize: on the tokenizer thread, never the step loop."""
+        tokenizer = self.engine.tokenizer
+        if add_special_tokens:
+            return await self._on_tokenizer(lambda: encode_prompt(tokenizer, text))
+        return await self._on_tokenizer(lambda: list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        tokenizer = self.engine.tokenizer
+        return await self._on_tokenizer(lambda: tokenizer.decode(list(token_ids)))
+
+    def token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
+                          options: dict | None = None) -> list[int]:
+        if options:
+            raise RequestRejected("messages", "chat template options are not supported by this server")
+        tokenizer = self.engine.tokenizer
+        return await self._on_tokenizer(lambda: render_chat(tokenizer, list(messages)))
+
+    async def reset_prefix_cache(self) -> bool:
+        """EngineClient.reset_prefix_cache (False: this engine keeps no prefix cache)."""
+        reset = getattr(self.engine, "reset_prefix_cache", None)
+        return False if reset is None else await self._run_on_engine(reset)
+
+    async def _on_tokenizer(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn)
+
+    async def _run_on_engine(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread between steps (e.g. evict a deleted adapter's slot)."""
         return await asyncio.wrap_future(self._call(fn))
 
@@ -141,7 +171,7 @@ class AsyncEngine:
         """Free the device slots (and staged host copies) of deleted adapters, between steps."""
         gateway = self.engine.adapters
         if gateway is not None and keys:
-            await self.run_on_engine(lambda: [gateway.evict(key) for key in keys])
+            await self._run_on_engine(lambda: [gateway.evict(key) for key in keys])
 
     async def warm_adapter(self, key: str) -> bool:
         """Copy a host-loaded adapter into a FREE device slot between steps (never evicts one).
@@ -162,7 +192,7 @@ class AsyncEngine:
                 return False
             gateway.activate({key})
             return True
-        return await self.run_on_engine(warm)
+        return await self._run_on_engine(warm)
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Refuse new requests; wait until in-flight ones finish. True when all finished."""

@@ -1,0 +1,103 @@
+"""EngineClient: the one seam between the front ends (gRPC servicers, HTTP routes, the fleet
+replica) and the engine core.
+
+Front ends hold an `EngineClient` and nothing else of the engine: no `engine.engine.*`, no
+closures run on the engine thread. Two implementations:
+
+- `AsyncEngine` (async_engine.py): the engine in this process, stepped on a background
+  thread; used by tests and by `loraplex serve --engine-process off`.
+- the engine-core process client (the default for `loraplex serve`): the engine steps on the
+  main thread of its own process; requests and outputs cross as plain data.
+
+Every command is named and its arguments are plain data (request dataclasses, ids, strings),
+so that both implementations can carry them. Members that only read state (`info`, `stats`,
+`alive`, `adapter_is_private`) must be cheap and thread-safe: metrics and health call them.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Callable, Protocol, runtime_checkable
+
+from .io import EngineInfo, EngineStats, GenerationRequest, RequestOutput
+
+StepListener = Callable[[object], None]          # receives engine.StepStats after each step
+AdapterEventHook = Callable[[str, float], None]
+ConstraintEventHook = Callable[[str, str, float], None]
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """What a front end may ask of the engine core."""
+
+    info: EngineInfo
+
+    # ---- requests ---------------------------------------------------------------------
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Deltas of one request; closing the iterator early aborts it (KV blocks and the
+        adapter lease are freed). Raises EngineError subclasses (io.py) for refusals."""
+        ...
+
+    def new_request_id(self) -> str:
+        ...
+
+    # ---- tokenizer (never on the engine's step loop) ----------------------------------
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` with the base model's tokenizer, off the step loop."""
+        ...
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """Text of `token_ids` with the base model's tokenizer, off the step loop."""
+        ...
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token (logprobs' `token` fields); cheap, any thread."""
+        ...
+
+    async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
+                          options: dict | None = None) -> list[int]:
+        """Token ids of a chat rendered with the chat template (the adapter's own where it
+        has one), off the step loop. `options`: template options (tools, kwargs)."""
+        ...
+
+    # ---- state (cheap, thread-safe) ---------------------------------------------------
+    def stats(self) -> EngineStats:
+        ...
+
+    def alive(self) -> bool:
+        """False once the engine has stopped (shutdown, crash, dead engine process)."""
+        ...
+
+    def adapter_is_private(self, key: str) -> bool:
+        """Whether a resolved adapter key belongs to a tenant (for metrics labels)."""
+        ...
+
+    # ---- observers --------------------------------------------------------------------
+    def add_step_listener(self, listener: StepListener) -> None:
+        ...
+
+    def set_adapter_event_hook(self, hook: AdapterEventHook | None) -> None:
+        ...
+
+    def set_constraint_event_hook(self, hook: ConstraintEventHook | None) -> None:
+        ...
+
+    # ---- admin commands (run between steps) -------------------------------------------
+    async def evict_adapters(self, keys: list[str]) -> None:
+        """Free the device slots (and staged host copies) of deleted adapters."""
+        ...
+
+    async def warm_adapter(self, key: str) -> bool:
+        """Copy a host-loaded adapter into a free device slot; True when resident after."""
+        ...
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block no running request holds; True when done."""
+        ...
+
+    # ---- lifecycle --------------------------------------------------------------------
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Refuse new requests; wait for in-flight ones. True when all finished."""
+        ...
+
+    async def shutdown(self) -> None:
+        ...
