@@ -60,4 +60,4 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-LOOPBACK_V4 = "0100007F"
+LOOPBACK = frozenset({"0100007F", "0000000000000000FFFF00000100007F"})     # 127.0.0.1, ::ffff:127.0.0.1

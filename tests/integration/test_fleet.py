@@ -14,7 +14,7 @@ import signal
 
 import pytest
 
-from fleet_harness import LOOPBACK_V4, FleetProcess, fleet_env, listening_addresses
+from fleet_harness import LOOPBACK, FleetProcess, fleet_env, listening_addresses
 from grpc_harness import free_port, make_peft_adapter, scrape
 
 pytest.importorskip("ray.serve")
@@ -110,7 +110,8 @@ def _front_holds_serves_line(port: int, http_port: int) -> None:
 
     from loraplex.v1 import generation_pb2, generation_pb2_grpc
 
-    assert listening_addresses(port) == {LOOPBACK_V4} and listening_addresses(http_port) == {LOOPBACK_V4}
+    for bound in (port, http_port):                                    # --host 127.0.0.1: loopback only
+        assert listening_addresses(bound) and listening_addresses(bound) <= LOOPBACK, listening_addresses(bound)
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         big = generation_pb2.GenerateRequest(input=generation_pb2.GenerationInput(text="x" * (5 << 20)))
