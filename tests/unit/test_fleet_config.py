@@ -83,3 +83,38 @@ def test_routing_ids_are_bounded_digests_of_valid_references_only():
     assert routing_id("tone@2", "team") == first
     for bad in ("", "x" * 7000, "../etc", "tone@0", "a b"):
         assert routing_id(bad, "team") == ""
+
+
+def test_ray_token_file_is_made_owner_only(tmp_path, monkeypatch):
+    from loraplex.server.fleet.ray_setup import secure_token_file, token_path
+
+    token = tmp_path / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert token_path() == token and not secure_token_file()          # none yet: nothing to do
+    token.write_text("secret")
+    token.chmod(0o644)                                                 # as Ray 2.60 writes it
+    assert secure_token_file() and token.stat().st_mode & 0o777 == 0o600
+    assert not secure_token_file()
+
+
+def test_admission_bounds_the_queue_and_refuses_without_replicas():
+    from loraplex.server.fleet.admission import Admission, FleetView
+    from loraplex.server.service.errors import ServiceError
+
+    view = FleetView()
+    admission = Admission(view, per_replica=2)
+    with pytest.raises(ServiceError) as none_running:
+        admission.enter()
+    assert none_running.value.code is grpc.StatusCode.UNAVAILABLE and none_running.value.retry_after_s
+    view.running = 2
+    for _ in range(4):
+        admission.enter()
+    with pytest.raises(ServiceError) as full:
+        admission.enter()
+    assert full.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and full.value.retry_after_s == 1.0
+    admission.leave()
+    admission.enter()                                                  # room again after one left
+    view.draining = True
+    with pytest.raises(ServiceError) as draining:
+        admission.enter()
+    assert draining.value.code is grpc.StatusCode.UNAVAILABLE
