@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import time
 from typing import Any, AsyncIterator
 
 from ..config import ServerConfig
@@ -58,6 +59,7 @@ class ReplicaBase:
         from ..http.app import build_app
 
         self.name = serve.get_replica_context().replica_id.unique_id
+        started = time.time()
         metrics = Metrics(config.metrics_adapter_labels)
         self.fleet_metrics = FleetMetrics(metrics.registry, self.name)
         self.keys = KeyRing(config.api_keys, config.admin_keys)
@@ -70,7 +72,9 @@ class ReplicaBase:
         self.loader = HostLoader(store)
         self.held: dict[str, HeldAdapter] = {}
         self.metrics_http, self.metrics_port = _serve_metrics(metrics, config)
-        log.info("loraplex replica %s ready (metrics on :%s)", self.name, self.metrics_port or "off")
+        self.startup = _startup_breakdown(started)
+        log.warning("loraplex replica %s ready (metrics on :%s): %s", self.name, self.metrics_port or "off",
+                    self.startup)
 
     # ---- what the front end calls --------------------------------------------------------
     async def unary(self, call: ForwardedCall) -> Reply:
@@ -178,6 +182,16 @@ class ReplicaBase:
         await self.state.engine.warm_adapter(key)
         self.fleet_metrics.adapter_loaded()
         return HeldAdapter(self.held, rid, key)
+
+
+def _startup_breakdown(init_started: float) -> str:
+    """Where this replica's start went: process start + imports, then model load + kernels + warm-up."""
+    try:
+        import psutil                                   # Ray's own dependency
+        before = f"{init_started - psutil.Process().create_time():.1f}s"
+    except ImportError:
+        before = "?"
+    return f"worker process + imports {before}, model load + kernels + warm-up {time.time() - init_started:.1f}s"
 
 
 async def _messages(cls: type, payloads: tuple[bytes, ...]):

@@ -114,7 +114,7 @@ def _front_holds_serves_line(port: int, http_port: int) -> None:
         assert listening_addresses(bound) and listening_addresses(bound) <= LOOPBACK, listening_addresses(bound)
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        big = generation_pb2.GenerateRequest(input=generation_pb2.GenerationInput(text="x" * (5 << 20)))
+        big = generation_pb2.GenerateRequest(input=generation_pb2.GenerationInput(prompt="x" * (5 << 20)))
         with pytest.raises(grpc.RpcError) as refused:                  # no key, 5 MiB: refused at the front
             stub.Generate(big, timeout=30)
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -133,8 +133,9 @@ def _front_holds_serves_line(port: int, http_port: int) -> None:
             unknown_method(b"", timeout=5)
         assert listed.value.code() is grpc.StatusCode.UNIMPLEMENTED
         assert "ray" not in (listed.value.details() or "").lower()
-    huge = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", content=b"x" * (5 << 20), timeout=30)
-    assert huge.status_code == 413
+    huge = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", content=b"x" * (5 << 20), timeout=30,
+                      headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert huge.status_code == 413                                     # serve's order: key, then body size
     keyless = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", json={"model": "tone", "prompt": "x"})
     assert keyless.status_code == 401
     assert httpx.get(f"http://127.0.0.1:{http_port}/ready").status_code == 200
