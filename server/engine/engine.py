@@ -330,4 +330,5 @@ class LLMEngine:
             running_adapters=self.scheduler.running_adapter_keys,
             waiting_adapters=tuple(dict.fromkeys(self.scheduler.pending_adapter_keys())),
             max_loras=self.config.scheduler.max_loras,
+            slot_adapters=manager.resident_keys() if manager is not None else (),
         )

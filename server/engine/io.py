@@ -126,6 +126,7 @@ class EngineStats:
     running_adapters: tuple[str, ...] = ()     # adapter keys of running requests ("name@N")
     waiting_adapters: tuple[str, ...] = ()     # adapter keys of waiting requests, oldest first
     max_loras: int = 0
+    slot_adapters: tuple[str, ...] = ()        # adapter keys resident in device slots (residency metrics)
 
     @property
     def kv_usage(self) -> float:

@@ -87,6 +87,9 @@ def test_one_replica_fleet_serves_the_sdk_unchanged(tiny_llama_dir, adapter_dir,
         assert samples[("loraplex_fleet_requests_total", (("adapter_held", "true"),))] >= 4      # + HTTP
         assert samples[("loraplex_fleet_adapter_loads_total", ())] == 1
         assert samples[("loraplex_fleet_replica_info", (("replica", result.replica),))] == 1
+        for tier in ("device", "host"):                                # residency gauges (issue 35)
+            assert samples[("loraplex_adapter_resident", (("adapter", "tone@1"), ("tier", tier)))] == 1
+            assert samples[("loraplex_adapters_resident", (("tier", tier),))] == 1
         with Client(f"127.0.0.1:{fleet.port}", api_key=ADMIN_KEY, timeout=300) as client:   # SIGTERM drains
             stream = client.generate_stream("Count:", adapter_id="tone", max_new_tokens=900, ignore_eos=True)
             received = list(next(stream).token_ids)
