@@ -17,7 +17,9 @@ from ..config import ServerConfig
 from ..engine.io import RequestOutput
 from ..service.state import ServiceState
 from .auth import authenticate
-from .convert import chat_request, completion_request, parse_body
+from ..engine.tool_parsers import pick_format
+from ..service.auth import Principal, Role
+from .convert import ChatSetup, chat_request, completion_request, parse_body
 from .errors import ApiError, bad_request, to_api_error
 from .generate import CHAT, COMPLETIONS, Endpoint, respond
 from .models import list_models, load_adapter, unload_adapter
@@ -50,6 +52,13 @@ class HttpApi:
         self.base_name = config.base_model_name
         self.limits = config.request_limits()
         self.started = int(time.time())
+        self._tool_format = None
+
+    def chat_setup(self, engine: Any, principal: Principal) -> ChatSetup:
+        """The tool-call format (`auto`: from the base model's chat template), reasoning parser, caller's role."""
+        if self._tool_format is None:
+            self._tool_format = pick_format(self.config.tool_call_parser, engine.info.chat_template)
+        return ChatSetup(self._tool_format, self.config.reasoning_parser, principal.role is Role.ADMIN)
 
     def recorder(self, method: str) -> Callable[[str, RequestOutput | None, str | None], None]:
         def record(code: str, last: RequestOutput | None, adapter: str | None) -> None:
@@ -73,9 +82,12 @@ class HttpApi:
             principal = authenticate(self.state.keys, request)
             data = await read_json(request, self.config.max_message_bytes)
             engine = self.state.require_engine()
-            convert = chat_request if endpoint is CHAT else completion_request
-            parsed = convert(data, self.base_name, principal.tenant, self.limits,
-                             lambda: uuid.uuid4().hex)
+            if endpoint is CHAT:
+                parsed = chat_request(data, self.base_name, principal.tenant, self.limits, lambda: uuid.uuid4().hex,
+                                      self.chat_setup(engine, principal))
+            else:
+                parsed = completion_request(data, self.base_name, principal.tenant, self.limits,
+                                            lambda: uuid.uuid4().hex)
         except Exception as error:  # noqa: BLE001 - answered in OpenAI's shape
             mapped = to_api_error(error, endpoint.prompt_param)
             record(str(mapped.status), None, None)

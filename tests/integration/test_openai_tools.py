@@ -27,7 +27,7 @@ def served(tiny_llama_dir, tmp_path_factory):
         "model": str(tiny_llama_dir), "port": "0", "metrics_port": str(free_port()),
         "store": str(tmp_path_factory.mktemp("store")), "kv_cache_memory": "32MiB", "max_num_seqs": "4",
         "max_total_tokens": "1024", "max_input_tokens": "768", "max_new_tokens": "200",
-        "served_model_name": BASE, "api_keys": [USER], "admin_keys": [ADMIN]}, {})
+        "served_model_name": BASE, "api_keys": [USER], "admin_keys": [ADMIN], "reasoning_parser": "think"}, {})
     running = loop.run(start_full_server(config))
     loop.run(start_http_api(running, config, port=0))
     yield running
@@ -69,3 +69,172 @@ def test_structured_outputs_errors_name_the_field(client, value, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=BASE, prompt="x", max_tokens=4, extra_body={"structured_outputs": value})
     assert caught.value.body["param"] == param
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]},
+                                  "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
+                                       "properties": {"zone": {"type": "string", "enum": ["CET", "UTC"]}}}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _valid(call, tool):
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == tool["function"]["name"]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def _answer_with_result(client, call, stream):
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18})}]
+    reply = client.chat.completions.create(model=BASE, messages=history, tools=[WEATHER, CLOCK], max_tokens=12,
+                                           temperature=0, stream=stream, tool_choice="none")
+    if stream:
+        chunks = [c for c in reply if c.choices]
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        return "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.choices[0].message.tool_calls is None
+    assert reply.usage.prompt_tokens > 40                  # the tool call and its result are in the prompt
+    return reply.choices[0].message.content
+
+
+def test_tool_loop_with_required_tool_choice(client):
+    reply = client.chat.completions.create(model=BASE, messages=ASK, tools=[WEATHER, CLOCK], tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=80, seed=5)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    _valid(call, WEATHER if call.function.name == "get_weather" else CLOCK)
+    assert isinstance(_answer_with_result(client, call, stream=False), str)
+
+
+def test_tool_loop_streamed_with_a_named_function(client):
+    stream = client.chat.completions.create(model=BASE, messages=ASK, tools=[WEATHER, CLOCK], max_tokens=80,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            stream=True, temperature=0)
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        for delta_call in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(delta_call.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] += delta_call.id or ""
+            entry["name"] += (delta_call.function.name or "") if delta_call.function else ""
+            entry["arguments"] += (delta_call.function.arguments or "") if delta_call.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and list(calls) == [0]
+    assert calls[0]["name"] == "get_weather"
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+    # the same through the openai package's stream helper, which assembles the calls itself
+    with client.chat.completions.stream(model=BASE, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                        parallel_tool_calls=False, max_tokens=80, temperature=0) as helper:
+        final = helper.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    _valid(call, WEATHER)
+    assert isinstance(_answer_with_result(client, call, stream=True), str)
+
+
+def test_parallel_required_calls_all_validate(client):
+    reply = client.chat.completions.create(model=BASE, messages=ASK, tools=[WEATHER, CLOCK], tool_choice="required",
+                                           max_tokens=200, seed=11, n=2)
+    for choice in reply.choices:
+        if choice.finish_reason == "length":
+            continue                                     # 8 calls allowed; a random model may not stop in time
+        assert choice.finish_reason == "tool_calls" and 1 <= len(choice.message.tool_calls) <= 8
+        for call in choice.message.tool_calls:
+            _valid(call, WEATHER if call.function.name == "get_weather" else CLOCK)
+
+
+def test_auto_parses_a_call_after_the_reasoning_and_keeps_invalid_ones_as_text(client):
+    """The model's text is forced with a grammar (a random model writes no call by itself)."""
+    good = '<think>need weather</think>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "unit": "celsius"}}\n</tool_call>'
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>'
+    for text, stream in ((good, False), (good, True), (bad, False)):
+        grammar = "start: " + json.dumps(text)
+        reply = client.chat.completions.create(model=BASE, messages=ASK, tools=[WEATHER], max_tokens=120, stream=stream,
+                                               extra_body={"structured_outputs": {"grammar": grammar}})
+        if stream:
+            chunks = [c for c in reply if c.choices]
+            reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+            calls = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            message = reply.choices[0].message
+            reasoning, calls, content = message.reasoning_content, message.tool_calls or [], message.content
+            finish = reply.choices[0].finish_reason
+        if text is good:
+            assert reasoning == "need weather" and finish == "tool_calls" and not (content or "").strip()
+            assert [c.function.name for c in calls] == ["get_weather"]
+            assert json.loads(calls[0].function.arguments) == {"city": "Lima", "unit": "celsius"}
+        else:                                  # "Oslo" is not in the enum: the call comes back as text
+            assert calls == [] and content == text and finish == "stop"
+
+
+def test_reasoning_content_streamed_and_not(client):
+    regex = {"regex": "<think>[a-z]{3,6}</think>[a-z]{2,5}"}
+    reply = client.chat.completions.create(model=BASE, messages=ASK, max_tokens=40, seed=3,
+                                           extra_body={"structured_outputs": regex})
+    message = reply.choices[0].message
+    assert re.fullmatch("[a-z]{3,6}", message.reasoning_content) and re.fullmatch("[a-z]{2,5}", message.content)
+    chunks = [c for c in client.chat.completions.create(model=BASE, messages=ASK, max_tokens=40, seed=3, stream=True,
+                                                        extra_body={"structured_outputs": regex}) if c.choices]
+    assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == message.reasoning_content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
+
+
+def test_chat_template_kwargs_reach_the_template(served, client, default_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    admin = openai.OpenAI(base_url=f"http://127.0.0.1:{served.http_port}/v1", api_key=ADMIN, max_retries=0)
+    template = "{% for i in range(repeat) %}{{ word }} {% endfor %}{{ messages[-1].content }}"
+    for repeat in (1, 5):
+        reply = admin.chat.completions.create(model=BASE, messages=ASK, max_tokens=2, extra_body={
+            "chat_template": template, "chat_template_kwargs": {"repeat": repeat, "word": "hello"}})
+        expected = tokenizer("hello " * repeat + ASK[0]["content"], add_special_tokens=False)["input_ids"]
+        assert reply.usage.prompt_tokens == len(expected)
+    base = client.chat.completions.create(model=BASE, messages=ASK, max_tokens=2)
+    options = client.chat.completions.create(model=BASE, messages=ASK + [{"role": "assistant", "content": "It is"}],
+                                             max_tokens=2, extra_body={"continue_final_message": True,
+                                                                       "add_generation_prompt": False})
+    assert options.usage.prompt_tokens == base.usage.prompt_tokens + len(tokenizer("It is")["input_ids"])
+    admin.close()
+
+
+@pytest.mark.parametrize("kwargs, param, words", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_wether"}}}, "tool_choice",
+     "not in tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strnig"}}}]},
+     "tools.0.function.parameters", "not a valid JSON Schema"),
+    ({"tools": [{"type": "code_interpreter"}]}, "tools.0", "function tools"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+     "cannot be combined"),
+    ({"extra_body": {"chat_template": "{{ messages }}"}}, "chat_template", "admin key"),
+    ({"extra_body": {"chat_template_kwargs": {"messages": []}}}, "messages", "may not set"),
+    ({"messages": ASK + [{"role": "tool", "content": "18"}]}, "messages.1.tool_call_id", "tool_call_id"),
+])
+def test_bad_tool_and_template_requests_get_a_400_naming_the_field(client, kwargs, param, words):
+    kwargs = {"messages": ASK, **kwargs}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=BASE, max_tokens=4, **kwargs)
+    assert caught.value.body["param"] == param and words in caught.value.body["message"]
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
+    ("x" * (300 * 1024), "limit is"),
+])
+def test_admin_templates_that_loop_or_are_too_big_get_a_400(served, client, template, words):
+    admin = openai.OpenAI(base_url=f"http://127.0.0.1:{served.http_port}/v1", api_key=ADMIN, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        admin.chat.completions.create(model=BASE, messages=ASK, max_tokens=2, extra_body={"chat_template": template})
+    assert caught.value.body["param"] == "chat_template" and words in caught.value.body["message"]
+    assert client.chat.completions.create(model=BASE, messages=ASK, max_tokens=2).choices[0].message.content is not None
+    admin.close()
