@@ -22,6 +22,8 @@ from ..service.auth import Principal, Role
 from .convert import ChatSetup, chat_request, completion_request, parse_body
 from .errors import ApiError, bad_request, to_api_error
 from .generate import CHAT, COMPLETIONS, Endpoint, respond
+from . import responses_api
+from .responses_events import respond_responses
 from .models import list_models, load_adapter, unload_adapter
 from .schemas import DetokenizeRequest, LoadLoraRequest, TokenizeRequest, UnloadLoraRequest
 from .tokens import detokenize, token_text, tokenize
@@ -97,6 +99,25 @@ class HttpApi:
         return await respond(engine, parsed, request, endpoint, text_of, record,
                              metrics.token_delta if metrics is not None else None)
 
+    async def responses(self, request: Request) -> Response:
+        """POST /v1/responses: the Responses API over the chat pipeline (responses_api.py)."""
+        record = self.recorder("responses")
+        try:
+            principal = authenticate(self.state.keys, request)
+            data = await read_json(request, self.config.max_message_bytes)
+            engine = self.state.require_engine()
+            parsed = chat_request(responses_api.chat_body(data), self.base_name, principal.tenant, self.limits,
+                                  lambda: uuid.uuid4().hex, self.chat_setup(engine, principal))
+        except Exception as error:  # noqa: BLE001 - answered in OpenAI's shape
+            mapped = to_api_error(error, "input")
+            if mapped.param == "messages" or (mapped.param or "").startswith("messages."):
+                mapped.param = "input"
+            elif mapped.param in ("max_tokens", "response_format"):
+                mapped.param = {"max_tokens": "max_output_tokens", "response_format": "text.format"}[mapped.param]
+            record(str(mapped.status), None, None)
+            return mapped.response()
+        return await respond_responses(engine, parsed, data, request, record)
+
     async def models(self, request: Request) -> dict:
         principal = authenticate(self.state.keys, request)
         return await list_models(self.state, principal.tenant, self.base_name, self.started)
@@ -163,6 +184,7 @@ def build_app(state: ServiceState, config: ServerConfig) -> FastAPI:
 
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    app.add_api_route("/v1/responses", api.responses, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", api.model, methods=["GET"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])

@@ -238,3 +238,63 @@ def test_admin_templates_that_loop_or_are_too_big_get_a_400(served, client, temp
     assert caught.value.body["param"] == "chat_template" and words in caught.value.body["message"]
     assert client.chat.completions.create(model=BASE, messages=ASK, max_tokens=2).choices[0].message.content is not None
     admin.close()
+
+
+# ---- the Responses API ---------------------------------------------------------------------
+RESPONSE_TOOL = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
+                 "parameters": WEATHER["function"]["parameters"], "strict": True}
+
+
+def test_responses_create_text_json_schema_and_a_function_call_loop(client):
+    plain = client.responses.create(model=BASE, input="Say hi", instructions="Be brief.", max_output_tokens=6,
+                                    temperature=0)
+    assert plain.object == "response" and plain.status in ("completed", "incomplete")
+    assert plain.output_text == plain.output[0].content[0].text and plain.usage.output_tokens <= 6
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    shaped = client.responses.create(model=BASE, input=[{"role": "user", "content": "Status?"}], max_output_tokens=30,
+                                     text={"format": {"type": "json_schema", "name": "status", "schema": schema}})
+    jsonschema.validate(json.loads(shaped.output_text), schema)
+    called = client.responses.create(model=BASE, input="Weather in Paris?", tools=[RESPONSE_TOOL],
+                                     tool_choice="required", parallel_tool_calls=False, max_output_tokens=80)
+    call = called.output[-1]
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), RESPONSE_TOOL["parameters"])
+    final = client.responses.create(model=BASE, tools=[RESPONSE_TOOL], max_output_tokens=8, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 18}'}])
+    assert final.usage.input_tokens > called.usage.input_tokens      # the call and its result are in the prompt
+
+
+def test_responses_stream_helper_and_raw_events(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    with client.responses.stream(model=BASE, input="Status?", max_output_tokens=40, temperature=0,
+                                 text={"format": {"type": "json_schema", "name": "s", "schema": schema}}) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text and final.status == "completed"
+    jsonschema.validate(json.loads(final.output_text), schema)
+    with client.responses.stream(model=BASE, input="Weather?", tools=[RESPONSE_TOOL], max_output_tokens=80,
+                                 tool_choice={"type": "function", "name": "get_weather"}) as stream:
+        final = stream.get_final_response()
+    call = [item for item in final.output if item.type == "function_call"][0]
+    jsonschema.validate(json.loads(call.arguments), RESPONSE_TOOL["parameters"])
+    events = [e.type for e in client.responses.create(model=BASE, input="hi", max_output_tokens=3, stream=True)]
+    assert events[:2] == ["response.created", "response.in_progress"] and events[-1] == "response.incomplete"
+    assert "response.output_text.delta" in events
+
+
+@pytest.mark.parametrize("kwargs, param, words", [
+    ({"previous_response_id": "resp_123"}, "previous_response_id", "stateless"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0", "function tools"),
+    ({"input": [{"type": "image", "url": "x"}]}, "input.0.type", "not supported"),
+    ({"tools": [RESPONSE_TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "not in tools"),
+    ({"max_output_tokens": 100000}, "max_output_tokens", ""),
+])
+def test_responses_errors_name_the_field(client, kwargs, param, words):
+    kwargs = {"input": "hi", **kwargs}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=BASE, **kwargs)
+    assert caught.value.body["param"] == param and words in caught.value.body["message"]
