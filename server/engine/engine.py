@@ -150,9 +150,10 @@ class LLMEngine:
             self.adapters.release(adapter_key)
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every cached KV block (between steps; running requests keep theirs). True."""
+        """Forget every cached KV block (between steps; running requests keep theirs).
+        False when prefix caching is off (there is nothing to reset)."""
         self.scheduler.blocks.reset()
-        return True
+        return self.scheduler.blocks.enable_caching
 
     def forget_adapter_blocks(self, adapter_keys: list[str]) -> int:
         """Drop the cached KV blocks computed with deleted adapters first (between steps)."""
