@@ -298,3 +298,16 @@ def test_responses_errors_name_the_field(client, kwargs, param, words):
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=BASE, **kwargs)
     assert caught.value.body["param"] == param and words in caught.value.body["message"]
+
+
+def test_readme_tool_call_example_runs(client):
+    """The README's tool-call block (in "Use it with the OpenAI SDK"), against this server."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Use it with the OpenAI SDK", 1)[1].split("\n## ", 1)[0]
+    code = next(block for block in re.findall(r"```python\n(.*?)```", section, re.DOTALL) if "tool_choice" in block)
+    scope = {"client": client}
+    exec(compile(code.replace('"support-tone"', repr(BASE)), "README.md", "exec"), scope)
+    assert scope["reply"].choices[0].finish_reason == "tool_calls" and scope["call"].function.name == "get_weather"
+    assert scope["answer"].usage.prompt_tokens > scope["reply"].usage.prompt_tokens
