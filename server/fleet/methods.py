@@ -33,6 +33,7 @@ METHODS: dict[str, Method] = {m.path: m for m in (
     Method(_ADA, "GetAdapter", "adapters", adapters_pb2.GetAdapterRequest),
     Method(_ADA, "DeleteAdapter", "adapters", adapters_pb2.DeleteAdapterRequest),
     Method(_SRV, "Info", "server", server_pb2.InfoRequest),
+    Method(_SRV, "ResetPrefixCache", "server", server_pb2.ResetPrefixCacheRequest),   # one replica's cache
 )}
 
 
