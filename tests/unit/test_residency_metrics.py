@@ -57,9 +57,12 @@ def test_labels_are_bounded_most_recent_first():
     assert samples[("loraplex_adapters_resident_unnamed", (("tier", "host"),))] == 10
 
 
-def test_the_real_tiers_report_their_keys():
+def test_the_host_cache_reports_its_keys_lru_first():
     from loraplex.adapters_store.cache import HostCache
-    from loraplex.server.lora.manager import AdapterManager
+    from lora_helpers import make_adapter
 
-    assert HostCache(1 << 20).keys() == ()
-    assert callable(AdapterManager.resident_keys)
+    cache = HostCache(1 << 30)
+    for key in ("a@1", "b@1", "c@1"):
+        cache.put(make_adapter(key, rank=2, seed=1))
+    cache.get("a@1")
+    assert cache.keys() == ("b@1", "c@1", "a@1")
