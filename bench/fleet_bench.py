@@ -25,10 +25,7 @@ def _start_one_replica_fleet(config):
     from loraplex.server.fleet.app import start_fleet, wait_running
     from loraplex.server.fleet.config import FleetOptions
 
-    from loraplex.server.fleet.ray_setup import apply_serve_env
-
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")           # a private local cluster
-    apply_serve_env()                                            # as `loraplex fleet` starts its cluster
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     # The replica reserves every core: Ray sets its OMP_NUM_THREADS (torch threads) from num_cpus, and
     # the plain server uses every core too.

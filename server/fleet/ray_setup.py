@@ -12,19 +12,6 @@ from ..config import ServerConfig
 from .config import FleetOptions
 
 
-# Ray Serve settings for the fleet's processes (read by each Ray process at import): user code
-# and the router on the replica's own event loop, no thread hop per call or stream item (the
-# fleet-of-one ratio, BENCHMARKS.md section 9). A local cluster gets them from `loraplex fleet`;
-# set them on the nodes of a cluster the fleet joins (deploy/rayservice.yaml does).
-SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-
-
-def apply_serve_env(environ=os.environ) -> None:
-    """Put SERVE_ENV into `environ` (values already set win) before a local cluster starts."""
-    for name, value in SERVE_ENV.items():
-        environ.setdefault(name, value)
-
-
 def token_path() -> Path:
     """Where Ray keeps its auth token (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token)."""
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
@@ -60,8 +47,6 @@ def init_ray(config: ServerConfig, options: FleetOptions) -> None:
     if ray.is_initialized():
         return
     secure_token_file()
-    if not options.ray_address:
-        apply_serve_env()
     extra = {}
     if not options.ray_address and is_loopback(config.host):
         extra["_node_ip_address"] = "127.0.0.1"

@@ -15,7 +15,6 @@ import loraplex
 from loraplex.server.config import FLAGS, ServerConfig
 from loraplex.server.fleet.app import DEPLOYMENT_NAME, FRONT_NAME
 from loraplex.server.fleet.config import FLEET_FLAGS
-from loraplex.server.fleet.ray_setup import SERVE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST, SERVICE = yaml.safe_load_all((ROOT / "deploy" / "rayservice.yaml").read_text())
@@ -73,7 +72,7 @@ def test_env_holds_only_settings_the_code_reads():
     known = {flag.env_name for flag in FLAGS + FLEET_FLAGS}
     for container in _containers():
         env = _env(container)
-        assert set(env) <= known | {name for name in env if name.startswith(("AWS_", "RAY_AUTH_"))} | set(SERVE_ENV), \
+        assert set(env) <= known | {name for name in env if name.startswith(("AWS_", "RAY_AUTH_"))}, \
             set(env) - known
         for secret in ("LORAPLEX_API_KEYS", "LORAPLEX_ADMIN_KEYS"):
             assert "valueFrom" in env[secret] and "value" not in env[secret]    # keys only from Secrets
@@ -97,12 +96,6 @@ def test_replicas_share_one_store_with_secrets_from_secrets():
         assert config.store_blobs == env["LORAPLEX_STORE_BLOBS"]["value"]
         assert config.adapter_sources == (env["LORAPLEX_ADAPTER_SOURCE"]["value"],)
         assert config.blob_cache_bytes == 8 * 2**30
-
-
-def test_pods_run_serve_with_the_fleets_settings():
-    for container in _containers():
-        env = _env(container)
-        assert {name: env[name]["value"] for name in SERVE_ENV} == SERVE_ENV
 
 
 def test_ray_token_auth_is_on_with_the_token_from_a_secret():
