@@ -72,7 +72,7 @@ def _engine_problems(config: ServerConfig, flags: Sequence[Flag]) -> Iterator[st
 
 
 def _validate_limits(config: ServerConfig) -> Iterator[str]:
-    for name in ("host_cache_bytes", "adapter_quota_bytes", "max_adapter_bytes"):
+    for name in ("host_cache_bytes", "adapter_quota_bytes", "max_adapter_bytes", "max_request_choices"):
         if getattr(config, name) < 1:
             yield f"--{name.replace('_', '-')} must be >= 1 (got {getattr(config, name)})"
     if config.metrics_adapter_labels < 0:
@@ -81,6 +81,12 @@ def _validate_limits(config: ServerConfig) -> Iterator[str]:
         yield "--max-message-bytes must be >= 2MiB (uploads send 1 MiB chunks)"
     if not (math.isfinite(config.grace_period_s) and config.grace_period_s >= 0):
         yield "--grace-period must be a number of seconds >= 0"
+    if config.http_max_connections < 0:
+        yield "--http-max-connections must be >= 0 (0: half the file-descriptor limit)"
+    for flag, seconds in (("--http-header-timeout", config.http_header_timeout_s),
+                          ("--http-body-timeout", config.http_body_timeout_s)):
+        if not (math.isfinite(seconds) and seconds > 0):
+            yield f"{flag} must be a number of seconds > 0"
 
 
 def _validate_security(config: ServerConfig) -> Iterator[str]:

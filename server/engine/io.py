@@ -148,3 +148,4 @@ class EngineInfo:
     vocab_size: int
     linear_kernels: tuple = ()          # kernels.linear_choice.KernelChoice per layer shape
     cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)
+    max_prompt_bytes: int = 0           # text longer than this cannot fit max_input_tokens (0 = unknown)

@@ -12,6 +12,7 @@ import uvicorn
 from ..config import ServerConfig
 from ..service.state import ServiceState
 from .app import build_app
+from .connections import RateLimitedLog, default_max_connections, guarded_protocol
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -55,7 +56,10 @@ def _listen(host: str, port: int) -> socket.socket:
 async def start_http(config: ServerConfig, state: ServiceState, port: int | None = None) -> HttpServer:
     """Bind `port` (default --http-port) on --host and serve the app; TLS with --tls-cert/--tls-key."""
     sock = _listen(config.host, config.http_port if port is None else port)
+    protocol = guarded_protocol(config.http_max_connections or default_max_connections(),
+                                config.http_header_timeout_s, RateLimitedLog())
     uv_config = uvicorn.Config(build_app(state, config), lifespan="off", access_log=False, log_level="warning",
+                               http=protocol,
                                ssl_certfile=config.tls_cert if config.tls_enabled else None,
                                ssl_keyfile=config.tls_key if config.tls_enabled else None,
                                timeout_keep_alive=30)
