@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: setup model serve test test-unit test-integration test-store-shared test-fleet bench stress fidelity proto \
-        clean help test-client-install gpu-check
+        clean help test-client-install gpu-check test-adapters
 
 help:
 	@echo "make serve   set up .venv, fetch the default model, start the server on 127.0.0.1:50051"
@@ -54,6 +54,10 @@ test-store-shared: setup
 # `loraplex fleet` on a local Ray cluster: 2 replicas, affinity, a replica kill (slow; not in `make test`).
 test-fleet: model
 	$(PY) -m pytest tests/integration/test_fleet.py tests/integration/test_fleet_scale.py -m "slow or not slow" $(PYTEST_ARGS)
+
+# DoRA / embedding / modules_to_save adapters vs PEFT on the default model (slow; not in `make test`).
+test-adapters: model
+	$(PY) -m pytest tests/integration/test_dora_oracle.py -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: model
 	$(PY) bench/suite.py $(BENCH_ARGS)

@@ -111,6 +111,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
         pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
                         ops=select_ops(device, cpu_kernels=kernels.native))
         gateway = AdapterGateway(store, AdapterManager(pool))
+        set_finisher = getattr(store, "set_load_finisher", None)
+        if set_finisher is not None:     # DoRA scales derived once per version, on the load threads
+            set_finisher(pool.dora_scaler)
     runner = ModelRunner(model, model_config, kv_caches, cache.block_size, sampler, device=device, lora=pool)
 
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
