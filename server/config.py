@@ -167,6 +167,9 @@ FLAGS: tuple[Flag, ...] = (
     # structured output (docs/structured-output.md)
     Flag("constraint_timeout_s", "--constraint-timeout", float, "seconds a request waits for its grammar compile",
          engine="constraint_timeout_s"),
+    Flag("constraint_mask_budget_ms", "--constraint-mask-budget", float,
+         "milliseconds a constraint's token mask may cost per token; costlier grammars are refused",
+         engine="constraint_mask_budget_ms"),
     Flag("constraint_cache_size", "--constraint-cache-size", int, "compiled grammars kept (LRU)",
          engine="constraint_cache_size"),
     Flag("max_constraint_bytes", "--max-constraint-bytes", parse_size, "largest schema / regex / grammar text",
@@ -225,6 +228,7 @@ class ServerConfig:
     http_body_timeout_s: float = 60.0
     constraint_timeout_s: float = StructuredConfig.constraint_timeout_s      # structured output
     constraint_cache_size: int = StructuredConfig.constraint_cache_size
+    constraint_mask_budget_ms: float = StructuredConfig.constraint_mask_budget_ms
     max_constraint_bytes: int = RequestLimits.max_constraint_bytes
 
     @property

@@ -88,6 +88,8 @@ CASES: tuple[Case, ...] = (
     Case("a prompt over the byte bound", "generate", "user", {"prompt": "word " * 400_000}, "invalid"),
     Case("max_new_tokens over the limit", "generate", "user", {"prompt": "Hi", "max_new_tokens": 10**6}, "invalid"),
     Case("a regex over the constraint limit", "generate", "user", {"prompt": "Hi", "regex": "a" * 70_000}, "invalid"),
+    # constraints (defects 6, 7): a 4xx naming the constraint, never an empty success
+    Case("a regex whose mask fails", "generate", "user", {"prompt": "Hi", "regex": "(.{1,100}){1,100}"}, "invalid"),
     # and the server keeps serving
     Case("a plain request", "generate", "user", {"prompt": "Hi", "adapter": "{public}"}, "ok"),
     Case("a listing", "list", "other_user", {}, "ok"),

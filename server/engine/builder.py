@@ -143,7 +143,8 @@ def structured_output(config: EngineConfig, tokenizer: Any, lm_vocab_size: int, 
 
     limits = ConstraintLimits(max_source_bytes=config.limits.max_constraint_bytes,
                               cache_size=structured.constraint_cache_size,
-                              compile_timeout_s=structured.constraint_timeout_s)
+                              compile_timeout_s=structured.constraint_timeout_s,
+                              max_mask_ms=structured.constraint_mask_budget_ms)
     compiler = ConstraintCompiler(tokenizer, lm_vocab_size, eos_ids, limits)
     return compiler, GuidedDecoding(compiler.vocab_size, lm_vocab_size)
 

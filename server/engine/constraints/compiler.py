@@ -54,6 +54,15 @@ class Guide:
         self.matcher = matcher        # llguidance.LLMatcher
         self.kind = kind
         self.error: str | None = None
+        self.request_fault = False    # the error is the constraint's own (a 400), not the server's
+
+    def check_mask(self) -> bool:
+        """After its mask was computed: False (and `error` set) when the grammar could not compute
+        it (a parser or lexer limit): the mask would allow only end-of-sequence, an empty success."""
+        if self.error is None and self.matcher.is_error():
+            self.error = f"the {self.kind} cannot be enforced: {_first_line(self.matcher.get_error())}"
+            self.request_fault = True
+        return self.error is None
 
     def accept(self, token_id: int) -> bool:
         """Advance by the sampled token; False (and `error` set) when the grammar refuses it."""
@@ -121,8 +130,26 @@ class ConstraintCompiler:
                                        limits=llguidance.LLParserLimits())
         if matcher.is_error():
             raise ConstraintError(f"invalid {constraint.kind}: {_first_line(matcher.get_error())}")
+        self._probe(matcher, constraint.kind)
         self._emit("compiled", constraint.kind, self._clock() - started)
         return matcher
+
+    def _probe(self, matcher: Any, kind: str) -> None:
+        """Compute the first token mask once, here on the grammar thread: a grammar whose mask
+        fails, or costs more than `max_mask_ms` per token (which every step of every batch
+        holding it would pay), is refused before the request is admitted."""
+        best = float("inf")
+        for _ in range(2):                               # best of two: the first may warm caches
+            probe = matcher.deep_copy()
+            started = time.perf_counter()
+            probe.compute_bitmask()
+            best = min(best, (time.perf_counter() - started) * 1000)
+            if probe.is_error():
+                raise ConstraintError(f"the {kind} cannot be enforced: {_first_line(probe.get_error())}")
+        if best > self.limits.max_mask_ms:
+            raise ConstraintError(f"the {kind} takes {best:.0f} ms per token to enforce; this server enforces "
+                                  f"constraints up to {self.limits.max_mask_ms:g} ms per token "
+                                  "(--constraint-mask-budget); simplify it")
 
     def tokenizer(self) -> Any:
         """The llguidance tokenizer (built once)."""
@@ -142,6 +169,7 @@ class ConstraintCompiler:
             self._hook(event, kind, seconds)
 
 
-def _first_line(message: str, limit: int = 500) -> str:
-    text = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
-    return text[:limit]
+def _first_line(message: str | None, limit: int = 300) -> str:
+    """The first line of an llguidance error (the rest is a dump of its parser state)."""
+    lines = [line.strip() for line in (message or "").strip().splitlines() if line.strip()]
+    return (lines[0] if lines else "unknown error")[:limit]

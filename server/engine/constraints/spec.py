@@ -26,6 +26,7 @@ class ConstraintLimits:
     max_choices: int = 4096
     compile_timeout_s: float = 10.0       # wall time a caller waits for a compile
     cache_size: int = 256                 # compiled grammars kept (LRU by constraint hash)
+    max_mask_ms: float = 10.0             # a grammar whose first token mask takes longer is refused
 
     def __post_init__(self) -> None:
         for name in ("max_source_bytes", "max_choices", "cache_size"):
@@ -33,6 +34,8 @@ class ConstraintLimits:
                 raise ValueError(f"ConstraintLimits.{name} must be >= 1")
         if not self.compile_timeout_s > 0:
             raise ValueError("ConstraintLimits.compile_timeout_s must be > 0")
+        if not self.max_mask_ms > 0:
+            raise ValueError("ConstraintLimits.max_mask_ms must be > 0")
 
 
 @dataclass(frozen=True)
