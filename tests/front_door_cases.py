@@ -107,8 +107,10 @@ HTTP_KINDS = {200: "ok", 400: "invalid", 401: "unauthenticated", 403: "permissio
 
 
 def _fill(target: Target, value):
-    if isinstance(value, str) and "{" in value:
-        return value.format(**target.places)
+    """`value` with the target's placeholders ({root}, ...) filled in; other braces kept."""
+    if isinstance(value, str):
+        for name, place in target.places.items():
+            value = value.replace("{" + name + "}", place)
     return value
 
 

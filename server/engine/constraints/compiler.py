@@ -16,9 +16,10 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable
 
+from .compile_queue import CompileQueue
 from .spec import Constraint, ConstraintError, ConstraintLimits, schema_object
 
 # JSON is emitted in the usual one-line style: ", " between items, ": " after keys, no
@@ -89,7 +90,7 @@ class ConstraintCompiler:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Any] = OrderedDict()     # cache_key -> template LLMatcher
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-grammar")
+        self._queue = CompileQueue(self.guide, limits.max_queued_per_tenant, limits.max_queued)
         self._hook: EventHook | None = None
 
     def set_event_hook(self, hook: EventHook | None) -> None:
@@ -99,10 +100,21 @@ class ConstraintCompiler:
     def num_cached(self) -> int:
         return len(self._cache)
 
-    def submit(self, constraint: Constraint) -> Future:
-        """Check now (raises ConstraintError), compile on the grammar thread -> Future[Guide]."""
+    def submit(self, constraint: Constraint, tenant: str | None = None) -> Future:
+        """Check now (raises ConstraintError), compile on the grammar thread -> Future[Guide].
+        A cached grammar is answered at once; others wait in `tenant`'s share of the compile
+        queue (QueueFull when it is full: compile_queue.py)."""
         constraint.check(self.limits)
-        return self._pool.submit(self.guide, constraint)
+        with self._lock:
+            cached = constraint.cache_key in self._cache
+        if cached:
+            done: Future = Future()
+            try:
+                done.set_result(self.guide(constraint))
+            except ConstraintError as error:
+                done.set_exception(error)
+            return done
+        return self._queue.submit(tenant, constraint)
 
     def guide(self, constraint: Constraint) -> Guide:
         """A fresh Guide at the grammar's start (compiles on the calling thread if not cached)."""
@@ -162,7 +174,7 @@ class ConstraintCompiler:
             return self._tokenizer
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._queue.close()
 
     def _emit(self, event: str, kind: str, seconds: float) -> None:
         if self._hook is not None:
