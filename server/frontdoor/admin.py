@@ -86,6 +86,12 @@ async def get_adapter(door: FrontDoor, principal: Principal | None, ref: str) ->
     return await door.on_store(store.get, ref, caller.tenant)
 
 
+async def reset_prefix_cache(door: FrontDoor, principal: Principal | None) -> bool:
+    """Drop every cached prefix block no running request holds (admin); True when done."""
+    authorize(principal, Operation.RESET_CACHE)
+    return await door.engine().reset_prefix_cache()
+
+
 async def begin_upload(door: FrontDoor, principal: Principal | None, meta_of: Any) -> Any:
     """An upload session for `meta_of(tenant)` (the store checks sizes, quota and ownership)."""
     caller = authorize(principal, Operation.UPLOAD)

@@ -85,7 +85,28 @@ def refusal_of(error: BaseException) -> Refusal:
     return Refusal(Kind.INTERNAL, f"internal server error (incident {incident})", code="internal_error")
 
 
+def store_unavailable_message(error: BaseException) -> str:
+    """What a caller sees while the registry or blob store is down: no endpoint, no URL (the
+    backend's own message names them), an incident id; the details go to the server log."""
+    incident = uuid.uuid4().hex[:12]
+    log.warning("adapter store unavailable (incident %s): %s", incident, error)
+    return f"the adapter store is unavailable; retry shortly (incident {incident})"
+
+
+def is_store_unavailable(error: BaseException) -> bool:
+    if isinstance(error, AdapterBackendUnavailable):
+        return True
+    if not type(error).__module__.startswith("loraplex.adapters_store"):
+        return False
+    from ...adapters_store.errors import StoreUnavailable
+
+    return isinstance(error, StoreUnavailable)
+
+
 def _from_engine(error: BaseException) -> Refusal | None:
+    if is_store_unavailable(error):
+        return Refusal(Kind.UNAVAILABLE, store_unavailable_message(error),
+                       retry_after_s=getattr(error, "retry_after_s", None) or 1.0, code="store_unavailable")
     if isinstance(error, RequestRejected):
         problems = tuple(Problem(v.field, v.description) for v in error.violations)
         return Refusal(Kind.INVALID, str(error), problems)
@@ -93,8 +114,6 @@ def _from_engine(error: BaseException) -> Refusal | None:
         return Refusal(Kind.BUSY, str(error), retry_after_s=error.retry_after_s, code="queue_full")
     if isinstance(error, EngineDraining):
         return Refusal(Kind.UNAVAILABLE, str(error) or "the server is shutting down", retry_after_s=1.0)
-    if isinstance(error, AdapterBackendUnavailable):
-        return Refusal(Kind.UNAVAILABLE, f"{error}; retry shortly", retry_after_s=error.retry_after_s)
     if isinstance(error, AdapterUnavailable):
         return Refusal(Kind.PRECONDITION, str(error), code="adapter_unavailable")
     if isinstance(error, RequestFailed):
@@ -105,7 +124,7 @@ def _from_engine(error: BaseException) -> Refusal | None:
 _STORE_KINDS = (("InvalidAdapterId", Kind.INVALID, "adapter_id"), ("AdapterValidationError", Kind.INVALID, "adapter"),
                 ("AdapterNotFound", Kind.NOT_FOUND, None), ("QuotaExceeded", Kind.TOO_LARGE, None),
                 ("UploadConflict", Kind.CONFLICT, None), ("PermissionDenied", Kind.PERMISSION_DENIED, None),
-                ("IntegrityError", Kind.PRECONDITION, None), ("StoreUnavailable", Kind.UNAVAILABLE, None),
+                ("IntegrityError", Kind.PRECONDITION, None),
                 ("SchemaError", Kind.PRECONDITION, None))
 
 

@@ -178,6 +178,12 @@ class HttpApi:
         await admin.delete(self.door, principal, body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+    @answered()
+    async def reset_prefix_cache(self, request: Request) -> JSONResponse:
+        """Admin, like vLLM's POST /reset_prefix_cache: forget every cached prefix block."""
+        reset = await admin.reset_prefix_cache(self.door, authenticate(self.state.keys, request))
+        return JSONResponse({"reset": reset})
+
     def ready(self) -> JSONResponse:
         if self.state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -220,6 +226,7 @@ def build_app(state: ServiceState, config: ServerConfig) -> FastAPI:
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"])
     app.add_api_route("/v1/load_lora_adapter", api.load, methods=["POST"])
     app.add_api_route("/v1/unload_lora_adapter", api.unload, methods=["POST"])
+    app.add_api_route("/reset_prefix_cache", api.reset_prefix_cache, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", api.ready, methods=["GET"])
     return app

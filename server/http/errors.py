@@ -88,6 +88,9 @@ def to_api_error(error: BaseException, prompt_param: str = "prompt", params: dic
     the front door's neutral field names for this route (e.g. adapter_id -> lora_name)."""
     if isinstance(error, ApiError):
         return error
+    from_service = _from_service(error)
+    if from_service is not None:
+        return from_service
     refusal = refusal_of(error)
     status = KIND_STATUS[refusal.kind]
     param = None
@@ -102,3 +105,19 @@ def to_api_error(error: BaseException, prompt_param: str = "prompt", params: dic
     elif refusal.kind is Kind.UNAVAILABLE:
         headers["Retry-After"] = "1"
     return ApiError(status, message, param=param, code=refusal.code, headers=headers)
+
+
+def _from_service(error: BaseException) -> ApiError | None:
+    """A gRPC-side ServiceError (e.g. the fleet front end's admission) -> HTTP."""
+    from ..service.errors import ServiceError
+
+    if not isinstance(error, ServiceError):
+        return None
+    import grpc
+
+    status = {grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.INVALID_ARGUMENT: 400,
+              grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.PERMISSION_DENIED: 403,
+              grpc.StatusCode.RESOURCE_EXHAUSTED: 429}.get(error.code, 500)
+    headers = {"Retry-After": str(max(1, round(error.retry_after_s)))} if error.retry_after_s else {}
+    param = error.violations[0].field if error.violations else None
+    return ApiError(status, error.message, param=param, headers=headers)

@@ -22,6 +22,7 @@ METHOD_OPERATIONS = {
     "/loraplex.v1.AdapterService/UploadAdapter": Operation.UPLOAD,
     "/loraplex.v1.AdapterService/RegisterAdapter": Operation.REGISTER,
     "/loraplex.v1.AdapterService/DeleteAdapter": Operation.DELETE,
+    "/loraplex.v1.ServerService/ResetPrefixCache": Operation.RESET_CACHE,
 }
 ADMIN_METHODS = frozenset(method for method, operation in METHOD_OPERATIONS.items() if operation.admin)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
