@@ -10,14 +10,53 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from .problems import InvalidConfig
 
-if TYPE_CHECKING:                      # config.py imports this module
-    from .config import Flag, ServerConfig
-
 MiB = 2**20
+
+
+class Flag(Protocol):
+    """What the checks read of a config.Flag (config.py imports this module, never the reverse)."""
+
+    @property
+    def flag(self) -> str: ...
+
+    @property
+    def engine(self) -> str | None: ...
+
+
+class ServerConfig(Protocol):
+    """What the checks read of a config.ServerConfig (structurally: config.py is not imported)."""
+
+    model: str
+    port: int
+    metrics_port: int
+    http_port: int
+    served_model_name: str
+    api_keys: tuple[Any, ...]
+    admin_keys: tuple[Any, ...]
+    tls_cert: str | None
+    tls_key: str | None
+    log_level: str
+    max_message_bytes: int
+    max_request_choices: int
+    metrics_adapter_labels: int
+    grace_period_s: float
+    host_cache_bytes: int
+    adapter_quota_bytes: int
+    max_adapter_bytes: int
+    blob_cache_bytes: int
+    allowed_register_roots: tuple[str, ...]
+    adapter_sources: tuple[str, ...]
+    store_registry: str
+    store_blobs: str
+    http_max_connections: int
+    http_header_timeout_s: float
+    http_body_timeout_s: float
+
+    def engine_config(self, model_dir: Path) -> Any: ...
 _WORD_RE = re.compile(r"\b[a-z][a-z_]*\b")
 
 

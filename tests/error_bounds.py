@@ -43,3 +43,30 @@ def assert_within_bound(got: torch.Tensor, exact: torch.Tensor, magnitude: torch
         f"{what}: {int((error > bound).sum())} of {error.numel()} elements outside the error bound; worst "
         f"index {worst}: |{got64.flatten()[worst]:.9g} - {exact.flatten()[worst]:.9g}| = "
         f"{error.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g} (gamma_{terms}, {dtype})")
+
+
+def attention_bound(q: torch.Tensor, k_cache: torch.Tensor, scale: float, num_keys: int,
+                    value_magnitude: torch.Tensor) -> torch.Tensor:
+    """Per element bound on |computed - exact| of softmax(scale q.k) @ v (float32).
+
+    q [T, heads, hd]; value_magnitude [T, heads, hd] = sum_j p_j |v_j| / sum_j p_j (the exact
+    attention run on |v|, float64). Each score has error <= delta = gamma_hd * scale * |q|.|k_j|
+    <= gamma_hd * scale * ||q|| * max ||k|| (Cauchy-Schwarz), so each weight exp(s_j - max) is off
+    by a relative 2 delta + the exp's and subtraction's rounding; numerator and denominator
+    sums add gamma_L each. Result: (2 rho + 2 gamma_L) * value_magnitude, rho = 2 delta + 8u."""
+    u = UNIT_ROUNDOFF[torch.float32]
+    q_norm = q.double().norm(dim=-1, keepdim=True)                               # [T, heads, 1]
+    k_norm = k_cache.double().norm(dim=-1).max()
+    delta = gamma(q.shape[-1]) * scale * q_norm * k_norm
+    rho = 2 * delta + 8 * u
+    return (2 * rho + 2 * gamma(num_keys + 2)) * value_magnitude.double()
+
+
+def assert_within(got: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor, what: str = "") -> None:
+    """Elementwise |got - exact| <= bound (a bound computed by the caller)."""
+    error = (got.double() - exact.double()).abs()
+    bound = bound + UNIT_ROUNDOFF[got.dtype] * exact.double().abs() + torch.finfo(got.dtype).tiny
+    worst = int((error / bound).argmax())
+    assert bool((error <= bound).all()), (
+        f"{what}: {int((error > bound).sum())} of {error.numel()} elements outside the error bound; worst "
+        f"index {worst}: error {error.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}")

@@ -12,7 +12,7 @@ from ..lora.fingerprint import base_spec_from_model_config
 from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
 from ..lora.slot_pool import SlotPool
-from ..kernels.linear_choice import choose_linear_kernels
+from ..layers.linear_choice import choose_linear_kernels
 from ..model.decode_stack import build_decode_stack
 from ..kernels.registry import KernelSet
 from ..model.config import ModelConfig

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ... import __version__
 from ...v1 import server_pb2 as pb
 from ...v1 import server_pb2_grpc
+from ..frontdoor import admin
 from .errors import rpc_errors
 from .state import ServiceState
 
