@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .chat_options import ChatOptions
 from .sequence import FinishReason, SamplingParams
 
 
@@ -77,6 +78,7 @@ class GenerationRequest:
     adapter_id: str | None = None                          # "name" or "name@3"; None = base
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tenant: str | None = None                              # for tenant-private adapters
+    chat: ChatOptions | None = None                        # template options of a chat (tools, kwargs, ...)
 
 
 @dataclass(frozen=True)
@@ -152,3 +154,4 @@ class EngineInfo:
     linear_kernels: tuple = ()          # layers.linear_choice.KernelChoice per layer shape
     cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)
     max_prompt_bytes: int = 0           # text longer than this cannot fit max_input_tokens (0 = unknown)
+    chat_template: str = ""             # the base model's chat template ("" = none; picks --tool-call-parser auto)

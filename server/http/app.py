@@ -23,14 +23,17 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from ..config import ServerConfig
 from ..engine.io import RequestOutput
+from ..engine.tool_parsers import pick_format
 from ..frontdoor import admin, tokens
-from ..frontdoor.access import Operation, authorize
+from ..frontdoor.access import Operation, Principal, Role, authorize
 from ..service.state import ServiceState
+from . import responses_api
 from .auth import authenticate
-from .convert import chat_messages, chat_request, completion_request, parse_body
+from .convert import ChatSetup, chat_messages, chat_request, completion_request, parse_body
 from .errors import ApiError, bad_request, to_api_error
 from .generate import CHAT, COMPLETIONS, Endpoint, respond
 from .models import model_cards
+from .responses_events import respond_responses
 from .schemas import DetokenizeRequest, LoadLoraRequest, TokenizeRequest, UnloadLoraRequest
 from .tokens import token_text
 
@@ -89,6 +92,13 @@ class HttpApi:
         self.base_name = config.base_model_name
         self.limits = config.request_limits()
         self.started = int(time.time())
+        self._tool_format = None
+
+    def chat_setup(self, engine: Any, principal: Principal) -> ChatSetup:
+        """The tool-call format (`auto`: from the base model's chat template), reasoning parser, caller's role."""
+        if self._tool_format is None:
+            self._tool_format = pick_format(self.config.tool_call_parser, engine.info.chat_template)
+        return ChatSetup(self._tool_format, self.config.reasoning_parser, principal.role is Role.ADMIN)
 
     def recorder(self, method: str) -> Callable[[str, RequestOutput | None, str | None], None]:
         def record(code: str, last: RequestOutput | None, adapter: str | None) -> None:
@@ -119,9 +129,15 @@ class HttpApi:
             caller = authorize(authenticate(self.state.keys, request), Operation.GENERATE)
             raw = await read_body(request, self.door.limits.max_body_bytes, self.config.http_body_timeout_s)
             engine = self.door.engine()
-            convert = chat_request if endpoint is CHAT else completion_request
-            parsed = await self.door.parse(lambda: convert(decode_json(raw), self.base_name, caller.tenant,
-                                                           self.limits, lambda: uuid.uuid4().hex, self.door.limits))
+            if endpoint is CHAT:
+                setup = self.chat_setup(engine, caller)
+                parsed = await self.door.parse(lambda: chat_request(
+                    decode_json(raw), self.base_name, caller.tenant, self.limits, lambda: uuid.uuid4().hex, setup,
+                    front=self.door.limits))
+            else:
+                parsed = await self.door.parse(lambda: completion_request(
+                    decode_json(raw), self.base_name, caller.tenant, self.limits, lambda: uuid.uuid4().hex,
+                    self.door.limits))
         except Exception as error:  # noqa: BLE001 - answered in OpenAI's shape
             mapped = to_api_error(error, endpoint.prompt_param)
             record(str(mapped.status), None, None)
@@ -130,6 +146,28 @@ class HttpApi:
         metrics = self.state.metrics
         return await respond(engine, parsed, request, endpoint, text_of, record,
                              metrics.token_delta if metrics is not None else None)
+
+    async def responses(self, request: Request) -> Response:
+        """POST /v1/responses: the Responses API over the chat pipeline (responses_api.py)."""
+        record = self.recorder("responses")
+        try:
+            caller = authorize(authenticate(self.state.keys, request), Operation.GENERATE)
+            raw = await read_body(request, self.door.limits.max_body_bytes, self.config.http_body_timeout_s)
+            engine = self.door.engine()
+            data = await self.door.parse(decode_json, raw)
+            setup = self.chat_setup(engine, caller)
+            parsed = await self.door.parse(lambda: chat_request(
+                responses_api.chat_body(data), self.base_name, caller.tenant, self.limits, lambda: uuid.uuid4().hex,
+                setup, front=self.door.limits))
+        except Exception as error:  # noqa: BLE001 - answered in OpenAI's shape
+            mapped = to_api_error(error, "input")
+            if mapped.param == "messages" or (mapped.param or "").startswith("messages."):
+                mapped.param = "input"
+            elif mapped.param in ("max_tokens", "response_format"):
+                mapped.param = {"max_tokens": "max_output_tokens", "response_format": "text.format"}[mapped.param]
+            record(str(mapped.status), None, None)
+            return mapped.response()
+        return await respond_responses(engine, parsed, data, request, record)
 
     async def _models(self, request: Request) -> dict:
         records = await admin.list_versions(self.door, authenticate(self.state.keys, request))
@@ -220,6 +258,7 @@ def build_app(state: ServiceState, config: ServerConfig) -> FastAPI:
 
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    app.add_api_route("/v1/responses", api.responses, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", api.model, methods=["GET"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
