@@ -103,7 +103,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                                             eos_token_ids(config.model_dir, tokenizer))
     sampler = Sampler(model_config.vocab_size, device=device, seed=config.seed,
                       argmax=kernels.get("argmax_rows"), logits_mask=guided)
-    scheduler = Scheduler(sched, BlockManager(num_blocks=num_blocks, block_size=cache.block_size))
+    blocks = BlockManager(num_blocks=num_blocks, block_size=cache.block_size,
+                          enable_caching=cache.prefix_caching, model_namespace=f"{config.model_dir}|{spec.method}|{dtype}")
+    scheduler = Scheduler(sched, blocks)
 
     base_spec = base_spec_from_model_config(model_config, spec.method)
     gateway = pool = None
