@@ -12,6 +12,7 @@ from ..lora.fingerprint import base_spec_from_model_config
 from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
 from ..lora.slot_pool import SlotPool
+from ..lora.vocab import VocabSlots
 from ..layers.linear_choice import choose_linear_kernels
 from ..model.decode_stack import build_decode_stack
 from ..kernels.registry import KernelSet
@@ -110,8 +111,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     gateway = pool = None
     if store is not None:
         adapter_dtype = dtype if config.lora.adapter_dtype == "compute" else _DTYPES[config.lora.adapter_dtype]
+        vocab = VocabSlots(model_config.vocab_size, model_config.hidden_size, dtype, device)
         pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
-                        ops=select_ops(device, cpu_kernels=kernels.native))
+                        ops=select_ops(device, cpu_kernels=kernels.native), vocab=vocab)
         gateway = AdapterGateway(store, AdapterManager(pool))
         set_finisher = getattr(store, "set_load_finisher", None)
         if set_finisher is not None:     # DoRA scales derived once per version, on the load threads
