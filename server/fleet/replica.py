@@ -133,6 +133,9 @@ class ReplicaBase:
             state.store.close()
         if getattr(self, "metrics_http", None) is not None:
             self.metrics_http.shutdown()
+        door = getattr(state, "door", None)
+        if door is not None:
+            door.close()
 
     # ---- plumbing ------------------------------------------------------------------------
     def _handler(self, method: Method):
