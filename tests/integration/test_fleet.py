@@ -36,7 +36,7 @@ def _plain_serve_generation(tiny_llama_dir, store, prompt, adapter, max_new_toke
     config = ServerConfig(model=str(tiny_llama_dir), store=str(store), port=0, metrics_port=0,
                           kv_cache_memory="16MiB", max_total_tokens=1024, max_input_tokens=512)
     loop = LoopThread()
-    running = loop.run(start_full_server(config))
+    running = loop.run(start_full_server(config), timeout=900)       # a busy shared machine loads slowly
     try:
         with Client(f"127.0.0.1:{running.port}", timeout=120) as client:
             return client.generate(prompt, adapter_id=adapter, max_new_tokens=max_new_tokens)
