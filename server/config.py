@@ -55,6 +55,14 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return text
+    return parse
+
+
 def parse_key(text: str) -> ApiKey:
     """'secret' or 'tenant:secret'."""
     tenant, sep, secret = text.strip().partition(":")
@@ -173,6 +181,11 @@ FLAGS: tuple[Flag, ...] = (
          engine="constraint_cache_size"),
     Flag("max_constraint_bytes", "--max-constraint-bytes", parse_size, "largest schema / regex / grammar text",
          engine="max_constraint_bytes"),
+    # chat and agent clients (docs/openai.md)
+    Flag("tool_call_parser", "--tool-call-parser", _one_of("auto", "hermes", "llama3_json", "mistral"),
+         "how the model writes tool calls: auto (from the chat template), hermes, llama3_json, mistral"),
+    Flag("reasoning_parser", "--reasoning-parser", _one_of("", "think", "deepseek_r1"),
+         "move <think>...</think> into reasoning_content: think, deepseek_r1 ('' = off)"),
 )
 
 
@@ -225,6 +238,8 @@ class ServerConfig:
     constraint_timeout_s: float = StructuredConfig.constraint_timeout_s      # structured output
     constraint_cache_size: int = StructuredConfig.constraint_cache_size
     max_constraint_bytes: int = RequestLimits.max_constraint_bytes
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = ""
 
     @property
     def auth_enabled(self) -> bool:

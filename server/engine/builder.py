@@ -125,7 +125,8 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       device=device, base_fingerprint=base_spec.fingerprint,
                       linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
                       vocab_size=model_config.vocab_size, linear_kernels=linear_kernels,
-                      cpu_isa="" if kernels.native is None else kernels.native.quant_isa())
+                      cpu_isa="" if kernels.native is None else kernels.native.quant_isa(),
+                      chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else "")
     warm_up(engine, pool, log)
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
         f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops"
