@@ -96,9 +96,10 @@ def random_words(num_tokens: int, rng: random.Random) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(num_tokens))
 
 
-def system_prompt(adapter_id: str | None, num_tokens: int, seed: int) -> str:
-    """The fixed system prompt of one adapter (the same text in every run with this seed)."""
-    rng = random.Random(f"{seed}:{adapter_id or ''}")
+def system_prompt(adapter_id: str | None, num_tokens: int) -> str:
+    """The fixed system prompt of one adapter: the same text in every run and with every --seed
+    (the seed varies only the questions), as a tenant's prompt stays the same across requests."""
+    rng = random.Random(f"system:{adapter_id or ''}")
     return "System: " + random_words(num_tokens, rng) + "\n"
 
 
@@ -113,6 +114,6 @@ def _chat_requests(config: BenchConfig, count: int, rng: random.Random) -> list[
         adapter = adapters[(i if conversation is None else conversation) % len(adapters)]
         question = "User: " + random_words(sample_length(config.input_len, rng), rng) + "\nAssistant:"
         first_turn = conversation is None or i % config.turns == 0
-        prompt = (system_prompt(adapter, config.prefix_len, config.seed) if first_turn else "") + question
+        prompt = (system_prompt(adapter, config.prefix_len) if first_turn else "") + question
         requests.append(BenchRequest(i, prompt, sample_length(config.output_len, rng), adapter, conversation))
     return requests

@@ -97,8 +97,8 @@ def test_chat_workload_builders():
                                         adapters=("a", "b"), input_len=fixed))
     assert [r.adapter_id for r in shared] == ["a", "b"] * 3
     for r in shared:
-        assert r.prompt.startswith(system_prompt(r.adapter_id, 20, 0)) and r.conversation is None
-    assert len({r.prompt for r in shared}) == 6 and system_prompt("a", 20, 0) != system_prompt("b", 20, 0)
+        assert r.prompt.startswith(system_prompt(r.adapter_id, 20)) and r.conversation is None
+    assert len({r.prompt for r in shared}) == 6 and system_prompt("a", 20) != system_prompt("b", 20)
     chat = build_requests(BenchConfig(num_prompts=6, concurrency=2, workload="multi-turn", turns=3,
                                       prefix_len=20, adapters=("a", "b"), input_len=fixed))
     assert [(r.conversation, r.adapter_id) for r in chat] == [(0, "a")] * 3 + [(1, "b")] * 3
