@@ -132,7 +132,11 @@ TARGETS = {"shared-prefix": (6.0, 8.0), "multi-turn": (3.0, None), "no shared pr
 
 def section_prefix(model_dir: Path, quick: bool) -> str:
     workloads = QUICK if quick else WORKLOADS
-    results = run_prefix_bench(model_dir, workloads)
+    return render_section(workloads, run_prefix_bench(model_dir, workloads))
+
+
+def render_section(workloads: list[Workload], results: dict[str, list[tuple[Side, Side]]]) -> str:
+    """The markdown section from the rounds' (cache on, cache off) results."""
     shared, turns, plain = (w.options for w in workloads)
     lines = [
         "## 11. Prefix caching: on vs `--no-prefix-caching`",
