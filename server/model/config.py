@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)    # per-head q/k RMSNorm (qwen3.py)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -42,6 +43,7 @@ class ModelConfig:
     rope: RopeConfig
     tie_word_embeddings: bool
     sliding_window: int | None = None   # Mistral: keys older than this many positions are masked
+    qk_norm: bool = False               # Qwen3: RMSNorm over each q and k head before rotary
 
     @property
     def q_size(self) -> int:
@@ -94,6 +96,7 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             rope=_rope(raw, source), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             sliding_window=_sliding_window(raw, architecture, source),
+            qk_norm=architecture in QK_NORM_ARCHITECTURES,
         )
 
 
@@ -131,10 +134,10 @@ def _rope(raw: dict[str, Any], source: str) -> RopeConfig:
 
 def _sliding_window(raw: dict[str, Any], architecture: str, source: str) -> int | None:
     window = raw.get("sliding_window")
-    if architecture == "Qwen2ForCausalLM":
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         if raw.get("use_sliding_window"):
-            raise ValueError(f"{source}: Qwen2 use_sliding_window=true (per-layer windows) is not "
-                             "supported; set it to false")
+            raise ValueError(f"{source}: {architecture.removesuffix('ForCausalLM')} use_sliding_window=true "
+                             "(per-layer windows) is not supported; set it to false")
         return None
     if architecture == "MistralForCausalLM" and window:
         return int(window)
