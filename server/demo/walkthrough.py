@@ -165,15 +165,16 @@ def _wait_ready(process: subprocess.Popen, timeout_s: float, log: Log) -> str:
 def ask(address: str, adapter_dir: Path, options: DemoOptions, log: Log) -> DemoResult:
     """Upload the adapter (kept when already there) and ask each question without and with it."""
     from ...client import Client
-    from ...client.errors import AlreadyExistsError
+    from ...client.errors import AdapterNotFoundError
 
     result = DemoResult(address, adapter_dir)
     with Client(address, options.api_key, timeout=300) as client:
         try:
+            info = client.get_adapter(ADAPTER_ID)
+            log(f"[demo] adapter '{ADAPTER_ID}' is already on the server (version {info.version}); using it")
+        except AdapterNotFoundError:
             client.upload_adapter(adapter_dir, ADAPTER_ID)
             log(f"[demo] uploaded {adapter_dir} as adapter '{ADAPTER_ID}'")
-        except AlreadyExistsError:
-            log(f"[demo] adapter '{ADAPTER_ID}' is already on the server; using it")
         for question in options.questions:
             messages = [("user", question)]
             plain = client.chat(messages, max_new_tokens=options.max_new_tokens, temperature=0.0).text

@@ -45,10 +45,10 @@ def test_demo_against_a_running_server(default_model_dir, demo_adapter, tmp_path
     finally:
         loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
         loop.close()
-    assert any("already on the server" in line for line in lines)
     for exchange in result.exchanges + again.exchanges:
         assert exchange.with_adapter.startswith("ANSWER:"), exchange
         assert not exchange.without_adapter.startswith("ANSWER:"), exchange
+    assert any("already on the server" in line for line in lines)
     assert any("with 'demo-answer-format'" in line for line in lines)
 
 
