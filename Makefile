@@ -14,7 +14,7 @@ TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 PYTEST_ARGS ?=
 
 .PHONY: setup model serve demo test test-unit test-integration test-store-shared test-fleet bench stress fidelity proto \
-        clean help test-client-install test-demo gpu-check
+        clean help test-client-install test-demo gpu-check test-adapters test-prefix-cache
 
 help:
 	@echo "make serve   set up .venv, fetch the default model, start the server on 127.0.0.1:50051"
@@ -62,9 +62,17 @@ test-integration: model
 test-store-shared: setup
 	$(PY) -m pytest tests/unit/store tests/integration/test_shared_store_kill.py -m slow $(PYTEST_ARGS)
 
+# Prefix caching with chunked prefill + preemption on a small KV cache, cache on == off (slow).
+test-prefix-cache: model
+	$(PY) -m pytest tests/unit/test_prefix_cache.py tests/unit/test_prefix_cache_engine.py -m "slow or not slow" $(PYTEST_ARGS)
+
 # `loraplex fleet` on a local Ray cluster: 2 replicas, affinity, a replica kill (slow; not in `make test`).
 test-fleet: model
 	$(PY) -m pytest tests/integration/test_fleet.py tests/integration/test_fleet_scale.py -m "slow or not slow" $(PYTEST_ARGS)
+
+# DoRA / embedding / modules_to_save adapters vs PEFT on the default model (slow; not in `make test`).
+test-adapters: model
+	$(PY) -m pytest tests/integration/test_dora_oracle.py -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: model
 	$(PY) bench/suite.py $(BENCH_ARGS)

@@ -55,6 +55,14 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return text
+    return parse
+
+
 def parse_key(text: str) -> ApiKey:
     """'secret' or 'tenant:secret'."""
     tenant, sep, secret = text.strip().partition(":")
@@ -87,6 +95,11 @@ class Flag:
     many: bool = False
     env: str | None = None                     # default LORAPLEX_<FLAG>
     engine: str | None = None                  # the EngineConfig setting it sets (engine/config.py)
+    switch: bool = False                       # a flag without a value (`--no-x` sets True)
+    to_engine: Callable[[Any], Any] | None = None   # the engine setting's value from this one's
+
+    def engine_value(self, value: Any) -> Any:
+        return value if self.to_engine is None else self.to_engine(value)
 
     @property
     def env_name(self) -> str:
@@ -142,6 +155,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("prefix_cache_share", "--prefix-cache-share", float,
          "auto KV sizing: extra blocks for cached prompt prefixes, as a share of the running demand",
          engine="prefix_cache_share"),
+    Flag("no_prefix_caching", "--no-prefix-caching", _bool,
+         "turn off automatic prefix caching (reuse of cached KV blocks of shared prompt prefixes)",
+         switch=True, engine="prefix_caching", to_engine=lambda off: not off),
     Flag("allowed_register_roots", "--allowed-register-root", str,
          "directory RegisterAdapter may read from (repeatable)", many=True),
     Flag("host_cache_bytes", "--host-cache-bytes", parse_size, "host-memory adapter cache budget"),
@@ -173,6 +189,11 @@ FLAGS: tuple[Flag, ...] = (
          engine="constraint_cache_size"),
     Flag("max_constraint_bytes", "--max-constraint-bytes", parse_size, "largest schema / regex / grammar text",
          engine="max_constraint_bytes"),
+    # chat and agent clients (docs/openai.md)
+    Flag("tool_call_parser", "--tool-call-parser", _one_of("auto", "hermes", "llama3_json", "mistral"),
+         "how the model writes tool calls: auto (from the chat template), hermes, llama3_json, mistral"),
+    Flag("reasoning_parser", "--reasoning-parser", _one_of("", "think", "deepseek_r1"),
+         "move <think>...</think> into reasoning_content: think, deepseek_r1 ('' = off)"),
 )
 
 
@@ -209,6 +230,7 @@ class ServerConfig:
     kv_cache_memory: str = CacheConfig.kv_cache_memory
     kv_cache_max_memory: str = CacheConfig.kv_cache_max_memory
     prefix_cache_share: float = CacheConfig.prefix_cache_share
+    no_prefix_caching: bool = not CacheConfig.prefix_caching
     allowed_register_roots: tuple[str, ...] = ()
     host_cache_bytes: int = 2**30
     store_registry: str = field(default="", repr=False)      # may hold a password
@@ -227,6 +249,8 @@ class ServerConfig:
     constraint_timeout_s: float = StructuredConfig.constraint_timeout_s      # structured output
     constraint_cache_size: int = StructuredConfig.constraint_cache_size
     max_constraint_bytes: int = RequestLimits.max_constraint_bytes
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = ""
 
     @property
     def auth_enabled(self) -> bool:
@@ -258,7 +282,7 @@ class ServerConfig:
 
     def engine_config(self, model_dir: Path) -> EngineConfig:
         """The EngineConfig for this server (raises InvalidConfig on engine-level problems)."""
-        return EngineConfig.from_settings(model_dir, **{flag.engine: getattr(self, flag.name)
+        return EngineConfig.from_settings(model_dir, **{flag.engine: flag.engine_value(getattr(self, flag.name))
                                                         for flag in FLAGS if flag.engine})
 
 
@@ -341,6 +365,10 @@ def add_arguments(parser) -> None:
     """Add every serve flag to an argparse parser; unset flags stay None (env/file/default apply)."""
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (env LORAPLEX_CONFIG)")
     for flag in FLAGS:
+        if flag.switch:
+            parser.add_argument(flag.flag, dest=flag.name, default=None, action="store_const", const=True,
+                                help=f"{flag.help} (env {flag.env_name}=1)")
+            continue
         parser.add_argument(flag.flag, dest=flag.name, default=None, metavar=flag.name.upper(),
                             action="append" if flag.many else "store",
                             help=f"{flag.help} (env {flag.env_name})")

@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from .builder import build_engine
+from .chat_options import ChatOptions
 from .engine import LLMEngine, StepStats
 from .constraints.spec import ConstraintError
 from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput, RequestRejected
@@ -149,9 +150,9 @@ class AsyncEngine:
         return self.engine.tokenizer.decode([token_id])
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
-                          options: dict | None = None) -> list[int]:
-        if options:
-            raise RequestRejected("messages", "chat template options are not supported by this server")
+                          options: ChatOptions | None = None) -> list[int]:
+        if options is not None:
+            return await self._on_tokenizer(lambda: self.engine.render_with_options(tuple(messages), options))
         tokenizer = self.engine.tokenizer
         return await self._on_tokenizer(lambda: render_chat(tokenizer, list(messages)))
 
@@ -171,7 +172,14 @@ class AsyncEngine:
         """Free the device slots (and staged host copies) of deleted adapters, between steps."""
         gateway = self.engine.adapters
         if gateway is not None and keys:
-            await self._run_on_engine(lambda: [gateway.evict(key) for key in keys])
+            forget = getattr(self.engine, "forget_adapter_blocks", None)
+
+            def evict() -> None:
+                for key in keys:
+                    gateway.evict(key)
+                if forget is not None:       # their cached KV blocks can never be hit again
+                    forget(keys)
+            await self._run_on_engine(evict)
 
     async def warm_adapter(self, key: str) -> bool:
         """Copy a host-loaded adapter into a FREE device slot between steps (never evicts one).
@@ -210,6 +218,7 @@ class AsyncEngine:
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 30)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.chat.sandbox.close()
 
     # ---- engine thread ----------------------------------------------------------------
     def _call(self, fn: Callable[[], Any]) -> Future:

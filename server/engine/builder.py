@@ -99,7 +99,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                                             eos_token_ids(config.model_dir, tokenizer))
     sampler = Sampler(model_config.vocab_size, device=device, seed=config.seed,
                       argmax=kernels.get("argmax_rows"), logits_mask=guided)
-    scheduler = Scheduler(sched, BlockManager(num_blocks=num_blocks, block_size=cache.block_size))
+    blocks = BlockManager(num_blocks=num_blocks, block_size=cache.block_size,
+                          enable_caching=cache.prefix_caching, model_namespace=f"{config.model_dir}|{spec.method}|{dtype}")
+    scheduler = Scheduler(sched, blocks)
 
     base_spec = base_spec_from_model_config(model_config, spec.method)
     gateway = pool = None
@@ -108,6 +110,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
         pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
                         ops=select_ops(device, cpu_kernels=kernels.native))
         gateway = AdapterGateway(store, AdapterManager(pool))
+        set_finisher = getattr(store, "set_load_finisher", None)
+        if set_finisher is not None:     # DoRA scales derived once per version, on the load threads
+            set_finisher(pool.dora_scaler)
     runner = ModelRunner(model, model_config, kv_caches, cache.block_size, sampler, device=device, lora=pool)
 
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
@@ -117,7 +122,8 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       device=device, base_fingerprint=base_spec.fingerprint,
                       linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
                       vocab_size=model_config.vocab_size, linear_kernels=linear_kernels,
-                      cpu_isa="" if kernels.native is None else kernels.native.quant_isa())
+                      cpu_isa="" if kernels.native is None else kernels.native.quant_isa(),
+                      chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else "")
     warm_up(engine, pool, log)
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
         f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops"
@@ -131,7 +137,7 @@ def plan_kv_cache_for(config: EngineConfig, model_config: ModelConfig, dtype: to
     max_model_len would not fit."""
     cache, sched = config.cache, config.scheduler
     demand = KVCacheDemand(sched.max_num_seqs, sched.max_model_len, cache.block_size,
-                           cache.prefix_cache_share)
+                           cache.prefix_cache_share if cache.prefix_caching else 0.0)
     plan = plan_kv_cache(cache.kv_cache_memory, cache.kv_cache_max_memory, demand, model_config, dtype,
                          device, available_bytes)
     if plan.num_blocks < demand.blocks_per_seq:

@@ -59,6 +59,7 @@ class CacheConfig:
     kv_cache_max_memory: str = "0.25"    # auto's cap: bytes or a fraction of free memory
     prefix_cache_share: float = 0.25     # auto: extra blocks for cached prefixes, share of the demand
     block_size: int = 16                 # tokens per KV block
+    prefix_caching: bool = True          # reuse cached full blocks of shared prefixes (block_manager.py)
 
     def __post_init__(self) -> None:
         raise_if(self.problems())

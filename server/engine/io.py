@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .chat_options import ChatOptions
 from .sequence import FinishReason, SamplingParams
 
 
@@ -77,6 +78,7 @@ class GenerationRequest:
     adapter_id: str | None = None                          # "name" or "name@3"; None = base
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tenant: str | None = None                              # for tenant-private adapters
+    chat: ChatOptions | None = None                        # template options of a chat (tools, kwargs, ...)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class RequestOutput:
     timing: Timing | None = None
     adapter_key: str | None = None
     error: EngineError | None = None      # set when finish_reason is ERROR
+    cached_tokens: int = 0                # prompt tokens found in the prefix cache (not recomputed)
 
     @property
     def finished(self) -> bool:
@@ -126,6 +129,8 @@ class EngineStats:
     running_adapters: tuple[str, ...] = ()     # adapter keys of running requests ("name@N")
     waiting_adapters: tuple[str, ...] = ()     # adapter keys of waiting requests, oldest first
     max_loras: int = 0
+    num_cached_blocks: int = 0                 # KV blocks in the prefix cache (held or reclaimable)
+    prefix_caching: bool = False
 
     @property
     def kv_usage(self) -> float:
@@ -148,3 +153,4 @@ class EngineInfo:
     vocab_size: int
     linear_kernels: tuple = ()          # kernels.linear_choice.KernelChoice per layer shape
     cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)
+    chat_template: str = ""             # the base model's chat template ("" = none; picks --tool-call-parser auto)

@@ -17,9 +17,13 @@ from ..config import ServerConfig
 from ..engine.io import RequestOutput
 from ..service.state import ServiceState
 from .auth import authenticate
-from .convert import chat_request, completion_request, parse_body
+from ..engine.tool_parsers import pick_format
+from ..service.auth import Principal, Role
+from .convert import ChatSetup, chat_request, completion_request, parse_body
 from .errors import ApiError, bad_request, to_api_error
 from .generate import CHAT, COMPLETIONS, Endpoint, respond
+from . import responses_api
+from .responses_events import respond_responses
 from .models import list_models, load_adapter, unload_adapter
 from .schemas import DetokenizeRequest, LoadLoraRequest, TokenizeRequest, UnloadLoraRequest
 from .tokens import detokenize, token_text, tokenize
@@ -50,6 +54,13 @@ class HttpApi:
         self.base_name = config.base_model_name
         self.limits = config.request_limits()
         self.started = int(time.time())
+        self._tool_format = None
+
+    def chat_setup(self, engine: Any, principal: Principal) -> ChatSetup:
+        """The tool-call format (`auto`: from the base model's chat template), reasoning parser, caller's role."""
+        if self._tool_format is None:
+            self._tool_format = pick_format(self.config.tool_call_parser, engine.info.chat_template)
+        return ChatSetup(self._tool_format, self.config.reasoning_parser, principal.role is Role.ADMIN)
 
     def recorder(self, method: str) -> Callable[[str, RequestOutput | None, str | None], None]:
         def record(code: str, last: RequestOutput | None, adapter: str | None) -> None:
@@ -73,9 +84,12 @@ class HttpApi:
             principal = authenticate(self.state.keys, request)
             data = await read_json(request, self.config.max_message_bytes)
             engine = self.state.require_engine()
-            convert = chat_request if endpoint is CHAT else completion_request
-            parsed = convert(data, self.base_name, principal.tenant, self.limits,
-                             lambda: uuid.uuid4().hex)
+            if endpoint is CHAT:
+                parsed = chat_request(data, self.base_name, principal.tenant, self.limits, lambda: uuid.uuid4().hex,
+                                      self.chat_setup(engine, principal))
+            else:
+                parsed = completion_request(data, self.base_name, principal.tenant, self.limits,
+                                            lambda: uuid.uuid4().hex)
         except Exception as error:  # noqa: BLE001 - answered in OpenAI's shape
             mapped = to_api_error(error, endpoint.prompt_param)
             record(str(mapped.status), None, None)
@@ -84,6 +98,25 @@ class HttpApi:
         metrics = self.state.metrics
         return await respond(engine, parsed, request, endpoint, text_of, record,
                              metrics.token_delta if metrics is not None else None)
+
+    async def responses(self, request: Request) -> Response:
+        """POST /v1/responses: the Responses API over the chat pipeline (responses_api.py)."""
+        record = self.recorder("responses")
+        try:
+            principal = authenticate(self.state.keys, request)
+            data = await read_json(request, self.config.max_message_bytes)
+            engine = self.state.require_engine()
+            parsed = chat_request(responses_api.chat_body(data), self.base_name, principal.tenant, self.limits,
+                                  lambda: uuid.uuid4().hex, self.chat_setup(engine, principal))
+        except Exception as error:  # noqa: BLE001 - answered in OpenAI's shape
+            mapped = to_api_error(error, "input")
+            if mapped.param == "messages" or (mapped.param or "").startswith("messages."):
+                mapped.param = "input"
+            elif mapped.param in ("max_tokens", "response_format"):
+                mapped.param = {"max_tokens": "max_output_tokens", "response_format": "text.format"}[mapped.param]
+            record(str(mapped.status), None, None)
+            return mapped.response()
+        return await respond_responses(engine, parsed, data, request, record)
 
     async def models(self, request: Request) -> dict:
         principal = authenticate(self.state.keys, request)
@@ -114,6 +147,11 @@ class HttpApi:
         principal = authenticate(self.state.keys, request, admin=True)
         body = parse_body(UnloadLoraRequest, await read_json(request, self.config.max_message_bytes))
         return PlainTextResponse(await unload_adapter(self.state, body, principal.tenant))
+
+    async def reset_prefix_cache(self, request: Request) -> JSONResponse:
+        """Admin, like vLLM's POST /reset_prefix_cache: forget every cached prefix block."""
+        authenticate(self.state.keys, request, admin=True)
+        return JSONResponse({"reset": await self.state.require_engine().reset_prefix_cache()})
 
     def ready(self) -> JSONResponse:
         if self.state.draining:
@@ -151,12 +189,14 @@ def build_app(state: ServiceState, config: ServerConfig) -> FastAPI:
 
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    app.add_api_route("/v1/responses", api.responses, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", api.model, methods=["GET"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"])
     app.add_api_route("/v1/load_lora_adapter", api.load, methods=["POST"])
     app.add_api_route("/v1/unload_lora_adapter", api.unload, methods=["POST"])
+    app.add_api_route("/reset_prefix_cache", api.reset_prefix_cache, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", api.ready, methods=["GET"])
     return app

@@ -16,19 +16,23 @@ from ..engine.config import RequestLimits
 from ..engine.constraints.spec import Constraint
 from ..engine.io import GenerationRequest, RequestRejected
 from ..engine.sequence import SamplingParams
+from ..engine.tool_parsers import ToolFormat
+from ..engine.tool_parsers.hermes import HermesFormat
 from ..engine.validation import ADAPTER_REF_RE, check_request
 from .errors import ApiError, bad_request, unsupported
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from .chat_output import ChatShaper
 from .structured import GUIDED, structured_output
+from .tools import CHAT_EXTRAS, chat_options, tool_request
 
 # Known OpenAI parameters this server does not implement yet -> a hint for the caller.
 UNSUPPORTED = {
-    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
-    "function_call": "function calling", "parallel_tool_calls": "tool calling",
+    "functions": "the deprecated function calling; use tools", "function_call": "the deprecated function "
+    "calling; use tool_choice",
     "logit_bias": "", "audio": "", "modalities": "", "prediction": "", "reasoning_effort": "",
     "web_search_options": "", "service_tier": "", "store": "", "metadata": "",
 }
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,17 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None           # alternatives per token (0 = only the chosen token), None = off
+    shaper: ChatShaper | None = None   # reasoning / tool-call parsing of chat output (chat_output.py)
+
+
+@dataclass(frozen=True)
+class ChatSetup:
+    """What a chat request's agent fields need from the server: the tool-call format, the
+    reasoning parser, and whether the caller may send its own chat_template."""
+
+    fmt: ToolFormat
+    reasoning_parser: str = ""
+    admin: bool = False
 
 
 def parse_body(model_type: type[BaseModel], data: Any) -> Any:
@@ -64,12 +79,12 @@ def parse_body(model_type: type[BaseModel], data: Any) -> Any:
         raise bad_request(param, f"{param}: {first['msg']}" if param else first["msg"]) from None
 
 
-def _refuse_unknown(body: SamplingFields, also_unsupported: dict[str, bool]) -> None:
+def _refuse_unknown(body: SamplingFields, also_unsupported: dict[str, bool], known: tuple[str, ...] = ()) -> None:
     for name, value in body.extras().items():
+        if name in known:
+            continue
         if name in UNSUPPORTED and value in (None, [], {}, False):
             continue                                   # explicit "off" values change nothing
-        if name == "tool_choice" and value == "none":
-            continue
         if name in UNSUPPORTED:
             raise unsupported(name, UNSUPPORTED[name])
         if name != "response_format" and name not in GUIDED:
@@ -110,7 +125,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
 
 def _parsed(body: SamplingFields, inputs: list[dict[str, Any]], adapter: str | None, base_name: str,
             sampling: Callable[[int], SamplingParams], tenant: str | None, new_id: Callable[[], str],
-            logprobs: int | None, limits: RequestLimits) -> ParsedRequest:
+            logprobs: int | None, limits: RequestLimits, shaper: ChatShaper | None = None) -> ParsedRequest:
     n = body.n or 1
     choices = []
     for prompt_index, fields in enumerate(inputs):
@@ -125,7 +140,8 @@ def _parsed(body: SamplingFields, inputs: list[dict[str, Any]], adapter: str | N
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options", "stream_options is only allowed with stream: true")
-    return ParsedRequest(body, choices, adapter, body.model or base_name, bool(body.stream), include_usage, logprobs)
+    return ParsedRequest(body, choices, adapter, body.model or base_name, bool(body.stream), include_usage, logprobs,
+                         shaper if shaper is not None and shaper.active else None)
 
 
 def completion_request(data: Any, base_name: str, tenant: str | None, limits: RequestLimits,
@@ -156,10 +172,19 @@ def _prompts(prompt: Any) -> list[dict[str, Any]]:
 
 
 def chat_request(data: Any, base_name: str, tenant: str | None, limits: RequestLimits,
-                 new_id: Callable[[], str]) -> ParsedRequest:
+                 new_id: Callable[[], str], setup: ChatSetup | None = None) -> ParsedRequest:
+    setup = setup or ChatSetup(HermesFormat())
     body: ChatCompletionRequest = parse_body(ChatCompletionRequest, data)
-    _refuse_unknown(body, {})
+    _refuse_unknown(body, {}, CHAT_EXTRAS)
+    extras = body.extras()
+    tools = tool_request(extras)
     constraint = structured_output(body)
+    forced = tools.constraint(setup.fmt) if tools is not None else None
+    if forced is not None and constraint is not None:
+        raise bad_request("tool_choice", f"tool_choice {tools.choice!r} forces a tool call; it cannot be combined "
+                                         "with response_format / structured outputs")
+    constraint = forced or constraint
+    chat = chat_options(extras, body.messages, tools, setup.fmt, setup.admin)
     adapter = resolve_model(body.model, base_name)
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs", "top_logprobs needs logprobs: true")
@@ -170,20 +195,19 @@ def chat_request(data: Any, base_name: str, tenant: str | None, limits: RequestL
     def sampling(j: int) -> SamplingParams:
         return sampling_params(body, max_tokens, logprobs, j, constraint)
 
-    return _parsed(body, [{"messages": messages}], adapter, base_name, sampling, tenant, new_id, logprobs, limits)
+    return _parsed(body, [{"messages": messages, "chat": chat}], adapter, base_name, sampling, tenant, new_id,
+                   logprobs, limits, ChatShaper(setup.fmt, tools, setup.reasoning_parser))
 
 
 def chat_messages(messages: list[ChatMessage]) -> tuple[tuple[str, str], ...]:
-    """OpenAI messages -> (role, content) pairs; text parts are joined, other parts refused."""
+    """OpenAI messages -> (role, content) pairs; text parts are joined, other parts refused
+    (tool calls and tool_call_id travel in ChatOptions.message_fields: tools.py)."""
     pairs = []
     for index, message in enumerate(messages):
         role = CHAT_ROLES.get(message.role)
         if role is None:
             raise bad_request(f"messages.{index}.role", f"role {message.role!r} is not supported "
                                                         f"(use one of {', '.join(CHAT_ROLES)})")
-        for name in ("tool_calls", "function_call", "tool_call_id"):
-            if (message.model_extra or {}).get(name):
-                raise unsupported(f"messages.{index}.{name}", "tool calling")
         pairs.append((role, _text(message.content, index)))
     return tuple(pairs)
 

@@ -90,23 +90,29 @@ def completion_body(meta: ResponseMeta, states: list[ChoiceState], want_logprobs
 
 
 def chat_body(meta: ResponseMeta, states: list[ChoiceState], want_logprobs: bool,
-              text_of: TokenText) -> dict[str, Any]:
+              text_of: TokenText, shaper: Any = None) -> dict[str, Any]:
+    """shaper: a chat_output.ChatShaper (reasoning / tool calls), None = the text as content."""
     choices = []
     for state in sorted(states, key=lambda s: s.index):
         logprobs = (chat_logprobs(state.token_ids, state.logprobs, state.top_logprobs, text_of)
                     if want_logprobs else None)
-        choices.append({"index": state.index, "message": {"role": "assistant", "content": "".join(state.text)},
-                        "logprobs": logprobs,
-                        "finish_reason": finish_reason(state.last.finish_reason if state.last else None)})
+        reason = finish_reason(state.last.finish_reason if state.last else None)
+        message = {"role": "assistant", "content": "".join(state.text)}
+        if shaper is not None:
+            message, reason = shaper.message(state.index, message["content"], reason)
+        choices.append({"index": state.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "choices": choices, "usage": usage_of(states)}
 
 
-def usage_of(states: list[ChoiceState]) -> dict[str, int]:
-    """Prompt tokens of each distinct prompt once (n choices of one prompt share it), plus all outputs."""
-    prompt = sum(s.last.prompt_tokens for s in states if s.last is not None and s.prompt_owner)
+def usage_of(states: list[ChoiceState]) -> dict[str, Any]:
+    """Prompt tokens of each distinct prompt once (n choices of one prompt share it), plus all outputs;
+    prompt_tokens_details.cached_tokens: the prompt owners' tokens found in the prefix cache."""
+    owners = [s.last for s in states if s.last is not None and s.prompt_owner]
+    prompt = sum(last.prompt_tokens for last in owners)
     completion = sum(s.last.generated_tokens for s in states if s.last is not None)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(last.cached_tokens for last in owners)}}
 
 
 # ---- stream chunks ----------------------------------------------------------------------------
@@ -121,7 +127,7 @@ def completion_chunk(meta: ResponseMeta, index: int, output: RequestOutput, want
 
 
 def chat_chunk(meta: ResponseMeta, index: int, output: RequestOutput | None, want_logprobs: bool,
-               text_of: TokenText) -> dict[str, Any]:
+               text_of: TokenText, shaper: Any = None) -> dict[str, Any]:
     """A chat delta; `output` None = the opening chunk with the assistant role."""
     if output is None:
         choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -130,8 +136,10 @@ def chat_chunk(meta: ResponseMeta, index: int, output: RequestOutput | None, wan
         logprobs = (chat_logprobs(list(output.token_ids), list(output.logprobs), list(output.top_logprobs),
                                   text_of) if want_logprobs else None)
         delta = {"content": output.text} if output.text or not output.finished else {}
-        choice = {"index": index, "delta": delta, "logprobs": logprobs,
-                  "finish_reason": finish_reason(output.finish_reason)}
+        reason = finish_reason(output.finish_reason)
+        if shaper is not None:
+            delta, reason = shaper.delta(index, output.text, output.finished, reason)
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     return {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
             "choices": [choice]}
 

@@ -65,6 +65,9 @@ def test_default_engine_config_sizes_the_default_model_by_demand_not_free_memory
     plan = plan_kv_cache_for(small, smollm, torch.float32, "cpu", available_bytes=100 * GiB)
     assert plan.num_blocks == 4 * 64 + 64       # 4 sequences x 64 blocks, + 25% for prefixes
     assert plan.num_bytes < 300 * 2**20         # was a quarter of free memory (25 GiB here)
+    no_prefix = EngineConfig.from_settings(Path("."), max_num_seqs=4, max_model_len=1024, max_input_tokens=512,
+                                           prefix_caching=False)
+    assert plan_kv_cache_for(no_prefix, smollm, torch.float32, "cpu", available_bytes=100 * GiB).num_blocks == 256
     roomy = plan_kv_cache_for(EngineConfig(model_dir=Path(".")), smollm, torch.float32, "cpu",
                               available_bytes=8 * GiB)
     assert roomy.capped and roomy.num_bytes <= 2 * GiB
