@@ -95,9 +95,21 @@ def chat_messages(messages: Iterable[ChatMessage]) -> generation_pb2.ChatMessage
     return generation_pb2.ChatMessages(messages=converted)
 
 
+def check_adapter_id(adapter_id: str | None) -> None:
+    """ValidationError for an id request metadata cannot carry (the id is also the fleet's routing
+    key, sent as metadata): the server's rule allows only printable ASCII. Other bad ids are the
+    server's to refuse, with the same ValidationError."""
+    if adapter_id is None:
+        return
+    if not isinstance(adapter_id, str) or not (adapter_id.isascii() and adapter_id.isprintable()):
+        rule = "must be 'name' or 'name@version' with name matching [A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+        raise ValidationError(f"invalid request: adapter_id: {rule}", violations={"adapter_id": rule})
+
+
 def generation_input(prompt: str | None, messages: Iterable[ChatMessage] | None, adapter_id: str | None,
                      options: Mapping[str, Any], chat: Mapping[str, Any] | None = None) -> generation_pb2.GenerationInput:
     """chat: tools, tool_choice, parallel_tool_calls, chat_template_kwargs (_chat.py)."""
+    check_adapter_id(adapter_id)
     sampling = sampling_params(options)
     if messages is not None:
         chat_message = chat_input(messages, **chat) if chat and any(v is not None for v in chat.values()) \

@@ -11,6 +11,7 @@ from typing import AsyncIterator
 from ...v1 import generation_pb2 as pb
 from ...v1 import generation_pb2_grpc
 from ..engine.io import RequestOutput, RequestRejected
+from ..frontdoor.generation import admit
 from .chat_tools import ChatTools, shape_stream, shape_unary, with_chat_tools
 from .convert import stream_response, to_generation_request, unary_response, wire_violations
 from .errors import ServiceError, invalid_argument, map_error, rpc_errors
@@ -44,7 +45,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         asked_adapter = bool(message.adapter_id)
         context.set_trailing_metadata(self.state.replica_trailer())
         try:
-            tenant = self.state.keys.principal(context).tenant
+            tenant = admit(self.state.door, self.state.keys.principal(context)).tenant
             request = to_generation_request(message, uuid.uuid4().hex, tenant, self.limits)
             engine = self.state.require_engine()
             request, found = with_chat_tools(request, message, self.state.config, engine.info.chat_template)
