@@ -72,7 +72,7 @@ test-fleet: model
 
 # DoRA / embedding / modules_to_save adapters vs PEFT on the default model (slow; not in `make test`).
 test-adapters: model
-	$(PY) -m pytest tests/integration/test_dora_oracle.py -m "slow or not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests/integration/test_adapter_kinds_oracle.py -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: model
 	$(PY) bench/suite.py $(BENCH_ARGS)

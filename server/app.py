@@ -143,6 +143,7 @@ async def drain_and_stop(running: RunningServer, grace_s: float, log: Log = prin
         close()
     if running.metrics_http is not None:
         running.metrics_http.shutdown()
+    state.door.close()
     return finished
 
 

@@ -142,7 +142,9 @@ FLAGS: tuple[Flag, ...] = (
          engine="max_new_tokens"),
     Flag("max_stop_sequences", "--max-stop-sequences", int, "stop sequences per request",
          engine="max_stop_sequences"),
-    Flag("max_message_bytes", "--max-message-bytes", parse_size, "largest gRPC message"),
+    Flag("max_message_bytes", "--max-message-bytes", parse_size, "largest gRPC message or HTTP body"),
+    Flag("max_request_choices", "--max-request-choices", int,
+         "completions one request may ask for (HTTP: prompts x n), checked before any work"),
     Flag("max_queued_requests", "--max-queued-requests", int, "waiting requests before RESOURCE_EXHAUSTED",
          engine="max_queued_requests"),
     Flag("max_num_seqs", "--max-num-seqs", int, "running requests per step", engine="max_num_seqs"),
@@ -178,6 +180,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("log_level", "--log-level", str, "debug, info, warning, error"),
     # OpenAI-compatible HTTP API (server/http/)
     Flag("http_port", "--http-port", int, "OpenAI-compatible HTTP port on --host (0 turns it off)"),
+    Flag("http_max_connections", "--http-max-connections", int,
+         "open HTTP connections before new ones get 503 (0: half the file-descriptor limit, at most 4096)"),
+    Flag("http_header_timeout_s", "--http-header-timeout", float, "seconds an HTTP request may take to send its headers"),
+    Flag("http_body_timeout_s", "--http-body-timeout", float, "seconds an HTTP request may take to send its body"),
     Flag("served_model_name", "--served-model-name", str,
          "the base model's name in the HTTP API's `model` (default: the model directory's name, or 'default')"),
     # Hardening (issue 16): /metrics is unauthenticated; bind it where only scrapers reach it.
@@ -185,6 +191,9 @@ FLAGS: tuple[Flag, ...] = (
     # structured output (docs/structured-output.md)
     Flag("constraint_timeout_s", "--constraint-timeout", float, "seconds a request waits for its grammar compile",
          engine="constraint_timeout_s"),
+    Flag("constraint_mask_budget_ms", "--constraint-mask-budget", float,
+         "milliseconds a constraint's token mask may cost per token; costlier grammars are refused",
+         engine="constraint_mask_budget_ms"),
     Flag("constraint_cache_size", "--constraint-cache-size", int, "compiled grammars kept (LRU)",
          engine="constraint_cache_size"),
     Flag("max_constraint_bytes", "--max-constraint-bytes", parse_size, "largest schema / regex / grammar text",
@@ -224,6 +233,7 @@ class ServerConfig:
     max_new_tokens: int = RequestLimits.max_new_tokens
     max_stop_sequences: int = RequestLimits.max_stop_sequences
     max_message_bytes: int = 4 * MiB
+    max_request_choices: int = 64
     max_queued_requests: int = SchedulerConfig.max_queued_requests
     max_num_seqs: int = SchedulerConfig.max_num_seqs
     max_batch_tokens: int = SchedulerConfig.max_batch_tokens
@@ -246,8 +256,12 @@ class ServerConfig:
     log_level: str = "info"
     http_port: int = 8000
     served_model_name: str = ""                  # "" = the model directory's name, or "default"
+    http_max_connections: int = 0                # 0 = half the file-descriptor limit (at most 4096)
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 60.0
     constraint_timeout_s: float = StructuredConfig.constraint_timeout_s      # structured output
     constraint_cache_size: int = StructuredConfig.constraint_cache_size
+    constraint_mask_budget_ms: float = StructuredConfig.constraint_mask_budget_ms
     max_constraint_bytes: int = RequestLimits.max_constraint_bytes
     tool_call_parser: str = "auto"
     reasoning_parser: str = ""

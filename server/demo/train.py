@@ -30,6 +30,8 @@ class TrainConfig:
     alpha: int = 16
     lr: float = 2e-3
     seed: int = 0
+    use_dora: bool = False                      # DoRA (magnitude vectors) instead of plain LoRA
+    modules_to_save: tuple[str, ...] = ()       # e.g. ("embed_tokens", "lm_head"): trained whole
 
 
 def make_example(rng: random.Random) -> tuple[str, str]:
@@ -70,7 +72,9 @@ def train(model_dir: Path, out_dir: Path, config: TrainConfig, log: Callable[[st
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
-                                            target_modules=TARGETS, task_type="CAUSAL_LM"))
+                                            target_modules=TARGETS, task_type="CAUSAL_LM",
+                                            use_dora=config.use_dora,
+                                            modules_to_save=list(config.modules_to_save) or None))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     model.train()
     started = time.monotonic()

@@ -12,7 +12,8 @@ from ..lora.fingerprint import base_spec_from_model_config
 from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
 from ..lora.slot_pool import SlotPool
-from ..kernels.linear_choice import choose_linear_kernels
+from ..lora.vocab import VocabSlots
+from ..layers.linear_choice import choose_linear_kernels
 from ..model.decode_stack import build_decode_stack
 from ..kernels.registry import KernelSet
 from ..model.config import ModelConfig
@@ -107,8 +108,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     gateway = pool = None
     if store is not None:
         adapter_dtype = dtype if config.lora.adapter_dtype == "compute" else _DTYPES[config.lora.adapter_dtype]
+        vocab = VocabSlots(model_config.vocab_size, model_config.hidden_size, dtype, device)
         pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
-                        ops=select_ops(device, cpu_kernels=kernels.native))
+                        ops=select_ops(device, cpu_kernels=kernels.native), vocab=vocab)
         gateway = AdapterGateway(store, AdapterManager(pool))
         set_finisher = getattr(store, "set_load_finisher", None)
         if set_finisher is not None:     # DoRA scales derived once per version, on the load threads
@@ -123,6 +125,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
                       vocab_size=model_config.vocab_size, linear_kernels=linear_kernels,
                       cpu_isa="" if kernels.native is None else kernels.native.quant_isa(),
+                      max_prompt_bytes=engine.max_prompt_bytes,
                       chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else "")
     warm_up(engine, pool, log)
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
@@ -158,7 +161,8 @@ def structured_output(config: EngineConfig, tokenizer: Any, lm_vocab_size: int, 
 
     limits = ConstraintLimits(max_source_bytes=config.limits.max_constraint_bytes,
                               cache_size=structured.constraint_cache_size,
-                              compile_timeout_s=structured.constraint_timeout_s)
+                              compile_timeout_s=structured.constraint_timeout_s,
+                              max_mask_ms=structured.constraint_mask_budget_ms)
     compiler = ConstraintCompiler(tokenizer, lm_vocab_size, eos_ids, limits)
     return compiler, GuidedDecoding(compiler.vocab_size, lm_vocab_size)
 

@@ -121,6 +121,7 @@ class StructuredConfig:
     structured_output: bool = True       # accept per-request constraints (llguidance)
     constraint_cache_size: int = 256     # compiled grammars kept, LRU by constraint hash
     constraint_timeout_s: float = 10.0   # a request waits at most this long for its compile
+    constraint_mask_budget_ms: float = 10.0   # grammars whose token mask costs more are refused
 
     def __post_init__(self) -> None:
         raise_if(self.problems())
@@ -129,6 +130,8 @@ class StructuredConfig:
         yield from at_least(self, 1, ("constraint_cache_size",))
         if not self.constraint_timeout_s > 0:
             yield ConfigProblem("constraint_timeout_s", "must be > 0")
+        if not self.constraint_mask_budget_ms > 0:
+            yield ConfigProblem("constraint_mask_budget_ms", "must be > 0")
 
 
 SUB_CONFIGS: dict[str, type] = {"quant": QuantConfig, "scheduler": SchedulerConfig, "cache": CacheConfig,

