@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.server.demo.train import PREFIX, TrainConfig, make_example, train  # noqa: F401  (re-exported)
+from loraplex.server.demo.train import PREFIX, TrainConfig, encode, make_example, train  # noqa: F401  (re-exported)
 
 
 def main(argv: list[str] | None = None) -> int:
