@@ -98,7 +98,7 @@ class AsyncEngine:
             return None
         validate_request(request, self.engine.config.limits)     # every other problem first
         try:
-            future = compiler.submit(constraint)
+            future = compiler.submit(constraint, request.tenant)
             return await asyncio.wait_for(asyncio.wrap_future(future), compiler.limits.compile_timeout_s)
         except ConstraintError as error:
             raise RequestRejected("sampling.constraint", str(error)) from None

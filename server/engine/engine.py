@@ -307,7 +307,8 @@ class LLMEngine:
         if output.finish_reason is FinishReason.ERROR:
             guide = state.seq.guide
             if error is None and guide is not None and guide.error is not None:
-                error = RequestFailed(f"the output constraint failed: {guide.error}")
+                error = (RequestRejected("sampling.constraint", guide.error) if guide.request_fault
+                         else RequestFailed(f"the output constraint failed: {guide.error}"))
             output = replace(output, error=error or RequestFailed("the request failed inside the engine"))
         return output
 

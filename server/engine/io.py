@@ -151,6 +151,7 @@ class EngineInfo:
     linear_weight_bytes: int
     base_spec: Any
     vocab_size: int
-    linear_kernels: tuple = ()          # kernels.linear_choice.KernelChoice per layer shape
+    linear_kernels: tuple = ()          # layers.linear_choice.KernelChoice per layer shape
     cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)
+    max_prompt_bytes: int = 0           # text longer than this cannot fit max_input_tokens (0 = unknown)
     chat_template: str = ""             # the base model's chat template ("" = none; picks --tool-call-parser auto)

@@ -19,9 +19,10 @@ from ..engine.sequence import SamplingParams
 from ..engine.tool_parsers import ToolFormat
 from ..engine.tool_parsers.hermes import HermesFormat
 from ..engine.validation import ADAPTER_REF_RE, check_request
+from ..frontdoor.limits import FrontLimits
 from .errors import ApiError, bad_request, unsupported
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
-from .chat_output import ChatShaper
+from ..engine.tool_parsers.shaper import ChatShaper
 from .structured import GUIDED, structured_output
 from .tools import CHAT_EXTRAS, chat_options, tool_request
 
@@ -54,7 +55,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None           # alternatives per token (0 = only the chosen token), None = off
-    shaper: ChatShaper | None = None   # reasoning / tool-call parsing of chat output (chat_output.py)
+    shaper: ChatShaper | None = None   # reasoning / tool-call parsing of chat output (tool_parsers/shaper.py)
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,13 @@ def _refuse_unknown(body: SamplingFields, also_unsupported: dict[str, bool], kno
 
 
 def resolve_model(model: str | None, base_name: str) -> str | None:
-    """`model` -> adapter id (None = the base model). Unknown names fail later with 404."""
+    """`model` -> adapter id (None = the base model). A malformed id is the request's fault (400,
+    as over gRPC); a well-formed unknown one fails later with 404."""
     if model is None or model == base_name:
         return None
     if not ADAPTER_REF_RE.fullmatch(model):
-        raise ApiError(404, f"the model '{model}' does not exist: use '{base_name}', an adapter id or "
-                            "'name@version' (GET /v1/models lists them)", param="model", code="model_not_found")
+        raise bad_request("model", f"must be '{base_name}' (the base model), an adapter id or 'name@version' with "
+                                   "name matching [A-Za-z0-9][A-Za-z0-9._-]{0,127} (GET /v1/models lists them)")
     return model
 
 
@@ -145,8 +147,10 @@ def _parsed(body: SamplingFields, inputs: list[dict[str, Any]], adapter: str | N
 
 
 def completion_request(data: Any, base_name: str, tenant: str | None, limits: RequestLimits,
-                       new_id: Callable[[], str]) -> ParsedRequest:
+                       new_id: Callable[[], str], front: FrontLimits | None = None) -> ParsedRequest:
     body: CompletionRequest = parse_body(CompletionRequest, data)
+    if front is not None:                  # prompts x n, from the shape alone, before any request is built
+        front.check_choices(_num_prompts(body.prompt), body.n or 1)
     best_of_differs = body.best_of is not None and body.best_of != (body.n or 1)
     _refuse_unknown(body, {"echo": bool(body.echo), "suffix": body.suffix is not None, "best_of": best_of_differs})
     constraint = structured_output(body)
@@ -157,6 +161,13 @@ def completion_request(data: Any, base_name: str, tenant: str | None, limits: Re
         return sampling_params(body, body.max_tokens, logprobs, j, constraint)
 
     return _parsed(body, _prompts(body.prompt), adapter, base_name, sampling, tenant, new_id, logprobs, limits)
+
+
+def _num_prompts(prompt: Any) -> int:
+    """How many prompts `prompt` holds (one string, one id list, or a list of either)."""
+    if isinstance(prompt, str) or not prompt or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
 
 
 def _prompts(prompt: Any) -> list[dict[str, Any]]:
@@ -172,9 +183,12 @@ def _prompts(prompt: Any) -> list[dict[str, Any]]:
 
 
 def chat_request(data: Any, base_name: str, tenant: str | None, limits: RequestLimits,
-                 new_id: Callable[[], str], setup: ChatSetup | None = None) -> ParsedRequest:
+                 new_id: Callable[[], str], setup: ChatSetup | None = None,
+                 front: FrontLimits | None = None) -> ParsedRequest:
     setup = setup or ChatSetup(HermesFormat())
     body: ChatCompletionRequest = parse_body(ChatCompletionRequest, data)
+    if front is not None:
+        front.check_choices(1, body.n or 1)
     _refuse_unknown(body, {}, CHAT_EXTRAS)
     extras = body.extras()
     tools = tool_request(extras)

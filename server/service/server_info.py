@@ -6,6 +6,7 @@ from __future__ import annotations
 from ... import __version__
 from ...v1 import server_pb2 as pb
 from ...v1 import server_pb2_grpc
+from ..frontdoor import admin
 from .errors import rpc_errors
 from .state import ServiceState
 
@@ -34,4 +35,5 @@ class ServerServicer(server_pb2_grpc.ServerServiceServicer):
     @rpc_errors
     async def ResetPrefixCache(self, request: pb.ResetPrefixCacheRequest, context) -> pb.ResetPrefixCacheResponse:
         """Admin (auth.ADMIN_METHODS): forget every cached prefix block, through EngineClient."""
-        return pb.ResetPrefixCacheResponse(reset=await self.state.require_engine().reset_prefix_cache())
+        reset = await admin.reset_prefix_cache(self.state.door, self.state.keys.principal(context))
+        return pb.ResetPrefixCacheResponse(reset=reset)

@@ -47,7 +47,7 @@ def test_model_names_and_choices():
     assert _completion().adapter_id is None and _completion().choices[0].request.sampling.temperature == 1.0
     tokens = _completion(prompt=[[1, 2, 3], [4, 5]])
     assert [c.request.prompt_token_ids for c in tokens.choices] == [(1, 2, 3), (4, 5)]
-    assert _param_of(_completion, model="bad name!") == (404, "model")
+    assert _param_of(_completion, model="bad name!") == (400, "model")          # malformed: 400, as over gRPC
 
 
 def test_every_parameter_reaches_the_engine():
