@@ -210,7 +210,7 @@ async def load_engine(config: ServerConfig, log: Log = print) -> tuple[Any, Any]
     from .engine.async_engine import AsyncEngine
     from .model.default_model import resolve_model_path
 
-    model_dir = await asyncio.to_thread(resolve_model_path, config.model, log)
+    model_dir = await asyncio.to_thread(resolve_model_path, config.model, log, config.revision)
     engine_config = config.engine_config(model_dir)
     store = await asyncio.to_thread(open_store, config, engine_config)
     engine = await AsyncEngine.create(engine_config, store, log_fn=log)
