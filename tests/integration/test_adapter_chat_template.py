@@ -70,6 +70,9 @@ def test_adapter_renders_with_its_own_template_others_with_the_base(served, tiny
             assert reply.usage.prompt_tokens == len(expected), model
         response = openai_client.responses.create(model="tpl", input=CHAT, max_output_tokens=2)
         assert response.usage.input_tokens == len(own)
+    sdk = served[1]                                          # gRPC chat
+    assert sdk.chat(CHAT, "tpl", max_new_tokens=2).usage.prompt_tokens == len(own)
+    assert sdk.chat(CHAT, "plain", max_new_tokens=2).usage.prompt_tokens == len(base)
 
 
 def test_flag_in_get_adapter_and_models(served):
