@@ -41,7 +41,7 @@ def _server_config(model_dir: Path, store: Path, caching: bool):
     from loraplex.server.config import load_server_config
 
     values = {"model": str(model_dir), "port": "0", "metrics_port": "0", "store": str(store),
-              "quantize": "none", "dtype": "float32", "device": "cpu", "kv_cache_memory": "2GiB",
+              "quantize": "none", "dtype": "float32", "device": "cpu", "kv_cache_memory": "768MiB",
               "max_total_tokens": "2048", "max_input_tokens": "1536", "max_new_tokens": "64",
               "max_num_seqs": "64", "max_batch_tokens": "2048", "max_loras": "16",
               "no_prefix_caching": not caching}
@@ -131,20 +131,30 @@ TARGETS = {"shared-prefix": (6.0, 8.0), "multi-turn": (3.0, None), "no shared pr
 
 
 def section_prefix(model_dir: Path, quick: bool) -> str:
-    results = run_prefix_bench(model_dir, QUICK if quick else WORKLOADS)
+    workloads = QUICK if quick else WORKLOADS
+    return render_section(workloads, run_prefix_bench(model_dir, workloads))
+
+
+def render_section(workloads: list[Workload], results: dict[str, list[tuple[Side, Side]]]) -> str:
+    """The markdown section from the rounds' (cache on, cache off) results."""
+    shared, turns, plain = (w.options for w in workloads)
     lines = [
         "## 11. Prefix caching: on vs `--no-prefix-caching`",
         "",
         "Default model, float32, two real gRPC servers on loopback sharing one store of 16 random rank-8",
         "adapters, identical except `--no-prefix-caching`, driven by `loraplex bench`'s runner, alternating",
         "on / off every round (so the shared machine's drift hits both). *shared-prefix*: request i uses",
-        "adapter i % 16 and sends its ~440-token system prompt + a fresh 16-token question, 64 in flight, 16",
-        "new tokens (`loraplex bench --workload shared-prefix --prefix-len 440 --input-len 16 --output-len 16",
-        "--num-adapters 16 --concurrency 64`), after one unmeasured round of the same kind (the steady",
-        "state of chat traffic: the system prompts are cached). *multi-turn*: 16 conversations (adapter c % 16) of 8 turns,",
-        "each turn resending the conversation so far (128-token system prompt, earlier 32-token messages",
-        "and the server's 16-token answers) + a new message (`--workload multi-turn --turns 8`). *no shared",
-        "prefix*: 32-token random prompts, 32 new tokens (the cost of hashing when nothing is reused).",
+        f"adapter i % 16 and sends its ~440-token system prompt + a fresh 16-token question, rounds of "
+        f"{shared['num_prompts']} requests with {shared['concurrency']} in flight, 16 new tokens "
+        "(`loraplex bench --workload shared-prefix --prefix-len 440 --input-len 16 --output-len 16 --num-adapters 16",
+        f"--num-prompts {shared['num_prompts']} --concurrency {shared['concurrency']}`), after one unmeasured "
+        "round of the same kind (the steady state of chat traffic: the system prompts are cached).",
+        f"*multi-turn*: {turns['num_prompts'] // turns['turns']} conversations (adapter c % 16) of "
+        f"{turns['turns']} turns, {turns['concurrency']} at a time, each turn resending the conversation so far",
+        "(128-token system prompt, earlier 32-token messages and the server's 16-token answers) + a new",
+        f"message (`--workload multi-turn --turns {turns['turns']}`). *no shared prefix*: "
+        f"{plain['num_prompts']} random 32-token prompts, 32 new tokens, {plain['concurrency']} in flight",
+        "(the cost of hashing when nothing is reused).",
         "Ratios are medians over the rounds' on/off pairs; *cached* is the share of prompt tokens the",
         "cache-on server reported in `usage.cached_tokens`.",
         "",

@@ -18,7 +18,7 @@ from engine_helpers import make_engine, run_staggered, tokens_of
 from loraplex.server.engine.io import GenerationRequest
 from loraplex.server.engine.sequence import SamplingParams
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]     # make test-prefix-cache
 
 ADAPTERS = [("pa", 8, 16, ["q_proj", "v_proj"]), ("pb", 16, 16, ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"]),
