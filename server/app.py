@@ -113,6 +113,8 @@ def wire_engine(state: ServiceState, store: Any, engine: Any) -> None:
             store.set_event_hook(metrics_hook(state.metrics))
         engine.set_adapter_event_hook(metrics_hook(state.metrics, tier="device"))
         engine.set_constraint_event_hook(state.metrics.constraint_event)
+        from .residency_metrics import watch_residency
+        watch_residency(state.metrics.registry, engine.stats, store, engine.adapter_is_private)
 
 
 async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None:
@@ -210,7 +212,7 @@ async def load_engine(config: ServerConfig, log: Log = print) -> tuple[Any, Any]
     from .engine.async_engine import AsyncEngine
     from .model.default_model import resolve_model_path
 
-    model_dir = await asyncio.to_thread(resolve_model_path, config.model, log)
+    model_dir = await asyncio.to_thread(resolve_model_path, config.model, log, config.revision)
     engine_config = config.engine_config(model_dir)
     store = await asyncio.to_thread(open_store, config, engine_config)
     engine = await AsyncEngine.create(engine_config, store, log_fn=log)

@@ -107,7 +107,9 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("model", "--model", str, "local Hugging Face model directory, or 'default' (SmolLM2-135M-Instruct)"),
+    Flag("model", "--model", str, "local Hugging Face model directory, a Hub id (org/name, downloaded once "
+         "into the Hugging Face cache), or 'default' (SmolLM2-135M-Instruct)"),
+    Flag("revision", "--revision", str, "branch, tag or commit of a Hub --model (default main)"),
     Flag("quantize", "--quantize", str, "none, bnb-nf4, bnb-fp4, bnb-int8, hqq-{2,3,4,8}bit, eetq",
          engine="method"),
     Flag("dtype", "--dtype", str, "compute dtype: auto, float32, bfloat16, float16", engine="dtype"),
@@ -147,8 +149,14 @@ FLAGS: tuple[Flag, ...] = (
          engine="max_queued_requests"),
     Flag("max_num_seqs", "--max-num-seqs", int, "running requests per step", engine="max_num_seqs"),
     Flag("max_batch_tokens", "--max-batch-tokens", int, "tokens per step", engine="max_batch_tokens"),
-    Flag("kv_cache_memory", "--kv-cache-memory", str, "KV cache size: bytes ('2GiB') or a fraction of free memory",
-         engine="kv_cache_memory"),
+    Flag("kv_cache_memory", "--kv-cache-memory", str,
+         "KV cache size: auto (max-num-seqs x max-total-tokens + prefix share, within --kv-cache-max-memory), "
+         "bytes ('2GiB') or a fraction of free memory ('0.3')", engine="kv_cache_memory"),
+    Flag("kv_cache_max_memory", "--kv-cache-max-memory", str,
+         "cap on an auto-sized KV cache: bytes ('4GiB') or a fraction of free memory", engine="kv_cache_max_memory"),
+    Flag("prefix_cache_share", "--prefix-cache-share", float,
+         "auto KV sizing: extra blocks for cached prompt prefixes, as a share of the running demand",
+         engine="prefix_cache_share"),
     Flag("no_prefix_caching", "--no-prefix-caching", _bool,
          "turn off automatic prefix caching (reuse of cached KV blocks of shared prompt prefixes)",
          switch=True, engine="prefix_caching", to_engine=lambda off: not off),
@@ -203,6 +211,7 @@ class ServerConfig:
     """Validated settings of one `loraplex serve` process."""
 
     model: str = "default"
+    revision: str = ""                           # "" = main (Hub ids only)
     quantize: str = QuantConfig.method
     dtype: str = EngineConfig.dtype
     device: str = EngineConfig.device
@@ -229,6 +238,8 @@ class ServerConfig:
     max_num_seqs: int = SchedulerConfig.max_num_seqs
     max_batch_tokens: int = SchedulerConfig.max_batch_tokens
     kv_cache_memory: str = CacheConfig.kv_cache_memory
+    kv_cache_max_memory: str = CacheConfig.kv_cache_max_memory
+    prefix_cache_share: float = CacheConfig.prefix_cache_share
     no_prefix_caching: bool = not CacheConfig.prefix_caching
     allowed_register_roots: tuple[str, ...] = ()
     host_cache_bytes: int = 2**30
@@ -268,7 +279,11 @@ class ServerConfig:
         """The base model's id in the HTTP API (`--served-model-name`)."""
         if self.served_model_name:
             return self.served_model_name
-        return "default" if self.model == "default" else (Path(self.model).expanduser().name or "default")
+        from .model.hub import is_hub_id
+
+        if self.model == "default":
+            return "default"
+        return self.model if is_hub_id(self.model) else (Path(self.model).expanduser().name or "default")
 
     def store_path(self) -> Path:
         from .model.default_model import cache_root

@@ -63,8 +63,7 @@ _WORD_RE = re.compile(r"\b[a-z][a-z_]*\b")
 def validate(config: ServerConfig, flags: Sequence[Flag]) -> Iterator[str]:
     """Yield one line per problem, naming the flag to fix."""
     yield from _engine_problems(config, flags)
-    if config.model != "default" and not (Path(config.model).expanduser() / "config.json").is_file():
-        yield f"--model {config.model!r}: not a Hugging Face directory with config.json (or use 'default')"
+    yield from _validate_model(config)
     for name in ("port", "metrics_port", "http_port"):
         if not 0 <= getattr(config, name) <= 65535:
             yield f"--{name.replace('_', '-')} must be in [0, 65535]"
@@ -82,6 +81,17 @@ def validate(config: ServerConfig, flags: Sequence[Flag]) -> Iterator[str]:
     yield from _validate_store(config)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         yield "--log-level must be debug, info, warning or error"
+
+
+def _validate_model(config: ServerConfig) -> Iterator[str]:
+    from .model.hub import is_hub_id
+
+    hub = is_hub_id(config.model)
+    if config.model != "default" and not hub and not (Path(config.model).expanduser() / "config.json").is_file():
+        yield (f"--model {config.model!r}: not a Hugging Face directory with config.json, a Hub id "
+               "(org/name), or 'default'")
+    if config.revision and not hub:
+        yield "--revision applies only to a Hub --model (org/name)"
 
 
 def _validate_store(config: ServerConfig):

@@ -18,7 +18,8 @@ from ..model.decode_stack import build_decode_stack
 from ..kernels.registry import KernelSet
 from ..model.config import ModelConfig
 from ..model.fused_ops import layer_ops
-from ..model.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from ..model.kv_cache import allocate_kv_caches
+from ..model.kv_sizing import KVCacheDemand, KVCachePlan, plan_kv_cache
 from ..model.llama import build_model
 from .adapters import AdapterGateway
 from .block_manager import BlockManager
@@ -90,14 +91,10 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     tokenizer = load_tokenizer(config.model_dir)
 
     cache, sched = config.cache, config.scheduler
-    num_blocks = num_blocks_for_budget(cache.kv_cache_memory, model_config, cache.block_size, dtype, device)
-    min_blocks = -(-sched.max_model_len // cache.block_size)
-    if num_blocks < min_blocks:
-        raise ValueError(f"kv_cache_memory={cache.kv_cache_memory!r} gives {num_blocks} KV blocks; one "
-                         f"request of max_model_len={sched.max_model_len} needs {min_blocks}: raise "
-                         "--kv-cache-memory or lower --max-total-tokens")
+    kv_plan = plan_kv_cache_for(config, model_config, dtype, device)
+    num_blocks = kv_plan.num_blocks
     kv_caches = allocate_kv_caches(model_config, num_blocks, cache.block_size, dtype, device)
-    log(f"[loraplex] KV cache: {num_blocks} blocks of {cache.block_size} tokens")
+    log(f"[loraplex] KV cache: {kv_plan.describe()}")
 
     constraints, guided = structured_output(config, tokenizer, model_config.vocab_size,
                                             eos_token_ids(config.model_dir, tokenizer))
@@ -135,6 +132,22 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
         f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops"
         f"{', decode steps in one native call' if model.decode_stack is not None else ''})")
     return engine, info
+
+
+def plan_kv_cache_for(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
+                      device: str, available_bytes: int | None = None) -> KVCachePlan:
+    """The KV cache's block count for this engine (kv_sizing.py); ValueError when one request of
+    max_model_len would not fit."""
+    cache, sched = config.cache, config.scheduler
+    demand = KVCacheDemand(sched.max_num_seqs, sched.max_model_len, cache.block_size,
+                           cache.prefix_cache_share if cache.prefix_caching else 0.0)
+    plan = plan_kv_cache(cache.kv_cache_memory, cache.kv_cache_max_memory, demand, model_config, dtype,
+                         device, available_bytes)
+    if plan.num_blocks < demand.blocks_per_seq:
+        flag = "--kv-cache-memory" if plan.demand_blocks == 0 else "--kv-cache-max-memory"
+        raise ValueError(f"KV cache: {plan.describe()}; one request of max_model_len={sched.max_model_len} "
+                         f"needs {demand.blocks_per_seq} blocks: raise {flag} or lower --max-total-tokens")
+    return plan
 
 
 def structured_output(config: EngineConfig, tokenizer: Any, lm_vocab_size: int, eos_ids: tuple[int, ...]):

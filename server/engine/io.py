@@ -129,6 +129,7 @@ class EngineStats:
     running_adapters: tuple[str, ...] = ()     # adapter keys of running requests ("name@N")
     waiting_adapters: tuple[str, ...] = ()     # adapter keys of waiting requests, oldest first
     max_loras: int = 0
+    slot_adapters: tuple[str, ...] = ()        # adapter keys resident in device slots (residency metrics)
     num_cached_blocks: int = 0                 # KV blocks in the prefix cache (held or reclaimable)
     prefix_caching: bool = False
 

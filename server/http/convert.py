@@ -22,7 +22,7 @@ from ..engine.validation import ADAPTER_REF_RE, check_request
 from ..frontdoor.limits import FrontLimits
 from .errors import ApiError, bad_request, unsupported
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
-from .chat_output import ChatShaper
+from ..engine.tool_parsers.shaper import ChatShaper
 from .structured import GUIDED, structured_output
 from .tools import CHAT_EXTRAS, chat_options, tool_request
 
@@ -55,7 +55,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None           # alternatives per token (0 = only the chosen token), None = off
-    shaper: ChatShaper | None = None   # reasoning / tool-call parsing of chat output (chat_output.py)
+    shaper: ChatShaper | None = None   # reasoning / tool-call parsing of chat output (tool_parsers/shaper.py)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def completion_body(meta: ResponseMeta, states: list[ChoiceState], want_logprobs
 
 def chat_body(meta: ResponseMeta, states: list[ChoiceState], want_logprobs: bool,
               text_of: TokenText, shaper: Any = None) -> dict[str, Any]:
-    """shaper: a chat_output.ChatShaper (reasoning / tool calls), None = the text as content."""
+    """shaper: a tool_parsers.shaper.ChatShaper (reasoning / tool calls), None = the text as content."""
     choices = []
     for state in sorted(states, key=lambda s: s.index):
         logprobs = (chat_logprobs(state.token_ids, state.logprobs, state.top_logprobs, text_of)

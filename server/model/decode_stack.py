@@ -152,7 +152,15 @@ def build_decode_stack(model, kernels) -> "DecodeStack | None":
     kernel = implementation("decode_stack", "native", kernels.native)
     if kernel is None or model.ops.name != "native" or model.dtype != torch.float32:
         return None
+    if not stack_supports(model.config):
+        return None
     return DecodeStack(model, kernel)
+
+
+def stack_supports(config) -> bool:
+    """Whether the native kernel runs this architecture's layer (the Llama layer exactly: no
+    per-head q/k norm); other families take the layer-by-layer path."""
+    return not config.qk_norm
 
 
 class DecodeStack:

@@ -113,13 +113,18 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def resolve_model_path(model: str, log: Log = print) -> Path:
-    """`default` -> the cached default model (built if needed); anything else -> a local dir."""
+def resolve_model_path(model: str, log: Log = print, revision: str = "") -> Path:
+    """`default` -> the cached default model (built if needed); `org/name` (not a local path) ->
+    its Hub snapshot (hub.py, downloaded once); anything else -> a local directory."""
+    from .hub import HubModel, ensure_hub_model, is_hub_id
+
     if model == "default":
         return ensure_default_model(log=log)
+    if is_hub_id(model):
+        return ensure_hub_model(HubModel(model, revision or "main"), log=log)
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"--model {model!r}: expected a local Hugging Face directory with config.json "
-            "and safetensors weights, or 'default'")
+            "and safetensors weights, a Hub id (org/name), or 'default'")
     return path

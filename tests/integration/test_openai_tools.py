@@ -311,3 +311,31 @@ def test_readme_tool_call_example_runs(client):
     exec(compile(code.replace('"support-tone"', repr(BASE)), "README.md", "exec"), scope)
     assert scope["reply"].choices[0].finish_reason == "tool_calls" and scope["call"].function.name == "get_weather"
     assert scope["answer"].usage.prompt_tokens > scope["reply"].usage.prompt_tokens
+
+
+# ---- the same over gRPC, through the SDK -----------------------------------------------------
+def test_grpc_tool_loop_and_chat_template_kwargs_through_the_sdk(served):
+    from loraplex.client import Client, FinishReason, ValidationError
+
+    with Client(f"127.0.0.1:{served.port}", api_key=USER, timeout=120) as sdk:
+        reply = sdk.chat(ASK, tools=[WEATHER, CLOCK], tool_choice="get_weather", max_new_tokens=80)
+        assert reply.finish_reason is FinishReason.TOOL_CALLS and reply.text == "" and len(reply.tool_calls) == 1
+        call = reply.tool_calls[0]
+        assert call.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(call.parsed_arguments(), WEATHER["function"]["parameters"])
+        history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18}'}]
+        answer = sdk.chat(history, tools=[WEATHER], max_new_tokens=4)
+        assert answer.usage.prompt_tokens > reply.usage.prompt_tokens and answer.tool_calls == []
+        chunks = list(sdk.chat_stream(ASK, tools=[{"name": "get_time", "parameters": CLOCK["function"]["parameters"]}],
+                                      tool_choice="required", parallel_tool_calls=False, max_new_tokens=60))
+        calls = [c for chunk in chunks for c in chunk.tool_calls]
+        assert chunks[-1].finish_reason is FinishReason.TOOL_CALLS and [c.name for c in calls] == ["get_time"]
+        plain = sdk.chat(ASK, max_new_tokens=2, chat_template_kwargs={"unused_flag": True})
+        assert plain.usage.prompt_tokens == sdk.chat(ASK, max_new_tokens=2).usage.prompt_tokens
+        with pytest.raises(ValidationError) as caught:
+            sdk.chat(ASK, tools=[WEATHER], tool_choice="get_wether", max_new_tokens=2)
+        assert "input.chat.tool_choice" in caught.value.violations
+        with pytest.raises(ValidationError) as caught:
+            sdk.chat(ASK, tools=[{"name": "f", "parameters": {"type": "strnig"}}], max_new_tokens=2)
+        assert "input.chat.tools[0].parameters" in caught.value.violations

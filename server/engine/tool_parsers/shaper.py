@@ -9,9 +9,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.reasoning import ReasoningStream
-from ..engine.tool_parsers import ToolCall, ToolCallStream, ToolFormat
-from .tools import ToolRequest
+from ..reasoning import ReasoningStream
+from .base import ToolCall, ToolFormat
+from .request import ToolRequest
+from .stream import ToolCallStream
 
 
 @dataclass
