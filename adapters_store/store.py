@@ -235,6 +235,10 @@ class AdapterStore:
         AdapterLoader.set_finisher); the engine sets it when it is built."""
         self._loader.set_finisher(finish)
 
+    def host_resident(self) -> tuple[str, ...]:
+        """Keys of the adapters in this process's host memory (residency metrics)."""
+        return self.cache.keys()
+
     def set_event_hook(self, on_event: EventHook | None) -> None:
         """Metrics hook for the host tier (see cache.metrics_hook)."""
         self.cache.set_hook(on_event)

@@ -113,6 +113,8 @@ def wire_engine(state: ServiceState, store: Any, engine: Any) -> None:
             store.set_event_hook(metrics_hook(state.metrics))
         engine.set_adapter_event_hook(metrics_hook(state.metrics, tier="device"))
         engine.set_constraint_event_hook(state.metrics.constraint_event)
+        from .residency_metrics import watch_residency
+        watch_residency(state.metrics.registry, engine.stats, store, engine.adapter_is_private)
 
 
 async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None:

@@ -367,5 +367,6 @@ class LLMEngine:
             running_adapters=self.scheduler.running_adapter_keys,
             waiting_adapters=tuple(dict.fromkeys(self.scheduler.pending_adapter_keys())),
             max_loras=self.config.scheduler.max_loras,
+            slot_adapters=manager.resident_keys() if manager is not None else (),
             num_cached_blocks=blocks.num_cached_blocks, prefix_caching=blocks.enable_caching,
         )
