@@ -165,6 +165,9 @@ FLAGS: tuple[Flag, ...] = (
          engine="constraint_cache_size"),
     Flag("max_constraint_bytes", "--max-constraint-bytes", parse_size, "largest schema / regex / grammar text",
          engine="max_constraint_bytes"),
+    # issue 36: the engine core in its own process, stepped on that process's main thread
+    Flag("engine_process", "--engine-process", _bool,
+         "on: the engine core runs in its own process (restarted if it dies); off: a thread of this one"),
 )
 
 
@@ -216,6 +219,7 @@ class ServerConfig:
     constraint_timeout_s: float = StructuredConfig.constraint_timeout_s      # structured output
     constraint_cache_size: int = StructuredConfig.constraint_cache_size
     max_constraint_bytes: int = RequestLimits.max_constraint_bytes
+    engine_process: bool = False
 
     @property
     def auth_enabled(self) -> bool:

@@ -148,3 +148,7 @@ class EngineInfo:
     vocab_size: int
     linear_kernels: tuple = ()          # kernels.linear_choice.KernelChoice per layer shape
     cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)
+
+
+class EngineUnavailable(EngineDraining):
+    """The engine process died and is restarting; retry shortly. -> UNAVAILABLE."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+from dataclasses import replace
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -50,7 +51,8 @@ class ReplicaBase:
         self.fleet_metrics = FleetMetrics(metrics.registry, self.name)
         self.keys = KeyRing(config.api_keys, config.admin_keys)
         self.state = ServiceState(config=config, keys=self.keys, metrics=metrics, replica=self.name)
-        store, engine = await load_engine(config, log=log.info)
+        # The replica keeps the in-process engine (issue 36): Ray supervises the replica itself.
+        store, engine = await load_engine(replace(config, engine_process=False), log=log.info)
         wire_engine(self.state, store, engine)
         self.generation = GenerationServicer(self.state)
         self.adapters = AdapterServicer(self.state)
