@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: setup model serve test test-unit test-integration test-store-shared test-fleet bench stress fidelity proto \
-        clean help test-client-install gpu-check
+        clean help test-client-install gpu-check test-engine-process
 
 help:
 	@echo "make serve   set up .venv, fetch the default model, start the server on 127.0.0.1:50051"
@@ -54,6 +54,15 @@ test-store-shared: setup
 # `loraplex fleet` on a local Ray cluster: 2 replicas, affinity, a replica kill (slow; not in `make test`).
 test-fleet: model
 	$(PY) -m pytest tests/integration/test_fleet.py tests/integration/test_fleet_scale.py -m "slow or not slow" $(PYTEST_ARGS)
+
+# Both EngineClient implementations (issue 36): `make test` runs the service tests against the
+# engine-core process (the default); this runs them against the in-process engine thread, and
+# checks the served decode rate against the main-thread engine (default model; slow).
+test-engine-process: model
+	$(PY) -m pytest tests/integration/test_grpc_generation.py tests/integration/test_openai_http.py \
+		tests/integration/test_grpc_structured.py tests/integration/test_openai_structured.py \
+		tests/integration/test_grpc_auth.py --engine-process off $(PYTEST_ARGS)
+	$(PY) -m pytest tests/integration/test_served_decode_rate.py -m slow $(PYTEST_ARGS)
 
 bench: model
 	$(PY) bench/suite.py $(BENCH_ARGS)
