@@ -33,7 +33,7 @@ RUN apt-get update \
       ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 10001 loraplex \
+RUN groupadd --gid 10001 loraplex && useradd --create-home --uid 10001 --gid 10001 loraplex \
  && mkdir -p /opt/loraplex /var/lib/loraplex/cache /var/lib/loraplex/store \
  && chown -R loraplex:loraplex /opt/loraplex /var/lib/loraplex
 
@@ -51,15 +51,18 @@ COPY --chown=loraplex:loraplex adapters_store ./adapters_store
 COPY --chown=loraplex:loraplex proto ./proto
 RUN pip install "torch==${TORCH_VERSION}" ".[${EXTRAS}]"
 
-USER loraplex
+# Numeric, so that Kubernetes' runAsNonRoot can verify it (a name cannot be checked).
+USER 10001:10001
 VOLUME ["/var/lib/loraplex/cache", "/var/lib/loraplex/store"]
 EXPOSE 50051 9090 8000
 
 # Health through the standard gRPC health service: SERVING only after the warm-up, which runs
 # one request through a (zero) adapter, so Triton's kernels are compiled before traffic.
-# `loraplex health` imports the client only (no torch): cheap enough for every probe.
+# `loraplex health` imports the client only (no torch): cheap enough for every probe. --local
+# reads the server's own LORAPLEX_HOST / LORAPLEX_PORT / LORAPLEX_TLS_CERT, so the check follows
+# another port or TLS (a certificate the server presents is trusted as the root for the probe).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-  CMD ["loraplex", "health", "--address", "127.0.0.1:50051", "--timeout", "4"]
+  CMD ["loraplex", "health", "--local", "--timeout", "4"]
 
 # SIGTERM: NOT_SERVING, in-flight requests get LORAPLEX_GRACE_PERIOD (30 s), then exit.
 # Docker's default stop timeout is 10 s: run with `--stop-timeout 40` (compose:

@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: setup model serve test test-unit test-integration test-store-shared test-fleet bench stress fidelity proto \
-        clean help test-client-install gpu-check test-engine-process
+        clean help test-client-install gpu-check test-adapters test-prefix-cache test-engine-process
 
 help:
 	@echo "make serve   set up .venv, fetch the default model, start the server on 127.0.0.1:50051"
@@ -51,9 +51,17 @@ test-integration: model
 test-store-shared: setup
 	$(PY) -m pytest tests/unit/store tests/integration/test_shared_store_kill.py -m slow $(PYTEST_ARGS)
 
+# Prefix caching with chunked prefill + preemption on a small KV cache, cache on == off (slow).
+test-prefix-cache: model
+	$(PY) -m pytest tests/unit/test_prefix_cache.py tests/unit/test_prefix_cache_engine.py -m "slow or not slow" $(PYTEST_ARGS)
+
 # `loraplex fleet` on a local Ray cluster: 2 replicas, affinity, a replica kill (slow; not in `make test`).
 test-fleet: model
 	$(PY) -m pytest tests/integration/test_fleet.py tests/integration/test_fleet_scale.py -m "slow or not slow" $(PYTEST_ARGS)
+
+# DoRA / embedding / modules_to_save adapters vs PEFT on the default model (slow; not in `make test`).
+test-adapters: model
+	$(PY) -m pytest tests/integration/test_dora_oracle.py -m "slow or not slow" $(PYTEST_ARGS)
 
 # Both EngineClient implementations (issue 36): `make test` runs the service tests against the
 # engine-core process (the default); this runs them against the in-process engine thread, and

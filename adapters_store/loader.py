@@ -25,14 +25,36 @@ RecordLookup = Callable[[str], AdapterRecord]          # key -> loadable record,
 CorruptHandler = Callable[[str, str], None]            # (key, reason) -> quarantine
 
 
+Finisher = Callable[[LoadedAdapter], LoadedAdapter]   # derives serving tensors (DoRA scales) at load
+
+
 def parse_weights(tensors: dict[str, torch.Tensor], dtype: torch.dtype
                   ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """PEFT tensors -> {(layer, module): (A [r, in], B [out, r])} in `dtype`."""
+    """PEFT tensors -> {(layer, module): (A [r, in], B [out, r])} in `dtype` (magnitudes skipped)."""
     factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         parsed = parse_tensor_name(name)
-        factors.setdefault((parsed.layer_idx, parsed.module), {})[parsed.factor] = tensor.to(dtype).contiguous()
+        if parsed.factor != "M":
+            factors.setdefault((parsed.layer_idx, parsed.module), {})[parsed.factor] = tensor.to(dtype).contiguous()
     return {key: (pair["A"], pair["B"]) for key, pair in sorted(factors.items())}
+
+
+def parse_magnitudes(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
+    """DoRA magnitude vectors: {(layer, module): m [out]} in float32 (PEFT keeps them in float32)."""
+    magnitudes = {}
+    for name, tensor in tensors.items():
+        parsed = parse_tensor_name(name)
+        if parsed.factor == "M":
+            magnitudes[(parsed.layer_idx, parsed.module)] = tensor.to(torch.float32).contiguous()
+    return dict(sorted(magnitudes.items()))
+
+
+def build_loaded_adapter(key: str, config, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> LoadedAdapter:
+    """A LoadedAdapter from a validated adapter's tensors (nbytes counts every tensor held)."""
+    weights = parse_weights(tensors, dtype)
+    magnitudes = parse_magnitudes(tensors)
+    nbytes = sum(a.nbytes + b.nbytes for a, b in weights.values()) + sum(m.nbytes for m in magnitudes.values())
+    return LoadedAdapter(key=key, config=config, weights=weights, nbytes=nbytes, magnitudes=magnitudes)
 
 
 def read_verified(read: Callable[[str], bytes], expected_sha256: str, key: str) -> bytes:
@@ -56,6 +78,7 @@ class AdapterLoader:
         self._lookup = lookup
         self._on_corrupt = on_corrupt
         self._dtype = dtype
+        self._finish: Finisher | None = None
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="adapter-load")
         self._lock = threading.Lock()
         self._inflight: dict[str, Future] = {}
@@ -89,6 +112,11 @@ class AdapterLoader:
     def is_loaded(self, key: str) -> bool:
         return self.cache.contains(key)
 
+    def set_finisher(self, finish: Finisher | None) -> None:
+        """Run `finish` on every adapter loaded from now on, on the load thread, before it enters
+        the host cache (the engine derives DoRA's per-output scales there, off the step loop)."""
+        self._finish = finish
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -109,9 +137,9 @@ class AdapterLoader:
         except IntegrityError as error:
             self._on_corrupt(key, str(error))
             raise
-        weights = parse_weights(load_safetensors(data), self._dtype)
-        nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in weights.values())
-        adapter = LoadedAdapter(key=key, config=record.config, weights=weights, nbytes=nbytes)
+        adapter = build_loaded_adapter(key, record.config, load_safetensors(data), self._dtype)
+        if self._finish is not None:
+            adapter = self._finish(adapter)
         self.cache.put(adapter)
         try:
             self._lookup(key)

@@ -21,6 +21,7 @@ class ParsedConfig:
     rank: int
     lora_alpha: float
     use_rslora: bool
+    use_dora: bool
     target_names: tuple[str, ...] | None
     target_regex: TargetRegex | None
     base_model: str | None
@@ -52,13 +53,16 @@ def parse_config(raw: bytes, base: BaseSpec, max_lora_rank: int, allow_base_mism
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise _field("use_rslora", "must be true or false")
+    use_dora = config.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise _field("use_dora", "must be true or false")
     _check_patterns(config, rank, alpha)
     base_model = config.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise _field("base_model_name_or_path", "must be a string or null")
     names, regex = _targets(config, base)
     fingerprint = _fingerprint(config, base, allow_base_mismatch)
-    return ParsedConfig(rank, float(alpha), use_rslora, names, regex, base_model, fingerprint)
+    return ParsedConfig(rank, float(alpha), use_rslora, use_dora, names, regex, base_model, fingerprint)
 
 
 def _load_json(raw: bytes) -> dict:
@@ -77,10 +81,6 @@ def _refuse_unsupported(config: dict) -> None:
     if config["peft_type"] != "LORA":
         raise AdapterValidationError("peft_type", f"peft_type {config['peft_type']!r} is not supported; only "
                                      f"LoRA adapters (\"LORA\") can be served")
-    if config.get("use_dora"):
-        raise AdapterValidationError("use_dora", "DoRA adapters (use_dora=true) are not supported; their "
-                                     "magnitude vectors cannot be served as an unmerged low-rank delta. "
-                                     "Train a plain LoRA")
     if config.get("modules_to_save"):
         raise AdapterValidationError("modules_to_save", f"modules_to_save={config['modules_to_save']!r} would "
                                      f"replace whole base modules per adapter; not supported. Train without it")

@@ -226,6 +226,11 @@ class AdapterStore:
     def is_loaded(self, key: str) -> bool:
         return self._loader.is_loaded(key)
 
+    def set_load_finisher(self, finish) -> None:
+        """Derive serving tensors once per adapter version as it enters host memory (see
+        AdapterLoader.set_finisher); the engine sets it when it is built."""
+        self._loader.set_finisher(finish)
+
     def set_event_hook(self, on_event: EventHook | None) -> None:
         """Metrics hook for the host tier (see cache.metrics_hook)."""
         self.cache.set_hook(on_event)

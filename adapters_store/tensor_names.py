@@ -1,4 +1,7 @@
-"""PEFT LoRA tensor names <-> (layer_idx, module, A|B)."""
+"""PEFT LoRA tensor names <-> (layer_idx, module, A|B|M).
+
+M is DoRA's magnitude vector (`lora_magnitude_vector`, PEFT saves it without `.weight`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from .errors import AdapterValidationError
 from .types import ATTENTION_MODULES, MLP_MODULES
 
 _KEY_RE = re.compile(r"(?:base_model\.model\.)?model\.layers\.(0|[1-9][0-9]{0,5})\.(self_attn|mlp)\.([A-Za-z0-9_]+)"
-                     r"\.lora_([AB])(?:\.default)?\.weight", re.ASCII)
+                     r"\.(?:lora_([AB])(?:\.default)?\.weight|lora_(magnitude)_vector(?:\.default)?(?:\.weight)?)", re.ASCII)
 _PARENT = {**{m: "self_attn" for m in ATTENTION_MODULES}, **{m: "mlp" for m in MLP_MODULES}}
 
 
@@ -18,7 +21,7 @@ class LoraTensorName:
     layer_idx: int
     parent: str                  # "self_attn" | "mlp"
     module: str                  # e.g. "q_proj"
-    factor: str                  # "A" | "B"
+    factor: str                  # "A" | "B" | "M" (DoRA magnitude, [out_features])
 
 
 def parse_tensor_name(name: str) -> LoraTensorName:
@@ -31,7 +34,8 @@ def parse_tensor_name(name: str) -> LoraTensorName:
         raise AdapterValidationError("tensor_name", f"tensor {name!r} is not a PEFT LoRA weight of a decoder "
                                      f"layer (expected base_model.model.model.layers.<i>.<self_attn|mlp>."
                                      f"<module>.lora_<A|B>.weight)")
-    layer, parent, module, factor = match.groups()
+    layer, parent, module, factor, magnitude = match.groups()
+    factor = "M" if magnitude else factor
     if _PARENT.get(module, parent) != parent:
         raise AdapterValidationError("tensor_name", f"tensor {name!r}: {module} belongs under "
                                      f"{_PARENT[module]}, not {parent}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,9 +52,20 @@ class LoadedAdapter:
 
     weights maps (layer_idx, module name) to (A, B) with A: [rank, in_features] and
     B: [out_features, rank] (PEFT's lora_A.weight / lora_B.weight layouts), float tensors.
+    magnitudes (DoRA only): (layer_idx, module) -> m [out_features] float32, as trained.
+    dora_scales (DoRA only): (layer_idx, module) -> m / ||W + scale * B A|| (row norms over
+    in_features of the served base's dequantized W) [out_features] float32: the per-output
+    factor applied after base + delta. Computed once per adapter version when it is loaded
+    into host memory (the engine's load finisher); nbytes counts both.
     """
 
     key: str                                                  # "name@version"
     config: LoraConfigInfo
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     nbytes: int
+    magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    dora_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def is_dora(self) -> bool:
+        return bool(self.magnitudes)

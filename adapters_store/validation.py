@@ -47,7 +47,7 @@ def validate_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseSpec, 
     entries = parse_header(weights_bytes, limits.max_header_bytes)
     parsed = parse_config(config_bytes, base, limits.max_lora_rank, allow_base_mismatch)
     names = {entry.name: _check_entry(entry, parsed, base) for entry in entries}
-    modules = _check_pairs(names)
+    modules = _check_pairs(names, parsed.use_dora)
     tensors = _load_tensors(weights_bytes)
     _check_finite(tensors)
     _check_scaling(parsed, tensors)
@@ -73,6 +73,8 @@ def _check_entry(entry: TensorEntry, parsed: ParsedConfig, base: BaseSpec) -> Lo
         raise AdapterValidationError("target_mismatch", f"tensor {entry.name!r} adapts {name.module}, which "
                                      f"adapter_config.json target_modules does not list")
     in_features, out_features = base.module_shapes[name.module]
+    if name.factor == "M":
+        return _check_magnitude(entry, name, parsed, out_features)
     expected = (parsed.rank, in_features) if name.factor == "A" else (out_features, parsed.rank)
     if entry.shape != expected:
         layout = "[r, in_features]" if name.factor == "A" else "[out_features, r]"
@@ -82,7 +84,21 @@ def _check_entry(entry: TensorEntry, parsed: ParsedConfig, base: BaseSpec) -> Lo
     return name
 
 
-def _check_pairs(names: dict[str, LoraTensorName]) -> set[str]:
+def _check_magnitude(entry: TensorEntry, name: LoraTensorName, parsed: ParsedConfig,
+                     out_features: int) -> LoraTensorName:
+    """DoRA's magnitude vector: only with use_dora, shape [out_features]."""
+    if not parsed.use_dora:
+        raise AdapterValidationError("dora_magnitude", f"tensor {entry.name!r} is a DoRA magnitude vector but "
+                                     f"adapter_config.json has use_dora=false; the adapter is inconsistent")
+    if entry.shape != (out_features,):
+        raise AdapterValidationError("shape", f"tensor {entry.name!r} has shape {list(entry.shape)}, expected "
+                                     f"[{out_features}] (DoRA magnitude: one value per output feature of "
+                                     f"{name.module}); the adapter was trained for a different base")
+    return name
+
+
+def _check_pairs(names: dict[str, LoraTensorName], use_dora: bool = False) -> set[str]:
+    """Every module has lora_A and lora_B (and, with DoRA, its magnitude vector)."""
     if not names:
         raise AdapterValidationError("no_tensors", "the weights file holds no LoRA tensors")
     seen: dict[tuple[int, str], set[str]] = {}
@@ -92,9 +108,14 @@ def _check_pairs(names: dict[str, LoraTensorName]) -> set[str]:
             raise AdapterValidationError("duplicate_tensor", f"layer {name.layer_idx} {name.module} has two "
                                          f"lora_{name.factor} tensors (one is {tensor_name!r})")
         factors.add(name.factor)
+    required = {"A", "B", "M"} if use_dora else {"A", "B"}
     for (layer, module), factors in sorted(seen.items()):
-        if factors != {"A", "B"}:
-            missing = ({"A", "B"} - factors).pop()
+        if factors != required:
+            missing = sorted(required - factors)[0]
+            if missing == "M":
+                raise AdapterValidationError("dora_magnitude", f"layer {layer} {module} has no "
+                                             f"lora_magnitude_vector; a DoRA adapter (use_dora=true) needs one "
+                                             f"for every adapted module")
             raise AdapterValidationError("missing_pair", f"layer {layer} {module} has no lora_{missing} weight; "
                                          f"every lora_A needs its lora_B and vice versa")
     return {module for _, module in seen}
@@ -129,6 +150,8 @@ def _check_scaling(parsed: ParsedConfig, tensors: dict[str, torch.Tensor]) -> No
         norms.setdefault((name.layer_idx, name.module), {})[name.factor] = float(
             torch.linalg.vector_norm(tensor.to(torch.float64)))
     for (layer, module), pair in sorted(norms.items()):
+        if "A" not in pair or "B" not in pair:
+            continue
         gain = abs(scaling) * pair["A"] * pair["B"]
         if not gain <= MAX_DELTA_GAIN:
             raise AdapterValidationError("scaling", f"layer {layer} {module}: scale ({formula} = {scaling:g}) x "

@@ -1,9 +1,9 @@
-"""One-replica `loraplex fleet` vs a plain `loraplex serve`: the cost of Ray Serve's proxy hop.
+"""One-replica `loraplex fleet` vs a plain `loraplex serve`: the cost of the front end's hop.
 
 Same model, EngineConfig and workload as section 4 (`grpc_bench`): closed loop at concurrency
 16 through `loraplex bench`'s runner (`AsyncClient.generate_stream`). Plain: the real server on
-a loopback port in this process. Fleet: a private local Ray cluster in this process, Serve's
-gRPC proxy, one replica running the same engine (`start_fleet`, as `loraplex fleet` does). The
+a loopback port in this process. Fleet: a private local Ray cluster in this process, the
+fleet's front end (gRPC on loopback; Ray Serve's proxies off), one replica running the same engine (`start_fleet`, as `loraplex fleet` does). The
 two sides alternate; each row is the mean of its runs, and the verdict uses the median of the
 rounds' ratios. Target: fleet >= 0.85x plain.
 """
@@ -30,7 +30,7 @@ def _start_one_replica_fleet(config):
     # The replica reserves every core: Ray sets its OMP_NUM_THREADS (torch threads) from num_cpus, and
     # the plain server uses every core too.
     options = FleetOptions(replicas=1, replica_cpus=float(os.cpu_count()))
-    running = start_fleet(replace(config, metrics_port=0), options, log=lambda _m: None)
+    running = start_fleet(replace(config, metrics_port=0, http_port=0), options, log=lambda _m: None)
     wait_running(running.app_name, timeout_s=900)
     return running
 
@@ -73,11 +73,12 @@ def section_fleet(model_dir: Path, quick: bool) -> str:
         dict(concurrency=16, num_requests=48, input_len=64, output_len=32)
     r = run_fleet_bench(model_dir, **sizes)
     return comparison_section(
-        "## 9. One-replica fleet vs plain serve (Ray Serve's proxy hop)",
+        "## 9. One-replica fleet vs plain serve (the front end's hop)",
         f"Default model, float32, base model. {r.num_requests} requests, closed loop at concurrency "
         f"{r.concurrency}, ~{r.input_len}-token prompts, {r.output_len} generated tokens each (greedy, "
         "`ignore_eos`), through `loraplex bench`'s runner. `loraplex serve`: the real server in this process. "
-        "`loraplex fleet`: a local Ray cluster, Serve's gRPC proxy and one replica with the same engine "
-        "settings (the replica is a separate process; every chunk crosses proxy -> replica -> proxy). "
+        "`loraplex fleet`: a local Ray cluster, the fleet's front end (serve's limits, keys and health; Ray "
+        "Serve's proxies off) and one replica with the same engine settings (the replica is a separate "
+        "process; every chunk crosses front end -> replica -> front end through a Ray Serve handle). "
         "The two alternate; each row is the mean of its runs and the verdict uses the median of the rounds' ratios.",
         ("loraplex serve", "loraplex fleet, 1 replica"), r, "fleet / serve", 0.85)

@@ -106,7 +106,8 @@ def generation_input(prompt: str | None, messages: Iterable[ChatMessage] | None,
 
 # ---- responses -------------------------------------------------------------------------------
 def _usage(message: generation_pb2.Usage) -> Usage:
-    return Usage(prompt_tokens=message.prompt_tokens, generated_tokens=message.generated_tokens)
+    return Usage(prompt_tokens=message.prompt_tokens, generated_tokens=message.generated_tokens,
+                 cached_tokens=message.cached_tokens)
 
 
 def _timing(message: generation_pb2.Timing) -> Timing:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Callable
 
@@ -70,6 +71,9 @@ def register(sub) -> None:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_run(_info))
     health = sub.add_parser("health", parents=[common], help="print SERVING when the server is ready (exit 5 if not)")
+    health.add_argument("--local", action="store_true",
+                        help="check the server of this container/host: address and TLS from its own "
+                             "LORAPLEX_HOST, LORAPLEX_PORT and LORAPLEX_TLS_CERT (the image's HEALTHCHECK)")
     health.set_defaults(func=_run(_health))
     add_bench(sub, common)
 
@@ -118,8 +122,24 @@ def _add_generate(sub, common: argparse.ArgumentParser) -> None:
     gen.set_defaults(func=_run(_generate))
 
 
+def local_server_address(environ) -> tuple[str, str]:
+    """(host:port, TLS certificate path or "") of the server configured by `environ` (LORAPLEX_*),
+    reached on loopback when it listens on every interface."""
+    host = environ.get("LORAPLEX_HOST", "").strip() or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    port = environ.get("LORAPLEX_PORT", "").strip() or "50051"
+    return f"{host}:{port}", environ.get("LORAPLEX_TLS_CERT", "").strip()
+
+
 # ---- commands ----------------------------------------------------------------------------------
 def _client(args: argparse.Namespace) -> Client:
+    if getattr(args, "local", False):
+        address, cert = local_server_address(os.environ)
+        return Client(address, args.client_api_key, tls=bool(cert), root_certificates=cert or None,
+                      tls_server_name=args.tls_server_name, timeout=args.timeout)
     return Client(args.address, args.client_api_key, tls=args.tls, root_certificates=args.root_certs,
                   tls_server_name=args.tls_server_name, timeout=args.timeout)
 

@@ -46,6 +46,7 @@ class AdapterState(_StrEnum):
 class Usage:
     prompt_tokens: int
     generated_tokens: int
+    cached_tokens: int = 0      # prompt tokens the server found in its prefix cache
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,11 @@ class Flag:
     many: bool = False
     env: str | None = None                     # default LORAPLEX_<FLAG>
     engine: str | None = None                  # the EngineConfig setting it sets (engine/config.py)
+    switch: bool = False                       # a flag without a value (`--no-x` sets True)
+    to_engine: Callable[[Any], Any] | None = None   # the engine setting's value from this one's
+
+    def engine_value(self, value: Any) -> Any:
+        return value if self.to_engine is None else self.to_engine(value)
 
     @property
     def env_name(self) -> str:
@@ -134,6 +139,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max_batch_tokens", "--max-batch-tokens", int, "tokens per step", engine="max_batch_tokens"),
     Flag("kv_cache_memory", "--kv-cache-memory", str, "KV cache size: bytes ('2GiB') or a fraction of free memory",
          engine="kv_cache_memory"),
+    Flag("no_prefix_caching", "--no-prefix-caching", _bool,
+         "turn off automatic prefix caching (reuse of cached KV blocks of shared prompt prefixes)",
+         switch=True, engine="prefix_caching", to_engine=lambda off: not off),
     Flag("allowed_register_roots", "--allowed-register-root", str,
          "directory RegisterAdapter may read from (repeatable)", many=True),
     Flag("host_cache_bytes", "--host-cache-bytes", parse_size, "host-memory adapter cache budget"),
@@ -201,6 +209,7 @@ class ServerConfig:
     max_num_seqs: int = SchedulerConfig.max_num_seqs
     max_batch_tokens: int = SchedulerConfig.max_batch_tokens
     kv_cache_memory: str = CacheConfig.kv_cache_memory
+    no_prefix_caching: bool = not CacheConfig.prefix_caching
     allowed_register_roots: tuple[str, ...] = ()
     host_cache_bytes: int = 2**30
     store_registry: str = field(default="", repr=False)      # may hold a password
@@ -247,7 +256,7 @@ class ServerConfig:
 
     def engine_config(self, model_dir: Path) -> EngineConfig:
         """The EngineConfig for this server (raises InvalidConfig on engine-level problems)."""
-        return EngineConfig.from_settings(model_dir, **{flag.engine: getattr(self, flag.name)
+        return EngineConfig.from_settings(model_dir, **{flag.engine: flag.engine_value(getattr(self, flag.name))
                                                         for flag in FLAGS if flag.engine})
 
 
@@ -330,6 +339,10 @@ def add_arguments(parser) -> None:
     """Add every serve flag to an argparse parser; unset flags stay None (env/file/default apply)."""
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (env LORAPLEX_CONFIG)")
     for flag in FLAGS:
+        if flag.switch:
+            parser.add_argument(flag.flag, dest=flag.name, default=None, action="store_const", const=True,
+                                help=f"{flag.help} (env {flag.env_name}=1)")
+            continue
         parser.add_argument(flag.flag, dest=flag.name, default=None, metavar=flag.name.upper(),
                             action="append" if flag.many else "store",
                             help=f"{flag.help} (env {flag.env_name})")

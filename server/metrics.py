@@ -95,6 +95,13 @@ class Metrics:
         self.step_duration = Histogram("loraplex_step_duration_seconds", "Engine step wall time",
                                        buckets=LATENCY_BUCKETS, registry=reg)
         self.preemptions = Counter("loraplex_preemptions", "Sequences preempted for KV space", registry=reg)
+        # Prefix cache (no labels): tokens looked up at admission, of them found cached; blocks evicted.
+        self.prefix_queries = Counter("loraplex_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=reg)
+        self.prefix_hits = Counter("loraplex_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                   registry=reg)
+        self.prefix_evictions = Counter("loraplex_prefix_cache_evictions",
+                                        "Cached KV blocks evicted for new allocations", registry=reg)
         self.adapter_cache_hits = Counter("loraplex_adapter_cache_hits", "Adapter lookups served from a cache tier",
                                           ["tier"], registry=reg)
         self.adapter_cache_misses = Counter("loraplex_adapter_cache_misses", "Adapter lookups that missed a tier",
@@ -127,6 +134,8 @@ class Metrics:
             "loraplex_kv_cache_blocks": ("All KV cache blocks", lambda s: s.num_total_blocks),
             "loraplex_active_adapters": ("Adapters in the last batch", lambda s: s.num_active_adapters),
             "loraplex_adapter_slots_loaded": ("Adapters resident in device slots", lambda s: s.num_loaded_slots),
+            "loraplex_prefix_cache_blocks": ("KV blocks in the prefix cache (held or reclaimable)",
+                                             lambda s: s.num_cached_blocks),
         }
         for name, (doc, read) in gauges.items():
             gauge = self.engine_gauges.get(name) or Gauge(name, doc, registry=self.registry)
@@ -148,6 +157,11 @@ class Metrics:
         self.step_duration.observe(step.step_seconds)
         if step.num_preempted:
             self.preemptions.inc(step.num_preempted)
+        if step.prefix_query_tokens:
+            self.prefix_queries.inc(step.prefix_query_tokens)
+            self.prefix_hits.inc(step.prefix_hit_tokens)
+        if step.prefix_evicted_blocks:
+            self.prefix_evictions.inc(step.prefix_evicted_blocks)
 
     # ---- service layer ---------------------------------------------------------------
     def request_finished(self, method: str, code: str, finish_reason: str, adapter_key: str | None,

@@ -11,7 +11,7 @@ import pytest
 
 from grpc_harness import wait_for_line
 
-READY = re.compile(r"^loraplex: fleet serving .* on :(\d+) \(Ray (\S+)\)")
+READY = re.compile(r"^loraplex: fleet serving .* on \S*?:(\d+) \(Ray (\S+)\)")
 # Ray 2.60 turns token auth on by default; tests run a private local cluster without it. Ray
 # starts workers at niceness 15, which starves replicas on a busy 2-core machine.
 RAY_TEST_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -45,3 +45,19 @@ class FleetProcess:
 
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} write them) with a TCP socket listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                address, hex_port = fields[1].split(":")
+                if fields[3] == "0A" and int(hex_port, 16) == port:        # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+LOOPBACK = frozenset({"0100007F", "0000000000000000FFFF00000100007F"})     # 127.0.0.1, ::ffff:127.0.0.1

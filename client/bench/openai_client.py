@@ -101,4 +101,6 @@ class OpenAIBenchClient:
                     usage = payload["usage"]
                     yield HttpChunk(max(0, usage["completion_tokens"] - counted),
                                     Usage(prompt_tokens=usage["prompt_tokens"],
-                                          generated_tokens=usage["completion_tokens"]))
+                                          generated_tokens=usage["completion_tokens"],
+                                          cached_tokens=(usage.get("prompt_tokens_details") or {})
+                                          .get("cached_tokens", 0)))

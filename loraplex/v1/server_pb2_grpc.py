@@ -40,6 +40,11 @@ class ServerServiceStub:
                 request_serializer=loraplex_dot_v1_dot_server__pb2.InfoRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_server__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/loraplex.v1.ServerService/ResetPrefixCache',
+                request_serializer=loraplex_dot_v1_dot_server__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_server__pb2.ResetPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class ServerServiceServicer:
@@ -52,6 +57,13 @@ class ServerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPrefixCache(self, request, context):
+        """Admin: forget every cached prefix KV block (running requests keep the blocks they hold).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_ServerServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=loraplex_dot_v1_dot_server__pb2.InfoRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_server__pb2.InfoResponse.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=loraplex_dot_v1_dot_server__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_server__pb2.ResetPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +106,33 @@ class ServerService:
             '/loraplex.v1.ServerService/Info',
             loraplex_dot_v1_dot_server__pb2.InfoRequest.SerializeToString,
             loraplex_dot_v1_dot_server__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.ServerService/ResetPrefixCache',
+            loraplex_dot_v1_dot_server__pb2.ResetPrefixCacheRequest.SerializeToString,
+            loraplex_dot_v1_dot_server__pb2.ResetPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

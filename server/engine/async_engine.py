@@ -171,7 +171,14 @@ class AsyncEngine:
         """Free the device slots (and staged host copies) of deleted adapters, between steps."""
         gateway = self.engine.adapters
         if gateway is not None and keys:
-            await self._run_on_engine(lambda: [gateway.evict(key) for key in keys])
+            forget = getattr(self.engine, "forget_adapter_blocks", None)
+
+            def evict() -> None:
+                for key in keys:
+                    gateway.evict(key)
+                if forget is not None:       # their cached KV blocks can never be hit again
+                    forget(keys)
+            await self._run_on_engine(evict)
 
     async def warm_adapter(self, key: str) -> bool:
         """Copy a host-loaded adapter into a FREE device slot between steps (never evicts one).

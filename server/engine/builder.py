@@ -102,7 +102,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                                             eos_token_ids(config.model_dir, tokenizer))
     sampler = Sampler(model_config.vocab_size, device=device, seed=config.seed,
                       argmax=kernels.get("argmax_rows"), logits_mask=guided)
-    scheduler = Scheduler(sched, BlockManager(num_blocks=num_blocks, block_size=cache.block_size))
+    blocks = BlockManager(num_blocks=num_blocks, block_size=cache.block_size,
+                          enable_caching=cache.prefix_caching, model_namespace=f"{config.model_dir}|{spec.method}|{dtype}")
+    scheduler = Scheduler(sched, blocks)
 
     base_spec = base_spec_from_model_config(model_config, spec.method)
     gateway = pool = None
@@ -111,6 +113,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
         pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
                         ops=select_ops(device, cpu_kernels=kernels.native))
         gateway = AdapterGateway(store, AdapterManager(pool))
+        set_finisher = getattr(store, "set_load_finisher", None)
+        if set_finisher is not None:     # DoRA scales derived once per version, on the load threads
+            set_finisher(pool.dora_scaler)
     runner = ModelRunner(model, model_config, kv_caches, cache.block_size, sampler, device=device, lora=pool)
 
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),

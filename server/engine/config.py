@@ -55,6 +55,7 @@ class SchedulerConfig:
 class CacheConfig:
     kv_cache_memory: str = "0.25"    # bytes ("2GiB") or a fraction of free memory
     block_size: int = 16             # tokens per KV block
+    prefix_caching: bool = True      # reuse cached full blocks of shared prefixes (block_manager.py)
 
     def __post_init__(self) -> None:
         raise_if(self.problems())

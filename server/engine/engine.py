@@ -37,6 +37,9 @@ class StepStats:
     active_adapters: int
     num_preempted: int
     num_finished: int
+    prefix_query_tokens: int = 0     # prompt tokens looked up in the prefix cache this step
+    prefix_hit_tokens: int = 0       # ... of which found cached
+    prefix_evicted_blocks: int = 0   # cached blocks evicted for new allocations this step
 
 
 class LLMEngine:
@@ -60,6 +63,7 @@ class LLMEngine:
         self._by_seq: dict[int, RequestState] = {}
         self._next_seq_id = 0
         self._last_batch: ScheduledBatch | None = None
+        self._prefix_seen = scheduler.blocks.stats      # cumulative counters at the last step
         self.max_prompt_bytes = config.limits.max_input_tokens * max_token_bytes(tokenizer)
 
     # ---- intake ---------------------------------------------------------------------
@@ -144,6 +148,16 @@ class LLMEngine:
     def _release(self, adapter_key: str | None) -> None:
         if adapter_key and self.adapters is not None:
             self.adapters.release(adapter_key)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV block (between steps; running requests keep theirs).
+        False when prefix caching is off (there is nothing to reset)."""
+        self.scheduler.blocks.reset()
+        return self.scheduler.blocks.enable_caching
+
+    def forget_adapter_blocks(self, adapter_keys: list[str]) -> int:
+        """Drop the cached KV blocks computed with deleted adapters first (between steps)."""
+        return sum(self.scheduler.blocks.drop_adapter(key) for key in adapter_keys)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Drop a request now; its KV blocks are freed before this returns."""
@@ -234,14 +248,19 @@ class LLMEngine:
         logprobs: dict[int, float] = {}
         alternatives: dict[int, tuple[tuple[int, float], ...]] = {}
         failed: set[int] = set()
+        failed_blocks: set[int] = set()      # K/V a failed item may have left half written
         for item in batch.items:
             try:
+                if failed_blocks.intersection(item.seq.block_table):
+                    raise RequestFailed("a prefix-cache block this request shares failed to compute")
                 if item.seq.adapter_key in bad_keys or (item.seq.adapter_key and item.seq.adapter_key not in slots):
                     raise RequestFailed(f"adapter {item.seq.adapter_key} could not be loaded into a device slot")
                 out = self.runner.run(ScheduledBatch(items=(item,)), slots)
             except Exception:  # noqa: BLE001 - this request's own failure
                 log.exception("request sequence %d failed inside the engine", item.seq.seq_id)
                 failed.add(item.seq.seq_id)
+                bs = self.scheduler.blocks.block_size      # the blocks it was writing
+                failed_blocks.update(item.seq.block_table[item.start // bs:-(-(item.start + item.num_new_tokens) // bs)])
                 continue
             tokens.update(out.sampled_token_ids)
             logprobs.update(out.logprobs or {})
@@ -309,11 +328,16 @@ class LLMEngine:
     # ---- introspection --------------------------------------------------------------
     def _step_stats(self, batch: ScheduledBatch, seconds: float, outputs: list[RequestOutput]) -> StepStats:
         stats = self.stats()
+        prefix, seen = self.scheduler.blocks.stats, self._prefix_seen
+        self._prefix_seen = prefix
         return StepStats(batch_size=batch.num_seqs, batch_tokens=batch.num_tokens, step_seconds=seconds,
                          num_running=stats.num_running, num_waiting=stats.num_waiting,
                          kv_usage=stats.kv_usage, active_adapters=len(batch.adapter_keys),
                          num_preempted=len(batch.preempted),
-                         num_finished=sum(1 for o in outputs if o.finished))
+                         num_finished=sum(1 for o in outputs if o.finished),
+                         prefix_query_tokens=prefix.query_tokens - seen.query_tokens,
+                         prefix_hit_tokens=prefix.hit_tokens - seen.hit_tokens,
+                         prefix_evicted_blocks=prefix.evicted_blocks - seen.evicted_blocks)
 
     def stats(self) -> EngineStats:
         blocks = self.scheduler.blocks
@@ -330,4 +354,5 @@ class LLMEngine:
             running_adapters=self.scheduler.running_adapter_keys,
             waiting_adapters=tuple(dict.fromkeys(self.scheduler.pending_adapter_keys())),
             max_loras=self.config.scheduler.max_loras,
+            num_cached_blocks=blocks.num_cached_blocks, prefix_caching=blocks.enable_caching,
         )

@@ -104,6 +104,7 @@ class RequestOutput:
     timing: Timing | None = None
     adapter_key: str | None = None
     error: EngineError | None = None      # set when finish_reason is ERROR
+    cached_tokens: int = 0                # prompt tokens found in the prefix cache (not recomputed)
 
     @property
     def finished(self) -> bool:
@@ -126,6 +127,8 @@ class EngineStats:
     running_adapters: tuple[str, ...] = ()     # adapter keys of running requests ("name@N")
     waiting_adapters: tuple[str, ...] = ()     # adapter keys of waiting requests, oldest first
     max_loras: int = 0
+    num_cached_blocks: int = 0                 # KV blocks in the prefix cache (held or reclaimable)
+    prefix_caching: bool = False
 
     @property
     def kv_usage(self) -> float:

@@ -64,7 +64,7 @@ class RequestState:
             request_id=self.request.request_id, text=text, token_ids=delta.token_ids,
             logprobs=delta.logprobs, top_logprobs=delta.top_logprobs, finish_reason=reason,
             prompt_tokens=seq.num_prompt_tokens, generated_tokens=seq.num_output_tokens, timing=timing,
-            adapter_key=seq.adapter_key,
+            adapter_key=seq.adapter_key, cached_tokens=seq.num_cached_tokens,
         )
 
     def _timing(self, now: float) -> Timing:

@@ -44,6 +44,11 @@ class Scheduler:
        drains and `add` guarantees B fits into an idle cache. So a blocked sequence lets at
        most `max_overtakes` later arrivals pass it (sequences behind it wait for finitely many
        older ones, each with the same bound), and a burst for one adapter cannot starve another.
+
+    Prefix caching (BlockManager.enable_caching) changes only what a sequence costs: at
+    admission it takes the cached blocks of its longest cached prefix (same adapter version)
+    as already computed, so its token budget and block need count only the rest; cached
+    blocks nobody holds count as free. The rule above and its fairness bound are unchanged.
     """
 
     def __init__(self, config: SchedulerConfig, blocks: BlockManager,
@@ -148,7 +153,7 @@ class Scheduler:
             self._remove_running(seq)
         else:
             self._waiting.remove(seq)
-        self.blocks.free(seq)
+        self.blocks.free(seq, uncache=reason is FinishReason.ERROR)   # K/V of a failed step: unknown
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self._seqs.pop(seq.seq_id, None)
@@ -192,6 +197,7 @@ class Scheduler:
                 preempted.append(victim)
                 if victim is seq:
                     return budget
+            self.blocks.register(seq, seq.num_computed_tokens + n)
             items.append(_item(seq, n))
             budget -= n
             i += 1
@@ -219,14 +225,15 @@ class Scheduler:
             if blocked is not None and key is not None and key not in self._running_adapters:
                 continue
             seq = self._waiting.head(key)
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self._fits(seq, n):
+            hits = self.blocks.lookup(seq)
+            n = min(seq.num_uncomputed_tokens - len(hits) * self.blocks.block_size, budget)
+            if not self._fits(seq, hits, n):
                 if blocked is None:
                     blocked = seq
                     self._overtakes_left.setdefault(seq.seq_id, self.config.max_overtakes)
                 continue
             self._waiting.pop_head(key)
-            self._admit(seq, n)
+            self._admit(seq, hits, n)
             items.append(_item(seq, n))
             budget -= n
             if blocked is not None:
@@ -234,17 +241,26 @@ class Scheduler:
             if self._waiting.has(key):
                 heapq.heappush(heads, (self._order(self._waiting.head(key)), key))
 
-    def _fits(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def _fits(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> bool:
+        """Adapter limit and free blocks for a waiting `seq` that reuses the cached `hits`."""
         key = seq.adapter_key
         if (key is not None and key not in self._running_adapters
                 and len(self._running_adapters) >= self.config.max_loras):
             return False
-        need = self.blocks.blocks_needed(seq, seq.num_computed_tokens + num_new_tokens)
-        return self.blocks.num_free_blocks - need >= self.config.watermark_blocks
+        blocks = self.blocks
+        need = blocks.blocks_for_tokens(len(hits) * blocks.block_size + num_new_tokens) - len(hits)
+        available = blocks.num_free_blocks - blocks.num_reclaimable_in(hits)
+        return available - need >= self.config.watermark_blocks
 
-    def _admit(self, seq: Sequence, num_new_tokens: int) -> None:
-        if not self.blocks.ensure_capacity(seq, seq.num_computed_tokens + num_new_tokens):
+    def _admit(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> None:
+        first = seq.first_scheduled_time is None
+        self.blocks.take_prefix(seq, hits)
+        if first:
+            seq.num_cached_tokens = seq.num_computed_tokens
+        end = seq.num_computed_tokens + num_new_tokens
+        if not self.blocks.ensure_capacity(seq, end):
             raise RuntimeError(f"sequence {seq.seq_id} was admitted without free blocks")
+        self.blocks.register(seq, end)
         bisect.insort(self._running, seq, key=self._order)
         if seq.adapter_key is not None:
             self._running_adapters[seq.adapter_key] += 1

@@ -90,6 +90,12 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     guide: Any = None                   # constraints.compiler.Guide of a constrained request
+    # Prefix caching (block_manager.py): chained hashes of this sequence's full blocks so far,
+    # how many blocks of block_table were offered to the cache, and how many prompt tokens the
+    # first admission found cached (reported in usage).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -114,6 +120,15 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without building the whole list."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
 
     def token_at(self, index: int) -> int:
         n = len(self.prompt_token_ids)

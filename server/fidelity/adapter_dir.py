@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from ...adapters_store.config import StoreConfig
-from ...adapters_store.loader import parse_weights
+from ...adapters_store.loader import build_loaded_adapter
 from ...adapters_store.types import BaseSpec, LoadedAdapter
 from ...adapters_store.validation import validate_adapter
 
@@ -31,6 +31,4 @@ def load_peft_dir(path: str | Path, base: BaseSpec, max_lora_rank: int = 256,
     config_bytes, weights_bytes = config_file.read_bytes(), weights_file.read_bytes()
     limits = StoreConfig(max_lora_rank=max_lora_rank, max_adapter_bytes=max(len(weights_bytes) * 2, 1 << 20))
     validated = validate_adapter(config_bytes, weights_bytes, base, limits)
-    weights = parse_weights(load_safetensors(weights_bytes), dtype)
-    nbytes = sum(a.nbytes + b.nbytes for a, b in weights.values())
-    return LoadedAdapter(key=path.name, config=validated.config, weights=weights, nbytes=nbytes)
+    return build_loaded_adapter(path.name, validated.config, load_safetensors(weights_bytes), dtype)

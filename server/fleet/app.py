@@ -1,7 +1,8 @@
-"""`loraplex fleet`: start (or join) a Ray cluster, start Serve's gRPC proxy, deploy the replicas.
+"""`loraplex fleet`: start (or join) a Ray cluster, deploy the front end and the replicas.
 
-Order: Ray up -> Serve with the gRPC proxy on --port -> the application deployed and every
-replica's engine loaded (serve.run waits) -> the ready line. SIGTERM/SIGINT: the application
+Order: Ray up -> Serve (its own proxies off) -> the application deployed: the front end binds
+--host:--port (gRPC) and --host:--http-port (HTTP), health NOT_SERVING until a replica runs ->
+every replica's engine loaded -> the ready line. SIGTERM/SIGINT: the application
 is deleted (Ray drains each replica for up to --grace-period seconds), then Serve and, for a
 local cluster, Ray stop.
 """
@@ -13,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ..config import ServerConfig
@@ -21,8 +22,7 @@ from .config import FleetOptions
 
 Log = Callable[[str], None]
 DEPLOYMENT_NAME = "LoraplexReplica"
-# Runs in Ray's proxy: adds loraplex.v1 + grpc.health.v1, maps dead replicas to UNAVAILABLE.
-SERVICER_FUNCTIONS = ("loraplex.server.fleet.proxy_hooks.add_services_to_server",)
+FRONT_NAME = "LoraplexFront"
 
 
 @dataclass(frozen=True)
@@ -30,19 +30,26 @@ class RunningFleet:
     """What a started fleet listens on."""
 
     app_name: str
-    port: int                   # Ray Serve's gRPC proxy (loraplex.v1 + grpc.health.v1)
+    port: int                   # the front end's gRPC port (loraplex.v1 + grpc.health.v1)
     ray_address: str            # the GCS address, for `ray status` / joining nodes
+    http_port: int = 0          # the front end's OpenAI HTTP port (0: off)
+    host: str = "127.0.0.1"
+
+
+def per_replica_capacity(config: ServerConfig, options: FleetOptions) -> int:
+    """Requests one replica accepts: running (--max-num-seqs) + waiting (--max-queued-requests)."""
+    return options.ongoing_requests(config) + config.max_queued_requests
 
 
 def deployment_options(config: ServerConfig, options: FleetOptions) -> dict[str, Any]:
     """Ray Serve deployment options: replicas or autoscaling, resources, drain times."""
     found: dict[str, Any] = dict(
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
-        max_ongoing_requests=options.ongoing_requests(config),
+        max_ongoing_requests=per_replica_capacity(config, options),
         graceful_shutdown_timeout_s=config.grace_period_s,
         graceful_shutdown_wait_loop_s=0.5,
-        health_check_period_s=5.0,
-        health_check_timeout_s=30.0,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
     )
     if options.autoscaling:
         found["autoscaling_config"] = {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
@@ -52,19 +59,37 @@ def deployment_options(config: ServerConfig, options: FleetOptions) -> dict[str,
     return found
 
 
+# Ray's health check of a replica (check_health: is the engine loop alive?). A SIGKILLed replica
+# is noticed by Ray at once (its actor dies); these only bound how long a hung one serves.
+HEALTH_CHECK_PERIOD_S = 2.0
+HEALTH_CHECK_TIMEOUT_S = 10.0
+
+
+def front_options(config: ServerConfig) -> dict[str, Any]:
+    """The front end: one replica on the head node (the address clients and Services reach),
+    no CPU reserved (it forwards; the replicas compute)."""
+    return dict(num_replicas=1, max_ongoing_requests=16, graceful_shutdown_timeout_s=config.grace_period_s,
+                ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+                health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S)
+
+
 def build_app(config: ServerConfig, options: FleetOptions):
-    """The Ray Serve application (bound deployment) for these settings."""
+    """The Ray Serve application: the front end (ingress) bound to the replica deployment."""
     from ray import serve
 
+    from .front import LoraplexFront
     from .replica import replica_class
 
     cls = replica_class(options.adapters_per_replica(config))
-    deployment = serve.deployment(cls, name=DEPLOYMENT_NAME).options(**deployment_options(config, options))
-    return deployment.bind(config)
+    replicas = serve.deployment(cls, name=DEPLOYMENT_NAME).options(**deployment_options(config, options))
+    front = serve.deployment(LoraplexFront, name=FRONT_NAME).options(**front_options(config))
+    return front.bind(replicas.bind(config), config, per_replica_capacity(config, options), options.app_name,
+                      DEPLOYMENT_NAME)
 
 
 def grpc_port(config: ServerConfig) -> int:
-    """--port, or a free port for --port 0 (Ray's proxy needs a number up front)."""
+    """--port, or a free port for --port 0 (fixed before deploying, so a restarted front end
+    binds the same one)."""
     if config.port:
         return config.port
     with socket.socket() as sock:
@@ -73,21 +98,21 @@ def grpc_port(config: ServerConfig) -> int:
 
 
 def start_fleet(config: ServerConfig, options: FleetOptions, log: Log = print) -> RunningFleet:
-    """Connect to (or start) Ray, start Serve's proxies, deploy and wait until every replica is up."""
+    """Connect to (or start) Ray, deploy the front end and the replicas (Ray Serve's own proxies
+    stay off: the front end listens)."""
     import ray
     from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
 
-    if not ray.is_initialized():
-        ray.init(address=options.ray_address or None, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=True)
-    port = grpc_port(config)
-    serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=list(SERVICER_FUNCTIONS)),
-                http_options=HTTPOptions(host=config.host, port=_free_port(config.host)))
+    from .ray_setup import init_ray
+
+    init_ray(config, options)
+    config = replace(config, port=grpc_port(config))
+    serve.start(proxy_location="Disabled")
     log(f"loraplex fleet: deploying {_replicas_text(options)} of {config.model} "
-        f"(health NOT_SERVING until ready; gRPC proxy on :{port})")
-    serve.run(build_app(config, options), name=options.app_name, route_prefix="/", blocking=False)
-    return RunningFleet(options.app_name, port, ray.get_runtime_context().gcs_address)
+        f"(health NOT_SERVING until ready; gRPC on {config.host}:{config.port})")
+    serve.run(build_app(config, options), name=options.app_name, route_prefix=None, blocking=False)
+    port, http_port = serve.get_app_handle(options.app_name).ports.remote().result(timeout_s=600)
+    return RunningFleet(options.app_name, port, ray.get_runtime_context().gcs_address, http_port, config.host)
 
 
 def stop_fleet(fleet: RunningFleet, options: FleetOptions) -> None:
@@ -103,8 +128,9 @@ def stop_fleet(fleet: RunningFleet, options: FleetOptions) -> None:
 
 def ready_line(config: ServerConfig, options: FleetOptions, fleet: RunningFleet) -> str:
     metrics = f"replica metrics on :{config.metrics_port}" if config.metrics_port else "replica metrics off"
+    http = f"OpenAI HTTP on {fleet.host}:{fleet.http_port}" if fleet.http_port else "HTTP off"
     return (f"loraplex: fleet serving {config.model} ({config.quantize}) with {_replicas_text(options)} "
-            f"on :{fleet.port} (Ray {fleet.ray_address}), {metrics}")
+            f"on {fleet.host}:{fleet.port} (Ray {fleet.ray_address}), {http}, {metrics}")
 
 
 def run(config: ServerConfig, options: FleetOptions, log: Log = lambda message: print(message, flush=True)) -> int:
@@ -142,12 +168,6 @@ def wait_running(app_name: str, stop: threading.Event | None = None, timeout_s: 
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"the fleet was not running after {timeout_s:g}s: {status}")
         time.sleep(0.5)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _replicas_text(options: FleetOptions) -> str:

@@ -1,41 +1,53 @@
-"""The Ray Serve deployment: one loraplex engine per replica behind Ray's gRPC proxy.
+"""The Ray Serve deployment: one loraplex engine per replica, behind the fleet's front end.
 
-Ray's proxy calls the method named like the RPC (`Generate`, `UploadAdapter`, ...) with the
-request (or, for client streaming, a stream of requests) and Ray's gRPC context; each method
-runs the same servicer `loraplex serve` uses. Generation calls first pass the adapter id to
-`warm_adapter`, Ray's multiplexed loader: Ray then reports this replica as holding the
-adapter, and its router sends later requests carrying that `multiplexed_model_id` here.
+The front end (front.py) forwards each call as a `ForwardedCall` (gRPC) or `HttpCall` (OpenAI
+HTTP) with the adapter's routing id as Ray's `multiplexed_model_id`; the replica runs the same
+servicers and FastAPI app `loraplex serve` uses. Generation calls first bring the adapter into
+host memory (loads.py: concurrent, bounded, timed out) and then pass its routing id to
+`warm_adapter`, Ray's multiplexed loader: Ray then reports this replica as holding the adapter,
+and its router sends later requests with that id here.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import contextvars
+import json
 import logging
+import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, AsyncIterator
 
-from grpc_health.v1 import health_pb2
-
-from ...v1 import adapters_pb2, generation_pb2, server_pb2
 from ..config import ServerConfig
 from ..metrics import Metrics
 from ..service.adapters import AdapterServicer
 from ..service.auth import KeyRing
-from ..engine.validation import ADAPTER_REF_RE
 from ..service.generation import GenerationServicer
 from ..service.server_info import ServerServicer
 from ..service.state import ServiceState
-from .context import FleetAbort, RayServicerContext, authorize
+from .asgi_call import run_asgi
+from .context import FleetAbort, ForwardContext, authorize
+from .loads import HostLoader
+from .methods import METHODS, Method, adapter_of
 from .metrics import FleetMetrics
+from .wire import CallStatus, ForwardedCall, HttpCall, HttpHead, Reply, routing_id
 
 log = logging.getLogger("loraplex.fleet")
 
-# Per request: (tenant of the caller, [loaded by this request?]) for the multiplexed loader.
-_CALLER: contextvars.ContextVar[tuple[str | None, list[bool]]] = contextvars.ContextVar("loraplex_fleet_caller")
+# Per request: the store key of the adapter being warmed, for Ray's multiplexed loader.
+_WARMING: contextvars.ContextVar[str] = contextvars.ContextVar("loraplex_fleet_warming")
 
-GENERATION = "/loraplex.v1.GenerationService/"
-ADAPTERS = "/loraplex.v1.AdapterService/"
+
+class HeldAdapter:
+    """The object Ray's multiplexed loader keeps per routing id; Ray calls __del__ on eviction."""
+
+    def __init__(self, held: dict[str, "HeldAdapter"], rid: str, key: str):
+        self.held, self.rid, self.key = held, rid, key
+        held[rid] = self
+
+    def __del__(self) -> None:
+        if self.held.get(self.rid) is self:
+            del self.held[self.rid]
 
 
 class ReplicaBase:
@@ -45,8 +57,10 @@ class ReplicaBase:
         from ray import serve
 
         from ..app import load_engine, wire_engine
+        from ..http.app import build_app
 
         self.name = serve.get_replica_context().replica_id.unique_id
+        started = time.time()
         metrics = Metrics(config.metrics_adapter_labels)
         self.fleet_metrics = FleetMetrics(metrics.registry, self.name)
         self.keys = KeyRing(config.api_keys, config.admin_keys)
@@ -54,60 +68,49 @@ class ReplicaBase:
         # The replica keeps the in-process engine (issue 36): Ray supervises the replica itself.
         store, engine = await load_engine(replace(config, engine_process=False), log=log.info)
         wire_engine(self.state, store, engine)
-        self.generation = GenerationServicer(self.state)
-        self.adapters = AdapterServicer(self.state)
-        self.server = ServerServicer(self.state)
+        self.servicers = {"generation": GenerationServicer(self.state), "adapters": AdapterServicer(self.state),
+                          "server": ServerServicer(self.state)}
+        self.http_app = build_app(self.state, config)
+        self.loader = HostLoader(store)
+        self.held: dict[str, HeldAdapter] = {}
         self.metrics_http, self.metrics_port = _serve_metrics(metrics, config)
-        log.info("loraplex replica %s ready (metrics on :%s)", self.name, self.metrics_port or "off")
+        self.startup = _startup_breakdown(started)
+        log.warning("loraplex replica %s ready (metrics on :%s): %s", self.name, self.metrics_port or "off",
+                    self.startup)
 
-    # ---- generation ----------------------------------------------------------------------
-    async def Generate(self, request: generation_pb2.GenerateRequest, grpc_context: Any):
-        context = RayServicerContext(grpc_context, GENERATION + "Generate")
+    # ---- what the front end calls --------------------------------------------------------
+    async def unary(self, call: ForwardedCall) -> Reply:
+        """A unary or client-streaming RPC: the response message and the status."""
+        method, context = METHODS[call.method], ForwardContext(call)
         try:
-            await authorize(self.keys, context)
-            await self._route(request.input.adapter_id, context)
-            return await self.generation.Generate(request, context)
+            request = await self._prepare(method, call, context)
+            response = await self._handler(method)(request, context)
+            return Reply(response.SerializeToString() if response is not None else None, context.status())
         except FleetAbort:
-            return generation_pb2.GenerateResponse()       # the status travels in Ray's context
+            return Reply(None, context.status())
 
-    async def GenerateStream(self, request: generation_pb2.GenerateStreamRequest, grpc_context: Any):
-        context = RayServicerContext(grpc_context, GENERATION + "GenerateStream")
-        await authorize(self.keys, context)                 # FleetAbort: Ray keeps the code we set
-        await self._route(request.input.adapter_id, context)
-        async for response in self.generation.GenerateStream(request, context):
-            yield response
+    async def stream(self, call: ForwardedCall) -> AsyncIterator[Reply]:
+        """A server-streaming RPC: each response message, then the status."""
+        method, context = METHODS[call.method], ForwardContext(call)
+        try:
+            request = await self._prepare(method, call, context)
+            async with contextlib.aclosing(self._handler(method)(request, context)) as responses:
+                async for response in responses:
+                    yield Reply(response.SerializeToString())
+        except FleetAbort:
+            pass
+        yield Reply(None, context.status())
 
-    # ---- adapters (on the shared store) --------------------------------------------------
-    async def UploadAdapter(self, request_stream: Any, grpc_context: Any):
-        return await self._unary(self.adapters.UploadAdapter, ADAPTERS + "UploadAdapter", request_stream,
-                                 grpc_context, adapters_pb2.UploadAdapterResponse())
-
-    async def RegisterAdapter(self, request: adapters_pb2.RegisterAdapterRequest, grpc_context: Any):
-        return await self._unary(self.adapters.RegisterAdapter, ADAPTERS + "RegisterAdapter", request,
-                                 grpc_context, adapters_pb2.RegisterAdapterResponse())
-
-    async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, grpc_context: Any):
-        return await self._unary(self.adapters.ListAdapters, ADAPTERS + "ListAdapters", request,
-                                 grpc_context, adapters_pb2.ListAdaptersResponse())
-
-    async def GetAdapter(self, request: adapters_pb2.GetAdapterRequest, grpc_context: Any):
-        return await self._unary(self.adapters.GetAdapter, ADAPTERS + "GetAdapter", request,
-                                 grpc_context, adapters_pb2.GetAdapterResponse())
-
-    async def DeleteAdapter(self, request: adapters_pb2.DeleteAdapterRequest, grpc_context: Any):
-        return await self._unary(self.adapters.DeleteAdapter, ADAPTERS + "DeleteAdapter", request,
-                                 grpc_context, adapters_pb2.DeleteAdapterResponse())
-
-    # ---- server and health ---------------------------------------------------------------
-    async def Info(self, request: server_pb2.InfoRequest, grpc_context: Any):
-        return await self._unary(self.server.Info, "/loraplex.v1.ServerService/Info", request, grpc_context,
-                                 server_pb2.InfoResponse())
-
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: Any):
-        """grpc.health.v1 Check through the proxy: Ray only routes to replicas that are up."""
-        serving = self.state.engine is not None and not self.state.draining
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if serving
-                                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    async def http(self, call: HttpCall) -> AsyncIterator[HttpHead | bytes]:
+        """An OpenAI HTTP request through the `loraplex serve` app: the head, then body chunks."""
+        adapter = _body_model(call)
+        if adapter and adapter != self.state.config.base_model_name:
+            principal = self.keys.authenticate([(k, v) for k, v in call.headers if k.lower() == "authorization"])
+            if principal is not None:
+                await self._route(adapter, principal.tenant)
+        async with contextlib.aclosing(run_asgi(self.http_app, call, self.name)) as parts:
+            async for part in parts:
+                yield part
 
     # ---- Ray Serve hooks -----------------------------------------------------------------
     def check_health(self) -> None:
@@ -124,54 +127,89 @@ class ReplicaBase:
         if state.engine is not None:
             await state.engine.drain(timeout_s=state.config.grace_period_s)
             await state.engine.shutdown()
+        if getattr(self, "loader", None) is not None:
+            self.loader.close()
         if state.store is not None and hasattr(state.store, "close"):
             state.store.close()
         if getattr(self, "metrics_http", None) is not None:
             self.metrics_http.shutdown()
 
     # ---- plumbing ------------------------------------------------------------------------
-    async def _unary(self, handler, method: str, request: Any, grpc_context: Any, empty: Any):
-        context = RayServicerContext(grpc_context, method)
-        try:
-            await authorize(self.keys, context)
-            return await handler(request, context)
-        except FleetAbort:
-            return empty                                    # the status travels in Ray's context
+    def _handler(self, method: Method):
+        return getattr(self.servicers[method.servicer], method.name)
 
-    async def _route(self, adapter_id: str, context: RayServicerContext) -> None:
-        """Run Ray's multiplexed loader for the request's adapter and count affinity."""
-        if not adapter_id or not ADAPTER_REF_RE.match(adapter_id):
-            return                                          # base model, or the servicer rejects it
-        tenant = self.keys.principal(context).tenant
-        loaded_now = [False]
-        token = _CALLER.set((tenant, loaded_now))
-        try:
-            await self.warm_adapter(adapter_id)
-        except Exception as error:  # noqa: BLE001 - the servicer reports not-found etc. properly
-            log.debug("warming %s failed: %s", adapter_id, error)
-            return                                          # not an adapter this replica can hold
-        finally:
-            _CALLER.reset(token)
-        self.fleet_metrics.request(held=not loaded_now[0])
+    async def _prepare(self, method: Method, call: ForwardedCall, context: ForwardContext) -> Any:
+        """Check the key again (defence in depth), parse the request, warm its adapter."""
+        await authorize(self.keys, context)
+        if method.client_stream:
+            return _messages(method.request, call.payload)
+        request = method.request.FromString(call.payload)
+        adapter = adapter_of(method, request)
+        if adapter:
+            await self._route(adapter, self.keys.principal(context).tenant)
+        return request
 
-    async def warm_adapter(self, adapter_id: str) -> str:      # replaced by replica_class
-        return await self._load_adapter(adapter_id)
+    async def _route(self, adapter_ref: str, tenant: str | None) -> None:
+        """Bring the adapter into host memory, then register it with Ray's loader (affinity)."""
+        rid = routing_id(adapter_ref, tenant)
+        if not rid:
+            return                                          # the servicer rejects the id
+        held = rid in self.held
+        if not held:
+            try:
+                key = await self.loader.load(adapter_ref, tenant)
+            except Exception as error:  # noqa: BLE001 - the servicer reports not-found, outages etc.
+                log.debug("loading an adapter for routing failed: %s", type(error).__name__)
+                return
+            token = _WARMING.set(key)
+            try:
+                await self.warm_adapter(rid)
+            except Exception as error:  # noqa: BLE001 - the servicer reports it properly
+                log.debug("warming an adapter failed: %s", type(error).__name__)
+                return
+            finally:
+                _WARMING.reset(token)
+        else:
+            with contextlib.suppress(Exception):
+                await self.warm_adapter(rid)                # marks it recently used in Ray's LRU
+        self.fleet_metrics.request(held=held)
 
-    async def _load_adapter(self, adapter_id: str) -> str:
-        """Host cache, then a free device slot; the key ('name@version') is Ray's model object."""
-        tenant, loaded_now = _CALLER.get((None, [False]))
-        loaded_now[0] = True
-        store = self.state.store
-        key = await asyncio.to_thread(_load_into_host, store, adapter_id, tenant)
+    async def warm_adapter(self, rid: str) -> HeldAdapter:      # replaced by replica_class
+        return await self._load_adapter(rid)
+
+    async def _load_adapter(self, rid: str) -> HeldAdapter:
+        """Ray's loader body: a device slot for the adapter already in host memory."""
+        held = self.held.get(rid)
+        key = held.key if held is not None else _WARMING.get()
         await self.state.engine.warm_adapter(key)
         self.fleet_metrics.adapter_loaded()
-        return key
+        return HeldAdapter(self.held, rid, key)
 
 
-def _load_into_host(store: Any, adapter_id: str, tenant: str | None) -> str:
-    key = store.resolve(adapter_id, tenant).key
-    store.load(key)
-    return key
+def _startup_breakdown(init_started: float) -> str:
+    """Where this replica's start went: process start + imports, then model load + kernels + warm-up."""
+    try:
+        import psutil                                   # Ray's own dependency
+        before = f"{init_started - psutil.Process().create_time():.1f}s"
+    except ImportError:
+        before = "?"
+    return f"worker process + imports {before}, model load + kernels + warm-up {time.time() - init_started:.1f}s"
+
+
+async def _messages(cls: type, payloads: tuple[bytes, ...]):
+    for payload in payloads:
+        yield cls.FromString(payload)       # DecodeError: the servicer maps it as for serve
+
+
+def _body_model(call: HttpCall) -> str:
+    if call.method != "POST" or not call.body:
+        return ""
+    try:
+        data = json.loads(call.body)
+    except ValueError:
+        return ""
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else ""
 
 
 def _serve_metrics(metrics: Metrics, config: ServerConfig) -> tuple[Any, int]:
@@ -181,7 +219,7 @@ def _serve_metrics(metrics: Metrics, config: ServerConfig) -> tuple[Any, int]:
         return None, 0
     for port in (config.metrics_port, 0):
         try:
-            server = metrics.serve(config.host, port)
+            server = metrics.serve(config.metrics_host or config.host, port)
             return server, server.server_address[1]
         except OSError:
             continue
@@ -194,7 +232,7 @@ def replica_class(max_adapters: int) -> type:
 
     class LoraplexReplica(ReplicaBase):
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
-        async def warm_adapter(self, adapter_id: str) -> str:
-            return await self._load_adapter(adapter_id)
+        async def warm_adapter(self, rid: str) -> HeldAdapter:
+            return await self._load_adapter(rid)
 
     return LoraplexReplica

@@ -115,6 +115,11 @@ class HttpApi:
         body = parse_body(UnloadLoraRequest, await read_json(request, self.config.max_message_bytes))
         return PlainTextResponse(await unload_adapter(self.state, body, principal.tenant))
 
+    async def reset_prefix_cache(self, request: Request) -> JSONResponse:
+        """Admin, like vLLM's POST /reset_prefix_cache: forget every cached prefix block."""
+        authenticate(self.state.keys, request, admin=True)
+        return JSONResponse({"reset": await self.state.require_engine().reset_prefix_cache()})
+
     def ready(self) -> JSONResponse:
         if self.state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -157,6 +162,7 @@ def build_app(state: ServiceState, config: ServerConfig) -> FastAPI:
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"])
     app.add_api_route("/v1/load_lora_adapter", api.load, methods=["POST"])
     app.add_api_route("/v1/unload_lora_adapter", api.unload, methods=["POST"])
+    app.add_api_route("/reset_prefix_cache", api.reset_prefix_cache, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", api.ready, methods=["GET"])
     return app

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from starlette.responses import JSONResponse
 
-from ..engine.io import AdapterUnavailable, EngineDraining, QueueFull, RequestFailed, RequestRejected
+from ..service.errors import is_store_unavailable, store_unavailable_message
+from ..engine.io import AdapterBackendUnavailable, AdapterUnavailable, EngineDraining, QueueFull, RequestFailed, RequestRejected
 
 log = logging.getLogger("loraplex.http")
 
@@ -87,6 +88,10 @@ def to_api_error(error: BaseException, prompt_param: str = "prompt") -> ApiError
         return ApiError(429, str(error), code="queue_full", headers={"Retry-After": str(seconds)})
     if isinstance(error, EngineDraining):
         return ApiError(503, str(error) or "the server is shutting down", headers={"Retry-After": "1"})
+    if isinstance(error, AdapterBackendUnavailable) or is_store_unavailable(error):
+        seconds = max(1, round(getattr(error, "retry_after_s", 1.0)))
+        return ApiError(503, store_unavailable_message(error), code="store_unavailable",
+                        headers={"Retry-After": str(seconds)})
     if isinstance(error, AdapterUnavailable):
         return ApiError(400, str(error), param="model", code="adapter_unavailable")
     if isinstance(error, RequestFailed):

@@ -102,11 +102,14 @@ def chat_body(meta: ResponseMeta, states: list[ChoiceState], want_logprobs: bool
             "choices": choices, "usage": usage_of(states)}
 
 
-def usage_of(states: list[ChoiceState]) -> dict[str, int]:
-    """Prompt tokens of each distinct prompt once (n choices of one prompt share it), plus all outputs."""
-    prompt = sum(s.last.prompt_tokens for s in states if s.last is not None and s.prompt_owner)
+def usage_of(states: list[ChoiceState]) -> dict[str, Any]:
+    """Prompt tokens of each distinct prompt once (n choices of one prompt share it), plus all outputs;
+    prompt_tokens_details.cached_tokens: the prompt owners' tokens found in the prefix cache."""
+    owners = [s.last for s in states if s.last is not None and s.prompt_owner]
+    prompt = sum(last.prompt_tokens for last in owners)
     completion = sum(s.last.generated_tokens for s in states if s.last is not None)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(last.cached_tokens for last in owners)}}
 
 
 # ---- stream chunks ----------------------------------------------------------------------------

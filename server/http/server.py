@@ -54,8 +54,14 @@ def _listen(host: str, port: int) -> socket.socket:
 
 async def start_http(config: ServerConfig, state: ServiceState, port: int | None = None) -> HttpServer:
     """Bind `port` (default --http-port) on --host and serve the app; TLS with --tls-cert/--tls-key."""
-    sock = _listen(config.host, config.http_port if port is None else port)
-    uv_config = uvicorn.Config(build_app(state, config), lifespan="off", access_log=False, log_level="warning",
+    return await start_asgi(build_app(state, config), config, config.http_port if port is None else port)
+
+
+async def start_asgi(app, config: ServerConfig, port: int) -> HttpServer:
+    """Serve an ASGI app on --host:`port` the way `loraplex serve` serves its HTTP API (also used
+    by the fleet's front end)."""
+    sock = _listen(config.host, port)
+    uv_config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning",
                                ssl_certfile=config.tls_cert if config.tls_enabled else None,
                                ssl_keyfile=config.tls_key if config.tls_enabled else None,
                                timeout_keep_alive=30)

@@ -5,7 +5,9 @@ the engine's Constraint (docs/structured-output.md, docs/openai.md).
     response_format {"type": "json_object"}             any JSON object
     response_format {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
     guided_json (schema object or JSON text), guided_regex, guided_choice (list of strings),
-    guided_grammar (Lark)                               vLLM's extension names
+    guided_grammar (Lark)                               vLLM's older extension names
+    structured_outputs {"json": schema | "regex": ... | "choice": [...] | "grammar": ... |
+                        "json_object": true}             vLLM >= 0.12's name (one key set)
 
 At most one of them per request (400 naming the second). `strict` is accepted either way: the
 schema is always enforced. The constraint's content is checked by the engine (its validator
@@ -18,9 +20,11 @@ import json
 from typing import Any
 
 from ..engine.constraints.spec import Constraint
-from .errors import bad_request
+from .errors import ApiError, bad_request
 
-GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+STRUCTURED_KEYS = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
+                   "grammar": "guided_grammar"}
 
 
 def structured_output(body: Any) -> Constraint | None:
@@ -55,7 +59,32 @@ def _from_response_format(value: Any) -> Constraint | None:
     return Constraint("json_schema", json.dumps(spec["schema"]))
 
 
-def _from_guided(name: str, value: Any) -> Constraint:
+def _from_structured_outputs(value: Any) -> Constraint | None:
+    if not isinstance(value, dict):
+        raise bad_request("structured_outputs", "structured_outputs must be an object with one of "
+                                                "json, regex, choice, grammar, json_object")
+    given = [key for key, item in value.items() if item not in (None, False)]
+    unknown = [key for key in given if key not in (*STRUCTURED_KEYS, "json_object")]
+    if unknown:
+        raise bad_request(f"structured_outputs.{unknown[0]}", f"structured_outputs.{unknown[0]} is not supported "
+                                                              "(use json, regex, choice, grammar or json_object)")
+    if len(given) > 1:
+        raise bad_request("structured_outputs", f"give one of json, regex, choice, grammar, json_object "
+                                                f"(got {', '.join(given)})")
+    if not given:
+        return None
+    if given[0] == "json_object":
+        return Constraint("json_object")
+    try:
+        return _from_guided(STRUCTURED_KEYS[given[0]], value[given[0]])
+    except ApiError as error:
+        raise bad_request(f"structured_outputs.{given[0]}",
+                          error.message.replace(STRUCTURED_KEYS[given[0]], f"structured_outputs.{given[0]}")) from None
+
+
+def _from_guided(name: str, value: Any) -> Constraint | None:
+    if name == "structured_outputs":
+        return _from_structured_outputs(value)
     if name == "guided_json":
         if isinstance(value, str):
             return Constraint("json_schema", value)

@@ -8,6 +8,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .batch_info import LoraBatchInfo
+from .dora import apply_dora
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,14 @@ class LoraStep:
     scales: [max_loras] in the adapter dtype (lora_alpha / r, or / sqrt(r) with rsLoRA).
     plan:   backend-specific precomputation (masks, slot ranges), built once per step by
             `ops.prepare`; None for backends that need none.
+    dora:   the tokens on DoRA slots (dora.DoraRows), None when the step has none; the
+            projection hooks scale those rows after the delta (see dora.py).
     """
 
     info: LoraBatchInfo
     scales: torch.Tensor
     plan: Any = None
+    dora: Any = None
 
 
 class LoraOps(Protocol):
@@ -79,16 +83,24 @@ class ProjLoraHook:
     changes); the step's routing comes prepared in the forward context (`LoraStep`).
     """
 
-    def __init__(self, get_weights: Callable[[], ProjLoraWeights], ops: LoraOps):
+    def __init__(self, get_weights: Callable[[], ProjLoraWeights], ops: LoraOps,
+                 get_dora: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None = None):
         self._get_weights = get_weights
         self._ops = ops
+        self._get_dora = get_dora      # -> (DoRA scales [S, out] float32, base bias [out] or None)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, step: LoraStep) -> None:
-        """x [T, in], y [T, out] (modified in place)."""
+        """x [T, in], y [T, out] (modified in place); then DoRA rows get their per-output scale."""
         self._ops.add_delta(x, y, self._get_weights(), step)
+        if step.dora is not None and self._get_dora is not None:
+            scales, bias = self._get_dora()
+            apply_dora(y, step.dora, scales, bias)
 
     def native_args(self, step: LoraStep) -> tuple | None:
         """The fused-kernel arguments of this step's delta (ops.native_delta: `()` for no delta,
-        (a, bts, col_starts), or None when the ops have no fused route for it)."""
+        (a, bts, col_starts), or None when the ops have no fused route for it). A step with DoRA
+        rows has none: the fused decode stack does not apply DoRA's scale (layer path)."""
+        if step.dora is not None:
+            return None
         native_delta = getattr(self._ops, "native_delta", None)
         return None if native_delta is None else native_delta(self._get_weights(), step)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
 
 from .batch_info import LoraBatchInfo
 from .delta import LoraOps, LoraStep, ProjLoraHook, ProjLoraWeights
+from .dora import DoraScaler, base_bias, dora_rows
 from .ops import select_ops
 from ...adapters_store.types import LoadedAdapter
 
@@ -51,8 +52,11 @@ class SlotPool:
         self._bt_bufs = [[self._empty(0) for _ in t.out_sizes] for t in self.targets]
         self.weights: list[ProjLoraWeights] = []
         self._relayout(max_lora_rank if reserve else 1)
+        self.dora_scaler = DoraScaler(self.targets)    # the store's load finisher (engine builder)
+        self._dora: list[tuple[torch.Tensor, torch.Tensor | None]] = []   # per target: [S, out], bias
+        self._dora_slots: set[int] = set()
         for i, target in enumerate(self.targets):
-            target.lora = ProjLoraHook(lambda i=i: self.weights[i], self.ops)
+            target.lora = ProjLoraHook(lambda i=i: self.weights[i], self.ops, lambda i=i: self._dora[i])
 
     # ---- public -------------------------------------------------------------------
     def load(self, slot: int, adapter: LoadedAdapter) -> None:
@@ -62,6 +66,7 @@ class SlotPool:
         if rank > self.stack_rank:
             self._relayout(rank)
         self._zero_slot(slot)
+        self._clear_dora(slot)
         r_stack = self.stack_rank
         with torch.no_grad():
             for (layer, name), (lora_a, lora_b) in adapter.weights.items():
@@ -71,6 +76,8 @@ class SlotPool:
                 row0 = where.sub_idx * r_stack
                 w.a[slot, row0:row0 + r].copy_(lora_a)                         # [r, in]
                 w.bts[where.sub_idx][slot, :r].copy_(lora_b.T)                 # [r, out_m]
+        if adapter.is_dora:
+            self._load_dora(slot, adapter)
         self.scales[slot] = adapter.config.scaling
         self.slot_ranks[slot] = rank
 
@@ -78,6 +85,7 @@ class SlotPool:
         """Zero `slot`; shrink the stack rank when the largest remaining rank is half or less."""
         self._check_slot(slot)
         self._zero_slot(slot)
+        self._clear_dora(slot)
         self.scales[slot] = 0.0
         self.slot_ranks[slot] = 0
         largest = max(self.slot_ranks)
@@ -94,7 +102,12 @@ class SlotPool:
         """The step's routing for the ops, shared by every projection of one forward pass.
 
         The runner calls it once per step, after the batch's adapters are in their slots."""
-        return self.ops.prepare(info, self.scales)
+        step = self.ops.prepare(info, self.scales)
+        dora = self._dora_slots.intersection(info.active_slots)
+        if not dora:
+            return step
+        slots = torch.tensor(sorted(dora), dtype=torch.int64, device=info.token_slots.device)
+        return replace(step, dora=dora_rows(info.token_slots, slots))
 
     def detach(self) -> None:
         """Remove the hooks from the targets."""
@@ -102,10 +115,35 @@ class SlotPool:
             target.lora = None
 
     def nbytes(self) -> int:
-        """Bytes of the current stacks (all slots)."""
-        return sum(w.a.nbytes + sum(bt.nbytes for bt in w.bts) for w in self.weights)
+        """Bytes of the current stacks (all slots), DoRA scales included."""
+        return (sum(w.a.nbytes + sum(bt.nbytes for bt in w.bts) for w in self.weights)
+                + sum(scales.nbytes for scales, _ in self._dora))
+
+    @property
+    def dora_slots(self) -> frozenset[int]:
+        """Slots that hold a DoRA adapter."""
+        return frozenset(self._dora_slots)
 
     # ---- internals ------------------------------------------------------------------
+    def _load_dora(self, slot: int, adapter: LoadedAdapter) -> None:
+        """Write the adapter's per-output DoRA scales into `slot` (1 for modules it leaves plain)."""
+        scales = adapter.dora_scales or self.dora_scaler.scales(adapter)   # computed at host load normally
+        if not self._dora:          # first DoRA adapter: allocate the per-slot scales (1 = no scale)
+            self._dora = [(torch.ones(self.max_loras, sum(t.out_sizes), dtype=torch.float32, device=self.device),
+                           _bias_on(t, self.device)) for t in self.targets]
+        with torch.no_grad():
+            for (layer, name), scale in scales.items():
+                where = self._index[(layer, name)]
+                start = _col_starts(self.targets[where.proj_idx].out_sizes)[where.sub_idx]
+                self._dora[where.proj_idx][0][slot, start:start + where.out_features].copy_(scale)
+        self._dora_slots.add(slot)
+
+    def _clear_dora(self, slot: int) -> None:
+        if slot in self._dora_slots:
+            for scales, _ in self._dora:
+                scales[slot].fill_(1.0)
+            self._dora_slots.discard(slot)
+
     def _empty(self, numel: int) -> torch.Tensor:
         return torch.zeros(numel, dtype=self.dtype, device=self.device)
 
@@ -175,6 +213,11 @@ class SlotPool:
         if not math.isfinite(scaling) or abs(scaling) > torch.finfo(self.dtype).max:
             raise ValueError(f"adapter {adapter.key}: its scale {scaling:g} does not fit {self.dtype}")
         return max(rank, 1)
+
+
+def _bias_on(target: Any, device: torch.device) -> torch.Tensor | None:
+    bias = base_bias(target.base)
+    return None if bias is None else bias.to(device)
 
 
 def _in_features(target: Any) -> int:

@@ -11,7 +11,9 @@ GEMM(s) are ones the kernel runs (float32 F.linear or oneDNN prepacked, or the f
 8-bit dequantize-GEMM; a ConcatLinear's parts each) and every LoRA delta of the step (if any)
 takes the fused lora_bgmv kernel, which the stack then calls after each GEMM as the
 projection's hook would. Anything else (prefill chunks, the libraries' own quantized paths,
-LoRA deltas on a torch route, the reference attention) takes the layer-by-layer path. The
+LoRA deltas on a torch route, steps with rows on a DoRA adapter (the kernel does not apply
+DoRA's per-output scale; ProjLoraHook.native_args says so), the reference attention) takes the
+layer-by-layer path. The
 GEMM choice per projection comes from each layer's kernel routes (kernels/linear_choice.py)
 for the step's row count; build the stack after the routes are set.
 """

@@ -19,6 +19,7 @@ ADMIN_METHODS = frozenset({
     "/loraplex.v1.AdapterService/UploadAdapter",
     "/loraplex.v1.AdapterService/RegisterAdapter",
     "/loraplex.v1.AdapterService/DeleteAdapter",
+    "/loraplex.v1.ServerService/ResetPrefixCache",
 })
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 

@@ -129,6 +129,7 @@ def _top_logprobs(per_token) -> list[pb.TopLogprobs]:
 def _fill_tail(response, output: RequestOutput) -> None:
     response.usage.prompt_tokens = output.prompt_tokens
     response.usage.generated_tokens = output.generated_tokens
+    response.usage.cached_tokens = output.cached_tokens
     if output.timing is not None:
         response.timing.queue_seconds = output.timing.queue_s
         response.timing.first_token_seconds = output.timing.first_token_s

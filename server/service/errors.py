@@ -99,6 +99,22 @@ def _store_error_codes() -> list[tuple[type, grpc.StatusCode]]:
 _STORE_FIELDS = {"InvalidAdapterId": "adapter_id", "AdapterValidationError": "adapter"}
 
 
+def store_unavailable_message(error: BaseException) -> str:
+    """What a caller sees while the registry or blob store is down: no endpoint, no URL (the
+    backend's own message names them), an incident id; the details go to the server log."""
+    incident = uuid.uuid4().hex[:12]
+    log.warning("adapter store unavailable (incident %s): %s", incident, error)
+    return f"the adapter store is unavailable; retry shortly (incident {incident})"
+
+
+def is_store_unavailable(error: BaseException) -> bool:
+    if not type(error).__module__.startswith("loraplex.adapters_store"):
+        return False
+    from ...adapters_store.errors import StoreUnavailable
+
+    return isinstance(error, StoreUnavailable)
+
+
 def map_error(error: BaseException) -> MappedStatus:
     """The status for an error; unknown errors map to INTERNAL with an incident id (logged)."""
     if isinstance(error, ServiceError):
@@ -110,8 +126,9 @@ def map_error(error: BaseException) -> MappedStatus:
         return MappedStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), retry_after_s=error.retry_after_s)
     if isinstance(error, EngineDraining):
         return MappedStatus(grpc.StatusCode.UNAVAILABLE, str(error) or "the server is shutting down")
-    if isinstance(error, AdapterBackendUnavailable):
-        return MappedStatus(grpc.StatusCode.UNAVAILABLE, f"{error}; retry shortly", retry_after_s=error.retry_after_s)
+    if isinstance(error, AdapterBackendUnavailable) or is_store_unavailable(error):
+        return MappedStatus(grpc.StatusCode.UNAVAILABLE, store_unavailable_message(error),
+                            retry_after_s=getattr(error, "retry_after_s", None))
     if isinstance(error, AdapterUnavailable):
         return MappedStatus(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     if isinstance(error, RequestFailed):

@@ -1,4 +1,5 @@
-"""ServerService.Info: model, quantization, dtype, limits, base fingerprint, version."""
+"""ServerService: Info (model, quantization, dtype, limits, base fingerprint, version) and the
+admin ResetPrefixCache."""
 
 from __future__ import annotations
 
@@ -29,3 +30,8 @@ class ServerServicer(server_pb2_grpc.ServerServiceServicer):
             base_fingerprint=info.base_fingerprint, limits=limits, auth_enabled=self.state.keys.enabled,
             device=info.device, linear_weight_bytes=info.linear_weight_bytes,
             linear_kernels=[choice.describe() for choice in info.linear_kernels], cpu_isa=info.cpu_isa)
+
+    @rpc_errors
+    async def ResetPrefixCache(self, request: pb.ResetPrefixCacheRequest, context) -> pb.ResetPrefixCacheResponse:
+        """Admin (auth.ADMIN_METHODS): forget every cached prefix block, through EngineClient."""
+        return pb.ResetPrefixCacheResponse(reset=await self.state.require_engine().reset_prefix_cache())

@@ -352,3 +352,43 @@ def test_readme_openai_example_runs(server, capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert f"'{BASE}'" in printed and "'tone@1'" in printed
+
+
+def test_prefix_cache_usage_reset_and_metrics(server):
+    """A repeated long prompt reports its cached tokens (HTTP usage.prompt_tokens_details and the
+    gRPC Usage field) with the same output; the admin reset (HTTP and gRPC) forgets them."""
+    from loraplex.v1 import server_pb2 as srv
+    from loraplex.v1 import server_pb2_grpc
+
+    running = server[0]
+    base = f"http://127.0.0.1:{running.http_port}"
+    assert httpx.post(f"{base}/reset_prefix_cache", headers={"Authorization": f"Bearer {ACME}"}).status_code == 403
+    reset = httpx.post(f"{base}/reset_prefix_cache", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert reset.status_code == 200 and reset.json() == {"reset": True}
+    system = "You are a careful assistant for a bakery. " * 12              # > 4 KV blocks of 16
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Opening hours?"}]
+    client = _client(server)
+    first = client.chat.completions.create(model="tone", messages=messages, **GREEDY)
+    again = client.chat.completions.create(model="tone", messages=messages, **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 64 <= cached < again.usage.prompt_tokens and cached % 16 == 0
+    assert again.choices[0].message.content == first.choices[0].message.content
+    other = client.chat.completions.create(model="legal", messages=messages, **GREEDY)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0          # another adapter: never shared
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        chat = gen.ChatMessages(messages=[gen.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+        request = gen.GenerateRequest(input=gen.GenerationInput(
+            chat=chat, adapter_id="tone", sampling=gen.SamplingParams(max_new_tokens=8, ignore_eos=True)))
+        reply = stub.Generate(request, timeout=60, metadata=bearer(ACME))
+        assert reply.usage.cached_tokens == cached and reply.text == first.choices[0].message.content
+        admin = server_pb2_grpc.ServerServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as denied:
+            admin.ResetPrefixCache(srv.ResetPrefixCacheRequest(), timeout=30, metadata=bearer(ACME))
+        assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert admin.ResetPrefixCache(srv.ResetPrefixCacheRequest(), timeout=30, metadata=bearer(ADMIN)).reset
+        assert stub.Generate(request, timeout=60, metadata=bearer(ACME)).usage.cached_tokens == 0
+    samples = scrape(running.metrics_port)
+    assert samples[("loraplex_prefix_cache_hits_total", ())] >= 2 * cached
+    assert samples[("loraplex_prefix_cache_queries_total", ())] > samples[("loraplex_prefix_cache_hits_total", ())]

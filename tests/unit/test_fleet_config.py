@@ -40,36 +40,81 @@ def test_deployment_options_fixed_and_autoscaling():
     fixed = deployment_options(config, options)
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
-    assert fixed["graceful_shutdown_timeout_s"] == 12 and fixed["max_ongoing_requests"] == config.max_num_seqs
+    assert fixed["graceful_shutdown_timeout_s"] == 12
+    assert fixed["max_ongoing_requests"] == config.max_num_seqs + config.max_queued_requests   # the engine sheds
     scaled = deployment_options(config, FleetOptions(min_replicas=1, max_replicas=5, target_ongoing_requests=4))
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 5, "target_ongoing_requests": 4}
     assert "num_replicas" not in scaled
 
 
-def test_proxy_hook_maps_dead_replicas_to_unavailable():
+def test_replica_death_is_unavailable_and_other_ray_errors_say_nothing_of_ray(caplog):
     pytest.importorskip("ray.serve")
     from ray.exceptions import ActorDiedError
-    from ray.serve._private import proxy
 
-    from loraplex.server.fleet.proxy_hooks import REPLICA_DIED_MESSAGE, install_replica_death_mapping
+    from loraplex.server.fleet.front_grpc import REPLICA_DIED_MESSAGE, _remote_error
 
-    original = proxy.get_grpc_response_status
-    try:
-        assert install_replica_death_mapping() and install_replica_death_mapping()      # idempotent
-        died = proxy.get_grpc_response_status(ActorDiedError(), None, "r1")
-        assert died.code is grpc.StatusCode.UNAVAILABLE and died.message == REPLICA_DIED_MESSAGE
-        other = proxy.get_grpc_response_status(TimeoutError(), 5.0, "r2")
-        assert other.code is grpc.StatusCode.DEADLINE_EXCEEDED                          # Ray's own mapping
-    finally:
-        proxy.get_grpc_response_status = original
+    died = _remote_error(ActorDiedError())
+    assert died.code is grpc.StatusCode.UNAVAILABLE and died.message == REPLICA_DIED_MESSAGE
+    other = _remote_error(RuntimeError("actor 0f3a at 10.0.0.7 pid 4242 /venv/lib/ray/serve/_private/replica.py"))
+    assert other.code is grpc.StatusCode.INTERNAL
+    assert "10.0.0.7" not in other.message and "incident" in other.message       # details only in the log
 
 
 def test_replica_class_builds_with_the_loader_capacity():
     pytest.importorskip("ray.serve")
+    from loraplex.server.fleet.methods import METHODS
     from loraplex.server.fleet.replica import ReplicaBase, replica_class
 
     cls = replica_class(5)
     assert issubclass(cls, ReplicaBase)
-    for method in ("Generate", "GenerateStream", "UploadAdapter", "RegisterAdapter", "ListAdapters",
-                   "GetAdapter", "DeleteAdapter", "Info", "Check"):
-        assert callable(getattr(cls, method))           # Ray's proxy calls the method named like the RPC
+    for method in ("unary", "stream", "http", "warm_adapter", "check_health"):
+        assert callable(getattr(cls, method))           # what the front end and Ray call
+    from loraplex.v1 import adapters_pb2, generation_pb2, server_pb2
+    every = {f"/{service.full_name}/{m.name}" for module in (adapters_pb2, generation_pb2, server_pb2)
+             for service in module.DESCRIPTOR.services_by_name.values() for m in service.methods}
+    assert set(METHODS) == every                        # every loraplex.v1 RPC is forwarded
+
+
+def test_routing_ids_are_bounded_digests_of_valid_references_only():
+    from loraplex.server.fleet.wire import routing_id
+
+    first, other_tenant = routing_id("tone@2", "team"), routing_id("tone@2", "other")
+    assert first and first != other_tenant and len(first) == 25 and "tone" not in first
+    assert routing_id("tone@2", "team") == first
+    for bad in ("", "x" * 7000, "../etc", "tone@0", "a b"):
+        assert routing_id(bad, "team") == ""
+
+
+def test_ray_token_file_is_made_owner_only(tmp_path, monkeypatch):
+    from loraplex.server.fleet.ray_setup import secure_token_file, token_path
+
+    token = tmp_path / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert token_path() == token and not secure_token_file()          # none yet: nothing to do
+    token.write_text("secret")
+    token.chmod(0o644)                                                 # as Ray 2.60 writes it
+    assert secure_token_file() and token.stat().st_mode & 0o777 == 0o600
+    assert not secure_token_file()
+
+
+def test_admission_bounds_the_queue_and_refuses_without_replicas():
+    from loraplex.server.fleet.admission import Admission, FleetView
+    from loraplex.server.service.errors import ServiceError
+
+    view = FleetView()
+    admission = Admission(view, per_replica=2)
+    with pytest.raises(ServiceError) as none_running:
+        admission.enter()
+    assert none_running.value.code is grpc.StatusCode.UNAVAILABLE and none_running.value.retry_after_s
+    view.running = 2
+    for _ in range(4):
+        admission.enter()
+    with pytest.raises(ServiceError) as full:
+        admission.enter()
+    assert full.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and full.value.retry_after_s == 1.0
+    admission.leave()
+    admission.enter()                                                  # room again after one left
+    view.draining = True
+    with pytest.raises(ServiceError) as draining:
+        admission.enter()
+    assert draining.value.code is grpc.StatusCode.UNAVAILABLE

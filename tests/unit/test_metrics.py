@@ -69,6 +69,22 @@ def test_engine_gauges_are_read_at_scrape_time_and_steps_observed():
     assert samples[("loraplex_kv_cache_blocks_used", ())] == 0
 
 
+def test_prefix_cache_counters_and_gauge():
+    from loraplex.server.engine.engine import StepStats
+
+    metrics = Metrics()
+    metrics.watch_engine(lambda: _stats(num_cached_blocks=5, prefix_caching=True))
+    step = dict(batch_size=3, batch_tokens=40, step_seconds=0.02, num_running=3, num_waiting=0, kv_usage=0.25,
+                active_adapters=2, num_preempted=0, num_finished=0)
+    metrics.on_step(StepStats(**step, prefix_query_tokens=480, prefix_hit_tokens=448, prefix_evicted_blocks=2))
+    metrics.on_step(StepStats(**step, prefix_query_tokens=20, prefix_hit_tokens=0))
+    samples = _samples(metrics.render().decode())
+    assert samples[("loraplex_prefix_cache_queries_total", ())] == 500
+    assert samples[("loraplex_prefix_cache_hits_total", ())] == 448
+    assert samples[("loraplex_prefix_cache_evictions_total", ())] == 2
+    assert samples[("loraplex_prefix_cache_blocks", ())] == 5
+
+
 def test_adapter_cache_hooks():
     metrics = Metrics()
     metrics.adapter_cache_hit("host")

@@ -227,15 +227,16 @@ def test_decode_stack_is_bit_equal_to_the_layer_path(variants, name, method, lin
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (7, 13, 5)]
     extra = [torch.randint(0, 512, (5,), generator=gen).tolist() for _ in range(3)]
-    results, calls = [], []
-    for stacked in (False, True):
-        model, config = build_model(variants[name], spec, ops=layer_ops(kernels))
-        choose_linear_kernels(model, spec, kernels, log=lambda _m: None, cache=None)
-        if stacked:
-            stack = model.decode_stack = build_decode_stack(model, kernels)
-            kernel = stack.kernel
-            stack.kernel = lambda *args: calls.append(args[0].shape[0]) or kernel(*args)
-        results.append(drive(model, config, prompts, extra)[0])
+    # One build for both paths: two builds of the same weights may differ in the last bit of
+    # a decode logit (seen on an AVX-512 EPYC; the weights' addresses differ between builds),
+    # which says nothing about the stack. The claim here is one model, two paths.
+    model, config = build_model(variants[name], spec, ops=layer_ops(kernels))
+    choose_linear_kernels(model, spec, kernels, log=lambda _m: None, cache=None)
+    results, calls = [drive(model, config, prompts, extra)[0]], []
+    stack = model.decode_stack = build_decode_stack(model, kernels)
+    kernel = stack.kernel
+    stack.kernel = lambda *args: calls.append(args[0].shape[0]) or kernel(*args)
+    results.append(drive(model, config, prompts, extra)[0])
     assert calls == [3] * (len(extra[0]) - 1)          # every decode-only step, nothing else
     for seq, layer_rows in results[0].items():
         for (pos, want), (pos_stacked, got) in zip(layer_rows, results[1][seq]):

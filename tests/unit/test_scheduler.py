@@ -23,9 +23,10 @@ class StepClock:
         return self.now
 
 
-def make(num_blocks: int = 64, block_size: int = 4, clock: StepClock | None = None, **cfg) -> Scheduler:
-    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks=num_blocks, block_size=block_size),
-                     clock=clock or StepClock())
+def make(num_blocks: int = 64, block_size: int = 4, clock: StepClock | None = None, caching: bool = True,
+         **cfg) -> Scheduler:
+    blocks = BlockManager(num_blocks=num_blocks, block_size=block_size, enable_caching=caching)
+    return Scheduler(SchedulerConfig(**cfg), blocks, clock=clock or StepClock())
 
 
 def seq(seq_id: int, prompt_len: int = 5, max_new: int = 3, adapter: str | None = None,
@@ -180,8 +181,9 @@ def test_preempts_the_newest_running_sequence():
     assert new.output_token_ids == expected_output(new)
 
 
-def test_preempts_itself_when_it_is_the_newest():
-    sched = make(num_blocks=3, block_size=4)
+@pytest.mark.parametrize("caching", [False, True])
+def test_preempts_itself_when_it_is_the_newest(caching):
+    sched = make(num_blocks=3, block_size=4, caching=caching)
     old, new = seq(0, prompt_len=4, max_new=4), seq(1, prompt_len=4, max_new=4)
     sched.add(old)
     sched.add(new)
@@ -191,7 +193,10 @@ def test_preempts_itself_when_it_is_the_newest():
     while new.status is SequenceStatus.WAITING:
         batch, _ = run_step(sched)
     resumed = [i for i in batch.items if i.seq is new][0]
-    assert (resumed.start, resumed.num_new_tokens, resumed.sample) == (0, 5, True)   # prompt + 1 output
+    # Without the cache it recomputes prompt + 1 output; with it, its full first block (the
+    # 4-token prompt) was still cached, so only the output token is recomputed.
+    expected = (4, 1, True) if caching else (0, 5, True)
+    assert (resumed.start, resumed.num_new_tokens, resumed.sample) == expected
     drain(sched)
     assert new.output_token_ids == expected_output(new)
 

@@ -248,8 +248,13 @@ class EngineCore:
 
     def _evict_adapters(self, keys: list[str]) -> None:
         gateway = self.engine.adapters
-        for key in keys if gateway is not None else ():
+        if gateway is None or not keys:
+            return
+        for key in keys:
             gateway.evict(key)
+        forget = getattr(self.engine, "forget_adapter_blocks", None)
+        if forget is not None:                   # their cached KV blocks can never be hit again
+            forget(keys)
 
     def _warm_adapter(self, key: str) -> bool:
         gateway = self.engine.adapters

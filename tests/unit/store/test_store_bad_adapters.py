@@ -46,6 +46,20 @@ def _without(config: dict, key: str) -> dict:
     return {k: v for k, v in config.items() if k != key}
 
 
+def _magnitude_key(layer: int, module: str) -> str:
+    return tensor_key(layer, module, "A").replace("lora_A.weight", "lora_magnitude_vector")
+
+
+def _dora_tensors(shape=None, dtype=torch.float32, fill: float = 1.0) -> dict:
+    """A DoRA adapter's tensors on q_proj/v_proj; the magnitude of layer 1 v_proj altered."""
+    tensors = adapter_tensors()
+    for layer in (0, 1):
+        tensors[_magnitude_key(layer, "q_proj")] = torch.ones(64)
+        tensors[_magnitude_key(layer, "v_proj")] = torch.ones(32)
+    tensors[_magnitude_key(1, "v_proj")] = torch.full(shape or (32,), fill).to(dtype)
+    return tensors
+
+
 def _tensors_without_b() -> dict:
     tensors = adapter_tensors()
     del tensors[tensor_key(1, "q_proj", "B")]
@@ -73,7 +87,16 @@ UPLOAD_CASES = {
     "missing_target_modules": lambda: (json.dumps(_without(adapter_config(), "target_modules")).encode(),
                                        adapter_bytes()[1], "config_missing_field"),
     "unknown_peft_type": lambda: (*adapter_bytes(peft_type="IA3"), "peft_type"),
-    "dora": lambda: (*adapter_bytes(use_dora=True), "use_dora"),
+    "dora_without_magnitudes": lambda: (*adapter_bytes(use_dora=True), "dora_magnitude"),
+    "magnitude_without_dora": lambda: (*adapter_bytes(tensors=_with(adapter_tensors(), _magnitude_key(0, "q_proj"),
+                                                                    torch.ones(64))), "dora_magnitude"),
+    "dora_magnitude_wrong_shape": lambda: (*adapter_bytes(use_dora=True, tensors=_dora_tensors(shape=(64,))),
+                                           "shape"),
+    "dora_magnitude_int": lambda: (*adapter_bytes(use_dora=True, tensors=_dora_tensors(dtype=torch.int32)),
+                                   "dtype"),
+    "dora_magnitude_nan": lambda: (*adapter_bytes(use_dora=True, tensors=_dora_tensors(fill=float("nan"))),
+                                   "non_finite"),
+    "use_dora_not_bool": lambda: (*adapter_bytes(use_dora="yes"), "config_field"),
     "modules_to_save": lambda: (*adapter_bytes(modules_to_save=["lm_head"]), "modules_to_save"),
     "embedding_target": lambda: (json.dumps(adapter_config(targets=("q_proj", "embed_tokens"))).encode(),
                                  adapter_bytes()[1], "embedding_target"),

@@ -1,0 +1,63 @@
+"""Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3 tokenizers), or
+`[TOOL_CALLS]name[ARGS]{...}` per call (v11+ tokenizers). `[TOOL_CALLS]` is a special token:
+tool requests for this format are detokenized with special tokens kept."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .base import Scan, ToolCall, as_call, decode_object, json_rule, repeat
+
+MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
+NAME_RE = re.compile(r"\s*([A-Za-z0-9_.-]{1,128})\[ARGS\]")
+
+
+class MistralFormat:
+    name = "mistral"
+    markers = (MARKER,)
+    continuations = (MARKER,)
+
+    def scan(self, section: str) -> Scan:
+        calls, raws, consumed = [], [], 0
+        while section.startswith(MARKER, consumed):
+            start = consumed + len(MARKER)
+            found = self._array(section, start) if section[start:].lstrip().startswith("[") \
+                else self._named(section, start)
+            if found is None:
+                break
+            new_calls, end = found
+            calls += new_calls
+            raws += [section[consumed:end]] * len(new_calls)
+            consumed = end
+            consumed += len(section[consumed:]) - len(section[consumed:].lstrip())
+        return Scan(tuple(calls), tuple(raws), consumed)
+
+    @staticmethod
+    def _array(section: str, start: int) -> tuple[list, int] | None:
+        decoded = decode_object(section, start)
+        if decoded is None:
+            return None
+        value, end = decoded
+        if not isinstance(value, list) or not value:
+            return [None], end
+        return [as_call(item) for item in value], end
+
+    @staticmethod
+    def _named(section: str, start: int) -> tuple[list, int] | None:
+        match = NAME_RE.match(section, start)
+        if match is None:
+            return None if len(section) - start < 140 and ARGS not in section[start:] else ([None], len(section))
+        decoded = decode_object(section, match.end())
+        if decoded is None:
+            return None
+        value, end = decoded
+        return [as_call({"name": match.group(1), "arguments": value})], end
+
+    def write(self, calls: list[ToolCall]) -> str:
+        items = ", ".join(f'{{"name": {json.dumps(c.name)}, "arguments": {c.arguments}}}' for c in calls)
+        return f"{MARKER}[{items}]"
+
+    def grammar(self, functions: list[tuple[str, dict]], max_calls: int) -> str:
+        return (f'start: "{MARKER}[" {repeat("fn", ", ", max_calls)} "]"\n'
+                f"fn: {json_rule(functions, 'arguments')}\n")

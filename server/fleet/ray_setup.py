@@ -1,0 +1,55 @@
+"""Ray for `loraplex fleet`: a local cluster on loopback when the fleet is, token auth kept on
+(Ray 2.60's default; tests turn it off with RAY_AUTH_MODE=disabled), its token file 0600."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+from ..config import ServerConfig
+from .config import FleetOptions
+
+
+def token_path() -> Path:
+    """Where Ray keeps its auth token (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def secure_token_file(path: Path | None = None) -> bool:
+    """Make Ray's token file readable by its owner only (Ray writes it 0644). True if changed."""
+    path = path or token_path()
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return False
+    if mode & 0o077:
+        path.chmod(0o600)
+        return True
+    return False
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def init_ray(config: ServerConfig, options: FleetOptions) -> None:
+    """Connect to --ray-address or start a local cluster (its node address on loopback when
+    --host is)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    secure_token_file()
+    extra = {}
+    if not options.ray_address and is_loopback(config.host):
+        extra["_node_ip_address"] = "127.0.0.1"
+    ray.init(address=options.ray_address or None, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=True, **extra)
+    secure_token_file()                 # a token Ray generated just now
