@@ -49,12 +49,13 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture()
-def process_server(tiny_llama_dir, tmp_path):
+@pytest.fixture(scope="module")
+def process_server(tiny_llama_dir, tmp_path_factory):
     loop = LoopThread()
     config = load_server_config({
-        "model": str(tiny_llama_dir), "port": "0", "metrics_port": "0", "store": str(tmp_path / "store"),
-        "kv_cache_memory": "16MiB", "max_total_tokens": "2048", "max_input_tokens": "512"}, {})
+        "model": str(tiny_llama_dir), "port": "0", "metrics_port": "0", "store": str(tmp_path_factory.mktemp("store")),
+        "kv_cache_memory": "16MiB", "max_total_tokens": "2048", "max_input_tokens": "512",
+        "cpu_kernels": "torch"}, {})      # a restart needs no kernel build (a busy shared cache)
     running = loop.run(start_full_server(replace(config, engine_process=True)))
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield running, channel
@@ -108,7 +109,7 @@ def test_core_exits_when_the_front_end_is_killed(tiny_llama_dir, tmp_path):
                    LORAPLEX_ENGINE_PROCESS="on")
     command = [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0",
                "--metrics-port", str(free_port()), "--store", str(tmp_path / "store"),
-               "--max-total-tokens", "2048", "--max-input-tokens", "512"]
+               "--max-total-tokens", "2048", "--max-input-tokens", "512", "--cpu-kernels", "torch"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
     lines: list[str] = []
     try:

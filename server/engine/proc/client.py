@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
@@ -27,11 +26,10 @@ from ..prompt import encode_prompt, load_tokenizer, render_chat
 from ..sequence import FinishReason
 from .intake import Intake
 from .process import CoreExited, CoreProcess
+from .supervisor import CoreSupervisor
 
 log = logging.getLogger("loraplex.engine.client")
 
-POLL_MS = 100                 # how often the receiver thread checks that the core still lives
-RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
 LivenessHook = Callable[[bool], None]
 
 
@@ -45,10 +43,8 @@ class ProcessEngine:
         self.info: EngineInfo | None = None
         self._store_factory, self._log, self._log_level = store_factory, log_fn, log_level
         self._context = zmq.Context()
-        self._core: CoreProcess | None = None
         self._encoder = wire.Codec(wire.ToCore)
         self._encode_lock = threading.Lock()
-        self._decoder = wire.front_codec()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids, self._call_ids = itertools.count(), itertools.count()
@@ -61,7 +57,7 @@ class ProcessEngine:
         self._tokenizer = load_tokenizer(config.model_dir)
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
         self._intake: Intake | None = None
-        self._thread = threading.Thread(target=self._receive_loop, name="loraplex-engine-client", daemon=True)
+        self._supervisor = CoreSupervisor(self._spawn, self._on_ready, self._on_message, self._on_death)
 
     @classmethod
     async def create(cls, config: Any, store: Any = None, log_fn: Callable[[str], None] = print,
@@ -69,70 +65,36 @@ class ProcessEngine:
         """Start the engine-core process and wait until its engine is built and warm."""
         client = await asyncio.to_thread(cls, config, store, store_factory, log_fn, log_level)
         try:
-            await asyncio.to_thread(client._start_core)
+            await asyncio.to_thread(client._supervisor.start)
         except BaseException:
             await client.shutdown()
             raise
-        client._thread.start()
         return client
 
-    # ---- the core's life ------------------------------------------------------------------
-    def _start_core(self) -> None:
-        """Spawn a core and block until it is Ready; raises CoreExited when it fails to start."""
-        core = CoreProcess(self._context, self.config, self._store_factory, self._log_level)
-        self._core = core
-        while True:
-            data = core.recv(POLL_MS)
-            if data is None:
-                if self._stopping or not core.alive():
-                    code = core.stop(None)
-                    raise CoreExited(f"the engine process exited with code {code} while starting")
-                continue
-            message = self._decoder.decode(data)
-            if isinstance(message, wire.StartFailed):
-                core.stop(None)
-                raise CoreExited(f"the engine process could not start: {message.message}")
-            if isinstance(message, wire.Ready):
-                break
+    # ---- the core's life (CoreSupervisor calls these on its thread) -------------------------
+    def _spawn(self) -> CoreProcess:
+        return CoreProcess(self._context, self.config, self._store_factory, self._log_level)
+
+    def _on_ready(self, ready: wire.Ready) -> None:
         if self.info is None:
             from ..builder import base_spec_for
 
-            self.info = wire.info_from_wire(message.info, base_spec_for(self.config))
+            self.info = wire.info_from_wire(ready.info, base_spec_for(self.config))
             self._intake = Intake(self.config, self._tokenizer, self.info.vocab_size)
-        self._log(f"[loraplex] engine core ready in process {message.pid}")
+        self._log(f"[loraplex] engine core ready in process {ready.pid}")
         self._serving = True
         self._report_liveness(True)
 
-    def _receive_loop(self) -> None:
-        while not self._stopping:
-            core = self._core
-            data = core.recv(POLL_MS) if core is not None else None
-            if data is not None:
-                self._on_message(self._decoder.decode(data))
-            elif core is not None and not core.alive() and not self._stopping:
-                self._on_core_death(core)
-
-    def _on_core_death(self, core: CoreProcess) -> None:
+    def _on_death(self, code: int | None) -> None:
         self._serving = False
-        code = core.stop(None)
         self._report_liveness(False)
-        log.error("the engine process %s exited with code %s; failing %d in-flight requests and restarting it",
-                  core.pid, code, len(self._queues))
+        log.error("the engine process exited with code %s; failing %d in-flight requests and restarting it",
+                  code, len(self._queues))
         error = EngineUnavailable(f"the engine process exited (code {code}); it is restarting, retry")
         for request_id in list(self._queues):
             self._deliver(request_id, error)
         for loop, future in list(self._calls.values()):
             loop.call_soon_threadsafe(_set_exception, future, error)
-        for attempt in itertools.count():
-            if self._stopping:
-                return
-            try:
-                self._start_core()
-                return
-            except CoreExited as failure:
-                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
-                log.error("restarting the engine process failed (%s); next try in %gs", failure, delay)
-                time.sleep(delay)
 
     def _report_liveness(self, serving: bool) -> None:
         if self._liveness is not None:
@@ -178,12 +140,11 @@ class ProcessEngine:
             loop.call_soon_threadsafe(_set_result, future, reply.value)
 
     def _send(self, message: Any) -> None:
-        core = self._core
-        if core is None or not self._serving:
+        if not self._serving:
             raise EngineUnavailable("the engine process is restarting; retry")
         try:
-            core.send(self._encode(message))
-        except (zmq.ZMQError, CoreExited):
+            self._supervisor.send(self._encode(message))
+        except CoreExited:
             raise EngineUnavailable("the engine process is restarting; retry") from None
 
     def _encode(self, message: Any) -> bytes:
@@ -260,8 +221,7 @@ class ProcessEngine:
     @property
     def core_pid(self) -> int | None:
         """The engine-core process's id (None between a death and its successor's start)."""
-        core = self._core
-        return core.pid if core is not None and self._serving else None
+        return self._supervisor.pid if self._serving else None
 
     def adapter_is_private(self, key: str) -> bool:
         return key in self._private
@@ -319,12 +279,8 @@ class ProcessEngine:
 
     async def shutdown(self) -> None:
         self._draining = self._stopping = True
-        if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join, 30)
-        core, self._core = self._core, None
         self._serving = False
-        if core is not None:
-            await asyncio.to_thread(core.stop, self._encode(wire.Shutdown()))
+        await asyncio.to_thread(self._supervisor.stop, self._encode(wire.Shutdown()))
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         self._context.term()
 

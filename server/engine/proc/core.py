@@ -8,9 +8,10 @@ one process shared the GIL between the event loop, the tokenizer and the step lo
 `run_core(spec)` is the spawned process's entry point. It talks to the front end over two ZeroMQ
 PUSH/PULL pipes (wire.py): requests, aborts and named commands in; per-step outputs, stats and
 hook events out. It exits when told (Shutdown), or when the front end's process is gone (a thread
-waits on the parent's sentinel: no orphans). SIGINT/SIGTERM are ignored here: the front end
-drains and then shuts the core down, so a Ctrl-C or a SIGTERM sent to the whole process group
-cannot cut in-flight requests short.
+waits on the parent's sentinel: no orphans). Once serving, SIGINT/SIGTERM are ignored here: the
+front end drains and then shuts the core down, so a Ctrl-C or a SIGTERM sent to the whole
+process group cannot cut in-flight requests short. While the engine is being built, SIGTERM
+exits cleanly (the front end's stop before Ready).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..io import RequestRejected
 log = logging.getLogger("loraplex.engine.core")
 
 IDLE_POLL_MS = 250          # idle: wake at least this often (pending grammar compiles, parent check)
+BUILD_EXIT_S = 30           # the front end died while we were building: time to unwind cleanly
 ADAPTER_WAIT_MS = 5         # every request waits on an adapter load: let the loader threads run
 
 
@@ -49,9 +51,10 @@ class CoreSpec:
 
 def run_core(spec: CoreSpec) -> None:
     """Process entry point: build, report Ready (or StartFailed), then serve until Shutdown."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    _exit_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_cleanly)      # until Ready: see _exit_cleanly
+    ready = threading.Event()
+    _exit_with_parent(ready)
     logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     context = zmq.Context()
     inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
@@ -72,6 +75,8 @@ def run_core(spec: CoreSpec) -> None:
         outbox.send(codec.encode(wire.StartFailed(f"{type(error).__name__}: {error}")))
         outbox.close()
         return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)      # serving: only the front end stops us
+    ready.set()
     outbox.send(codec.encode(wire.Ready(wire.info_to_wire(info), os.getpid())))
     try:
         EngineCore(engine, store, inbox, outbox, codec).run()
@@ -83,14 +88,25 @@ def run_core(spec: CoreSpec) -> None:
         context.term()
 
 
-def _exit_with_parent() -> None:
-    """Exit at once when the front end's process ends, however it ends (SIGKILL included)."""
+def _exit_cleanly(_signum: int, _frame: Any) -> None:
+    """SIGTERM while the engine is being built (the front end is stopping before it was ready):
+    unwind with SystemExit, so that `finally` blocks run; above all the file lock of a fused
+    kernel build in the shared cache, which a killed build would leave held forever."""
+    raise SystemExit(0)
+
+
+def _exit_with_parent(ready: threading.Event) -> None:
+    """Exit when the front end's process ends, however it ends (SIGKILL included): at once when
+    serving; while building, through SIGTERM first (_exit_cleanly), at most BUILD_EXIT_S later."""
     parent = multiprocessing.parent_process()
     if parent is None:
         return
 
     def watch() -> None:
         multiprocessing.connection.wait([parent.sentinel])
+        if not ready.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(BUILD_EXIT_S)
         os._exit(0)
 
     threading.Thread(target=watch, name="loraplex-parent-watch", daemon=True).start()

@@ -63,12 +63,16 @@ class CoreProcess:
         return None
 
     def stop(self, shutdown_message: bytes | None, timeout_s: float = 30.0) -> int | None:
-        """Ask the core to exit, wait up to timeout_s, then kill it; close the pipes. Exit code."""
+        """Ask the core to exit (Shutdown, then SIGTERM), each given timeout_s, then kill it; close
+        the pipes. The exit code."""
         if shutdown_message is not None and self.alive():
             try:
                 self.send(shutdown_message)
             except (zmq.ZMQError, CoreExited):
                 pass
+            self.process.join(timeout_s)
+        if self.process.is_alive():          # not reading (still building): SIGTERM unwinds it
+            self.process.terminate()
             self.process.join(timeout_s)
         if self.process.is_alive():
             self.process.kill()
