@@ -228,7 +228,7 @@ class ServerConfig:
     constraint_timeout_s: float = StructuredConfig.constraint_timeout_s      # structured output
     constraint_cache_size: int = StructuredConfig.constraint_cache_size
     max_constraint_bytes: int = RequestLimits.max_constraint_bytes
-    engine_process: bool = True                  # issue 36: the engine core in its own process
+    engine_process: bool = False                 # issue 36: on = the engine core in its own process (opt-in: see docs/server.md)
 
     @property
     def auth_enabled(self) -> bool:
