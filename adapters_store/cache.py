@@ -54,6 +54,11 @@ class HostCache:
         self._emit("miss" if adapter is None else "hit", 1)
         return adapter
 
+    def keys(self) -> tuple[str, ...]:
+        """Keys of the adapters in host memory, least recently used first."""
+        with self._lock:
+            return tuple(self._entries)
+
     def contains(self, key: str) -> bool:
         with self._lock:
             return key in self._entries

@@ -36,6 +36,10 @@ class PermissionDenied(StoreError):
     """The operation is not allowed (e.g. a register path outside the allowed roots)."""
 
 
+PUBLIC_WRITE = ("public adapter {name!r} can only be {action} with an admin key without a tenant (an operator "
+                "key); tenant admin keys manage their tenant's private adapters and may publish new ids")
+
+
 class IntegrityError(StoreError):
     """A stored blob no longer matches its recorded sha256 (the adapter gets quarantined)."""
 

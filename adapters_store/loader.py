@@ -20,6 +20,7 @@ from .errors import AdapterNotFound, IntegrityError
 from .records import AdapterRecord
 from .tensor_names import parse_tensor_name
 from .types import LoadedAdapter
+from .vocab_tensors import split_vocab, vocab_weights
 
 RecordLookup = Callable[[str], AdapterRecord]          # key -> loadable record, or AdapterNotFound
 CorruptHandler = Callable[[str, str], None]            # (key, reason) -> quarantine
@@ -50,11 +51,16 @@ def parse_magnitudes(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], 
 
 
 def build_loaded_adapter(key: str, config, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> LoadedAdapter:
-    """A LoadedAdapter from a validated adapter's tensors (nbytes counts every tensor held)."""
+    """A LoadedAdapter from a validated adapter's tensors (nbytes counts every tensor held; the
+    base-table copies PEFT may save beside embedding LoRA are dropped)."""
+    tensors, vocab_tensors = split_vocab(tensors)
     weights = parse_weights(tensors, dtype)
     magnitudes = parse_magnitudes(tensors)
-    nbytes = sum(a.nbytes + b.nbytes for a, b in weights.values()) + sum(m.nbytes for m in magnitudes.values())
-    return LoadedAdapter(key=key, config=config, weights=weights, nbytes=nbytes, magnitudes=magnitudes)
+    vocab = vocab_weights(vocab_tensors, dtype)
+    nbytes = (sum(a.nbytes + b.nbytes for a, b in weights.values()) + sum(m.nbytes for m in magnitudes.values())
+              + (0 if vocab is None else vocab.nbytes))
+    return LoadedAdapter(key=key, config=config, weights=weights, nbytes=nbytes, magnitudes=magnitudes,
+                         vocab=vocab)
 
 
 def read_verified(read: Callable[[str], bytes], expected_sha256: str, key: str) -> bytes:

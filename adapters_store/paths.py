@@ -35,8 +35,9 @@ def confined_adapter_dir(path: str | os.PathLike, allowed_roots: tuple[str, ...]
             raise AdapterValidationError("missing_file", f"{text!r} is not a directory; give the PEFT adapter "
                                          f"directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
         return real
-    raise PermissionDenied(f"the register path {text!r} resolves outside the allowed roots "
-                           f"{list(allowed_roots)} (symlinks are followed before checking)")
+    # The roots themselves are not named: a caller learns only that its own path is outside.
+    raise PermissionDenied(f"the register path {text!r} resolves outside the allowed register roots "
+                           "(--allowed-register-root; symlinks are followed before checking)")
 
 
 def adapter_files(directory: Path, allowed_roots: tuple[str, ...]) -> tuple[Path, Path]:
@@ -56,7 +57,7 @@ def adapter_files(directory: Path, allowed_roots: tuple[str, ...]) -> tuple[Path
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         real = Path(os.path.realpath(directory / name))
         if not _inside_any(real, roots):
-            raise PermissionDenied(f"{directory / name} is a symlink to {real}, outside the allowed roots; "
+            raise PermissionDenied(f"{name} is a symlink to a file outside the allowed register roots; "
                                    f"copy the file into the adapter directory instead")
         files.append(real)
     return files[0], files[1]

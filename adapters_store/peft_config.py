@@ -12,6 +12,7 @@ from .types import BaseSpec
 
 FINGERPRINT_KEY = "loraplex_base_fingerprint"
 EMBEDDING_MODULES = ("embed_tokens", "lm_head", "embed", "wte", "wpe", "embed_out")
+VOCAB_MODULES = ("embed_tokens", "lm_head")       # served per request (LoRA or modules_to_save)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class ParsedConfig:
     target_regex: TargetRegex | None
     base_model: str | None
     base_fingerprint: str | None
+    vocab_lora: frozenset[str] = frozenset()       # embed_tokens / lm_head in target_modules
+    modules_to_save: frozenset[str] = frozenset()  # embed_tokens / lm_head saved whole
 
     @property
     def scaling(self) -> float:
@@ -61,8 +64,16 @@ def parse_config(raw: bytes, base: BaseSpec, max_lora_rank: int, allow_base_mism
     if base_model is not None and not isinstance(base_model, str):
         raise _field("base_model_name_or_path", "must be a string or null")
     names, regex = _targets(config, base)
+    vocab_lora = frozenset(n for n in names or () if n in VOCAB_MODULES)
+    if use_dora and vocab_lora:
+        raise AdapterValidationError("use_dora", f"DoRA on {', '.join(sorted(vocab_lora))} is not supported "
+                                     f"(only on decoder linear layers): PEFT's DoRA embedding scales whole "
+                                     f"embedding rows, which the per-request embedding path does not apply")
+    saved = _modules_to_save(config, vocab_lora)
     fingerprint = _fingerprint(config, base, allow_base_mismatch)
-    return ParsedConfig(rank, float(alpha), use_rslora, use_dora, names, regex, base_model, fingerprint)
+    names = None if names is None else tuple(n for n in names if n not in VOCAB_MODULES)
+    return ParsedConfig(rank, float(alpha), use_rslora, use_dora, names, regex, base_model, fingerprint,
+                        vocab_lora, saved)
 
 
 def _load_json(raw: bytes) -> dict:
@@ -81,9 +92,6 @@ def _refuse_unsupported(config: dict) -> None:
     if config["peft_type"] != "LORA":
         raise AdapterValidationError("peft_type", f"peft_type {config['peft_type']!r} is not supported; only "
                                      f"LoRA adapters (\"LORA\") can be served")
-    if config.get("modules_to_save"):
-        raise AdapterValidationError("modules_to_save", f"modules_to_save={config['modules_to_save']!r} would "
-                                     f"replace whole base modules per adapter; not supported. Train without it")
     if config.get("bias", "none") != "none":
         raise AdapterValidationError("bias", f"bias={config['bias']!r} trains base biases; only bias=\"none\" "
                                      f"adapters can be served")
@@ -113,6 +121,9 @@ def _targets(config: dict, base: BaseSpec) -> tuple[tuple[str, ...] | None, Targ
         if not isinstance(target, str):
             raise _field("target_modules", f"entries must be strings, got {target!r}")
         module = target.rsplit(".", 1)[-1]
+        if module in VOCAB_MODULES:
+            names.append(module)
+            continue
         if module in EMBEDDING_MODULES:
             raise _embedding(target)
         if module not in base.module_shapes:
@@ -120,6 +131,26 @@ def _targets(config: dict, base: BaseSpec) -> tuple[tuple[str, ...] | None, Targ
                                          f"the served base (choose from {sorted(base.module_shapes)})")
         names.append(module)
     return tuple(names), None
+
+
+def _modules_to_save(config: dict, vocab_lora: frozenset[str]) -> frozenset[str]:
+    """modules_to_save: only embed_tokens / lm_head (whole vocabulary tables, served per request)."""
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise _field("modules_to_save", "must be a list of module names or null")
+    modules = {m.rsplit(".", 1)[-1] for m in saved}
+    other = sorted(m for m in saved if m.rsplit(".", 1)[-1] not in VOCAB_MODULES)
+    if other:
+        raise AdapterValidationError("modules_to_save", f"modules_to_save={other!r}: only embed_tokens and "
+                                     f"lm_head can be saved whole per adapter (they are looked up / applied "
+                                     f"per request); a whole decoder module (a norm, a projection, a "
+                                     f"classifier head) would have to replace the shared base layer for "
+                                     f"every request in the batch. Train a LoRA on it instead")
+    both = sorted(modules & vocab_lora)
+    if both:
+        raise AdapterValidationError("modules_to_save", f"{both} are both LoRA targets and modules_to_save; "
+                                     f"PEFT trains one or the other per module")
+    return frozenset(modules)
 
 
 def _target_regex(pattern: str, base: BaseSpec) -> TargetRegex:
@@ -158,8 +189,8 @@ def _field(key: str, problem: str, missing: bool = False) -> AdapterValidationEr
 
 
 def _embedding(target: str) -> AdapterValidationError:
-    return AdapterValidationError("embedding_target", f"target {target!r} is an embedding / lm_head; "
-                                  f"LoRA on embeddings is not supported, only on decoder linear layers")
+    return AdapterValidationError("embedding_target", f"target {target!r} is not a module of a Llama-family "
+                                  f"model; LoRA on the vocabulary is served on embed_tokens and lm_head")
 
 
 def _is_int(value: object) -> bool:

@@ -58,3 +58,4 @@ class NewAdapter:
     dtype: str
     config: LoraConfigInfo
     owner: str | None
+    writer_tenant: str | None = None     # who writes it: a tenant may not add versions to a public id

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .blobs import blob_relpath
-from .errors import QuotaExceeded, StoreUnavailable, UploadConflict
+from .errors import PUBLIC_WRITE, PermissionDenied, QuotaExceeded, StoreUnavailable, UploadConflict
 from .fsutil import file_lock
 from .records import AdapterRecord, AdapterState, NewAdapter
 from .schema import VERSION_TABLE, migrate
@@ -84,6 +84,9 @@ class SqlRegistry:
             row = conn.execute("SELECT owner, last_version FROM names WHERE name = ?", (new.name,)).fetchone()
             if row is not None and row[0] != new.owner:
                 raise UploadConflict(f"adapter id {new.name!r} is taken; choose another id")
+            if row is not None and row[0] is None and new.writer_tenant is not None:
+                # the rule store._check_owner applies when a write starts, again in this transaction
+                raise PermissionDenied(PUBLIC_WRITE.format(name=new.name, action="given new versions"))
             version = 1 if row is None else row[1] + 1
             conn.execute("INSERT INTO names (name, owner, last_version) VALUES (?, ?, ?) ON CONFLICT (name) "
                          "DO UPDATE SET owner = excluded.owner, last_version = excluded.last_version",

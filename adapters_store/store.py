@@ -11,8 +11,8 @@ from pathlib import Path
 from .backends import open_backends
 from .cache import EventHook, HostCache
 from .config import StoreConfig
-from .errors import (AdapterNotFound, AdapterValidationError, IntegrityError, PermissionDenied, QuotaExceeded,
-                     StoreUnavailable, UploadConflict)
+from .errors import (PUBLIC_WRITE, AdapterNotFound, AdapterValidationError, IntegrityError, PermissionDenied,
+                     QuotaExceeded, StoreUnavailable, UploadConflict)
 from .fsutil import file_lock
 from .ids import parse_key, parse_ref, validate_name
 from .leases import LeaseTable
@@ -102,7 +102,7 @@ class AdapterStore:
             digests, total = self._fetch_into(staging, path)
             self._check_quota(total)
             return self._commit_staged(StagedAdapter(staging, name, owner, digests[0], digests[1],
-                                                     allow_base_mismatch))
+                                                     allow_base_mismatch, tenant if tenant is not None else owner))
         finally:
             staging.close()
 
@@ -204,6 +204,10 @@ class AdapterStore:
                 by_name.setdefault(record.name, []).append(record)
         return [_latest(rows) for _, rows in sorted(by_name.items())]
 
+    def list_versions(self, tenant: str | None) -> list[AdapterRecord]:
+        """Every live version the tenant may see, from one registry query (sorted by name, version)."""
+        return [record for record in self._registry.all() if record.visible_to(tenant) and record.state in _LIVE]
+
     def used_bytes(self) -> int:
         return self._registry.used_bytes()
 
@@ -231,6 +235,10 @@ class AdapterStore:
         AdapterLoader.set_finisher); the engine sets it when it is built."""
         self._loader.set_finisher(finish)
 
+    def host_resident(self) -> tuple[str, ...]:
+        """Keys of the adapters in this process's host memory (residency metrics)."""
+        return self.cache.keys()
+
     def set_event_hook(self, on_event: EventHook | None) -> None:
         """Metrics hook for the host tier (see cache.metrics_hook)."""
         self.cache.set_hook(on_event)
@@ -254,7 +262,7 @@ class AdapterStore:
         validated = validate_adapter(config_bytes, weights_bytes, self.base, self.config, staged.allow_base_mismatch)
         new = NewAdapter(name=staged.name, sha256=staged.weights_sha256, config_sha256=staged.config_sha256,
                          size_bytes=len(config_bytes) + len(weights_bytes), dtype=validated.dtype,
-                         config=validated.config, owner=staged.owner)
+                         config=validated.config, owner=staged.owner, writer_tenant=staged.writer_tenant)
         digests = [staged.config_sha256, staged.weights_sha256]
         try:
             with self._registry.writing():
@@ -336,8 +344,7 @@ def _latest(rows: list[AdapterRecord]) -> AdapterRecord:
 
 
 TAKEN = "adapter id {name!r} is taken; choose another id"
-_PUBLIC_WRITE = ("public adapter {name!r} can only be {action} with an admin key without a tenant (an operator "
-                 "key); tenant admin keys manage their tenant's private adapters and may publish new ids")
+_PUBLIC_WRITE = PUBLIC_WRITE
 
 
 def _size_error(message: str) -> AdapterValidationError:

@@ -26,6 +26,11 @@ class BaseSpec:
     num_layers: int
     module_shapes: dict[str, tuple[int, int]]
     quantization: str = "none"
+    vocab_size: int = 0          # rows of embed_tokens / lm_head (0: unknown, vocabulary adapters refused)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.module_shapes["q_proj"][0]
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,36 @@ class LoraConfigInfo:
 
 
 @dataclass(frozen=True)
+class VocabWeights:
+    """An adapter's own vocabulary-side tensors (each None when absent), float tensors.
+
+    embed_lora:    PEFT lora_embedding_A [r, vocab], lora_embedding_B [hidden, r].
+    lm_head_lora:  lora_A [r, hidden], lora_B [vocab, r].
+    embed_table:   modules_to_save embed_tokens weight [vocab, hidden] (replaces the base's).
+    lm_head_table: modules_to_save lm_head weight [vocab, hidden] (replaces the base's).
+    """
+
+    embed_lora: tuple[torch.Tensor, torch.Tensor] | None = None
+    lm_head_lora: tuple[torch.Tensor, torch.Tensor] | None = None
+    embed_table: torch.Tensor | None = None
+    lm_head_table: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = [*(self.embed_lora or ()), *(self.lm_head_lora or ()), self.embed_table, self.lm_head_table]
+        return [t for t in held if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+
+@dataclass(frozen=True)
 class LoadedAdapter:
     """An adapter in host memory, ready to be copied into a device slot.
 
     weights maps (layer_idx, module name) to (A, B) with A: [rank, in_features] and
     B: [out_features, rank] (PEFT's lora_A.weight / lora_B.weight layouts), float tensors.
+    vocab: the adapter's embed_tokens / lm_head LoRA and modules_to_save tables, or None.
     magnitudes (DoRA only): (layer_idx, module) -> m [out_features] float32, as trained.
     dora_scales (DoRA only): (layer_idx, module) -> m / ||W + scale * B A|| (row norms over
     in_features of the served base's dequantized W) [out_features] float32: the per-output
@@ -65,6 +95,7 @@ class LoadedAdapter:
     nbytes: int
     magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     dora_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    vocab: VocabWeights | None = None          # embedding / lm_head LoRA, modules_to_save tables
 
     @property
     def is_dora(self) -> bool:

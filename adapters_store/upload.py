@@ -42,6 +42,7 @@ class StagedAdapter:
     config_sha256: str
     weights_sha256: str
     allow_base_mismatch: bool
+    writer_tenant: str | None = None     # the writer's tenant: checked again at commit (public ids)
 
 
 Committer = Callable[[StagedAdapter], AdapterRecord]
@@ -79,7 +80,9 @@ class UploadSession:
                 self._check_complete()
                 return self._committer(StagedAdapter(self._staging, self.meta.name, self.meta.owner,
                                                      self.meta.config_sha256, self.meta.weights_sha256,
-                                                     self.meta.allow_base_mismatch))
+                                                     self.meta.allow_base_mismatch,
+                                                     self.meta.tenant if self.meta.tenant is not None
+                                                     else self.meta.owner))
             finally:
                 self._abort_locked()
 

@@ -17,6 +17,7 @@ from .peft_config import ParsedConfig, parse_config
 from .safetensors_header import TensorEntry, parse_header
 from .tensor_names import LoraTensorName, parse_tensor_name
 from .types import LORA_TARGET_MODULES, BaseSpec, LoraConfigInfo
+from .vocab_tensors import VOCAB_MODULES, check_vocab_complete, check_vocab_entry, parse_vocab_tensor_name
 
 ALLOWED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -46,23 +47,38 @@ def validate_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseSpec, 
                                      f"{limits.max_config_bytes}")
     entries = parse_header(weights_bytes, limits.max_header_bytes)
     parsed = parse_config(config_bytes, base, limits.max_lora_rank, allow_base_mismatch)
-    names = {entry.name: _check_entry(entry, parsed, base) for entry in entries}
-    modules = _check_pairs(names, parsed.use_dora)
+    vocab = {}
+    for entry in entries:
+        vocab_name = parse_vocab_tensor_name(entry.name)
+        if vocab_name is not None:
+            _check_dtype(entry)
+            check_vocab_entry(entry.name, vocab_name, entry.shape, parsed.rank, base, parsed.vocab_lora,
+                              parsed.modules_to_save)
+            vocab[entry.name] = vocab_name
+    names = {entry.name: _check_entry(entry, parsed, base) for entry in entries if entry.name not in vocab}
+    check_vocab_complete(vocab, parsed.vocab_lora, parsed.modules_to_save)
+    modules = _check_pairs(names, parsed.use_dora, allow_empty=bool(vocab))
     tensors = _load_tensors(weights_bytes)
     _check_finite(tensors)
-    _check_scaling(parsed, tensors)
+    _check_scaling(parsed, {name: tensor for name, tensor in tensors.items() if name in names})
     dtypes = sorted({ALLOWED_DTYPES[entry.dtype] for entry in entries})
+    targets = tuple(m for m in LORA_TARGET_MODULES if m in modules) + tuple(
+        m for m in VOCAB_MODULES if m in parsed.vocab_lora)
     info = LoraConfigInfo(rank=parsed.rank, lora_alpha=parsed.lora_alpha, use_rslora=parsed.use_rslora,
-                          target_modules=tuple(m for m in LORA_TARGET_MODULES if m in modules),
+                          target_modules=targets,
                           base_model=parsed.base_model, base_fingerprint=parsed.base_fingerprint)
     return ValidatedAdapter(config=info, dtype=",".join(dtypes), num_tensors=len(entries))
 
 
-def _check_entry(entry: TensorEntry, parsed: ParsedConfig, base: BaseSpec) -> LoraTensorName:
-    name = parse_tensor_name(entry.name)
+def _check_dtype(entry: TensorEntry) -> None:
     if entry.dtype not in ALLOWED_DTYPES:
         raise AdapterValidationError("dtype", f"tensor {entry.name!r} is {entry.dtype}; adapter weights must be "
                                      f"float32, float16 or bfloat16")
+
+
+def _check_entry(entry: TensorEntry, parsed: ParsedConfig, base: BaseSpec) -> LoraTensorName:
+    name = parse_tensor_name(entry.name)
+    _check_dtype(entry)
     if name.layer_idx >= base.num_layers:
         raise AdapterValidationError("layer_range", f"tensor {entry.name!r} names layer {name.layer_idx} but the "
                                      f"served base has {base.num_layers} layers (0..{base.num_layers - 1})")
@@ -97,9 +113,9 @@ def _check_magnitude(entry: TensorEntry, name: LoraTensorName, parsed: ParsedCon
     return name
 
 
-def _check_pairs(names: dict[str, LoraTensorName], use_dora: bool = False) -> set[str]:
+def _check_pairs(names: dict[str, LoraTensorName], use_dora: bool = False, allow_empty: bool = False) -> set[str]:
     """Every module has lora_A and lora_B (and, with DoRA, its magnitude vector)."""
-    if not names:
+    if not names and not allow_empty:
         raise AdapterValidationError("no_tensors", "the weights file holds no LoRA tensors")
     seen: dict[tuple[int, str], set[str]] = {}
     for tensor_name, name in names.items():

@@ -6,6 +6,11 @@ naive merge into nf4 and merge-then-quantize (nf4): perplexity on held-out demo-
 greedy agreement with the reference, resident bytes; and the unmerged adapter stored in
 bfloat16 / float16 slots (`--adapter-dtype`) on the float32 base. Writes the table into docs/fidelity.md
 between the RESULTS markers and prints it.
+
+Then the adapter kinds (`--kinds` runs only these): the demo adapter trained as DoRA, and trained
+with modules_to_save embed_tokens + lm_head, each served unmerged on the float32 and bnb-nf4
+bases; greedy agreement is against PEFT itself (the PeftModel, float32, unmerged), the
+perplexity is loraplex's. Written between the KINDS markers.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_demo_adapter.py"
 DOC = ROOT / "docs" / "fidelity.md"
 BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
+KINDS_BEGIN, KINDS_END = "<!-- KINDS BEGIN -->", "<!-- KINDS END -->"
+KINDS = {"DoRA": dict(use_dora=True), "modules_to_save embed_tokens+lm_head": dict(modules_to_save=("embed_tokens",
+                                                                                                "lm_head"))}
 BACKENDS = ["none", "bnb-nf4", "bnb-fp4", "bnb-int8", "hqq-2bit", "hqq-3bit", "hqq-4bit", "hqq-8bit", "eetq"]
 TRAIN_STEPS, NUM_TEXT_EXAMPLES, NUM_PROMPTS, NEW_TOKENS = 40, 24, 4, 8
 
@@ -36,14 +44,52 @@ def _train_script():
     return module
 
 
-def demo_adapter(model_dir: Path, cache: Path) -> Path:
-    """The demo adapter, trained once per version of the training script."""
-    digest = hashlib.sha256(SCRIPT.read_bytes() + str(TRAIN_STEPS).encode()).hexdigest()[:12]
+def demo_adapter(model_dir: Path, cache: Path, **kind) -> Path:
+    """The demo adapter (of a kind: TrainConfig fields), trained once per version of the script."""
+    digest = hashlib.sha256(SCRIPT.read_bytes() + str(TRAIN_STEPS).encode() + repr(sorted(kind.items())).encode()
+                            ).hexdigest()[:12]
     out = cache / f"demo-adapter-{digest}"
     if not (out / "adapter_model.safetensors").is_file():
         script = _train_script()
-        script.train(model_dir, out, script.TrainConfig(steps=TRAIN_STEPS), log=print)
+        script.train(model_dir, out, script.TrainConfig(steps=TRAIN_STEPS, **kind), log=print)
     return out
+
+
+def peft_greedy(model_dir: Path, adapter_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
+    """PEFT's own greedy tokens (float32, unmerged): the reference of the adapter-kind rows."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      adapter_dir).eval()
+    model.generation_config.eos_token_id = None
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=NEW_TOKENS, pad_token_id=0)
+            out.append(tokens[0, len(prompt):].tolist())
+    return out
+
+
+def kind_rows(model_dir: Path, text_ids: list[int], prompts: list[list[int]], started: float) -> list:
+    from loraplex.server.fidelity.adapter_dir import load_peft_dir
+    from loraplex.server.fidelity.compare import measure
+    from loraplex.server.fidelity.scoring import Scorer
+    from loraplex.server.model.default_model import cache_root
+
+    rows = []
+    for name, kind in KINDS.items():
+        adapter_dir = demo_adapter(model_dir, cache_root() / "fidelity", **kind)
+        reference = peft_greedy(model_dir, adapter_dir, prompts)
+        for method in ("none", "bnb-nf4"):
+            scorer = Scorer(model_dir, quantize=method)
+            adapter = load_peft_dir(adapter_dir, scorer.base_spec)
+            rows.append(measure(f"{name}, unmerged, {method} (vs PEFT float32)", scorer, adapter, text_ids,
+                                prompts, NEW_TOKENS, reference)[0])
+            print(f"[fidelity] {rows[-1]} ({time.monotonic() - started:.0f}s)", flush=True)
+    return rows
 
 
 def eval_data(model_dir: Path) -> tuple[list[int], list[list[int]]]:
@@ -73,8 +119,13 @@ def main() -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     started = time.monotonic()
     model_dir = ensure_default_model(log=print)
-    adapter_dir = demo_adapter(model_dir, cache_root() / "fidelity")
     text_ids, prompts = eval_data(model_dir)
+    kinds_table = markdown_table(kind_rows(model_dir, text_ids, prompts, started))
+    _write_doc(kinds_table + "\n" + _footer(text_ids, started), KINDS_BEGIN, KINDS_END)
+    print(kinds_table)
+    if "--kinds" in sys.argv[1:]:
+        return 0
+    adapter_dir = demo_adapter(model_dir, cache_root() / "fidelity")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         merged = merge_adapter(model_dir, adapter_dir, Path(tmp) / "merged").out_dir
@@ -102,20 +153,24 @@ def main() -> int:
     base_row = measure("base model, no adapter", Scorer(model_dir), None, text_ids, prompts, NEW_TOKENS, reference)[0]
     rows.append(base_row)
     table = markdown_table(rows)
-    footer = (f"\nOne run of `make fidelity`: {len(text_ids)} tokens of held-out demo-format text, "
-              f"{NUM_PROMPTS} prompts x {NEW_TOKENS} greedy tokens, float32 compute on CPU, "
-              f"{time.monotonic() - started:.0f}s.\n")
+    footer = _footer(text_ids, started)
     print(table + footer)
-    _write_doc(table + "\n" + footer)
+    _write_doc(table + "\n" + footer, BEGIN, END)
     return 0
 
 
-def _write_doc(block: str) -> None:
-    text = DOC.read_text() if DOC.is_file() else f"# Fidelity\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    DOC.write_text(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
+def _footer(text_ids: list[int], started: float) -> str:
+    return (f"\nOne run of `make fidelity`: {len(text_ids)} tokens of held-out demo-format text, "
+            f"{NUM_PROMPTS} prompts x {NEW_TOKENS} greedy tokens, float32 compute on CPU, "
+            f"{time.monotonic() - started:.0f}s.\n")
+
+
+def _write_doc(block: str, begin: str, end: str) -> None:
+    text = DOC.read_text() if DOC.is_file() else f"# Fidelity\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    DOC.write_text(head + begin + "\n" + block + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ times, at most `max_ongoing` requests per replica. Three routers:
   of two among the replicas with the fewest adapters loaded.
 - round-robin: replica i mod R.
 - least-loaded: the replica with the fewest requests in flight (ties at random).
+- residency: multiplex that also reads the residency gauges (`loraplex_adapter_resident{tier}`):
+  among replicas with the adapter in a device slot first, then in host memory (a slot copy
+  away, no fetch from the store), then the fewest adapters.
+
+Each replica also keeps a host tier (`host_capacity` adapters, LRU): a request whose adapter is
+not in a slot but in host memory costs a slot copy; one in neither costs a fetch from the store.
 
 Reported over the requests after warm-up: adapter loads per 1,000 requests (a request routed to
 a replica that does not hold its adapter costs one load) and load imbalance (max / mean requests
@@ -28,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-POLICIES = ("multiplex", "round-robin", "least-loaded")
+POLICIES = ("multiplex", "round-robin", "least-loaded", "residency")
+FETCH_POLICIES = ("multiplex", "residency")
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class SimConfig:
     requests: int
     warmup: int
     capacity: int = 32
+    host_capacity: int = 128
     max_ongoing: int = 8
     utilization: float = 0.7
     zipf_s: float = 1.0
@@ -50,6 +58,7 @@ class SimResult:
     policy: str
     loads_per_1k: float
     imbalance: float
+    fetches_per_1k: float = 0.0      # loads that missed the host tier too (a fetch from the store)
 
 
 class Fleet:
@@ -60,6 +69,8 @@ class Fleet:
         self.rng = rng
         self.held = [OrderedDict() for _ in range(config.replicas)]
         self.holders: dict[int, set[int]] = {}
+        self.hosted = [OrderedDict() for _ in range(config.replicas)]
+        self.host_holders: dict[int, set[int]] = {}
         self.in_flight = np.zeros(config.replicas, dtype=np.int64)
         self.finishing: list[tuple[float, int]] = []
         self.next_rr = 0
@@ -81,6 +92,12 @@ class Fleet:
             pick = self._pow2(list(holders))
             if self.in_flight[pick] < self.config.max_ongoing:
                 return pick
+        if policy == "residency":
+            hosts = self.host_holders.get(adapter)
+            if hosts:
+                pick = self._pow2(list(hosts))
+                if self.in_flight[pick] < self.config.max_ongoing:
+                    return pick
         counts = np.fromiter((len(h) for h in self.held), dtype=np.int64, count=self.config.replicas)
         return self._pow2(np.flatnonzero(counts == counts.min()).tolist())
 
@@ -90,20 +107,26 @@ class Fleet:
         a, b = self.rng.sample(candidates, 2)
         return a if self.in_flight[a] <= self.in_flight[b] else b
 
-    def serve(self, replica: int, adapter: int, now: float, service_s: float) -> bool:
-        """Start the request; True when the replica had to load the adapter."""
+    def serve(self, replica: int, adapter: int, now: float, service_s: float) -> tuple[bool, bool]:
+        """Start the request; (loaded into a slot, fetched from the store)."""
         self.in_flight[replica] += 1
         heapq.heappush(self.finishing, (now + service_s, replica))
-        held = self.held[replica]
-        if adapter in held:
-            held.move_to_end(adapter)
-            return False
-        if len(held) >= self.config.capacity:
-            evicted, _ = held.popitem(last=False)
-            self.holders[evicted].discard(replica)
-        held[adapter] = True
-        self.holders.setdefault(adapter, set()).add(replica)
+        fetched = not _touch(self.hosted[replica], self.host_holders, adapter, replica, self.config.host_capacity)
+        loaded = not _touch(self.held[replica], self.holders, adapter, replica, self.config.capacity)
+        return loaded, fetched
+
+
+def _touch(tier: OrderedDict, holders: dict[int, set[int]], adapter: int, replica: int, capacity: int) -> bool:
+    """Use `adapter` in one replica's LRU tier; True when it was already there."""
+    if adapter in tier:
+        tier.move_to_end(adapter)
         return True
+    if len(tier) >= capacity:
+        evicted, _ = tier.popitem(last=False)
+        holders[evicted].discard(replica)
+    tier[adapter] = True
+    holders.setdefault(adapter, set()).add(replica)
+    return False
 
 
 def zipf_stream(config: SimConfig, rng: np.random.Generator) -> np.ndarray:
@@ -121,17 +144,19 @@ def simulate(config: SimConfig, policy: str) -> SimResult:
     service = nprng.exponential(1.0, size=total)
     fleet = Fleet(config, rng)
     served = np.zeros(config.replicas, dtype=np.int64)
-    loads = 0
+    loads = fetches = 0
     now = 0.0
     for i in range(total):
         now += gaps[i]
         fleet.advance(now)
         replica = fleet.route(policy, int(adapters[i]))
-        loaded = fleet.serve(replica, int(adapters[i]), now, service[i])
+        loaded, fetched = fleet.serve(replica, int(adapters[i]), now, service[i])
         if i >= config.warmup:
             loads += loaded
+            fetches += fetched
             served[replica] += 1
-    return SimResult(config, policy, 1000.0 * loads / config.requests, float(served.max() / served.mean()))
+    return SimResult(config, policy, 1000.0 * loads / config.requests, float(served.max() / served.mean()),
+                     1000.0 * fetches / config.requests)
 
 
 def run_grid(replica_counts, adapter_counts, requests_per_replica: int, min_requests: int) -> list[SimResult]:
@@ -147,14 +172,16 @@ def run_grid(replica_counts, adapter_counts, requests_per_replica: int, min_requ
 
 def table(results: list[SimResult]) -> str:
     lines = ["| replicas | adapters | requests | " + " | ".join(f"{p} loads/1k" for p in POLICIES) + " | "
+             + " | ".join(f"{p} fetches/1k" for p in FETCH_POLICIES) + " | "
              + " | ".join(f"{p} imbalance" for p in POLICIES) + " |",
-             "|---:|---:|---:|" + "---:|" * (2 * len(POLICIES))]
+             "|---:|---:|---:|" + "---:|" * (2 * len(POLICIES) + len(FETCH_POLICIES))]
     keyed = {(r.config.replicas, r.config.adapters, r.policy): r for r in results}
     for replicas, adapters in dict.fromkeys((r.config.replicas, r.config.adapters) for r in results):
         row = [keyed[(replicas, adapters, p)] for p in POLICIES]
         lines.append(f"| {replicas} | {adapters:,} | {row[0].config.requests:,} | "
                      + " | ".join(f"{r.loads_per_1k:.0f}" for r in row) + " | "
-                     + " | ".join(f"{r.imbalance:.2f}" for r in row) + " |")
+                     + " | ".join(f"{keyed[(replicas, adapters, p)].fetches_per_1k:.0f}" for p in FETCH_POLICIES)
+                     + " | " + " | ".join(f"{r.imbalance:.2f}" for r in row) + " |")
     return "\n".join(lines)
 
 
@@ -199,9 +226,11 @@ def section_fleet_sim(quick: bool, plot_dir: Path) -> str:
         f"drawn Zipf({config.zipf_s:g}); the first half of the requests warm the replicas up, the second "
         "half is counted. multiplex = Ray Serve's policy for requests with a multiplexed model id (power "
         "of two choices among replicas holding the adapter; else among those with the fewest adapters); "
-        "round-robin; least-loaded = fewest requests in flight. Loads/1k = adapter loads per 1,000 "
-        "requests (a request sent to a replica without its adapter); imbalance = max / mean requests per "
-        "replica (1.00 = even).",
+        "round-robin; least-loaded = fewest requests in flight; residency = multiplex that also prefers a "
+        f"replica with the adapter in host memory (each replica's host tier holds {config.host_capacity} "
+        "adapters, LRU), read from the residency gauges. Loads/1k = adapter loads into a slot per 1,000 "
+        "requests (a request sent to a replica without its adapter in a slot); fetches/1k = those that missed "
+        "host memory too (a fetch from the store); imbalance = max / mean requests per replica (1.00 = even).",
         "",
         table(results),
         "",
@@ -214,9 +243,23 @@ def section_fleet_sim(quick: bool, plot_dir: Path) -> str:
 
 def reading(results: list[SimResult]) -> str:
     """One paragraph computed from the results (what the table says)."""
+    return _reading_multiplex(results) + " " + _reading_residency(results)
+
+
+def _reading_residency(results: list[SimResult]) -> str:
+    mux = {(r.config.replicas, r.config.adapters): r for r in results if r.policy == "multiplex"}
+    res = {(r.config.replicas, r.config.adapters): r for r in results if r.policy == "residency"}
+    cut = [(1 - res[k].fetches_per_1k / mux[k].fetches_per_1k) if mux[k].fetches_per_1k else 0.0 for k in mux]
+    worse = max(res[k].imbalance / mux[k].imbalance for k in mux)
+    return (f"Residency-aware routing (host tier as a second preference) changes store fetches per 1,000 "
+            f"requests by {-100 * max(cut):+.0f}% to {-100 * min(cut):+.0f}% against multiplex, with imbalance "
+            f"at most {worse:.2f}x multiplex's.")
+
+
+def _reading_multiplex(results: list[SimResult]) -> str:
     mux = [r for r in results if r.policy == "multiplex"]
     worst = max(mux, key=lambda r: r.imbalance)
-    others = [r.loads_per_1k for r in results if r.policy != "multiplex"]
+    others = [r.loads_per_1k for r in results if r.policy in ("round-robin", "least-loaded")]
     return (f"Reading: Ray's multiplex routing needs {min(r.loads_per_1k for r in mux):.0f}-"
             f"{max(r.loads_per_1k for r in mux):.0f} loads per 1,000 requests where round-robin and least-loaded "
             f"need {min(others):.0f}-{max(others):.0f}, and its advantage grows with the fleet (more replicas "

@@ -358,6 +358,11 @@ def section_fleet(model_dir: Path, quick: bool) -> str:
     return run(model_dir, quick)
 
 
+def section_prefix(model_dir: Path, quick: bool) -> str:
+    from prefix_bench import section_prefix as run
+    return run(model_dir, quick)
+
+
 def section_fleet_sim(model_dir: Path, quick: bool) -> str:
     from fleet_sim import section_fleet_sim as run
 
@@ -406,7 +411,8 @@ run's, and section 5 its instruction set.
 SECTIONS = {"decode": section_decode, "lora": section_lora, "scaling": section_scaling,
             "grpc": section_grpc, "http": section_http, "backends": section_backends, "store": section_store,
             "store_backends": section_store_backends, "sampling": section_sampling,
-            "structured": section_structured, "fleet": section_fleet, "fleet-sim": section_fleet_sim}
+            "structured": section_structured, "fleet": section_fleet, "fleet-sim": section_fleet_sim,
+            "prefix": section_prefix}
 
 
 def main() -> int:

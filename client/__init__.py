@@ -15,11 +15,11 @@ from .errors import (AdapterNotFoundError, AdapterRejectedError, AlreadyExistsEr
                      ServerUnavailableError, ValidationError)
 from .sync_client import Client
 from .types import (AdapterInfo, AdapterState, FinishReason, Generation, GenerationChunk, HealthStatus, Limits,
-                    Sampling, ServerInfo, Timing, Usage)
+                    Sampling, ServerInfo, Timing, ToolCall, Usage)
 
 __all__ = [
     "Client", "AsyncClient", "RetryPolicy",
-    "Generation", "GenerationChunk", "FinishReason", "Usage", "Timing", "Sampling", "AdapterInfo",
+    "Generation", "GenerationChunk", "FinishReason", "ToolCall", "Usage", "Timing", "Sampling", "AdapterInfo",
     "AdapterState", "ServerInfo", "Limits", "HealthStatus",
     "LoraplexError", "ValidationError", "AdapterNotFoundError", "AdapterRejectedError", "AlreadyExistsError",
     "OverloadedError", "AuthenticationError", "PermissionDeniedError", "ServerUnavailableError",

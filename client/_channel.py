@@ -18,8 +18,8 @@ DEFAULT_TIMEOUT_S = 300.0
 ADDRESS_ENV = "LORAPLEX_ADDRESS"
 API_KEY_ENV = "LORAPLEX_API_KEY"
 MAX_MESSAGE_BYTES = 64 * 2**20
-# Ray Serve's gRPC proxy routes a call to a replica that already holds this id (a `loraplex
-# fleet` puts the adapter there); a plain `loraplex serve` ignores the key.
+# Routing hint for a Ray Serve gRPC proxy. `loraplex fleet`'s own front end ignores it (it routes
+# on the request's adapter, issue 37), as does a plain `loraplex serve`.
 ROUTING_METADATA_KEY = "multiplexed_model_id"
 REPLICA_METADATA_KEY = "loraplex-replica"
 

@@ -10,13 +10,15 @@ from grpc_health.v1 import health_pb2
 
 from ..v1 import adapters_pb2, generation_pb2, server_pb2
 from ._channel import REPLICA_METADATA_KEY
+from ._chat import chat_input, tool_calls
 from .errors import ValidationError
 from .types import (AdapterInfo, AdapterState, ChatMessage, FinishReason, Generation, GenerationChunk,
                     HealthStatus, Limits, ServerInfo, Timing, Usage)
 
 _FINISH = {generation_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
            generation_pb2.FINISH_REASON_EOS: FinishReason.EOS,
-           generation_pb2.FINISH_REASON_STOP: FinishReason.STOP}
+           generation_pb2.FINISH_REASON_STOP: FinishReason.STOP,
+           generation_pb2.FINISH_REASON_TOOL_CALLS: FinishReason.TOOL_CALLS}
 _STATE = {adapters_pb2.ADAPTER_STATE_READY: AdapterState.READY,
           adapters_pb2.ADAPTER_STATE_QUARANTINED: AdapterState.QUARANTINED,
           adapters_pb2.ADAPTER_STATE_DELETING: AdapterState.DELETING}
@@ -93,12 +95,26 @@ def chat_messages(messages: Iterable[ChatMessage]) -> generation_pb2.ChatMessage
     return generation_pb2.ChatMessages(messages=converted)
 
 
+def check_adapter_id(adapter_id: str | None) -> None:
+    """ValidationError for an id request metadata cannot carry (the id is also the fleet's routing
+    key, sent as metadata): the server's rule allows only printable ASCII. Other bad ids are the
+    server's to refuse, with the same ValidationError."""
+    if adapter_id is None:
+        return
+    if not isinstance(adapter_id, str) or not (adapter_id.isascii() and adapter_id.isprintable()):
+        rule = "must be 'name' or 'name@version' with name matching [A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+        raise ValidationError(f"invalid request: adapter_id: {rule}", violations={"adapter_id": rule})
+
+
 def generation_input(prompt: str | None, messages: Iterable[ChatMessage] | None, adapter_id: str | None,
-                     options: Mapping[str, Any]) -> generation_pb2.GenerationInput:
+                     options: Mapping[str, Any], chat: Mapping[str, Any] | None = None) -> generation_pb2.GenerationInput:
+    """chat: tools, tool_choice, parallel_tool_calls, chat_template_kwargs (_chat.py)."""
+    check_adapter_id(adapter_id)
     sampling = sampling_params(options)
     if messages is not None:
-        return generation_pb2.GenerationInput(chat=chat_messages(messages), adapter_id=adapter_id or "",
-                                              sampling=sampling)
+        chat_message = chat_input(messages, **chat) if chat and any(v is not None for v in chat.values()) \
+            else chat_messages(messages)
+        return generation_pb2.GenerationInput(chat=chat_message, adapter_id=adapter_id or "", sampling=sampling)
     if not isinstance(prompt, str):
         raise ValidationError(f"prompt must be a str, not {type(prompt).__name__}", violations={"prompt": "not a str"})
     return generation_pb2.GenerationInput(prompt=prompt, adapter_id=adapter_id or "", sampling=sampling)
@@ -120,7 +136,8 @@ def generation(response: generation_pb2.GenerateResponse, trailers: Iterable[tup
         text=response.text, token_ids=list(response.token_ids), finish_reason=_FINISH.get(response.finish_reason),
         usage=_usage(response.usage), timing=_timing(response.timing), adapter_id=response.adapter_id or None,
         logprobs=list(response.logprobs) or None, top_logprobs=_top_logprobs(response),
-        replica=replica_of(trailers))
+        replica=replica_of(trailers), tool_calls=tool_calls(response),
+        reasoning_content=response.reasoning_content or None)
 
 
 def _top_logprobs(response) -> list[list[tuple[int, float]]] | None:
@@ -142,7 +159,8 @@ def generation_chunk(response: generation_pb2.GenerateStreamResponse) -> Generat
         text=response.text, token_ids=list(response.token_ids), finish_reason=_FINISH.get(response.finish_reason),
         usage=_usage(response.usage) if last else None, timing=_timing(response.timing) if last else None,
         adapter_id=response.adapter_id or None, logprobs=list(response.logprobs) or None,
-        top_logprobs=_top_logprobs(response))
+        top_logprobs=_top_logprobs(response), tool_calls=tool_calls(response),
+        reasoning_content=response.reasoning_content or None)
 
 
 def adapter_info(message: adapters_pb2.AdapterInfo, versions: Iterable[int] = ()) -> AdapterInfo:
@@ -164,7 +182,8 @@ def server_info(response: server_pb2.InfoResponse) -> ServerInfo:
         limits=Limits(**{name: getattr(limits, name) for name in Limits.__dataclass_fields__}),
         auth_enabled=response.auth_enabled, device=response.device,
         linear_weight_bytes=response.linear_weight_bytes,
-        linear_kernels=tuple(response.linear_kernels), cpu_isa=response.cpu_isa)
+        linear_kernels=tuple(response.linear_kernels), cpu_isa=response.cpu_isa,
+        decode_path=response.decode_path)
 
 
 def health_status(response: health_pb2.HealthCheckResponse) -> HealthStatus:

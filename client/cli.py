@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -117,6 +118,11 @@ def _add_generate(sub, common: argparse.ArgumentParser) -> None:
     shape.add_argument("--grammar", metavar="LARK", help="output must match this Lark grammar (or @FILE)")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message (chat template)")
     gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--tools", metavar="JSON", help="with --chat: a JSON list of tools (OpenAI function tools or "
+                     "{name, description, parameters}), or @FILE; calls are printed as JSON lines")
+    gen.add_argument("--tool-choice", metavar="CHOICE", help="auto, none, required, or a tool's name")
+    gen.add_argument("--chat-template-kwargs", metavar="JSON", help="with --chat: extra chat template variables "
+                     "(a JSON object, e.g. '{\"enable_thinking\": false}')")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--json", action="store_true", help="print the result (or each chunk) as JSON")
     gen.set_defaults(func=_run(_generate))
@@ -154,19 +160,39 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
                     stop=args.stop, ignore_eos=args.ignore_eos, json_schema=_text_arg(args.json_schema),
                     json_object=args.json_object, regex=args.regex, choice=args.choice,
                     grammar=_text_arg(args.grammar))
+    chat = _chat_args(args)
     if args.chat:
         messages = ([("system", args.system)] if args.system else []) + [("user", prompt)]
-        result = (client.chat_stream if args.stream else client.chat)(messages, args.adapter, **sampling)
+        result = (client.chat_stream if args.stream else client.chat)(messages, args.adapter, **chat, **sampling)
+    elif any(value is not None for value in chat.values()):
+        raise ValidationError("--tools, --tool-choice and --chat-template-kwargs need --chat",
+                              violations={"--chat": "missing"})
     else:
         result = (client.generate_stream if args.stream else client.generate)(prompt, args.adapter, **sampling)
     if not args.stream:
         print(fmt.dumps(result) if args.json else result.text)
+        for call in [] if args.json else result.tool_calls:
+            print(json.dumps({"id": call.id, "name": call.name, "arguments": json.loads(call.arguments)}))
         return EXIT_OK
     for chunk in result:
         print(fmt.dumps(chunk) if args.json else chunk.text, end="\n" if args.json else "", flush=True)
+        for call in [] if args.json else chunk.tool_calls:
+            print("\n" + json.dumps({"id": call.id, "name": call.name, "arguments": json.loads(call.arguments)}))
     if not args.json:
         print()
     return EXIT_OK
+
+
+def _chat_args(args: argparse.Namespace) -> dict:
+    """--tools / --tool-choice / --chat-template-kwargs as Client.chat keyword arguments."""
+    values = {}
+    for flag, name in (("--tools", "tools"), ("--chat-template-kwargs", "chat_template_kwargs")):
+        text = _text_arg(getattr(args, name))
+        try:
+            values[name] = None if text is None else json.loads(text)
+        except ValueError as error:
+            raise ValidationError(f"{flag} is not valid JSON: {error}", violations={flag: "not JSON"}) from None
+    return {**values, "tool_choice": args.tool_choice}
 
 
 def _text_arg(value: str | None) -> str | None:

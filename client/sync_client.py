@@ -82,16 +82,25 @@ class Client:
         return self._stream(generation_pb2.GenerateStreamRequest(input=message), adapter_id, timeout)
 
     def chat(self, messages: Iterable[ChatMessage], adapter_id: str | None = None, *,
-             timeout: float | None = None, **sampling: Unpack[Sampling]) -> Generation:
+             timeout: float | None = None, tools: list | None = None, tool_choice: Any = None,
+             parallel_tool_calls: bool | None = None, chat_template_kwargs: dict | None = None,
+             **sampling: Unpack[Sampling]) -> Generation:
         """Generate the assistant's reply to chat `messages` ([{"role", "content"}] or (role, content)),
         rendered with the model's chat template."""
-        request = generation_pb2.GenerateRequest(input=convert.generation_input(None, messages, adapter_id, sampling))
+        chat = dict(tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                    chat_template_kwargs=chat_template_kwargs)
+        request = generation_pb2.GenerateRequest(input=convert.generation_input(None, messages, adapter_id, sampling,
+                                                                                chat))
         return self._generate(request, adapter_id, timeout)
 
     def chat_stream(self, messages: Iterable[ChatMessage], adapter_id: str | None = None, *,
-                    timeout: float | None = None, **sampling: Unpack[Sampling]) -> Iterator[GenerationChunk]:
+                    timeout: float | None = None, tools: list | None = None, tool_choice: Any = None,
+                    parallel_tool_calls: bool | None = None, chat_template_kwargs: dict | None = None,
+                    **sampling: Unpack[Sampling]) -> Iterator[GenerationChunk]:
         """Streaming `chat`."""
-        message = convert.generation_input(None, messages, adapter_id, sampling)
+        chat = dict(tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                    chat_template_kwargs=chat_template_kwargs)
+        message = convert.generation_input(None, messages, adapter_id, sampling, chat)
         return self._stream(generation_pb2.GenerateStreamRequest(input=message), adapter_id, timeout)
 
     # ---- adapters ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class FinishReason(_StrEnum):
     LENGTH = "length"   # max_new_tokens or the context limit was reached
     EOS = "eos"         # the model produced its end-of-sequence token
     STOP = "stop"       # a stop sequence or stop token id matched
+    TOOL_CALLS = "tool_calls"   # the model ended after calling tools (see `tool_calls`)
 
 
 class HealthStatus(_StrEnum):
@@ -59,6 +60,20 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made; answer it with {"role": "tool", "tool_call_id": id, "content": ...}."""
+
+    id: str
+    name: str
+    arguments: str                        # a JSON object's text
+
+    def parsed_arguments(self) -> dict:
+        import json
+
+        return json.loads(self.arguments)
+
+
+@dataclass(frozen=True)
 class Generation:
     """The whole result of `generate` / `chat`."""
 
@@ -71,6 +86,8 @@ class Generation:
     logprobs: list[float] | None = None   # one per token id when requested
     top_logprobs: list[list[tuple[int, float]]] | None = None   # per token: (token id, logprob), best first
     replica: str | None = None            # the server's `loraplex-replica` trailer (fleet: which replica)
+    tool_calls: list[ToolCall] = field(default_factory=list)   # chat with tools: the calls found
+    reasoning_content: str | None = None  # the server's --reasoning-parser: reasoning moved out of text
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,8 @@ class GenerationChunk:
     adapter_id: str | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)   # calls completed with this chunk
+    reasoning_content: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +160,7 @@ class ServerInfo:
     linear_weight_bytes: int
     linear_kernels: tuple[str, ...] = ()     # kernel per linear layer shape (server's choice)
     cpu_isa: str = ""
+    decode_path: str = ""        # "native-stack" or "layers" (how decode-only steps run)
 
 
 class Sampling(TypedDict, total=False):

@@ -118,6 +118,38 @@ def register_fleet(sub) -> None:
     fleet.set_defaults(func=_fleet_command)
 
 
+def _demo_command(args: argparse.Namespace) -> int:
+    from loraplex.server.demo.walkthrough import DemoOptions, run_demo
+
+    options = DemoOptions(address=args.address, api_key=args.api_key, start_server=not args.no_start,
+                          adapter_dir=args.adapter_dir, steps=args.steps)
+    try:
+        run_demo(options, log=lambda line: print(line, flush=True))
+    except (OSError, ValueError, RuntimeError, ImportError) as error:
+        print(f"loraplex demo: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register_demo(sub) -> None:
+    from pathlib import Path
+
+    demo = sub.add_parser(
+        "demo", help="train a small adapter for the default model, upload it, and compare replies",
+        description="A first adapter end to end: trains the demo LoRA (replies start with 'ANSWER:') once, "
+                    "uploads it to the server at --address (or starts one on free ports when none answers), "
+                    "and prints each question's reply without and with the adapter.")
+    demo.add_argument("--address", default=os.environ.get("LORAPLEX_ADDRESS", "127.0.0.1:50051"),
+                      help="server to use (env LORAPLEX_ADDRESS)")
+    demo.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"),
+                      help="admin key when the server has keys (env LORAPLEX_API_KEY)")
+    demo.add_argument("--no-start", action="store_true", help="fail instead of starting a server")
+    demo.add_argument("--adapter-dir", type=Path, default=None,
+                      help="where the adapter is kept (default $LORAPLEX_CACHE/demo/answer-format)")
+    demo.add_argument("--steps", type=int, default=30, help="training steps when the adapter is missing")
+    demo.set_defaults(func=_demo_command)
+
+
 def register_client(sub) -> None:
     from loraplex.client.cli import register
 
@@ -153,6 +185,7 @@ COMMAND_GROUPS: list = [
     CommandGroup(register_client, CLIENT_COMMANDS, needs_server=False),
     CommandGroup(register_fidelity, ("eval", "merge")),
     CommandGroup(register_store, ("store",)),
+    CommandGroup(register_demo, ("demo",)),
 ]
 
 

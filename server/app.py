@@ -116,6 +116,8 @@ def wire_engine(state: ServiceState, store: Any, engine: Any) -> None:
         if hasattr(engine, "set_store_event_hook"):          # the engine process's own store
             engine.set_store_event_hook(metrics_hook(state.metrics))
         engine.set_constraint_event_hook(state.metrics.constraint_event)
+        from .residency_metrics import watch_residency
+        watch_residency(state.metrics.registry, engine.stats, store, engine.adapter_is_private)
 
 
 async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None:
@@ -165,6 +167,7 @@ async def drain_and_stop(running: RunningServer, grace_s: float, log: Log = prin
         close()
     if running.metrics_http is not None:
         running.metrics_http.shutdown()
+    state.door.close()
     return finished
 
 
@@ -231,7 +234,7 @@ async def load_engine(config: ServerConfig, log: Log = print) -> tuple[Any, Any]
     from .engine.async_engine import AsyncEngine
     from .model.default_model import resolve_model_path
 
-    model_dir = await asyncio.to_thread(resolve_model_path, config.model, log)
+    model_dir = await asyncio.to_thread(resolve_model_path, config.model, log, config.revision)
     engine_config = config.engine_config(model_dir)
     store = await asyncio.to_thread(open_store, config, engine_config)
     if not config.engine_process:

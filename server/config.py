@@ -55,6 +55,14 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return text
+    return parse
+
+
 def parse_key(text: str) -> ApiKey:
     """'secret' or 'tenant:secret'."""
     tenant, sep, secret = text.strip().partition(":")
@@ -99,7 +107,9 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("model", "--model", str, "local Hugging Face model directory, or 'default' (SmolLM2-135M-Instruct)"),
+    Flag("model", "--model", str, "local Hugging Face model directory, a Hub id (org/name, downloaded once "
+         "into the Hugging Face cache), or 'default' (SmolLM2-135M-Instruct)"),
+    Flag("revision", "--revision", str, "branch, tag or commit of a Hub --model (default main)"),
     Flag("quantize", "--quantize", str, "none, bnb-nf4, bnb-fp4, bnb-int8, hqq-{2,3,4,8}bit, eetq",
          engine="method"),
     Flag("dtype", "--dtype", str, "compute dtype: auto, float32, bfloat16, float16", engine="dtype"),
@@ -132,13 +142,21 @@ FLAGS: tuple[Flag, ...] = (
          engine="max_new_tokens"),
     Flag("max_stop_sequences", "--max-stop-sequences", int, "stop sequences per request",
          engine="max_stop_sequences"),
-    Flag("max_message_bytes", "--max-message-bytes", parse_size, "largest gRPC message"),
+    Flag("max_message_bytes", "--max-message-bytes", parse_size, "largest gRPC message or HTTP body"),
+    Flag("max_request_choices", "--max-request-choices", int,
+         "completions one request may ask for (HTTP: prompts x n), checked before any work"),
     Flag("max_queued_requests", "--max-queued-requests", int, "waiting requests before RESOURCE_EXHAUSTED",
          engine="max_queued_requests"),
     Flag("max_num_seqs", "--max-num-seqs", int, "running requests per step", engine="max_num_seqs"),
     Flag("max_batch_tokens", "--max-batch-tokens", int, "tokens per step", engine="max_batch_tokens"),
-    Flag("kv_cache_memory", "--kv-cache-memory", str, "KV cache size: bytes ('2GiB') or a fraction of free memory",
-         engine="kv_cache_memory"),
+    Flag("kv_cache_memory", "--kv-cache-memory", str,
+         "KV cache size: auto (max-num-seqs x max-total-tokens + prefix share, within --kv-cache-max-memory), "
+         "bytes ('2GiB') or a fraction of free memory ('0.3')", engine="kv_cache_memory"),
+    Flag("kv_cache_max_memory", "--kv-cache-max-memory", str,
+         "cap on an auto-sized KV cache: bytes ('4GiB') or a fraction of free memory", engine="kv_cache_max_memory"),
+    Flag("prefix_cache_share", "--prefix-cache-share", float,
+         "auto KV sizing: extra blocks for cached prompt prefixes, as a share of the running demand",
+         engine="prefix_cache_share"),
     Flag("no_prefix_caching", "--no-prefix-caching", _bool,
          "turn off automatic prefix caching (reuse of cached KV blocks of shared prompt prefixes)",
          switch=True, engine="prefix_caching", to_engine=lambda off: not off),
@@ -162,6 +180,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("log_level", "--log-level", str, "debug, info, warning, error"),
     # OpenAI-compatible HTTP API (server/http/)
     Flag("http_port", "--http-port", int, "OpenAI-compatible HTTP port on --host (0 turns it off)"),
+    Flag("http_max_connections", "--http-max-connections", int,
+         "open HTTP connections before new ones get 503 (0: half the file-descriptor limit, at most 4096)"),
+    Flag("http_header_timeout_s", "--http-header-timeout", float, "seconds an HTTP request may take to send its headers"),
+    Flag("http_body_timeout_s", "--http-body-timeout", float, "seconds an HTTP request may take to send its body"),
     Flag("served_model_name", "--served-model-name", str,
          "the base model's name in the HTTP API's `model` (default: the model directory's name, or 'default')"),
     # Hardening (issue 16): /metrics is unauthenticated; bind it where only scrapers reach it.
@@ -169,10 +191,18 @@ FLAGS: tuple[Flag, ...] = (
     # structured output (docs/structured-output.md)
     Flag("constraint_timeout_s", "--constraint-timeout", float, "seconds a request waits for its grammar compile",
          engine="constraint_timeout_s"),
+    Flag("constraint_mask_budget_ms", "--constraint-mask-budget", float,
+         "milliseconds a constraint's token mask may cost per token; costlier grammars are refused",
+         engine="constraint_mask_budget_ms"),
     Flag("constraint_cache_size", "--constraint-cache-size", int, "compiled grammars kept (LRU)",
          engine="constraint_cache_size"),
     Flag("max_constraint_bytes", "--max-constraint-bytes", parse_size, "largest schema / regex / grammar text",
          engine="max_constraint_bytes"),
+    # chat and agent clients (docs/openai.md)
+    Flag("tool_call_parser", "--tool-call-parser", _one_of("auto", "hermes", "llama3_json", "mistral"),
+         "how the model writes tool calls: auto (from the chat template), hermes, llama3_json, mistral"),
+    Flag("reasoning_parser", "--reasoning-parser", _one_of("", "think", "deepseek_r1"),
+         "move <think>...</think> into reasoning_content: think, deepseek_r1 ('' = off)"),
     # issue 36: the engine core in its own process, stepped on that process's main thread
     Flag("engine_process", "--engine-process", _bool,
          "on: the engine core runs in its own process (restarted if it dies); off: a thread of this one"),
@@ -184,6 +214,7 @@ class ServerConfig:
     """Validated settings of one `loraplex serve` process."""
 
     model: str = "default"
+    revision: str = ""                           # "" = main (Hub ids only)
     quantize: str = QuantConfig.method
     dtype: str = EngineConfig.dtype
     device: str = EngineConfig.device
@@ -205,10 +236,13 @@ class ServerConfig:
     max_new_tokens: int = RequestLimits.max_new_tokens
     max_stop_sequences: int = RequestLimits.max_stop_sequences
     max_message_bytes: int = 4 * MiB
+    max_request_choices: int = 64
     max_queued_requests: int = SchedulerConfig.max_queued_requests
     max_num_seqs: int = SchedulerConfig.max_num_seqs
     max_batch_tokens: int = SchedulerConfig.max_batch_tokens
     kv_cache_memory: str = CacheConfig.kv_cache_memory
+    kv_cache_max_memory: str = CacheConfig.kv_cache_max_memory
+    prefix_cache_share: float = CacheConfig.prefix_cache_share
     no_prefix_caching: bool = not CacheConfig.prefix_caching
     allowed_register_roots: tuple[str, ...] = ()
     host_cache_bytes: int = 2**30
@@ -225,9 +259,15 @@ class ServerConfig:
     log_level: str = "info"
     http_port: int = 8000
     served_model_name: str = ""                  # "" = the model directory's name, or "default"
+    http_max_connections: int = 0                # 0 = half the file-descriptor limit (at most 4096)
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 60.0
     constraint_timeout_s: float = StructuredConfig.constraint_timeout_s      # structured output
     constraint_cache_size: int = StructuredConfig.constraint_cache_size
+    constraint_mask_budget_ms: float = StructuredConfig.constraint_mask_budget_ms
     max_constraint_bytes: int = RequestLimits.max_constraint_bytes
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = ""
     engine_process: bool = False                 # issue 36: on = the engine core in its own process (opt-in: see docs/server.md)
 
     @property
@@ -243,7 +283,11 @@ class ServerConfig:
         """The base model's id in the HTTP API (`--served-model-name`)."""
         if self.served_model_name:
             return self.served_model_name
-        return "default" if self.model == "default" else (Path(self.model).expanduser().name or "default")
+        from .model.hub import is_hub_id
+
+        if self.model == "default":
+            return "default"
+        return self.model if is_hub_id(self.model) else (Path(self.model).expanduser().name or "default")
 
     def store_path(self) -> Path:
         from .model.default_model import cache_root

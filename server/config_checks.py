@@ -10,22 +10,61 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from .problems import InvalidConfig
 
-if TYPE_CHECKING:                      # config.py imports this module
-    from .config import Flag, ServerConfig
-
 MiB = 2**20
+
+
+class Flag(Protocol):
+    """What the checks read of a config.Flag (config.py imports this module, never the reverse)."""
+
+    @property
+    def flag(self) -> str: ...
+
+    @property
+    def engine(self) -> str | None: ...
+
+
+class ServerConfig(Protocol):
+    """What the checks read of a config.ServerConfig (structurally: config.py is not imported)."""
+
+    model: str
+    revision: str
+    port: int
+    metrics_port: int
+    http_port: int
+    served_model_name: str
+    api_keys: tuple[Any, ...]
+    admin_keys: tuple[Any, ...]
+    tls_cert: str | None
+    tls_key: str | None
+    log_level: str
+    max_message_bytes: int
+    max_request_choices: int
+    metrics_adapter_labels: int
+    grace_period_s: float
+    host_cache_bytes: int
+    adapter_quota_bytes: int
+    max_adapter_bytes: int
+    blob_cache_bytes: int
+    allowed_register_roots: tuple[str, ...]
+    adapter_sources: tuple[str, ...]
+    store_registry: str
+    store_blobs: str
+    http_max_connections: int
+    http_header_timeout_s: float
+    http_body_timeout_s: float
+
+    def engine_config(self, model_dir: Path) -> Any: ...
 _WORD_RE = re.compile(r"\b[a-z][a-z_]*\b")
 
 
 def validate(config: ServerConfig, flags: Sequence[Flag]) -> Iterator[str]:
     """Yield one line per problem, naming the flag to fix."""
     yield from _engine_problems(config, flags)
-    if config.model != "default" and not (Path(config.model).expanduser() / "config.json").is_file():
-        yield f"--model {config.model!r}: not a Hugging Face directory with config.json (or use 'default')"
+    yield from _validate_model(config)
     for name in ("port", "metrics_port", "http_port"):
         if not 0 <= getattr(config, name) <= 65535:
             yield f"--{name.replace('_', '-')} must be in [0, 65535]"
@@ -43,6 +82,17 @@ def validate(config: ServerConfig, flags: Sequence[Flag]) -> Iterator[str]:
     yield from _validate_store(config)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         yield "--log-level must be debug, info, warning or error"
+
+
+def _validate_model(config: ServerConfig) -> Iterator[str]:
+    from .model.hub import is_hub_id
+
+    hub = is_hub_id(config.model)
+    if config.model != "default" and not hub and not (Path(config.model).expanduser() / "config.json").is_file():
+        yield (f"--model {config.model!r}: not a Hugging Face directory with config.json, a Hub id "
+               "(org/name), or 'default'")
+    if config.revision and not hub:
+        yield "--revision applies only to a Hub --model (org/name)"
 
 
 def _validate_store(config: ServerConfig):
@@ -72,7 +122,7 @@ def _engine_problems(config: ServerConfig, flags: Sequence[Flag]) -> Iterator[st
 
 
 def _validate_limits(config: ServerConfig) -> Iterator[str]:
-    for name in ("host_cache_bytes", "adapter_quota_bytes", "max_adapter_bytes"):
+    for name in ("host_cache_bytes", "adapter_quota_bytes", "max_adapter_bytes", "max_request_choices"):
         if getattr(config, name) < 1:
             yield f"--{name.replace('_', '-')} must be >= 1 (got {getattr(config, name)})"
     if config.metrics_adapter_labels < 0:
@@ -81,6 +131,12 @@ def _validate_limits(config: ServerConfig) -> Iterator[str]:
         yield "--max-message-bytes must be >= 2MiB (uploads send 1 MiB chunks)"
     if not (math.isfinite(config.grace_period_s) and config.grace_period_s >= 0):
         yield "--grace-period must be a number of seconds >= 0"
+    if config.http_max_connections < 0:
+        yield "--http-max-connections must be >= 0 (0: half the file-descriptor limit)"
+    for flag, seconds in (("--http-header-timeout", config.http_header_timeout_s),
+                          ("--http-body-timeout", config.http_body_timeout_s)):
+        if not (math.isfinite(seconds) and seconds > 0):
+            yield f"{flag} must be a number of seconds > 0"
 
 
 def _validate_security(config: ServerConfig) -> Iterator[str]:

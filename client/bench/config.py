@@ -29,6 +29,9 @@ class LengthSpec:
         return LengthSpec("fixed" if parts[0] == parts[1] else "uniform", parts[0], parts[1])
 
 
+WORKLOADS = ("random", "shared-prefix", "multi-turn")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """Everything one benchmark run needs. Times in seconds; SLOs in milliseconds."""
@@ -50,6 +53,9 @@ class BenchConfig:
     timeout_s: float = 600.0
     progress: bool = True
     labels: dict[str, str] = field(default_factory=dict)   # free-form, copied into the JSON result
+    workload: str = "random"                # random | shared-prefix | multi-turn (workload.py)
+    prefix_len: int = 440                   # shared-prefix / multi-turn: system prompt tokens per adapter
+    turns: int = 8                          # multi-turn: turns per conversation
 
     def __post_init__(self):
         if self.num_prompts < 1:
@@ -66,6 +72,12 @@ class BenchConfig:
             raise ValueError("--zipf-s must be > 0")
         if self.warmup < 0:
             raise ValueError("--warmup must be >= 0")
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"--workload must be one of {', '.join(WORKLOADS)}")
+        if self.prefix_len < 1 or self.turns < 1:
+            raise ValueError("--prefix-len and --turns must be >= 1")
+        if self.workload == "multi-turn" and self.concurrency is None:
+            raise ValueError("--workload multi-turn needs --concurrency (conversations in flight)")
 
     @property
     def mode(self) -> str:
@@ -87,6 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--warmup", type=int, default=2, help="unmeasured requests first (default 2)")
     load.add_argument("--seed", type=int, default=0, help="seed of the workload and arrivals")
     work = parser.add_argument_group("workload")
+    work.add_argument("--workload", choices=WORKLOADS, default="random",
+                      help="random prompts (default); shared-prefix: each adapter's system prompt "
+                           "(--prefix-len tokens) + a fresh question of --input-len; multi-turn: "
+                           "conversations of --turns turns, each resending the conversation so far")
+    work.add_argument("--prefix-len", type=int, default=440, help="system prompt tokens (default 440)")
+    work.add_argument("--turns", type=int, default=8, help="multi-turn: turns per conversation (default 8)")
     work.add_argument("--input-len", default="128", help="prompt tokens: N or LOW:HIGH uniform (default 128)")
     work.add_argument("--output-len", default="64", help="generated tokens: N or LOW:HIGH (default 64)")
     work.add_argument("--prompt-file", type=Path, help="prompts, one per line or a JSON list (overrides --input-len)")
@@ -137,7 +155,8 @@ def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
                   output_len=LengthSpec.parse(args.output_len, "--output-len"), prompt_file=args.prompt_file,
                   adapters=adapter_ids(args), popularity=args.popularity, zipf_s=args.zipf_s, warmup=args.warmup,
                   seed=args.seed, slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, timeout_s=args.timeout,
-                  progress=not args.no_progress, labels=labels)
+                  progress=not args.no_progress, labels=labels, workload=args.workload,
+                  prefix_len=args.prefix_len, turns=args.turns)
     if args.concurrency is not None and args.request_rate is not None:
         raise ValueError("give --concurrency (closed loop) or --request-rate (open loop), not both")
     if args.request_rate is not None:

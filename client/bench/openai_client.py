@@ -31,6 +31,7 @@ class HttpChunk:
 
     num_tokens: int
     usage: Usage | None = None
+    text: str = ""
 
 
 def _error(status: int, body: str) -> LoraplexError:
@@ -96,7 +97,7 @@ class OpenAIBenchClient:
                     raise LoraplexError(payload["error"].get("message", "stream error"), grpc.StatusCode.INTERNAL)
                 if payload.get("choices"):
                     counted += 1
-                    yield HttpChunk(1)
+                    yield HttpChunk(1, text=payload["choices"][0].get("text") or "")
                 elif payload.get("usage"):
                     usage = payload["usage"]
                     yield HttpChunk(max(0, usage["completion_tokens"] - counted),

@@ -27,10 +27,15 @@ def text_table(config: BenchConfig, stats: BenchStats) -> str:
     """A vllm-bench-serve style block of results."""
     zipf = f" s={config.zipf_s:g}" if config.popularity == "zipf" else ""
     adapters = f"{len(config.adapters)} ({config.popularity}{zipf})" if config.adapters else "none (base model)"
-    rows = [("Load", load_label(config)), ("Adapters", adapters),
+    workload = config.workload if config.workload == "random" else (
+        f"{config.workload} (system prompt {config.prefix_len} tokens"
+        f"{f', {config.turns} turns' if config.workload == 'multi-turn' else ''})")
+    rows = [("Load", load_label(config)), ("Workload", workload), ("Adapters", adapters),
             ("Successful requests", str(stats.completed)), ("Failed requests", str(stats.failed)),
             ("Benchmark duration (s)", f"{stats.duration_s:.2f}"),
-            ("Total input tokens", str(stats.prompt_tokens)), ("Total generated tokens", str(stats.output_tokens)),
+            ("Total input tokens", str(stats.prompt_tokens)),
+            ("Input tokens from prefix cache", str(stats.cached_prompt_tokens)),
+            ("Total generated tokens", str(stats.output_tokens)),
             ("Request throughput (req/s)", f"{stats.request_throughput:.2f}"),
             ("Output token throughput (tok/s)", f"{stats.output_throughput:.2f}"),
             ("Total token throughput (tok/s)", f"{stats.total_token_throughput:.2f}")]

@@ -34,6 +34,8 @@ class RequestRecord:
     done_s: float | None = None
     prompt_tokens: int | None = None                          # the server's count (last chunk's usage)
     error: str | None = None                                  # gRPC status code name when it failed
+    cached_tokens: int = 0                                    # of them found in the server's prefix cache
+    text: str = ""                                            # the output (multi-turn resends it)
 
     @property
     def ok(self) -> bool:
@@ -76,19 +78,22 @@ class Progress:
 
 
 async def send_one(client: Any, request: BenchRequest, clock: Callable[[], float],
-                   timeout_s: float) -> RequestRecord:
-    """One streamed, greedy, ignore_eos request; errors are recorded, never raised."""
+                   timeout_s: float, history: str = "") -> RequestRecord:
+    """One streamed, greedy, ignore_eos request (after `history`, a multi-turn conversation so
+    far); errors are recorded, never raised."""
     record = RequestRecord(request.index, request.adapter_id, clock())
     try:
-        stream = client.generate_stream(request.prompt, request.adapter_id, timeout=timeout_s,
+        stream = client.generate_stream(history + request.prompt, request.adapter_id, timeout=timeout_s,
                                         max_new_tokens=request.max_new_tokens, temperature=0.0, ignore_eos=True)
         async for chunk in stream:
             num_tokens = _num_tokens(chunk)
             if num_tokens:
                 record.chunk_s.append(clock())
                 record.chunk_tokens.append(num_tokens)
+            record.text += getattr(chunk, "text", "") or ""
             if chunk.usage is not None:
                 record.prompt_tokens = chunk.usage.prompt_tokens
+                record.cached_tokens = getattr(chunk.usage, "cached_tokens", 0)
         record.done_s = clock()
     except LoraplexError as error:
         record.error = getattr(error.code, "name", str(error.code))
@@ -115,6 +120,33 @@ async def _closed_loop(client: AsyncClient, requests: list[BenchRequest], worker
                 progress.update(record)
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(workers, len(requests))))))
+    return records
+
+
+async def _conversations(client: Any, requests: list[BenchRequest], workers: int,
+                         clock: Callable[[], float], config: BenchConfig,
+                         progress: Progress | None) -> list[RequestRecord]:
+    """Closed loop over conversations: each worker runs one conversation's turns in order, each
+    turn sending the conversation so far (earlier prompts and the server's answers) + its message."""
+    by_conversation: dict[int, list[BenchRequest]] = {}
+    for request in requests:
+        by_conversation.setdefault(request.conversation or 0, []).append(request)
+    pending = iter(by_conversation.values())
+    records: list[RequestRecord] = []
+
+    async def worker() -> None:
+        for turns in pending:
+            history = ""
+            for request in turns:
+                record = await send_one(client, request, clock, config.timeout_s, history)
+                records.append(record)
+                if progress:
+                    progress.update(record)
+                if not record.ok:
+                    break
+                history += request.prompt + record.text + "\n"
+
+    await asyncio.gather(*(worker() for _ in range(max(1, min(workers, len(by_conversation))))))
     return records
 
 
@@ -155,10 +187,11 @@ async def _open_loop(client: AsyncClient, requests: list[BenchRequest], config: 
 
 async def run_benchmark(client: AsyncClient, config: BenchConfig) -> RunResult:
     """Warm up, then run the measured requests; returns every request's timings."""
+    closed = _conversations if config.workload == "multi-turn" else _closed_loop
     if config.warmup:
         warm = build_requests(config, count=config.warmup, seed_offset=1)
-        await _closed_loop(client, warm, config.concurrency or config.max_concurrency or config.warmup,
-                           time.perf_counter, config, None)
+        await closed(client, warm, config.concurrency or config.max_concurrency or config.warmup,
+                     time.perf_counter, config, None)
     requests = build_requests(config)
     started = time.perf_counter()
 
@@ -168,7 +201,7 @@ async def run_benchmark(client: AsyncClient, config: BenchConfig) -> RunResult:
     progress = Progress(len(requests), config.progress)
     try:
         if config.mode == "closed":
-            records = await _closed_loop(client, requests, int(config.concurrency), clock, config, progress)
+            records = await closed(client, requests, int(config.concurrency), clock, config, progress)
         else:
             records = await _open_loop(client, requests, config, clock, progress)
     finally:

@@ -74,6 +74,7 @@ class BenchStats:
     tpot: Summary
     itl: Summary
     e2e: Summary
+    cached_prompt_tokens: int = 0          # of prompt_tokens, found in the server's prefix cache
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,4 +125,5 @@ def compute_stats(records: Sequence[RequestRecord], duration_s: float, slo_ttft_
         ttft=Summary.of([v for r in ok if (v := ttft_s(r)) is not None]),
         tpot=Summary.of([v for r in ok if (v := tpot_s(r)) is not None]),
         itl=Summary.of([gap for r in ok for gap in itl_s(r)]),
-        e2e=Summary.of([v for r in ok if (v := e2e_s(r)) is not None]))
+        e2e=Summary.of([v for r in ok if (v := e2e_s(r)) is not None]),
+        cached_prompt_tokens=sum(r.cached_tokens for r in ok))

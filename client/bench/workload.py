@@ -21,12 +21,14 @@ _WORDS = ("the sea was calm and the old man walked along the shore with his dog 
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """One request of the workload."""
+    """One request of the workload. In a multi-turn workload `prompt` is only this turn's new
+    text: the runner sends the conversation so far (earlier prompts and answers) before it."""
 
     index: int
     prompt: str
     max_new_tokens: int
     adapter_id: str | None
+    conversation: int | None = None        # multi-turn: which conversation (turns in index order)
 
 
 def sample_length(spec: LengthSpec, rng: random.Random) -> int:
@@ -77,6 +79,8 @@ def build_requests(config: BenchConfig, count: int | None = None, seed_offset: i
     """The run's requests (the measured ones, or `count` warm-up ones with another seed)."""
     rng = random.Random(config.seed * 1_000_003 + seed_offset)
     count = config.num_prompts if count is None else count
+    if config.workload != "random":
+        return _chat_requests(config, count, rng)
     file_prompts = load_prompts(config.prompt_file) if config.prompt_file else None
     picks = adapter_sequence(config.adapters, config.popularity, config.zipf_s, count, rng)
     requests = []
@@ -84,4 +88,32 @@ def build_requests(config: BenchConfig, count: int | None = None, seed_offset: i
         prompt = (file_prompts[i % len(file_prompts)] if file_prompts
                   else synthetic_prompt(sample_length(config.input_len, rng), rng))
         requests.append(BenchRequest(i, prompt, sample_length(config.output_len, rng), picks[i]))
+    return requests
+
+
+def random_words(num_tokens: int, rng: random.Random) -> str:
+    """About `num_tokens` tokens of words drawn independently (text no other request shares)."""
+    return " ".join(rng.choice(_WORDS) for _ in range(num_tokens))
+
+
+def system_prompt(adapter_id: str | None, num_tokens: int) -> str:
+    """The fixed system prompt of one adapter: the same text in every run and with every --seed
+    (the seed varies only the questions), as a tenant's prompt stays the same across requests."""
+    rng = random.Random(f"system:{adapter_id or ''}")
+    return "System: " + random_words(num_tokens, rng) + "\n"
+
+
+def _chat_requests(config: BenchConfig, count: int, rng: random.Random) -> list[BenchRequest]:
+    """shared-prefix: request i uses adapter i % N and sends that adapter's system prompt plus a
+    fresh question. multi-turn: conversation c (adapter c % N) has `turns` requests in a row; its
+    first carries the system prompt, each later one only its new user message."""
+    adapters = config.adapters or (None,)
+    requests = []
+    for i in range(count):
+        conversation = i // config.turns if config.workload == "multi-turn" else None
+        adapter = adapters[(i if conversation is None else conversation) % len(adapters)]
+        question = "User: " + random_words(sample_length(config.input_len, rng), rng) + "\nAssistant:"
+        first_turn = conversation is None or i % config.turns == 0
+        prompt = (system_prompt(adapter, config.prefix_len) if first_turn else "") + question
+        requests.append(BenchRequest(i, prompt, sample_length(config.output_len, rng), adapter, conversation))
     return requests

@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from .builder import build_engine
+from .chat_options import ChatOptions
 from .engine import LLMEngine, StepStats
 from .constraints.spec import ConstraintError
 from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput, RequestRejected
@@ -97,7 +98,7 @@ class AsyncEngine:
             return None
         validate_request(request, self.engine.config.limits)     # every other problem first
         try:
-            future = compiler.submit(constraint)
+            future = compiler.submit(constraint, request.tenant)
             return await asyncio.wait_for(asyncio.wrap_future(future), compiler.limits.compile_timeout_s)
         except ConstraintError as error:
             raise RequestRejected("sampling.constraint", str(error)) from None
@@ -149,9 +150,9 @@ class AsyncEngine:
         return self.engine.tokenizer.decode([token_id])
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
-                          options: dict | None = None) -> list[int]:
-        if options:
-            raise RequestRejected("messages", "chat template options are not supported by this server")
+                          options: ChatOptions | None = None) -> list[int]:
+        if options is not None:
+            return await self._on_tokenizer(lambda: self.engine.render_with_options(tuple(messages), options))
         tokenizer = self.engine.tokenizer
         return await self._on_tokenizer(lambda: render_chat(tokenizer, list(messages)))
 
@@ -217,6 +218,7 @@ class AsyncEngine:
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 30)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.chat.sandbox.close()
 
     # ---- engine thread ----------------------------------------------------------------
     def _call(self, fn: Callable[[], Any]) -> Future:

@@ -12,12 +12,14 @@ from ..lora.fingerprint import base_spec_from_model_config
 from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
 from ..lora.slot_pool import SlotPool
-from ..kernels.linear_choice import choose_linear_kernels
+from ..lora.vocab import VocabSlots
+from ..layers.linear_choice import choose_linear_kernels
 from ..model.decode_stack import build_decode_stack
 from ..kernels.registry import KernelSet
 from ..model.config import ModelConfig
 from ..model.fused_ops import layer_ops
-from ..model.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from ..model.kv_cache import allocate_kv_caches
+from ..model.kv_sizing import KVCacheDemand, KVCachePlan, plan_kv_cache
 from ..model.llama import build_model
 from .adapters import AdapterGateway
 from .block_manager import BlockManager
@@ -89,14 +91,10 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     tokenizer = load_tokenizer(config.model_dir)
 
     cache, sched = config.cache, config.scheduler
-    num_blocks = num_blocks_for_budget(cache.kv_cache_memory, model_config, cache.block_size, dtype, device)
-    min_blocks = -(-sched.max_model_len // cache.block_size)
-    if num_blocks < min_blocks:
-        raise ValueError(f"kv_cache_memory={cache.kv_cache_memory!r} gives {num_blocks} KV blocks; one "
-                         f"request of max_model_len={sched.max_model_len} needs {min_blocks}: raise "
-                         "--kv-cache-memory or lower --max-total-tokens")
+    kv_plan = plan_kv_cache_for(config, model_config, dtype, device)
+    num_blocks = kv_plan.num_blocks
     kv_caches = allocate_kv_caches(model_config, num_blocks, cache.block_size, dtype, device)
-    log(f"[loraplex] KV cache: {num_blocks} blocks of {cache.block_size} tokens")
+    log(f"[loraplex] KV cache: {kv_plan.describe()}")
 
     constraints, guided = structured_output(config, tokenizer, model_config.vocab_size,
                                             eos_token_ids(config.model_dir, tokenizer))
@@ -110,8 +108,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     gateway = pool = None
     if store is not None:
         adapter_dtype = dtype if config.lora.adapter_dtype == "compute" else _DTYPES[config.lora.adapter_dtype]
+        vocab = VocabSlots(model_config.vocab_size, model_config.hidden_size, dtype, device)
         pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
-                        ops=select_ops(device, cpu_kernels=kernels.native))
+                        ops=select_ops(device, cpu_kernels=kernels.native), vocab=vocab)
         gateway = AdapterGateway(store, AdapterManager(pool))
         set_finisher = getattr(store, "set_load_finisher", None)
         if set_finisher is not None:     # DoRA scales derived once per version, on the load threads
@@ -125,12 +124,31 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       device=device, base_fingerprint=base_spec.fingerprint,
                       linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
                       vocab_size=model_config.vocab_size, linear_kernels=linear_kernels,
-                      cpu_isa="" if kernels.native is None else kernels.native.quant_isa())
+                      cpu_isa="" if kernels.native is None else kernels.native.quant_isa(),
+                      decode_path="layers" if model.decode_stack is None else "native-stack",
+                      max_prompt_bytes=engine.max_prompt_bytes,
+                      chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else "")
     warm_up(engine, pool, log)
     log(f"[loraplex] model ready in {time.monotonic() - started:.1f}s "
         f"(linear weights {info.linear_weight_bytes / 2**20:.1f} MiB, {ops.name} layer ops"
         f"{', decode steps in one native call' if model.decode_stack is not None else ''})")
     return engine, info
+
+
+def plan_kv_cache_for(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype,
+                      device: str, available_bytes: int | None = None) -> KVCachePlan:
+    """The KV cache's block count for this engine (kv_sizing.py); ValueError when one request of
+    max_model_len would not fit."""
+    cache, sched = config.cache, config.scheduler
+    demand = KVCacheDemand(sched.max_num_seqs, sched.max_model_len, cache.block_size,
+                           cache.prefix_cache_share if cache.prefix_caching else 0.0)
+    plan = plan_kv_cache(cache.kv_cache_memory, cache.kv_cache_max_memory, demand, model_config, dtype,
+                         device, available_bytes)
+    if plan.num_blocks < demand.blocks_per_seq:
+        flag = "--kv-cache-memory" if plan.demand_blocks == 0 else "--kv-cache-max-memory"
+        raise ValueError(f"KV cache: {plan.describe()}; one request of max_model_len={sched.max_model_len} "
+                         f"needs {demand.blocks_per_seq} blocks: raise {flag} or lower --max-total-tokens")
+    return plan
 
 
 def structured_output(config: EngineConfig, tokenizer: Any, lm_vocab_size: int, eos_ids: tuple[int, ...]):
@@ -144,7 +162,8 @@ def structured_output(config: EngineConfig, tokenizer: Any, lm_vocab_size: int, 
 
     limits = ConstraintLimits(max_source_bytes=config.limits.max_constraint_bytes,
                               cache_size=structured.constraint_cache_size,
-                              compile_timeout_s=structured.constraint_timeout_s)
+                              compile_timeout_s=structured.constraint_timeout_s,
+                              max_mask_ms=structured.constraint_mask_budget_ms)
     compiler = ConstraintCompiler(tokenizer, lm_vocab_size, eos_ids, limits)
     return compiler, GuidedDecoding(compiler.vocab_size, lm_vocab_size)
 

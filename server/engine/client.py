@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Callable, Protocol, runtime_checkable
 
+from .chat_options import ChatOptions
 from .io import EngineInfo, EngineStats, GenerationRequest, RequestOutput
 
 StepListener = Callable[[object], None]          # receives engine.StepStats after each step
@@ -54,9 +55,10 @@ class EngineClient(Protocol):
         ...
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
-                          options: dict | None = None) -> list[int]:
+                          options: ChatOptions | None = None) -> list[int]:
         """Token ids of a chat rendered with the chat template (the adapter's own where it
-        has one), off the step loop. `options`: template options (tools, kwargs)."""
+        has one), off the step loop. `options`: template options (tools, tool calls in the
+        history, chat_template_kwargs, ...: chat_options.py); None = the plain rendering."""
         ...
 
     # ---- state (cheap, thread-safe) ---------------------------------------------------

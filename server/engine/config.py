@@ -53,15 +53,33 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    kv_cache_memory: str = "0.25"    # bytes ("2GiB") or a fraction of free memory
-    block_size: int = 16             # tokens per KV block
-    prefix_caching: bool = True      # reuse cached full blocks of shared prefixes (block_manager.py)
+    """Paged KV cache; sized by model/kv_sizing.py (the startup log says how big and why)."""
+
+    kv_cache_memory: str = "auto"        # auto (by demand, within the cap), bytes ("2GiB") or a fraction
+    kv_cache_max_memory: str = "0.25"    # auto's cap: bytes or a fraction of free memory
+    prefix_cache_share: float = 0.25     # auto: extra blocks for cached prefixes, share of the demand
+    block_size: int = 16                 # tokens per KV block
+    prefix_caching: bool = True          # reuse cached full blocks of shared prefixes (block_manager.py)
 
     def __post_init__(self) -> None:
         raise_if(self.problems())
 
     def problems(self) -> Iterator[ConfigProblem]:
+        from ..model.memory_budget import parse_memory_budget
+
         yield from at_least(self, 1, ("block_size",))
+        for name in ("kv_cache_memory", "kv_cache_max_memory"):
+            value = getattr(self, name)
+            if name == "kv_cache_memory" and str(value).strip().lower() == "auto":
+                continue
+            try:
+                parse_memory_budget(value)
+            except ValueError:
+                auto = " or 'auto'" if name == "kv_cache_memory" else ""
+                yield ConfigProblem(name, f"{value!r} is not understood: use bytes with a unit ('2GiB'), "
+                                          f"a fraction of free memory ('0.3'){auto}")
+        if not 0 <= self.prefix_cache_share <= 10:
+            yield ConfigProblem("prefix_cache_share", f"must be in [0, 10] (got {self.prefix_cache_share})")
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,7 @@ class StructuredConfig:
     structured_output: bool = True       # accept per-request constraints (llguidance)
     constraint_cache_size: int = 256     # compiled grammars kept, LRU by constraint hash
     constraint_timeout_s: float = 10.0   # a request waits at most this long for its compile
+    constraint_mask_budget_ms: float = 10.0   # grammars whose token mask costs more are refused
 
     def __post_init__(self) -> None:
         raise_if(self.problems())
@@ -111,6 +130,8 @@ class StructuredConfig:
         yield from at_least(self, 1, ("constraint_cache_size",))
         if not self.constraint_timeout_s > 0:
             yield ConfigProblem("constraint_timeout_s", "must be > 0")
+        if not self.constraint_mask_budget_ms > 0:
+            yield ConfigProblem("constraint_mask_budget_ms", "must be > 0")
 
 
 SUB_CONFIGS: dict[str, type] = {"quant": QuantConfig, "scheduler": SchedulerConfig, "cache": CacheConfig,

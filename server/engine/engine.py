@@ -14,6 +14,7 @@ from .constraints.spec import ConstraintError
 from .detokenizer import IncrementalDetokenizer
 from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
+from .chat_template import ChatRenderer, TemplateError
 from .prompt import encode_prompt, max_token_bytes, prompt_bytes, render_chat
 from .request_state import EMPTY_DELTA, Delta, RequestState
 from .scheduler import Scheduler
@@ -56,6 +57,7 @@ class LLMEngine:
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
+        self.chat = ChatRenderer(tokenizer)
         self.eos_token_ids = eos_token_ids
         self.adapters = adapters
         self.clock = clock
@@ -74,18 +76,28 @@ class LLMEngine:
         than max_prompt_bytes cannot fit max_input_tokens and is refused before tokenizing."""
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
-        num_bytes = prompt_bytes(request.prompt, request.messages)
+        num_bytes = prompt_bytes(request.prompt, request.messages) + (request.chat.num_bytes if request.chat else 0)
         if num_bytes > self.max_prompt_bytes:
             max_tokens = self.config.limits.max_input_tokens
             raise RequestRejected("", f"the prompt is {num_bytes} bytes, more than {self.max_prompt_bytes} "
                                   f"({max_tokens} tokens of at most {self.max_prompt_bytes // max_tokens} "
                                   f"bytes); shorten it")
+        if request.messages is not None and request.chat is not None:
+            return self.render_with_options(request.messages, request.chat)
         if request.messages is not None:
             try:
                 return render_chat(self.tokenizer, request.messages)
             except ValueError as error:
                 raise RequestRejected("messages", str(error)) from None
         return encode_prompt(self.tokenizer, request.prompt)
+
+    def render_with_options(self, messages: tuple[tuple[str, str], ...], options: Any,
+                            template: str | None = None) -> list[int]:
+        """A chat with template options (chat_template.py); template: an adapter's own."""
+        try:
+            return self.chat.ids(messages, options, template)
+        except TemplateError as error:
+            raise RequestRejected("chat_template" if options.chat_template else "messages", str(error)) from None
 
     def checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
         """validate_request, then tokenize: what AsyncEngine runs off the engine thread."""
@@ -295,7 +307,8 @@ class LLMEngine:
         if output.finish_reason is FinishReason.ERROR:
             guide = state.seq.guide
             if error is None and guide is not None and guide.error is not None:
-                error = RequestFailed(f"the output constraint failed: {guide.error}")
+                error = (RequestRejected("sampling.constraint", guide.error) if guide.request_fault
+                         else RequestFailed(f"the output constraint failed: {guide.error}"))
             output = replace(output, error=error or RequestFailed("the request failed inside the engine"))
         return output
 
@@ -354,5 +367,6 @@ class LLMEngine:
             running_adapters=self.scheduler.running_adapter_keys,
             waiting_adapters=tuple(dict.fromkeys(self.scheduler.pending_adapter_keys())),
             max_loras=self.config.scheduler.max_loras,
+            slot_adapters=manager.resident_keys() if manager is not None else (),
             num_cached_blocks=blocks.num_cached_blocks, prefix_caching=blocks.enable_caching,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .chat_options import ChatOptions
 from .sequence import FinishReason, SamplingParams
 
 
@@ -77,6 +78,7 @@ class GenerationRequest:
     adapter_id: str | None = None                          # "name" or "name@3"; None = base
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tenant: str | None = None                              # for tenant-private adapters
+    chat: ChatOptions | None = None                        # template options of a chat (tools, kwargs, ...)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class EngineStats:
     running_adapters: tuple[str, ...] = ()     # adapter keys of running requests ("name@N")
     waiting_adapters: tuple[str, ...] = ()     # adapter keys of waiting requests, oldest first
     max_loras: int = 0
+    slot_adapters: tuple[str, ...] = ()        # adapter keys resident in device slots (residency metrics)
     num_cached_blocks: int = 0                 # KV blocks in the prefix cache (held or reclaimable)
     prefix_caching: bool = False
 
@@ -149,8 +152,11 @@ class EngineInfo:
     linear_weight_bytes: int
     base_spec: Any
     vocab_size: int
-    linear_kernels: tuple = ()          # kernels.linear_choice.KernelChoice per layer shape
+    linear_kernels: tuple = ()          # layers.linear_choice.KernelChoice per layer shape
     cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)
+    decode_path: str = ""               # "native-stack" (one native call per decode step) or "layers"
+    max_prompt_bytes: int = 0           # text longer than this cannot fit max_input_tokens (0 = unknown)
+    chat_template: str = ""             # the base model's chat template ("" = none; picks --tool-call-parser auto)
 
 
 class EngineUnavailable(EngineDraining):

@@ -66,7 +66,11 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.ctx, self.kv_caches)    # [T, hidden]
             if not inputs.sample_seqs:
                 return RunnerOutput(sampled_token_ids={})
-            logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
+            sampled = hidden.index_select(0, inputs.sample_rows)                    # [n, hidden]
+            logits = self.model.compute_logits(sampled)
+            lora = inputs.ctx.lora
+            if lora is not None and lora.vocab is not None:                      # adapters' own lm_head
+                lora.vocab.logits(sampled, logits, lora.info.token_slots.index_select(0, inputs.sample_rows))
             result = self.sampler(logits, inputs.sample_seqs)
         seq_ids = [seq.seq_id for seq in inputs.sample_seqs]
         logprobs = None if result.logprobs is None else dict(zip(seq_ids, result.logprobs))

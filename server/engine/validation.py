@@ -30,7 +30,7 @@ from .sequence import MAX_TOP_LOGPROBS, SAMPLING_PENALTY_RANGE as PENALTY_RANGE,
 
 # Use fullmatch: `$` would match before a trailing newline ("name\n" must be refused).
 ADAPTER_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[1-9][0-9]{0,8})?", re.ASCII)
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def validate_request(request: GenerationRequest, limits: RequestLimits) -> GenerationRequest:

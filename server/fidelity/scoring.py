@@ -70,8 +70,11 @@ class Scorer:
             from ..lora.ops import select_ops
 
             kernels = KernelSet.resolve("auto", self.dtype, self.device, log=lambda _m: None)
+            from ..lora.vocab import VocabSlots
+
+            vocab = VocabSlots(self.config.vocab_size, self.config.hidden_size, self.dtype, self.device)
             self._pool = SlotPool(self.model.lora_targets(), 1, self.max_lora_rank, self.adapter_dtype,
-                                  self.device, ops=select_ops(self.device, cpu_kernels=kernels.native))
+                                  self.device, ops=select_ops(self.device, cpu_kernels=kernels.native), vocab=vocab)
         self._pool.load(0, adapter)
 
     @property
@@ -90,7 +93,10 @@ class Scorer:
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         with torch.inference_mode():
             hidden = self.model(ids, ctx, kv_caches)                # [T, hidden]
-            return self.model.compute_logits(hidden)                # [T, vocab]
+            logits = self.model.compute_logits(hidden)              # [T, vocab]
+            if ctx.lora is not None and ctx.lora.vocab is not None:   # the adapter's own lm_head
+                ctx.lora.vocab.logits(hidden, logits, ctx.lora.info.token_slots)
+            return logits
 
     def token_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """[T - 1] float32: log p(token t | tokens < t) for t = 1..T-1 (teacher forcing)."""

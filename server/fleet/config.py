@@ -1,7 +1,7 @@
 """FleetOptions: the settings `loraplex fleet` adds to `loraplex serve`'s (flag > env > default).
 
-Every serve setting applies to each replica's engine and store; `--port` is the port of Ray
-Serve's gRPC proxy and `--metrics-port` each replica's /metrics (see docs/fleet.md).
+Every serve setting applies to each replica's engine and store; `--host`, `--port` and
+`--http-port` are the fleet front end's and `--metrics-port` each replica's /metrics (see docs/fleet.md).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def validate(options: FleetOptions, config: ServerConfig) -> list[str]:
 def _tls_problems(cli_values: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
     if any(cli_values.get(name) or environ.get(env) for name, env in
            (("tls_cert", "LORAPLEX_TLS_CERT"), ("tls_key", "LORAPLEX_TLS_KEY"))):
-        return ["--tls-cert/--tls-key: Ray Serve's gRPC proxy has no TLS; terminate TLS in front of the fleet "
+        return ["--tls-cert/--tls-key: the fleet's front end has no TLS yet; terminate TLS in front of the fleet "
                 "(ingress or load balancer)"]
     return []
 

@@ -69,7 +69,7 @@ class GrpcForwarder:
         try:
             rid = self._routing(method, payload, context)
             with self._admitted(method):
-                handle = self.replicas.options(method_name="stream", stream=True, multiplexed_model_id=rid)
+                handle = self.replicas.options(method_name="stream", stream=True, multiplexed_model_id=rid, _by_reference=False)
                 responses = handle.remote(_forwarded(method, payload, context))
                 try:
                     async for reply in responses:
@@ -126,7 +126,7 @@ class GrpcForwarder:
             self.admission.leave()
 
     async def _call(self, name: str, rid: str, call: ForwardedCall) -> Reply:
-        response = self.replicas.options(method_name=name, multiplexed_model_id=rid).remote(call)
+        response = self.replicas.options(method_name=name, multiplexed_model_id=rid, _by_reference=False).remote(call)
         try:
             return await response
         except asyncio.CancelledError:

@@ -84,7 +84,7 @@ class HttpFront:
         return model if isinstance(model, str) and model != self.base_model_name else ""
 
     async def _forward(self, call: HttpCall, rid: str, send) -> None:
-        handle = self.replicas.options(method_name="http", stream=True, multiplexed_model_id=rid)
+        handle = self.replicas.options(method_name="http", stream=True, multiplexed_model_id=rid, _by_reference=False)
         parts = handle.remote(call)
         started = False
         try:

@@ -65,8 +65,10 @@ class ReplicaBase:
         self.fleet_metrics = FleetMetrics(metrics.registry, self.name)
         self.keys = KeyRing(config.api_keys, config.admin_keys)
         self.state = ServiceState(config=config, keys=self.keys, metrics=metrics, replica=self.name)
+        phases: list[str] = []
         # The replica keeps the in-process engine (issue 36): Ray supervises the replica itself.
-        store, engine = await load_engine(replace(config, engine_process=False), log=log.info)
+        store, engine = await load_engine(replace(config, engine_process=False), log=lambda message: phases.append(
+            f"+{time.time() - started:.1f}s {message}"))
         wire_engine(self.state, store, engine)
         self.servicers = {"generation": GenerationServicer(self.state), "adapters": AdapterServicer(self.state),
                           "server": ServerServicer(self.state)}
@@ -74,7 +76,7 @@ class ReplicaBase:
         self.loader = HostLoader(store)
         self.held: dict[str, HeldAdapter] = {}
         self.metrics_http, self.metrics_port = _serve_metrics(metrics, config)
-        self.startup = _startup_breakdown(started)
+        self.startup = _startup_breakdown(started) + "; " + " | ".join(phases)
         log.warning("loraplex replica %s ready (metrics on :%s): %s", self.name, self.metrics_port or "off",
                     self.startup)
 
@@ -133,6 +135,9 @@ class ReplicaBase:
             state.store.close()
         if getattr(self, "metrics_http", None) is not None:
             self.metrics_http.shutdown()
+        door = getattr(state, "door", None)
+        if door is not None:
+            door.close()
 
     # ---- plumbing ------------------------------------------------------------------------
     def _handler(self, method: Method):

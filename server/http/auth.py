@@ -1,23 +1,18 @@
-"""The gRPC API's keys, roles and tenants over HTTP: `Authorization: Bearer KEY`.
+"""The gRPC API's keys over HTTP: `Authorization: Bearer KEY` -> the caller's Principal.
 
-`KeyRing.authenticate` (service/auth.py) does the constant-time comparison for both APIs.
+`KeyRing.authenticate` (service/auth.py) does the constant-time comparison for both APIs;
+what a principal may do is the front door's rule (frontdoor/access.py `authorize`).
 """
 
 from __future__ import annotations
 
 from starlette.requests import Request
 
-from ..service.auth import KeyRing, Principal, Role
-from .errors import ApiError
+from ..frontdoor.access import Principal
+from ..service.auth import KeyRing
 
 
-def authenticate(keys: KeyRing, request: Request, admin: bool = False) -> Principal:
-    """The caller; 401 without a valid key, 403 when `admin` is needed and the key is not one."""
+def authenticate(keys: KeyRing, request: Request) -> Principal | None:
+    """The caller, or None without a valid key (the front door answers 401)."""
     header = request.headers.get("authorization")
-    principal = keys.authenticate([("authorization", header)] if header is not None else [])
-    if principal is None:
-        raise ApiError(401, "missing or unknown API key: send the header 'Authorization: Bearer <key>'",
-                       code="invalid_api_key")
-    if admin and principal.role is not Role.ADMIN:
-        raise ApiError(403, "this endpoint needs an admin key", code="permission_denied")
-    return principal
+    return keys.authenticate([("authorization", header)] if header is not None else [])

@@ -16,19 +16,24 @@ from ..engine.config import RequestLimits
 from ..engine.constraints.spec import Constraint
 from ..engine.io import GenerationRequest, RequestRejected
 from ..engine.sequence import SamplingParams
+from ..engine.tool_parsers import ToolFormat
+from ..engine.tool_parsers.hermes import HermesFormat
 from ..engine.validation import ADAPTER_REF_RE, check_request
+from ..frontdoor.limits import FrontLimits
 from .errors import ApiError, bad_request, unsupported
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from ..engine.tool_parsers.shaper import ChatShaper
 from .structured import GUIDED, structured_output
+from .tools import CHAT_EXTRAS, chat_options, tool_request
 
 # Known OpenAI parameters this server does not implement yet -> a hint for the caller.
 UNSUPPORTED = {
-    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
-    "function_call": "function calling", "parallel_tool_calls": "tool calling",
+    "functions": "the deprecated function calling; use tools", "function_call": "the deprecated function "
+    "calling; use tool_choice",
     "logit_bias": "", "audio": "", "modalities": "", "prediction": "", "reasoning_effort": "",
     "web_search_options": "", "service_tier": "", "store": "", "metadata": "",
 }
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,17 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None           # alternatives per token (0 = only the chosen token), None = off
+    shaper: ChatShaper | None = None   # reasoning / tool-call parsing of chat output (tool_parsers/shaper.py)
+
+
+@dataclass(frozen=True)
+class ChatSetup:
+    """What a chat request's agent fields need from the server: the tool-call format, the
+    reasoning parser, and whether the caller may send its own chat_template."""
+
+    fmt: ToolFormat
+    reasoning_parser: str = ""
+    admin: bool = False
 
 
 def parse_body(model_type: type[BaseModel], data: Any) -> Any:
@@ -64,12 +80,12 @@ def parse_body(model_type: type[BaseModel], data: Any) -> Any:
         raise bad_request(param, f"{param}: {first['msg']}" if param else first["msg"]) from None
 
 
-def _refuse_unknown(body: SamplingFields, also_unsupported: dict[str, bool]) -> None:
+def _refuse_unknown(body: SamplingFields, also_unsupported: dict[str, bool], known: tuple[str, ...] = ()) -> None:
     for name, value in body.extras().items():
+        if name in known:
+            continue
         if name in UNSUPPORTED and value in (None, [], {}, False):
             continue                                   # explicit "off" values change nothing
-        if name == "tool_choice" and value == "none":
-            continue
         if name in UNSUPPORTED:
             raise unsupported(name, UNSUPPORTED[name])
         if name != "response_format" and name not in GUIDED:
@@ -80,12 +96,13 @@ def _refuse_unknown(body: SamplingFields, also_unsupported: dict[str, bool]) -> 
 
 
 def resolve_model(model: str | None, base_name: str) -> str | None:
-    """`model` -> adapter id (None = the base model). Unknown names fail later with 404."""
+    """`model` -> adapter id (None = the base model). A malformed id is the request's fault (400,
+    as over gRPC); a well-formed unknown one fails later with 404."""
     if model is None or model == base_name:
         return None
     if not ADAPTER_REF_RE.fullmatch(model):
-        raise ApiError(404, f"the model '{model}' does not exist: use '{base_name}', an adapter id or "
-                            "'name@version' (GET /v1/models lists them)", param="model", code="model_not_found")
+        raise bad_request("model", f"must be '{base_name}' (the base model), an adapter id or 'name@version' with "
+                                   "name matching [A-Za-z0-9][A-Za-z0-9._-]{0,127} (GET /v1/models lists them)")
     return model
 
 
@@ -110,7 +127,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
 
 def _parsed(body: SamplingFields, inputs: list[dict[str, Any]], adapter: str | None, base_name: str,
             sampling: Callable[[int], SamplingParams], tenant: str | None, new_id: Callable[[], str],
-            logprobs: int | None, limits: RequestLimits) -> ParsedRequest:
+            logprobs: int | None, limits: RequestLimits, shaper: ChatShaper | None = None) -> ParsedRequest:
     n = body.n or 1
     choices = []
     for prompt_index, fields in enumerate(inputs):
@@ -125,12 +142,15 @@ def _parsed(body: SamplingFields, inputs: list[dict[str, Any]], adapter: str | N
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options", "stream_options is only allowed with stream: true")
-    return ParsedRequest(body, choices, adapter, body.model or base_name, bool(body.stream), include_usage, logprobs)
+    return ParsedRequest(body, choices, adapter, body.model or base_name, bool(body.stream), include_usage, logprobs,
+                         shaper if shaper is not None and shaper.active else None)
 
 
 def completion_request(data: Any, base_name: str, tenant: str | None, limits: RequestLimits,
-                       new_id: Callable[[], str]) -> ParsedRequest:
+                       new_id: Callable[[], str], front: FrontLimits | None = None) -> ParsedRequest:
     body: CompletionRequest = parse_body(CompletionRequest, data)
+    if front is not None:                  # prompts x n, from the shape alone, before any request is built
+        front.check_choices(_num_prompts(body.prompt), body.n or 1)
     best_of_differs = body.best_of is not None and body.best_of != (body.n or 1)
     _refuse_unknown(body, {"echo": bool(body.echo), "suffix": body.suffix is not None, "best_of": best_of_differs})
     constraint = structured_output(body)
@@ -141,6 +161,13 @@ def completion_request(data: Any, base_name: str, tenant: str | None, limits: Re
         return sampling_params(body, body.max_tokens, logprobs, j, constraint)
 
     return _parsed(body, _prompts(body.prompt), adapter, base_name, sampling, tenant, new_id, logprobs, limits)
+
+
+def _num_prompts(prompt: Any) -> int:
+    """How many prompts `prompt` holds (one string, one id list, or a list of either)."""
+    if isinstance(prompt, str) or not prompt or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
 
 
 def _prompts(prompt: Any) -> list[dict[str, Any]]:
@@ -156,10 +183,22 @@ def _prompts(prompt: Any) -> list[dict[str, Any]]:
 
 
 def chat_request(data: Any, base_name: str, tenant: str | None, limits: RequestLimits,
-                 new_id: Callable[[], str]) -> ParsedRequest:
+                 new_id: Callable[[], str], setup: ChatSetup | None = None,
+                 front: FrontLimits | None = None) -> ParsedRequest:
+    setup = setup or ChatSetup(HermesFormat())
     body: ChatCompletionRequest = parse_body(ChatCompletionRequest, data)
-    _refuse_unknown(body, {})
+    if front is not None:
+        front.check_choices(1, body.n or 1)
+    _refuse_unknown(body, {}, CHAT_EXTRAS)
+    extras = body.extras()
+    tools = tool_request(extras)
     constraint = structured_output(body)
+    forced = tools.constraint(setup.fmt) if tools is not None else None
+    if forced is not None and constraint is not None:
+        raise bad_request("tool_choice", f"tool_choice {tools.choice!r} forces a tool call; it cannot be combined "
+                                         "with response_format / structured outputs")
+    constraint = forced or constraint
+    chat = chat_options(extras, body.messages, tools, setup.fmt, setup.admin)
     adapter = resolve_model(body.model, base_name)
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs", "top_logprobs needs logprobs: true")
@@ -170,20 +209,19 @@ def chat_request(data: Any, base_name: str, tenant: str | None, limits: RequestL
     def sampling(j: int) -> SamplingParams:
         return sampling_params(body, max_tokens, logprobs, j, constraint)
 
-    return _parsed(body, [{"messages": messages}], adapter, base_name, sampling, tenant, new_id, logprobs, limits)
+    return _parsed(body, [{"messages": messages, "chat": chat}], adapter, base_name, sampling, tenant, new_id,
+                   logprobs, limits, ChatShaper(setup.fmt, tools, setup.reasoning_parser))
 
 
 def chat_messages(messages: list[ChatMessage]) -> tuple[tuple[str, str], ...]:
-    """OpenAI messages -> (role, content) pairs; text parts are joined, other parts refused."""
+    """OpenAI messages -> (role, content) pairs; text parts are joined, other parts refused
+    (tool calls and tool_call_id travel in ChatOptions.message_fields: tools.py)."""
     pairs = []
     for index, message in enumerate(messages):
         role = CHAT_ROLES.get(message.role)
         if role is None:
             raise bad_request(f"messages.{index}.role", f"role {message.role!r} is not supported "
                                                         f"(use one of {', '.join(CHAT_ROLES)})")
-        for name in ("tool_calls", "function_call", "tool_call_id"):
-            if (message.model_extra or {}).get(name):
-                raise unsupported(f"messages.{index}.{name}", "tool calling")
         pairs.append((role, _text(message.content, index)))
     return tuple(pairs)
 

@@ -1,7 +1,8 @@
 """Errors of the HTTP API in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
-`to_api_error` maps every error a handler can meet (engine, store, gRPC-side ServiceError) to
-an HTTP status; unknown errors become 500 with an incident id (traceback logged, never sent).
+`to_api_error` maps every error a handler can meet to an HTTP status through the front door's
+`refusal_of` (the same rules as gRPC); unknown errors become 500 with an incident id
+(traceback logged, never sent).
 Engine validation errors (engine/validation.py) name fields relative to the engine's
 GenerationRequest (`sampling.max_new_tokens`, `""` for the input, `messages[1].role`);
 `engine_param` maps them to the OpenAI parameter that set them.
@@ -9,21 +10,20 @@ GenerationRequest (`sampling.max_new_tokens`, `""` for the input, `messages[1].r
 
 from __future__ import annotations
 
-import errno
 import logging
-import uuid
 from dataclasses import dataclass, field
 
 from starlette.responses import JSONResponse
 
-from ..service.errors import is_store_unavailable, store_unavailable_message
-from ..engine.io import AdapterBackendUnavailable, AdapterUnavailable, EngineDraining, QueueFull, RequestFailed, RequestRejected
+from ..engine.io import RequestRejected
+from ..frontdoor.errors import Kind, refusal_of
 
 log = logging.getLogger("loraplex.http")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
+          408: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable",
+          507: "internal_error"}
 
 # engine field (last path component) -> OpenAI parameter
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
@@ -77,54 +77,38 @@ def engine_param(field_name: str, prompt_param: str) -> str:
     return PARAM_NAMES.get(last, last)
 
 
-def to_api_error(error: BaseException, prompt_param: str = "prompt") -> ApiError:
-    """The HTTP status and body for an error raised while serving a request."""
+# The front door's kinds (frontdoor/errors.py) -> HTTP statuses: the only HTTP-specific rule.
+KIND_STATUS = {Kind.INVALID: 400, Kind.UNAUTHENTICATED: 401, Kind.PERMISSION_DENIED: 403, Kind.NOT_FOUND: 404,
+               Kind.CONFLICT: 409, Kind.PRECONDITION: 409, Kind.TOO_LARGE: 413, Kind.BUSY: 429,
+               Kind.DISK_FULL: 507, Kind.UNAVAILABLE: 503, Kind.INTERNAL: 500}
+
+
+def to_api_error(error: BaseException, prompt_param: str = "prompt", params: dict[str, str] | None = None) -> ApiError:
+    """The HTTP status and body for an error raised while serving a request. `params` renames
+    the front door's neutral field names for this route (e.g. adapter_id -> lora_name)."""
     if isinstance(error, ApiError):
         return error
-    if isinstance(error, RequestRejected):
-        return bad_request(engine_param(error.field_name, prompt_param), error.message)
-    if isinstance(error, QueueFull):
-        seconds = max(1, round(error.retry_after_s))
-        return ApiError(429, str(error), code="queue_full", headers={"Retry-After": str(seconds)})
-    if isinstance(error, EngineDraining):
-        return ApiError(503, str(error) or "the server is shutting down", headers={"Retry-After": "1"})
-    if isinstance(error, AdapterBackendUnavailable) or is_store_unavailable(error):
-        seconds = max(1, round(getattr(error, "retry_after_s", 1.0)))
-        return ApiError(503, store_unavailable_message(error), code="store_unavailable",
-                        headers={"Retry-After": str(seconds)})
-    if isinstance(error, AdapterUnavailable):
-        return ApiError(400, str(error), param="model", code="adapter_unavailable")
-    if isinstance(error, RequestFailed):
-        return ApiError(500, str(error) or "the request failed", code="request_failed")
-    mapped = _from_store(error) or _from_service(error)
-    if mapped is not None:
-        return mapped
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        log.error("disk full: %s", error)
-        return ApiError(507, "the server's disk is full; nothing was stored (an operator must free space)")
-    incident = uuid.uuid4().hex[:12]
-    log.error("internal error (incident %s)", incident, exc_info=error)
-    return ApiError(500, f"internal server error (incident {incident})", code="internal_error")
-
-
-def _from_store(error: BaseException) -> ApiError | None:
-    if not type(error).__module__.startswith("loraplex.adapters_store"):
-        return None
-    from ...adapters_store import errors as store
-
-    table = ((store.InvalidAdapterId, 400, "model"), (store.AdapterValidationError, 400, None),
-             (store.AdapterNotFound, 404, "model"), (store.QuotaExceeded, 413, None),
-             (store.UploadConflict, 409, None), (store.PermissionDenied, 403, None),
-             (store.IntegrityError, 409, None))
-    for error_type, status, param in table:
-        if isinstance(error, error_type):
-            code = "model_not_found" if status == 404 else None
-            return ApiError(status, str(error), param=param, code=code)
-    return None
+    from_service = _from_service(error)
+    if from_service is not None:
+        return from_service
+    refusal = refusal_of(error)
+    status = KIND_STATUS[refusal.kind]
+    param = None
+    if refusal.field is not None and refusal.field != "body":
+        param = (params or {}).get(refusal.field) or engine_param(refusal.field, prompt_param)
+    elif refusal.code in ("model_not_found", "adapter_unavailable"):
+        param = "model"
+    message = error.message if isinstance(error, RequestRejected) else refusal.message
+    headers = {}
+    if refusal.retry_after_s is not None and refusal.kind in (Kind.BUSY, Kind.UNAVAILABLE):
+        headers["Retry-After"] = str(max(1, round(refusal.retry_after_s)))
+    elif refusal.kind is Kind.UNAVAILABLE:
+        headers["Retry-After"] = "1"
+    return ApiError(status, message, param=param, code=refusal.code, headers=headers)
 
 
 def _from_service(error: BaseException) -> ApiError | None:
-    """A gRPC-side ServiceError (e.g. from ServiceState.require_engine) -> HTTP."""
+    """A gRPC-side ServiceError (e.g. the fleet front end's admission) -> HTTP."""
     from ..service.errors import ServiceError
 
     if not isinstance(error, ServiceError):

@@ -123,8 +123,9 @@ async def respond(engine: Any, parsed: ParsedRequest, request: Request, endpoint
         return Response(status_code=499)                 # nobody is listening any more
     for state in states.values():
         record("200", state.last, parsed.adapter_id)
-    build = chat_body if endpoint is CHAT else completion_body
-    return JSONResponse(build(meta, list(states.values()), parsed.logprobs is not None, text_of))
+    if endpoint is CHAT:
+        return JSONResponse(chat_body(meta, list(states.values()), parsed.logprobs is not None, text_of, parsed.shaper))
+    return JSONResponse(completion_body(meta, list(states.values()), parsed.logprobs is not None, text_of))
 
 
 async def _run_to_end(runner: ChoiceRunner, states: dict[int, ChoiceState]) -> bool:
@@ -168,7 +169,7 @@ async def _stream(runner: ChoiceRunner, parsed: ParsedRequest, states: dict[int,
     def chunk(index: int, output: RequestOutput) -> dict:
         states[index].add(output)
         if endpoint is CHAT:
-            return chat_chunk(meta, index, output, want_logprobs, text_of) | extra
+            return chat_chunk(meta, index, output, want_logprobs, text_of, parsed.shaper) | extra
         body = completion_chunk(meta, index, output, want_logprobs, text_of, offsets[index]) | extra
         offsets[index] += len(output.text)
         return body

@@ -90,14 +90,17 @@ def completion_body(meta: ResponseMeta, states: list[ChoiceState], want_logprobs
 
 
 def chat_body(meta: ResponseMeta, states: list[ChoiceState], want_logprobs: bool,
-              text_of: TokenText) -> dict[str, Any]:
+              text_of: TokenText, shaper: Any = None) -> dict[str, Any]:
+    """shaper: a tool_parsers.shaper.ChatShaper (reasoning / tool calls), None = the text as content."""
     choices = []
     for state in sorted(states, key=lambda s: s.index):
         logprobs = (chat_logprobs(state.token_ids, state.logprobs, state.top_logprobs, text_of)
                     if want_logprobs else None)
-        choices.append({"index": state.index, "message": {"role": "assistant", "content": "".join(state.text)},
-                        "logprobs": logprobs,
-                        "finish_reason": finish_reason(state.last.finish_reason if state.last else None)})
+        reason = finish_reason(state.last.finish_reason if state.last else None)
+        message = {"role": "assistant", "content": "".join(state.text)}
+        if shaper is not None:
+            message, reason = shaper.message(state.index, message["content"], reason)
+        choices.append({"index": state.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "choices": choices, "usage": usage_of(states)}
 
@@ -124,7 +127,7 @@ def completion_chunk(meta: ResponseMeta, index: int, output: RequestOutput, want
 
 
 def chat_chunk(meta: ResponseMeta, index: int, output: RequestOutput | None, want_logprobs: bool,
-               text_of: TokenText) -> dict[str, Any]:
+               text_of: TokenText, shaper: Any = None) -> dict[str, Any]:
     """A chat delta; `output` None = the opening chunk with the assistant role."""
     if output is None:
         choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -133,8 +136,10 @@ def chat_chunk(meta: ResponseMeta, index: int, output: RequestOutput | None, wan
         logprobs = (chat_logprobs(list(output.token_ids), list(output.logprobs), list(output.top_logprobs),
                                   text_of) if want_logprobs else None)
         delta = {"content": output.text} if output.text or not output.finished else {}
-        choice = {"index": index, "delta": delta, "logprobs": logprobs,
-                  "finish_reason": finish_reason(output.finish_reason)}
+        reason = finish_reason(output.finish_reason)
+        if shaper is not None:
+            delta, reason = shaper.delta(index, output.text, output.finished, reason)
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     return {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
             "choices": [choice]}
 

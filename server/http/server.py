@@ -12,6 +12,7 @@ import uvicorn
 from ..config import ServerConfig
 from ..service.state import ServiceState
 from .app import build_app
+from .connections import RateLimitedLog, default_max_connections, guarded_protocol
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -61,7 +62,9 @@ async def start_asgi(app, config: ServerConfig, port: int) -> HttpServer:
     """Serve an ASGI app on --host:`port` the way `loraplex serve` serves its HTTP API (also used
     by the fleet's front end)."""
     sock = _listen(config.host, port)
-    uv_config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning",
+    protocol = guarded_protocol(config.http_max_connections or default_max_connections(),
+                                config.http_header_timeout_s, RateLimitedLog())
+    uv_config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning", http=protocol,
                                ssl_certfile=config.tls_cert if config.tls_enabled else None,
                                ssl_keyfile=config.tls_key if config.tls_enabled else None,
                                timeout_keep_alive=30)

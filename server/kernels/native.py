@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from ..layers.options import CPU_KERNEL_CHOICES
-from ..model.default_model import cache_root
+from ..cache_dirs import cache_root
+from .choices import CPU_KERNEL_CHOICES
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 SOURCES = tuple(sorted(SOURCE_DIR.glob("*.cpp")))     # one file per kernel family + bindings

@@ -36,7 +36,7 @@ class QuantizedLinear(torch.nn.Module):
     nn.Module.apply, which walks submodules; `forward` is `linear` behind nn.Module hooks.)
     It runs `library_linear`
     (the backend library's own path) until `set_kernel_routes` picks, per row-count range,
-    one of `kernel_candidates()` (kernels/linear_choice.py measures them).
+    one of `kernel_candidates()` (layers/linear_choice.py measures them).
     """
 
     in_features: int

@@ -2,7 +2,7 @@
 
 Two kernels on CPU (float32/bfloat16): "onednn", the weight prepacked for oneDNN (cpu_gemm.py),
 and "aten", `F.linear` on the plain weight. `--linear-kernel onednn|aten` keeps only that
-one; `auto` keeps both until kernels/linear_choice.py has measured them on this machine and
+one; `auto` keeps both until layers/linear_choice.py has measured them on this machine and
 calls `set_kernel_routes`, which drops the representation it did not pick (one choice per
 layer, not per row count: two copies of a float weight would double its memory).
 """

@@ -9,16 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from ..kernels.choices import CPU_KERNEL_CHOICES
 from ..problems import ConfigProblem, at_least, one_of, raise_if
 
 QUANTIZE_CHOICES = (
     "none", "bnb-nf4", "bnb-fp4", "bnb-int8",
     "hqq-2bit", "hqq-3bit", "hqq-4bit", "hqq-8bit", "eetq",
 )
-# auto = measured per layer shape (kernels/linear_choice.py); onednn / aten: dense GEMMs
+# auto = measured per layer shape (layers/linear_choice.py); onednn / aten: dense GEMMs
 # (cpu_gemm.py); native: fused dequantize-GEMM of quantized layers; library: the quant library's
 LINEAR_KERNEL_CHOICES = ("auto", "onednn", "aten", "native", "library")
-CPU_KERNEL_CHOICES = ("auto", "native", "torch")      # fused CPU kernels (kernels/native.py)
 
 
 @dataclass(frozen=True)

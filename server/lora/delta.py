@@ -52,12 +52,15 @@ class LoraStep:
             `ops.prepare`; None for backends that need none.
     dora:   the tokens on DoRA slots (dora.DoraRows), None when the step has none; the
             projection hooks scale those rows after the delta (see dora.py).
+    vocab:  the pool's vocab.VocabSlots when a slot of the step has embedding / lm_head
+            tensors (the model's embedding and the runner's logits call it), else None.
     """
 
     info: LoraBatchInfo
     scales: torch.Tensor
     plan: Any = None
     dora: Any = None
+    vocab: Any = None
 
 
 class LoraOps(Protocol):

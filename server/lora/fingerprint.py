@@ -42,7 +42,7 @@ def base_spec_from_model_config(cfg: Any, quantization: str) -> BaseSpec:
     fingerprint = base_fingerprint(architecture, num_layers, hidden, intermediate, num_heads,
                                    num_kv_heads, head_dim, vocab, quantization)
     return BaseSpec(fingerprint=fingerprint, architecture=architecture, num_layers=num_layers,
-                    module_shapes=shapes, quantization=quantization)
+                    module_shapes=shapes, quantization=quantization, vocab_size=vocab)
 
 
 def _field(cfg: Any, *names: str) -> Any:

@@ -63,6 +63,11 @@ class AdapterManager:
     def evictions(self) -> int:
         return self._evictions
 
+    def resident_keys(self) -> tuple[str, ...]:
+        """Keys of the adapters in device slots, least recently used first."""
+        with self._lock:
+            return tuple(self._slots)
+
     def slot_of(self, key: str) -> int | None:
         """The key's slot if resident, else None (does not count as a use)."""
         with self._lock:

@@ -11,6 +11,7 @@ import torch
 from .batch_info import LoraBatchInfo
 from .delta import LoraOps, LoraStep, ProjLoraHook, ProjLoraWeights
 from .dora import DoraScaler, base_bias, dora_rows
+from .vocab import VocabSlots
 from .ops import select_ops
 from ...adapters_store.types import LoadedAdapter
 
@@ -37,7 +38,7 @@ class SlotPool:
 
     def __init__(self, targets: Sequence[Any], max_loras: int, max_lora_rank: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 ops: LoraOps | None = None, reserve: bool = False):
+                 ops: LoraOps | None = None, reserve: bool = False, vocab: VocabSlots | None = None):
         if max_loras < 1 or max_lora_rank < 1:
             raise ValueError(f"max_loras ({max_loras}) and max_lora_rank ({max_lora_rank}) must be >= 1")
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
@@ -52,6 +53,7 @@ class SlotPool:
         self._bt_bufs = [[self._empty(0) for _ in t.out_sizes] for t in self.targets]
         self.weights: list[ProjLoraWeights] = []
         self._relayout(max_lora_rank if reserve else 1)
+        self.vocab = vocab                             # embedding / lm_head adapters (None: refused)
         self.dora_scaler = DoraScaler(self.targets)    # the store's load finisher (engine builder)
         self._dora: list[tuple[torch.Tensor, torch.Tensor | None]] = []   # per target: [S, out], bias
         self._dora_slots: set[int] = set()
@@ -67,6 +69,8 @@ class SlotPool:
             self._relayout(rank)
         self._zero_slot(slot)
         self._clear_dora(slot)
+        if self.vocab is not None:
+            self.vocab.clear(slot)
         r_stack = self.stack_rank
         with torch.no_grad():
             for (layer, name), (lora_a, lora_b) in adapter.weights.items():
@@ -78,6 +82,8 @@ class SlotPool:
                 w.bts[where.sub_idx][slot, :r].copy_(lora_b.T)                 # [r, out_m]
         if adapter.is_dora:
             self._load_dora(slot, adapter)
+        if adapter.vocab is not None:
+            self.vocab.load(slot, adapter.vocab, adapter.config.scaling, self.dtype)
         self.scales[slot] = adapter.config.scaling
         self.slot_ranks[slot] = rank
 
@@ -86,6 +92,8 @@ class SlotPool:
         self._check_slot(slot)
         self._zero_slot(slot)
         self._clear_dora(slot)
+        if self.vocab is not None:
+            self.vocab.clear(slot)
         self.scales[slot] = 0.0
         self.slot_ranks[slot] = 0
         largest = max(self.slot_ranks)
@@ -103,6 +111,8 @@ class SlotPool:
 
         The runner calls it once per step, after the batch's adapters are in their slots."""
         step = self.ops.prepare(info, self.scales)
+        if self.vocab is not None and self.vocab.active(info.active_slots):
+            step = replace(step, vocab=self.vocab)
         dora = self._dora_slots.intersection(info.active_slots)
         if not dora:
             return step
@@ -117,7 +127,7 @@ class SlotPool:
     def nbytes(self) -> int:
         """Bytes of the current stacks (all slots), DoRA scales included."""
         return (sum(w.a.nbytes + sum(bt.nbytes for bt in w.bts) for w in self.weights)
-                + sum(scales.nbytes for scales, _ in self._dora))
+                + sum(scales.nbytes for scales, _ in self._dora) + (0 if self.vocab is None else self.vocab.nbytes()))
 
     @property
     def dora_slots(self) -> frozenset[int]:
@@ -209,6 +219,8 @@ class SlotPool:
         if rank > self.max_lora_rank:
             raise ValueError(f"adapter {adapter.key} has rank {rank} > max_lora_rank {self.max_lora_rank}; "
                              "raise --max-lora-rank")
+        if adapter.vocab is not None and self.vocab is None:
+            raise ValueError(f"adapter {adapter.key} adapts embed_tokens / lm_head, which this pool does not serve")
         scaling = adapter.config.scaling
         if not math.isfinite(scaling) or abs(scaling) > torch.finfo(self.dtype).max:
             raise ValueError(f"adapter {adapter.key}: its scale {scaling:g} does not fit {self.dtype}")

@@ -7,14 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)    # per-head q/k RMSNorm (qwen3.py)
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+# dynamic NTK rescales every frequency by the current sequence length: keys already in the paged
+# cache were rotated with other frequencies than later queries, so it cannot be cached exactly.
+REFUSED_ROPE_TYPES = {"dynamic": "dynamic NTK scaling changes every key's rotation with the sequence length, "
+                                 "which a KV cache cannot follow",
+                      "longrope": "not implemented", "su": "not implemented"}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (`default` or Llama 3.1 `llama3` scaling)."""
+    """Rotary embedding parameters: `default`, Llama 3.1 `llama3`, `linear` or `yarn` scaling."""
 
     theta: float
     rope_type: str = "default"
@@ -22,6 +28,12 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    attention_factor: float | None = None   # yarn: cos/sin scale (None: from factor, mscale)
+    beta_fast: float = 32.0                 # yarn: ramp bounds, in rotations
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class ModelConfig:
     rope: RopeConfig
     tie_word_embeddings: bool
     sliding_window: int | None = None   # Mistral: keys older than this many positions are masked
+    qk_norm: bool = False               # Qwen3: RMSNorm over each q and k head before rotary
 
     @property
     def q_size(self) -> int:
@@ -94,6 +107,7 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             rope=_rope(raw, source), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             sliding_window=_sliding_window(raw, architecture, source),
+            qk_norm=architecture in QK_NORM_ARCHITECTURES,
         )
 
 
@@ -115,11 +129,16 @@ def _rope(raw: dict[str, Any], source: str) -> RopeConfig:
         params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; loraplex supports "
+        why = f" ({REFUSED_ROPE_TYPES[rope_type]})" if rope_type in REFUSED_ROPE_TYPES else ""
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported{why}; loraplex supports "
                          f"{', '.join(SUPPORTED_ROPE_TYPES)}")
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor is not supported (rotary over the whole head only)")
     if rope_type == "default":
         return RopeConfig(theta=theta)
+    if rope_type in ("linear", "yarn"):
+        return _scaled_rope(raw, params, rope_type, theta, source)
     missing = [key for key in _LLAMA3_KEYS if key not in params]
     if missing:
         raise ValueError(f"{source}: llama3 rope scaling needs {', '.join(missing)}")
@@ -129,12 +148,26 @@ def _rope(raw: dict[str, Any], source: str) -> RopeConfig:
                       original_max_position_embeddings=int(params["original_max_position_embeddings"]))
 
 
+def _scaled_rope(raw: dict[str, Any], params: dict[str, Any], rope_type: str, theta: float,
+                 source: str) -> RopeConfig:
+    if params.get("factor") is None and rope_type == "linear":
+        raise ValueError(f"{source}: linear rope scaling needs factor")
+    original = int(params.get("original_max_position_embeddings") or raw.get("max_position_embeddings", 2048))
+    factor = params.get("factor")
+    factor = float(factor) if factor is not None else raw.get("max_position_embeddings", original) / original
+    optional = {key: float(params[key]) for key in ("attention_factor", "mscale", "mscale_all_dim")
+                if params.get(key) is not None}
+    return RopeConfig(theta=theta, rope_type=rope_type, factor=factor, original_max_position_embeddings=original,
+                      beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                      truncate=bool(params.get("truncate", True)), **optional)
+
+
 def _sliding_window(raw: dict[str, Any], architecture: str, source: str) -> int | None:
     window = raw.get("sliding_window")
-    if architecture == "Qwen2ForCausalLM":
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         if raw.get("use_sliding_window"):
-            raise ValueError(f"{source}: Qwen2 use_sliding_window=true (per-layer windows) is not "
-                             "supported; set it to false")
+            raise ValueError(f"{source}: {architecture.removesuffix('ForCausalLM')} use_sliding_window=true "
+                             "(per-layer windows) is not supported; set it to false")
         return None
     if architecture == "MistralForCausalLM" and window:
         return int(window)

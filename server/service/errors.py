@@ -12,18 +12,16 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import errno
 import logging
-import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from ..engine.io import (AdapterBackendUnavailable, AdapterUnavailable, EngineDraining, QueueFull,
-                         RequestFailed, RequestRejected)
+from ..frontdoor.errors import Kind, refusal_of
 
 log = logging.getLogger("loraplex.service")
 
@@ -80,77 +78,33 @@ def _pack(message) -> any_pb2.Any:
     return packed
 
 
-def _store_error_codes() -> list[tuple[type, grpc.StatusCode]]:
-    from ...adapters_store import errors as store
-
-    return [
-        (store.InvalidAdapterId, grpc.StatusCode.INVALID_ARGUMENT),
-        (store.AdapterValidationError, grpc.StatusCode.INVALID_ARGUMENT),
-        (store.AdapterNotFound, grpc.StatusCode.NOT_FOUND),
-        (store.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (store.UploadConflict, grpc.StatusCode.ALREADY_EXISTS),
-        (store.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-        (store.IntegrityError, grpc.StatusCode.FAILED_PRECONDITION),
-        (store.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
-        (store.SchemaError, grpc.StatusCode.FAILED_PRECONDITION),
-    ]
+# The front door's kinds (frontdoor/errors.py) -> gRPC status codes: the only gRPC-specific rule.
+KIND_CODES = {
+    Kind.INVALID: grpc.StatusCode.INVALID_ARGUMENT, Kind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Kind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED, Kind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Kind.CONFLICT: grpc.StatusCode.ALREADY_EXISTS, Kind.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Kind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED, Kind.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Kind.DISK_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED, Kind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Kind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
 
 
-_STORE_FIELDS = {"InvalidAdapterId": "adapter_id", "AdapterValidationError": "adapter"}
-
-
-def store_unavailable_message(error: BaseException) -> str:
-    """What a caller sees while the registry or blob store is down: no endpoint, no URL (the
-    backend's own message names them), an incident id; the details go to the server log."""
-    incident = uuid.uuid4().hex[:12]
-    log.warning("adapter store unavailable (incident %s): %s", incident, error)
-    return f"the adapter store is unavailable; retry shortly (incident {incident})"
-
-
-def is_store_unavailable(error: BaseException) -> bool:
-    if not type(error).__module__.startswith("loraplex.adapters_store"):
-        return False
-    from ...adapters_store.errors import StoreUnavailable
-
-    return isinstance(error, StoreUnavailable)
-
-
-def map_error(error: BaseException) -> MappedStatus:
-    """The status for an error; unknown errors map to INTERNAL with an incident id (logged)."""
+def map_error(error: BaseException, rename: Callable[[str], str] = lambda field: field) -> MappedStatus:
+    """The status for an error; unknown errors map to INTERNAL with an incident id (logged).
+    `rename` turns the front door's neutral field names into this RPC's proto paths."""
     if isinstance(error, ServiceError):
         return MappedStatus(error.code, error.message, error.violations, error.retry_after_s)
-    if isinstance(error, RequestRejected):
-        violations = tuple(FieldViolation(v.field, v.description) for v in error.violations)
-        return MappedStatus(grpc.StatusCode.INVALID_ARGUMENT, str(error), violations)
-    if isinstance(error, QueueFull):
-        return MappedStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), retry_after_s=error.retry_after_s)
-    if isinstance(error, EngineDraining):
-        return MappedStatus(grpc.StatusCode.UNAVAILABLE, str(error) or "the server is shutting down")
-    if isinstance(error, AdapterBackendUnavailable) or is_store_unavailable(error):
-        return MappedStatus(grpc.StatusCode.UNAVAILABLE, store_unavailable_message(error),
-                            retry_after_s=getattr(error, "retry_after_s", None))
-    if isinstance(error, AdapterUnavailable):
-        return MappedStatus(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-    if isinstance(error, RequestFailed):
-        return MappedStatus(grpc.StatusCode.INTERNAL, str(error) or "the request failed")
     if isinstance(error, DecodeError):
         # A client-streaming request message that does not parse: grpcio hands the protobuf
         # error to the servicer's iterator. Same code as for unary calls (docs/server.md).
         return MappedStatus(grpc.StatusCode.UNKNOWN, "a request message could not be parsed (corrupt wire "
                                                      "format or invalid UTF-8 in a string field)")
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        log.error("disk full: %s", error)
-        return MappedStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            "the server's disk is full; nothing was stored (an operator must free space)")
-    from_store = type(error).__module__.startswith("loraplex.adapters_store")
-    for error_type, code in _store_error_codes() if from_store else ():
-        if isinstance(error, error_type):
-            name = _STORE_FIELDS.get(error_type.__name__)
-            violations = (FieldViolation(name, str(error)),) if name and code is grpc.StatusCode.INVALID_ARGUMENT else ()
-            return MappedStatus(code, str(error), violations, getattr(error, "retry_after_s", None))
-    incident = uuid.uuid4().hex[:12]
-    log.error("internal error (incident %s)", incident, exc_info=error)
-    return MappedStatus(grpc.StatusCode.INTERNAL, f"internal server error (incident {incident})")
+    refusal = refusal_of(error)
+    code = KIND_CODES[refusal.kind]
+    violations = tuple(FieldViolation(rename(p.field), p.description) for p in refusal.problems)
+    if code is not grpc.StatusCode.INVALID_ARGUMENT:
+        violations = ()
+    return MappedStatus(code, refusal.message, violations, refusal.retry_after_s)
 
 
 async def abort_with(context: grpc.aio.ServicerContext, mapped: MappedStatus) -> None:

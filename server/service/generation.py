@@ -11,6 +11,8 @@ from typing import AsyncIterator
 from ...v1 import generation_pb2 as pb
 from ...v1 import generation_pb2_grpc
 from ..engine.io import RequestOutput, RequestRejected
+from ..frontdoor.generation import admit
+from .chat_tools import ChatTools, shape_stream, shape_unary, with_chat_tools
 from .convert import stream_response, to_generation_request, unary_response, wire_violations
 from .errors import ServiceError, invalid_argument, map_error, rpc_errors
 from .state import ServiceState
@@ -23,25 +25,31 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     @rpc_errors
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        outputs = [output async for output in self._run(request.input, context, "Generate")]
-        return unary_response(outputs)
+        tools = ChatTools()
+        outputs = [output async for output in self._run(request.input, context, "Generate", tools)]
+        return shape_unary(unary_response(outputs), tools)
 
     @rpc_errors
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context):
-        async with contextlib.aclosing(self._run(request.input, context, "GenerateStream")) as outputs:
+        tools = ChatTools()
+        async with contextlib.aclosing(self._run(request.input, context, "GenerateStream", tools)) as outputs:
             async for output in outputs:
-                yield stream_response(output)
+                yield shape_stream(stream_response(output), output, tools)
 
-    async def _run(self, message: pb.GenerationInput, context, method: str) -> AsyncIterator[RequestOutput]:
-        """Yield the engine's deltas; closing early (cancel, deadline) aborts the engine request."""
+    async def _run(self, message: pb.GenerationInput, context, method: str,
+                   tools: ChatTools) -> AsyncIterator[RequestOutput]:
+        """Yield the engine's deltas; closing early (cancel, deadline) aborts the engine request.
+        `tools` receives the request's tool-call / reasoning parsing (chat_tools.py)."""
         metrics = self.state.metrics
         last: RequestOutput | None = None
         asked_adapter = bool(message.adapter_id)
         context.set_trailing_metadata(self.state.replica_trailer())
         try:
-            tenant = self.state.keys.principal(context).tenant
+            tenant = admit(self.state.door, self.state.keys.principal(context)).tenant
             request = to_generation_request(message, uuid.uuid4().hex, tenant, self.limits)
             engine = self.state.require_engine()
+            request, found = with_chat_tools(request, message, self.state.config, engine.info.chat_template)
+            tools.shaper = found.shaper
             previous = time.monotonic()
             async with contextlib.aclosing(engine.generate(request)) as outputs:
                 async for output in outputs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ... import __version__
 from ...v1 import server_pb2 as pb
 from ...v1 import server_pb2_grpc
+from ..frontdoor import admin
 from .errors import rpc_errors
 from .state import ServiceState
 
@@ -29,9 +30,11 @@ class ServerServicer(server_pb2_grpc.ServerServiceServicer):
             architecture=info.architecture, quantization=info.quantization, dtype=info.dtype,
             base_fingerprint=info.base_fingerprint, limits=limits, auth_enabled=self.state.keys.enabled,
             device=info.device, linear_weight_bytes=info.linear_weight_bytes,
-            linear_kernels=[choice.describe() for choice in info.linear_kernels], cpu_isa=info.cpu_isa)
+            linear_kernels=[choice.describe() for choice in info.linear_kernels], cpu_isa=info.cpu_isa,
+            decode_path=info.decode_path)
 
     @rpc_errors
     async def ResetPrefixCache(self, request: pb.ResetPrefixCacheRequest, context) -> pb.ResetPrefixCacheResponse:
         """Admin (auth.ADMIN_METHODS): forget every cached prefix block, through EngineClient."""
-        return pb.ResetPrefixCacheResponse(reset=await self.state.require_engine().reset_prefix_cache())
+        reset = await admin.reset_prefix_cache(self.state.door, self.state.keys.principal(context))
+        return pb.ResetPrefixCacheResponse(reset=reset)

@@ -7,12 +7,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from ..config import ServerConfig
+from ..frontdoor import FrontDoor
 from ..metrics import Metrics
 from .auth import KeyRing
-from .errors import ServiceError
 
 
 REPLICA_METADATA_KEY = "loraplex-replica"
@@ -34,20 +32,18 @@ class ServiceState:
     engine: Any = None           # loraplex.server.engine.async_engine.AsyncEngine
     draining: bool = False
     replica: str = field(default_factory=default_replica_name)   # `loraplex-replica` trailer
+    door: FrontDoor = field(init=False, repr=False)              # the transport-neutral layer
+
+    def __post_init__(self) -> None:
+        self.door = FrontDoor(self)
 
     def replica_trailer(self) -> tuple[tuple[str, str], ...]:
         """The trailing metadata every generation response carries."""
         return ((REPLICA_METADATA_KEY, self.replica),)
 
     def require_engine(self) -> Any:
-        if self.draining:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
-        if self.engine is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly",
-                               retry_after_s=1.0)
-        return self.engine
+        """The EngineClient (a Refusal of kind UNAVAILABLE while loading or draining)."""
+        return self.door.engine()
 
     def require_store(self) -> Any:
-        if self.store is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the adapter store is not open yet")
-        return self.store
+        return self.door.store()

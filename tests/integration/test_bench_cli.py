@@ -69,3 +69,39 @@ def test_unreachable_server_and_bad_options_exit_codes(capsys):
     assert "cannot reach loraplex" in capsys.readouterr().err
     assert main(["bench", "--concurrency", "2", "--request-rate", "1"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workload", ["shared-prefix", "multi-turn"])
+def test_chat_workloads_report_prefix_cache_hits(address, tmp_path, capsys, workload):
+    """shared-prefix: each adapter's system prompt + fresh questions; multi-turn: conversations
+    resending their history. Both must find most of their prompt tokens in the server's cache."""
+    result_file = tmp_path / "result.json"
+    code = main(["bench", "--address", address, "--workload", workload, "--prefix-len", "96", "--turns", "3",
+                 "--num-prompts", "9", "--concurrency", "3", "--num-adapters", "3", "--input-len", "8",
+                 "--output-len", "6", "--warmup", "0", "--json", str(result_file), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"{workload} (system prompt 96 tokens" in printed and "Input tokens from prefix cache" in printed
+    (run,) = json.loads(result_file.read_text())["runs"]
+    stats = run["stats"]
+    assert stats["completed"] == 9 and stats["output_tokens"] == 54
+    assert stats["cached_prompt_tokens"] >= 0.4 * stats["prompt_tokens"], stats
+
+
+def test_chat_workload_builders():
+    from loraplex.client.bench.config import BenchConfig, LengthSpec
+    from loraplex.client.bench.workload import build_requests, system_prompt
+
+    fixed = LengthSpec("fixed", 8, 8)
+    shared = build_requests(BenchConfig(num_prompts=6, concurrency=2, workload="shared-prefix", prefix_len=20,
+                                        adapters=("a", "b"), input_len=fixed))
+    assert [r.adapter_id for r in shared] == ["a", "b"] * 3
+    for r in shared:
+        assert r.prompt.startswith(system_prompt(r.adapter_id, 20)) and r.conversation is None
+    assert len({r.prompt for r in shared}) == 6 and system_prompt("a", 20) != system_prompt("b", 20)
+    chat = build_requests(BenchConfig(num_prompts=6, concurrency=2, workload="multi-turn", turns=3,
+                                      prefix_len=20, adapters=("a", "b"), input_len=fixed))
+    assert [(r.conversation, r.adapter_id) for r in chat] == [(0, "a")] * 3 + [(1, "b")] * 3
+    assert chat[0].prompt.startswith("System: ") and not chat[1].prompt.startswith("System: ")
+    with pytest.raises(ValueError, match="multi-turn needs --concurrency"):
+        BenchConfig(num_prompts=6, request_rate=1.0, workload="multi-turn")

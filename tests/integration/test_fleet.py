@@ -36,7 +36,7 @@ def _plain_serve_generation(tiny_llama_dir, store, prompt, adapter, max_new_toke
     config = ServerConfig(model=str(tiny_llama_dir), store=str(store), port=0, metrics_port=0,
                           kv_cache_memory="16MiB", max_total_tokens=1024, max_input_tokens=512)
     loop = LoopThread()
-    running = loop.run(start_full_server(config))
+    running = loop.run(start_full_server(config), timeout=900)       # a busy shared machine loads slowly
     try:
         with Client(f"127.0.0.1:{running.port}", timeout=120) as client:
             return client.generate(prompt, adapter_id=adapter, max_new_tokens=max_new_tokens)
@@ -87,6 +87,9 @@ def test_one_replica_fleet_serves_the_sdk_unchanged(tiny_llama_dir, adapter_dir,
         assert samples[("loraplex_fleet_requests_total", (("adapter_held", "true"),))] >= 4      # + HTTP
         assert samples[("loraplex_fleet_adapter_loads_total", ())] == 1
         assert samples[("loraplex_fleet_replica_info", (("replica", result.replica),))] == 1
+        for tier in ("device", "host"):                                # residency gauges (issue 35)
+            assert samples[("loraplex_adapter_resident", (("adapter", "tone@1"), ("tier", tier)))] == 1
+            assert samples[("loraplex_adapters_resident", (("tier", tier),))] == 1
         with Client(f"127.0.0.1:{fleet.port}", api_key=ADMIN_KEY, timeout=300) as client:   # SIGTERM drains
             stream = client.generate_stream("Count:", adapter_id="tone", max_new_tokens=900, ignore_eos=True)
             received = list(next(stream).token_ids)

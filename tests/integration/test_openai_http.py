@@ -149,7 +149,7 @@ def test_openai_exception_classes(server):
     with pytest.raises(openai.PermissionDeniedError):
         client.post("/load_lora_adapter", body={"lora_name": "x", "lora_path": "/tmp"}, cast_to=httpx.Response)
     for kwargs, param in ((dict(response_format={"type": "xml"}), "response_format.type"),
-                          (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+                          (dict(tools=[{"type": "code_interpreter"}]), "tools.0"),
                           (dict(temperature=-1), "temperature"), (dict(max_tokens=100000), "max_tokens"),
                           (dict(extra_body={"frobnicate": 1}), "frobnicate")):
         with pytest.raises(openai.BadRequestError) as caught:

@@ -99,3 +99,25 @@ def test_json_and_table_renderings():
     assert lines[2].split()[:3] == ["legal", "2", "4"]
     assert "no adapters" in fmt.adapters_table([])
     assert json.loads(fmt.dumps(convert.generation(DEFAULT_GENERATION)))["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("bad_id", ["tone\x00x", "tone\n", "tôn", "a\x7fb"])
+def test_ids_metadata_cannot_carry_are_a_validation_error_before_any_call(bad_id):
+    """Issue 31 (12): the adapter id also goes into request metadata (fleet routing); an id gRPC
+    metadata cannot carry failed client-side with INTERNAL instead of the usual ValidationError."""
+    from loraplex.client import AsyncClient, Client
+
+    with Client("127.0.0.1:9", timeout=5, retry=RetryPolicy(max_attempts=1)) as client:
+        with pytest.raises(ValidationError) as raised:
+            client.generate("Hi", adapter_id=bad_id)
+        assert "adapter_id" in raised.value.violations
+        with pytest.raises(ValidationError):
+            list(client.generate_stream("Hi", adapter_id=bad_id))
+
+    async def run_async():
+        async with AsyncClient("127.0.0.1:9", timeout=5, retry=RetryPolicy(max_attempts=1)) as client:
+            with pytest.raises(ValidationError):
+                await client.generate("Hi", adapter_id=bad_id)
+
+    import asyncio
+    asyncio.run(run_async())

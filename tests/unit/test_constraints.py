@@ -188,3 +188,54 @@ def test_lm_head_wider_than_the_tokenizer(tmp_path, default_model_dir):
                                               temperature=1.0, seed=5))])["wide"]
     assert all(t < 49152 for t in tokens_of(outputs))
     jsonschema.validate(json.loads(_text(outputs)), SCHEMA)
+
+
+# ---- issue 31: masks the grammar cannot compute (6), masks too costly to serve (7) -------------
+
+CANNOT_ENFORCE = Constraint("regex", "(.{1,100}){1,100}")       # compiles; its first mask fails
+
+
+def test_a_grammar_whose_mask_fails_is_refused_at_compile_with_a_short_reason(compiler, engine):
+    """Defect 6: the mask failed inside llguidance and allowed only end-of-sequence: 200/stop
+    with empty text that violates the constraint. Now refused before admission, one line."""
+    with pytest.raises(ConstraintError, match="cannot be enforced: lexer error") as info:
+        compiler.guide(CANNOT_ENFORCE)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+    with pytest.raises(RequestRejected) as rejected:
+        engine.add_request(_req("cannot", CANNOT_ENFORCE))
+    assert rejected.value.field_name == "sampling.constraint"
+
+
+def test_a_mask_failing_during_generation_ends_as_a_rejection_not_an_empty_success(compiler, engine):
+    """The same failure after admission (a grammar passing the compile-time probe can still hit a
+    parser limit later) finishes the request with a RequestRejected naming the constraint."""
+    import llguidance
+
+    from loraplex.server.engine.constraints.compiler import Guide, grammar_text
+
+    matcher = llguidance.LLMatcher(compiler.tokenizer(), grammar_text(CANNOT_ENFORCE), log_level=0,
+                                   limits=llguidance.LLParserLimits())
+    assert not matcher.is_error()                          # compiles: only computing a mask fails
+    engine.add_request(_req("late", CANNOT_ENFORCE), guide=Guide(matcher, "regex"))
+    outputs = []
+    while engine.has_work():
+        produced, _ = engine.step()
+        outputs += produced
+    last = outputs[-1]
+    assert last.finish_reason is FinishReason.ERROR and isinstance(last.error, RequestRejected)
+    assert last.error.field_name == "sampling.constraint" and "cannot be enforced" in last.error.message
+    assert "\n" not in last.error.message
+
+
+def test_grammars_too_costly_to_mask_are_refused_and_cheap_ones_served(compiler, engine):
+    """Defect 7: `a{50000}` (8 bytes) cost every step of every batch it ran in ~12 ms per token.
+    Grammars whose first mask costs more than the budget (--constraint-mask-budget, default
+    10 ms) are refused, measured on the grammar thread at compile. The margins are wide on any
+    CPU: ordinary grammars take well under 0.5 ms, `a{50000}` over 8 ms, against a 2 ms budget."""
+    strict = ConstraintCompiler(engine.tokenizer, 49152, (2,), ConstraintLimits(max_mask_ms=2.0))
+    with pytest.raises(ConstraintError, match="ms per token to enforce"):
+        strict.guide(Constraint("regex", "a{50000}"))
+    for cheap in ("[a-z]+", "a{50}", "(yes|no)"):
+        strict.guide(Constraint("regex", cheap))
+        compiler.guide(Constraint("regex", cheap))
+    strict.close()

@@ -72,7 +72,8 @@ def test_env_holds_only_settings_the_code_reads():
     known = {flag.env_name for flag in FLAGS + FLEET_FLAGS}
     for container in _containers():
         env = _env(container)
-        assert set(env) <= known | {name for name in env if name.startswith(("AWS_", "RAY_AUTH_"))}, set(env) - known
+        assert set(env) <= known | {name for name in env if name.startswith(("AWS_", "RAY_AUTH_"))}, \
+            set(env) - known
         for secret in ("LORAPLEX_API_KEYS", "LORAPLEX_ADMIN_KEYS"):
             assert "valueFrom" in env[secret] and "value" not in env[secret]    # keys only from Secrets
 

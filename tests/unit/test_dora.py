@@ -125,3 +125,15 @@ def test_zero_norm_row_is_refused():
     b[0].zero_()
     with pytest.raises(DoraScaleError, match="not finite"):
         SlotPool(targets, max_loras=1, max_lora_rank=8).dora_scaler(adapter)
+
+
+def test_steps_with_dora_rows_leave_the_fused_decode_stack():
+    """native_args None = DecodeStack.lora_args None = the layer path, which applies the scale."""
+    targets = make_targets(num_layers=1)
+    pool = SlotPool(targets, max_loras=2, max_lora_rank=8, ops=TorchOps(native_bgmv=lambda *a: None))
+    pool.load(0, make_adapter("plain", 4, 1, num_layers=1))
+    pool.load(1, dora_adapter("d", 4, 2))
+    plain_step = pool.prepare_step(LoraBatchInfo.from_token_slots(torch.tensor([0, 0])))
+    dora_step = pool.prepare_step(LoraBatchInfo.from_token_slots(torch.tensor([0, 1])))
+    assert plain_step.dora is None and targets[0].lora.native_args(plain_step) is not None
+    assert dora_step.dora is not None and targets[0].lora.native_args(dora_step) is None

@@ -47,7 +47,7 @@ def test_model_names_and_choices():
     assert _completion().adapter_id is None and _completion().choices[0].request.sampling.temperature == 1.0
     tokens = _completion(prompt=[[1, 2, 3], [4, 5]])
     assert [c.request.prompt_token_ids for c in tokens.choices] == [(1, 2, 3), (4, 5)]
-    assert _param_of(_completion, model="bad name!") == (404, "model")
+    assert _param_of(_completion, model="bad name!") == (400, "model")          # malformed: 400, as over gRPC
 
 
 def test_every_parameter_reaches_the_engine():
@@ -69,7 +69,8 @@ def test_unsupported_and_unknown_parameters_are_named():
     assert _param_of(_chat, response_format={"type": "xml"}) == (400, "response_format.type")
     assert _param_of(_chat, response_format={"type": "json_object"}, guided_regex="a") == (400, "guided_regex")
     assert _param_of(_chat, guided_choice="yes") == (400, "guided_choice")
-    assert _param_of(_chat, tools=[{"type": "function"}]) == (400, "tools")
+    assert _param_of(_chat, tools=[{"type": "function"}]) == (400, "tools.0")
+    assert _param_of(_chat, functions=[{"name": "f"}]) == (400, "functions")
     assert _param_of(_chat, logit_bias={"5": 1}) == (400, "logit_bias")
     assert _param_of(_chat, frobnicate=True) == (400, "frobnicate")
     assert _param_of(_completion, echo=True) == (400, "echo")
@@ -82,7 +83,8 @@ def test_unsupported_and_unknown_parameters_are_named():
     assert _param_of(_chat, temperature=-1) == (400, "temperature")
     assert _param_of(_chat, n=0) == (400, "n")
     assert _param_of(_chat, stream_options={"include_usage": True}) == (400, "stream_options")
-    assert _param_of(_chat, messages=[{"role": "tool", "content": "x"}]) == (400, "messages.0.role")
+    assert _param_of(_chat, messages=[{"role": "robot", "content": "x"}]) == (400, "messages.0.role")
+    assert _param_of(_chat, messages=[{"role": "tool", "content": "x"}]) == (400, "messages.0.tool_call_id")
     image = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]
     assert _param_of(_chat, messages=[{"role": "user", "content": image}]) == (400, "messages.0.content.1")
     # explicit "off" values change nothing and are accepted

@@ -32,12 +32,12 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _import_nodes(tree: ast.AST):
-    """Every Import/ImportFrom in the tree, skipping `if TYPE_CHECKING:` bodies."""
+def _import_nodes(tree: ast.AST, type_only: bool = False):
+    """Every Import/ImportFrom in the tree, skipping `if TYPE_CHECKING:` bodies unless `type_only`."""
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
+        if not type_only and isinstance(node, ast.If) and _is_type_checking(node):
             stack.extend(node.orelse)
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -65,7 +65,8 @@ def _targets(module: str, is_package: bool, node: ast.AST, known: set[str]) -> s
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(type_only: bool = False) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (with `type_only`, also under TYPE_CHECKING)."""
     modules = _modules()
     known = set(modules)
     graph: dict[str, set[str]] = {}
@@ -73,7 +74,7 @@ def import_graph() -> dict[str, set[str]]:
         tree = ast.parse(path.read_text(), str(path))
         is_package = path.name == "__init__.py"
         edges = set()
-        for node in _import_nodes(tree):
+        for node in _import_nodes(tree, type_only):
             edges |= _targets(name, is_package, node, known)
         # Importing a.b.c runs a/__init__ and a/b/__init__ first: those are not cycles of ours.
         graph[name] = {t for t in edges if t != name and not name.startswith(t + ".")}
@@ -139,3 +140,43 @@ def test_graph_sees_deferred_and_relative_imports():
 def test_package_has_no_import_cycles():
     found = cycles(import_graph())
     assert found == [], "import cycles (break them): " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The same graph between loraplex.server's folders (engine, layers, kernels, ...) and
+    top-level modules: an arrow a -> b when any module of a imports any module of b."""
+    def folder(module: str) -> str:
+        parts = module.split(".")
+        return ".".join(parts[:3]) if parts[:2] == ["loraplex", "server"] and len(parts) > 3 else module
+
+    folders: dict[str, set[str]] = {}
+    for source, targets in graph.items():
+        folders.setdefault(folder(source), set()).update(folder(t) for t in targets if folder(t) != folder(source))
+    return folders
+
+
+def test_no_import_cycles_even_through_type_only_imports():
+    """Issue 31: server/config <-> server/config_checks was a loop through TYPE_CHECKING imports
+    (config_checks now describes what it reads with Protocols)."""
+    found = cycles(import_graph(type_only=True))
+    assert found == [], "type-only import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_no_folder_level_cycles_and_kernels_are_the_ground_floor():
+    """Issue 31: kernels/native.py and kernels/linear_choice.py imported layers/ and model/, which
+    import kernels/. The kernels import none of layers, model, lora, engine (the linear-kernel
+    choice moved to layers/linear_choice.py; cache_root to server/cache_dirs.py)."""
+    folders = folder_graph(import_graph(type_only=True))
+    found = cycles(folders)
+    assert found == [], "folder-level import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+    upward = {t for t in folders["loraplex.server.kernels"]
+              if t.split(".")[-1] in ("layers", "model", "lora", "engine", "service", "http", "frontdoor")}
+    assert upward == set(), f"server/kernels imports {sorted(upward)}"
+    assert "loraplex.server.service" not in folders["loraplex.server.frontdoor"]      # below the transports
+    assert "loraplex.server.http" not in folders["loraplex.server.frontdoor"]
+
+
+def test_folder_graph_sees_a_folder_cycle():
+    graph = {"loraplex.server.a.x": {"loraplex.server.b.y"}, "loraplex.server.b.y": {"loraplex.server.a.z"},
+             "loraplex.server.a.z": set()}
+    assert cycles(folder_graph(graph)) == [["loraplex.server.a", "loraplex.server.b"]]

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from loraplex.server.kernels import linear_choice, native
+from loraplex.server.kernels import native
+from loraplex.server.layers import linear_choice
 from loraplex.server.kernels.registry import KernelSet
 from loraplex.server.layers.base import QuantSpec
 from loraplex.server.layers.cpu_gemm import onednn_supported

@@ -48,10 +48,33 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter_dirs(model_dir, tmp_path_factory) -> dict[str, Path]:
+    return make_adapters(model_dir, tmp_path_factory.mktemp("peft"))
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 (per-head q/k RMSNorm, weights made non-trivial)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("lora-qwen3")
+    model.save_pretrained(path)
+    return path
+
+
+def make_adapters(model_dir: Path, root: Path) -> dict[str, Path]:
+    """The ADAPTERS as PEFT directories for model_dir, with random non-zero A and B."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("peft")
     dirs = {}
     for i, (name, kwargs) in enumerate(ADAPTERS.items()):
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -145,6 +168,15 @@ def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_mixed_adapter_batch_matches_peft(model_dir, adapter_dirs, backend):
+    check_mixed_batch(model_dir, adapter_dirs, backend)
+
+
+def test_qwen3_mixed_adapter_batch_matches_peft(qwen3_dir, tmp_path):
+    """Qwen3 (q/k head norms between the LoRA'd q/k projections and rotary) against PEFT."""
+    check_mixed_batch(qwen3_dir, make_adapters(qwen3_dir, tmp_path), "torch")
+
+
+def check_mixed_batch(model_dir: Path, adapter_dirs: dict[str, Path], backend: str) -> None:
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 9, 5, 7)]
     extra = torch.randint(3, 256, (4,), generator=gen).tolist()

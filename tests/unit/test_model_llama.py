@@ -17,7 +17,7 @@ from loraplex.server.layers.base import QuantSpec
 from loraplex.server.model.config import ModelConfig
 from loraplex.server.kernels.registry import KernelSet
 from loraplex.server.model.fused_ops import TORCH_OPS, layer_ops
-from loraplex.server.kernels.linear_choice import choose_linear_kernels
+from loraplex.server.layers.linear_choice import choose_linear_kernels
 from loraplex.server.layers.cpu_gemm import onednn_supported
 from loraplex.server.model.decode_stack import build_decode_stack
 from loraplex.server.model.kv_cache import allocate_kv_caches
@@ -41,6 +41,11 @@ def save_hf(out_dir: Path, config_cls: str, model_cls: str, **overrides) -> Path
             for name, param in model.named_parameters():
                 if name.endswith("bias"):
                     param.normal_(0, 0.5)
+    if config_cls == "Qwen3Config":
+        with torch.no_grad():   # q/k head norms start at 1: make them matter
+            for name, param in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.uniform_(0.5, 1.5)
     model.save_pretrained(out_dir, **({"max_shard_size": "400KB"} if "shard" in out_dir.name else {}))
     return out_dir
 
@@ -59,6 +64,12 @@ def variants(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
         "llama3-rope": save_hf(root / "llama3", "LlamaConfig", "LlamaForCausalLM", **llama3),
         "untied": save_hf(root / "untied", "LlamaConfig", "LlamaForCausalLM", tie_word_embeddings=False),
         "llama-sharded": save_hf(root / "llama-shard", "LlamaConfig", "LlamaForCausalLM"),
+        "qwen3": save_hf(root / "qwen3", "Qwen3Config", "Qwen3ForCausalLM", head_dim=16, tie_word_embeddings=True),
+        "qwen3-yarn": save_hf(root / "qwen3-yarn", "Qwen3Config", "Qwen3ForCausalLM", head_dim=16,
+                              rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+                              rope_theta=10000.0),
+        "llama-linear-rope": save_hf(root / "llama-linear", "LlamaConfig", "LlamaForCausalLM",
+                                     rope_scaling={"rope_type": "linear", "factor": 3.0}, rope_theta=10000.0),
     }
 
 
@@ -130,13 +141,14 @@ def check_against_hf(model_dir: Path, attention: str = "fast", dtype=torch.float
     return rows
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3-rope", "untied", "llama-sharded"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3-rope", "untied", "llama-sharded", "qwen3",
+                                  "qwen3-yarn", "llama-linear-rope"])
 def test_logits_match_transformers(variants, name):
     rows = check_against_hf(variants[name])
     assert sum(len(r) for r in rows.values()) > 30
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3-rope"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3-rope", "qwen3"])
 def test_fused_cpu_kernels_match_transformers(variants, name, native_kernels):
     """The same mixed prefill/decode schedule through the fused C++ layer ops (native.py)."""
     rows = check_against_hf(variants[name], ops=layer_ops(KernelSet(native=native_kernels)))
@@ -158,6 +170,17 @@ def test_variants_are_what_they_claim(variants):
     assert ModelConfig.from_dir(variants["llama3-rope"]).rope.rope_type == "llama3"
     assert not ModelConfig.from_dir(variants["untied"]).tie_word_embeddings
     assert (variants["llama-sharded"] / "model.safetensors.index.json").is_file()
+    assert ModelConfig.from_dir(variants["qwen3"]).qk_norm and not ModelConfig.from_dir(variants["qwen2"]).qk_norm
+    yarn = ModelConfig.from_dir(variants["qwen3-yarn"]).rope
+    assert (yarn.rope_type, yarn.factor, yarn.original_max_position_embeddings) == ("yarn", 4.0, 8)
+    assert ModelConfig.from_dir(variants["llama-linear-rope"]).rope.rope_type == "linear"
+
+
+def test_qwen3_decodes_on_the_layer_path(variants, native_kernels):
+    """The one-call native decode stack runs the Llama layer only: Qwen3's head norms keep the
+    layer path (the startup log says whether decode steps run in one native call)."""
+    model, _ = build_model(variants["qwen3"], QuantSpec(), ops=layer_ops(KernelSet(native=native_kernels)))
+    assert build_decode_stack(model, KernelSet(native=native_kernels)) is None
 
 
 def test_model_structure(tiny_llama_dir):
@@ -187,8 +210,10 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
 
 def test_config_parsing(tmp_path):
-    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
-        ModelConfig.from_dir(_write_config(tmp_path, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+    with pytest.raises(ValueError, match="rope type 'dynamic' is not supported .dynamic NTK.*KV cache"):
+        ModelConfig.from_dir(_write_config(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ValueError, match="rope type 'longrope' is not supported"):
+        ModelConfig.from_dir(_write_config(tmp_path, rope_scaling={"rope_type": "longrope", "factor": 2.0}))
     old_style = ModelConfig.from_dir(_write_config(tmp_path, rope_theta=5e5, rope_scaling={
         "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}))

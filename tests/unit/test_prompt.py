@@ -60,7 +60,7 @@ def test_render_chat_default_system_prompt_comes_from_the_template(tokenizer):
 
 @pytest.mark.parametrize("messages,field,description", [
     ([], "messages", "at least one message"),
-    ([("user", "ok"), ("tool", "x")], "messages[1].role", "(got 'tool')"),
+    ([("user", "ok"), ("robot", "x")], "messages[1].role", "(got 'robot')"),
     ([("User", "x")], "messages[0].role", "must be one of system, user, assistant"),
     ([("user", 3)], "messages[0].content", "must be a string"),
     ([("user",)], "messages[0]", "must be a (role, content) pair"),

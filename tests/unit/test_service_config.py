@@ -116,3 +116,23 @@ def test_engine_settings_keep_their_defaults_in_the_engine_config(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_server_config({"max_total_tokens": "100"}, {})
     assert error.value.problems == ["--max-input-tokens must be smaller than --max-total-tokens"]
+
+
+def test_no_prefix_caching_from_flag_env_and_file(tmp_path):
+    import argparse
+
+    from loraplex.server.config import add_arguments
+
+    assert load_server_config({}, {}).engine_config(tmp_path).cache.prefix_caching is True
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cli = vars(parser.parse_args(["--no-prefix-caching"]))
+    assert load_server_config(cli, {}).engine_config(tmp_path).cache.prefix_caching is False
+    assert vars(parser.parse_args([]))["no_prefix_caching"] is None          # unset: env/file/default apply
+    assert load_server_config({}, {"LORAPLEX_NO_PREFIX_CACHING": "1"}).engine_config(tmp_path).cache.prefix_caching \
+        is False
+    assert load_server_config({}, {"LORAPLEX_NO_PREFIX_CACHING": "false"}).no_prefix_caching is False
+    (tmp_path / "c.yaml").write_text("no-prefix-caching: true\n")
+    assert load_server_config({"config": str(tmp_path / "c.yaml")}, {}).no_prefix_caching is True
+    with pytest.raises(ConfigError, match="LORAPLEX_NO_PREFIX_CACHING: 'maybe' is not a boolean"):
+        load_server_config({}, {"LORAPLEX_NO_PREFIX_CACHING": "maybe"})

@@ -109,6 +109,7 @@ def test_manager_lowest_free_first_and_lru_eviction_outside_batch():
     assert manager.stats().loads == 5 and manager.stats().evictions == 2
     assert source.calls == ["a", "b", "c", "d", "b"]
     assert manager.num_loaded == 3
+    assert manager.resident_keys() == ("c", "d", "b")       # LRU first (residency metrics)
 
 
 def test_manager_resident_keys_are_not_reloaded():

@@ -54,6 +54,9 @@ CASES = [
                 '{"name": "get_time", "arguments": {"zone": "CET"}}]', "", [WEATHER, TIME]),
     ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}',
      "", [WEATHER, TIME]),
+    # [TOOL_CALLS] is a special token in Mistral's v3 tokenizer: the detokenized answer starts at the array
+    ("mistral", '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]', "", [WEATHER]),
+    ("mistral", "[1] is a citation.", "[1] is a citation.", []),
 ]
 
 
@@ -75,11 +78,19 @@ def test_parsers_whole_and_streamed(fmt, text, content, calls, chunk):
     ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"'),
     ("mistral", '[TOOL_CALLS]{"oops": 1}'),
 ])
+
 @pytest.mark.parametrize("chunk", [None, 1, 5])
 def test_malformed_or_unfinished_calls_come_back_as_text(fmt, text, chunk):
     content, calls = run(fmt, text, chunk)
     assert calls == []
     assert content == text
+
+
+def test_a_mistral_array_with_one_unknown_function_keeps_the_good_call():
+    text = '[TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "CET"}}, {"name": "nope", "arguments": {}}]'
+    for chunk in (None, 2):
+        content, calls = run("mistral", text, chunk)
+        assert _norm(calls) == _norm([TIME]) and content == '{"name": "nope", "arguments": {}}'
 
 
 def test_streaming_emits_each_call_as_soon_as_it_is_complete_and_holds_partial_markers():

@@ -16,9 +16,10 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable
 
+from .compile_queue import CompileQueue
 from .spec import Constraint, ConstraintError, ConstraintLimits, schema_object
 
 # JSON is emitted in the usual one-line style: ", " between items, ": " after keys, no
@@ -54,6 +55,15 @@ class Guide:
         self.matcher = matcher        # llguidance.LLMatcher
         self.kind = kind
         self.error: str | None = None
+        self.request_fault = False    # the error is the constraint's own (a 400), not the server's
+
+    def check_mask(self) -> bool:
+        """After its mask was computed: False (and `error` set) when the grammar could not compute
+        it (a parser or lexer limit): the mask would allow only end-of-sequence, an empty success."""
+        if self.error is None and self.matcher.is_error():
+            self.error = f"the {self.kind} cannot be enforced: {_first_line(self.matcher.get_error())}"
+            self.request_fault = True
+        return self.error is None
 
     def accept(self, token_id: int) -> bool:
         """Advance by the sampled token; False (and `error` set) when the grammar refuses it."""
@@ -80,7 +90,7 @@ class ConstraintCompiler:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Any] = OrderedDict()     # cache_key -> template LLMatcher
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-grammar")
+        self._queue = CompileQueue(self.guide, limits.max_queued_per_tenant, limits.max_queued)
         self._hook: EventHook | None = None
 
     def set_event_hook(self, hook: EventHook | None) -> None:
@@ -90,10 +100,21 @@ class ConstraintCompiler:
     def num_cached(self) -> int:
         return len(self._cache)
 
-    def submit(self, constraint: Constraint) -> Future:
-        """Check now (raises ConstraintError), compile on the grammar thread -> Future[Guide]."""
+    def submit(self, constraint: Constraint, tenant: str | None = None) -> Future:
+        """Check now (raises ConstraintError), compile on the grammar thread -> Future[Guide].
+        A cached grammar is answered at once; others wait in `tenant`'s share of the compile
+        queue (QueueFull when it is full: compile_queue.py)."""
         constraint.check(self.limits)
-        return self._pool.submit(self.guide, constraint)
+        with self._lock:
+            cached = constraint.cache_key in self._cache
+        if cached:
+            done: Future = Future()
+            try:
+                done.set_result(self.guide(constraint))
+            except ConstraintError as error:
+                done.set_exception(error)
+            return done
+        return self._queue.submit(tenant, constraint)
 
     def guide(self, constraint: Constraint) -> Guide:
         """A fresh Guide at the grammar's start (compiles on the calling thread if not cached)."""
@@ -121,8 +142,26 @@ class ConstraintCompiler:
                                        limits=llguidance.LLParserLimits())
         if matcher.is_error():
             raise ConstraintError(f"invalid {constraint.kind}: {_first_line(matcher.get_error())}")
+        self._probe(matcher, constraint.kind)
         self._emit("compiled", constraint.kind, self._clock() - started)
         return matcher
+
+    def _probe(self, matcher: Any, kind: str) -> None:
+        """Compute the first token mask once, here on the grammar thread: a grammar whose mask
+        fails, or costs more than `max_mask_ms` per token (which every step of every batch
+        holding it would pay), is refused before the request is admitted."""
+        best = float("inf")
+        for _ in range(2):                               # best of two: the first may warm caches
+            probe = matcher.deep_copy()
+            started = time.perf_counter()
+            probe.compute_bitmask()
+            best = min(best, (time.perf_counter() - started) * 1000)
+            if probe.is_error():
+                raise ConstraintError(f"the {kind} cannot be enforced: {_first_line(probe.get_error())}")
+        if best > self.limits.max_mask_ms:
+            raise ConstraintError(f"the {kind} takes {best:.0f} ms per token to enforce; this server enforces "
+                                  f"constraints up to {self.limits.max_mask_ms:g} ms per token "
+                                  "(--constraint-mask-budget); simplify it")
 
     def tokenizer(self) -> Any:
         """The llguidance tokenizer (built once)."""
@@ -135,13 +174,14 @@ class ConstraintCompiler:
             return self._tokenizer
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._queue.close()
 
     def _emit(self, event: str, kind: str, seconds: float) -> None:
         if self._hook is not None:
             self._hook(event, kind, seconds)
 
 
-def _first_line(message: str, limit: int = 500) -> str:
-    text = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
-    return text[:limit]
+def _first_line(message: str | None, limit: int = 300) -> str:
+    """The first line of an llguidance error (the rest is a dump of its parser state)."""
+    lines = [line.strip() for line in (message or "").strip().splitlines() if line.strip()]
+    return (lines[0] if lines else "unknown error")[:limit]

@@ -137,7 +137,9 @@ class GuidedDecoding:
         refused = set()
         for seq in seqs:
             token = token_ids.get(seq.seq_id)
-            if seq.guide is not None and token is not None and not seq.guide.accept(token):
+            if seq.guide is None or token is None:
+                continue
+            if not seq.guide.check_mask() or not seq.guide.accept(token):
                 refused.add(seq.seq_id)
         return refused
 

@@ -26,13 +26,18 @@ class ConstraintLimits:
     max_choices: int = 4096
     compile_timeout_s: float = 10.0       # wall time a caller waits for a compile
     cache_size: int = 256                 # compiled grammars kept (LRU by constraint hash)
+    max_mask_ms: float = 10.0             # a grammar whose first token mask takes longer is refused
+    max_queued: int = 64                  # grammars waiting to compile, in all
+    max_queued_per_tenant: int = 8        # ... and per tenant (served round-robin)
 
     def __post_init__(self) -> None:
-        for name in ("max_source_bytes", "max_choices", "cache_size"):
+        for name in ("max_source_bytes", "max_choices", "cache_size", "max_queued", "max_queued_per_tenant"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ConstraintLimits.{name} must be >= 1")
         if not self.compile_timeout_s > 0:
             raise ValueError("ConstraintLimits.compile_timeout_s must be > 0")
+        if not self.max_mask_ms > 0:
+            raise ValueError("ConstraintLimits.max_mask_ms must be > 0")
 
 
 @dataclass(frozen=True)

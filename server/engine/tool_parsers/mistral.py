@@ -1,6 +1,8 @@
 """Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3 tokenizers), or
-`[TOOL_CALLS]name[ARGS]{...}` per call (v11+ tokenizers). `[TOOL_CALLS]` is a special token:
-tool requests for this format are detokenized with special tokens kept."""
+`[TOOL_CALLS]name[ARGS]{...}` per call (v11+ tokenizers). Where `[TOOL_CALLS]` is a special
+token the detokenizer drops it: an answer that starts with `[{` is then read as the v3 call
+array (`implicit_start`). The v11 form needs the markers in the text (they are special
+tokens in v11 tokenizers, so it is only recognised where they are not)."""
 
 from __future__ import annotations
 
@@ -16,43 +18,46 @@ NAME_RE = re.compile(r"\s*([A-Za-z0-9_.-]{1,128})\[ARGS\]")
 class MistralFormat:
     name = "mistral"
     markers = (MARKER,)
+    implicit_start = "[{"         # what a v3 call array looks like once the special marker is dropped
     continuations = (MARKER,)
 
     def scan(self, section: str) -> Scan:
         calls, raws, consumed = [], [], 0
-        while section.startswith(MARKER, consumed):
-            start = consumed + len(MARKER)
+        implicit = not section.startswith(MARKER) and section.lstrip().startswith(self.implicit_start)
+        while section.startswith(MARKER, consumed) or (implicit and not consumed):
+            start = consumed + (0 if implicit and not consumed else len(MARKER))
             found = self._array(section, start) if section[start:].lstrip().startswith("[") \
                 else self._named(section, start)
             if found is None:
                 break
-            new_calls, end = found
+            new_calls, end, new_raws = found
             calls += new_calls
-            raws += [section[consumed:end]] * len(new_calls)
+            raws += new_raws or [section[consumed:end]]
             consumed = end
             consumed += len(section[consumed:]) - len(section[consumed:].lstrip())
         return Scan(tuple(calls), tuple(raws), consumed)
 
     @staticmethod
-    def _array(section: str, start: int) -> tuple[list, int] | None:
+    def _array(section: str, start: int) -> tuple[list, int, list[str]] | None:
+        """(calls, end, each call's text) of a JSON array of calls."""
         decoded = decode_object(section, start)
         if decoded is None:
             return None
         value, end = decoded
         if not isinstance(value, list) or not value:
-            return [None], end
-        return [as_call(item) for item in value], end
+            return [None], end, []
+        return [as_call(item) for item in value], end, [json.dumps(item, ensure_ascii=False) for item in value]
 
     @staticmethod
     def _named(section: str, start: int) -> tuple[list, int] | None:
         match = NAME_RE.match(section, start)
         if match is None:
-            return None if len(section) - start < 140 and ARGS not in section[start:] else ([None], len(section))
+            return None if len(section) - start < 140 and ARGS not in section[start:] else ([None], len(section), [])
         decoded = decode_object(section, match.end())
         if decoded is None:
             return None
         value, end = decoded
-        return [as_call({"name": match.group(1), "arguments": value})], end
+        return [as_call({"name": match.group(1), "arguments": value})], end, []
 
     def write(self, calls: list[ToolCall]) -> str:
         items = ", ".join(f'{{"name": {json.dumps(c.name)}, "arguments": {c.arguments}}}' for c in calls)

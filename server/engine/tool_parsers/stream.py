@@ -73,6 +73,14 @@ class ToolCallStream:
             content.append(rest)                   # a plain answer: never a call after this
             self.done = len(self.text)
             return False
+        implicit = getattr(self.fmt, "implicit_start", "")
+        if implicit and self.done == 0:                 # the marker may be a dropped special token
+            head = rest.lstrip()
+            if head.startswith(implicit):
+                self.in_section = True
+                return True
+            if implicit.startswith(head) and not final:
+                return False                            # "", "[": wait for the next token
         found = [(rest.find(m), m) for m in self.fmt.markers if m and rest.find(m) >= 0]
         if found:
             index = min(found)[0]
@@ -96,7 +104,9 @@ class ToolCallStream:
         self.done += scan.consumed
         rest = self.text[self.done:]
         head = rest.lstrip()
-        pending = head.startswith(self.fmt.continuations) or any(m.startswith(head) for m in self.fmt.continuations)
+        implicit = getattr(self.fmt, "implicit_start", "")
+        pending = (head.startswith(self.fmt.continuations) or any(m.startswith(head) for m in self.fmt.continuations)
+                   or (self.done == 0 and bool(implicit) and head.startswith(implicit)))
         if pending and not final:
             return False                           # the next call is still being written
         if pending and scan.consumed == 0:

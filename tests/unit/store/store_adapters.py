@@ -21,7 +21,11 @@ FAKE_BASE = BaseSpec(
     fingerprint="llama:2x64:kv32:ffn128:none", architecture="LlamaForCausalLM", num_layers=2,
     module_shapes={"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV),
                    "o_proj": (HIDDEN, HIDDEN), "gate_proj": (HIDDEN, INTERMEDIATE),
-                   "up_proj": (HIDDEN, INTERMEDIATE), "down_proj": (INTERMEDIATE, HIDDEN)})
+                   "up_proj": (HIDDEN, INTERMEDIATE), "down_proj": (INTERMEDIATE, HIDDEN)},
+    vocab_size=96)
+VOCAB = 96
+EMBED = "base_model.model.model.embed_tokens"
+LM_HEAD = "base_model.model.lm_head"
 PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 

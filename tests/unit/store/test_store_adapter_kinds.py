@@ -1,13 +1,17 @@
-"""Adapter kinds beyond plain LoRA through the store: DoRA's magnitude vectors are validated,
-stored, loaded and counted in the host tier (with the engine's derived scales)."""
+"""Adapter kinds beyond plain LoRA through the store: DoRA's magnitude vectors, LoRA on
+embed_tokens / lm_head and modules_to_save tables are validated, stored, loaded and counted in
+the host tier (DoRA with the engine's derived scales)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
-from store_adapters import FAKE_BASE, adapter_bytes, adapter_tensors, make_store, tensor_key, upload
+from loraplex.adapters_store.errors import AdapterValidationError
+from store_adapters import (EMBED, FAKE_BASE, LM_HEAD, VOCAB, adapter_bytes, adapter_tensors, make_store,
+                            tensor_key, upload)
 
 
 def _dora_tensors() -> dict[str, torch.Tensor]:
@@ -37,5 +41,61 @@ def test_dora_upload_loads_magnitudes_and_counts_derived_scales(tmp_path):
         magnitudes = sum(m.nbytes for m in loaded.magnitudes.values())
         assert loaded.nbytes == raw + magnitudes + 4 * derived.nbytes
         assert store.cache.stats().num_bytes == loaded.nbytes + plain.nbytes
+    finally:
+        store.close()
+
+
+def _vocab_lora_tensors(with_base_copies: bool) -> dict[str, torch.Tensor]:
+    tensors = adapter_tensors()
+    tensors[f"{EMBED}.lora_embedding_A"] = torch.randn(4, VOCAB)
+    tensors[f"{EMBED}.lora_embedding_B"] = torch.randn(64, 4)
+    tensors[f"{LM_HEAD}.lora_A.weight"] = torch.randn(4, 64)
+    tensors[f"{LM_HEAD}.lora_B.weight"] = torch.randn(VOCAB, 4)
+    if with_base_copies:      # PEFT's save_embedding_layers: copies of the base tables, ignored
+        tensors[f"{EMBED}.base_layer.weight"] = torch.randn(VOCAB, 64)
+        tensors[f"{LM_HEAD}.base_layer.weight"] = torch.randn(VOCAB, 64)
+    return tensors
+
+
+def test_vocabulary_adapters_are_stored_loaded_and_counted(tmp_path):
+    store = make_store(tmp_path / "store")
+    try:
+        targets = ("q_proj", "v_proj", "embed_tokens", "lm_head")
+        lora_key = upload(store, "vocab-lora", *adapter_bytes(targets=targets, tensors=_vocab_lora_tensors(True))).key
+        tables = {**adapter_tensors(), f"{EMBED}.weight": torch.randn(VOCAB, 64, dtype=torch.bfloat16),
+                  f"{LM_HEAD}.weight": torch.randn(VOCAB, 64, dtype=torch.float16)}
+        saved_key = upload(store, "saved", *adapter_bytes(modules_to_save=["embed_tokens", "lm_head"],
+                                                          tensors=tables)).key
+        lora = store.load(lora_key)
+        assert lora.config.target_modules == ("q_proj", "v_proj", "embed_tokens", "lm_head")
+        assert [tuple(t.shape) for t in lora.vocab.embed_lora] == [(4, VOCAB), (64, 4)]
+        assert [tuple(t.shape) for t in lora.vocab.lm_head_lora] == [(4, 64), (VOCAB, 4)]
+        assert lora.vocab.embed_table is None and lora.vocab.lm_head_table is None     # base copies dropped
+        saved = store.load(saved_key)
+        assert saved.vocab.embed_lora is None and saved.vocab.embed_table.dtype == torch.float32
+        torch.testing.assert_close(saved.vocab.lm_head_table, tables[f"{LM_HEAD}.weight"].float())
+        for adapter in (lora, saved):
+            decoder = sum(a.nbytes + b.nbytes for a, b in adapter.weights.values())
+            assert adapter.nbytes == decoder + adapter.vocab.nbytes
+        assert saved.vocab.nbytes == 2 * VOCAB * 64 * 4
+        assert store.cache.stats().num_bytes == lora.nbytes + saved.nbytes
+    finally:
+        store.close()
+
+
+def test_vocabulary_tables_count_against_the_size_limit_and_host_tier(tmp_path):
+    tables = {**adapter_tensors(), f"{LM_HEAD}.weight": torch.randn(VOCAB, 64)}
+    config, weights = adapter_bytes(modules_to_save=["lm_head"], tensors=tables)
+    store = make_store(tmp_path / "small", max_adapter_bytes=len(weights) - 1, host_cache_bytes=16 * 2**10)
+    try:
+        with pytest.raises(AdapterValidationError) as refused:
+            upload(store, "too-big", config, weights)
+        assert refused.value.rule == "size_limit"
+    finally:
+        store.close()
+    store = make_store(tmp_path / "tier", host_cache_bytes=16 * 2**10)    # below the table's 24 KiB
+    try:
+        loaded = store.load(upload(store, "saved", config, weights).key)
+        assert loaded.nbytes > 16 * 2**10 and not store.cache.contains(loaded.key)
     finally:
         store.close()

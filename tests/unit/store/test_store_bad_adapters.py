@@ -16,7 +16,7 @@ from loraplex.adapters_store.errors import (AdapterValidationError, InvalidAdapt
                                             StoreError)
 from loraplex.adapters_store.paths import CONFIG_NAME, WEIGHTS_NAME
 from loraplex.adapters_store.upload import UploadMeta
-from store_adapters import (adapter_bytes, adapter_config, adapter_tensors, make_store, sha256, snapshot,
+from store_adapters import (EMBED, LM_HEAD, VOCAB, adapter_bytes, adapter_config, adapter_tensors, make_store, sha256, snapshot,
                             tensor_key, upload, write_adapter)
 
 
@@ -97,11 +97,26 @@ UPLOAD_CASES = {
     "dora_magnitude_nan": lambda: (*adapter_bytes(use_dora=True, tensors=_dora_tensors(fill=float("nan"))),
                                    "non_finite"),
     "use_dora_not_bool": lambda: (*adapter_bytes(use_dora="yes"), "config_field"),
-    "modules_to_save": lambda: (*adapter_bytes(modules_to_save=["lm_head"]), "modules_to_save"),
-    "embedding_target": lambda: (json.dumps(adapter_config(targets=("q_proj", "embed_tokens"))).encode(),
+    "modules_to_save_decoder": lambda: (*adapter_bytes(modules_to_save=["model.norm", "lm_head"]),
+                                        "modules_to_save"),
+    "modules_to_save_and_target": lambda: (*adapter_bytes(targets=("q_proj", "lm_head"), modules_to_save=["lm_head"],
+                                                          tensors=adapter_tensors()), "modules_to_save"),
+    "modules_to_save_missing_table": lambda: (*adapter_bytes(modules_to_save=["embed_tokens"]), "missing_pair"),
+    "modules_to_save_resized_vocab": lambda: (*adapter_bytes(modules_to_save=["lm_head"], tensors=_with(
+        adapter_tensors(), f"{LM_HEAD}.weight", torch.zeros(VOCAB + 3, 64))), "vocab_size"),
+    "modules_to_save_table_int": lambda: (*adapter_bytes(modules_to_save=["embed_tokens"], tensors=_with(
+        adapter_tensors(), f"{EMBED}.weight", torch.zeros(VOCAB, 64, dtype=torch.int8))), "dtype"),
+    "embedding_lora_wrong_shape": lambda: (*adapter_bytes(targets=("q_proj", "v_proj", "embed_tokens"), tensors={
+        **adapter_tensors(), f"{EMBED}.lora_embedding_A": torch.zeros(4, VOCAB - 1),
+        f"{EMBED}.lora_embedding_B": torch.zeros(64, 4)}), "shape"),
+    "embedding_lora_missing_b": lambda: (*adapter_bytes(targets=("q_proj", "v_proj", "embed_tokens"), tensors={
+        **adapter_tensors(), f"{EMBED}.lora_embedding_A": torch.zeros(4, VOCAB)}), "missing_pair"),
+    "dora_on_embedding": lambda: (*adapter_bytes(use_dora=True, targets=("q_proj", "embed_tokens"),
+                                                 tensors=adapter_tensors()), "use_dora"),
+    "embedding_target": lambda: (json.dumps(adapter_config(targets=("q_proj", "wte"))).encode(),
                                  adapter_bytes()[1], "embedding_target"),
     "lm_head_tensor": lambda: (*adapter_bytes(tensors=_with(adapter_tensors(), "base_model.model.lm_head.lora_A.weight",
-                                                            torch.zeros(4, 64))), "embedding_target"),
+                                                            torch.zeros(4, 64))), "target_mismatch"),
     "rank_pattern_differs": lambda: (*adapter_bytes(rank_pattern={"q_proj": 8}), "rank_pattern"),
     "rank_r_not_int": lambda: (*adapter_bytes(config=adapter_config(rank="4")), "config_field"),
     "float64_weights": lambda: (*adapter_bytes(tensors=adapter_tensors(dtype=torch.float64)), "dtype"),

@@ -86,6 +86,22 @@ def test_public_ids_take_new_versions_and_deletes_from_operators_only(store, tmp
     assert store.delete("catalog", None) == [1, 2]
 
 
+def test_tenant_rule_is_checked_again_at_commit(store):
+    """Issue 31 (8): the rule was checked when an upload started; a slow tenant upload of a new
+    public id committed as v2 of the id an operator created meanwhile."""
+    config_bytes, weights_bytes = adapter_bytes(seed=7)
+    meta = UploadMeta(name="race", config_size=len(config_bytes), config_sha256=sha256(config_bytes),
+                      weights_size=len(weights_bytes), weights_sha256=sha256(weights_bytes), tenant="acme")
+    with store.begin_upload(meta) as session:            # a new public id: allowed when it starts
+        session.write(CONFIG_NAME, config_bytes)
+        session.write(WEIGHTS_NAME, weights_bytes)
+        assert upload_as(store, "race", tenant=None).version == 1       # the operator, meanwhile
+        with pytest.raises(PermissionDenied, match="without a tenant"):
+            session.commit()
+    record, versions = store.get("race", None)
+    assert versions == [1] and record.owner is None
+
+
 def upload_as(store, name: str, tenant: str | None):
     config_bytes, weights_bytes = adapter_bytes(seed=7)
     meta = UploadMeta(name=name, config_size=len(config_bytes), config_sha256=sha256(config_bytes),

@@ -1,11 +1,13 @@
-"""DoRA adapters served unmerged in mixed batches vs PEFT (default model).
+"""Adapter kinds beyond plain LoRA, served unmerged in mixed batches, vs PEFT.
 
 One engine batch holds rows on two DoRA adapters (one on every linear module, one on attention
-only), a plain LoRA and no adapter, arriving staggered so prefill chunks and decodes mix. PEFT
-refuses `adapter_names` with DoRA ("Cannot pass `adapter_names` when DoRA is enabled"), so the
-reference generates each adapter's rows in a batch of their own (`set_adapter`) and the base rows
-with the adapters disabled. Magnitudes are scaled away from their initial value ||W + s BA||
-(at which DoRA equals plain LoRA), so the test fails if the scale is not applied.
+only), an adapter with LoRA on embed_tokens and lm_head (and q_proj), an adapter with
+modules_to_save embed_tokens + lm_head (its own tables, and LoRA on q/v), a plain LoRA and no
+adapter, arriving staggered so prefill chunks and decodes mix. PEFT refuses `adapter_names` with
+DoRA ("Cannot pass `adapter_names` when DoRA is enabled"), so the reference generates each
+adapter's rows in a batch of their own (`set_adapter`) and the base rows with the adapters
+disabled. Magnitudes are scaled away from their initial value ||W + s BA|| (at which DoRA equals
+plain LoRA) and the saved tables are perturbed, so the test fails if either is not applied.
 
 `none`: float32 greedy token for token. `bnb-nf4` (QDoRA): PEFT takes ||W + s BA|| on the
 dequantized weight, as loraplex does; the near-tie rule of test_lora_oracle.py judges it.
@@ -28,12 +30,16 @@ from quant_oracle import load_reference_model
 pytestmark = pytest.mark.integration
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTERS = [  # name, rank, alpha, use_dora, target modules
-    ("dora-all", 8, 16, True, ALL),
-    ("dora-attn", 16, 8, True, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-    ("plain", 8, 16, False, ALL),
-]
-ROWS = ["dora-all", "plain", None, "dora-attn", "dora-all", None]
+ADAPTERS = {  # name -> LoraConfig arguments
+    "dora-all": dict(r=8, lora_alpha=16, use_dora=True, target_modules=ALL),
+    "dora-attn": dict(r=16, lora_alpha=8, use_dora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "plain": dict(r=8, lora_alpha=16, target_modules=ALL),
+    "vocab-lora": dict(r=8, lora_alpha=16, target_modules=["embed_tokens", "lm_head", "q_proj"]),
+    "saved-tables": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                         modules_to_save=["embed_tokens", "lm_head"]),
+}
+ROWS = ["dora-all", "plain", None, "vocab-lora", "dora-attn", "saved-tables", "dora-all", "vocab-lora",
+        None, "saved-tables"]
 PROMPT_LEN, NEW_TOKENS, NEAR_TIE = 16, 10, 0.05
 
 
@@ -48,18 +54,21 @@ def make_adapter_dirs(model_dir: Path, root: Path) -> dict[str, Path]:
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     paths = {}
-    for i, (name, rank, alpha, use_dora, targets) in enumerate(ADAPTERS):
-        config = LoraConfig(r=rank, lora_alpha=alpha, use_dora=use_dora, target_modules=targets,
-                            init_lora_weights=False, task_type="CAUSAL_LM")
+    for i, (name, kwargs) in enumerate(ADAPTERS.items()):
+        config = LoraConfig(**kwargs, init_lora_weights=False, task_type="CAUSAL_LM")
         torch.manual_seed(200 + i)
         model = get_peft_model(base, config)
         with torch.no_grad():
             for pname, param in model.named_parameters():
                 if "lora_B" in pname:
                     param.mul_(0.2)
+                if "lora_embedding_B" in pname:
+                    param.mul_(0.01)
                 if "lora_magnitude_vector" in pname:
                     param.mul_(torch.rand_like(param) * 0.6 + 0.7)   # m != ||W + s BA||
-        model.save_pretrained(root / name)
+                if "modules_to_save" in pname:
+                    param.add_(torch.randn_like(param) * float(param.std()) * 0.5)
+        model.save_pretrained(root / name, save_embedding_layers=False)
         paths[name] = root / name
         base = model.unload()
     return paths
@@ -89,30 +98,23 @@ def prompts(default_model_dir) -> list[list[int]]:
 
 
 def peft_reference(model_dir, method, adapter_dirs, prompts):
-    """Per row: greedy tokens and raw logits, each adapter's rows generated as one batch."""
+    """Per row: greedy tokens and raw logits, each adapter's rows generated as one batch by a
+    PeftModel holding only that adapter (PEFT cannot hold LoRA on embed_tokens beside another
+    adapter's modules_to_save embed_tokens), the base rows by the bare model."""
     from peft import PeftModel
 
-    model = load_reference_model(model_dir, method, compute_dtype=torch.float32)
-    names = list(adapter_dirs)
-    peft = PeftModel.from_pretrained(model, adapter_dirs[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(adapter_dirs[name], adapter_name=name)
-    peft.eval()
-    peft.generation_config.eos_token_id = None
     tokens, logits = [None] * len(ROWS), [None] * len(ROWS)
     for adapter in set(ROWS):
+        model = load_reference_model(model_dir, method, compute_dtype=torch.float32)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, adapter_dirs[adapter]).eval()
+        model.generation_config.eos_token_id = None
         rows = [i for i, row in enumerate(ROWS) if row == adapter]
         ids = torch.tensor([prompts[i] for i in rows])
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                      max_new_tokens=NEW_TOKENS, pad_token_id=0, output_logits=True,
-                      return_dict_in_generate=True)
         with torch.inference_mode():
-            if adapter is None:
-                with peft.disable_adapter():
-                    out = peft.generate(**kwargs)
-            else:
-                peft.set_adapter(adapter)
-                out = peft.generate(**kwargs)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, pad_token_id=0, output_logits=True,
+                                 return_dict_in_generate=True)
         step_logits = torch.stack(out.logits, dim=1)         # [rows, steps, vocab]
         for j, i in enumerate(rows):
             tokens[i] = out.sequences[j, PROMPT_LEN:].tolist()
@@ -131,7 +133,7 @@ def loraplex_outputs(model_dir, method, adapter_dirs, prompts, tmp_path):
     store = AdapterStore(tmp_path / f"store-{method}", StoreConfig(allowed_register_roots=(root,)), base)
     for name, path in adapter_dirs.items():
         store.register_path(name, path)
-    engine = make_engine(model_dir, store=store, quantize=method, max_loras=4, max_num_seqs=8,
+    engine = make_engine(model_dir, store=store, quantize=method, max_loras=8, max_num_seqs=16,
                          max_batch_tokens=256)
     sampling = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     requests = [(i, GenerationRequest(request_id=f"row{i}", prompt_token_ids=tuple(p), adapter_id=row,
@@ -150,7 +152,9 @@ def test_dora_mixed_batch_matches_peft(model_fixture, method, request, adapter_d
     ours, loaded = loraplex_outputs(model_dir, method, dirs, prompts, tmp_path)
     num_layers = ModelConfig.from_dir(model_dir).num_layers
     assert len(loaded["dora-all@1"].dora_scales) == num_layers * len(ALL)
-    assert not loaded["plain@1"].dora_scales
+    assert not loaded["plain@1"].dora_scales and loaded["plain@1"].vocab is None
+    assert loaded["vocab-lora@1"].vocab.embed_lora is not None and loaded["vocab-lora@1"].vocab.lm_head_lora is not None
+    assert loaded["saved-tables@1"].vocab.embed_table is not None
     want, logits = peft_reference(model_dir, method, dirs, prompts)
     for i, row in enumerate(ROWS):
         if method == "none":

@@ -27,8 +27,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..layers.base import QuantizedLinear, QuantSpec
-from ..layers.concat import ConcatLinear
+from ..cache_dirs import cache_root
+from ..kernels import native
+from .base import QuantizedLinear, QuantSpec
+from .concat import ConcatLinear
 
 BUCKETS = (1, 16, 64)             # measured row counts
 RANGES = (4, 32, 64)              # rows <= 4 take bucket 1's choice, <= 32 bucket 16's, ...
@@ -77,9 +79,6 @@ def best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
 
 
 def cache_file(root: Path | None = None) -> Path:
-    from ..model.default_model import cache_root
-    from . import native
-
     version = f"torch{torch.__version__}"
     name = f"{native._cpu_tag()}-{version}-src{native.source_tag()}-{METHOD}.json"
     return (root or cache_root()) / "kernel-choice" / name

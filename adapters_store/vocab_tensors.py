@@ -1,0 +1,129 @@
+"""The vocabulary side of an adapter: LoRA on embed_tokens / lm_head and modules_to_save tables.
+
+PEFT writes (for a Llama-family model):
+    base_model.model.model.embed_tokens.lora_embedding_A   [r, vocab]      (target_modules)
+    base_model.model.model.embed_tokens.lora_embedding_B   [hidden, r]
+    base_model.model.lm_head.lora_A.weight                 [r, hidden]
+    base_model.model.lm_head.lora_B.weight                 [vocab, r]
+    base_model.model.model.embed_tokens.weight             [vocab, hidden] (modules_to_save)
+    base_model.model.lm_head.weight                        [vocab, hidden]
+    base_model.model.{model.embed_tokens|lm_head}.base_layer.weight  a copy of the base's table
+        (save_embedding_layers; ignored: the served base's table is used)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AdapterValidationError
+from .types import BaseSpec, VocabWeights
+
+VOCAB_MODULES = ("embed_tokens", "lm_head")
+_EMBED_RE = re.compile(r"(?:base_model\.model\.)?model\.embed_tokens\.(lora_embedding_A|lora_embedding_B|"
+                       r"base_layer\.weight|weight)(?:\.default)?", re.ASCII)
+_HEAD_RE = re.compile(r"(?:base_model\.model\.)?lm_head\.(lora_A(?:\.default)?\.weight|lora_B(?:\.default)?"
+                      r"\.weight|base_layer\.weight|weight)", re.ASCII)
+_KINDS = {"lora_embedding_A": "A", "lora_embedding_B": "B", "base_layer.weight": "base_copy", "weight": "table"}
+
+
+@dataclass(frozen=True)
+class VocabTensorName:
+    module: str        # "embed_tokens" | "lm_head"
+    kind: str          # "A" | "B" (LoRA), "table" (modules_to_save), "base_copy" (ignored)
+
+
+def parse_vocab_tensor_name(name: str) -> VocabTensorName | None:
+    """The vocabulary tensor `name` names, or None when it is not one (a decoder tensor)."""
+    match = _EMBED_RE.fullmatch(name)
+    if match is not None:
+        return VocabTensorName("embed_tokens", _KINDS[match.group(1)])
+    match = _HEAD_RE.fullmatch(name)
+    if match is not None:
+        kind = match.group(1)
+        return VocabTensorName("lm_head", "A" if kind.startswith("lora_A") else "B" if kind.startswith("lora_B")
+                               else _KINDS[kind])
+    return None
+
+
+def expected_shape(name: VocabTensorName, rank: int, base: BaseSpec) -> tuple[int, ...]:
+    vocab, hidden = base.vocab_size, base.hidden_size
+    if name.kind in ("table", "base_copy"):
+        return (vocab, hidden)
+    if name.module == "embed_tokens":
+        return (rank, vocab) if name.kind == "A" else (hidden, rank)
+    return (rank, hidden) if name.kind == "A" else (vocab, rank)
+
+
+def check_vocab_entry(tensor: str, name: VocabTensorName, shape: tuple[int, ...], rank: int, base: BaseSpec,
+                      lora_modules: frozenset[str], saved_modules: frozenset[str]) -> None:
+    """One vocabulary tensor against the config and the served base's vocabulary."""
+    if base.vocab_size <= 0:
+        raise AdapterValidationError("vocab_size", f"tensor {tensor!r} adapts {name.module}, but this server does "
+                                     f"not know its base's vocabulary size; it cannot check the tensor")
+    if name.kind in ("A", "B") and name.module not in lora_modules:
+        raise AdapterValidationError("target_mismatch", f"tensor {tensor!r} is LoRA on {name.module}, which "
+                                     f"adapter_config.json target_modules does not list")
+    if name.kind == "table" and name.module not in saved_modules:
+        raise AdapterValidationError("target_mismatch", f"tensor {tensor!r} is a whole {name.module} table, "
+                                     f"which adapter_config.json modules_to_save does not list")
+    expected = expected_shape(name, rank, base)
+    if name.kind in ("table", "base_copy") and len(shape) == 2 and shape[1] == expected[1] \
+            and shape[0] != base.vocab_size:
+        raise AdapterValidationError("vocab_size", f"tensor {tensor!r} has {shape[0]} rows but the served base's "
+                                     f"vocabulary has {base.vocab_size}: a resized vocabulary (tokens added "
+                                     f"in training) needs the adapter's own tokenizer, which this server "
+                                     f"does not serve yet. Train without adding tokens")
+    if shape != expected:
+        raise AdapterValidationError("shape", f"tensor {tensor!r} has shape {list(shape)}, expected "
+                                     f"{list(expected)} for {name.module} (vocab {base.vocab_size}, hidden "
+                                     f"{base.hidden_size}, r={rank})")
+
+
+def check_vocab_complete(names: dict[str, VocabTensorName], lora_modules: frozenset[str],
+                         saved_modules: frozenset[str]) -> None:
+    """Each LoRA-targeted vocabulary module has A and B; each saved module has its table."""
+    have = {(n.module, n.kind) for n in names.values()}
+    for module in sorted(lora_modules):
+        for kind in ("A", "B"):
+            if (module, kind) not in have:
+                raise AdapterValidationError("missing_pair", f"{module} is in target_modules but the weights "
+                                             f"have no LoRA {kind} for it")
+    for module in sorted(saved_modules):
+        if (module, "table") not in have:
+            raise AdapterValidationError("missing_pair", f"{module} is in modules_to_save but the weights "
+                                         f"have no {module} table")
+
+
+def split_vocab(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[VocabTensorName, torch.Tensor]]:
+    """(decoder tensors by name, vocabulary tensors by parsed name); base copies dropped."""
+    decoder, vocab = {}, {}
+    for name, tensor in tensors.items():
+        parsed = parse_vocab_tensor_name(name)
+        if parsed is None:
+            decoder[name] = tensor
+        elif parsed.kind != "base_copy":
+            vocab[parsed] = tensor
+    return decoder, vocab
+
+
+def vocab_weights(vocab: dict[VocabTensorName, torch.Tensor], lora_dtype: torch.dtype,
+                  table_dtype: torch.dtype = torch.float32) -> VocabWeights | None:
+    """VocabWeights from parsed vocabulary tensors (LoRA in lora_dtype, tables in table_dtype)."""
+    if not vocab:
+        return None
+    get = {(n.module, n.kind): t for n, t in vocab.items()}
+
+    def pair(module: str):
+        if (module, "A") not in get:
+            return None
+        return (get[(module, "A")].to(lora_dtype).contiguous(), get[(module, "B")].to(lora_dtype).contiguous())
+
+    def table(module: str):
+        t = get.get((module, "table"))
+        return None if t is None else t.to(table_dtype).contiguous()
+
+    return VocabWeights(embed_lora=pair("embed_tokens"), lm_head_lora=pair("lm_head"),
+                        embed_table=table("embed_tokens"), lm_head_table=table("lm_head"))

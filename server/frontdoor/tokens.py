@@ -1,0 +1,46 @@
+"""Tokenize / detokenize for any transport: bounded like a prompt, run off the engine thread.
+
+The text of /tokenize is bounded by the same byte limit as a generation prompt (what the
+longest accepted prompt can hold), the ids of /detokenize by --max-total-tokens, and both run
+on the EngineClient's tokenizer thread, never on the engine's step loop.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..engine.io import RequestRejected
+from ..engine.prompt import prompt_bytes
+from .access import Operation, Principal, authorize
+from .door import FrontDoor
+from .errors import invalid
+
+
+async def tokenize(door: FrontDoor, principal: Principal | None, text: str | None = None,
+                   messages: Sequence[tuple[str, str]] | None = None, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text`, or of `messages` rendered with the chat template (exactly one)."""
+    authorize(principal, Operation.TOKENIZE)
+    if (text is None) == (messages is None):
+        raise invalid("prompt", "give exactly one of prompt or messages")
+    field = "messages" if messages is not None else "prompt"
+    engine = door.engine()
+    door.limits.check_text(prompt_bytes(text, messages), engine.info.max_prompt_bytes, field)
+    try:
+        if messages is not None:
+            return await engine.render_chat(tuple(messages))
+        return await engine.tokenize(text, add_special_tokens=add_special_tokens)
+    except RequestRejected as error:
+        raise invalid(field, error.message) from None
+    except ValueError as error:
+        raise invalid(field, str(error)) from None
+
+
+async def detokenize(door: FrontDoor, principal: Principal | None, token_ids: Sequence[int]) -> str:
+    authorize(principal, Operation.TOKENIZE)
+    door.limits.check_token_ids(len(token_ids), "tokens")
+    engine = door.engine()
+    vocab = engine.info.vocab_size
+    bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise invalid("tokens", f"token ids must be in [0, {vocab}) (got {bad})")
+    return await engine.detokenize(list(token_ids))

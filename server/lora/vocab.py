@@ -1,0 +1,126 @@
+"""Per-request vocabulary adapters: embed_tokens / lm_head LoRA and modules_to_save tables.
+
+Each device slot may hold an adapter's own vocabulary tensors (adapters_store.types.VocabWeights).
+Rows of a batch whose adapter has them get, as PEFT computes them:
+
+    embedding   h = E_a[ids]                       (modules_to_save embed_tokens: its own table)
+                h = E[ids] + s * A^T[ids] @ B^T     (LoRA: lora_embedding_A [r, V], _B [H, r])
+    logits      z = h @ W_a^T                      (modules_to_save lm_head: its own table)
+                z = h @ W^T + s * (h @ A^T) @ B^T   (LoRA: lora_A [r, H], lora_B [V, r])
+
+Other rows keep the base's. Few adapters carry vocabulary tensors and they are large (a table
+is vocab x hidden), so they are kept per slot (not stacked) and applied per active slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...adapters_store.types import VocabWeights
+
+
+@dataclass(frozen=True)
+class _SlotVocab:
+    scale: float
+    embed_a_t: torch.Tensor | None       # [V, r]  (lora_embedding_A transposed: a row per token)
+    embed_b_t: torch.Tensor | None       # [r, H]
+    head_a: torch.Tensor | None          # [r, H]
+    head_b: torch.Tensor | None          # [V, r]
+    embed_table: torch.Tensor | None     # [V, H] model dtype
+    head_table: torch.Tensor | None      # [V, H] model dtype
+
+
+class VocabSlots:
+    """The vocabulary tensors of the adapters in device slots, and the per-row hooks the model calls."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, model_dtype: torch.dtype,
+                 device: str | torch.device = "cpu"):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.model_dtype, self.device = model_dtype, torch.device(device)
+        self._slots: dict[int, _SlotVocab] = {}
+
+    @property
+    def slots(self) -> frozenset[int]:
+        return frozenset(self._slots)
+
+    def load(self, slot: int, vocab: VocabWeights, scale: float, lora_dtype: torch.dtype) -> None:
+        """Place an adapter's vocabulary tensors in `slot` (shapes checked against the model)."""
+        self._check(vocab)
+
+        def lora(t: torch.Tensor | None, transpose: bool = False) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.to(device=self.device, dtype=lora_dtype)
+            return t.T.contiguous() if transpose else t.contiguous()
+
+        def table(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=self.device, dtype=self.model_dtype).contiguous()
+
+        embed_a, embed_b = vocab.embed_lora or (None, None)
+        head_a, head_b = vocab.lm_head_lora or (None, None)
+        self._slots[slot] = _SlotVocab(scale, lora(embed_a, True), lora(embed_b, True), lora(head_a), lora(head_b),
+                                       table(vocab.embed_table), table(vocab.lm_head_table))
+
+    def clear(self, slot: int) -> None:
+        self._slots.pop(slot, None)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for v in self._slots.values() for t in
+                   (v.embed_a_t, v.embed_b_t, v.head_a, v.head_b, v.embed_table, v.head_table) if t is not None)
+
+    def active(self, active_slots: tuple[int, ...]) -> bool:
+        """Whether a step over these slots has a vocabulary adapter."""
+        return any(slot in self._slots for slot in active_slots)
+
+    def embed(self, input_ids: torch.Tensor, hidden: torch.Tensor, token_slots: torch.Tensor) -> None:
+        """hidden [T, H] (the base's embeddings) -> each vocabulary adapter's rows, in place.
+        input_ids [T], token_slots [T] (-1 = none)."""
+        for slot, vocab in self._slots.items():
+            if vocab.embed_table is None and vocab.embed_a_t is None:
+                continue
+            rows = torch.nonzero(token_slots == slot).flatten()                     # [R]
+            if rows.numel() == 0:
+                continue
+            ids = input_ids.index_select(0, rows)
+            if vocab.embed_table is not None:
+                hidden.index_copy_(0, rows, vocab.embed_table.index_select(0, ids))
+                continue
+            after_a = vocab.embed_a_t.index_select(0, ids)                          # [R, r]
+            delta = (after_a @ vocab.embed_b_t) * vocab.scale                       # [R, H]
+            hidden.index_add_(0, rows, delta.to(hidden.dtype))
+
+    def logits(self, hidden: torch.Tensor, logits: torch.Tensor, row_slots: torch.Tensor) -> None:
+        """logits [n, V] float32 (the base's) -> each vocabulary adapter's rows, in place.
+        hidden [n, H] (final-normed), row_slots [n] (-1 = none)."""
+        for slot, vocab in self._slots.items():
+            if vocab.head_table is None and vocab.head_a is None:
+                continue
+            rows = torch.nonzero(row_slots == slot).flatten()                       # [R]
+            if rows.numel() == 0:
+                continue
+            h = hidden.index_select(0, rows)                                        # [R, H]
+            if vocab.head_table is not None:
+                logits.index_copy_(0, rows, (h @ vocab.head_table.T).float())
+                continue
+            x = h.to(vocab.head_a.dtype)
+            delta = ((x @ vocab.head_a.T) @ vocab.head_b.T) * vocab.scale           # [R, V]
+            logits.index_add_(0, rows, delta.float())
+
+    def _check(self, vocab: VocabWeights) -> None:
+        tables = [t for t in (vocab.embed_table, vocab.lm_head_table) if t is not None]
+        for t in tables:
+            if tuple(t.shape) != (self.vocab_size, self.hidden_size):
+                raise ValueError(f"a vocabulary table of shape {tuple(t.shape)} does not fit this model's "
+                                 f"[{self.vocab_size}, {self.hidden_size}]")
+        if vocab.embed_lora is not None:
+            a, b = vocab.embed_lora
+            if a.shape[1] != self.vocab_size or b.shape[0] != self.hidden_size:
+                raise ValueError(f"embed_tokens LoRA A {tuple(a.shape)}, B {tuple(b.shape)} does not fit "
+                                 f"vocab {self.vocab_size}, hidden {self.hidden_size}")
+        if vocab.lm_head_lora is not None:
+            a, b = vocab.lm_head_lora
+            if a.shape[1] != self.hidden_size or b.shape[0] != self.vocab_size:
+                raise ValueError(f"lm_head LoRA A {tuple(a.shape)}, B {tuple(b.shape)} does not fit "
+                                 f"vocab {self.vocab_size}, hidden {self.hidden_size}")
