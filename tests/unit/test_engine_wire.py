@@ -57,3 +57,12 @@ def test_errors_keep_their_class_and_fields(error):
 def test_an_unknown_error_becomes_request_failed_without_its_text():
     back = wire.error_from_wire(wire.error_to_wire(KeyError("secret internal detail")))
     assert type(back) is io.RequestFailed and "secret" not in str(back)
+
+
+def test_engine_info_crosses_with_its_kernel_choices():
+    from loraplex.server.layers.linear_choice import KernelChoice
+
+    info = io.EngineInfo("m", "LlamaForCausalLM", "none", "float32", "cpu", "fp", 1, None, 10,
+                         (KernelChoice("k", 2, ((1, "aten"),), "measured"),), "avx2")
+    ready = wire.front_codec().decode(wire.core_codec().encode(wire.Ready(wire.info_to_wire(info), 7)))
+    assert wire.info_from_wire(ready.info, None) == info and ready.pid == 7

@@ -177,7 +177,7 @@ def info_to_wire(info: io.EngineInfo) -> dict[str, Any]:
 
 
 def info_from_wire(data: dict[str, Any], base_spec: Any) -> io.EngineInfo:
-    from ...kernels.linear_choice import KernelChoice
+    from ...layers.linear_choice import KernelChoice
 
     fields = dict(data)
     fields["linear_kernels"] = tuple(msgspec.convert(choice, KernelChoice) for choice in data["linear_kernels"])
