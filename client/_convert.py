@@ -182,7 +182,8 @@ def server_info(response: server_pb2.InfoResponse) -> ServerInfo:
         limits=Limits(**{name: getattr(limits, name) for name in Limits.__dataclass_fields__}),
         auth_enabled=response.auth_enabled, device=response.device,
         linear_weight_bytes=response.linear_weight_bytes,
-        linear_kernels=tuple(response.linear_kernels), cpu_isa=response.cpu_isa)
+        linear_kernels=tuple(response.linear_kernels), cpu_isa=response.cpu_isa,
+        decode_path=response.decode_path)
 
 
 def health_status(response: health_pb2.HealthCheckResponse) -> HealthStatus:

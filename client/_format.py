@@ -84,7 +84,7 @@ def server_details(info: ServerInfo) -> str:
         ("version", info.version), ("model", info.model), ("architecture", info.architecture),
         ("quantization", info.quantization), ("dtype", info.dtype), ("device", info.device),
         ("linear weights", human_bytes(info.linear_weight_bytes)), ("base fingerprint", info.base_fingerprint),
-        ("cpu isa", info.cpu_isa or "-"), ("linear kernels", "; ".join(info.linear_kernels) or "-"),
+        ("cpu isa", info.cpu_isa or "-"), ("decode path", info.decode_path or "-"), ("linear kernels", "; ".join(info.linear_kernels) or "-"),
         ("auth", "on" if info.auth_enabled else "off"),
         ("max input tokens", limits.max_input_tokens), ("max total tokens", limits.max_total_tokens),
         ("max new tokens", limits.max_new_tokens), ("max loras", limits.max_loras),

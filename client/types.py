@@ -160,6 +160,7 @@ class ServerInfo:
     linear_weight_bytes: int
     linear_kernels: tuple[str, ...] = ()     # kernel per linear layer shape (server's choice)
     cpu_isa: str = ""
+    decode_path: str = ""        # "native-stack" or "layers" (how decode-only steps run)
 
 
 class Sampling(TypedDict, total=False):

@@ -31,6 +31,7 @@ class ServerConfig(Protocol):
     """What the checks read of a config.ServerConfig (structurally: config.py is not imported)."""
 
     model: str
+    revision: str
     port: int
     metrics_port: int
     http_port: int

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loraplex/v1/server.proto\x12\x0bloraplex.v1\"\x19\n\x17ResetPrefixCacheRequest\")\n\x18ResetPrefixCacheResponse\x12\r\n\x05reset\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\xed\x01\n\x06Limits\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x04 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x05 \x01(\r\x12\x11\n\tmax_loras\x18\x06 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x07 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x04\x12\x19\n\x11max_adapter_bytes\x18\t \x01(\x04\"\x94\x02\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x06 \x01(\t\x12#\n\x06limits\x18\x07 \x01(\x0b\x32\x13.loraplex.v1.Limits\x12\x14\n\x0c\x61uth_enabled\x18\x08 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x1b\n\x13linear_weight_bytes\x18\n \x01(\x04\x12\x16\n\x0elinear_kernels\x18\x0b \x03(\t\x12\x0f\n\x07\x63pu_isa\x18\x0c \x01(\t2\xad\x01\n\rServerService\x12;\n\x04Info\x12\x18.loraplex.v1.InfoRequest\x1a\x19.loraplex.v1.InfoResponse\x12_\n\x10ResetPrefixCache\x12$.loraplex.v1.ResetPrefixCacheRequest\x1a%.loraplex.v1.ResetPrefixCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loraplex/v1/server.proto\x12\x0bloraplex.v1\"\x19\n\x17ResetPrefixCacheRequest\")\n\x18ResetPrefixCacheResponse\x12\r\n\x05reset\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\xed\x01\n\x06Limits\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x04 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x05 \x01(\r\x12\x11\n\tmax_loras\x18\x06 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x07 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x04\x12\x19\n\x11max_adapter_bytes\x18\t \x01(\x04\"\xa9\x02\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x06 \x01(\t\x12#\n\x06limits\x18\x07 \x01(\x0b\x32\x13.loraplex.v1.Limits\x12\x14\n\x0c\x61uth_enabled\x18\x08 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x1b\n\x13linear_weight_bytes\x18\n \x01(\x04\x12\x16\n\x0elinear_kernels\x18\x0b \x03(\t\x12\x0f\n\x07\x63pu_isa\x18\x0c \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_path\x18\r \x01(\t2\xad\x01\n\rServerService\x12;\n\x04Info\x12\x18.loraplex.v1.InfoRequest\x1a\x19.loraplex.v1.InfoResponse\x12_\n\x10ResetPrefixCache\x12$.loraplex.v1.ResetPrefixCacheRequest\x1a%.loraplex.v1.ResetPrefixCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,7 +40,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIMITS']._serialized_start=127
   _globals['_LIMITS']._serialized_end=364
   _globals['_INFORESPONSE']._serialized_start=367
-  _globals['_INFORESPONSE']._serialized_end=643
-  _globals['_SERVERSERVICE']._serialized_start=646
-  _globals['_SERVERSERVICE']._serialized_end=819
+  _globals['_INFORESPONSE']._serialized_end=664
+  _globals['_SERVERSERVICE']._serialized_start=667
+  _globals['_SERVERSERVICE']._serialized_end=840
 # @@protoc_insertion_point(module_scope)

@@ -43,7 +43,7 @@ class Limits(_message.Message):
     def __init__(self, max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "model", "architecture", "quantization", "dtype", "base_fingerprint", "limits", "auth_enabled", "device", "linear_weight_bytes", "linear_kernels", "cpu_isa")
+    __slots__ = ("version", "model", "architecture", "quantization", "dtype", "base_fingerprint", "limits", "auth_enabled", "device", "linear_weight_bytes", "linear_kernels", "cpu_isa", "decode_path")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class InfoResponse(_message.Message):
     LINEAR_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LINEAR_KERNELS_FIELD_NUMBER: _ClassVar[int]
     CPU_ISA_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PATH_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     architecture: str
@@ -68,4 +69,5 @@ class InfoResponse(_message.Message):
     linear_weight_bytes: int
     linear_kernels: _containers.RepeatedScalarFieldContainer[str]
     cpu_isa: str
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., auth_enabled: _Optional[bool] = ..., device: _Optional[str] = ..., linear_weight_bytes: _Optional[int] = ..., linear_kernels: _Optional[_Iterable[str]] = ..., cpu_isa: _Optional[str] = ...) -> None: ...
+    decode_path: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., auth_enabled: _Optional[bool] = ..., device: _Optional[str] = ..., linear_weight_bytes: _Optional[int] = ..., linear_kernels: _Optional[_Iterable[str]] = ..., cpu_isa: _Optional[str] = ..., decode_path: _Optional[str] = ...) -> None: ...

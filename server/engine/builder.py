@@ -125,6 +125,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
                       linear_weight_bytes=model.linear_weight_bytes(), base_spec=base_spec,
                       vocab_size=model_config.vocab_size, linear_kernels=linear_kernels,
                       cpu_isa="" if kernels.native is None else kernels.native.quant_isa(),
+                      decode_path="layers" if model.decode_stack is None else "native-stack",
                       max_prompt_bytes=engine.max_prompt_bytes,
                       chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else "")
     warm_up(engine, pool, log)

@@ -154,5 +154,6 @@ class EngineInfo:
     vocab_size: int
     linear_kernels: tuple = ()          # layers.linear_choice.KernelChoice per layer shape
     cpu_isa: str = ""                   # the fused CPU kernels' instruction set ("" without them)
+    decode_path: str = ""               # "native-stack" (one native call per decode step) or "layers"
     max_prompt_bytes: int = 0           # text longer than this cannot fit max_input_tokens (0 = unknown)
     chat_template: str = ""             # the base model's chat template ("" = none; picks --tool-call-parser auto)

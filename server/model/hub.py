@@ -61,8 +61,8 @@ def ensure_hub_model(model: HubModel, log: Log = print, cache_dir: str | Path | 
     Raises HubModelError with the reason (offline and not cached, not found, gated, pickle only).
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     env = environ if environ is not None else os.environ
     local_only = offline(env)
@@ -80,12 +80,14 @@ def ensure_hub_model(model: HubModel, log: Log = print, cache_dir: str | Path | 
                             "huggingface.co and set HF_TOKEN to a token that may read it") from None
     except RepositoryNotFoundError:
         raise HubModelError(f"--model {model}: no such repository on the Hub (or it is private: "
-                            "set HF_TOKEN)") from None
+                            f"set HF_TOKEN), and no local directory {model.repo_id!r} exists") from None
     except RevisionNotFoundError:
         raise HubModelError(f"--model {model}: the repository has no revision {model.revision!r} "
                             "(--revision)") from None
     except LocalEntryNotFoundError:
         raise HubModelError(_not_cached_message(model, local_only)) from None
+    except OfflineModeIsEnabled:      # huggingface_hub read HF_HUB_OFFLINE at import
+        raise HubModelError(_not_cached_message(model, True)) from None
     except OSError as error:          # network errors (requests/httpx) derive from OSError
         raise HubModelError(f"--model {model}: download failed ({error}); {_cached_hint(model)}") from None
     return _checked_snapshot(model, Path(path))
@@ -98,8 +100,8 @@ def _refuse_pickle_only(model: HubModel, token: str | None) -> None:
 
     try:
         files = HfApi(token=token).list_repo_files(model.repo_id, revision=model.revision)
-    except HfHubHTTPError:
-        return          # snapshot_download reports not-found / gated / bad revision precisely
+    except (HfHubHTTPError, OSError):
+        return          # snapshot_download reports not-found / gated / bad revision / offline precisely
     if not any(name.endswith(".safetensors") for name in files):
         raise HubModelError(_pickle_message(model, [f for f in files if f.endswith(PICKLE_SUFFIXES)]))
 

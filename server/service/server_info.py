@@ -30,7 +30,8 @@ class ServerServicer(server_pb2_grpc.ServerServiceServicer):
             architecture=info.architecture, quantization=info.quantization, dtype=info.dtype,
             base_fingerprint=info.base_fingerprint, limits=limits, auth_enabled=self.state.keys.enabled,
             device=info.device, linear_weight_bytes=info.linear_weight_bytes,
-            linear_kernels=[choice.describe() for choice in info.linear_kernels], cpu_isa=info.cpu_isa)
+            linear_kernels=[choice.describe() for choice in info.linear_kernels], cpu_isa=info.cpu_isa,
+            decode_path=info.decode_path)
 
     @rpc_errors
     async def ResetPrefixCache(self, request: pb.ResetPrefixCacheRequest, context) -> pb.ResetPrefixCacheResponse:
