@@ -1,4 +1,4 @@
-"""Prefix caching on vs `--no-prefix-caching`, side by side (BENCHMARKS.md section 11).
+"""Prefix caching on vs `--no-prefix-caching`, side by side (BENCHMARKS.md section 13).
 
 Two real servers (gRPC on loopback, `start_grpc` + `load_engine` + `attach_engine` as `loraplex
 serve` wires them) share one adapter store of 16 random rank-8 adapters and differ only in the
@@ -139,7 +139,7 @@ def render_section(workloads: list[Workload], results: dict[str, list[tuple[Side
     """The markdown section from the rounds' (cache on, cache off) results."""
     shared, turns, plain = (w.options for w in workloads)
     lines = [
-        "## 11. Prefix caching: on vs `--no-prefix-caching`",
+        "## 13. Prefix caching: on vs `--no-prefix-caching`",
         "",
         "Default model, float32, two real gRPC servers on loopback sharing one store of 16 random rank-8",
         "adapters, identical except `--no-prefix-caching`, driven by `loraplex bench`'s runner, alternating",
