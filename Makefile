@@ -14,7 +14,7 @@ TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 PYTEST_ARGS ?=
 
 .PHONY: setup model serve demo test test-unit test-integration test-store-shared test-fleet bench stress fidelity proto \
-        clean help test-client-install test-demo gpu-check test-adapters test-prefix-cache
+        clean help test-client-install test-demo gpu-check test-adapters test-prefix-cache test-engine-process
 
 help:
 	@echo "make serve   set up .venv, fetch the default model, start the server on 127.0.0.1:50051"
@@ -75,6 +75,15 @@ test-fleet: model
 # DoRA / embedding / modules_to_save adapters vs PEFT on the default model (slow; not in `make test`).
 test-adapters: model
 	$(PY) -m pytest tests/integration/test_adapter_kinds_oracle.py -m "slow or not slow" $(PYTEST_ARGS)
+
+# Both EngineClient implementations (issue 36): `make test` runs the service tests against the
+# in-process engine thread (the default); this runs them against the engine-core process, and
+# checks the served decode rate against the main-thread engine (default model; slow; fails today).
+test-engine-process: model
+	$(PY) -m pytest tests/integration/test_grpc_generation.py tests/integration/test_openai_http.py \
+		tests/integration/test_grpc_structured.py tests/integration/test_openai_structured.py \
+		tests/integration/test_grpc_auth.py --engine-process on $(PYTEST_ARGS)
+	$(PY) -m pytest tests/integration/test_served_decode_rate.py -m slow $(PYTEST_ARGS)
 
 bench: model
 	$(PY) bench/suite.py $(BENCH_ARGS)

@@ -205,7 +205,7 @@ def section_grpc(model_dir: Path, quick: bool) -> str:
         dict(concurrency=16, num_requests=48, input_len=64, output_len=32)
     r = run_grpc_bench(model_dir, **sizes)
     return comparison_section(
-        "## 4. gRPC end-to-end vs in-process engine",
+        "## 4a. gRPC end-to-end vs in-process engine (closed loop, prefill included)",
         f"Default model, float32, base model (no adapter). {r.num_requests} requests, closed loop at "
         f"concurrency {r.concurrency}, prompts of ~{r.input_len} tokens, {r.output_len} generated tokens each "
         "(greedy, `ignore_eos`); the same prompt texts and the same EngineConfig on both sides; the two "

@@ -312,8 +312,9 @@ def section_scaling(model_dir: Path, quick: bool) -> str:
 
 def section_grpc(model_dir: Path, quick: bool) -> str:
     from grpc_bench import section_grpc as run
+    from served_decode_bench import section_served_decode
 
-    return run(model_dir, quick)
+    return section_served_decode(model_dir, quick) + "\n" + run(model_dir, quick)
 
 
 def section_structured(model_dir: Path, quick: bool) -> str:

@@ -8,6 +8,7 @@ ready line. SIGTERM/SIGINT: NOT_SERVING, new requests get UNAVAILABLE, in-flight
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -112,16 +113,37 @@ def wire_engine(state: ServiceState, store: Any, engine: Any) -> None:
         if store is not None:
             store.set_event_hook(metrics_hook(state.metrics))
         engine.set_adapter_event_hook(metrics_hook(state.metrics, tier="device"))
+        if hasattr(engine, "set_store_event_hook"):          # the engine process's own store
+            engine.set_store_event_hook(metrics_hook(state.metrics))
         engine.set_constraint_event_hook(state.metrics.constraint_event)
         from .residency_metrics import watch_residency
         watch_residency(state.metrics.registry, engine.stats, store, engine.adapter_is_private)
 
 
 async def attach_engine(running: RunningServer, store: Any, engine: Any) -> None:
-    """Make the services live: wire metrics to the engine and report SERVING."""
+    """Make the services live: wire metrics to the engine and report SERVING.
+
+    An engine-core process that dies turns health NOT_SERVING until its successor is ready."""
     wire_engine(running.state, store, engine)
+    if hasattr(engine, "set_liveness_hook"):
+        engine.set_liveness_hook(health_follower(running, asyncio.get_running_loop()))
+    await set_health(running, True)
+
+
+async def set_health(running: RunningServer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    if running.state.draining:
+        return
     for name in ("",) + SERVICE_NAMES:
-        await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await running.health.set(name, status)
+
+
+def health_follower(running: RunningServer, loop: asyncio.AbstractEventLoop) -> Callable[[bool], None]:
+    """A liveness hook (called on any thread) that sets gRPC health on the server's loop."""
+    def follow(serving: bool) -> None:
+        if not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(set_health(running, serving), loop)
+    return follow
 
 
 async def drain_and_stop(running: RunningServer, grace_s: float, log: Log = print) -> bool:
@@ -215,7 +237,15 @@ async def load_engine(config: ServerConfig, log: Log = print) -> tuple[Any, Any]
     model_dir = await asyncio.to_thread(resolve_model_path, config.model, log, config.revision)
     engine_config = config.engine_config(model_dir)
     store = await asyncio.to_thread(open_store, config, engine_config)
-    engine = await AsyncEngine.create(engine_config, store, log_fn=log)
+    if not config.engine_process:
+        return store, await AsyncEngine.create(engine_config, store, log_fn=log)
+    from .engine.proc.client import ProcessEngine
+    try:
+        engine = await ProcessEngine.create(engine_config, store, log_fn=log, log_level=config.log_level,
+                                            store_factory=functools.partial(open_store, config, engine_config))
+    except BaseException:
+        store.close()
+        raise
     return store, engine
 
 

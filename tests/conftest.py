@@ -12,6 +12,20 @@ import torch
 from model_helpers import build_tiny_llama  # noqa: F401 - fixtures below use it
 
 
+def pytest_addoption(parser):
+    parser.addoption("--engine-process", choices=("on", "off"), default=None,
+                     help="run the service tests against this EngineClient: on = the engine-core "
+                          "process, off = the in-process engine thread (default: the server's default)")
+
+
+def pytest_configure(config):
+    from grpc_harness import ENGINE_PROCESS_ENV
+
+    choice = config.getoption("--engine-process")
+    if choice:
+        os.environ[ENGINE_PROCESS_ENV] = choice
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

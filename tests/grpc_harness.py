@@ -49,11 +49,26 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
 
-async def start_full_server(config):
-    """gRPC server + store + engine on the tiny model, exactly as `loraplex serve` wires them."""
+ENGINE_PROCESS_ENV = "LORAPLEX_TEST_ENGINE_PROCESS"     # set by `pytest --engine-process on|off`
+
+
+async def start_full_server(config, engine_process: bool | None = None):
+    """gRPC server + store + engine on the tiny model, exactly as `loraplex serve` wires them.
+
+    engine_process: which EngineClient (True: the engine-core process, False: in-process);
+    None: `pytest --engine-process on|off` when given, else the server's default. Tests that
+    reach into the engine object itself (fault injection) pass False."""
+    import os
+    from dataclasses import replace
+
     from loraplex.server.app import attach_engine, load_engine, start_grpc
     from loraplex.server.metrics import Metrics
 
+    chosen = os.environ.get(ENGINE_PROCESS_ENV)
+    if engine_process is None and chosen:
+        engine_process = chosen == "on"
+    if engine_process is not None:
+        config = replace(config, engine_process=engine_process)
     running = await start_grpc(config, Metrics(config.metrics_adapter_labels))
     store, engine = await load_engine(config, log=lambda _message: None)
     await attach_engine(running, store, engine)

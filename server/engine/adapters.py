@@ -50,6 +50,11 @@ class AdapterGateway:
         with self._lock:
             return key in self._private
 
+    def private_keys(self) -> frozenset[str]:
+        """Every resolved key that is private now (the engine process sends it to the front end)."""
+        with self._lock:
+            return frozenset(self._private)
+
     def release(self, key: str) -> None:
         self.store.release(key)
 

@@ -34,6 +34,7 @@ class TemplateLimits:
     max_template_bytes: int = 256 * 1024        # a template's source
     max_output_chars: int = 4 * 1024 * 1024     # what one render may produce
     timeout_s: float = 2.0                      # wall time of one render in the worker
+    start_timeout_s: float = 60.0               # a new worker's start-up (not charged to a render)
     memory_bytes: int = 1024 * 1024 * 1024      # the worker's address space
 
 
@@ -64,9 +65,18 @@ class TemplateSandbox:
         return reply["text"]
 
     def _worker(self) -> subprocess.Popen:
+        """The running worker, started if needed and waited for until it says it is ready, so
+        that its start-up (Python, jinja2) on a busy machine never counts as a slow render."""
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen([sys.executable, "-I", str(WORKER), str(self.limits.memory_bytes)],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            try:
+                ready = self._read_line(self._proc, time.monotonic() + self.limits.start_timeout_s)
+            except TemplateError:
+                ready = b""
+            if json.loads(ready or b"{}").get("ready") is not True:
+                self._kill()
+                raise TemplateError("the chat template renderer could not start; retry shortly")
         return self._proc
 
     def _read_line(self, proc: subprocess.Popen, deadline: float) -> bytes:

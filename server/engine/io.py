@@ -157,3 +157,7 @@ class EngineInfo:
     decode_path: str = ""               # "native-stack" (one native call per decode step) or "layers"
     max_prompt_bytes: int = 0           # text longer than this cannot fit max_input_tokens (0 = unknown)
     chat_template: str = ""             # the base model's chat template ("" = none; picks --tool-call-parser auto)
+
+
+class EngineUnavailable(EngineDraining):
+    """The engine process died and is restarting; retry shortly. -> UNAVAILABLE."""

@@ -15,6 +15,7 @@ import contextvars
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 from ..config import ServerConfig
@@ -65,7 +66,8 @@ class ReplicaBase:
         self.keys = KeyRing(config.api_keys, config.admin_keys)
         self.state = ServiceState(config=config, keys=self.keys, metrics=metrics, replica=self.name)
         phases: list[str] = []
-        store, engine = await load_engine(config, log=lambda message: phases.append(
+        # The replica keeps the in-process engine (issue 36): Ray supervises the replica itself.
+        store, engine = await load_engine(replace(config, engine_process=False), log=lambda message: phases.append(
             f"+{time.time() - started:.1f}s {message}"))
         wire_engine(self.state, store, engine)
         self.servicers = {"generation": GenerationServicer(self.state), "adapters": AdapterServicer(self.state),

@@ -42,7 +42,8 @@ def _config(tiny_llama_dir, store, **extra):
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
     loop = LoopThread()
-    running = loop.run(start_full_server(_config(tiny_llama_dir, tmp_path_factory.mktemp("store"))))
+    running = loop.run(start_full_server(_config(tiny_llama_dir, tmp_path_factory.mktemp("store")),
+                                         engine_process=False))     # injects faults into the engine object
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     stub = adapters_pb2_grpc.AdapterServiceStub(channel)
     for seed, name in ((11, "healthy"), (12, "doomed")):

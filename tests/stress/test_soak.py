@@ -170,7 +170,7 @@ def test_soak(tiny_llama_dir, tmp_path):
         "model": str(tiny_llama_dir), "port": "0", "metrics_port": "0", "store": str(tmp_path / "store"),
         "kv_cache_memory": "32MiB", "max_num_seqs": "16", "max_queued_requests": str(MAX_QUEUED),
         "max_total_tokens": "512", "max_input_tokens": "256", "max_new_tokens": "32", "max_loras": "4"}, {})
-    running = loop.run(start_full_server(config))
+    running = loop.run(start_full_server(config, engine_process=False))   # reads the engine object
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
     tally, stop = Tally(), threading.Event()

@@ -2,7 +2,10 @@
 
 import inspect
 
+import pytest
+
 from loraplex.server.engine.async_engine import AsyncEngine
+from loraplex.server.engine.proc.client import ProcessEngine
 from loraplex.server.engine.client import EngineClient
 
 
@@ -10,17 +13,23 @@ def protocol_members() -> list[str]:
     return [name for name in vars(EngineClient) if not name.startswith("_")] + ["info"]
 
 
-def test_async_engine_implements_every_member():
+IMPLEMENTATIONS = [AsyncEngine, ProcessEngine]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS, ids=lambda cls: cls.__name__)
+def test_every_implementation_has_every_member(implementation):
     for name in protocol_members():
         if name == "info":
-            assert "self.info" in inspect.getsource(AsyncEngine.__init__)
+            assert "self.info" in inspect.getsource(implementation.__init__)
             continue
-        assert hasattr(AsyncEngine, name), f"AsyncEngine lacks EngineClient.{name}"
+        assert hasattr(implementation, name), f"{implementation.__name__} lacks EngineClient.{name}"
         wanted = inspect.signature(getattr(EngineClient, name))
-        got = inspect.signature(getattr(AsyncEngine, name))
+        got = inspect.signature(getattr(implementation, name))
         assert list(wanted.parameters) == list(got.parameters), name
         assert inspect.iscoroutinefunction(getattr(EngineClient, name)) == \
-            inspect.iscoroutinefunction(getattr(AsyncEngine, name)), name
+            inspect.iscoroutinefunction(getattr(implementation, name)), name
+        assert inspect.isasyncgenfunction(getattr(AsyncEngine, name)) == \
+            inspect.isasyncgenfunction(getattr(implementation, name)), name      # generate: both
 
 
 def test_front_ends_use_only_the_seam():
