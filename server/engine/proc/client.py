@@ -202,7 +202,8 @@ class ProcessEngine:
         return self._tokenizer.decode([token_id])
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
-                          options: dict | None = None) -> list[int]:
+                          options: dict | None = None, tenant: str | None = None) -> list[int]:
+        # adapters' own chat templates are not used in engine-process mode yet: the base's renders
         if options:
             raise RequestRejected("messages", "chat template options are not supported by this server")
         return await self._on_tokenizer(lambda: render_chat(self._tokenizer, list(messages)))
