@@ -22,7 +22,9 @@ import zmq
 from . import wire
 from ..io import (EngineDraining, EngineInfo, EngineStats, EngineUnavailable, GenerationRequest,
                   RequestOutput, RequestRejected)
-from ..chat_template import ChatRenderer
+from ....adapters_store.errors import StoreError
+from ..chat_options import ChatOptions
+from ..chat_template import ChatRenderer, TemplateError
 from ..prompt import encode_prompt, load_tokenizer, render_chat
 from ..sequence import FinishReason
 from .intake import Intake
@@ -84,7 +86,7 @@ class ProcessEngine:
             from ..builder import base_spec_for
 
             self.info = wire.info_from_wire(ready.info, base_spec_for(self.config))
-            self._intake = Intake(self.config, self._tokenizer, self.info.vocab_size)
+            self._intake = Intake(self.config, self._tokenizer, self.info.vocab_size, self._adapter_chat)
         self._log(f"[loraplex] engine core ready in process {ready.pid}")
         self._serving = True
         self._report_liveness(True)
@@ -207,10 +209,30 @@ class ProcessEngine:
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
                           options: dict | None = None, tenant: str | None = None) -> list[int]:
-        # adapters' own chat templates are not used in engine-process mode yet: the base's renders
         if options:
             raise RequestRejected("messages", "chat template options are not supported by this server")
-        return await self._on_tokenizer(lambda: render_chat(self._tokenizer, list(messages)))
+
+        def render() -> list[int]:
+            own = self._adapter_chat(tuple(messages), adapter_id, tenant)
+            return own if own is not None else render_chat(self._tokenizer, list(messages))
+        return await self._on_tokenizer(render)
+
+    def _adapter_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None,
+                      tenant: str | None) -> list[int] | None:
+        """Token ids of `messages` rendered with the adapter's own chat template (in the sandbox);
+        None when it has none (or is unknown: the request's adapter check reports that)."""
+        if not adapter_id or self.store is None:
+            return None
+        try:
+            template = self.store.resolve(adapter_id, tenant).chat_template
+        except StoreError:
+            return None
+        if template is None:
+            return None
+        try:
+            return self._templates.ids(messages, ChatOptions(), template)
+        except TemplateError as error:
+            raise RequestRejected("messages", str(error)) from None
 
     async def _on_tokenizer(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn)

@@ -7,7 +7,7 @@ request the limits refuse never leaves the front end.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..config import EngineConfig
 from ..io import GenerationRequest, RequestRejected
@@ -18,10 +18,13 @@ from ..validation import check_prompt, validate_request
 class Intake:
     """Validate and tokenize requests with the base model's tokenizer (one thread at a time)."""
 
-    def __init__(self, config: EngineConfig, tokenizer: Any, vocab_size: int | None):
+    def __init__(self, config: EngineConfig, tokenizer: Any, vocab_size: int | None,
+                 adapter_chat: Callable[[tuple[tuple[str, str], ...], str | None, str | None], list[int] | None]
+                 | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.adapter_chat = adapter_chat      # a chat rendered with its adapter's own template (None: it has none)
         self.max_prompt_bytes = config.limits.max_input_tokens * max_token_bytes(tokenizer)
 
     def prepare(self, request: GenerationRequest) -> tuple[GenerationRequest, list[int]]:
@@ -48,6 +51,9 @@ class Intake:
                                   f"({max_tokens} tokens of at most {self.max_prompt_bytes // max_tokens} "
                                   f"bytes); shorten it")
         if request.messages is not None:
+            own = self.adapter_chat and self.adapter_chat(request.messages, request.adapter_id, request.tenant)
+            if own is not None:
+                return own
             try:
                 return render_chat(self.tokenizer, request.messages)
             except ValueError as error:
