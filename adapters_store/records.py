@@ -33,6 +33,7 @@ class AdapterRecord:
     state: AdapterState
     state_reason: str = ""
     state_changed_at: float = 0.0                  # when the row entered `state` (0: before schema v2)
+    chat_template: str | None = None               # the adapter's own chat template (None: the base's)
 
     @property
     def key(self) -> str:
@@ -59,3 +60,4 @@ class NewAdapter:
     config: LoraConfigInfo
     owner: str | None
     writer_tenant: str | None = None     # who writes it: a tenant may not add versions to a public id
+    chat_template: str | None = None     # validated chat template shipped with the adapter

@@ -28,6 +28,7 @@ CREATE INDEX IF NOT EXISTS adapters_sha ON adapters (sha256);
 """
 _V1_POSTGRES = (_V1_SQLITE.replace(" REAL ", " DOUBLE PRECISION ").replace("INTEGER", "BIGINT"))
 _V2 = "ALTER TABLE adapters ADD COLUMN state_changed_at {real} NOT NULL DEFAULT 0"
+_V3 = "ALTER TABLE adapters ADD COLUMN chat_template TEXT"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "adapters and names tables", _V1_SQLITE, _V1_POSTGRES),
     Migration(2, "adapters.state_changed_at (when a row entered its state; GC grace for DELETING rows)",
               _V2.format(real="REAL"), _V2.format(real="DOUBLE PRECISION")),
+    Migration(3, "adapters.chat_template (an adapter's own chat template; NULL: the base model's)", _V3, _V3),
 )
 CURRENT_VERSION = MIGRATIONS[-1].version
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"

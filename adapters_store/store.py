@@ -8,6 +8,8 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from .adapter_template import (TEMPLATE_NAME, TOKENIZER_CONFIG_NAME, TemplateCheck, check_template,
+                               template_source, template_text)
 from .backends import open_backends
 from .cache import EventHook, HostCache
 from .config import StoreConfig
@@ -66,6 +68,7 @@ class AdapterStore:
                                      config.load_threads)
         self._janitor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-delete")
         self._closed = threading.Event()
+        self._template_check: TemplateCheck | None = None
 
     # ---- writes ----------------------------------------------------------------------
     def begin_upload(self, meta: UploadMeta) -> UploadSession:
@@ -78,6 +81,10 @@ class AdapterStore:
         if meta.config_size > self.config.max_config_bytes:
             raise _size_error(f"adapter_config.json of {meta.config_size} bytes exceeds the limit of "
                               f"{self.config.max_config_bytes}")
+        if meta.chat_template_size > self.config.max_chat_template_bytes:
+            raise AdapterValidationError("chat_template", f"{TEMPLATE_NAME}: the chat template is "
+                                         f"{meta.chat_template_size} bytes, above the limit of "
+                                         f"{self.config.max_chat_template_bytes}")
         total = meta.config_size + meta.weights_size
         if total > self.config.max_adapter_bytes:
             raise _size_error(f"the adapter is {total} bytes, above the limit of {self.config.max_adapter_bytes}; "
@@ -113,7 +120,8 @@ class AdapterStore:
             return fetch_adapter(str(path), self.config.adapter_sources, staging, self.config.max_config_bytes,
                                  self.config.max_adapter_bytes, lambda: s3_client(self.config.backend_timeout_s))
         roots = self.config.allowed_register_roots
-        config_src, weights_src = adapter_files(confined_adapter_dir(path, roots), roots)
+        directory = confined_adapter_dir(path, roots)
+        config_src, weights_src = adapter_files(directory, roots)
         digests, total = [], 0
         for src, dst, limit in ((config_src, CONFIG_NAME, self.config.max_config_bytes),
                                 (weights_src, WEIGHTS_NAME, self.config.max_adapter_bytes)):
@@ -122,6 +130,14 @@ class AdapterStore:
                 copy_bounded(src, writer, limit)
                 digests.append(writer.finish())
                 total += writer.num_bytes
+            finally:
+                writer.close()
+        template = template_source(directory, roots)
+        if template is not None:
+            writer = HashingWriter(staging.file(template[0]))
+            try:
+                copy_bounded(template[1], writer, self.config.max_config_bytes)
+                writer.finish()
             finally:
                 writer.close()
         return digests, total
@@ -239,6 +255,11 @@ class AdapterStore:
         """Keys of the adapters in this process's host memory (residency metrics)."""
         return self.cache.keys()
 
+    def set_template_check(self, check: TemplateCheck | None) -> None:
+        """How an adapter's chat template is test-rendered before it is stored (the engine sets it;
+        None: only the size limit is checked). It raises ValueError naming what failed."""
+        self._template_check = check
+
     def set_event_hook(self, on_event: EventHook | None) -> None:
         """Metrics hook for the host tier (see cache.metrics_hook)."""
         self.cache.set_hook(on_event)
@@ -260,7 +281,8 @@ class AdapterStore:
         files = staged.staging
         config_bytes, weights_bytes = files.file(CONFIG_NAME).read_bytes(), files.file(WEIGHTS_NAME).read_bytes()
         validated = validate_adapter(config_bytes, weights_bytes, self.base, self.config, staged.allow_base_mismatch)
-        new = NewAdapter(name=staged.name, sha256=staged.weights_sha256, config_sha256=staged.config_sha256,
+        chat_template = self._staged_template(files)
+        new = NewAdapter(chat_template=chat_template, name=staged.name, sha256=staged.weights_sha256, config_sha256=staged.config_sha256,
                          size_bytes=len(config_bytes) + len(weights_bytes), dtype=validated.dtype,
                          config=validated.config, owner=staged.owner, writer_tenant=staged.writer_tenant)
         digests = [staged.config_sha256, staged.weights_sha256]
@@ -272,6 +294,17 @@ class AdapterStore:
         except BaseException:
             self._remove_blobs_if_unreferenced(digests)
             raise
+
+    def _staged_template(self, files: StagingDir) -> str | None:
+        """The staged adapter's chat template (validated), or None when it carries none."""
+        for name in _TEMPLATE_FILES:
+            path = files.file(name)
+            if path.exists():
+                text = template_text(name, path.read_bytes())
+                if text is not None:
+                    check_template(text, name, self.config.max_chat_template_bytes, self._template_check)
+                return text
+        return None
 
     def _schedule_removal(self, name: str, version: int) -> Future:
         done: Future = Future()
@@ -343,6 +376,7 @@ def _latest(rows: list[AdapterRecord]) -> AdapterRecord:
     return (ready or rows)[-1]
 
 
+_TEMPLATE_FILES = (TEMPLATE_NAME, TOKENIZER_CONFIG_NAME)
 TAKEN = "adapter id {name!r} is taken; choose another id"
 _PUBLIC_WRITE = PUBLIC_WRITE
 

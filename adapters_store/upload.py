@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import AdapterValidationError, UploadConflict
+from .adapter_template import TEMPLATE_NAME
 from .paths import CONFIG_NAME, WEIGHTS_NAME
 from .records import AdapterRecord
 from .staging import HashingWriter, StagingDir
@@ -30,6 +31,8 @@ class UploadMeta:
     owner: str | None = None
     allow_base_mismatch: bool = False
     tenant: str | None = None            # the uploader's tenant when it differs from owner (public upload)
+    chat_template_size: int = 0          # bytes of an optional chat_template.jinja (0: none)
+    chat_template_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class UploadSession:
         self._committer = committer
         self._declared = {CONFIG_NAME: (meta.config_size, meta.config_sha256),
                           WEIGHTS_NAME: (meta.weights_size, meta.weights_sha256)}
+        if meta.chat_template_size:
+            self._declared[TEMPLATE_NAME] = (meta.chat_template_size, meta.chat_template_sha256)
         self._writers = {name: HashingWriter(staging.file(name)) for name in self._declared}
         self._lock = threading.Lock()
         self._finished = False
@@ -99,8 +104,8 @@ class UploadSession:
 
     def _write(self, file_name: str, data: bytes) -> None:
         if file_name not in self._declared:
-            raise AdapterValidationError("unknown_file", f"uploads carry only {CONFIG_NAME} and {WEIGHTS_NAME}, "
-                                         f"not {file_name!r}")
+            raise AdapterValidationError("unknown_file", f"this upload carries only {sorted(self._declared)}, "
+                                         f"not {file_name!r} (declare {TEMPLATE_NAME}'s size to send one)")
         if len(data) > self._max_chunk_bytes:
             raise AdapterValidationError("chunk_size", f"chunks must be at most {self._max_chunk_bytes} bytes, "
                                          f"got {len(data)}")

@@ -126,6 +126,7 @@ class AdapterInfo:
     created_at: datetime | None
     state: AdapterState
     versions: list[int] = field(default_factory=list)
+    has_chat_template: bool = False       # the adapter carries its own chat template
 
     @property
     def ref(self) -> str:

@@ -8,6 +8,7 @@ and the safetensors header parses with tensor extents inside the file.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,11 @@ class LocalAdapter:
     config: LocalFile
     weights: LocalFile
     rank: int
+    chat_template: bytes | None = None   # chat_template.jinja, or tokenizer_config.json's chat_template
 
     @property
     def total_bytes(self) -> int:
-        return self.config.size + self.weights.size
+        return self.config.size + self.weights.size + len(self.chat_template or b"")
 
 
 def _fail(directory: Path, field: str, problem: str) -> ValidationError:
@@ -136,7 +138,23 @@ def validate_adapter_dir(path: str | Path) -> LocalAdapter:
                  for name, kind in ((CONFIG_NAME, pb.ADAPTER_FILE_CONFIG), (WEIGHTS_NAME, pb.ADAPTER_FILE_WEIGHTS))]
     except OSError as error:
         raise _fail(directory, "path", f"cannot read it ({error.strerror or error})") from None
-    return LocalAdapter(directory, files[0], files[1], rank=config["r"])
+    return LocalAdapter(directory, files[0], files[1], rank=config["r"], chat_template=read_chat_template(directory))
+
+
+def read_chat_template(directory: Path) -> bytes | None:
+    """The adapter's own chat template (chat_template.jinja, else tokenizer_config.json's string
+    `chat_template`), as UTF-8 bytes; None when it has none. The server validates it."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_bytes()
+    if not (directory / "tokenizer_config.json").is_file():
+        return None
+    try:
+        value = json.loads((directory / "tokenizer_config.json").read_text("utf-8")).get("chat_template")
+    except (ValueError, AttributeError):
+        raise _fail(directory, "tokenizer_config.json", "not a valid JSON object") from None
+    if isinstance(value, list):
+        value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}.get("default")
+    return value.encode("utf-8") if isinstance(value, str) and value else None
 
 
 def upload_metadata(adapter: LocalAdapter, adapter_id: str, private: bool,
@@ -144,7 +162,8 @@ def upload_metadata(adapter: LocalAdapter, adapter_id: str, private: bool,
     return pb.UploadAdapterRequest(metadata=pb.UploadMetadata(
         adapter_id=adapter_id, config_size=adapter.config.size, config_sha256=adapter.config.sha256,
         weights_size=adapter.weights.size, weights_sha256=adapter.weights.sha256, private=private,
-        allow_base_mismatch=allow_base_mismatch))
+        allow_base_mismatch=allow_base_mismatch, chat_template_size=len(adapter.chat_template or b""),
+        chat_template_sha256=hashlib.sha256(adapter.chat_template).hexdigest() if adapter.chat_template else ""))
 
 
 def upload_requests(adapter: LocalAdapter, adapter_id: str, private: bool = False,
@@ -161,6 +180,13 @@ def upload_requests(adapter: LocalAdapter, adapter_id: str, private: bool = Fals
                 sent += len(data)
                 if progress is not None:
                     progress(sent, total)
+    template = adapter.chat_template or b""
+    for start in range(0, len(template), chunk_bytes):
+        data = template[start:start + chunk_bytes]
+        yield pb.UploadAdapterRequest(chunk=pb.UploadChunk(file=pb.ADAPTER_FILE_CHAT_TEMPLATE, data=data))
+        sent += len(data)
+        if progress is not None:
+            progress(sent, total)
 
 
 def progress_bar(total: int, label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:

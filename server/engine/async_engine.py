@@ -150,11 +150,15 @@ class AsyncEngine:
         return self.engine.tokenizer.decode([token_id])
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
-                          options: ChatOptions | None = None) -> list[int]:
-        if options is not None:
-            return await self._on_tokenizer(lambda: self.engine.render_with_options(tuple(messages), options))
-        tokenizer = self.engine.tokenizer
-        return await self._on_tokenizer(lambda: render_chat(tokenizer, list(messages)))
+                          options: ChatOptions | None = None, tenant: str | None = None) -> list[int]:
+        engine = self.engine
+
+        def render() -> list[int]:
+            template = engine.adapter_template(adapter_id, tenant)
+            if options is None and template is None:
+                return render_chat(engine.tokenizer, list(messages))
+            return engine.render_with_options(tuple(messages), options or ChatOptions(), template)
+        return await self._on_tokenizer(render)
 
     async def reset_prefix_cache(self) -> bool:
         """EngineClient.reset_prefix_cache (False: this engine keeps no prefix cache)."""

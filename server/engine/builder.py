@@ -119,6 +119,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
 
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
                        adapters=gateway, constraints=constraints, guided=guided)
+    set_template_check = getattr(store, "set_template_check", None)
+    if set_template_check is not None:   # adapters' own chat templates: test-rendered at upload
+        set_template_check(engine.chat.check_adapter_template)
     info = EngineInfo(model=str(config.model_dir), architecture=model_config.architecture,
                       quantization=spec.method, dtype=str(dtype).removeprefix("torch."),
                       device=device, base_fingerprint=base_spec.fingerprint,

@@ -132,6 +132,13 @@ class ChatRenderer:
             text = self.sandbox.render(source, context)
         return _continued(text, context["messages"]) if options.continue_final_message else text
 
+    def check_adapter_template(self, template: str) -> None:
+        """Render a test conversation with an adapter's template in the sandbox, within the limits
+        (the adapter store's upload check); raises TemplateError (a ValueError) saying why not."""
+        text = self.render_text(_TEST_CONVERSATION, ChatOptions(), template)
+        if not text.strip():
+            raise TemplateError("it renders an empty prompt")
+
     def ids(self, messages: Sequence[tuple[str, str]], options: ChatOptions, template: str | None = None) -> list[int]:
         text = self.render_text(messages, options, template)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -160,6 +167,10 @@ class ChatRenderer:
         return {**special, **kwargs, "messages": conversation, "tools": tools or None,
                 "documents": _json(options.documents, list, "documents"),
                 "add_generation_prompt": options.add_generation_prompt}
+
+
+_TEST_CONVERSATION = (("system", "You are a helpful assistant."), ("user", "Hello!"),
+                      ("assistant", "Hi! How can I help?"), ("user", "Say something."))
 
 
 def _json(text: str, kind: type, name: str) -> Any:

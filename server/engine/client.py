@@ -55,9 +55,9 @@ class EngineClient(Protocol):
         ...
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
-                          options: ChatOptions | None = None) -> list[int]:
+                          options: ChatOptions | None = None, tenant: str | None = None) -> list[int]:
         """Token ids of a chat rendered with the chat template (the adapter's own where it
-        has one), off the step loop. `options`: template options (tools, tool calls in the
+        has one, as `tenant` sees `adapter_id`), off the step loop. `options`: template options (tools, tool calls in the
         history, chat_template_kwargs, ...: chat_options.py); None = the plain rendering."""
         ...
 

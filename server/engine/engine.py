@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from ...adapters_store.errors import StoreError
 from .adapters import AdapterGateway
 from .batch import RunnerOutput, ScheduledBatch
 from .config import EngineConfig
@@ -14,6 +15,7 @@ from .constraints.spec import ConstraintError
 from .detokenizer import IncrementalDetokenizer
 from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
+from .chat_options import ChatOptions
 from .chat_template import ChatRenderer, TemplateError
 from .prompt import encode_prompt, max_token_bytes, prompt_bytes, render_chat
 from .request_state import EMPTY_DELTA, Delta, RequestState
@@ -82,8 +84,9 @@ class LLMEngine:
             raise RequestRejected("", f"the prompt is {num_bytes} bytes, more than {self.max_prompt_bytes} "
                                   f"({max_tokens} tokens of at most {self.max_prompt_bytes // max_tokens} "
                                   f"bytes); shorten it")
-        if request.messages is not None and request.chat is not None:
-            return self.render_with_options(request.messages, request.chat)
+        template = self.adapter_template(request.adapter_id, request.tenant) if request.messages is not None else None
+        if request.messages is not None and (request.chat is not None or template is not None):
+            return self.render_with_options(request.messages, request.chat or ChatOptions(), template)
         if request.messages is not None:
             try:
                 return render_chat(self.tokenizer, request.messages)
@@ -98,6 +101,16 @@ class LLMEngine:
             return self.chat.ids(messages, options, template)
         except TemplateError as error:
             raise RequestRejected("chat_template" if options.chat_template else "messages", str(error)) from None
+
+    def adapter_template(self, adapter_id: str | None, tenant: str | None) -> str | None:
+        """The chat template an adapter version carries (None: the base model's). An unknown
+        adapter renders with the base's; resolving it for the request reports the error."""
+        if not adapter_id or self.adapters is None:
+            return None
+        try:
+            return self.adapters.store.resolve(adapter_id, tenant).chat_template
+        except StoreError:
+            return None
 
     def checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
         """validate_request, then tokenize: what AsyncEngine runs off the engine thread."""

@@ -17,8 +17,10 @@ from .errors import invalid
 
 
 async def tokenize(door: FrontDoor, principal: Principal | None, text: str | None = None,
-                   messages: Sequence[tuple[str, str]] | None = None, add_special_tokens: bool = True) -> list[int]:
-    """Token ids of `text`, or of `messages` rendered with the chat template (exactly one)."""
+                   messages: Sequence[tuple[str, str]] | None = None, add_special_tokens: bool = True,
+                   adapter_id: str | None = None) -> list[int]:
+    """Token ids of `text`, or of `messages` rendered with the chat template (exactly one): the
+    template of `adapter_id` where that adapter carries its own, else the base model's."""
     authorize(principal, Operation.TOKENIZE)
     if (text is None) == (messages is None):
         raise invalid("prompt", "give exactly one of prompt or messages")
@@ -27,7 +29,8 @@ async def tokenize(door: FrontDoor, principal: Principal | None, text: str | Non
     door.limits.check_text(prompt_bytes(text, messages), engine.info.max_prompt_bytes, field)
     try:
         if messages is not None:
-            return await engine.render_chat(tuple(messages))
+            tenant = principal.tenant if principal is not None else None
+            return await engine.render_chat(tuple(messages), adapter_id, tenant=tenant)
         return await engine.tokenize(text, add_special_tokens=add_special_tokens)
     except RequestRejected as error:
         raise invalid(field, error.message) from None

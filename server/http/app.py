@@ -29,7 +29,7 @@ from ..frontdoor.access import Operation, Principal, Role, authorize
 from ..service.state import ServiceState
 from . import responses_api
 from .auth import authenticate
-from .convert import ChatSetup, chat_messages, chat_request, completion_request, parse_body
+from .convert import ChatSetup, chat_messages, chat_request, completion_request, parse_body, resolve_model
 from .errors import ApiError, bad_request, to_api_error
 from .generate import CHAT, COMPLETIONS, Endpoint, respond
 from .models import model_cards
@@ -190,7 +190,8 @@ class HttpApi:
         authorize(principal, Operation.TOKENIZE)
         body: TokenizeRequest = await self._body(request, TokenizeRequest)
         messages = chat_messages(body.messages) if body.messages is not None else None
-        ids = await tokens.tokenize(self.door, principal, body.prompt, messages, body.add_special_tokens is not False)
+        ids = await tokens.tokenize(self.door, principal, body.prompt, messages, body.add_special_tokens is not False,
+                                    adapter_id=resolve_model(body.model, self.base_name))
         return {"tokens": ids, "count": len(ids), "max_model_len": self.config.max_total_tokens}
 
     @answered()

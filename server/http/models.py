@@ -6,9 +6,14 @@ from itertools import groupby
 from typing import Any
 
 
-def _card(model_id: str, created: int, owned_by: str, root: str, parent: str | None) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by, "root": root,
+def _card(model_id: str, created: int, owned_by: str, root: str, parent: str | None,
+          record: Any = None) -> dict[str, Any]:
+    """A model card; adapters' add `has_chat_template` (renders chats with its own template)."""
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": owned_by, "root": root,
             "parent": parent}
+    if record is not None:
+        card["has_chat_template"] = bool(getattr(record, "chat_template", None))
+    return card
 
 
 def model_cards(records: list[Any], base_name: str, started: int) -> list[dict[str, Any]]:
@@ -18,6 +23,6 @@ def model_cards(records: list[Any], base_name: str, started: int) -> list[dict[s
     for name, group in groupby(records, key=lambda record: record.name):
         ready = list(group)
         latest = ready[-1]
-        cards.append(_card(name, int(latest.created_at), latest.owner or "loraplex", latest.key, base_name))
-        cards += [_card(r.key, int(r.created_at), r.owner or "loraplex", r.key, base_name) for r in ready]
+        cards.append(_card(name, int(latest.created_at), latest.owner or "loraplex", latest.key, base_name, latest))
+        cards += [_card(r.key, int(r.created_at), r.owner or "loraplex", r.key, base_name, r) for r in ready]
     return cards

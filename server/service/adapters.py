@@ -20,7 +20,8 @@ from .store_convert import adapter_info, upload_metadata
 
 MAX_CHUNK_BYTES = 2**20
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-FILE_NAMES = {pb.ADAPTER_FILE_CONFIG: "adapter_config.json", pb.ADAPTER_FILE_WEIGHTS: "adapter_model.safetensors"}
+FILE_NAMES = {pb.ADAPTER_FILE_CONFIG: "adapter_config.json", pb.ADAPTER_FILE_WEIGHTS: "adapter_model.safetensors",
+              pb.ADAPTER_FILE_CHAT_TEMPLATE: "chat_template.jinja"}
 
 
 class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
@@ -108,7 +109,8 @@ def _chunk(message: pb.UploadAdapterRequest) -> tuple[str, bytes]:
         raise invalid_argument([FieldViolation("chunk", "every message after the first must be a chunk")])
     chunk = message.chunk
     if chunk.file not in FILE_NAMES:
-        raise invalid_argument([FieldViolation("chunk.file", "must be ADAPTER_FILE_CONFIG or ADAPTER_FILE_WEIGHTS")])
+        raise invalid_argument([FieldViolation("chunk.file", "must be ADAPTER_FILE_CONFIG, ADAPTER_FILE_WEIGHTS "
+                                                              "or ADAPTER_FILE_CHAT_TEMPLATE")])
     if len(chunk.data) > MAX_CHUNK_BYTES:
         raise invalid_argument([FieldViolation("chunk.data", f"chunks must be at most {MAX_CHUNK_BYTES} bytes")])
     return FILE_NAMES[chunk.file], chunk.data

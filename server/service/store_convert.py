@@ -20,7 +20,8 @@ def adapter_info(record: Any) -> pb.AdapterInfo:
         target_modules=list(config.target_modules), dtype=record.dtype or "", peft_type=config.peft_type,
         base_model=config.base_model or "", base_fingerprint=config.base_fingerprint or "",
         owner=record.owner or "", state=_STATES.get(str(getattr(record.state, "name", record.state)).upper(),
-                                                    pb.ADAPTER_STATE_UNSPECIFIED))
+                                                    pb.ADAPTER_STATE_UNSPECIFIED),
+        has_chat_template=bool(getattr(record, "chat_template", None)))
     info.created_at.FromNanoseconds(int(record.created_at * 1e9))
     return info
 
@@ -35,4 +36,5 @@ def upload_metadata(meta: pb.UploadMetadata, tenant: str | None) -> Any:
     return UploadMeta(name=meta.adapter_id, config_size=meta.config_size, config_sha256=meta.config_sha256,
                       weights_size=meta.weights_size, weights_sha256=meta.weights_sha256,
                       owner=tenant if meta.private else None, allow_base_mismatch=meta.allow_base_mismatch,
-                      tenant=tenant)
+                      tenant=tenant, chat_template_size=meta.chat_template_size,
+                      chat_template_sha256=meta.chat_template_sha256)

@@ -22,6 +22,7 @@ import zmq
 from . import wire
 from ..io import (EngineDraining, EngineInfo, EngineStats, EngineUnavailable, GenerationRequest,
                   RequestOutput, RequestRejected)
+from ..chat_template import ChatRenderer
 from ..prompt import encode_prompt, load_tokenizer, render_chat
 from ..sequence import FinishReason
 from .intake import Intake
@@ -55,6 +56,9 @@ class ProcessEngine:
         self._private: frozenset[str] = frozenset()
         self._serving = self._draining = self._stopping = False
         self._tokenizer = load_tokenizer(config.model_dir)
+        self._templates = ChatRenderer(self._tokenizer)   # checks adapters' own chat templates at upload
+        if store is not None and hasattr(store, "set_template_check"):
+            store.set_template_check(self._templates.check_adapter_template)
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
         self._intake: Intake | None = None
         self._supervisor = CoreSupervisor(self._spawn, self._on_ready, self._on_message, self._on_death)
@@ -202,7 +206,8 @@ class ProcessEngine:
         return self._tokenizer.decode([token_id])
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
-                          options: dict | None = None) -> list[int]:
+                          options: dict | None = None, tenant: str | None = None) -> list[int]:
+        # adapters' own chat templates are not used in engine-process mode yet: the base's renders
         if options:
             raise RequestRejected("messages", "chat template options are not supported by this server")
         return await self._on_tokenizer(lambda: render_chat(self._tokenizer, list(messages)))
@@ -282,6 +287,7 @@ class ProcessEngine:
         self._serving = False
         await asyncio.to_thread(self._supervisor.stop, self._encode(wire.Shutdown()))
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self._templates.sandbox.close()
         self._context.term()
 
 
