@@ -61,11 +61,13 @@ def test_staggered_batch_matches_transformers(default_model_dir, prompts, expect
     assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_blocks
 
 
-def test_preemption_keeps_outputs_identical(default_model_dir, prompts, expected):
-    # 24 blocks of 16 tokens: far less than 10 sequences of ~60 tokens need at once
-    kv = 24 * 16 * 2 * 30 * 3 * 64 * 4
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_preemption_keeps_outputs_identical(default_model_dir, prompts, expected, prefix_caching):
+    # 16 blocks of 16 tokens: far less than 10 sequences of ~60 tokens need at once, also when
+    # the chat template's shared system prompt is served from the prefix cache
+    kv = 16 * 16 * 2 * 30 * 3 * 64 * 4
     engine = make_engine(default_model_dir, kv_cache_memory=str(kv), max_model_len=128,
-                         max_input_tokens=96)
+                         max_input_tokens=96, prefix_caching=prefix_caching)
     outputs = run_staggered(engine, _staggered(prompts))
     assert engine.scheduler.total_preemptions > 0, "the KV budget was meant to force preemption"
     for i, want in enumerate(expected):
