@@ -47,16 +47,16 @@ def validate_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseSpec, 
                                      f"{limits.max_config_bytes}")
     entries = parse_header(weights_bytes, limits.max_header_bytes)
     parsed = parse_config(config_bytes, base, limits.max_lora_rank, allow_base_mismatch)
-    vocab = {}
-    for entry in entries:
-        vocab_name = parse_vocab_tensor_name(entry.name)
-        if vocab_name is not None:
-            _check_dtype(entry)
-            check_vocab_entry(entry.name, vocab_name, entry.shape, parsed.rank, base, parsed.vocab_lora,
-                              parsed.modules_to_save)
-            vocab[entry.name] = vocab_name
-    names = {entry.name: _check_entry(entry, parsed, base) for entry in entries if entry.name not in vocab}
+    vocab = {entry.name: name for entry in entries if (name := parse_vocab_tensor_name(entry.name)) is not None}
+    # a missing half is named before any shape: it is what the uploader has to fix first, and
+    # the shapes depend on the served base's vocabulary
     check_vocab_complete(vocab, parsed.vocab_lora, parsed.modules_to_save)
+    for entry in entries:
+        if entry.name in vocab:
+            _check_dtype(entry)
+            check_vocab_entry(entry.name, vocab[entry.name], entry.shape, parsed.rank, base, parsed.vocab_lora,
+                              parsed.modules_to_save)
+    names = {entry.name: _check_entry(entry, parsed, base) for entry in entries if entry.name not in vocab}
     modules = _check_pairs(names, parsed.use_dora, allow_empty=bool(vocab))
     tensors = _load_tensors(weights_bytes)
     _check_finite(tensors)

@@ -56,6 +56,9 @@ def run_core(spec: CoreSpec) -> None:
     ready = threading.Event()
     _exit_with_parent(ready)
     logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ...host_tuning import tune_malloc
+
+    log.info("engine core: %s", tune_malloc())     # the step's allocations, as `serve` tunes its own
     context = zmq.Context()
     inbox, outbox = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     for sock in (inbox, outbox):
