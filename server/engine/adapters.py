@@ -100,6 +100,16 @@ class AdapterGateway:
     def activate(self, keys: set[str]) -> dict[str, int]:
         return self.manager.activate(keys, self._take_loaded)
 
+    def warm(self, key: str) -> bool:
+        """Copy a host-loaded adapter into a FREE device slot (never evicts one); True when it is
+        resident afterwards (call between steps)."""
+        if self.manager.slot_of(key) is not None:
+            return True
+        if self.manager.num_loaded >= self.manager.max_loras:
+            return False
+        self.activate({key})
+        return True
+
     def _take_loaded(self, key: str):
         with self._lock:
             staged = self._staged.pop(key, None)

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Callable
 from .builder import build_engine
 from .chat_options import ChatOptions
 from .engine import LLMEngine, StepStats
+from .client import wait_until_empty
 from .constraints.spec import ConstraintError
 from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput, RequestRejected
 from .prompt import encode_prompt, render_chat
@@ -195,27 +196,12 @@ class AsyncEngine:
         gateway = self.engine.adapters
         if gateway is None:
             return False
-
-        def warm() -> bool:
-            manager = gateway.manager
-            if manager.slot_of(key) is not None:
-                return True
-            if manager.num_loaded >= manager.max_loras:
-                return False
-            gateway.activate({key})
-            return True
-        return await self._run_on_engine(warm)
+        return await self._run_on_engine(lambda: gateway.warm(key))
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Refuse new requests; wait until in-flight ones finish. True when all finished."""
         self._draining = True
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while self._queues:
-            if deadline is not None and loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        return await wait_until_empty(self._queues, timeout_s)
 
     async def shutdown(self) -> None:
         self._draining = self._stopping = True

@@ -16,7 +16,8 @@ so that both implementations can carry them. Members that only read state (`info
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Callable, Protocol, runtime_checkable
+import asyncio
+from typing import AsyncIterator, Callable, Protocol, Sized, runtime_checkable
 
 from .chat_options import ChatOptions
 from .io import EngineInfo, EngineStats, GenerationRequest, RequestOutput
@@ -103,3 +104,15 @@ class EngineClient(Protocol):
 
     async def shutdown(self) -> None:
         ...
+
+
+async def wait_until_empty(in_flight: Sized, timeout_s: float | None) -> bool:
+    """Drain's wait, for both implementations: True once `in_flight` (the per-request queues)
+    is empty, False when timeout_s passes first."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    while len(in_flight):
+        if deadline is not None and loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

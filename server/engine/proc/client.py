@@ -24,6 +24,7 @@ from ..io import (EngineDraining, EngineInfo, EngineStats, EngineUnavailable, Ge
                   RequestOutput, RequestRejected)
 from ....adapters_store.errors import StoreError
 from ..chat_options import ChatOptions
+from ..client import wait_until_empty
 from ..chat_template import ChatRenderer, TemplateError
 from ..prompt import encode_prompt, load_tokenizer, render_chat
 from ..sequence import FinishReason
@@ -296,13 +297,7 @@ class ProcessEngine:
     # ---- lifecycle --------------------------------------------------------------------------
     async def drain(self, timeout_s: float | None = None) -> bool:
         self._draining = True
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while self._queues:
-            if deadline is not None and loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        return await wait_until_empty(self._queues, timeout_s)
 
     async def shutdown(self) -> None:
         self._draining = self._stopping = True

@@ -277,15 +277,7 @@ class EngineCore:
 
     def _warm_adapter(self, key: str) -> bool:
         gateway = self.engine.adapters
-        if gateway is None:
-            return False
-        manager = gateway.manager
-        if manager.slot_of(key) is not None:
-            return True
-        if manager.num_loaded >= manager.max_loras:
-            return False
-        gateway.activate({key})
-        return True
+        return gateway is not None and gateway.warm(key)
 
     def _reset_prefix_cache(self) -> bool:
         reset = getattr(self.engine, "reset_prefix_cache", None)
