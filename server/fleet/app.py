@@ -111,8 +111,24 @@ def start_fleet(config: ServerConfig, options: FleetOptions, log: Log = print) -
     log(f"loraplex fleet: deploying {_replicas_text(options)} of {config.model} "
         f"(health NOT_SERVING until ready; gRPC on {config.host}:{config.port})")
     serve.run(build_app(config, options), name=options.app_name, route_prefix=None, blocking=False)
-    port, http_port = serve.get_app_handle(options.app_name).ports.remote().result(timeout_s=600)
+    front = serve.get_app_handle(options.app_name)
+    port, http_port = front.ports.remote().result(timeout_s=600)
+    _wait_serving(front, log)
     return RunningFleet(options.app_name, port, ray.get_runtime_context().gcs_address, http_port, config.host)
+
+
+def _wait_serving(front: Any, log: Log, timeout_s: float = 900.0) -> None:
+    """Return once the front end's health says SERVING (a replica has loaded, warmed up and is
+    running), so that the ready line is only printed when requests can be served."""
+    deadline = time.monotonic() + timeout_s
+    next_note = time.monotonic() + 30
+    while not front.serving.remote().result(timeout_s=60):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no replica was serving {timeout_s:g}s after the deployment; see the Ray logs")
+        if time.monotonic() > next_note:
+            log("loraplex fleet: waiting for a replica to finish loading the model")
+            next_note = time.monotonic() + 30
+        time.sleep(0.25)
 
 
 def stop_fleet(fleet: RunningFleet, options: FleetOptions) -> None:

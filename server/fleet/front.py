@@ -42,6 +42,7 @@ class LoraplexFront:
         self.config = config
         self.app_name, self.replica_deployment = app_name, replica_deployment
         self.view = FleetView()
+        self.health_serving = False          # what gRPC health last said for every service
         self.admission = Admission(self.view, per_replica)
         keys = KeyRing(config.api_keys, config.admin_keys)
         self.health = health_aio.HealthServicer()
@@ -70,6 +71,10 @@ class LoraplexFront:
 
     async def replicas_running(self) -> int:
         return self.view.running
+
+    async def serving(self) -> bool:
+        """True once health answers SERVING (a replica runs and the watcher has said so)."""
+        return self.health_serving
 
     def check_health(self) -> None:
         if self.watcher.done():
@@ -106,4 +111,5 @@ class LoraplexFront:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self.services:
             await self.health.set(name, status)
+        self.health_serving = serving
 
