@@ -35,6 +35,7 @@ import torch
 from engine_helpers import make_engine, run_staggered, tokens_of
 from loraplex.server.engine.io import GenerationRequest
 from loraplex.server.engine.sequence import SamplingParams
+from peft_oracle import mixed_batch_generate, save_random_adapters
 from quant_oracle import load_reference_model
 
 pytestmark = pytest.mark.integration
@@ -57,25 +58,9 @@ PROMPT_LEN, NEW_TOKENS, NEAR_TIE, NEAR_TIE_INT8 = 16, 12, 0.05, 1.0
 
 @pytest.fixture(scope="module")
 def adapter_dirs(default_model_dir, tmp_path_factory) -> dict[str, Path]:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("peft-adapters")
-    base = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
-    paths = {}
-    for i, (name, rank, alpha, rslora, targets) in enumerate(ADAPTERS):
-        config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
-                            init_lora_weights=False, task_type="CAUSAL_LM")
-        torch.manual_seed(100 + i)
-        model = get_peft_model(base, config)
-        with torch.no_grad():
-            for pname, param in model.named_parameters():
-                if "lora_B" in pname:
-                    param.mul_(0.2)
-        model.save_pretrained(root / name)
-        paths[name] = root / name
-        base = model.unload()
-    return paths
+    configs = {name: dict(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=targets)
+               for name, rank, alpha, rslora, targets in ADAPTERS}
+    return save_random_adapters(default_model_dir, tmp_path_factory.mktemp("peft-adapters"), configs, 100)
 
 
 @pytest.fixture(scope="module")
@@ -90,24 +75,8 @@ def prompts(default_model_dir) -> list[list[int]]:
 
 def peft_reference(model_dir, method, adapter_dirs, prompts):
     """Greedy tokens and per-step scores from PeftModel with adapter_names (one mixed batch)."""
-    from peft import PeftModel
-
     model = load_reference_model(model_dir, method, compute_dtype=torch.float32)
-    names = list(adapter_dirs)
-    peft = PeftModel.from_pretrained(model, adapter_dirs[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(adapter_dirs[name], adapter_name=name)
-    peft.eval()
-    peft.generation_config.eos_token_id = None      # like ignore_eos: never stop, never ban EOS
-    ids = torch.tensor(prompts)
-    with torch.inference_mode():
-        out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                            max_new_tokens=NEW_TOKENS, pad_token_id=0,
-                            adapter_names=[row or "__base__" for row in ROWS],
-                            output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[:, PROMPT_LEN:].tolist()
-    logits = torch.stack(out.logits, dim=1)     # [rows, steps, vocab], raw (unprocessed)
-    return tokens, logits
+    return mixed_batch_generate(model, adapter_dirs, prompts, ROWS, NEW_TOKENS)
 
 
 def loraplex_outputs(model_dir, method, adapter_dirs, prompts, tmp_path):

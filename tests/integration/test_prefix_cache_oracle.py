@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from engine_helpers import make_engine, run_staggered, tokens_of
+from peft_oracle import mixed_batch_generate, save_random_adapters
 from loraplex.server.engine.io import GenerationRequest
 from loraplex.server.engine.sequence import SamplingParams
 
@@ -29,24 +30,8 @@ PREFIX_LEN, TAIL_LEN, NEW_TOKENS, NEAR_TIE = 48, 8, 10, 0.05
 
 @pytest.fixture(scope="module")
 def adapter_dirs(default_model_dir, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("prefix-peft")
-    base = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
-    paths = {}
-    for i, (name, rank, alpha, targets) in enumerate(ADAPTERS):
-        torch.manual_seed(200 + i)
-        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                                                init_lora_weights=False, task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for pname, param in model.named_parameters():
-                if "lora_B" in pname:
-                    param.mul_(0.2)
-        model.save_pretrained(root / name)
-        paths[name] = root / name
-        base = model.unload()
-    return paths
+    configs = {name: dict(r=rank, lora_alpha=alpha, target_modules=targets) for name, rank, alpha, targets in ADAPTERS}
+    return save_random_adapters(default_model_dir, tmp_path_factory.mktemp("prefix-peft"), configs, 200)
 
 
 @pytest.fixture(scope="module")
@@ -62,22 +47,10 @@ def prompts(default_model_dir) -> list[list[int]]:
 
 
 def _reference(model_dir, adapter_dirs, prompts):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    names = list(adapter_dirs)
-    peft = PeftModel.from_pretrained(model, adapter_dirs[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(adapter_dirs[name], adapter_name=name)
-    peft.eval()
-    peft.generation_config.eos_token_id = None
-    ids = torch.tensor(prompts)
-    with torch.inference_mode():
-        out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                            max_new_tokens=NEW_TOKENS, pad_token_id=0, output_logits=True,
-                            return_dict_in_generate=True, adapter_names=[r or "__base__" for r in ROWS])
-    return out.sequences[:, ids.shape[1]:].tolist(), torch.stack(out.logits, dim=1)
+    return mixed_batch_generate(model, adapter_dirs, prompts, ROWS, NEW_TOKENS)
 
 
 def _engine_outputs(model_dir, store, prompts, caching: bool):
