@@ -47,3 +47,19 @@ def mixed_batch_generate(model, adapter_dirs: dict[str, Path], prompts: list[lis
                             max_new_tokens=new_tokens, pad_token_id=0, output_logits=True,
                             return_dict_in_generate=True, adapter_names=[row or "__base__" for row in rows])
     return out.sequences[:, ids.shape[1]:].tolist(), torch.stack(out.logits, dim=1)
+
+
+def registered_store(model_dir: Path, method: str, adapter_dirs: dict[str, Path], store_dir: Path):
+    """An AdapterStore for the served base (model_dir under `method`) with every adapter
+    directory registered under its name."""
+    from loraplex.adapters_store.config import StoreConfig
+    from loraplex.adapters_store.store import AdapterStore
+    from loraplex.server.engine.builder import base_spec_for
+    from loraplex.server.engine.config import EngineConfig
+
+    root = next(iter(adapter_dirs.values())).parent
+    base = base_spec_for(EngineConfig.from_settings(model_dir, method=method))
+    store = AdapterStore(store_dir, StoreConfig(allowed_register_roots=(root,)), base)
+    for name, path in adapter_dirs.items():
+        store.register_path(name, path)
+    return store

@@ -25,6 +25,7 @@ import torch
 from engine_helpers import make_engine, run_staggered, tokens_of
 from loraplex.server.engine.io import GenerationRequest
 from loraplex.server.engine.sequence import SamplingParams
+from peft_oracle import registered_store
 from quant_oracle import load_reference_model
 
 pytestmark = pytest.mark.integration
@@ -123,16 +124,7 @@ def peft_reference(model_dir, method, adapter_dirs, prompts):
 
 
 def loraplex_outputs(model_dir, method, adapter_dirs, prompts, tmp_path):
-    from loraplex.adapters_store.config import StoreConfig
-    from loraplex.adapters_store.store import AdapterStore
-    from loraplex.server.engine.builder import base_spec_for
-    from loraplex.server.engine.config import EngineConfig
-
-    root = next(iter(adapter_dirs.values())).parent
-    base = base_spec_for(EngineConfig.from_settings(model_dir, method=method))
-    store = AdapterStore(tmp_path / f"store-{method}", StoreConfig(allowed_register_roots=(root,)), base)
-    for name, path in adapter_dirs.items():
-        store.register_path(name, path)
+    store = registered_store(model_dir, method, adapter_dirs, tmp_path / f"store-{method}")
     engine = make_engine(model_dir, store=store, quantize=method, max_loras=8, max_num_seqs=16,
                          max_batch_tokens=256)
     sampling = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
