@@ -195,3 +195,57 @@ def test_expert_adapters_that_cannot_be_served_are_refused_by_name(moe_dir):
                             "target_parameters": ["model.layers.0.mlp.experts.down_proj"]}, fused)
     with pytest.raises(AdapterValidationError, match="target_parameters lists 0 expert"):
         _validate(moe_dir, {"target_modules": ["q_proj"]}, fused)
+
+
+@pytest.fixture(scope="module")
+def moe_engine_dir(tmp_path_factory, default_model_dir) -> Path:
+    """The tiny MoE with the default model's vocabulary size and tokenizer (the engine needs one)."""
+    import shutil
+
+    path = save_tiny_qwen3_moe(tmp_path_factory.mktemp("moe-engine") / "model", vocab_size=49152,
+                               max_position_embeddings=512)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (default_model_dir / name).exists():
+            shutil.copy(default_model_dir / name, path / name)
+    return path
+
+
+def test_engine_serves_expert_adapters_per_request(moe_engine_dir, tmp_path):
+    """The whole serving path (adapter store upload checks, engine builder's expert slots,
+    scheduler, runner): mixed expert adapters in one engine equal PEFT's greedy tokens, and
+    Info says decode steps take the layer path."""
+    from engine_helpers import run_staggered, tokens_of
+    from peft import PeftModel
+    from peft_oracle import registered_store
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.server.engine.builder import build_engine
+    from loraplex.server.engine.config import EngineConfig
+    from loraplex.server.engine.io import GenerationRequest
+
+    dirs = save_moe_adapters(moe_engine_dir, tmp_path / "peft", {k: ADAPTERS[k] for k in ("experts", "down-only")})
+    rows = ["experts", None, "down-only", "experts"]
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 49152, (n,), generator=gen).tolist() for n in (5, 8, 6, 3)]
+    store = registered_store(moe_engine_dir, "none", dirs, tmp_path / "store")
+    settings = dict(method="none", dtype="float32", device="cpu", max_num_seqs=8, max_batch_tokens=128,
+                    kv_cache_memory="64MiB", max_model_len=256, max_input_tokens=128, block_size=16, max_loras=2,
+                    cpu_kernels="torch", linear_kernel="aten")     # no kernel build or route timing here
+    engine, info = build_engine(EngineConfig.from_settings(moe_engine_dir, **settings), store, log=lambda _m: None)
+    assert (info.architecture, info.decode_path) == ("Qwen3MoeForCausalLM", "layers")
+    sampling = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    outputs = run_staggered(engine, [(i, GenerationRequest(request_id=f"row{i}", prompt_token_ids=tuple(p),
+                                                           adapter_id=row, sampling=sampling))
+                                     for i, (row, p) in enumerate(zip(rows, prompts))])
+    assert set(store.load("experts@1").experts) == {(l, p) for l in (0, 1) for p in ("gate_up_proj", "down_proj")}
+    store.close()
+    for i, (row, prompt) in enumerate(zip(rows, prompts)):
+        model = AutoModelForCausalLM.from_pretrained(moe_engine_dir, dtype=torch.float32).eval()
+        if row is not None:
+            model = PeftModel.from_pretrained(model, dirs[row]).eval()
+        model.generation_config.eos_token_id = None
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=6, pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens_of(outputs[f"row{i}"]) == want, f"row {i} ({row or 'base'})"
