@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_helpers import EXPERT_PARAMS, save_moe_adapters, save_tiny_qwen3_moe
+from moe_helpers import EXPERT_PARAMS, copy_dequantized_weights, save_moe_adapters, save_tiny_qwen3_moe
 from loraplex.adapters_store.config import StoreConfig
 from loraplex.adapters_store.errors import AdapterValidationError
 from loraplex.adapters_store.loader import build_loaded_adapter
@@ -64,7 +64,8 @@ def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[
              row_adapters: list[str | None] = ROWS, method: str = "none") -> tuple[list[torch.Tensor], list[list[int]]]:
     """All rows in one packed prefill, then greedy decode steps of all rows together (row i with
     adapter row_adapters[i]): each row's logits [len + new_tokens - 1, vocab] and its greedy tokens."""
-    model, config = build_model(model_dir, QuantSpec(method=method, compute_dtype=torch.float32))
+    options = {"hqq_group_size": 32} if method.startswith("hqq") else {}     # the experts' inter is 32
+    model, config = build_model(model_dir, QuantSpec(method=method, compute_dtype=torch.float32, **options))
     experts = ExpertSlots(model.moe_blocks(), max_loras=4, max_lora_rank=8)
     pool = SlotPool(model.lora_targets(), max_loras=4, max_lora_rank=8, ops=select_ops("cpu", "torch"),
                     experts=experts)
@@ -96,20 +97,23 @@ def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[
     for seq in seqs:
         seq.output_token_ids.append(int(rows[seq.seq_id][-1].argmax()))
     pool.detach()
-    return [torch.stack(r) for r in rows], [list(seq.output_token_ids) for seq in seqs]
+    return [torch.stack(r) for r in rows], [list(seq.output_token_ids) for seq in seqs], model
 
 
 def peft_rows(model_dir: Path, adapter_dirs: dict[str, Path], token_ids: list[list[int]],
-              row_adapters: list[str | None]) -> list[torch.Tensor]:
+              row_adapters: list[str | None], served=None) -> list[torch.Tensor]:
     """PEFT's logits [len, vocab] of each row alone, on a model holding only its adapter (PEFT's
     expert ParamWrapper takes neither mixed-adapter batches nor two adapters targeting different
-    expert parameters); the base rows run on transformers' model without PEFT."""
+    expert parameters); the base rows run on transformers' model without PEFT. served: our model,
+    whose dequantized weights replace transformers' (a quantized base)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     models = {}
     for name in set(row_adapters):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if served is not None:
+            copy_dequantized_weights(model, served)
         models[name] = model if name is None else PeftModel.from_pretrained(model, adapter_dirs[name]).eval()
     with torch.no_grad():
         return [models[name](input_ids=torch.tensor([ids])).logits[0].float()
@@ -119,7 +123,7 @@ def peft_rows(model_dir: Path, adapter_dirs: dict[str, Path], token_ids: list[li
 def test_mixed_moe_adapters_match_peft_token_for_token(moe_dir, adapter_dirs):
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 9, 5, 7, 4)]
-    ours, tokens = run_ours(moe_dir, adapter_dirs, prompts, new_tokens=5)
+    ours, tokens, _ = run_ours(moe_dir, adapter_dirs, prompts, new_tokens=5)
     sequences = [p + t[:-1] for p, t in zip(prompts, tokens)]
     expected = peft_rows(moe_dir, adapter_dirs, sequences, ROWS)
     for i, (got, want) in enumerate(zip(ours, expected)):
@@ -131,6 +135,18 @@ def test_mixed_moe_adapters_match_peft_token_for_token(moe_dir, adapter_dirs):
     for i, name in enumerate(ROWS):
         change = float((expected[i] - base[i]).abs().max())
         assert (change > 1e-2) if name else (change == 0.0), (name, change)
+
+
+@pytest.mark.parametrize("method", ["bnb-nf4", "hqq-4bit"])
+def test_quantized_base_with_expert_adapters_matches_peft(moe_dir, adapter_dirs, method):
+    """Unmerged attention and expert deltas on a quantized base (experts quantized per expert):
+    PEFT on transformers holding the same dequantized weights gives the same logits."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 9, 5, 7, 4)]
+    ours, tokens, served = run_ours(moe_dir, adapter_dirs, prompts, new_tokens=3, method=method)
+    expected = peft_rows(moe_dir, adapter_dirs, [p + t[:-1] for p, t in zip(prompts, tokens)], ROWS, served)
+    for i, (got, want) in enumerate(zip(ours, expected)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, i=i: f"row {i} ({ROWS[i]}): {m}")
 
 
 def test_expert_deltas_alone_match_peft(moe_dir, tmp_path):
@@ -145,7 +161,7 @@ def test_expert_deltas_alone_match_peft(moe_dir, tmp_path):
     assert tuple(a.shape) == (8, 3, 64) and tuple(b.shape) == (8, 64, 3)      # [E, r, hidden], [E, 2 inter, r]
     rows = ["experts-only", None]
     prompts = [[5, 9, 17, 33, 4, 81], [7, 7, 100, 2]]
-    ours, tokens = run_ours(moe_dir, only, prompts, new_tokens=4, row_adapters=rows)
+    ours, tokens, _ = run_ours(moe_dir, only, prompts, new_tokens=4, row_adapters=rows)
     sequences = [p + t[:-1] for p, t in zip(prompts, tokens)]
     expected = peft_rows(moe_dir, only, sequences, rows)
     for got, want in zip(ours, expected):
