@@ -246,10 +246,11 @@ def case_decode_stack():
         cos, sin = torch.rand(rows, head_dim, generator=gen), torch.rand(rows, head_dim, generator=gen)
         args = (torch.randn(rows, hidden, generator=gen), norms, tensors, kinds, groups, cos, sin,
                 k_caches, v_caches, slots, tables, lens, head_dim ** -0.5, window, 1e-5, heads, kv_heads)
-        yield args + ([], [], [], None, None), 1e-4
+        no_dora = ([], [], None, None)
+        yield args + ([], [], [], None, None) + no_dora, 1e-4
         token_slots = torch.randint(-1, slots_n, (rows,), generator=gen)     # -1: no adapter
         lora = (lora_a, lora_bts, lora_cols, token_slots, torch.rand(slots_n, generator=gen) + 0.5)
-        yield args + lora, 1e-4
+        yield args + lora + no_dora, 1e-4
         dora_rows = torch.nonzero(torch.isin(token_slots, torch.tensor([0, 2]))).flatten()   # slots 0, 2: DoRA
         yield args + lora + (dora_scales, dora_biases, dora_rows, token_slots[dora_rows]), 1e-4
 
