@@ -169,8 +169,8 @@ def build_decode_stack(model, kernels) -> "DecodeStack | None":
 
 def stack_supports(config) -> bool:
     """Whether the native kernel runs this architecture's layer (the Llama layer exactly: no
-    per-head q/k norm); other families take the layer-by-layer path."""
-    return not config.qk_norm
+    per-head q/k norm, no routed experts); other families take the layer-by-layer path."""
+    return not config.qk_norm and getattr(config, "moe", None) is None
 
 
 class DecodeStack:
