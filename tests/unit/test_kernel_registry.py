@@ -128,7 +128,7 @@ def twin_on_native_kernels(native):
 
     swapped = {"add_rms_norm_ref": native.add_rms_norm, "rope_write_kv_ref": native.rope_write_kv,
                "decode_attention_ref": native.decode_attention, "silu_mul_ref": native.silu_mul,
-               "lora_bgmv_ref": native.lora_bgmv,
+               "lora_bgmv_ref": native.lora_bgmv, "dora_scale_rows_ref": native.dora_scale_rows,
                "part_linear": functools.partial(decode_stack.part_linear, quant4=native.quant_linear_4bit,
                                                 quant8=native.quant_linear_8bit)}
     saved = {name: getattr(decode_stack, name) for name in swapped}
@@ -139,6 +139,21 @@ def twin_on_native_kernels(native):
     finally:
         for name, original in saved.items():
             setattr(decode_stack, name, original)
+
+
+def dora_scale_rows_bounds(twin, args) -> Expected:
+    """dora_scale_rows rounds three float32 operations per element, bias + f * (y - bias), and
+    sums nothing: within gamma_3 x (|bias| + |f| (|y| + |bias|)) of the twin run in float64 on
+    the scaled rows; rows not listed, and every other argument, come back unchanged."""
+    y, rows, slots, scales, bias = args
+    _, exact_after = _run(twin, _wide(args))
+    bias_abs = torch.zeros(y.shape[1], dtype=torch.float64) if bias is None else bias.double().abs()
+    magnitude = torch.zeros(y.shape, dtype=torch.float64)                       # unscaled rows: exact
+    magnitude[rows] = bias_abs + scales.double().abs()[slots] * (y.double().abs()[rows] + bias_abs)   # [Td, out]
+    after = [(t.double() if t.is_floating_point() else t, torch.zeros(t.shape, dtype=torch.float64))
+             for t in _tensors(args)]
+    after[0] = (exact_after[0], dot_bound(magnitude, 3))
+    return Expected(None, after)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -205,6 +220,19 @@ def case_lora_bgmv():
                torch.randn(4, rank, 16, generator=gen).to(dtype)]
         x, y = torch.randn(len(slots), 40, generator=gen), torch.randn(len(slots), 50, generator=gen)
         yield (x, y, a, bts, [0, 30], torch.tensor(slots), torch.rand(4, generator=gen)), sum_bound(40 + rank + 2)
+
+
+def case_dora_scale_rows():
+    """Rows of a few slots scaled, others left alone; with and without a bias; y a column slice
+    of a wider tensor (row stride > width), as a ConcatLinear part's output can be."""
+    gen = _gen(12)
+    scales = torch.rand(4, 50, generator=gen) + 0.5                      # [S, out]
+    for rows, slots, biased, wide in [([0, 2, 3], [1, 3, 1], False, False), ([4, 1], [0, 2], True, False),
+                                      ([5, 0, 2, 3], [2, 2, 0, 3], True, True), ([], [], True, False)]:
+        y = torch.randn(6, 64 if wide else 50, generator=gen) * 3
+        y = y[:, :50] if wide else y
+        bias = torch.randn(50, generator=gen) if biased else None
+        yield (y, torch.tensor(rows, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64), scales, bias), dora_scale_rows_bounds
 
 
 def case_argmax_rows():
@@ -318,6 +346,11 @@ def case_decode_stack():
         lora_a.append(torch.randn(slots_n, len(outs) * rank, shape[1], generator=gen) * 0.1)
         lora_bts.append([torch.randn(slots_n, rank, out, generator=gen) * 0.1 for out in outs])
         lora_cols.append([sum(outs[:m]) for m in range(len(outs))])
+    dora_scales, dora_biases = [], []                    # DoRA factors on every projection but layer 0's o
+    for index in range(4 * layers):
+        out = shapes[index % 4][0]
+        dora_scales.append(None if index == 1 else torch.rand(slots_n, out, generator=gen) + 0.5)
+        dora_biases.append(tensors[0][0][1] if index == 0 else None)   # layer 0's qkv has a bias
     for rows, window in [(1, 0), (5, 3), (11, 0)]:
         lens = torch.randint(1, 4 * bs, (rows,), generator=gen)
         tables = torch.randperm(rows * 4, generator=gen).view(rows, 4)
@@ -328,13 +361,17 @@ def case_decode_stack():
         cos, sin = torch.rand(rows, head_dim, generator=gen), torch.rand(rows, head_dim, generator=gen)
         args = (torch.randn(rows, hidden, generator=gen), norms, tensors, kinds, groups, cos, sin,
                 k_caches, v_caches, slots, tables, lens, head_dim ** -0.5, window, 1e-5, heads, kv_heads)
-        yield args + ([], [], [], None, None), SAME_KERNELS
+        no_dora = ([], [], None, None)
+        yield args + ([], [], [], None, None) + no_dora, SAME_KERNELS
         token_slots = torch.randint(-1, slots_n, (rows,), generator=gen)     # -1: no adapter
-        yield args + (lora_a, lora_bts, lora_cols, token_slots, torch.rand(slots_n, generator=gen) + 0.5), SAME_KERNELS
+        lora = (lora_a, lora_bts, lora_cols, token_slots, torch.rand(slots_n, generator=gen) + 0.5)
+        yield args + lora + no_dora, SAME_KERNELS
+        dora_rows = torch.nonzero(torch.isin(token_slots, torch.tensor([0, 2]))).flatten()   # slots 0, 2: DoRA
+        yield args + lora + (dora_scales, dora_biases, dora_rows, token_slots[dora_rows]), SAME_KERNELS
 
 
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
-INPLACE = {"add_rms_norm", "rope_write_kv", "lora_bgmv", "decode_stack"}   # ops whose tensor arguments are outputs
+INPLACE = {"add_rms_norm", "rope_write_kv", "lora_bgmv", "decode_stack", "dora_scale_rows"}   # ops whose tensor arguments are outputs
 IMPLS = [(op.name, backend) for op in KERNEL_OPS for backend, _ in op.impls]
 
 
