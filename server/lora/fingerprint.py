@@ -39,6 +39,8 @@ def base_spec_from_model_config(cfg: Any, quantization: str) -> BaseSpec:
         "o_proj": (q_size, hidden), "gate_proj": (hidden, intermediate),
         "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden),
     }
+    if callable(getattr(cfg, "module_shapes", None)):    # a ModelConfig knows its own (Phi-3: fused)
+        shapes = dict(cfg.module_shapes())
     fingerprint = base_fingerprint(architecture, num_layers, hidden, intermediate, num_heads,
                                    num_kv_heads, head_dim, vocab, quantization)
     return BaseSpec(fingerprint=fingerprint, architecture=architecture, num_layers=num_layers,

@@ -159,8 +159,8 @@ def build_decode_stack(model, kernels) -> "DecodeStack | None":
 
 def stack_supports(config) -> bool:
     """Whether the native kernel runs this architecture's layer (the Llama layer exactly: no
-    per-head q/k norm); other families take the layer-by-layer path."""
-    return not config.qk_norm
+    per-head q/k norm, no Gemma layer; Phi-3's is one); other families take the layer-by-layer path."""
+    return not config.qk_norm and config.gemma is None
 
 
 class DecodeStack:
