@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..layers.base import QuantSpec
+from ..lora.experts import ExpertSlots
 from ..lora.fingerprint import base_spec_from_model_config
 from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
@@ -113,8 +114,11 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
         vocab = VocabSlots(model_config.vocab_size, model_config.hidden_size, dtype, device)
         if model_config.gemma is not None and model_config.gemma.final_softcap is not None:
             vocab = None     # an lm_head delta would land after the final soft-cap: such adapters are refused
+        blocks = model.moe_blocks()
+        experts = (ExpertSlots(blocks, sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device)
+                   if blocks else None)
         pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
-                        ops=select_ops(device, cpu_kernels=kernels.native), vocab=vocab)
+                        ops=select_ops(device, cpu_kernels=kernels.native), vocab=vocab, experts=experts)
         gateway = AdapterGateway(store, AdapterManager(pool))
         set_finisher = getattr(store, "set_load_finisher", None)
         if set_finisher is not None:     # DoRA scales derived once per version, on the load threads

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from .gemma_config import GEMMA_ARCHITECTURES, GemmaSpec, gemma_spec
+from .moe_config import MOE_ARCHITECTURES, MoeConfig, parse_moe
 from .rope_config import RopeConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Phi3ForCausalLM") + GEMMA_ARCHITECTURES
-QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)    # per-head q/k RMSNorm (qwen3.py)
+                           *MOE_ARCHITECTURES, "Phi3ForCausalLM", *GEMMA_ARCHITECTURES)
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")    # per-head q/k RMSNorm (qwen3.py)
 FUSED_CHECKPOINT_ARCHITECTURES = ("Phi3ForCausalLM",)   # qkv_proj / gate_up_proj stored (and adapted) fused
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn", "longrope")
 # dynamic NTK rescales every frequency by the current sequence length: keys already in the paged
@@ -42,6 +43,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     sliding_window: int | None = None   # Mistral: keys older than this many positions are masked
     qk_norm: bool = False               # Qwen3: RMSNorm over each q and k head before rotary
+    moe: MoeConfig | None = None        # Qwen3-MoE: every layer's MLP is a routed expert block (moe.py)
     fused_checkpoint: bool = False      # Phi-3: qkv_proj and gate_up_proj are single modules (loader.py)
     gemma: GemmaSpec | None = None      # Gemma 2/3: the layer's extras (gemma_config.py)
 
@@ -54,15 +56,17 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each HF linear module name in one decoder layer."""
+        """(in_features, out_features) of each HF linear module name in one decoder layer
+        (a MoE layer has no dense MLP: its experts are `moe.expert_shapes`)."""
         h, i = self.hidden_size, self.intermediate_size
         if self.fused_checkpoint:
             return {"qkv_proj": (h, self.q_size + 2 * self.kv_size), "o_proj": (self.q_size, h),
                     "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
-        return {
-            "q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
-            "o_proj": (self.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-        }
+        attention = {"q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
+                     "o_proj": (self.q_size, h)}
+        if self.moe is not None:
+            return attention
+        return {**attention, "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     @staticmethod
     def from_dir(path: str | Path) -> "ModelConfig":
@@ -104,7 +108,7 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             rope=rope, tie_word_embeddings=bool(raw.get("tie_word_embeddings", gemma is not None)),
             sliding_window=_sliding_window(raw, architecture, source),
-            qk_norm=architecture in QK_NORM_ARCHITECTURES,
+            qk_norm=architecture in QK_NORM_ARCHITECTURES, moe=parse_moe(raw, architecture, source),
             fused_checkpoint=architecture in FUSED_CHECKPOINT_ARCHITECTURES, gemma=gemma,
         )
 
@@ -182,7 +186,7 @@ def _longrope(raw: dict[str, Any], params: dict[str, Any], theta: float, source:
 
 def _sliding_window(raw: dict[str, Any], architecture: str, source: str) -> int | None:
     window = raw.get("sliding_window")
-    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         if raw.get("use_sliding_window"):
             raise ValueError(f"{source}: {architecture.removesuffix('ForCausalLM')} use_sliding_window=true "
                              "(per-layer windows) is not supported; set it to false")

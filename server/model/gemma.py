@@ -151,6 +151,10 @@ class GemmaCausalLM(torch.nn.Module):
         """Every projection a LoRA delta can attach to, layer by layer (qkv, o, gate_up, down)."""
         return [proj for layer in self.layers for proj in layer.projections]
 
+    def moe_blocks(self) -> list:
+        """Gemma layers have no routed experts."""
+        return []
+
     def linear_weight_bytes(self) -> int:
         return sum(proj.base.weight_bytes() for proj in self.lora_targets())
 
