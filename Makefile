@@ -14,12 +14,14 @@ TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 PYTEST_ARGS ?=
 
 .PHONY: setup model serve demo test test-unit test-integration test-store-shared test-fleet bench stress fidelity proto \
-        clean help test-client-install test-demo gpu-check test-adapters test-prefix-cache test-engine-process
+        clean help test-client-install test-demo gpu-check test-adapters test-prefix-cache test-engine-process \
+        test-engine-thread
 
 help:
 	@echo "make serve   set up .venv, fetch the default model, start the server on 127.0.0.1:50051"
 	@echo "make demo   train a small adapter, upload it, compare replies without and with it"
 	@echo "make test    set up .venv, fetch the default model, run the test suite"
+	@echo "make test-engine-thread   the service tests against the in-process engine (--engine-process off)"
 	@echo "make bench   run the benchmark suite and rewrite BENCHMARKS.md"
 	@echo "make proto   regenerate the gRPC stubs in loraplex/v1 from proto/"
 
@@ -76,13 +78,21 @@ test-fleet: model
 test-adapters: model
 	$(PY) -m pytest tests/integration/test_adapter_kinds_oracle.py -m "slow or not slow" $(PYTEST_ARGS)
 
-# Both EngineClient implementations (issue 36): `make test` runs the service tests against the
-# in-process engine thread (the default); this runs them against the engine-core process, and
-# checks the served decode rate against the main-thread engine (default model; slow; fails today).
+# Both EngineClient implementations (issue 36) run the same service tests: `make test` against the
+# engine-core process (the default of `loraplex serve`), this against the in-process engine thread
+# (`--engine-process off`: tests, the fleet's replicas).
+ENGINE_CLIENT_TESTS := tests/integration/test_grpc_generation.py tests/integration/test_openai_http.py \
+	tests/integration/test_grpc_structured.py tests/integration/test_openai_structured.py \
+	tests/integration/test_grpc_auth.py tests/integration/test_openai_tools.py \
+	tests/integration/test_adapter_chat_template.py tests/integration/test_client_sdk.py \
+	tests/integration/test_front_door_http.py tests/integration/test_front_door_table.py \
+	tests/integration/test_hardening.py tests/integration/test_security.py \
+	tests/integration/test_fuzz_rpcs.py tests/integration/test_replica_trailer.py
+test-engine-thread: model
+	$(PY) -m pytest $(ENGINE_CLIENT_TESTS) --engine-process off $(PYTEST_ARGS)
+
+# The served decode rate through the engine process vs the main-thread engine (default model; slow).
 test-engine-process: model
-	$(PY) -m pytest tests/integration/test_grpc_generation.py tests/integration/test_openai_http.py \
-		tests/integration/test_grpc_structured.py tests/integration/test_openai_structured.py \
-		tests/integration/test_grpc_auth.py --engine-process on $(PYTEST_ARGS)
 	$(PY) -m pytest tests/integration/test_served_decode_rate.py -m slow $(PYTEST_ARGS)
 
 bench: model

@@ -205,7 +205,8 @@ FLAGS: tuple[Flag, ...] = (
          "move <think>...</think> into reasoning_content: think, deepseek_r1 ('' = off)"),
     # issue 36: the engine core in its own process, stepped on that process's main thread
     Flag("engine_process", "--engine-process", _bool,
-         "on: the engine core runs in its own process (restarted if it dies); off: a thread of this one"),
+         "on (default): the engine core runs in its own process, stepped on its main thread (restarted if "
+         "it dies); off: on a thread of this one"),
 )
 
 
@@ -268,7 +269,7 @@ class ServerConfig:
     max_constraint_bytes: int = RequestLimits.max_constraint_bytes
     tool_call_parser: str = "auto"
     reasoning_parser: str = ""
-    engine_process: bool = False                 # issue 36: on = the engine core in its own process (opt-in: see docs/server.md)
+    engine_process: bool = True                  # issue 36: the engine core in its own process (docs/server.md)
 
     @property
     def auth_enabled(self) -> bool:

@@ -92,35 +92,3 @@ def test_a_looping_template_is_refused_naming_the_file(served):
         sdk.upload_adapter(roots / "loops", "loops")
     assert "loops" not in [a.adapter_id for a in sdk.list_adapters()]
     assert sdk.get_adapter("tpl").has_chat_template       # the server keeps serving
-
-
-def test_engine_process_mode_uses_and_checks_adapter_templates(tiny_llama_dir, tmp_path):
-    """With --engine-process on: the front end's store gets the same render check, and the
-    front end's intake renders an adapter's chats with its own template."""
-    from dataclasses import replace
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    own = tokenizer("[SYSTEM] Be brief.\n[USER] Name a colour.\n[ASSISTANT]", add_special_tokens=False)["input_ids"]
-    base_text = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
-    base = tokenizer(base_text, add_special_tokens=False)["input_ids"]
-    make_peft_adapter(tiny_llama_dir, tmp_path / "tpl", seed=1)
-    (tmp_path / "tpl" / "chat_template.jinja").write_text(TEMPLATE)
-    make_peft_adapter(tiny_llama_dir, tmp_path / "bad", seed=3)
-    (tmp_path / "bad" / "chat_template.jinja").write_text("{{ raise_exception('bad template') }}")
-    loop = LoopThread()
-    config = load_server_config({
-        "model": str(tiny_llama_dir), "port": "0", "metrics_port": str(free_port()),
-        "store": str(tmp_path / "store"), "kv_cache_memory": "32MiB", "max_num_seqs": "2",
-        "max_total_tokens": "512", "max_input_tokens": "256", "served_model_name": BASE,
-        "cpu_kernels": "torch", "admin_keys": [ADMIN]}, {})
-    running = loop.run(start_full_server(replace(config, engine_process=True)))
-    try:
-        with Client(f"127.0.0.1:{running.port}", ADMIN, timeout=120) as sdk:
-            with pytest.raises(ValidationError, match="chat_template.jinja: .*bad template"):
-                sdk.upload_adapter(tmp_path / "bad", "bad")
-            sdk.upload_adapter(tmp_path / "tpl", "tpl")
-            assert sdk.chat(CHAT, "tpl", max_new_tokens=2).usage.prompt_tokens == len(own)
-            assert sdk.chat(CHAT, None, max_new_tokens=2).usage.prompt_tokens == len(base)
-    finally:
-        loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
-        loop.close()
