@@ -100,7 +100,7 @@ class LoadedAdapter:
     dora_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     vocab: VocabWeights | None = None          # embedding / lm_head LoRA, modules_to_save tables
     # MoE expert LoRA (PEFT target_parameters): (layer_idx, "gate_up_proj" | "down_proj") ->
-    # (A [num_experts, r, in_features], B [num_experts, out_features, r]), float tensors
+    # (A [num_experts * r, in_features], B [out_features, r * num_experts]), PEFT's stacked layout
     experts: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property

@@ -52,3 +52,19 @@ def save_moe_adapters(model_dir: Path, root: Path, configs: dict[str, dict], fir
         model.save_pretrained(root / name)
         dirs[name] = root / name
     return dirs
+
+
+def copy_dequantized_weights(hf_model, model) -> None:
+    """Overwrite a transformers Qwen3-MoE's attention and expert weights with our (maybe
+    quantized) model's dequantized ones: transformers then computes on the weights we serve."""
+    with torch.no_grad():
+        for layer, hf_layer in zip(model.layers, hf_model.model.layers):
+            q, k, v = layer.qkv_proj.base.dequantized_weight().split(layer.qkv_proj.out_sizes)
+            attn = hf_layer.self_attn
+            for target, weight in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v),
+                                   (attn.o_proj, layer.o_proj.base.dequantized_weight())):
+                target.weight.copy_(weight)
+            experts = hf_layer.mlp.experts
+            for e in range(model.config.moe.num_experts):
+                experts.gate_up_proj[e].copy_(layer.moe.gate_up[e].dequantized_weight())
+                experts.down_proj[e].copy_(layer.moe.down[e].dequantized_weight())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_helpers import EXPERT_PARAMS, save_moe_adapters, save_tiny_qwen3_moe
+from moe_helpers import EXPERT_PARAMS, copy_dequantized_weights, save_moe_adapters, save_tiny_qwen3_moe
 from loraplex.adapters_store.config import StoreConfig
 from loraplex.adapters_store.errors import AdapterValidationError
 from loraplex.adapters_store.loader import build_loaded_adapter
@@ -64,7 +64,8 @@ def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[
              row_adapters: list[str | None] = ROWS, method: str = "none") -> tuple[list[torch.Tensor], list[list[int]]]:
     """All rows in one packed prefill, then greedy decode steps of all rows together (row i with
     adapter row_adapters[i]): each row's logits [len + new_tokens - 1, vocab] and its greedy tokens."""
-    model, config = build_model(model_dir, QuantSpec(method=method, compute_dtype=torch.float32))
+    options = {"hqq_group_size": 32} if method.startswith("hqq") else {}     # the experts' inter is 32
+    model, config = build_model(model_dir, QuantSpec(method=method, compute_dtype=torch.float32, **options))
     experts = ExpertSlots(model.moe_blocks(), max_loras=4, max_lora_rank=8)
     pool = SlotPool(model.lora_targets(), max_loras=4, max_lora_rank=8, ops=select_ops("cpu", "torch"),
                     experts=experts)
@@ -96,20 +97,23 @@ def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[
     for seq in seqs:
         seq.output_token_ids.append(int(rows[seq.seq_id][-1].argmax()))
     pool.detach()
-    return [torch.stack(r) for r in rows], [list(seq.output_token_ids) for seq in seqs]
+    return [torch.stack(r) for r in rows], [list(seq.output_token_ids) for seq in seqs], model
 
 
 def peft_rows(model_dir: Path, adapter_dirs: dict[str, Path], token_ids: list[list[int]],
-              row_adapters: list[str | None]) -> list[torch.Tensor]:
+              row_adapters: list[str | None], served=None) -> list[torch.Tensor]:
     """PEFT's logits [len, vocab] of each row alone, on a model holding only its adapter (PEFT's
     expert ParamWrapper takes neither mixed-adapter batches nor two adapters targeting different
-    expert parameters); the base rows run on transformers' model without PEFT."""
+    expert parameters); the base rows run on transformers' model without PEFT. served: our model,
+    whose dequantized weights replace transformers' (a quantized base)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     models = {}
     for name in set(row_adapters):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if served is not None:
+            copy_dequantized_weights(model, served)
         models[name] = model if name is None else PeftModel.from_pretrained(model, adapter_dirs[name]).eval()
     with torch.no_grad():
         return [models[name](input_ids=torch.tensor([ids])).logits[0].float()
@@ -119,7 +123,7 @@ def peft_rows(model_dir: Path, adapter_dirs: dict[str, Path], token_ids: list[li
 def test_mixed_moe_adapters_match_peft_token_for_token(moe_dir, adapter_dirs):
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 9, 5, 7, 4)]
-    ours, tokens = run_ours(moe_dir, adapter_dirs, prompts, new_tokens=5)
+    ours, tokens, _ = run_ours(moe_dir, adapter_dirs, prompts, new_tokens=5)
     sequences = [p + t[:-1] for p, t in zip(prompts, tokens)]
     expected = peft_rows(moe_dir, adapter_dirs, sequences, ROWS)
     for i, (got, want) in enumerate(zip(ours, expected)):
@@ -133,6 +137,18 @@ def test_mixed_moe_adapters_match_peft_token_for_token(moe_dir, adapter_dirs):
         assert (change > 1e-2) if name else (change == 0.0), (name, change)
 
 
+@pytest.mark.parametrize("method", ["bnb-nf4", "hqq-4bit"])
+def test_quantized_base_with_expert_adapters_matches_peft(moe_dir, adapter_dirs, method):
+    """Unmerged attention and expert deltas on a quantized base (experts quantized per expert):
+    PEFT on transformers holding the same dequantized weights gives the same logits."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 9, 5, 7, 4)]
+    ours, tokens, served = run_ours(moe_dir, adapter_dirs, prompts, new_tokens=3, method=method)
+    expected = peft_rows(moe_dir, adapter_dirs, [p + t[:-1] for p, t in zip(prompts, tokens)], ROWS, served)
+    for i, (got, want) in enumerate(zip(ours, expected)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, i=i: f"row {i} ({ROWS[i]}): {m}")
+
+
 def test_expert_deltas_alone_match_peft(moe_dir, tmp_path):
     """An adapter on the experts only (no attention module) moves the logits, as PEFT's does:
     the expert path is not carried by attention deltas."""
@@ -142,10 +158,10 @@ def test_expert_deltas_alone_match_peft(moe_dir, tmp_path):
     assert not adapter.weights
     assert set(adapter.experts) == {(layer, p) for layer in (0, 1) for p in ("gate_up_proj", "down_proj")}
     a, b = adapter.experts[(0, "gate_up_proj")]
-    assert tuple(a.shape) == (8, 3, 64) and tuple(b.shape) == (8, 64, 3)      # [E, r, hidden], [E, 2 inter, r]
+    assert tuple(a.shape) == (8 * 3, 64) and tuple(b.shape) == (64, 3 * 8)    # [E r, hidden], [2 inter, r E]
     rows = ["experts-only", None]
     prompts = [[5, 9, 17, 33, 4, 81], [7, 7, 100, 2]]
-    ours, tokens = run_ours(moe_dir, only, prompts, new_tokens=4, row_adapters=rows)
+    ours, tokens, _ = run_ours(moe_dir, only, prompts, new_tokens=4, row_adapters=rows)
     sequences = [p + t[:-1] for p, t in zip(prompts, tokens)]
     expected = peft_rows(moe_dir, only, sequences, rows)
     for got, want in zip(ours, expected):
@@ -195,3 +211,120 @@ def test_expert_adapters_that_cannot_be_served_are_refused_by_name(moe_dir):
                             "target_parameters": ["model.layers.0.mlp.experts.down_proj"]}, fused)
     with pytest.raises(AdapterValidationError, match="target_parameters lists 0 expert"):
         _validate(moe_dir, {"target_modules": ["q_proj"]}, fused)
+
+
+@pytest.fixture(scope="module")
+def moe_engine_dir(tmp_path_factory, default_model_dir) -> Path:
+    """The tiny MoE with the default model's vocabulary size and tokenizer (the engine needs one)."""
+    import shutil
+
+    path = save_tiny_qwen3_moe(tmp_path_factory.mktemp("moe-engine") / "model", vocab_size=49152,
+                               max_position_embeddings=512)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (default_model_dir / name).exists():
+            shutil.copy(default_model_dir / name, path / name)
+    return path
+
+
+def test_engine_serves_expert_adapters_per_request(moe_engine_dir, tmp_path):
+    """The whole serving path (adapter store upload checks, engine builder's expert slots,
+    scheduler, runner): mixed expert adapters in one engine equal PEFT's greedy tokens, and
+    Info says decode steps take the layer path."""
+    from engine_helpers import run_staggered, tokens_of
+    from peft import PeftModel
+    from peft_oracle import registered_store
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.server.engine.builder import build_engine
+    from loraplex.server.engine.config import EngineConfig
+    from loraplex.server.engine.io import GenerationRequest
+
+    dirs = save_moe_adapters(moe_engine_dir, tmp_path / "peft", {k: ADAPTERS[k] for k in ("experts", "down-only")})
+    rows = ["experts", None, "down-only", "experts"]
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 49152, (n,), generator=gen).tolist() for n in (5, 8, 6, 3)]
+    store = registered_store(moe_engine_dir, "none", dirs, tmp_path / "store")
+    settings = dict(method="none", dtype="float32", device="cpu", max_num_seqs=8, max_batch_tokens=128,
+                    kv_cache_memory="64MiB", max_model_len=256, max_input_tokens=128, block_size=16, max_loras=2,
+                    cpu_kernels="torch", linear_kernel="aten")     # no kernel build or route timing here
+    engine, info = build_engine(EngineConfig.from_settings(moe_engine_dir, **settings), store, log=lambda _m: None)
+    assert (info.architecture, info.decode_path) == ("Qwen3MoeForCausalLM", "layers")
+    sampling = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    outputs = run_staggered(engine, [(i, GenerationRequest(request_id=f"row{i}", prompt_token_ids=tuple(p),
+                                                           adapter_id=row, sampling=sampling))
+                                     for i, (row, p) in enumerate(zip(rows, prompts))])
+    assert set(store.load("experts@1").experts) == {(l, p) for l in (0, 1) for p in ("gate_up_proj", "down_proj")}
+    store.close()
+    for i, (row, prompt) in enumerate(zip(rows, prompts)):
+        model = AutoModelForCausalLM.from_pretrained(moe_engine_dir, dtype=torch.float32).eval()
+        if row is not None:
+            model = PeftModel.from_pretrained(model, dirs[row]).eval()
+        model.generation_config.eos_token_id = None
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=6, pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens_of(outputs[f"row{i}"]) == want, f"row {i} ({row or 'base'})"
+
+
+def _per_expert_adapter(path: Path, rank: int = 2) -> Path:
+    """A transformers-4-style adapter: LoRA on each expert's own gate_proj / up_proj / down_proj."""
+    import json
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(21)
+    shapes = {"gate_proj": (64, 32), "up_proj": (64, 32), "down_proj": (32, 64)}     # (in, out)
+    tensors = {}
+    for layer in range(2):
+        for e in range(8):
+            for module, (fan_in, fan_out) in shapes.items():
+                prefix = f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{module}."
+                tensors[prefix + "lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.2
+                tensors[prefix + "lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.2
+    path.mkdir()
+    save_file(tensors, path / "adapter_model.safetensors")
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 4,
+        "target_modules": ["gate_proj", "up_proj", "down_proj"]}))
+    return path
+
+
+def test_per_expert_adapter_is_served_once_peft_converts_it(moe_dir, tmp_path):
+    """transformers 4's per-expert adapters are refused as uploaded, naming the fix; PEFT 0.21 on
+    transformers 5 converts one on load (gate_up at twice the rank and alpha: rank_pattern /
+    alpha_pattern), and its save is served equal to PEFT running the original."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    old = _per_expert_adapter(tmp_path / "old")
+    with pytest.raises(AdapterValidationError, match="routed experts.*per-expert modules.*save it again"):
+        load_adapter("old", old, moe_dir)
+    base = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32)
+    PeftModel.from_pretrained(base, old).save_pretrained(tmp_path / "converted")
+    adapter = load_adapter("converted", tmp_path / "converted", moe_dir)
+    a, _ = adapter.experts[(0, "gate_up_proj")]
+    assert a.shape[0] == 8 * 4                      # gate and up stacked: twice the rank
+    rows = ["converted", None]
+    prompts = [[5, 9, 17, 33, 4, 81], [7, 7, 100, 2]]
+    ours, tokens, _ = run_ours(moe_dir, {"converted": tmp_path / "converted"}, prompts, new_tokens=3, row_adapters=rows)
+    expected = peft_rows(moe_dir, {"converted": old}, [p + t[:-1] for p, t in zip(prompts, tokens)], rows)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_expert_rank_pattern_must_keep_the_adapter_scale(moe_dir):
+    """PEFT's conversion doubles gate_up's rank and alpha (same scale): served. A pattern that
+    changes an expert parameter's scale, or exceeds the rank limit, is refused."""
+    prefix = "base_model.model.model.layers.{}.mlp.experts."
+    tensors = {}
+    for layer in range(2):
+        tensors[prefix.format(layer) + "lora_A.weight"] = torch.zeros(8 * 4, 64)
+        tensors[prefix.format(layer) + "lora_B.weight"] = torch.zeros(64, 4 * 8)
+    config = {"target_modules": [], "target_parameters": ["gate_up_proj"], "rank_pattern": {".*\\.gate_up_proj": 4}}
+    served = _validate(moe_dir, {**config, "alpha_pattern": {".*\\.gate_up_proj": 8}}, tensors)
+    assert served.config.target_modules == ("experts.gate_up_proj",)
+    with pytest.raises(AdapterValidationError, match="a scale other than the adapter's"):
+        _validate(moe_dir, config, tensors)
+    with pytest.raises(AdapterValidationError, match="rank_pattern.*not supported"):
+        _validate(moe_dir, {**config, "rank_pattern": {"q_proj": 4}}, tensors)

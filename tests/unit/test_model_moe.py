@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_helpers import save_tiny_qwen3_moe
+from moe_helpers import copy_dequantized_weights, save_tiny_qwen3_moe
 from test_model_llama import check_against_hf, drive
 from loraplex.server.kernels.registry import KernelSet
 from loraplex.server.layers.base import QuantSpec
@@ -99,17 +99,7 @@ def test_quantized_experts_match_transformers_on_their_weights(moe_dirs, method)
     options = {"hqq_group_size": 32} if method.startswith("hqq") else {}     # the experts' inter is 32
     model, config = build_model(moe_dirs["norm"], QuantSpec(method=method, **options))
     hf = AutoModelForCausalLM.from_pretrained(moe_dirs["norm"], dtype=torch.float32).eval()
-    with torch.no_grad():
-        for layer, hf_layer in zip(model.layers, hf.model.layers):
-            q, k, v = layer.qkv_proj.base.dequantized_weight().split(layer.qkv_proj.out_sizes)
-            attn = hf_layer.self_attn
-            for target, weight in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v),
-                                   (attn.o_proj, layer.o_proj.base.dequantized_weight())):
-                target.weight.copy_(weight)
-            experts = hf_layer.mlp.experts
-            for e in range(config.moe.num_experts):
-                experts.gate_up_proj[e].copy_(layer.moe.gate_up[e].dequantized_weight())
-                experts.down_proj[e].copy_(layer.moe.down[e].dequantized_weight())
+    copy_dequantized_weights(hf, model)
     assert model.linear_weight_bytes() < sum(p.numel() * 4 for n, p in hf.model.layers.named_parameters()
                                              if "proj" in n)
     gen = torch.Generator().manual_seed(7)
