@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Sub-module names a LoRA may target in a Llama-family decoder layer.
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+# Sub-module names a LoRA may target in a Llama-family decoder layer (qkv_proj, gate_up_proj:
+# Phi-3's fused modules; the served base's BaseSpec.module_shapes says which it has).
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 LORA_TARGET_MODULES = ATTENTION_MODULES + MLP_MODULES
 
 
@@ -33,7 +34,7 @@ class BaseSpec:
 
     @property
     def hidden_size(self) -> int:
-        return self.module_shapes["q_proj"][0]
+        return self.module_shapes["o_proj"][1]
 
 
 @dataclass(frozen=True)
