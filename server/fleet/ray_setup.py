@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from ..config import ServerConfig
@@ -30,6 +31,24 @@ def secure_token_file(path: Path | None = None) -> bool:
     return False
 
 
+def provision_token(path: Path | None = None) -> bool:
+    """Before Ray starts a local cluster with token auth: create the token file readable by its
+    owner only from the first byte (Ray would write it 0644 and we could only tighten it after).
+    Nothing when auth is off (RAY_AUTH_MODE=disabled), a token is given (RAY_AUTH_TOKEN) or the
+    file exists. True if created."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return False
+    path = path or token_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))            # what Ray's own generator writes: 256 random bits
+    return True
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -48,8 +67,10 @@ def init_ray(config: ServerConfig, options: FleetOptions) -> None:
         return
     secure_token_file()
     extra = {}
-    if not options.ray_address and is_loopback(config.host):
-        extra["_node_ip_address"] = "127.0.0.1"
+    if not options.ray_address:
+        provision_token()
+        if is_loopback(config.host):
+            extra["_node_ip_address"] = "127.0.0.1"
     ray.init(address=options.ray_address or None, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True, **extra)
     secure_token_file()                 # a token Ray generated just now
