@@ -255,7 +255,7 @@ def _reading_residency(results: list[SimResult]) -> str:
     res = {(r.config.replicas, r.config.adapters): r for r in results if r.policy == "residency"}
     cut = [(1 - res[k].fetches_per_1k / mux[k].fetches_per_1k) if mux[k].fetches_per_1k else 0.0 for k in mux]
     worse = max(res[k].imbalance / mux[k].imbalance for k in mux)
-    return (f"Residency-aware routing (host tier as a second preference) changes store fetches per 1,000 "
+    return (f"Residency-aware routing (the fleet's router: host tier as the second preference) changes store fetches per 1,000 "
             f"requests by {-100 * max(cut):+.0f}% to {-100 * min(cut):+.0f}% against multiplex, with imbalance "
             f"at most {worse:.2f}x multiplex's.")
 

@@ -23,6 +23,7 @@ from ..service.auth import AuthInterceptor, KeyRing
 from .admission import Admission, FleetView, running_replicas
 from .front_grpc import GrpcForwarder, log_refused
 from .front_http import HttpFront
+from .ray_setup import keep_serve_grpc_on_loopback
 
 log = logging.getLogger("loraplex.fleet")
 WATCH_PERIOD_S = 1.0
@@ -39,6 +40,7 @@ class LoraplexFront:
         from ..app import SERVICE_NAMES, _bind, server_options
         from ..http.server import start_asgi
 
+        keep_serve_grpc_on_loopback()
         self.config = config
         self.replicas = replicas
         self.app_name, self.replica_deployment = app_name, replica_deployment

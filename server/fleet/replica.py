@@ -30,6 +30,7 @@ from .context import FleetAbort, ForwardContext, authorize
 from .loads import HostLoader
 from .methods import METHODS, Method, adapter_of
 from .metrics import FleetMetrics
+from .ray_setup import keep_serve_grpc_on_loopback
 from .residency import HOST_STAT, HostIndex
 from .wire import CallStatus, ForwardedCall, HttpCall, HttpHead, Reply, routing_id
 
@@ -60,6 +61,7 @@ class ReplicaBase:
         from ..app import load_engine, wire_engine
         from ..http.app import build_app
 
+        keep_serve_grpc_on_loopback()
         self.name = serve.get_replica_context().replica_id.unique_id
         started = time.time()
         metrics = Metrics(config.metrics_adapter_labels)

@@ -69,7 +69,12 @@ def fleet(tiny_llama_dir, tmp_path_factory):
     from loraplex.server.fleet.app import start_fleet
     from loraplex.server.fleet.config import FleetOptions
 
-    saved = {key: os.environ.get(key) for key in RAY_TEST_ENV}
+    from ray._private import ray_constants
+
+    from loraplex.server.fleet.ray_setup import SINGLE_NODE_ENV
+
+    saved = {key: os.environ.get(key) for key in (*RAY_TEST_ENV, SINGLE_NODE_ENV)}
+    single_node = ray_constants.ENABLE_RAY_CLUSTER              # init_ray switches it for a loopback fleet
     os.environ.update(RAY_TEST_ENV)
     config = ServerConfig(model=str(tiny_llama_dir), store=str(tmp_path_factory.mktemp("residency-store")), port=0,
                           metrics_port=free_port(), http_port=free_port(), kv_cache_memory="16MiB",
@@ -79,13 +84,14 @@ def fleet(tiny_llama_dir, tmp_path_factory):
         running = start_fleet(config, FleetOptions(replicas=2, replica_cpus=0.5, max_adapters_per_replica=1),
                               log=print)
         adapter = make_peft_adapter(tiny_llama_dir, tmp_path_factory.mktemp("residency-adapter") / "a", seed=5)
-        with Client(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY, timeout=300) as client:
+        with Client(f"127.0.0.1:{running.port}", api_key=ADMIN_KEY.split(":")[1], timeout=300) as client:
             for name in TARGETS + FILLERS:
                 client.upload_adapter(adapter, name, private=True)        # tenant-owned: never a label
         yield running, config, serve.get_app_handle(running.app_name)
     finally:
         serve.shutdown()
         ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = single_node
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -151,6 +157,11 @@ def _listening() -> list[tuple[str, str, int]]:
     return found
 
 
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback        # ::ffff:127.0.0.1 too
+
+
 def test_ray_listens_on_loopback_and_exports_no_private_adapter_id(fleet):
     import urllib.request
 
@@ -161,7 +172,7 @@ def test_ray_listens_on_loopback_and_exports_no_private_adapter_id(fleet):
     names = {name for name, _, _ in listening}
     assert {"gcs_server", "raylet"} <= names, listening
     assert running.port in {port for _, _, port in listening}
-    exposed = [entry for entry in listening if not ipaddress.ip_address(entry[1]).is_loopback]
+    exposed = [entry for entry in listening if not _loopback(entry[1])]
     assert not exposed, f"listening beyond loopback: {exposed}"
 
     node = next(n for n in ray.nodes() if n["Alive"])
@@ -242,13 +253,19 @@ def _replica_metrics_ports() -> dict[str, int]:
     return {name: int(port) for name, port in found.items()}
 
 
-def _requests(code: str, ports: dict[str, int]) -> float:
-    total = 0.0
+def _by_code(ports: dict[str, int]) -> dict[str, float]:
+    """loraplex_requests_total summed over the replicas, by (method, code)."""
+    counts: dict[str, float] = {}
     for port in ports.values():
         for (name, labels), value in scrape(port).items():
-            if name == "loraplex_requests_total" and dict(labels).get("code") == code:
-                total += value
-    return total
+            if name == "loraplex_requests_total" and value:
+                key = f"{dict(labels).get('method')} {dict(labels).get('code')}"
+                counts[key] = counts.get(key, 0) + value
+    return counts
+
+
+def _requests(code: str, ports: dict[str, int]) -> float:
+    return sum(value for key, value in _by_code(ports).items() if key.endswith(f" {code}"))
 
 
 def test_an_expired_deadline_is_counted_as_deadline_exceeded(fleet):
@@ -265,9 +282,9 @@ def test_an_expired_deadline_is_counted_as_deadline_exceeded(fleet):
                 pass
         with pytest.raises(DeadlineExceededError):                    # a unary call
             client.generate("Count:", max_new_tokens=1000, ignore_eos=True, timeout=1.0)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while _requests("DEADLINE_EXCEEDED", ports) + _requests("CANCELLED", ports) - sum(before.values()) < 2:
-        assert time.monotonic() < deadline, "the replicas never recorded the two calls"
+        assert time.monotonic() < deadline, f"the replicas never recorded the two calls: {_by_code(ports)}"
         time.sleep(0.5)
     assert _requests("DEADLINE_EXCEEDED", ports) - before["DEADLINE_EXCEEDED"] == 2
     assert _requests("CANCELLED", ports) == before["CANCELLED"]
