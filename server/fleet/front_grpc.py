@@ -73,17 +73,20 @@ class GrpcForwarder:
             with self._admitted(method):
                 handle = self.replicas.options(method_name="stream", stream=True, multiplexed_model_id=rid, _by_reference=False)
                 responses = handle.remote(_forwarded(method, payload, context))
+                ended = False
                 try:
                     async for reply in responses:
                         if reply.status is not None:
                             status = reply.status
                         else:
                             yield reply.payload
-                except asyncio.CancelledError:
-                    responses.cancel()
-                    raise
+                    ended = True
                 except Exception as error:  # noqa: BLE001 - replica death or Ray failure: mapped
+                    ended = True
                     raise _remote_error(error) from None
+                finally:
+                    if not ended:       # the caller went (cancel, deadline: CancelledError or GeneratorExit)
+                        responses.cancel()      # so the replica stops generating
         except ServiceError as error:
             log_refused(method.path, error.code)
             await abort_with(context, map_error(error))

@@ -87,7 +87,7 @@ class HttpFront:
     async def _forward(self, call: HttpCall, rid: str, send) -> None:
         handle = self.replicas.options(method_name="http", stream=True, multiplexed_model_id=rid, _by_reference=False)
         parts = handle.remote(call)
-        started = False
+        started = ended = False
         try:
             async for part in parts:
                 if isinstance(part, HttpHead):
@@ -100,12 +100,13 @@ class HttpFront:
                     started = True
                 else:
                     await send({"type": "http.response.body", "body": part, "more_body": True})
-        except asyncio.CancelledError:
-            parts.cancel()
-            raise
-        except Exception as error:  # noqa: BLE001 - replica death or Ray failure
+            ended = True
+        except Exception as error:  # noqa: BLE001 - replica death, Ray failure, or the client went
             if not started:
                 raise _remote_error(error) from None
+        finally:
+            if not ended:               # cancelled, or the client went mid-stream: the replica stops
+                parts.cancel()
         if started:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -78,7 +78,7 @@ def fleet(tiny_llama_dir, tmp_path_factory):
     os.environ.update(RAY_TEST_ENV)
     config = ServerConfig(model=str(tiny_llama_dir), store=str(tmp_path_factory.mktemp("residency-store")), port=0,
                           metrics_port=free_port(), http_port=free_port(), kv_cache_memory="16MiB",
-                          max_total_tokens=1024, max_input_tokens=512, grace_period_s=10,
+                          max_total_tokens=4096, max_input_tokens=512, grace_period_s=10,
                           api_keys=(parse_key(USER_KEY),), admin_keys=(parse_key(ADMIN_KEY),))
     try:
         running = start_fleet(config, FleetOptions(replicas=2, replica_cpus=0.5, max_adapters_per_replica=1),
@@ -278,10 +278,10 @@ def test_an_expired_deadline_is_counted_as_deadline_exceeded(fleet):
     before = {code: _requests(code, ports) for code in ("DEADLINE_EXCEEDED", "CANCELLED")}
     with Client(f"127.0.0.1:{running.port}", api_key=USER_KEY.split(":")[1], timeout=300) as client:
         with pytest.raises(DeadlineExceededError):                    # a stream, ended by its deadline
-            for _chunk in client.generate_stream("Count:", max_new_tokens=1000, ignore_eos=True, timeout=1.0):
+            for _chunk in client.generate_stream("Count:", max_new_tokens=4000, ignore_eos=True, timeout=1.5):
                 pass
         with pytest.raises(DeadlineExceededError):                    # a unary call
-            client.generate("Count:", max_new_tokens=1000, ignore_eos=True, timeout=1.0)
+            client.generate("Count:", max_new_tokens=4000, ignore_eos=True, timeout=1.5)
     deadline = time.monotonic() + 120
     while _requests("DEADLINE_EXCEEDED", ports) + _requests("CANCELLED", ports) - sum(before.values()) < 2:
         assert time.monotonic() < deadline, f"the replicas never recorded the two calls: {_by_code(ports)}"
