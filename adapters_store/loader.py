@@ -18,6 +18,7 @@ from safetensors.torch import load as load_safetensors
 from .cache import HostCache
 from .errors import AdapterNotFound, IntegrityError
 from .records import AdapterRecord
+from .expert_tensors import expert_weights, split_experts, targeted_params
 from .tensor_names import parse_tensor_name
 from .types import LoadedAdapter
 from .vocab_tensors import split_vocab, vocab_weights
@@ -52,15 +53,18 @@ def parse_magnitudes(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], 
 
 def build_loaded_adapter(key: str, config, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> LoadedAdapter:
     """A LoadedAdapter from a validated adapter's tensors (nbytes counts every tensor held; the
-    base-table copies PEFT may save beside embedding LoRA are dropped)."""
+    base-table copies PEFT may save beside embedding LoRA are dropped; MoE expert tensors go to
+    `experts`)."""
     tensors, vocab_tensors = split_vocab(tensors)
+    tensors, expert_tensors = split_experts(tensors)
     weights = parse_weights(tensors, dtype)
     magnitudes = parse_magnitudes(tensors)
     vocab = vocab_weights(vocab_tensors, dtype)
+    experts = expert_weights(expert_tensors, targeted_params(config.target_modules), config.rank, dtype)
     nbytes = (sum(a.nbytes + b.nbytes for a, b in weights.values()) + sum(m.nbytes for m in magnitudes.values())
-              + (0 if vocab is None else vocab.nbytes))
+              + (0 if vocab is None else vocab.nbytes) + sum(a.nbytes + b.nbytes for a, b in experts.values()))
     return LoadedAdapter(key=key, config=config, weights=weights, nbytes=nbytes, magnitudes=magnitudes,
-                         vocab=vocab)
+                         vocab=vocab, experts=experts)
 
 
 def read_verified(read: Callable[[str], bytes], expected_sha256: str, key: str) -> bytes:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import AdapterValidationError
+from .expert_tensors import parse_target_parameters
 from .strict_json import StrictJsonError, loads_strict
 from .target_regex import TargetRegex, match_target_regex, module_name
 from .types import BaseSpec
@@ -29,6 +30,7 @@ class ParsedConfig:
     base_fingerprint: str | None
     vocab_lora: frozenset[str] = frozenset()       # embed_tokens / lm_head in target_modules
     modules_to_save: frozenset[str] = frozenset()  # embed_tokens / lm_head saved whole
+    target_parameters: tuple[str, ...] = ()        # MoE expert parameters (expert_tensors.py)
 
     @property
     def scaling(self) -> float:
@@ -63,7 +65,11 @@ def parse_config(raw: bytes, base: BaseSpec, max_lora_rank: int, allow_base_mism
     base_model = config.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise _field("base_model_name_or_path", "must be a string or null")
-    names, regex = _targets(config, base)
+    params = parse_target_parameters(config.get("target_parameters"), base)
+    if use_dora and params:
+        raise AdapterValidationError("use_dora", "DoRA on MoE experts (target_parameters) is not supported "
+                                     "(PEFT's ParamWrapper refuses it too)")
+    names, regex = _targets(config, base, allow_empty=bool(params))
     vocab_lora = frozenset(n for n in names or () if n in VOCAB_MODULES)
     if use_dora and vocab_lora:
         raise AdapterValidationError("use_dora", f"DoRA on {', '.join(sorted(vocab_lora))} is not supported "
@@ -73,7 +79,7 @@ def parse_config(raw: bytes, base: BaseSpec, max_lora_rank: int, allow_base_mism
     fingerprint = _fingerprint(config, base, allow_base_mismatch)
     names = None if names is None else tuple(n for n in names if n not in VOCAB_MODULES)
     return ParsedConfig(rank, float(alpha), use_rslora, use_dora, names, regex, base_model, fingerprint,
-                        vocab_lora, saved)
+                        vocab_lora, saved, params)
 
 
 def _load_json(raw: bytes) -> dict:
@@ -111,7 +117,10 @@ def _check_patterns(config: dict, rank: int, alpha: float) -> None:
                                          f"value {expected}); per-module ranks/alphas are not supported")
 
 
-def _targets(config: dict, base: BaseSpec) -> tuple[tuple[str, ...] | None, TargetRegex | None]:
+def _targets(config: dict, base: BaseSpec, allow_empty: bool = False
+             ) -> tuple[tuple[str, ...] | None, TargetRegex | None]:
+    if allow_empty and config.get("target_modules") in (None, []):
+        return (), None                   # experts only (target_parameters)
     targets = _required(config, "target_modules", lambda v: isinstance(v, (str, list)) and len(v) > 0,
                         "a non-empty list of module names or a regex string")
     if isinstance(targets, str):
@@ -127,8 +136,10 @@ def _targets(config: dict, base: BaseSpec) -> tuple[tuple[str, ...] | None, Targ
         if module in EMBEDDING_MODULES:
             raise _embedding(target)
         if module not in base.module_shapes:
+            hint = (" (its MLP is routed experts: adapt them with target_parameters "
+                    "[\"mlp.experts.gate_up_proj\", \"mlp.experts.down_proj\"])") if base.expert_shapes else ""
             raise AdapterValidationError("unknown_target", f"target module {target!r} is not a linear layer of "
-                                         f"the served base (choose from {sorted(base.module_shapes)})")
+                                         f"the served base{hint} (choose from {sorted(base.module_shapes)})")
         names.append(module)
     return tuple(names), None
 

@@ -27,6 +27,9 @@ class BaseSpec:
     module_shapes: dict[str, tuple[int, int]]
     quantization: str = "none"
     vocab_size: int = 0          # rows of embed_tokens / lm_head (0: unknown, vocabulary adapters refused)
+    # MoE bases: PEFT target_parameters name (`gate_up_proj`, `down_proj` of mlp.experts) ->
+    # (num_experts, in_features, out_features); empty for a dense base
+    expert_shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def hidden_size(self) -> int:
@@ -96,6 +99,9 @@ class LoadedAdapter:
     magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     dora_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     vocab: VocabWeights | None = None          # embedding / lm_head LoRA, modules_to_save tables
+    # MoE expert LoRA (PEFT target_parameters): (layer_idx, "gate_up_proj" | "down_proj") ->
+    # (A [num_experts, r, in_features], B [num_experts, out_features, r]), float tensors
+    experts: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def is_dora(self) -> bool:

@@ -15,6 +15,8 @@ from .config import StoreConfig
 from .errors import AdapterValidationError
 from .peft_config import ParsedConfig, parse_config
 from .safetensors_header import TensorEntry, parse_header
+from .expert_tensors import (EXPERT_TARGET_PREFIX, ExpertTensorName, check_expert_shape, check_experts_complete,
+                             expert_param, parse_expert_tensor_name)
 from .tensor_names import LoraTensorName, parse_tensor_name
 from .types import LORA_TARGET_MODULES, BaseSpec, LoraConfigInfo
 from .vocab_tensors import VOCAB_MODULES, check_vocab_complete, check_vocab_entry, parse_vocab_tensor_name
@@ -56,14 +58,18 @@ def validate_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseSpec, 
             _check_dtype(entry)
             check_vocab_entry(entry.name, vocab[entry.name], entry.shape, parsed.rank, base, parsed.vocab_lora,
                               parsed.modules_to_save)
-    names = {entry.name: _check_entry(entry, parsed, base) for entry in entries if entry.name not in vocab}
-    modules = _check_pairs(names, parsed.use_dora, allow_empty=bool(vocab))
+    experts = check_expert_entries(entries, parsed, base)
+    names = {entry.name: _check_entry(entry, parsed, base) for entry in entries
+             if entry.name not in vocab and entry.name not in experts}
+    modules = _check_pairs(names, parsed.use_dora, allow_empty=bool(vocab) or bool(experts))
     tensors = _load_tensors(weights_bytes)
     _check_finite(tensors)
     _check_scaling(parsed, {name: tensor for name, tensor in tensors.items() if name in names})
+    check_expert_scaling(parsed.scaling, experts, tensors)
     dtypes = sorted({ALLOWED_DTYPES[entry.dtype] for entry in entries})
     targets = tuple(m for m in LORA_TARGET_MODULES if m in modules) + tuple(
-        m for m in VOCAB_MODULES if m in parsed.vocab_lora)
+        m for m in VOCAB_MODULES if m in parsed.vocab_lora) + tuple(
+        EXPERT_TARGET_PREFIX + p for p in parsed.target_parameters)
     info = LoraConfigInfo(rank=parsed.rank, lora_alpha=parsed.lora_alpha, use_rslora=parsed.use_rslora,
                           target_modules=targets,
                           base_model=parsed.base_model, base_fingerprint=parsed.base_fingerprint)
@@ -173,3 +179,44 @@ def _check_scaling(parsed: ParsedConfig, tensors: dict[str, torch.Tensor]) -> No
             raise AdapterValidationError("scaling", f"layer {layer} {module}: scale ({formula} = {scaling:g}) x "
                                          f"|B| x |A| = {gain:.3g} exceeds {MAX_DELTA_GAIN:g}; the delta would "
                                          f"overflow or swamp the base output. Check lora_alpha and the weights")
+
+
+def check_expert_entries(entries: list[TensorEntry], parsed: ParsedConfig, base: BaseSpec
+                         ) -> dict[str, ExpertTensorName]:
+    """The MoE expert tensors (PEFT target_parameters), each checked: dtype, layer, which targeted
+    parameter, shape, no duplicates; then every targeted layer/parameter has A and B."""
+    experts: dict[str, ExpertTensorName] = {}
+    found: set[tuple[int, str, str]] = set()
+    for entry in entries:
+        name = parse_expert_tensor_name(entry.name)
+        if name is None:
+            continue
+        _check_dtype(entry)
+        if name.layer_idx >= base.num_layers:
+            raise AdapterValidationError("layer_range", f"tensor {entry.name!r} names layer {name.layer_idx} but "
+                                         f"the served base has {base.num_layers} layers")
+        param = expert_param(name, parsed.target_parameters, entry.name)
+        check_expert_shape(entry.name, entry.shape, name.factor, param, parsed.rank, base)
+        if (name.layer_idx, param, name.factor) in found:
+            raise AdapterValidationError("duplicate_tensor", f"layer {name.layer_idx} experts {param} has two "
+                                         f"lora_{name.factor} tensors (one is {entry.name!r})")
+        found.add((name.layer_idx, param, name.factor))
+        experts[entry.name] = name
+    if parsed.target_parameters:
+        check_experts_complete(found, parsed.target_parameters, base.num_layers)
+    return experts
+
+
+def check_expert_scaling(scaling: float, experts: dict[str, ExpertTensorName],
+                         tensors: dict[str, torch.Tensor]) -> None:
+    """scale x |B| x |A| over the whole expert stacks bounds every expert's delta gain."""
+    pairs: dict[tuple[int, int], dict[str, float]] = {}
+    for tensor_name, name in experts.items():
+        pairs.setdefault((name.layer_idx, name.depth), {})[name.factor] = float(
+            torch.linalg.vector_norm(tensors[tensor_name].to(torch.float64)))
+    for (layer, depth), pair in sorted(pairs.items()):
+        gain = abs(scaling) * pair["A"] * pair["B"]
+        if not gain <= MAX_DELTA_GAIN:
+            raise AdapterValidationError("scaling", f"layer {layer} experts: scale {scaling:g} x |B| x |A| = "
+                                         f"{gain:.3g} exceeds {MAX_DELTA_GAIN:g}; the delta would overflow or "
+                                         f"swamp the base output. Check lora_alpha and the weights")

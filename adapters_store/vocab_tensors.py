@@ -70,16 +70,39 @@ def check_vocab_entry(tensor: str, name: VocabTensorName, shape: tuple[int, ...]
         raise AdapterValidationError("target_mismatch", f"tensor {tensor!r} is a whole {name.module} table, "
                                      f"which adapter_config.json modules_to_save does not list")
     expected = expected_shape(name, rank, base)
-    if name.kind in ("table", "base_copy") and len(shape) == 2 and shape[1] == expected[1] \
-            and shape[0] != base.vocab_size:
-        raise AdapterValidationError("vocab_size", f"tensor {tensor!r} has {shape[0]} rows but the served base's "
-                                     f"vocabulary has {base.vocab_size}: a resized vocabulary (tokens added "
-                                     f"in training) needs the adapter's own tokenizer, which this server "
-                                     f"does not serve yet. Train without adding tokens")
+    rows = vocab_rows(name, shape, expected)
+    if rows is not None and rows != base.vocab_size:
+        raise AdapterValidationError("vocab_size", resized_vocab_message(tensor, name, rows, base.vocab_size))
     if shape != expected:
         raise AdapterValidationError("shape", f"tensor {tensor!r} has shape {list(shape)}, expected "
                                      f"{list(expected)} for {name.module} (vocab {base.vocab_size}, hidden "
                                      f"{base.hidden_size}, r={rank})")
+
+
+def vocab_rows(name: VocabTensorName, shape: tuple[int, ...], expected: tuple[int, ...]) -> int | None:
+    """The vocabulary size a tensor's shape implies when its other dimension is as expected
+    (table [vocab, hidden], embedding A [r, vocab], lm_head B [vocab, r]), else None."""
+    if len(shape) != 2:
+        return None
+    axis = 1 if (name.module, name.kind) == ("embed_tokens", "A") else \
+        0 if name.kind in ("table", "base_copy") or (name.module, name.kind) == ("lm_head", "B") else None
+    if axis is None or shape[1 - axis] != expected[1 - axis]:
+        return None
+    return shape[axis]
+
+
+def resized_vocab_message(tensor: str, name: VocabTensorName, rows: int, base_vocab: int) -> str:
+    """Why an adapter with a resized vocabulary is refused: what is unsupported, and why."""
+    what = {"table": "modules_to_save table", "base_copy": "saved copy of the base table",
+            "A": "LoRA A", "B": "LoRA B"}[name.kind]
+    return (f"tensor {tensor!r} ({name.module} {what}) covers a vocabulary of {rows} tokens but the served "
+            f"base's has {base_vocab} ({rows - base_vocab:+d}): adapters with a resized vocabulary (tokens "
+            f"added or removed in training) are not supported. Serving one needs that adapter's own "
+            f"tokenizer for its requests (to encode text into the added ids and decode them back) and "
+            f"{rows}-wide logits for its rows; this server tokenizes and detokenizes every request with the "
+            f"base's tokenizer, and an upload carries no tokenizer files. Retrain without resizing the "
+            f"token embeddings (reuse existing tokens), or merge the adapter into a model of its own and "
+            f"serve that")
 
 
 def check_vocab_complete(names: dict[str, VocabTensorName], lora_modules: frozenset[str],

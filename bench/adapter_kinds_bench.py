@@ -5,6 +5,11 @@ all seven linear modules, plus: DoRA magnitudes; LoRA on embed_tokens + lm_head;
 modules_to_save embed_tokens + lm_head (two 49152 x 576 tables per adapter). The configurations
 run interleaved in one process, best of REPEATS each (noise only ever slows a run down); report
 ratios to plain LoRA, not absolute numbers, on a shared machine.
+
+DoRA decode steps run in the fused native decode stack (one call for all layers); the row
+"DoRA, layer-by-layer path" runs the same DoRA rows with the stack switched off, which is how
+they ran before the stack applied DoRA's factors. `python bench/adapter_kinds_bench.py DoRA`
+runs only plain LoRA, no adapter and the named kinds.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ def main() -> int:
     config = ModelConfig.from_dir(model_dir)
     prompts = prompt_ids(AutoTokenizer.from_pretrained(model_dir), ROWS, 32)
     kinds = ["plain LoRA", "DoRA", "embed+lm_head LoRA", "modules_to_save embed+lm_head"]
+    kinds = [k for k in kinds if k == "plain LoRA" or not sys.argv[1:] or k in sys.argv[1:]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store = open_store(tmp / "store", model_dir, max_lora_rank=16)
@@ -73,11 +79,20 @@ def main() -> int:
         engine = make_engine(model_dir, store=store, max_loras=NUM_ADAPTERS)
         rows = {kind: [names[kind][i % NUM_ADAPTERS] for i in range(ROWS)] for kind in kinds}
         best = {"no adapter": 0.0, **{kind: 0.0 for kind in kinds}}
+        model, layer_path = engine.runner.model, "DoRA, layer-by-layer path"
+        if "DoRA" in kinds and model.decode_stack is not None:
+            best[layer_path] = 0.0
         for _ in range(REPEATS):
             best["no adapter"] = max(best["no adapter"], engine_decode_tok_s(engine, prompts, NEW_TOKENS))
             for kind in kinds:
                 best[kind] = max(best[kind], engine_decode_tok_s(engine, prompts, NEW_TOKENS, adapters=rows[kind]))
                 print(f"  {kind}: {best[kind]:.1f} tok/s", flush=True)
+            if layer_path in best:
+                stack, model.decode_stack = model.decode_stack, None
+                best[layer_path] = max(best[layer_path], engine_decode_tok_s(engine, prompts, NEW_TOKENS,
+                                                                             adapters=rows["DoRA"]))
+                model.decode_stack = stack
+                print(f"  {layer_path}: {best[layer_path]:.1f} tok/s", flush=True)
         store.close()
     plain = best["plain LoRA"]
     print("| rows use | decode tok/s | vs plain LoRA |\n|---|---:|---:|")

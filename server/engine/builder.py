@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..layers.base import QuantSpec
+from ..lora.experts import ExpertSlots
 from ..lora.fingerprint import base_spec_from_model_config
 from ..lora.manager import AdapterManager
 from ..lora.ops import select_ops
@@ -109,8 +110,11 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     if store is not None:
         adapter_dtype = dtype if config.lora.adapter_dtype == "compute" else _DTYPES[config.lora.adapter_dtype]
         vocab = VocabSlots(model_config.vocab_size, model_config.hidden_size, dtype, device)
+        blocks = model.moe_blocks()
+        experts = (ExpertSlots(blocks, sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device)
+                   if blocks else None)
         pool = SlotPool(model.lora_targets(), sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device,
-                        ops=select_ops(device, cpu_kernels=kernels.native), vocab=vocab)
+                        ops=select_ops(device, cpu_kernels=kernels.native), vocab=vocab, experts=experts)
         gateway = AdapterGateway(store, AdapterManager(pool))
         set_finisher = getattr(store, "set_load_finisher", None)
         if set_finisher is not None:     # DoRA scales derived once per version, on the load threads

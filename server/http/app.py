@@ -228,6 +228,8 @@ class HttpApi:
             return JSONResponse({"status": "draining"}, status_code=503)
         if self.state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        if not self.state.engine.alive():       # the engine core is restarting, or has stopped
+            return JSONResponse({"status": "engine unavailable"}, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "ready"})
 
 

@@ -52,6 +52,7 @@ KERNEL_OPS: tuple[KernelOp, ...] = (
              (("native", "rope_write_kv"),)),
     KernelOp("silu_mul", "layer_ops", "model.fused_ops:silu_mul_ref", (("native", "silu_mul"),)),
     KernelOp("lora_bgmv", "lora", "lora.ops.reference:lora_bgmv_ref", (("native", "lora_bgmv"),)),
+    KernelOp("dora_scale_rows", "dora", "lora.dora:dora_scale_rows_ref", (("native", "dora_scale_rows"),)),
     KernelOp("argmax_rows", "sampling", "engine.sampling:argmax_rows_ref",
              (("native", "argmax_rows"),)),
     KernelOp("quant_linear_4bit", "quant_gemm", "kernels.quant:quant_linear_4bit_ref",

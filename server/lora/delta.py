@@ -101,9 +101,13 @@ class ProjLoraHook:
 
     def native_args(self, step: LoraStep) -> tuple | None:
         """The fused-kernel arguments of this step's delta (ops.native_delta: `()` for no delta,
-        (a, bts, col_starts), or None when the ops have no fused route for it). A step with DoRA
-        rows has none: the fused decode stack does not apply DoRA's scale (layer path)."""
-        if step.dora is not None:
-            return None
+        (a, bts, col_starts), or None when the ops have no fused route for it). DoRA rows' scale
+        comes separately (`native_dora`), applied by the fused decode stack after the delta."""
         native_delta = getattr(self._ops, "native_delta", None)
         return None if native_delta is None else native_delta(self._get_weights(), step)
+
+    def native_dora(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(DoRA factors [S, out] float32, base bias [out] or None) for the fused decode stack's
+        dora_scale_rows, on a step with DoRA rows (the pool holds factors then); (None, None)
+        for a hook without DoRA."""
+        return (None, None) if self._get_dora is None else self._get_dora()

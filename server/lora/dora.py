@@ -10,6 +10,8 @@ The factor depends only on the adapter version and the served base, so it is com
 when the adapter enters host memory (`DoraScaler`, the store's load finisher), and kept as
 `LoadedAdapter.dora_scales`. Each step then multiplies the rows of DoRA tokens, after the
 projection's base + delta, by their slot's factor (`apply_dora`); other rows are untouched.
+A pure-decode step through the fused decode stack (model/decode_stack.py) applies the same
+factors with the native `dora_scale_rows` (kernels/csrc/dora.cpp; twin `dora_scale_rows_ref`).
 """
 
 from __future__ import annotations
@@ -115,11 +117,23 @@ def apply_dora(y: torch.Tensor, dora: DoraRows, scales: torch.Tensor, bias: torc
     scales [S, out] float32 (1 where a slot or sub-module is not DoRA); bias [out] or None."""
     if dora.rows.numel() == 0:
         return
-    factor = scales.index_select(0, dora.slots)                                  # [Td, out]
-    sub = y.index_select(0, dora.rows).to(torch.float32)                         # [Td, out]
+    dora_scale_rows_ref(y, dora.rows, dora.slots, scales, bias)
+
+
+def dora_scale_rows_ref(y: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor,
+                        bias: torch.Tensor | None) -> None:
+    """Pure-torch twin of the native dora_scale_rows (kernels/csrc/dora.cpp), same signature.
+
+    y [T, out]; rows [Td] int64 (distinct rows of y), slots [Td] int64 (their adapter slots);
+    scales [S, out] float32; bias [out] or None. y[rows] <- bias + scales[slots] * (y[rows] - bias)
+    in place (y[rows] * scales[slots] without a bias): a subtract, multiply and add in float32
+    (in float64 when y is float64, as the error-bound tests run it)."""
+    work = torch.promote_types(y.dtype, torch.float32)
+    factor = scales.index_select(0, slots).to(work)                              # [Td, out]
+    sub = y.index_select(0, rows).to(work)                                       # [Td, out]
     if bias is None:
         sub = sub * factor
     else:
-        bias = bias.to(torch.float32)
+        bias = bias.to(work)
         sub = (sub - bias) * factor + bias
-    y.index_copy_(0, dora.rows, sub.to(y.dtype))
+    y.index_copy_(0, rows, sub.to(y.dtype))

@@ -6,18 +6,22 @@ import hashlib
 import json
 from typing import Any
 
-from ...adapters_store.types import BaseSpec
+from ...adapters_store.types import ATTENTION_MODULES, BaseSpec
 
 
 def base_fingerprint(architecture: str, num_layers: int, hidden: int, intermediate: int, num_heads: int,
-                     num_kv_heads: int, head_dim: int, vocab: int, quantization: str) -> str:
-    """E.g. 'llama-30x576-bnb-nf4-1a2b3c4d5e6f': readable prefix + sha256 of every field."""
+                     num_kv_heads: int, head_dim: int, vocab: int, quantization: str,
+                     experts: tuple[int, int, int] | None = None) -> str:
+    """E.g. 'llama-30x576-bnb-nf4-1a2b3c4d5e6f': readable prefix + sha256 of every field.
+    experts: a MoE base's (num_experts, top_k, expert intermediate size)."""
     fields = {
         "architecture": architecture, "num_layers": int(num_layers), "hidden": int(hidden),
         "intermediate": int(intermediate), "num_heads": int(num_heads),
         "num_kv_heads": int(num_kv_heads), "head_dim": int(head_dim), "vocab": int(vocab),
         "quantization": quantization,
     }
+    if experts is not None:
+        fields["experts"] = [int(v) for v in experts]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     family = architecture.removesuffix("ForCausalLM").lower() or "model"
     return f"{family}-{num_layers}x{hidden}-{quantization}-{digest}"
@@ -39,10 +43,28 @@ def base_spec_from_model_config(cfg: Any, quantization: str) -> BaseSpec:
         "o_proj": (q_size, hidden), "gate_proj": (hidden, intermediate),
         "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden),
     }
+    experts = _experts(cfg)
+    expert_shapes = {}
+    if experts is not None:     # no dense MLP: the experts are 3-D parameters (mlp.experts.<name>)
+        shapes = {name: shape for name, shape in shapes.items() if name in ATTENTION_MODULES}
+        num_experts, _, width = experts
+        expert_shapes = {"gate_up_proj": (num_experts, hidden, 2 * width), "down_proj": (num_experts, width, hidden)}
     fingerprint = base_fingerprint(architecture, num_layers, hidden, intermediate, num_heads,
-                                   num_kv_heads, head_dim, vocab, quantization)
+                                   num_kv_heads, head_dim, vocab, quantization, experts)
     return BaseSpec(fingerprint=fingerprint, architecture=architecture, num_layers=num_layers,
-                    module_shapes=shapes, quantization=quantization, vocab_size=vocab)
+                    module_shapes=shapes, quantization=quantization, vocab_size=vocab,
+                    expert_shapes=expert_shapes)
+
+
+def _experts(cfg: Any) -> tuple[int, int, int] | None:
+    """(num_experts, top_k, expert intermediate size) of a ModelConfig's `moe` or an HF-style
+    config's expert fields; None for a dense model."""
+    moe = getattr(cfg, "moe", None)
+    if moe is not None:
+        return moe.num_experts, moe.top_k, moe.intermediate_size
+    if not getattr(cfg, "num_experts", None):
+        return None
+    return int(cfg.num_experts), int(cfg.num_experts_per_tok), int(cfg.moe_intermediate_size)
 
 
 def _field(cfg: Any, *names: str) -> Any:

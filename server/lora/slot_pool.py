@@ -11,6 +11,7 @@ import torch
 from .batch_info import LoraBatchInfo
 from .delta import LoraOps, LoraStep, ProjLoraHook, ProjLoraWeights
 from .dora import DoraScaler, base_bias, dora_rows
+from .experts import ExpertSlots
 from .vocab import VocabSlots
 from .ops import select_ops
 from ...adapters_store.types import LoadedAdapter
@@ -38,7 +39,8 @@ class SlotPool:
 
     def __init__(self, targets: Sequence[Any], max_loras: int, max_lora_rank: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 ops: LoraOps | None = None, reserve: bool = False, vocab: VocabSlots | None = None):
+                 ops: LoraOps | None = None, reserve: bool = False, vocab: VocabSlots | None = None,
+                 experts: ExpertSlots | None = None):
         if max_loras < 1 or max_lora_rank < 1:
             raise ValueError(f"max_loras ({max_loras}) and max_lora_rank ({max_lora_rank}) must be >= 1")
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
@@ -54,6 +56,7 @@ class SlotPool:
         self.weights: list[ProjLoraWeights] = []
         self._relayout(max_lora_rank if reserve else 1)
         self.vocab = vocab                             # embedding / lm_head adapters (None: refused)
+        self.experts = experts                         # MoE expert adapters (None: refused)
         self.dora_scaler = DoraScaler(self.targets)    # the store's load finisher (engine builder)
         self._dora: list[tuple[torch.Tensor, torch.Tensor | None]] = []   # per target: [S, out], bias
         self._dora_slots: set[int] = set()
@@ -84,6 +87,8 @@ class SlotPool:
             self._load_dora(slot, adapter)
         if adapter.vocab is not None:
             self.vocab.load(slot, adapter.vocab, adapter.config.scaling, self.dtype)
+        if self.experts is not None:
+            self.experts.load(slot, adapter)
         self.scales[slot] = adapter.config.scaling
         self.slot_ranks[slot] = rank
 
@@ -94,6 +99,8 @@ class SlotPool:
         self._clear_dora(slot)
         if self.vocab is not None:
             self.vocab.clear(slot)
+        if self.experts is not None:
+            self.experts.clear(slot)
         self.scales[slot] = 0.0
         self.slot_ranks[slot] = 0
         largest = max(self.slot_ranks)
@@ -123,11 +130,15 @@ class SlotPool:
         """Remove the hooks from the targets."""
         for target in self.targets:
             target.lora = None
+        if self.experts is not None:
+            for block in self.experts.blocks.values():
+                block.lora = None
 
     def nbytes(self) -> int:
         """Bytes of the current stacks (all slots), DoRA scales included."""
         return (sum(w.a.nbytes + sum(bt.nbytes for bt in w.bts) for w in self.weights)
-                + sum(scales.nbytes for scales, _ in self._dora) + (0 if self.vocab is None else self.vocab.nbytes()))
+                + sum(scales.nbytes for scales, _ in self._dora) + (0 if self.vocab is None else self.vocab.nbytes())
+                + (0 if self.experts is None else self.experts.nbytes()))
 
     @property
     def dora_slots(self) -> frozenset[int]:
@@ -221,6 +232,10 @@ class SlotPool:
                              "raise --max-lora-rank")
         if adapter.vocab is not None and self.vocab is None:
             raise ValueError(f"adapter {adapter.key} adapts embed_tokens / lm_head, which this pool does not serve")
+        if adapter.experts:
+            if self.experts is None:
+                raise ValueError(f"adapter {adapter.key} adapts MoE experts, which this pool does not serve")
+            self.experts.check(adapter)
         scaling = adapter.config.scaling
         if not math.isfinite(scaling) or abs(scaling) > torch.finfo(self.dtype).max:
             raise ValueError(f"adapter {adapter.key}: its scale {scaling:g} does not fit {self.dtype}")

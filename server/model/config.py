@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)    # per-head q/k RMSNorm (qwen3.py)
+from .moe_config import MOE_ARCHITECTURES, MoeConfig, parse_moe
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           *MOE_ARCHITECTURES)
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")    # per-head q/k RMSNorm (qwen3.py)
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 # dynamic NTK rescales every frequency by the current sequence length: keys already in the paged
 # cache were rotated with other frequencies than later queries, so it cannot be cached exactly.
@@ -55,6 +58,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     sliding_window: int | None = None   # Mistral: keys older than this many positions are masked
     qk_norm: bool = False               # Qwen3: RMSNorm over each q and k head before rotary
+    moe: MoeConfig | None = None        # Qwen3-MoE: every layer's MLP is a routed expert block (moe.py)
 
     @property
     def q_size(self) -> int:
@@ -65,12 +69,14 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each HF linear module name in one decoder layer."""
+        """(in_features, out_features) of each HF linear module name in one decoder layer
+        (a MoE layer has no dense MLP: its experts are `moe.expert_shapes`)."""
         h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
-            "o_proj": (self.q_size, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-        }
+        attention = {"q_proj": (h, self.q_size), "k_proj": (h, self.kv_size), "v_proj": (h, self.kv_size),
+                     "o_proj": (self.q_size, h)}
+        if self.moe is not None:
+            return attention
+        return {**attention, "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     @staticmethod
     def from_dir(path: str | Path) -> "ModelConfig":
@@ -107,7 +113,7 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             rope=_rope(raw, source), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             sliding_window=_sliding_window(raw, architecture, source),
-            qk_norm=architecture in QK_NORM_ARCHITECTURES,
+            qk_norm=architecture in QK_NORM_ARCHITECTURES, moe=parse_moe(raw, architecture, source),
         )
 
 
@@ -164,7 +170,7 @@ def _scaled_rope(raw: dict[str, Any], params: dict[str, Any], rope_type: str, th
 
 def _sliding_window(raw: dict[str, Any], architecture: str, source: str) -> int | None:
     window = raw.get("sliding_window")
-    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         if raw.get("use_sliding_window"):
             raise ValueError(f"{source}: {architecture.removesuffix('ForCausalLM')} use_sliding_window=true "
                              "(per-layer windows) is not supported; set it to false")

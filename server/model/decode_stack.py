@@ -10,12 +10,12 @@ It applies when the step is decode-only, the layer ops are the native ones, ever
 GEMM(s) are ones the kernel runs (float32 F.linear or oneDNN prepacked, or the fused 4-bit /
 8-bit dequantize-GEMM; a ConcatLinear's parts each) and every LoRA delta of the step (if any)
 takes the fused lora_bgmv kernel, which the stack then calls after each GEMM as the
-projection's hook would. Anything else (prefill chunks, the libraries' own quantized paths,
-LoRA deltas on a torch route, steps with rows on a DoRA adapter (the kernel does not apply
-DoRA's per-output scale; ProjLoraHook.native_args says so), the reference attention) takes the
-layer-by-layer path. The
-GEMM choice per projection comes from each layer's kernel routes (layers/linear_choice.py)
-for the step's row count; build the stack after the routes are set.
+projection's hook would; on a step with rows on DoRA adapters it then scales those rows by
+their slot's DoRA factors (dora_scale_rows, as the hook's apply_dora does). Anything else
+(prefill chunks, the libraries' own quantized paths, LoRA deltas on a torch route, the
+reference attention) takes the layer-by-layer path. The GEMM choice per projection comes from
+each layer's kernel routes (layers/linear_choice.py) for the step's row count; build the stack
+after the routes are set.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..layers.concat import ConcatLinear
 from ..layers.cpu_gemm import packed_linear
 from ..layers.dense import DenseLinear
 from ..lora.delta import LoraStep
+from ..lora.dora import dora_scale_rows_ref
 from ..lora.ops.reference import lora_bgmv_ref
 from .attention import AttentionPlan, decode_attention_ref, paged_attention
 from .context import ForwardContext
@@ -73,7 +74,11 @@ def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor],
                      lora_bts: Sequence[Sequence[torch.Tensor]] = (),
                      lora_col_starts: Sequence[Sequence[int]] = (),
                      token_slots: torch.Tensor | None = None,
-                     lora_scales: torch.Tensor | None = None) -> torch.Tensor:
+                     lora_scales: torch.Tensor | None = None,
+                     dora_scales: Sequence[torch.Tensor | None] = (),
+                     dora_biases: Sequence[torch.Tensor | None] = (),
+                     dora_rows: torch.Tensor | None = None,
+                     dora_slots: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-torch twin of the native decode_stack, same signature.
 
     hidden [D, hidden] embeddings (one row per sequence); norms: per layer the input and
@@ -83,6 +88,9 @@ def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor],
     caches [blocks, block_size, KV, hd]; slots [D]; block_tables [D, max_blocks]; seq_lens [D].
     LoRA (empty lists for none): per projection lora_bgmv's a (or None), bts and col_starts, and
     the step's token_slots [D] and per-slot scales; each GEMM is then followed by lora_bgmv.
+    DoRA (empty lists for none): per projection the per-slot factors [S, out] (or None) and base
+    bias [out] (or None), the step's DoRA rows [Dd] and their slots [Dd]; a projection with
+    factors then scales those rows (dora_scale_rows) after its delta.
     Writes this step's K/V; returns the final-normed hidden [D, hidden].
     """
     def gemm(x: torch.Tensor, index: int) -> torch.Tensor:
@@ -92,6 +100,8 @@ def decode_stack_ref(hidden: torch.Tensor, norms: Sequence[torch.Tensor],
         if lora_a and lora_a[index] is not None:
             lora_bgmv_ref(x, y, lora_a[index], list(lora_bts[index]), list(lora_col_starts[index]),
                           token_slots, lora_scales)
+        if dora_scales and dora_scales[index] is not None:
+            dora_scale_rows_ref(y, dora_rows, dora_slots, dora_scales[index], dora_biases[index])
         return y
 
     rows, head_dim = hidden.shape[0], k_caches[0].shape[3] if k_caches else 0
@@ -159,8 +169,8 @@ def build_decode_stack(model, kernels) -> "DecodeStack | None":
 
 def stack_supports(config) -> bool:
     """Whether the native kernel runs this architecture's layer (the Llama layer exactly: no
-    per-head q/k norm); other families take the layer-by-layer path."""
-    return not config.qk_norm
+    per-head q/k norm, no routed experts); other families take the layer-by-layer path."""
+    return not config.qk_norm and getattr(config, "moe", None) is None
 
 
 class DecodeStack:
@@ -197,9 +207,10 @@ class DecodeStack:
                 and self._fused_attention)
 
     def lora_args(self, step: LoraStep | None) -> tuple | None:
-        """The kernel's five LoRA arguments for this step (empty lists when no token has a delta),
-        or None when some projection's delta does not take the fused kernel."""
-        none = ([], [], [], None, None)
+        """The kernel's nine LoRA and DoRA arguments for this step (empty lists when no token has
+        a delta or no row is on a DoRA adapter), or None when some projection's delta does not
+        take the fused kernel."""
+        none = ([], [], [], None, None, [], [], None, None)
         if step is None:
             return none
         a, bts, col_starts = [], [], []
@@ -213,7 +224,15 @@ class DecodeStack:
             col_starts.append(col_starts_i)
         if all(t is None for t in a):
             return none
-        return a, bts, col_starts, step.info.token_slots, step.scales
+        return (a, bts, col_starts, step.info.token_slots, step.scales) + self._dora_args(step)
+
+    def _dora_args(self, step: LoraStep) -> tuple:
+        """The kernel's four DoRA arguments: per projection (factors [S, out], bias [out] or
+        None), the DoRA rows and their slots; empty lists and None when the step has none."""
+        if step.dora is None:
+            return [], [], None, None
+        pairs = [target.lora.native_dora() if target.lora is not None else (None, None) for target in self.targets]
+        return [s for s, _ in pairs], [b for _, b in pairs], step.dora.rows, step.dora.slots
 
     def __call__(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext,
                  plan: AttentionPlan, kv_caches, gemms: GemmSpec, lora: tuple) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""One compact Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3) over packed ragged batches.
+"""One compact Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Qwen3-MoE) over packed ragged batches.
 
 Tokens of all sequences are concatenated without padding; a step may mix prefill chunks and
 decodes. Positions, block tables and the slot mapping come in a ForwardContext; K/V live in
@@ -24,6 +24,7 @@ from .context import ForwardContext
 from .fused_ops import TORCH_OPS, LayerOps
 from .kv_cache import LayerKVCache
 from .loader import CheckpointReader, load_dense, load_lm_head, load_projections
+from .moe import MoeBlock, load_moe_block
 from .qwen3 import load_head_norm
 from .rope import RotaryEmbedding
 
@@ -35,13 +36,14 @@ _INITIAL_ROPE_POSITIONS = 8192      # the cos/sin cache grows past this on deman
 class DecoderLayer(torch.nn.Module):
     def __init__(self, config: ModelConfig, projections: dict[str, ProjLinear],
                  input_norm: torch.Tensor, post_attention_norm: torch.Tensor, attention: AttentionFn,
-                 head_norm: Callable[[torch.Tensor], None] | None = None):
+                 head_norm: Callable[[torch.Tensor], None] | None = None, moe: MoeBlock | None = None):
         super().__init__()
         self.head_norm = head_norm                        # Qwen3: per-head q/k RMSNorm, in place
         self.qkv_proj = projections["qkv_proj"]
         self.o_proj = projections["o_proj"]
-        self.gate_up_proj = projections["gate_up_proj"]
-        self.down_proj = projections["down_proj"]
+        self.gate_up_proj = projections.get("gate_up_proj")   # None in a MoE layer: its MLP is `moe`
+        self.down_proj = projections.get("down_proj")
+        self.moe = moe
         # Hot-path references as plain attributes: reading a registered submodule or buffer goes
         # through nn.Module.__getattr__ (~0.5 us each, ~300 reads per decode step).
         self.projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
@@ -80,6 +82,8 @@ class DecoderLayer(torch.nn.Module):
         attn = self.attention(q, k_cache, v_cache, plan)                        # [T, H, hd]
         attn_out = o_proj(attn.reshape(num_tokens, self.q_size), lora)
         normed = ops.add_rms_norm(attn_out, residual, self.post_attention_norm, self.eps)
+        if gate_up_proj is None:
+            return self.moe(normed, lora), residual
         act = ops.silu_mul(gate_up_proj(normed, lora))                          # [T, inter]
         return down_proj(act, lora), residual
 
@@ -136,13 +140,20 @@ class CausalLM(torch.nn.Module):
         return self.lm_head.linear(hidden).float()
 
     def lora_targets(self) -> list[ProjLinear]:
-        """Every projection a LoRA delta can attach to, layer by layer (qkv, o, gate_up, down)."""
+        """Every projection a LoRA delta can attach to, layer by layer (qkv, o, gate_up, down; a MoE
+        layer's experts are `moe_blocks`)."""
         return [proj for layer in self.layers
-                for proj in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+                for proj in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj) if proj is not None]
+
+    def moe_blocks(self) -> list[MoeBlock]:
+        """Each MoE layer's expert block, layer by layer (empty for a dense model)."""
+        return [layer.moe for layer in self.layers if layer.moe is not None]
 
     def linear_weight_bytes(self) -> int:
-        """Resident bytes of the decoder's (quantizable) linear layers; the LM head is not counted."""
-        return sum(proj.base.weight_bytes() for proj in self.lora_targets())
+        """Resident bytes of the decoder's (quantizable) linear layers, experts included; the LM
+        head is not counted."""
+        return (sum(proj.base.weight_bytes() for proj in self.lora_targets())
+                + sum(block.weight_bytes() for block in self.moe_blocks()))
 
 
 def build_model(model_dir: str | Path, spec: QuantSpec, attention: str = "fast",
@@ -161,10 +172,11 @@ def build_model(model_dir: str | Path, spec: QuantSpec, attention: str = "fast",
             prefix = f"model.layers.{i}."
             head_norm = (load_head_norm(reader, i, config.num_heads, config.num_kv_heads, config.rms_norm_eps, spec)
                          if config.qk_norm else None)
+            moe = load_moe_block(reader, config, i, spec) if config.moe is not None else None
             layers.append(DecoderLayer(
                 config, load_projections(reader, config, i, spec),
                 load_dense(reader, prefix + "input_layernorm.weight", spec),
-                load_dense(reader, prefix + "post_attention_layernorm.weight", spec), attention_fn, head_norm))
+                load_dense(reader, prefix + "post_attention_layernorm.weight", spec), attention_fn, head_norm, moe))
         embed = load_dense(reader, "model.embed_tokens.weight", spec)
         lm_head = DenseLinear(load_lm_head(reader, config, embed, spec), None, replace(spec, method="none"))
         model = CausalLM(config, layers, embed, load_dense(reader, "model.norm.weight", spec), lm_head,

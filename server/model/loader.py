@@ -83,10 +83,13 @@ def _tensor_files(model_dir: Path) -> dict[str, str]:
 
 def load_projections(reader: CheckpointReader, config: ModelConfig, layer_idx: int,
                      spec: QuantSpec) -> dict[str, ProjLinear]:
-    """The four fused projections of one decoder layer, keyed by attribute name."""
+    """The fused projections of one decoder layer, keyed by attribute name (four; two, the
+    attention's, in a MoE layer)."""
     shapes = config.module_shapes()
     projections = {}
     for attr, module, sub_names in FUSED_PROJECTIONS:
+        if any(sub not in shapes for sub in sub_names):
+            continue                      # a MoE layer's MLP is its experts (moe.py)
         prefix = f"model.layers.{layer_idx}.{module}."
         weights, biases = [], []
         for sub in sub_names:

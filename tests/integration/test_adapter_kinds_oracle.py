@@ -9,7 +9,8 @@ adapter's rows in a batch of their own (`set_adapter`) and the base rows with th
 disabled. Magnitudes are scaled away from their initial value ||W + s BA|| (at which DoRA equals
 plain LoRA) and the saved tables are perturbed, so the test fails if either is not applied.
 
-`none`: float32 greedy token for token. `bnb-nf4` (QDoRA): PEFT takes ||W + s BA|| on the
+`none`: float32 greedy token for token, the decode steps with DoRA rows through the fused
+native decode stack (asserted: the stack's calls with DoRA rows are counted). `bnb-nf4` (QDoRA): PEFT takes ||W + s BA|| on the
 dequantized weight, as loraplex does; the near-tie rule of test_lora_oracle.py judges it.
 The default run checks the 2-layer tiny Llama (seconds); the default model's cases are slow
 (PEFT recomputes every DoRA norm on every forward) and run with `make test-adapters`.
@@ -17,6 +18,7 @@ The default run checks the 2-layer tiny Llama (seconds); the default model's cas
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,16 +125,32 @@ def peft_reference(model_dir, method, adapter_dirs, prompts):
     return tokens, logits
 
 
+def count_dora_stack_steps(engine) -> list[int]:
+    """Wraps the engine's fused decode stack (if built) to count its calls whose step has DoRA
+    rows (the kernel's dora_rows argument, second to last); returns the live counter."""
+    counter = [0]
+    stack = engine.runner.model.decode_stack
+    if stack is not None:
+        kernel = stack.kernel
+        stack.kernel = lambda *args: (counter.__setitem__(0, counter[0] + (args[-2] is not None))
+                                      or kernel(*args))
+    return counter
+
+
 def loraplex_outputs(model_dir, method, adapter_dirs, prompts, tmp_path):
     store = registered_store(model_dir, method, adapter_dirs, tmp_path / f"store-{method}")
     engine = make_engine(model_dir, store=store, quantize=method, max_loras=8, max_num_seqs=16,
                          max_batch_tokens=256)
+    dora_stack_steps = count_dora_stack_steps(engine)
     sampling = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     requests = [(i, GenerationRequest(request_id=f"row{i}", prompt_token_ids=tuple(p), adapter_id=row,
                                       sampling=sampling)) for i, (row, p) in enumerate(zip(ROWS, prompts))]
     outputs = run_staggered(engine, requests)
     loaded = {key: store.load(key) for key in (f"{name}@1" for name in adapter_dirs)}
     store.close()
+    if method == "none" and (shutil.which("c++") or shutil.which("g++")):
+        # float32 with the native kernels built: decode steps with DoRA rows take the one-call stack
+        assert engine.runner.model.decode_stack is not None and dora_stack_steps[0] > 0, dora_stack_steps
     return [tokens_of(outputs[f"row{i}"]) for i in range(len(ROWS))], loaded
 
 

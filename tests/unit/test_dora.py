@@ -127,13 +127,47 @@ def test_zero_norm_row_is_refused():
         SlotPool(targets, max_loras=1, max_lora_rank=8).dora_scaler(adapter)
 
 
-def test_steps_with_dora_rows_leave_the_fused_decode_stack():
-    """native_args None = DecodeStack.lora_args None = the layer path, which applies the scale."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_decode_stack_sequence_equals_the_layer_path(native_kernels, with_bias):
+    """What the fused decode stack runs per projection on a DoRA step (the GEMM, lora_bgmv with
+    the hook's native_args, then the native dora_scale_rows with its native_dora factors) gives
+    the layer path's output (delta, then apply_dora in torch) bit for bit: the native kernel
+    rounds the same three operations as its twin (no FMA contraction), bias or not."""
+    targets = biased_targets() if with_bias else make_targets(num_layers=1)
+    modules = ("q_proj", "k_proj", "v_proj") if with_bias else tuple(MODULE_SHAPES)
+    pool = SlotPool(targets, max_loras=4, max_lora_rank=16, ops=TorchOps(native_bgmv=native_kernels.lora_bgmv))
+    by_slot = {0: dora_adapter("dora-a", 8, 1, modules), 1: make_adapter("plain", 16, 3, modules=modules,
+                                                                         num_layers=1),
+               2: dora_adapter("dora-b", 4, 2, modules[:2])}
+    for slot, adapter in by_slot.items():
+        pool.load(slot, pool.dora_scaler(adapter))
+    token_slots = torch.tensor([0, 1, -1, 2, 0, 2])                       # decode: one token a sequence
+    step = pool.prepare_step(LoraBatchInfo.from_token_slots(token_slots))
+    assert step.dora is not None and step.dora.rows.tolist() == [0, 3, 4, 5]
+    gen = torch.Generator().manual_seed(4)
+    for target in targets:
+        x = torch.randn(len(token_slots), target.in_features, generator=gen)
+        layer_path = target(x, step)
+        args = target.lora.native_args(step)
+        assert args, "a DoRA step's delta takes the fused kernel (the stack no longer leaves it)"
+        stacked = target.base_linear(x)
+        native_kernels.lora_bgmv(x, stacked, *args, step.info.token_slots, step.scales)
+        factors, bias = target.lora.native_dora()
+        assert factors.shape == (4, sum(target.out_sizes)) and (bias is not None) == with_bias
+        strided = torch.zeros(len(token_slots), factors.shape[1] + 8)[:, :factors.shape[1]]
+        strided.copy_(stacked)                                            # a row stride wider than y
+        for y in (stacked, strided):
+            native_kernels.dora_scale_rows(y, step.dora.rows, step.dora.slots, factors, bias)
+            assert torch.equal(y, layer_path), target
+        assert not torch.equal(layer_path[0], target.base_linear(x)[0])
+
+
+def test_plain_steps_carry_no_dora_rows():
     targets = make_targets(num_layers=1)
     pool = SlotPool(targets, max_loras=2, max_lora_rank=8, ops=TorchOps(native_bgmv=lambda *a: None))
     pool.load(0, make_adapter("plain", 4, 1, num_layers=1))
     pool.load(1, dora_adapter("d", 4, 2))
     plain_step = pool.prepare_step(LoraBatchInfo.from_token_slots(torch.tensor([0, 0])))
     dora_step = pool.prepare_step(LoraBatchInfo.from_token_slots(torch.tensor([0, 1])))
-    assert plain_step.dora is None and targets[0].lora.native_args(plain_step) is not None
-    assert dora_step.dora is not None and targets[0].lora.native_args(dora_step) is None
+    assert plain_step.dora is None and dora_step.dora is not None
+    assert targets[0].lora.native_args(plain_step) is not None and targets[0].lora.native_args(dora_step) is not None

@@ -34,6 +34,14 @@ class SumBound:
     weights_are_ints: bool = False     # integer tensors are weights (abs them), not ids
 
 
+@dataclass(frozen=True)
+class DoraBound:
+    """dora_scale_rows rounds three float32 operations per element, bias + f * (y - bias), and
+    sums nothing: fast and twin are each checked against the twin run in float64 within
+    gamma_3 x (|bias| + |f| (|y| + |bias|)) on the scaled rows (tests/error_bounds.py); rows not
+    scaled must come back unchanged."""
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -98,6 +106,19 @@ def case_lora_bgmv():
                torch.randn(4, rank, 16, generator=gen).to(dtype)]
         x, y = torch.randn(len(slots), 40, generator=gen), torch.randn(len(slots), 50, generator=gen)
         yield (x, y, a, bts, [0, 30], torch.tensor(slots), torch.rand(4, generator=gen)), SumBound(40 + rank + 2)
+
+
+def case_dora_scale_rows():
+    """Rows of a few slots scaled, others left alone; with and without a bias; y a column slice
+    of a wider tensor (row stride > width), as a ConcatLinear part's output can be."""
+    gen = _gen(12)
+    scales = torch.rand(4, 50, generator=gen) + 0.5                      # [S, out]
+    for rows, slots, biased, wide in [([0, 2, 3], [1, 3, 1], False, False), ([4, 1], [0, 2], True, False),
+                                      ([5, 0, 2, 3], [2, 2, 0, 3], True, True), ([], [], True, False)]:
+        y = torch.randn(6, 64 if wide else 50, generator=gen) * 3
+        y = y[:, :50] if wide else y
+        bias = torch.randn(50, generator=gen) if biased else None
+        yield (y, torch.tensor(rows, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64), scales, bias), DoraBound()
 
 
 def case_argmax_rows():
@@ -210,6 +231,11 @@ def case_decode_stack():
         lora_a.append(torch.randn(slots_n, len(outs) * rank, shape[1], generator=gen) * 0.1)
         lora_bts.append([torch.randn(slots_n, rank, out, generator=gen) * 0.1 for out in outs])
         lora_cols.append([sum(outs[:m]) for m in range(len(outs))])
+    dora_scales, dora_biases = [], []                    # DoRA factors on every projection but layer 0's o
+    for index in range(4 * layers):
+        out = shapes[index % 4][0]
+        dora_scales.append(None if index == 1 else torch.rand(slots_n, out, generator=gen) + 0.5)
+        dora_biases.append(tensors[0][0][1] if index == 0 else None)   # layer 0's qkv has a bias
     for rows, window in [(1, 0), (5, 3), (11, 0)]:
         lens = torch.randint(1, 4 * bs, (rows,), generator=gen)
         tables = torch.randperm(rows * 4, generator=gen).view(rows, 4)
@@ -220,13 +246,17 @@ def case_decode_stack():
         cos, sin = torch.rand(rows, head_dim, generator=gen), torch.rand(rows, head_dim, generator=gen)
         args = (torch.randn(rows, hidden, generator=gen), norms, tensors, kinds, groups, cos, sin,
                 k_caches, v_caches, slots, tables, lens, head_dim ** -0.5, window, 1e-5, heads, kv_heads)
-        yield args + ([], [], [], None, None), 1e-4
+        no_dora = ([], [], None, None)
+        yield args + ([], [], [], None, None) + no_dora, 1e-4
         token_slots = torch.randint(-1, slots_n, (rows,), generator=gen)     # -1: no adapter
-        yield args + (lora_a, lora_bts, lora_cols, token_slots, torch.rand(slots_n, generator=gen) + 0.5), 1e-4
+        lora = (lora_a, lora_bts, lora_cols, token_slots, torch.rand(slots_n, generator=gen) + 0.5)
+        yield args + lora + no_dora, 1e-4
+        dora_rows = torch.nonzero(torch.isin(token_slots, torch.tensor([0, 2]))).flatten()   # slots 0, 2: DoRA
+        yield args + lora + (dora_scales, dora_biases, dora_rows, token_slots[dora_rows]), 1e-4
 
 
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
-INPLACE = {"add_rms_norm", "rope_write_kv", "lora_bgmv", "decode_stack"}   # ops whose tensor arguments are outputs
+INPLACE = {"add_rms_norm", "rope_write_kv", "lora_bgmv", "decode_stack", "dora_scale_rows"}   # ops whose tensor arguments are outputs
 IMPLS = [(op.name, backend) for op in KERNEL_OPS for backend, _ in op.impls]
 
 
@@ -293,6 +323,19 @@ def _check_sum_bound(twin, args, bound: SumBound, name: str, *results) -> None:
                     assert_within_bound(got, exact, magnitude, terms, what=f"{label} {name} (in place)")
 
 
+def _check_dora_bound(twin, args, *results) -> None:
+    y, rows, slots, scales, bias = args
+    _, exact_after = _run(twin, _wide(args, lambda t: t))
+    bias_abs = torch.zeros(y.shape[1], dtype=torch.float64) if bias is None else bias.double().abs()
+    magnitude = y.double().abs()
+    magnitude[rows] = bias_abs + scales.double().abs()[slots] * (magnitude[rows] + bias_abs)   # [Td, out]
+    unscaled = torch.ones(y.shape[0], dtype=torch.bool)
+    unscaled[rows] = False
+    for label, got in zip(("fast", "twin"), results):
+        assert_within_bound(got, exact_after[0], magnitude, 3, what=f"{label} dora_scale_rows")
+        assert torch.equal(got[unscaled], y[unscaled]), f"{label} dora_scale_rows changed rows not listed"
+
+
 @pytest.mark.parametrize("name,backend", IMPLS, ids=[f"{n}-{b}" for n, b in IMPLS])
 def test_implementation_matches_twin(name, backend, request):
     native = request.getfixturevalue("native_kernels") if backend == "native" else None
@@ -310,6 +353,9 @@ def test_implementation_matches_twin(name, backend, request):
         twin_out, twin_after = _run(twin, twin_args)
         if isinstance(atol, SumBound):
             _check_sum_bound(twin, twin_args, atol, name, (fast_out, fast_after), (twin_out, twin_after))
+            continue
+        if isinstance(atol, DoraBound):
+            _check_dora_bound(twin, twin_args, fast_after[0], twin_after[0])
             continue
         if fast_out is not None or twin_out is not None:
             torch.testing.assert_close(fast_out, twin_out, atol=atol, rtol=atol)

@@ -138,7 +138,7 @@ def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[
     if stack_calls is not None:
         stack = model.decode_stack = build_decode_stack(model, kernels)
         kernel = stack.kernel
-        stack.kernel = lambda *args: stack_calls.append(args[-5]) or kernel(*args)
+        stack.kernel = lambda *args: stack_calls.append(args[-9]) or kernel(*args)   # lora_a
     manager = AdapterManager(pool)
     slots = manager.activate({k for k in ROWS if k}, lambda key: load_peft_dir(key, adapter_dirs[key]))
     caches = allocate_kv_caches(config, 32, BLOCK_SIZE, torch.float32)

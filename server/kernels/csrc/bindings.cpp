@@ -17,6 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_write_kv", &rope_write_kv, "rotary embedding in place + K/V cache write, float32", nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up, float32", nogil);
   m.def("lora_bgmv", &lora_bgmv, "fused LoRA shrink + expand, one adapter per token, float32", nogil);
+  m.def("dora_scale_rows", &dora_scale_rows, "DoRA's per-output scale on the DoRA tokens' rows, in place, float32",
+        nogil);
   m.def("quant_linear_4bit", &quant_linear_4bit, "fused 4-bit dequantize + GEMM (nibble codes, LUT)", nogil);
   m.def("quant_linear_8bit", &quant_linear_8bit, "fused 8-bit dequantize + GEMM (int8 / uint8 codes)", nogil);
   m.def("decode_stack", &decode_stack, "every decoder layer of a pure-decode step, float32", nogil);

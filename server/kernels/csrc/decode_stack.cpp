@@ -8,7 +8,8 @@
 // outputs are concatenated), each F.linear on the plain weight (kind 0), the oneDNN prepacked
 // weight (kind 1, layers/cpu_gemm.py packed_linear, rows padded to the same bucket) or the
 // fused 4-bit / 8-bit dequantize-GEMM (kinds 2, 3; quant_gemm.cpp). On a LoRA step each GEMM
-// is followed by lora_bgmv, as ProjLinear's hook does with the native LoRA route.
+// is followed by lora_bgmv, as ProjLinear's hook does with the native LoRA route, and on a step
+// with rows on DoRA adapters by dora_scale_rows (dora.cpp), as the hook's apply_dora does.
 // Twin: model/decode_stack.py decode_stack_ref.
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -74,15 +75,22 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const st
 }
 
 // The step's LoRA routing: per projection its adapter stacks (lora_bgmv's a, bts, col_starts;
-// a None where the projection has no hook), the token slots and per-slot scales.
+// a None where the projection has no hook), the token slots and per-slot scales; then DoRA's
+// (empty lists and None when no row of the step is on a DoRA adapter): per projection the
+// per-slot factors [S, out] and the base bias [out] (or None), and the DoRA rows with their slots.
 struct StackLora {
   const std::vector<std::optional<at::Tensor>>& a;
   const std::vector<std::vector<at::Tensor>>& bts;
   const std::vector<std::vector<int64_t>>& col_starts;
   const std::optional<at::Tensor>& token_slots;
   const std::optional<at::Tensor>& scales;
+  const std::vector<std::optional<at::Tensor>>& dora_scales;
+  const std::vector<std::optional<at::Tensor>>& dora_biases;
+  const std::optional<at::Tensor>& dora_rows;
+  const std::optional<at::Tensor>& dora_slots;
 
   bool active() const { return !a.empty(); }
+  bool dora(int64_t index) const { return !dora_scales.empty() && dora_scales[index].has_value(); }
 };
 
 // One part of a projection's base (a ConcatLinear has several, each its own kernel).
@@ -97,7 +105,7 @@ at::Tensor run_part(const at::Tensor& x, int64_t kind, const std::vector<std::op
 }
 
 // One projection: its base (parts' outputs concatenated), then (on a LoRA step) y += the
-// tokens' deltas in place.
+// tokens' deltas in place, then (on a DoRA step) the DoRA rows' per-output scale in place.
 struct Gemm {
   const std::vector<std::vector<std::optional<at::Tensor>>>& tensors;   // per part
   const std::vector<int64_t>& kinds;
@@ -118,6 +126,9 @@ struct Gemm {
     if (lora.active() && lora.a[index].has_value()) {
       lora_bgmv(x, y, *lora.a[index], lora.bts[index], lora.col_starts[index], *lora.token_slots,
                 *lora.scales);
+    }
+    if (lora.dora(index)) {
+      dora_scale_rows(y, *lora.dora_rows, *lora.dora_slots, *lora.dora_scales[index], lora.dora_biases[index]);
     }
     return y;
   }
@@ -153,8 +164,9 @@ void check_gemms(const std::vector<std::vector<std::vector<std::optional<at::Ten
 // bias and zeros may be None), kind and quantization group; cos, sin [D, hd]; k_caches,
 // v_caches: per layer; slots [D]; block_tables [D, max_blocks]; seq_lens [D] (keys incl. this step's); LoRA: empty
 // lists for none, else per projection (4 L) lora_bgmv's a (or None), bts and col_starts, and
-// the step's token_slots [D] and scales. Writes this step's K/V and returns the final-normed
-// hidden states [D, hidden].
+// the step's token_slots [D] and scales; DoRA: empty lists for none, else per projection its
+// factors [S, out] (or None) and base bias [out] (or None), and the step's DoRA rows [Dd] and
+// their slots [Dd]. Writes this step's K/V and returns the final-normed hidden states [D, hidden].
 at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>& norms,
                         const std::vector<std::vector<std::vector<std::optional<at::Tensor>>>>& gemm_tensors,
                         const std::vector<std::vector<int64_t>>& gemm_kinds,
@@ -167,13 +179,22 @@ at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>&
                         const std::vector<std::vector<at::Tensor>>& lora_bts,
                         const std::vector<std::vector<int64_t>>& lora_col_starts,
                         const std::optional<at::Tensor>& token_slots,
-                        const std::optional<at::Tensor>& lora_scales) {
+                        const std::optional<at::Tensor>& lora_scales,
+                        const std::vector<std::optional<at::Tensor>>& dora_scales,
+                        const std::vector<std::optional<at::Tensor>>& dora_biases,
+                        const std::optional<at::Tensor>& dora_rows,
+                        const std::optional<at::Tensor>& dora_slots) {
   const int64_t num_layers = static_cast<int64_t>(k_caches.size());
-  const StackLora lora{lora_a, lora_bts, lora_col_starts, token_slots, lora_scales};
+  const StackLora lora{lora_a,      lora_bts,    lora_col_starts, token_slots, lora_scales,
+                       dora_scales, dora_biases, dora_rows,       dora_slots};
   TORCH_CHECK(!lora.active() || (lora_a.size() == gemm_tensors.size() && lora_bts.size() == gemm_tensors.size() &&
                                  lora_col_starts.size() == gemm_tensors.size() && token_slots.has_value() &&
                                  lora_scales.has_value()),
               "decode_stack: LoRA needs per projection a, bts and col_starts, plus token slots and scales");
+  TORCH_CHECK(dora_scales.empty() || (dora_scales.size() == gemm_tensors.size() &&
+                                      dora_biases.size() == gemm_tensors.size() && dora_rows.has_value() &&
+                                      dora_slots.has_value()),
+              "decode_stack: DoRA needs per projection scales and bias, plus the DoRA rows and their slots");
   TORCH_CHECK(v_caches.size() == k_caches.size() && norms.size() == static_cast<size_t>(2 * num_layers + 1) &&
               gemm_tensors.size() == static_cast<size_t>(4 * num_layers),
               "decode_stack: per layer one K and V cache, two norms (plus the final one) and four GEMMs");

@@ -5,6 +5,7 @@
 //   attention.cpp  decode_attention   paged decode attention
 //   layer_ops.cpp  add_rms_norm, rope_write_kv, silu_mul
 //   lora.cpp       lora_bgmv          fused LoRA shrink + expand, one adapter per token
+//   dora.cpp       dora_scale_rows    DoRA's per-output scale on the rows of DoRA tokens
 //   sampling.cpp   argmax_rows        greedy rows' argmax
 //   decode_stack.cpp decode_stack     every decoder layer of a pure-decode step in one call
 //   quant_gemm.cpp quant_linear_4bit, quant_linear_8bit, quant_isa   fused dequantize + GEMM
@@ -30,6 +31,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up);
 void lora_bgmv(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
                const std::vector<at::Tensor>& bts, const std::vector<int64_t>& col_starts,
                const at::Tensor& token_slots, const at::Tensor& scales);
+void dora_scale_rows(const at::Tensor& y, const at::Tensor& rows, const at::Tensor& slots,
+                     const at::Tensor& scales, const std::optional<at::Tensor>& bias);
 at::Tensor argmax_rows(const at::Tensor& logits);
 at::Tensor quant_linear_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
                              const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
@@ -51,6 +54,10 @@ at::Tensor decode_stack(const at::Tensor& hidden, const std::vector<at::Tensor>&
                         const std::vector<std::vector<at::Tensor>>& lora_bts,
                         const std::vector<std::vector<int64_t>>& lora_col_starts,
                         const std::optional<at::Tensor>& token_slots,
-                        const std::optional<at::Tensor>& lora_scales);
+                        const std::optional<at::Tensor>& lora_scales,
+                        const std::vector<std::optional<at::Tensor>>& dora_scales,
+                        const std::vector<std::optional<at::Tensor>>& dora_biases,
+                        const std::optional<at::Tensor>& dora_rows,
+                        const std::optional<at::Tensor>& dora_slots);
 
 }  // namespace loraplex

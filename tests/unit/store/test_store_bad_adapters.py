@@ -107,8 +107,14 @@ UPLOAD_CASES = {
     "modules_to_save_table_int": lambda: (*adapter_bytes(modules_to_save=["embed_tokens"], tensors=_with(
         adapter_tensors(), f"{EMBED}.weight", torch.zeros(VOCAB, 64, dtype=torch.int8))), "dtype"),
     "embedding_lora_wrong_shape": lambda: (*adapter_bytes(targets=("q_proj", "v_proj", "embed_tokens"), tensors={
-        **adapter_tensors(), f"{EMBED}.lora_embedding_A": torch.zeros(4, VOCAB - 1),
+        **adapter_tensors(), f"{EMBED}.lora_embedding_A": torch.zeros(3, VOCAB),
         f"{EMBED}.lora_embedding_B": torch.zeros(64, 4)}), "shape"),
+    "embedding_lora_resized_vocab": lambda: (*adapter_bytes(targets=("q_proj", "v_proj", "embed_tokens"), tensors={
+        **adapter_tensors(), f"{EMBED}.lora_embedding_A": torch.zeros(4, VOCAB + 5),
+        f"{EMBED}.lora_embedding_B": torch.zeros(64, 4)}), "vocab_size"),
+    "lm_head_lora_resized_vocab": lambda: (*adapter_bytes(targets=("q_proj", "v_proj", "lm_head"), tensors={
+        **adapter_tensors(), f"{LM_HEAD}.lora_A.weight": torch.zeros(4, 64),
+        f"{LM_HEAD}.lora_B.weight": torch.zeros(VOCAB - 2, 4)}), "vocab_size"),
     "embedding_lora_missing_b": lambda: (*adapter_bytes(targets=("q_proj", "v_proj", "embed_tokens"), tensors={
         **adapter_tensors(), f"{EMBED}.lora_embedding_A": torch.zeros(4, VOCAB)}), "missing_pair"),
     "dora_on_embedding": lambda: (*adapter_bytes(use_dora=True, targets=("q_proj", "embed_tokens"),
@@ -234,6 +240,17 @@ def test_every_rule_has_its_own_message(store):
             upload(store, "bad", *make()[:2])
         messages[case] = caught.value.detail
     assert len(set(messages.values())) == len(messages), messages
+
+
+def test_resized_vocabulary_refusal_names_what_and_why(store):
+    """The refusal says which tensor, both vocabulary sizes, and what serving it would need."""
+    config_bytes, weights_bytes, _ = UPLOAD_CASES["modules_to_save_resized_vocab"]()
+    with pytest.raises(AdapterValidationError) as caught:
+        upload(store, "resized", config_bytes, weights_bytes)
+    detail = caught.value.detail
+    for part in (f"{LM_HEAD}.weight", f"{VOCAB + 3} tokens", f"base's has {VOCAB} (+3)", "resized vocabulary",
+                 "own tokenizer", "no tokenizer files"):
+        assert part in detail, (part, detail)
 
 
 def test_mismatched_sha256_is_refused_at_commit(store):
