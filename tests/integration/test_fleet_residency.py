@@ -78,7 +78,7 @@ def fleet(tiny_llama_dir, tmp_path_factory):
     os.environ.update(RAY_TEST_ENV)
     config = ServerConfig(model=str(tiny_llama_dir), store=str(tmp_path_factory.mktemp("residency-store")), port=0,
                           metrics_port=free_port(), http_port=free_port(), kv_cache_memory="16MiB",
-                          max_total_tokens=4096, max_input_tokens=512, grace_period_s=10,
+                          max_total_tokens=4096, max_input_tokens=512, max_new_tokens=4000, grace_period_s=10,
                           api_keys=(parse_key(USER_KEY),), admin_keys=(parse_key(ADMIN_KEY),))
     try:
         running = start_fleet(config, FleetOptions(replicas=2, replica_cpus=0.5, max_adapters_per_replica=1),
