@@ -10,9 +10,9 @@ model id), the replicas are tried in ranks:
 3. all replicas.
 
 Within a rank: power of two choices (two at random, Ray then takes the one with fewer requests
-in flight and skips full ones); a rank whose picks are all full falls through to the next, so
-a busy holder never makes a request wait while another replica is free. Requests without an
-adapter start at rank 3. bench/fleet_sim.py's `residency` policy simulates exactly this.
+in flight and skips full ones); when both picks of a rank are full the next rank is tried at
+once, so busy holders do not hold a request back; when every rank's picks are full, Ray backs
+off and draws again. Requests without an adapter start at rank 3. bench/fleet_sim.py's `residency` policy simulates exactly this.
 
 Ray's default (PowerOfTwoChoicesRequestRouter) knows rank 1 only, then prefers the replicas
 with the fewest adapters, and keeps a set entry per routing id it could not match. This router
