@@ -18,6 +18,7 @@ Per-expert LoRA modules (transformers 4's `mlp.experts.{e}.gate_proj`) are refus
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ EXPERT_TARGET_PREFIX = "experts."              # how expert targets appear in Lo
 _EXPERT_RE = re.compile(r"(?:base_model\.model\.)?model\.layers\.(0|[1-9][0-9]{0,5})\.mlp\.experts\."
                         r"((?:base_layer\.)*)lora_([AB])(?:\.default)?\.weight", re.ASCII)
 _PER_EXPERT_RE = re.compile(r".*\.mlp\.experts\.[0-9]+\.[A-Za-z0-9_]+\.lora_.*", re.ASCII)
+# rank_pattern / alpha_pattern keys naming one expert parameter (PEFT writes `.*\.gate_up_proj`)
+_PATTERN_KEY = re.compile(r"(?:\.\*\\?\.|\^)?(?:(?:mlp\\?\.)?experts\\?\.)?(gate_up_proj|down_proj)\$?", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,40 @@ def parse_target_parameters(raw: object, base: BaseSpec) -> tuple[str, ...]:
                          f"mlp.experts.down_proj (the same parameters in every layer)")
         targeted.add(param)
     return tuple(p for p in EXPERT_PARAMS if p in targeted)
+
+
+def expert_pattern_ranks(config: dict, rank: int, alpha: float, use_rslora: bool, params: tuple[str, ...]
+                         ) -> tuple[dict[str, int], set[str]]:
+    """Per-parameter expert ranks from rank_pattern / alpha_pattern, and the pattern keys handled.
+
+    PEFT converts a per-expert adapter (transformers 4) by stacking gate's and up's LoRA: gate_up
+    gets twice the rank and twice the alpha (`rank_pattern` / `alpha_pattern` `.*\\.gate_up_proj`),
+    so its scale is the global one. Such patterns are served; one that changes an expert
+    parameter's scale is refused (one scale per adapter)."""
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if not isinstance(ranks, dict) or not isinstance(alphas, dict):
+        return {}, set()
+    out, handled = {}, set()
+    for key in sorted(set(ranks) | set(alphas)):
+        match = _PATTERN_KEY.fullmatch(key)
+        if match is None or match.group(1) not in params:
+            continue
+        param, r_p, a_p = match.group(1), ranks.get(key, rank), alphas.get(key, alpha)
+        if isinstance(r_p, bool) or not isinstance(r_p, int) or r_p < 1 or isinstance(a_p, bool) \
+                or not isinstance(a_p, (int, float)) or not math.isfinite(a_p):
+            raise AdapterValidationError("rank_pattern", f"rank_pattern / alpha_pattern {key!r}: rank {r_p!r} and "
+                                         f"alpha {a_p!r} must be an integer >= 1 and a finite number")
+        if not math.isclose(_scale(a_p, r_p, use_rslora), _scale(alpha, rank, use_rslora), rel_tol=1e-9):
+            raise AdapterValidationError("rank_pattern", f"rank_pattern / alpha_pattern give experts {param} rank "
+                                         f"{r_p} and alpha {a_p:g}, a scale other than the adapter's ({alpha:g} / "
+                                         f"r={rank}); one scale per adapter is supported")
+        out[param] = r_p
+        handled.add(key)
+    return out, handled
+
+
+def _scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
 def expert_param(name: ExpertTensorName, targeted: tuple[str, ...], tensor: str) -> str:
@@ -125,20 +162,15 @@ def targeted_params(target_modules: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(p for p in EXPERT_PARAMS if EXPERT_TARGET_PREFIX + p in target_modules)
 
 
-def expert_weights(tensors: dict[ExpertTensorName, torch.Tensor], targeted: tuple[str, ...], rank: int,
+def expert_weights(tensors: dict[ExpertTensorName, torch.Tensor], targeted: tuple[str, ...],
                    dtype: torch.dtype) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """{(layer, param): (A [E, r, in], B [E, out, r])} in `dtype`, from PEFT's stacked layout."""
+    """{(layer, param): (A [E * r, in], B [out, r * E])} in `dtype`, PEFT's stacked layout (the
+    device slots, which know E, split it per expert: lora/experts.py)."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         param = targeted[len(targeted) - 1 - name.depth]
-        pairs.setdefault((name.layer_idx, param), {})[name.factor] = tensor
-    out = {}
-    for key, pair in sorted(pairs.items()):
-        a, b = pair["A"], pair["B"]
-        experts = a.shape[0] // rank
-        out[key] = (a.reshape(experts, rank, a.shape[1]).to(dtype).contiguous(),                     # [E, r, in]
-                    b.reshape(b.shape[0], rank, experts).permute(2, 0, 1).to(dtype).contiguous())    # [E, out, r]
-    return out
+        pairs.setdefault((name.layer_idx, param), {})[name.factor] = tensor.to(dtype).contiguous()
+    return {key: (pair["A"], pair["B"]) for key, pair in sorted(pairs.items())}
 
 
 def _field(problem: str) -> AdapterValidationError:

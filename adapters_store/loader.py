@@ -60,7 +60,7 @@ def build_loaded_adapter(key: str, config, tensors: dict[str, torch.Tensor], dty
     weights = parse_weights(tensors, dtype)
     magnitudes = parse_magnitudes(tensors)
     vocab = vocab_weights(vocab_tensors, dtype)
-    experts = expert_weights(expert_tensors, targeted_params(config.target_modules), config.rank, dtype)
+    experts = expert_weights(expert_tensors, targeted_params(config.target_modules), dtype)
     nbytes = (sum(a.nbytes + b.nbytes for a, b in weights.values()) + sum(m.nbytes for m in magnitudes.values())
               + (0 if vocab is None else vocab.nbytes) + sum(a.nbytes + b.nbytes for a, b in experts.values()))
     return LoadedAdapter(key=key, config=config, weights=weights, nbytes=nbytes, magnitudes=magnitudes,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import AdapterValidationError
-from .expert_tensors import parse_target_parameters
+from .expert_tensors import expert_pattern_ranks, parse_target_parameters
 from .strict_json import StrictJsonError, loads_strict
 from .target_regex import TargetRegex, match_target_regex, module_name
 from .types import BaseSpec
@@ -31,6 +31,7 @@ class ParsedConfig:
     vocab_lora: frozenset[str] = frozenset()       # embed_tokens / lm_head in target_modules
     modules_to_save: frozenset[str] = frozenset()  # embed_tokens / lm_head saved whole
     target_parameters: tuple[str, ...] = ()        # MoE expert parameters (expert_tensors.py)
+    expert_ranks: dict[str, int] = field(default_factory=dict)   # expert param -> rank, where not `rank`
 
     @property
     def scaling(self) -> float:
@@ -61,11 +62,15 @@ def parse_config(raw: bytes, base: BaseSpec, max_lora_rank: int, allow_base_mism
     use_dora = config.get("use_dora", False)
     if not isinstance(use_dora, bool):
         raise _field("use_dora", "must be true or false")
-    _check_patterns(config, rank, alpha)
+    params = parse_target_parameters(config.get("target_parameters"), base)
+    expert_ranks, expert_keys = expert_pattern_ranks(config, rank, alpha, use_rslora, params)
+    _check_patterns(config, rank, alpha, skip=expert_keys)
+    if any(r > max_lora_rank for r in expert_ranks.values()):
+        raise AdapterValidationError("rank_limit", f"expert ranks {expert_ranks} (rank_pattern) exceed this "
+                                     f"server's limit of {max_lora_rank}; start it with a larger --max-lora-rank")
     base_model = config.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise _field("base_model_name_or_path", "must be a string or null")
-    params = parse_target_parameters(config.get("target_parameters"), base)
     if use_dora and params:
         raise AdapterValidationError("use_dora", "DoRA on MoE experts (target_parameters) is not supported "
                                      "(PEFT's ParamWrapper refuses it too)")
@@ -79,7 +84,7 @@ def parse_config(raw: bytes, base: BaseSpec, max_lora_rank: int, allow_base_mism
     fingerprint = _fingerprint(config, base, allow_base_mismatch)
     names = None if names is None else tuple(n for n in names if n not in VOCAB_MODULES)
     return ParsedConfig(rank, float(alpha), use_rslora, use_dora, names, regex, base_model, fingerprint,
-                        vocab_lora, saved, params)
+                        vocab_lora, saved, params, expert_ranks)
 
 
 def _load_json(raw: bytes) -> dict:
@@ -106,12 +111,12 @@ def _refuse_unsupported(config: dict) -> None:
                                      "Llama-family linear layers")
 
 
-def _check_patterns(config: dict, rank: int, alpha: float) -> None:
+def _check_patterns(config: dict, rank: int, alpha: float, skip: set[str] = frozenset()) -> None:
     for key, expected in (("rank_pattern", rank), ("alpha_pattern", alpha)):
         pattern = config.get(key) or {}
         if not isinstance(pattern, dict):
             raise _field(key, "must be an object mapping module patterns to numbers")
-        differing = {name: value for name, value in pattern.items() if value != expected}
+        differing = {name: value for name, value in pattern.items() if value != expected and name not in skip}
         if differing:
             raise AdapterValidationError(key, f"{key} gives some modules different values {differing} (global "
                                          f"value {expected}); per-module ranks/alphas are not supported")
@@ -137,7 +142,9 @@ def _targets(config: dict, base: BaseSpec, allow_empty: bool = False
             raise _embedding(target)
         if module not in base.module_shapes:
             hint = (" (its MLP is routed experts: adapt them with target_parameters "
-                    "[\"mlp.experts.gate_up_proj\", \"mlp.experts.down_proj\"])") if base.expert_shapes else ""
+                    "[\"mlp.experts.gate_up_proj\", \"mlp.experts.down_proj\"]; an adapter trained on "
+                    "transformers 4's per-expert modules: load it with PEFT >= 0.21 on transformers 5, which "
+                    "converts it, and save it again)") if base.expert_shapes else ""
             raise AdapterValidationError("unknown_target", f"target module {target!r} is not a linear layer of "
                                          f"the served base{hint} (choose from {sorted(base.module_shapes)})")
         names.append(module)

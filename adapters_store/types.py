@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Sub-module names a LoRA may target in a Llama-family decoder layer.
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+# Sub-module names a LoRA may target in a Llama-family decoder layer (qkv_proj, gate_up_proj:
+# Phi-3's fused modules; the served base's BaseSpec.module_shapes says which it has).
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 LORA_TARGET_MODULES = ATTENTION_MODULES + MLP_MODULES
 
 
@@ -33,7 +34,7 @@ class BaseSpec:
 
     @property
     def hidden_size(self) -> int:
-        return self.module_shapes["q_proj"][0]
+        return self.module_shapes["o_proj"][1]
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class LoadedAdapter:
     dora_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     vocab: VocabWeights | None = None          # embedding / lm_head LoRA, modules_to_save tables
     # MoE expert LoRA (PEFT target_parameters): (layer_idx, "gate_up_proj" | "down_proj") ->
-    # (A [num_experts, r, in_features], B [num_experts, out_features, r]), float tensors
+    # (A [num_experts * r, in_features], B [out_features, r * num_experts]), PEFT's stacked layout
     experts: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property

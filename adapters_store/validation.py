@@ -196,7 +196,8 @@ def check_expert_entries(entries: list[TensorEntry], parsed: ParsedConfig, base:
             raise AdapterValidationError("layer_range", f"tensor {entry.name!r} names layer {name.layer_idx} but "
                                          f"the served base has {base.num_layers} layers")
         param = expert_param(name, parsed.target_parameters, entry.name)
-        check_expert_shape(entry.name, entry.shape, name.factor, param, parsed.rank, base)
+        check_expert_shape(entry.name, entry.shape, name.factor, param, parsed.expert_ranks.get(param, parsed.rank),
+                           base)
         if (name.layer_idx, param, name.factor) in found:
             raise AdapterValidationError("duplicate_tensor", f"layer {name.layer_idx} experts {param} has two "
                                          f"lora_{name.factor} tensors (one is {entry.name!r})")

@@ -47,15 +47,20 @@ def make_adapter(key: str, rank: int, seed: int, modules=tuple(MODULE_SHAPES), n
     return LoadedAdapter(key=key, config=config, weights=weights, nbytes=nbytes)
 
 
-def oracle_delta(target: ProjLinear, x: torch.Tensor, token_adapters: list[LoadedAdapter | None]) -> torch.Tensor:
-    """[T, out] delta straight from the adapters' own tensors (float64, no pool, no ops)."""
+def oracle_delta(target: ProjLinear, x: torch.Tensor, token_adapters: list[LoadedAdapter | None],
+                 absolute: bool = False) -> torch.Tensor:
+    """[T, out] delta straight from the adapters' own tensors (float64, no pool, no ops).
+    absolute: the same on |x|, |A|, |B|, |scaling| (each element's sum of |products|, for
+    tests/error_bounds.py)."""
+    wide = (lambda t: t.double().abs()) if absolute else (lambda t: t.double())
     delta = torch.zeros(x.shape[0], target.out_features, dtype=torch.float64)
     col = 0
     for name, out_m in zip(target.sub_names, target.out_sizes):
         for t, adapter in enumerate(token_adapters):
             pair = adapter.weights.get((target.layer_idx, name)) if adapter is not None else None
             if pair is not None:
-                lora_a, lora_b = (w.double() for w in pair)
-                delta[t, col:col + out_m] = adapter.config.scaling * (x[t].double() @ lora_a.T @ lora_b.T)
+                lora_a, lora_b = (wide(w) for w in pair)
+                scaling = abs(adapter.config.scaling) if absolute else adapter.config.scaling
+                delta[t, col:col + out_m] = scaling * (wide(x[t]) @ lora_a.T @ lora_b.T)
         col += out_m
     return delta

@@ -22,6 +22,7 @@ from ..model.fused_ops import layer_ops
 from ..model.kv_cache import allocate_kv_caches
 from ..model.kv_sizing import KVCacheDemand, KVCachePlan, plan_kv_cache
 from ..model.llama import build_model
+from ..model.rope import check_position_limit
 from .adapters import AdapterGateway
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -87,6 +88,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     kernels = KernelSet.resolve(config.cpu_kernels, dtype, device, log)
     ops = layer_ops(kernels, config.cpu_kernels)
     model, model_config = build_model(config.model_dir, spec, ops=ops)
+    check_position_limit(model_config.rope, config.scheduler.max_model_len)
     linear_kernels = choose_linear_kernels(model, spec, kernels, log=log)
     model.decode_stack = build_decode_stack(model, kernels)
     tokenizer = load_tokenizer(config.model_dir)
@@ -110,6 +112,8 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
     if store is not None:
         adapter_dtype = dtype if config.lora.adapter_dtype == "compute" else _DTYPES[config.lora.adapter_dtype]
         vocab = VocabSlots(model_config.vocab_size, model_config.hidden_size, dtype, device)
+        if model_config.gemma is not None and model_config.gemma.final_softcap is not None:
+            vocab = None     # an lm_head delta would land after the final soft-cap: such adapters are refused
         blocks = model.moe_blocks()
         experts = (ExpertSlots(blocks, sched.max_loras, config.lora.max_lora_rank, adapter_dtype, device)
                    if blocks else None)

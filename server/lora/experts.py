@@ -47,11 +47,11 @@ class ExpertSlots:
             if layer not in self.blocks or param not in self.shapes:
                 raise ValueError(f"adapter {adapter.key}: layer {layer} has no experts' {param} to adapt")
             experts, in_features, out_features = self.shapes[param]
-            r = a.shape[1]
-            if tuple(a.shape) != (experts, r, in_features) or tuple(b.shape) != (experts, out_features, r):
+            r = max(a.shape[0] // experts, 1)
+            if tuple(a.shape) != (experts * r, in_features) or tuple(b.shape) != (out_features, r * experts):
                 raise ValueError(f"adapter {adapter.key}: layer {layer} experts {param} has A {tuple(a.shape)}, "
-                                 f"B {tuple(b.shape)}; the base needs A {(experts, r, in_features)}, "
-                                 f"B {(experts, out_features, r)}")
+                                 f"B {tuple(b.shape)}; the base ({experts} experts) needs A "
+                                 f"{(experts * r, in_features)}, B {(out_features, r * experts)}")
             if r > self.max_lora_rank:
                 raise ValueError(f"adapter {adapter.key} has expert rank {r} > max_lora_rank {self.max_lora_rank}")
 
@@ -60,13 +60,15 @@ class ExpertSlots:
         self.clear(slot)
         if not adapter.experts:
             return
-        self._grow(max(a.shape[1] for a, _ in adapter.experts.values()))
+        self._grow(max(a.shape[0] // self.shapes[param][0] for (_, param), (a, _) in adapter.experts.items()))
         with torch.no_grad():
-            for key, (a, b) in adapter.experts.items():
-                r = a.shape[1]
-                stack_a, stack_bt = self.stacks[key]
-                stack_a[slot, :, :r].copy_(a)                                   # [E, r, in]
-                stack_bt[slot, :, :r].copy_(b.transpose(1, 2))                  # [E, r, out]
+            for (layer, param), (a, b) in adapter.experts.items():
+                experts = self.shapes[param][0]
+                r = a.shape[0] // experts
+                stack_a, stack_bt = self.stacks[(layer, param)]
+                # PEFT: expert e's A is rows e*r:(e+1)*r of A; its B^T row k is B's column k*E + e
+                stack_a[slot, :, :r].copy_(a.view(experts, r, a.shape[1]))                    # [E, r, in]
+                stack_bt[slot, :, :r].copy_(b.view(b.shape[0], r, experts).permute(2, 1, 0))  # [E, r, out]
         self.loaded.add(slot)
 
     def clear(self, slot: int) -> None:

@@ -43,6 +43,8 @@ def base_spec_from_model_config(cfg: Any, quantization: str) -> BaseSpec:
         "o_proj": (q_size, hidden), "gate_proj": (hidden, intermediate),
         "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden),
     }
+    if callable(getattr(cfg, "module_shapes", None)):    # a ModelConfig knows its own (Phi-3: fused)
+        shapes = dict(cfg.module_shapes())
     experts = _experts(cfg)
     expert_shapes = {}
     if experts is not None:     # no dense MLP: the experts are 3-D parameters (mlp.experts.<name>)

@@ -169,8 +169,9 @@ def build_decode_stack(model, kernels) -> "DecodeStack | None":
 
 def stack_supports(config) -> bool:
     """Whether the native kernel runs this architecture's layer (the Llama layer exactly: no
-    per-head q/k norm, no routed experts); other families take the layer-by-layer path."""
-    return not config.qk_norm and getattr(config, "moe", None) is None
+    per-head q/k norm, no routed experts, no Gemma layer; Phi-3's is one); other families take the
+    layer-by-layer path."""
+    return not config.qk_norm and getattr(config, "moe", None) is None and getattr(config, "gemma", None) is None
 
 
 class DecodeStack:

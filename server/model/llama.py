@@ -1,4 +1,4 @@
-"""One compact Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Qwen3-MoE) over packed ragged batches.
+"""One compact Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Qwen3-MoE, Phi-3) over packed ragged batches.
 
 Tokens of all sequences are concatenated without padding; a step may mix prefill chunks and
 decodes. Positions, block tables and the slot mapping come in a ForwardContext; K/V live in
@@ -22,6 +22,7 @@ from .attention import AttentionPlan, paged_attention, paged_attention_ref, plan
 from .config import ModelConfig
 from .context import ForwardContext
 from .fused_ops import TORCH_OPS, LayerOps
+from .gemma import GemmaCausalLM, build_gemma
 from .kv_cache import LayerKVCache
 from .loader import CheckpointReader, load_dense, load_lm_head, load_projections
 from .moe import MoeBlock, load_moe_block
@@ -157,7 +158,7 @@ class CausalLM(torch.nn.Module):
 
 
 def build_model(model_dir: str | Path, spec: QuantSpec, attention: str = "fast",
-                ops: LayerOps = TORCH_OPS) -> tuple[CausalLM, ModelConfig]:
+                ops: LayerOps = TORCH_OPS) -> tuple["CausalLM | GemmaCausalLM", ModelConfig]:
     """Read config.json + safetensors from model_dir and build the model, quantizing at load.
 
     ops: the per-layer op set (fused_ops.TORCH_OPS, or native kernels from native.resolve).
@@ -165,6 +166,8 @@ def build_model(model_dir: str | Path, spec: QuantSpec, attention: str = "fast",
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention={attention!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
     config = ModelConfig.from_dir(model_dir)
+    if config.gemma is not None:                  # Gemma 2/3: their own layer (gemma.py)
+        return build_gemma(model_dir, config, spec, attention, ops), config
     attention_fn = ATTENTION_IMPLS[attention]
     with CheckpointReader(model_dir) as reader:
         layers = []

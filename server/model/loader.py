@@ -28,6 +28,14 @@ FUSED_PROJECTIONS = (
     ("gate_up_proj", "mlp", ("gate_proj", "up_proj")),
     ("down_proj", "mlp", ("down_proj",)),
 )
+# Phi-3: the checkpoint (and so PEFT's adapters) hold qkv_proj and gate_up_proj as one module each;
+# each is served as one projection with one LoRA sub-module, exactly as PEFT computes it.
+CHECKPOINT_FUSED_PROJECTIONS = (
+    ("qkv_proj", "self_attn", ("qkv_proj",)),
+    ("o_proj", "self_attn", ("o_proj",)),
+    ("gate_up_proj", "mlp", ("gate_up_proj",)),
+    ("down_proj", "mlp", ("down_proj",)),
+)
 
 
 class CheckpointReader:
@@ -52,7 +60,7 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._file_of:
             raise ValueError(f"checkpoint {self.model_dir} has no tensor {name!r}; is it a "
-                             "Llama/Mistral/Qwen2 checkpoint saved by transformers?")
+                             "checkpoint of its config.json's architecture, saved by transformers?")
         file_name = self._file_of[name]
         if file_name not in self._handles:
             path = self.model_dir / file_name
@@ -87,7 +95,8 @@ def load_projections(reader: CheckpointReader, config: ModelConfig, layer_idx: i
     attention's, in a MoE layer)."""
     shapes = config.module_shapes()
     projections = {}
-    for attr, module, sub_names in FUSED_PROJECTIONS:
+    layout = CHECKPOINT_FUSED_PROJECTIONS if config.fused_checkpoint else FUSED_PROJECTIONS
+    for attr, module, sub_names in layout:
         if any(sub not in shapes for sub in sub_names):
             continue                      # a MoE layer's MLP is its experts (moe.py)
         prefix = f"model.layers.{layer_idx}.{module}."

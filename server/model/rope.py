@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import RopeConfig
+from .rope_config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -19,11 +19,38 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "yarn":
         inv_freq = _yarn_scale(rope, head_dim)
+    elif rope.rope_type == "longrope":
+        if len(rope.short_factor) != head_dim // 2:
+            raise ValueError(f"longrope short_factor has {len(rope.short_factor)} entries; head_dim "
+                             f"{head_dim} needs {head_dim // 2}")
+        inv_freq = inv_freq / torch.tensor(rope.short_factor, dtype=torch.float32)
     return inv_freq
 
 
+def position_limit(rope: RopeConfig) -> int | None:
+    """The most positions this rotary serves exactly, None for no limit: LongRoPE switches every
+    position to its long factors past the original length, which cached keys cannot follow."""
+    return rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+
+
+def check_position_limit(rope: RopeConfig, max_model_len: int) -> None:
+    """ValueError when requests of max_model_len tokens would pass the rotary's position limit."""
+    limit = position_limit(rope)
+    if limit is not None and max_model_len > limit:
+        raise ValueError(f"rope type 'longrope' is served up to original_max_position_embeddings={limit} tokens "
+                         f"(past it transformers re-rotates every cached key with the long factors); "
+                         f"max_model_len is {max_model_len}: set --max-total-tokens to at most {limit}")
+
+
 def attention_scaling(rope: RopeConfig) -> float:
-    """The factor cos and sin are multiplied by (YaRN's attention temperature; 1 otherwise)."""
+    """The factor cos and sin are multiplied by (YaRN's attention temperature, LongRoPE's
+    sqrt(1 + ln(factor) / ln(original length)); 1 otherwise)."""
+    if rope.rope_type == "longrope":
+        if rope.attention_factor is not None:
+            return rope.attention_factor
+        if rope.factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(rope.factor) / math.log(rope.original_max_position_embeddings))
     if rope.rope_type != "yarn":
         return 1.0
     if rope.attention_factor is not None:
@@ -76,9 +103,10 @@ class RotaryEmbedding:
                  dtype: torch.dtype, device: str | torch.device = "cpu"):
         self.inv_freq = inverse_frequencies(rope, head_dim).to(device)   # [head_dim // 2] float32
         self.scaling = attention_scaling(rope)
+        self.limit = position_limit(rope)
         self.dtype = dtype
         self.cos = self.sin = torch.empty(0)
-        self._build(max_positions)
+        self._build(max_positions if self.limit is None else min(max_positions, self.limit))
 
     def _build(self, max_positions: int) -> None:
         positions = torch.arange(max_positions, dtype=torch.float32, device=self.inv_freq.device)
@@ -94,7 +122,11 @@ class RotaryEmbedding:
     def ensure_length(self, num_positions: int) -> None:
         """Make positions up to num_positions - 1 available (doubling, so rarely rebuilt)."""
         if num_positions > self.max_positions:
-            self._build(max(num_positions, 2 * self.max_positions))
+            if self.limit is not None and num_positions > self.limit:
+                raise ValueError(f"longrope rotary serves {self.limit} positions (original_max_position_embeddings); "
+                                 f"{num_positions} asked: set --max-total-tokens to at most {self.limit}")
+            grown = max(num_positions, 2 * self.max_positions)
+            self._build(grown if self.limit is None else min(grown, self.limit))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64 -> cos, sin each [T, head_dim] (contiguous)."""

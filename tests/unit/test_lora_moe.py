@@ -158,7 +158,7 @@ def test_expert_deltas_alone_match_peft(moe_dir, tmp_path):
     assert not adapter.weights
     assert set(adapter.experts) == {(layer, p) for layer in (0, 1) for p in ("gate_up_proj", "down_proj")}
     a, b = adapter.experts[(0, "gate_up_proj")]
-    assert tuple(a.shape) == (8, 3, 64) and tuple(b.shape) == (8, 64, 3)      # [E, r, hidden], [E, 2 inter, r]
+    assert tuple(a.shape) == (8 * 3, 64) and tuple(b.shape) == (64, 3 * 8)    # [E r, hidden], [2 inter, r E]
     rows = ["experts-only", None]
     prompts = [[5, 9, 17, 33, 4, 81], [7, 7, 100, 2]]
     ours, tokens, _ = run_ours(moe_dir, only, prompts, new_tokens=4, row_adapters=rows)
@@ -265,3 +265,66 @@ def test_engine_serves_expert_adapters_per_request(moe_engine_dir, tmp_path):
             want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                   max_new_tokens=6, pad_token_id=0)[0, len(prompt):].tolist()
         assert tokens_of(outputs[f"row{i}"]) == want, f"row {i} ({row or 'base'})"
+
+
+def _per_expert_adapter(path: Path, rank: int = 2) -> Path:
+    """A transformers-4-style adapter: LoRA on each expert's own gate_proj / up_proj / down_proj."""
+    import json
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(21)
+    shapes = {"gate_proj": (64, 32), "up_proj": (64, 32), "down_proj": (32, 64)}     # (in, out)
+    tensors = {}
+    for layer in range(2):
+        for e in range(8):
+            for module, (fan_in, fan_out) in shapes.items():
+                prefix = f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{module}."
+                tensors[prefix + "lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.2
+                tensors[prefix + "lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.2
+    path.mkdir()
+    save_file(tensors, path / "adapter_model.safetensors")
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 4,
+        "target_modules": ["gate_proj", "up_proj", "down_proj"]}))
+    return path
+
+
+def test_per_expert_adapter_is_served_once_peft_converts_it(moe_dir, tmp_path):
+    """transformers 4's per-expert adapters are refused as uploaded, naming the fix; PEFT 0.21 on
+    transformers 5 converts one on load (gate_up at twice the rank and alpha: rank_pattern /
+    alpha_pattern), and its save is served equal to PEFT running the original."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    old = _per_expert_adapter(tmp_path / "old")
+    with pytest.raises(AdapterValidationError, match="routed experts.*per-expert modules.*save it again"):
+        load_adapter("old", old, moe_dir)
+    base = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32)
+    PeftModel.from_pretrained(base, old).save_pretrained(tmp_path / "converted")
+    adapter = load_adapter("converted", tmp_path / "converted", moe_dir)
+    a, _ = adapter.experts[(0, "gate_up_proj")]
+    assert a.shape[0] == 8 * 4                      # gate and up stacked: twice the rank
+    rows = ["converted", None]
+    prompts = [[5, 9, 17, 33, 4, 81], [7, 7, 100, 2]]
+    ours, tokens, _ = run_ours(moe_dir, {"converted": tmp_path / "converted"}, prompts, new_tokens=3, row_adapters=rows)
+    expected = peft_rows(moe_dir, {"converted": old}, [p + t[:-1] for p, t in zip(prompts, tokens)], rows)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_expert_rank_pattern_must_keep_the_adapter_scale(moe_dir):
+    """PEFT's conversion doubles gate_up's rank and alpha (same scale): served. A pattern that
+    changes an expert parameter's scale, or exceeds the rank limit, is refused."""
+    prefix = "base_model.model.model.layers.{}.mlp.experts."
+    tensors = {}
+    for layer in range(2):
+        tensors[prefix.format(layer) + "lora_A.weight"] = torch.zeros(8 * 4, 64)
+        tensors[prefix.format(layer) + "lora_B.weight"] = torch.zeros(64, 4 * 8)
+    config = {"target_modules": [], "target_parameters": ["gate_up_proj"], "rank_pattern": {".*\\.gate_up_proj": 4}}
+    served = _validate(moe_dir, {**config, "alpha_pattern": {".*\\.gate_up_proj": 8}}, tensors)
+    assert served.config.target_modules == ("experts.gate_up_proj",)
+    with pytest.raises(AdapterValidationError, match="a scale other than the adapter's"):
+        _validate(moe_dir, config, tensors)
+    with pytest.raises(AdapterValidationError, match="rank_pattern.*not supported"):
+        _validate(moe_dir, {**config, "rank_pattern": {"q_proj": 4}}, tensors)

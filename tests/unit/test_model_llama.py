@@ -29,8 +29,9 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
-def save_hf(out_dir: Path, config_cls: str, model_cls: str, **overrides) -> Path:
-    """A random tiny transformers model of another family (no tokenizer needed here)."""
+def save_hf(out_dir: Path, config_cls: str, model_cls: str, prepare=None, **overrides) -> Path:
+    """A random tiny transformers model of another family (no tokenizer needed here); prepare(model),
+    when given, edits the random weights before saving."""
     import transformers
 
     torch.manual_seed(0)
@@ -46,6 +47,8 @@ def save_hf(out_dir: Path, config_cls: str, model_cls: str, **overrides) -> Path
             for name, param in model.named_parameters():
                 if name.endswith(("q_norm.weight", "k_norm.weight")):
                     param.uniform_(0.5, 1.5)
+    if prepare is not None:
+        prepare(model)
     model.save_pretrained(out_dir, **({"max_shard_size": "400KB"} if "shard" in out_dir.name else {}))
     return out_dir
 
@@ -212,8 +215,10 @@ def test_unsupported_architecture_is_refused(tmp_path):
 def test_config_parsing(tmp_path):
     with pytest.raises(ValueError, match="rope type 'dynamic' is not supported .dynamic NTK.*KV cache"):
         ModelConfig.from_dir(_write_config(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
-    with pytest.raises(ValueError, match="rope type 'longrope' is not supported"):
+    with pytest.raises(ValueError, match="longrope rope scaling needs original_max_position_embeddings"):
         ModelConfig.from_dir(_write_config(tmp_path, rope_scaling={"rope_type": "longrope", "factor": 2.0}))
+    with pytest.raises(ValueError, match="rope type 'su' is not supported .Phi-3's name for longrope"):
+        ModelConfig.from_dir(_write_config(tmp_path, rope_scaling={"type": "su", "factor": 2.0}))
     old_style = ModelConfig.from_dir(_write_config(tmp_path, rope_theta=5e5, rope_scaling={
         "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}))
