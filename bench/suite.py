@@ -363,6 +363,12 @@ def section_prefix(model_dir: Path, quick: bool) -> str:
     return run(model_dir, quick)
 
 
+def section_latency(model_dir: Path, quick: bool) -> str:
+    from latency_bench import section_latency as run
+
+    return run(model_dir, quick)
+
+
 def section_fleet_sim(model_dir: Path, quick: bool) -> str:
     from fleet_sim import section_fleet_sim as run
 
@@ -412,7 +418,7 @@ SECTIONS = {"decode": section_decode, "lora": section_lora, "scaling": section_s
             "grpc": section_grpc, "http": section_http, "backends": section_backends, "store": section_store,
             "store_backends": section_store_backends, "sampling": section_sampling,
             "structured": section_structured, "fleet": section_fleet, "fleet-sim": section_fleet_sim,
-            "prefix": section_prefix}
+            "prefix": section_prefix, "latency": section_latency}
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ from .engine import LLMEngine, StepStats
 from .client import wait_until_empty
 from .constraints.spec import ConstraintError
 from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput, RequestRejected
-from .prompt import encode_prompt, render_chat
+from .prompt import encode_prompt
 from .sequence import FinishReason
 from .validation import validate_request
 
@@ -152,14 +152,9 @@ class AsyncEngine:
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
                           options: ChatOptions | None = None, tenant: str | None = None) -> list[int]:
-        engine = self.engine
-
-        def render() -> list[int]:
-            template = engine.adapter_template(adapter_id, tenant)
-            if options is None and template is None:
-                return render_chat(engine.tokenizer, list(messages))
-            return engine.render_with_options(tuple(messages), options or ChatOptions(), template)
-        return await self._on_tokenizer(render)
+        """EngineClient.render_chat (prompt_ids.py: the adapter's template, or the base's, with options)."""
+        prompts = self.engine.prompts
+        return await self._on_tokenizer(lambda: prompts.of_chat(tuple(messages), adapter_id, options, tenant))
 
     async def reset_prefix_cache(self) -> bool:
         """EngineClient.reset_prefix_cache (False: this engine keeps no prefix cache)."""

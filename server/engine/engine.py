@@ -15,9 +15,8 @@ from .constraints.spec import ConstraintError
 from .detokenizer import IncrementalDetokenizer
 from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
-from .chat_options import ChatOptions
-from .chat_template import ChatRenderer, TemplateError
-from .prompt import encode_prompt, max_token_bytes, prompt_bytes, render_chat
+from .chat_template import ChatRenderer
+from .prompt_ids import PromptIds
 from .request_state import EMPTY_DELTA, Delta, RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
@@ -68,39 +67,22 @@ class LLMEngine:
         self._next_seq_id = 0
         self._last_batch: ScheduledBatch | None = None
         self._prefix_seen = scheduler.blocks.stats      # cumulative counters at the last step
-        self.max_prompt_bytes = config.limits.max_input_tokens * max_token_bytes(tokenizer)
+        self.prompts = PromptIds(tokenizer, self.chat, config.limits.max_input_tokens, self.adapter_template)
+        self.max_prompt_bytes = self.prompts.max_prompt_bytes
 
     # ---- intake ---------------------------------------------------------------------
     def tokenize(self, request: GenerationRequest) -> list[int]:
-        """The prompt's token ids (prompt_token_ids as given, chat rendered, or text encoded).
+        """The prompt's token ids (prompt_token_ids as given, chat rendered, or text encoded:
+        prompt_ids.py, shared with the engine process's front end).
 
         Touches no engine state: AsyncEngine runs it off the engine thread. A prompt of more
         than max_prompt_bytes cannot fit max_input_tokens and is refused before tokenizing."""
-        if request.prompt_token_ids is not None:
-            return list(request.prompt_token_ids)
-        num_bytes = prompt_bytes(request.prompt, request.messages) + (request.chat.num_bytes if request.chat else 0)
-        if num_bytes > self.max_prompt_bytes:
-            max_tokens = self.config.limits.max_input_tokens
-            raise RequestRejected("", f"the prompt is {num_bytes} bytes, more than {self.max_prompt_bytes} "
-                                  f"({max_tokens} tokens of at most {self.max_prompt_bytes // max_tokens} "
-                                  f"bytes); shorten it")
-        template = self.adapter_template(request.adapter_id, request.tenant) if request.messages is not None else None
-        if request.messages is not None and (request.chat is not None or template is not None):
-            return self.render_with_options(request.messages, request.chat or ChatOptions(), template)
-        if request.messages is not None:
-            try:
-                return render_chat(self.tokenizer, request.messages)
-            except ValueError as error:
-                raise RequestRejected("messages", str(error)) from None
-        return encode_prompt(self.tokenizer, request.prompt)
+        return self.prompts.of_request(request)
 
     def render_with_options(self, messages: tuple[tuple[str, str], ...], options: Any,
                             template: str | None = None) -> list[int]:
         """A chat with template options (chat_template.py); template: an adapter's own."""
-        try:
-            return self.chat.ids(messages, options, template)
-        except TemplateError as error:
-            raise RequestRejected("chat_template" if options.chat_template else "messages", str(error)) from None
+        return self.prompts.with_options(messages, options, template)
 
     def adapter_template(self, adapter_id: str | None, tenant: str | None) -> str | None:
         """The chat template an adapter version carries (None: the base model's). An unknown

@@ -35,6 +35,9 @@ from .concat import ConcatLinear
 BUCKETS = (1, 16, 64)             # measured row counts
 RANGES = (4, 32, 64)              # rows <= 4 take bucket 1's choice, <= 32 bucket 16's, ...
 MAX_ROWS = 2**62
+# Layers of one shape timed together: enough to sweep weights out of the caches as decode does;
+# a MoE model has hundreds of expert layers per shape, which would make the first start crawl.
+MAX_MEASURED_LAYERS = 32
 METHOD = "sweep1"                 # how choices are measured; part of the cache file name
 Log = Callable[[str], None]
 Timer = Callable[[Callable[[], object]], float]
@@ -148,7 +151,7 @@ def choose_linear_kernels(model, spec: QuantSpec, kernels, log: Log = print,
             if any(n not in candidates for _, n in routes):
                 routes = None
         if routes is None:
-            routes, source = measure_routes(members, candidates, dense, timer), "measured"
+            routes, source = measure_routes(members[:MAX_MEASURED_LAYERS], candidates, dense, timer), "measured"
             cached[key], changed = [list(r) for r in routes], True
         for layer in members:
             layer.set_kernel_routes(routes)

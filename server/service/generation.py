@@ -62,8 +62,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             code = "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
             self._record(method, code, last, asked_adapter)
             raise
-        except GeneratorExit:
-            self._record(method, "CANCELLED", last, asked_adapter)
+        except GeneratorExit:                               # the stream closed (cancel or deadline)
+            self._record(method, "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED", last,
+                         asked_adapter)
             raise
         except Exception as error:  # noqa: BLE001 - mapped here once, so metrics see the code
             mapped = map_error(_to_wire(error))

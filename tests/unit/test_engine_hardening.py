@@ -88,7 +88,7 @@ class _ThreadRecordingTokenizer:
 def test_async_engine_tokenizes_off_the_engine_thread(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir)
     recording = _ThreadRecordingTokenizer(engine.tokenizer)
-    engine.tokenizer = recording
+    engine.tokenizer = engine.prompts.tokenizer = recording      # intake encodes through engine.prompts
 
     async def run() -> list:
         async_engine = AsyncEngine(engine, info=None)

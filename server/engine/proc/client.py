@@ -25,8 +25,9 @@ from ..io import (EngineDraining, EngineInfo, EngineStats, EngineUnavailable, Ge
 from ....adapters_store.errors import StoreError
 from ..chat_options import ChatOptions
 from ..client import wait_until_empty
-from ..chat_template import ChatRenderer, TemplateError
-from ..prompt import encode_prompt, load_tokenizer, render_chat
+from ..chat_template import ChatRenderer
+from ..prompt import encode_prompt, load_tokenizer
+from ..prompt_ids import PromptIds
 from ..sequence import FinishReason
 from .intake import Intake
 from .process import CoreExited, CoreProcess
@@ -62,6 +63,8 @@ class ProcessEngine:
         self._templates = ChatRenderer(self._tokenizer)   # checks adapters' own chat templates at upload
         if store is not None and hasattr(store, "set_template_check"):
             store.set_template_check(self._templates.check_adapter_template)
+        self._prompts = PromptIds(self._tokenizer, self._templates, config.limits.max_input_tokens,
+                                  self._adapter_template)
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
         self._intake: Intake | None = None
         self._supervisor = CoreSupervisor(self._spawn, self._on_ready, self._on_message, self._on_death)
@@ -87,7 +90,7 @@ class ProcessEngine:
             from ..builder import base_spec_for
 
             self.info = wire.info_from_wire(ready.info, base_spec_for(self.config))
-            self._intake = Intake(self.config, self._tokenizer, self.info.vocab_size, self._adapter_chat)
+            self._intake = Intake(self.config, self._prompts, self.info.vocab_size)
         self._log(f"[loraplex] engine core ready in process {ready.pid}")
         self._serving = True
         self._report_liveness(True)
@@ -209,31 +212,20 @@ class ProcessEngine:
         return self._tokenizer.decode([token_id])
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
-                          options: dict | None = None, tenant: str | None = None) -> list[int]:
-        if options:
-            raise RequestRejected("messages", "chat template options are not supported by this server")
+                          options: ChatOptions | None = None, tenant: str | None = None) -> list[int]:
+        """EngineClient.render_chat, as the in-process engine renders it (prompt_ids.py)."""
+        prompts = self._prompts
+        return await self._on_tokenizer(lambda: prompts.of_chat(tuple(messages), adapter_id, options, tenant))
 
-        def render() -> list[int]:
-            own = self._adapter_chat(tuple(messages), adapter_id, tenant)
-            return own if own is not None else render_chat(self._tokenizer, list(messages))
-        return await self._on_tokenizer(render)
-
-    def _adapter_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None,
-                      tenant: str | None) -> list[int] | None:
-        """Token ids of `messages` rendered with the adapter's own chat template (in the sandbox);
-        None when it has none (or is unknown: the request's adapter check reports that)."""
+    def _adapter_template(self, adapter_id: str | None, tenant: str | None) -> str | None:
+        """The chat template an adapter version carries (None: the base model's, or the adapter is
+        unknown: the request's adapter check in the core reports that)."""
         if not adapter_id or self.store is None:
             return None
         try:
-            template = self.store.resolve(adapter_id, tenant).chat_template
+            return self.store.resolve(adapter_id, tenant).chat_template
         except StoreError:
             return None
-        if template is None:
-            return None
-        try:
-            return self._templates.ids(messages, ChatOptions(), template)
-        except TemplateError as error:
-            raise RequestRejected("messages", str(error)) from None
 
     async def _on_tokenizer(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn)

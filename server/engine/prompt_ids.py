@@ -1,0 +1,71 @@
+"""A request's prompt token ids: the one intake path of both EngineClients.
+
+LLMEngine.tokenize (the in-process engine, on AsyncEngine's tokenizer thread) and the engine
+process's front-end Intake (proc/intake.py) both call `PromptIds`, so that a chat renders the
+same way in both modes: the base model's template for plain messages; the adapter's own
+template, a request's template or ChatOptions (tools, tool calls in the history, template
+kwargs, documents, continue_final_message) through chat_template.ChatRenderer's sandbox.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .chat_options import ChatOptions
+from .chat_template import ChatRenderer, TemplateError
+from .io import GenerationRequest, RequestRejected
+from .prompt import encode_prompt, max_token_bytes, prompt_bytes, render_chat
+
+# (adapter_id, tenant) -> the chat template that adapter version carries (None: the base's)
+AdapterTemplate = Callable[[str | None, str | None], str | None]
+
+
+def _no_adapter_template(_adapter_id: str | None, _tenant: str | None) -> str | None:
+    return None
+
+
+class PromptIds:
+    """Token ids of prompts and chats with one tokenizer (call from one thread at a time)."""
+
+    def __init__(self, tokenizer: Any, chat: ChatRenderer, max_input_tokens: int,
+                 adapter_template: AdapterTemplate = _no_adapter_template):
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.max_input_tokens = max_input_tokens
+        self.adapter_template = adapter_template
+        self.max_prompt_bytes = max_input_tokens * max_token_bytes(tokenizer)
+
+    def of_request(self, request: GenerationRequest) -> list[int]:
+        """prompt_token_ids as given, the chat rendered, or the text encoded. A prompt of more
+        than max_prompt_bytes cannot fit max_input_tokens and is refused before tokenizing."""
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        num_bytes = prompt_bytes(request.prompt, request.messages) + (request.chat.num_bytes if request.chat else 0)
+        if num_bytes > self.max_prompt_bytes:
+            raise RequestRejected("", f"the prompt is {num_bytes} bytes, more than {self.max_prompt_bytes} "
+                                  f"({self.max_input_tokens} tokens of at most "
+                                  f"{self.max_prompt_bytes // self.max_input_tokens} bytes); shorten it")
+        if request.messages is not None:
+            return self.of_chat(request.messages, request.adapter_id, request.chat, request.tenant)
+        return encode_prompt(self.tokenizer, request.prompt)
+
+    def of_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
+                options: ChatOptions | None = None, tenant: str | None = None) -> list[int]:
+        """A chat rendered with the adapter's own template when it carries one, else the base
+        model's; with options (or another template) through ChatRenderer. RequestRejected
+        naming `messages` (or `chat_template` for a request's own template) when it cannot."""
+        template = self.adapter_template(adapter_id, tenant)
+        if options is None and template is None:
+            try:
+                return render_chat(self.tokenizer, list(messages))
+            except ValueError as error:
+                raise RequestRejected("messages", str(error)) from None
+        return self.with_options(tuple(messages), options or ChatOptions(), template)
+
+    def with_options(self, messages: tuple[tuple[str, str], ...], options: ChatOptions,
+                     template: str | None = None) -> list[int]:
+        """A chat with template options (chat_template.py); template: an adapter's own."""
+        try:
+            return self.chat.ids(messages, options, template)
+        except TemplateError as error:
+            raise RequestRejected("chat_template" if options.chat_template else "messages", str(error)) from None
