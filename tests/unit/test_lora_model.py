@@ -105,12 +105,14 @@ def load_peft_dir(key: str, path: Path) -> LoadedAdapter:
 
 
 def peft_logits(model_dir: Path, adapter_dirs: dict[str, Path], token_ids: list[list[int]],
-                row_adapters: list[str | None]) -> list[torch.Tensor]:
-    """PEFT mixed-batch forward (adapter_names per row), right-padded; [len_i, vocab] per row."""
+                row_adapters: list[str | None], base=None) -> list[torch.Tensor]:
+    """PEFT mixed-batch forward (adapter_names per row), right-padded; [len_i, vocab] per row.
+    base: the transformers model to wrap (default: model_dir in float32)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if base is None:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     names = list(adapter_dirs)
     model = PeftModel.from_pretrained(base, adapter_dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -126,12 +128,14 @@ def peft_logits(model_dir: Path, adapter_dirs: dict[str, Path], token_ids: list[
 
 
 def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[int]], extra: list[int],
-             backend: str, native=None, stack_calls: list | None = None) -> list[torch.Tensor]:
+             backend: str, native=None, stack_calls: list | None = None,
+             spec: QuantSpec | None = None) -> list[torch.Tensor]:
     """Step 1: all four prompts packed in one prefill; step 2: one decode token each.
     native: the built C++ kernels (layer ops and the fused LoRA kernel); stack_calls: a list to
-    run decode steps through the one-call decode stack, which records each call in it."""
+    run decode steps through the one-call decode stack, which records each call in it; spec: the
+    base's quantization (default none, float32)."""
     kernels = KernelSet(native=native)
-    model, config = build_model(model_dir, QuantSpec(compute_dtype=torch.float32),
+    model, config = build_model(model_dir, spec or QuantSpec(compute_dtype=torch.float32),
                                 ops=layer_ops(kernels) if native is not None else TORCH_OPS)
     pool = SlotPool(model.lora_targets(), max_loras=4, max_lora_rank=8,
                     ops=select_ops("cpu", backend, cpu_kernels=native))
