@@ -70,9 +70,10 @@ test-prefix-cache: model
 	$(PY) -m pytest tests/unit/test_prefix_cache.py tests/unit/test_prefix_cache_engine.py \
 		tests/integration/test_prefix_cache_oracle.py -m "slow or not slow" $(PYTEST_ARGS)
 
-# `loraplex fleet` on a local Ray cluster: 2 replicas, affinity, a replica kill, the front-door rule table (slow; not in `make test`).
+# `loraplex fleet` on a local Ray cluster: 2 replicas, affinity, a replica kill, the front-door rule table,
+# residency-aware routing, Ray ports and logs (slow; not in `make test`).
 test-fleet: model
-	$(PY) -m pytest tests/integration/test_fleet.py tests/integration/test_fleet_scale.py tests/integration/test_fleet_front_door_table.py -m "slow or not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests/integration/test_fleet.py tests/integration/test_fleet_scale.py tests/integration/test_fleet_front_door_table.py tests/integration/test_fleet_shedding.py tests/integration/test_fleet_residency.py -m "slow or not slow" $(PYTEST_ARGS)
 
 # DoRA / embedding / modules_to_save adapters vs PEFT on the default model (slow; not in `make test`).
 test-adapters: model

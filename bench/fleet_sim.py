@@ -10,9 +10,11 @@ times, at most `max_ongoing` requests per replica. Three routers:
   of two among the replicas with the fewest adapters loaded.
 - round-robin: replica i mod R.
 - least-loaded: the replica with the fewest requests in flight (ties at random).
-- residency: multiplex that also reads the residency gauges (`loraplex_adapter_resident{tier}`):
-  among replicas with the adapter in a device slot first, then in host memory (a slot copy
-  away, no fetch from the store), then the fewest adapters.
+- residency: what the fleet's front end routes with (server/fleet/routing.py, ResidencyRouter):
+  power of two choices among the replicas with the adapter in a device slot; if none or both
+  picks are full, among those with it in host memory (a slot copy away, no fetch from the
+  store; the replicas report it as a routing stat); else the less loaded of two replicas
+  drawn from all of them.
 
 Each replica also keeps a host tier (`host_capacity` adapters, LRU): a request whose adapter is
 not in a slot but in host memory costs a slot copy; one in neither costs a fetch from the store.
@@ -93,11 +95,12 @@ class Fleet:
             if self.in_flight[pick] < self.config.max_ongoing:
                 return pick
         if policy == "residency":
-            hosts = self.host_holders.get(adapter)
+            hosts = self.host_holders.get(adapter, set()) - (holders or set())     # slot holders were rank 1
             if hosts:
                 pick = self._pow2(list(hosts))
                 if self.in_flight[pick] < self.config.max_ongoing:
                     return pick
+            return self._pow2(list(range(self.config.replicas)))
         counts = np.fromiter((len(h) for h in self.held), dtype=np.int64, count=self.config.replicas)
         return self._pow2(np.flatnonzero(counts == counts.min()).tolist())
 
@@ -226,9 +229,10 @@ def section_fleet_sim(quick: bool, plot_dir: Path) -> str:
         f"drawn Zipf({config.zipf_s:g}); the first half of the requests warm the replicas up, the second "
         "half is counted. multiplex = Ray Serve's policy for requests with a multiplexed model id (power "
         "of two choices among replicas holding the adapter; else among those with the fewest adapters); "
-        "round-robin; least-loaded = fewest requests in flight; residency = multiplex that also prefers a "
-        f"replica with the adapter in host memory (each replica's host tier holds {config.host_capacity} "
-        "adapters, LRU), read from the residency gauges. Loads/1k = adapter loads into a slot per 1,000 "
+        "round-robin; least-loaded = fewest requests in flight; residency = the fleet's own router "
+        "(server/fleet/routing.py): a replica with the adapter in a slot, else one with it in host memory "
+        f"(each replica's host tier holds {config.host_capacity} adapters, LRU; replicas report it as a routing "
+        "stat), else the less loaded of two replicas (power of two choices among the holders at each step). Loads/1k = adapter loads into a slot per 1,000 "
         "requests (a request sent to a replica without its adapter in a slot); fetches/1k = those that missed "
         "host memory too (a fetch from the store); imbalance = max / mean requests per replica (1.00 = even).",
         "",
@@ -251,7 +255,7 @@ def _reading_residency(results: list[SimResult]) -> str:
     res = {(r.config.replicas, r.config.adapters): r for r in results if r.policy == "residency"}
     cut = [(1 - res[k].fetches_per_1k / mux[k].fetches_per_1k) if mux[k].fetches_per_1k else 0.0 for k in mux]
     worse = max(res[k].imbalance / mux[k].imbalance for k in mux)
-    return (f"Residency-aware routing (host tier as a second preference) changes store fetches per 1,000 "
+    return (f"Residency-aware routing (the fleet's router: host tier as the second preference) changes store fetches per 1,000 "
             f"requests by {-100 * max(cut):+.0f}% to {-100 * min(cut):+.0f}% against multiplex, with imbalance "
             f"at most {worse:.2f}x multiplex's.")
 

@@ -176,7 +176,7 @@ def structured_output(config: EngineConfig, tokenizer: Any, lm_vocab_size: int, 
                               compile_timeout_s=structured.constraint_timeout_s,
                               max_mask_ms=structured.constraint_mask_budget_ms)
     compiler = ConstraintCompiler(tokenizer, lm_vocab_size, eos_ids, limits)
-    return compiler, GuidedDecoding(compiler.vocab_size, lm_vocab_size)
+    return compiler, GuidedDecoding(compiler.vocab_size, lm_vocab_size, max_mask_ms=limits.max_mask_ms)
 
 
 def base_spec_for(config: EngineConfig):

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from ..config import ServerConfig
 from .config import FleetOptions
+from .residency import ROUTING_STATS_PERIOD_S, ROUTING_STATS_TIMEOUT_S
 
 Log = Callable[[str], None]
 DEPLOYMENT_NAME = "LoraplexReplica"
@@ -50,6 +51,7 @@ def deployment_options(config: ServerConfig, options: FleetOptions) -> dict[str,
         graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+        request_router_config=router_config(),
     )
     if options.autoscaling:
         found["autoscaling_config"] = {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
@@ -57,6 +59,14 @@ def deployment_options(config: ServerConfig, options: FleetOptions) -> dict[str,
     else:
         found["num_replicas"] = options.replicas
     return found
+
+
+def router_config() -> dict[str, Any]:
+    """The replicas' request router (routing.py, imported by path where handles route: Ray is
+    not imported here): slot holder, then host-memory holder, then any replica."""
+    return {"request_router_class": "loraplex.server.fleet.routing.ResidencyRouter",
+            "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+            "request_routing_stats_timeout_s": ROUTING_STATS_TIMEOUT_S}
 
 
 # Ray's health check of a replica (check_health: is the engine loop alive?). A SIGKILLed replica

@@ -29,7 +29,8 @@ class ForwardContext:
     def __init__(self, call: ForwardedCall):
         self.call = call
         self.method = call.method
-        self._deadline = None if call.timeout_s is None else time.monotonic() + call.timeout_s
+        self._deadline = None if call.deadline_unix is None else \
+            time.monotonic() + (call.deadline_unix - time.time())
         self._trailers: tuple[tuple[str, Any], ...] = ()
         self._code = grpc.StatusCode.OK
         self._details = ""

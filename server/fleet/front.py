@@ -21,8 +21,9 @@ from grpc_reflection.v1alpha import reflection
 from ..config import ServerConfig
 from ..service.auth import AuthInterceptor, KeyRing
 from .admission import Admission, FleetView, running_replicas
-from .front_grpc import GrpcForwarder
+from .front_grpc import GrpcForwarder, log_refused
 from .front_http import HttpFront
+from .ray_setup import keep_serve_grpc_on_loopback
 
 log = logging.getLogger("loraplex.fleet")
 WATCH_PERIOD_S = 1.0
@@ -39,7 +40,9 @@ class LoraplexFront:
         from ..app import SERVICE_NAMES, _bind, server_options
         from ..http.server import start_asgi
 
+        keep_serve_grpc_on_loopback()
         self.config = config
+        self.replicas = replicas
         self.app_name, self.replica_deployment = app_name, replica_deployment
         self.view = FleetView()
         self.health_serving = False          # what gRPC health last said for every service
@@ -47,7 +50,9 @@ class LoraplexFront:
         keys = KeyRing(config.api_keys, config.admin_keys)
         self.health = health_aio.HealthServicer()
         self.services = ("",) + SERVICE_NAMES
-        self.server = grpc.aio.server(interceptors=[AuthInterceptor(keys)], options=server_options(config))
+        _log_to_stderr(config.log_level)
+        self.server = grpc.aio.server(interceptors=[AuthInterceptor(keys, on_refused=log_refused)],
+                                      options=server_options(config))
         forwarder = GrpcForwarder(replicas, self.admission, keys, config.max_adapter_bytes + UPLOAD_OVERHEAD_BYTES)
         self.server.add_generic_rpc_handlers(forwarder.handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -75,6 +80,14 @@ class LoraplexFront:
     async def serving(self) -> bool:
         """True once health answers SERVING (a replica runs and the watcher has said so)."""
         return self.health_serving
+
+    async def routing_view(self) -> dict:
+        """What the front end's router sees (tests, diagnostics): {"replicas": replica id ->
+        (routing ids in a slot, routing ids in host memory), "state": per-id entries it keeps}."""
+        router = _request_router(self.replicas)
+        if router is None or not hasattr(router, "view"):
+            return {"replicas": {}, "state": 0}
+        return {"replicas": router.view(), "state": router.routing_state_size()}
 
     def check_health(self) -> None:
         if self.watcher.done():
@@ -113,3 +126,21 @@ class LoraplexFront:
             await self.health.set(name, status)
         self.health_serving = serving
 
+
+def _request_router(handle: Any) -> Any:
+    """The request router behind a DeploymentHandle (Ray internals, pinned; None before the
+    handle's first call)."""
+    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
+    return getattr(router, "_request_router", None)
+
+
+def _log_to_stderr(level: str) -> None:
+    """The front end's `loraplex` log lines (one per refused call, at INFO) on its stderr, which
+    Ray keeps in the worker's log file and shows on the driver (the process has no handler)."""
+    logger = logging.getLogger("loraplex")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -61,8 +62,9 @@ class GrpcForwarder:
             with self._admitted(method):
                 reply = await self._call("unary", rid, _forwarded(method, payload, context))
         except ServiceError as error:
+            log_refused(method.path, error.code)
             await abort_with(context, map_error(error))
-        return await _finish(reply, context)
+        return await _finish(method, reply, context)
 
     async def _stream(self, method: Method, payload: bytes, context: grpc.aio.ServicerContext):
         status = CallStatus("UNAVAILABLE", REPLICA_DIED_MESSAGE)
@@ -71,20 +73,24 @@ class GrpcForwarder:
             with self._admitted(method):
                 handle = self.replicas.options(method_name="stream", stream=True, multiplexed_model_id=rid, _by_reference=False)
                 responses = handle.remote(_forwarded(method, payload, context))
+                ended = False
                 try:
                     async for reply in responses:
                         if reply.status is not None:
                             status = reply.status
                         else:
                             yield reply.payload
-                except asyncio.CancelledError:
-                    responses.cancel()
-                    raise
+                    ended = True
                 except Exception as error:  # noqa: BLE001 - replica death or Ray failure: mapped
+                    ended = True
                     raise _remote_error(error) from None
+                finally:
+                    if not ended:       # the caller went (cancel, deadline: CancelledError or GeneratorExit)
+                        responses.cancel()      # so the replica stops generating
         except ServiceError as error:
+            log_refused(method.path, error.code)
             await abort_with(context, map_error(error))
-        await _finish(Reply(None, status), context)
+        await _finish(method, Reply(None, status), context)
 
     async def _upload(self, method: Method, messages, context: grpc.aio.ServicerContext) -> bytes:
         """Client streaming (UploadAdapter): the messages are collected (bounded), then forwarded."""
@@ -99,8 +105,9 @@ class GrpcForwarder:
                     payloads.append(payload)
                 reply = await self._call("unary", "", _forwarded(method, tuple(payloads), context))
         except ServiceError as error:
+            log_refused(method.path, error.code)
             await abort_with(context, map_error(error))
-        return await _finish(reply, context)
+        return await _finish(method, reply, context)
 
     # ---- plumbing ------------------------------------------------------------------------
     def _routing(self, method: Method, payload: bytes, context: grpc.aio.ServicerContext) -> str:
@@ -137,8 +144,15 @@ class GrpcForwarder:
 
 
 def _forwarded(method: Method, payload: bytes | tuple[bytes, ...], context: grpc.aio.ServicerContext) -> ForwardedCall:
+    remaining = context.time_remaining()
     return ForwardedCall(method.path, tuple(context.invocation_metadata() or ()), context.peer(), payload,
-                         context.time_remaining())
+                         None if remaining is None else time.time() + remaining)
+
+
+def log_refused(method: str, code: grpc.StatusCode | str) -> None:
+    """One short line per call the fleet refuses or a replica ends with an error (issue 37 item 9:
+    no tracebacks for expected rejections); no keys, adapter ids or peer addresses in it."""
+    log.info("refused %s: %s", method, getattr(code, "name", code))
 
 
 def _remote_error(error: Exception) -> ServiceError:
@@ -152,9 +166,10 @@ def _remote_error(error: Exception) -> ServiceError:
     return ServiceError(mapped.code, mapped.message)
 
 
-async def _finish(reply: Reply, context: grpc.aio.ServicerContext) -> bytes | None:
+async def _finish(method: Method, reply: Reply, context: grpc.aio.ServicerContext) -> bytes | None:
     status = reply.status or CallStatus()
     if status.code != "OK":
+        log_refused(method.path, status.code)
         await context.abort(grpc.StatusCode[status.code], status.details, trailing_metadata=status.trailers)
     if status.trailers:
         context.set_trailing_metadata(status.trailers)

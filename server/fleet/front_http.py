@@ -20,7 +20,7 @@ from ..http.errors import ApiError, to_api_error
 from ..service.auth import KeyRing
 from ..service.state import REPLICA_METADATA_KEY
 from .admission import Admission, FleetView
-from .front_grpc import _remote_error
+from .front_grpc import _remote_error, log_refused
 from .wire import HttpCall, HttpHead, routing_id
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -65,6 +65,7 @@ class HttpFront:
         except Exception as error:  # noqa: BLE001 - answered in OpenAI's shape
             with contextlib.suppress(Exception):
                 mapped = error if isinstance(error, ApiError) else to_api_error(error)
+                log_refused(_request_line(scope.get("method", ""), path), str(mapped.status))
                 await _json(send, mapped.status, mapped.body(), mapped.headers)
 
     def _authenticate(self, scope: dict):
@@ -86,10 +87,12 @@ class HttpFront:
     async def _forward(self, call: HttpCall, rid: str, send) -> None:
         handle = self.replicas.options(method_name="http", stream=True, multiplexed_model_id=rid, _by_reference=False)
         parts = handle.remote(call)
-        started = False
+        started = ended = False
         try:
             async for part in parts:
                 if isinstance(part, HttpHead):
+                    if part.status >= 400:
+                        log_refused(_request_line(call.method, call.path), str(part.status))
                     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in part.headers
                                if k.lower() not in _HOP_BY_HOP]
                     headers.append((REPLICA_METADATA_KEY.encode(), part.replica.encode()))
@@ -97,14 +100,20 @@ class HttpFront:
                     started = True
                 else:
                     await send({"type": "http.response.body", "body": part, "more_body": True})
-        except asyncio.CancelledError:
-            parts.cancel()
-            raise
-        except Exception as error:  # noqa: BLE001 - replica death or Ray failure
+            ended = True
+        except Exception as error:  # noqa: BLE001 - replica death, Ray failure, or the client went
             if not started:
                 raise _remote_error(error) from None
+        finally:
+            if not ended:               # cancelled, or the client went mid-stream: the replica stops
+                parts.cancel()
         if started:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _request_line(method: str, path: str) -> str:
+    """For the log: the caller chose the path, so it is cut short and quoted (no line breaks)."""
+    return f"{method[:8]} {path[:64]!r}"
 
 
 def _headers(scope: dict) -> tuple[tuple[str, str], ...]:

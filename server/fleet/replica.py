@@ -30,6 +30,8 @@ from .context import FleetAbort, ForwardContext, authorize
 from .loads import HostLoader
 from .methods import METHODS, Method, adapter_of
 from .metrics import FleetMetrics
+from .ray_setup import keep_serve_grpc_on_loopback
+from .residency import HOST_STAT, HostIndex
 from .wire import CallStatus, ForwardedCall, HttpCall, HttpHead, Reply, routing_id
 
 log = logging.getLogger("loraplex.fleet")
@@ -59,6 +61,7 @@ class ReplicaBase:
         from ..app import load_engine, wire_engine
         from ..http.app import build_app
 
+        keep_serve_grpc_on_loopback()
         self.name = serve.get_replica_context().replica_id.unique_id
         started = time.time()
         metrics = Metrics(config.metrics_adapter_labels)
@@ -75,6 +78,7 @@ class ReplicaBase:
         self.http_app = build_app(self.state, config)
         self.loader = HostLoader(store)
         self.held: dict[str, HeldAdapter] = {}
+        self.host_index = HostIndex()                       # routing id -> store key (bounded)
         self.metrics_http, self.metrics_port = _serve_metrics(metrics, config)
         self.startup = _startup_breakdown(started) + "; " + " | ".join(phases)
         log.warning("loraplex replica %s ready (metrics on :%s): %s", self.name, self.metrics_port or "off",
@@ -115,6 +119,13 @@ class ReplicaBase:
                 yield part
 
     # ---- Ray Serve hooks -----------------------------------------------------------------
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Ray calls this every ROUTING_STATS_PERIOD_S; the fleet's router (routing.py) prefers
+        a replica whose `host` list names a request's routing id when no replica holds it in a slot."""
+        store = self.state.store
+        host_keys = store.host_resident() if store is not None and hasattr(store, "host_resident") else ()
+        return {HOST_STAT: self.host_index.host_ids(host_keys, exclude=self.held)}
+
     def check_health(self) -> None:
         """Ray replaces a replica whose engine thread has died."""
         if self.state.engine is None or not self.state.engine.alive():
@@ -166,6 +177,7 @@ class ReplicaBase:
             except Exception as error:  # noqa: BLE001 - the servicer reports not-found, outages etc.
                 log.debug("loading an adapter for routing failed: %s", type(error).__name__)
                 return
+            self.host_index.note(rid, key)
             token = _WARMING.set(key)
             try:
                 await self.warm_adapter(rid)

@@ -24,7 +24,8 @@ class ForwardedCall:
     metadata: Metadata                   # the caller's metadata (the replica reads the key's tenant)
     peer: str
     payload: bytes | tuple[bytes, ...]   # the serialized request; client streaming: every message
-    timeout_s: float | None = None       # what was left of the caller's deadline when forwarded
+    deadline_unix: float | None = None   # the caller's deadline, wall clock (time.time()): the replica
+                                         # then sees it expire when the front end does, not a transfer later
 
 
 @dataclass(frozen=True)

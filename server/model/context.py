@@ -1,10 +1,12 @@
-"""Explicit per-step context passed down the model (no globals)."""
+"""Explicit per-step context passed down the model (no globals), and the token embedding
+lookup that reads its adapters."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..lora.delta import LoraStep
 
@@ -47,3 +49,12 @@ class ForwardContext:
     positions: torch.Tensor             # [num_tokens] int64
     attn: AttentionMetadata
     lora: LoraStep | None = None        # the step's LoRA routing; None = no adapter in this batch
+
+
+def embed_tokens(embed: torch.Tensor, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """[T] ids -> [T, hidden]: the base's embedding rows, then each row's adapter embedding
+    (modules_to_save table or embedding LoRA) where its adapter has one."""
+    hidden = F.embedding(input_ids, embed)
+    if ctx.lora is not None and ctx.lora.vocab is not None:
+        ctx.lora.vocab.embed(input_ids, hidden, ctx.lora.info.token_slots)
+    return hidden

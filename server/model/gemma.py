@@ -28,7 +28,7 @@ from ..layers.dense import DenseLinear
 from ..layers.proj import ProjLinear
 from .attention import AttentionPlan, paged_attention, paged_attention_ref, plan_attention
 from .config import ModelConfig
-from .context import ForwardContext
+from .context import ForwardContext, embed_tokens
 from .fused_ops import TORCH_OPS, LayerOps
 from .gemma_config import GemmaSpec
 from .kv_cache import LayerKVCache
@@ -126,9 +126,7 @@ class GemmaCausalLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
                 kv_caches: list[LayerKVCache]) -> torch.Tensor:
         ops = self.ops
-        hidden = F.embedding(input_ids, self.embed)                            # [T, hidden]
-        if ctx.lora is not None and ctx.lora.vocab is not None:                # adapters' own embeddings
-            ctx.lora.vocab.embed(input_ids, hidden, ctx.lora.info.token_slots)
+        hidden = embed_tokens(self.embed, input_ids, ctx)                      # [T, hidden]
         hidden.mul_(self.embed_scale)                                          # PEFT scales its deltas too
         capped = self.gemma.attn_softcap is not None
         plans = {window: plan_attention(ctx.attn, self.gemma.query_scale, window, hidden.dtype,

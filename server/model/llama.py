@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..layers.base import QuantSpec
 from ..layers.dense import DenseLinear
 from ..layers.proj import ProjLinear
 from .attention import AttentionPlan, paged_attention, paged_attention_ref, plan_attention
 from .config import ModelConfig
-from .context import ForwardContext
+from .context import ForwardContext, embed_tokens
 from .fused_ops import TORCH_OPS, LayerOps
 from .gemma import GemmaCausalLM, build_gemma
 from .kv_cache import LayerKVCache
@@ -120,9 +119,7 @@ class CausalLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
                 kv_caches: list[LayerKVCache]) -> torch.Tensor:
         ops = self.ops
-        hidden = F.embedding(input_ids, self.embed)                            # [T, hidden]
-        if ctx.lora is not None and ctx.lora.vocab is not None:                # adapters' own embeddings
-            ctx.lora.vocab.embed(input_ids, hidden, ctx.lora.info.token_slots)
+        hidden = embed_tokens(self.embed, input_ids, ctx)                      # [T, hidden]
         rope = self.rotary.cos_sin(ctx.positions)                              # [T, hd] each
         plan = plan_attention(ctx.attn, self.scale, self.config.sliding_window, hidden.dtype,
                               ops.decode_attention, ops.varlen_attention)

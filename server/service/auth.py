@@ -7,7 +7,7 @@ delete. Health checks and server reflection stay open. Keys are never logged.
 from __future__ import annotations
 
 import hmac
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import grpc
 
@@ -74,8 +74,9 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes |
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Reject calls without a valid key (UNAUTHENTICATED) or with too small a role (PERMISSION_DENIED)."""
 
-    def __init__(self, keys: KeyRing):
+    def __init__(self, keys: KeyRing, on_refused: Callable[[str, grpc.StatusCode], None] | None = None):
         self.keys = keys
+        self.on_refused = on_refused            # (method, code) per refused call (the fleet's log line)
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -90,6 +91,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             mapped = map_error(refusal)
             message = (f"{method.rsplit('/', 1)[-1]} needs an admin key" if principal is not None
                        else "missing or unknown API key: send metadata 'authorization: Bearer <key>'")
+            if self.on_refused is not None:
+                self.on_refused(method, mapped.code)
             return _deny(await continuation(handler_call_details), mapped.code, message)
         return await continuation(handler_call_details)
 

@@ -62,8 +62,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             code = "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
             self._record(method, code, last, asked_adapter)
             raise
-        except GeneratorExit:
-            self._record(method, "CANCELLED", last, asked_adapter)
+        except GeneratorExit:                               # the stream closed (cancel or deadline)
+            self._record(method, "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED", last,
+                         asked_adapter)
             raise
         except Exception as error:  # noqa: BLE001 - mapped here once, so metrics see the code
             mapped = map_error(_to_wire(error))
@@ -95,7 +96,13 @@ def _to_wire(error: Exception) -> Exception:
     return error
 
 
+# A cancel this close to the call's deadline is the deadline: the caller's own timer fires first
+# (the server's deadline starts when the call is read, after transit and queueing, and the
+# fleet's front end forwards the deadline it computed), so its cancel arrives a little early.
+DEADLINE_SLACK_S = 0.5
+
+
 def _deadline_passed(context) -> bool:
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
+    return remaining is not None and remaining <= DEADLINE_SLACK_S
 

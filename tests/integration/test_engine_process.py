@@ -64,6 +64,18 @@ def process_server(tiny_llama_dir, tmp_path_factory):
     loop.close()
 
 
+def test_the_core_runs_with_a_short_openmp_spin(process_server):
+    """The core's environment carries GOMP_SPINCOUNT (process.py CORE_SPIN_COUNT: libgomp's
+    default spin collapses a one-team process on a busy machine); the front end's does not."""
+    from loraplex.server.engine.proc.process import CORE_SPIN_COUNT
+
+    running, _channel = process_server
+    with open(f"/proc/{running.state.engine.core_pid}/environ", "rb") as environ:
+        variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+    assert variables[b"GOMP_SPINCOUNT"] == CORE_SPIN_COUNT.encode()
+    assert "GOMP_SPINCOUNT" not in os.environ
+
+
 def test_sigkill_of_the_core_fails_in_flight_unavailable_then_serving_resumes(process_server):
     running, channel = process_server
     engine = running.state.engine

@@ -161,6 +161,35 @@ def test_expired_deadline_frees_kv(server):
     assert len(_stub(channel).Generate(gen.GenerateRequest(input=_input()), timeout=60).token_ids) >= 1
 
 
+def _requests_by_code(running, method: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for (name, labels), value in scrape(running.metrics_port).items():
+        found = dict(labels)
+        if name == "loraplex_requests_total" and found.get("method") == method:
+            counts[found["code"]] = counts.get(found["code"], 0) + value
+    return counts
+
+
+def test_expired_stream_deadline_is_counted_as_deadline_exceeded(server):
+    """Issue 37 item 9: a stream ended by its deadline is DEADLINE_EXCEEDED in the metrics, not
+    CANCELLED (also when the stream is closed while waiting to send its next message)."""
+    running, channel = server
+    before = _requests_by_code(running, "GenerateStream")
+    stream = _stub(channel).GenerateStream(         # 1,500 tokens take ~1.5 s here (0.5 s needs 3x faster)
+        gen.GenerateStreamRequest(input=_input(max_new_tokens=1500, ignore_eos=True)), timeout=0.5)
+    with pytest.raises(grpc.RpcError) as error:
+        list(stream)
+    assert error.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_idle(running)
+    deadline = time.monotonic() + 30
+    while sum(_requests_by_code(running, "GenerateStream").values()) == sum(before.values()):
+        assert time.monotonic() < deadline, "the stream was never counted"
+        time.sleep(0.1)
+    after = _requests_by_code(running, "GenerateStream")
+    assert after.get("DEADLINE_EXCEEDED", 0) == before.get("DEADLINE_EXCEEDED", 0) + 1, after
+    assert after.get("CANCELLED", 0) == before.get("CANCELLED", 0), after
+
+
 def test_queue_full_is_resource_exhausted_with_retry_info(server):
     running, channel = server
     streams = [_stub(channel).GenerateStream(

@@ -79,3 +79,27 @@ SERVICE_SCHEMA = {
                 "type": "object", "required": ["port"], "additionalProperties": False, "properties": {
                     "name": {"type": "string"}, "port": _INT32, "targetPort": {"type": ["string", "integer"]},
                     "protocol": {"enum": ["TCP", "UDP", "SCTP"]}, "appProtocol": {"type": "string"}}}}}}}}
+# networking.k8s.io/v1 NetworkPolicy (Kubernetes' networking/v1 types), as far as the manifest uses it.
+_LABEL_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": _STRING_MAP, "matchExpressions": {"type": "array", "items": {
+        "type": "object", "required": ["key", "operator"], "additionalProperties": False, "properties": {
+            "key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+            "values": {"type": "array", "items": {"type": "string"}}}}}}}
+_PEER = {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": {
+    "podSelector": _LABEL_SELECTOR, "namespaceSelector": _LABEL_SELECTOR,
+    "ipBlock": {"type": "object", "required": ["cidr"], "additionalProperties": False, "properties": {
+        "cidr": {"type": "string"}, "except": {"type": "array", "items": {"type": "string"}}}}}}
+_POLICY_PORT = {"type": "object", "additionalProperties": False, "properties": {
+    "port": {"type": ["string", "integer"]}, "endPort": _INT32, "protocol": {"enum": ["TCP", "UDP", "SCTP"]}}}
+NETWORK_POLICY_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "networking.k8s.io/v1"}, "kind": {"const": "NetworkPolicy"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {"type": "object", "required": ["podSelector"], "additionalProperties": False, "properties": {
+            "podSelector": _LABEL_SELECTOR,
+            "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+            "ingress": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+                "from": {"type": "array", "items": _PEER}, "ports": {"type": "array", "items": _POLICY_PORT}}}},
+            "egress": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+                "to": {"type": "array", "items": _PEER}, "ports": {"type": "array", "items": _POLICY_PORT}}}}}}}}

@@ -239,3 +239,34 @@ def test_grammars_too_costly_to_mask_are_refused_and_cheap_ones_served(compiler,
         strict.guide(Constraint("regex", cheap))
         compiler.guide(Constraint("regex", cheap))
     strict.close()
+
+
+LATE_COSTLY = Constraint("grammar", 's: s s s | s s | "a" | "b"\nstart: s')   # ambiguous: Earley work grows
+
+
+def test_a_grammar_costly_after_its_start_is_ended_naming_the_budget(tiny_llama_dir):
+    """Defect 7 past the first mask: an ambiguous grammar's first mask is cheap (~0.1 ms) and
+    each later one costlier (its Earley sets grow with the text: ~6 ms after 10 tokens of
+    `aaaa`, ~90 ms after 30, ~500 ms after 55, here). The compile-time probe passes it; before,
+    the request then ran to max_new_tokens with every step paying its mask. Now the masks are
+    timed during generation and it ends after MASK_STRIKES tokens over the budget with a
+    RequestRejected naming --constraint-mask-budget, while an unconstrained row in the same
+    batches finishes normally."""
+    from loraplex.server.engine.constraints.masks import MASK_STRIKES
+
+    engine = make_engine(tiny_llama_dir, max_num_seqs=4, max_batch_tokens=64, constraint_mask_budget_ms=1.0)
+    try:
+        engine.constraints.guide(LATE_COSTLY)                      # passes the compile-time probe
+        outputs = run_staggered(engine, [(0, _req("costly", LATE_COSTLY, max_new_tokens=64)),
+                                         (0, _req("plain", None, max_new_tokens=64))])
+    finally:
+        engine.constraints.close()
+        engine.guided.close()
+    last = outputs["costly"][-1]
+    assert last.finish_reason is FinishReason.ERROR and isinstance(last.error, RequestRejected)
+    assert last.error.field_name == "sampling.constraint"
+    assert "ms per token" in last.error.message and "--constraint-mask-budget" in last.error.message
+    assert f"{MASK_STRIKES} tokens over the budget" in last.error.message
+    assert len(tokens_of(outputs["costly"])) < 64
+    assert outputs["plain"][-1].finish_reason is FinishReason.LENGTH
+    assert len(tokens_of(outputs["plain"])) == 64

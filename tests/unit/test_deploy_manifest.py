@@ -17,7 +17,7 @@ from loraplex.server.fleet.app import DEPLOYMENT_NAME, FRONT_NAME
 from loraplex.server.fleet.config import FLEET_FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
-MANIFEST, SERVICE = yaml.safe_load_all((ROOT / "deploy" / "rayservice.yaml").read_text())
+MANIFEST, SERVICE, POLICY = yaml.safe_load_all((ROOT / "deploy" / "rayservice.yaml").read_text())
 SERVE = yaml.safe_load(MANIFEST["spec"]["serveConfigV2"])
 CLUSTER = MANIFEST["spec"]["rayClusterConfig"]
 
@@ -111,10 +111,11 @@ def test_schemas_rayservice_service_and_serve_config():
     import jsonschema
     ServeDeploySchema = pytest.importorskip("ray.serve.schema").ServeDeploySchema
 
-    from rayservice_schema import RAYSERVICE_SCHEMA, SERVICE_SCHEMA
+    from rayservice_schema import NETWORK_POLICY_SCHEMA, RAYSERVICE_SCHEMA, SERVICE_SCHEMA
 
     jsonschema.validate(MANIFEST, RAYSERVICE_SCHEMA)
     jsonschema.validate(SERVICE, SERVICE_SCHEMA)
+    jsonschema.validate(POLICY, NETWORK_POLICY_SCHEMA)
     ServeDeploySchema.model_validate(SERVE)                    # Ray Serve's own schema for serveConfigV2
     broken = yaml.safe_load(yaml.safe_dump(MANIFEST))
     broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 4      # a typo fails
@@ -124,6 +125,36 @@ def test_schemas_rayservice_service_and_serve_config():
         pass
     else:
         raise AssertionError("the schema accepted an unknown field")
+
+
+def test_rayservice_validates_against_kuberays_published_crd():
+    """The pinned v1.7.0 CRD (tests/fixtures/kuberay), strictly: unknown fields are errors."""
+    import jsonschema
+
+    from kuberay_crd import cel_paths, load_crd, strict, values_at, version_schema
+
+    crd = load_crd()
+    assert crd["spec"]["names"]["kind"] == MANIFEST["kind"] == "RayService"
+    assert MANIFEST["apiVersion"] == f"{crd['spec']['group']}/v1"
+    schema = version_schema(crd)
+    validator = jsonschema.Draft7Validator(strict(schema))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(MANIFEST)]
+    assert not errors, errors
+    # CEL rules are not evaluated here: the manifest must set none of the fields that carry them.
+    cel = list(cel_paths(schema))
+    assert cel, "the CRD has CEL rules; this check must see them"
+    assert not [path for path in cel if values_at(MANIFEST, path)]
+    # The validator rejects what kubectl --validate=strict rejects: a typo, wrong types deep in a pod.
+    for path, value in ((("spec", "rayClusterConfig", "workerGroupSpecs", 0, "maxReplica"), 4),
+                        (("spec", "rayClusterConfig", "enableInTreeAutoscaling"), "yes"),
+                        (("spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0,
+                          "ports", 0, "containerPort"), "eight thousand")):
+        broken = yaml.safe_load(yaml.safe_dump(MANIFEST))
+        node = broken
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+        node[path[-1]] = value
+        assert list(validator.iter_errors(broken)), f"the CRD schema accepted {path} = {value!r}"
 
 
 def test_pods_meet_the_restricted_pod_security_standard():
@@ -183,3 +214,41 @@ def test_local_health_address_follows_the_servers_settings():
     assert local_server_address({"LORAPLEX_HOST": "0.0.0.0", "LORAPLEX_PORT": "7000"}) == ("127.0.0.1:7000", "")
     assert local_server_address({"LORAPLEX_HOST": "::1", "LORAPLEX_PORT": "7000",
                                  "LORAPLEX_TLS_CERT": "/certs/tls.crt"}) == ("[::1]:7000", "/certs/tls.crt")
+
+
+# Ray's ports on a KubeRay pod (KubeRay's defaults: GCS, dashboard + job API, client server,
+# metrics export, dashboard agent); the raylet's, object manager's and workers' are chosen at start.
+RAY_PORTS = {6379: "gcs", 8265: "dashboard", 10001: "client", 8080: "metrics export", 52365: "dashboard agent"}
+
+
+def _admitted(rule: dict, port: int) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") == port for p in ports)
+
+
+def _peers(port: int) -> list[list[dict] | None]:
+    """The `from` lists of the rules admitting `port` (None: from anywhere)."""
+    return [rule.get("from") for rule in POLICY["spec"]["ingress"] if _admitted(rule, port)]
+
+
+def test_network_policy_admits_ray_ports_only_from_the_fleet_operator_and_prometheus():
+    """Issue 37 item 7 on Kubernetes: every pod of the fleet is selected; anyone reaches only the
+    front end's gRPC and HTTP; Ray's ports (and the replica metrics) only from named peers."""
+    selector = POLICY["spec"]["podSelector"]["matchLabels"]
+    for group in [CLUSTER["headGroupSpec"]] + CLUSTER["workerGroupSpecs"]:
+        assert selector.items() <= group["template"]["metadata"]["labels"].items()
+    assert POLICY["spec"]["policyTypes"] == ["Ingress"]
+    head_ports = {p["name"]: p["containerPort"] for p in _containers()[0]["ports"]}
+    for public in (head_ports["grpc"], head_ports["http"]):
+        assert None in _peers(public), public                                # clients: from anywhere
+    everyone = [rule for rule in POLICY["spec"]["ingress"] if rule.get("from") is None]
+    assert {p["port"] for rule in everyone for p in rule["ports"]} == {head_ports["grpc"], head_ports["http"]}
+    fleet_only = {"podSelector": {"matchLabels": selector}}
+    for port in list(RAY_PORTS) + [ServerConfig().metrics_port, 40000]:    # 40000: a port Ray picks at start
+        peers = _peers(port)
+        assert peers and None not in peers, port
+        assert [fleet_only] in peers, port                                  # Ray between the fleet's pods
+        for allowed in peers:
+            for peer in allowed:
+                assert "ipBlock" not in peer and (peer == fleet_only or "namespaceSelector" in peer), (port, peer)
+    assert all(_peers(port) == [[fleet_only]] for port in (6379, 10001, 40000))   # GCS, client: fleet only

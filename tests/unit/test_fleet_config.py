@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import grpc
 import pytest
 
@@ -97,6 +100,29 @@ def test_ray_token_file_is_made_owner_only(tmp_path, monkeypatch):
     assert not secure_token_file()
 
 
+def test_ray_token_is_created_owner_only_before_ray_starts(tmp_path, monkeypatch):
+    """Issue 37 item 9: the token a new local cluster uses is 0600 from its first byte."""
+    from loraplex.server.fleet.ray_setup import provision_token
+
+    token = tmp_path / "ray" / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert not provision_token() and not token.exists()               # auth off (tests): no token
+    monkeypatch.delenv("RAY_AUTH_MODE")                                # Ray 2.60's default: token auth
+    old_umask = os.umask(0)                                            # even a permissive umask
+    try:
+        assert provision_token()
+    finally:
+        os.umask(old_umask)
+    assert token.stat().st_mode & 0o777 == 0o600 and re.fullmatch(r"[0-9a-f]{64}", token.read_text())
+    first = token.read_text()
+    assert not provision_token() and token.read_text() == first        # an existing token is kept
+    token.unlink()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "given")
+    assert not provision_token() and not token.exists()                # a token given in the env is used
+
+
 def test_admission_bounds_the_queue_and_refuses_without_replicas():
     from loraplex.server.fleet.admission import Admission, FleetView
     from loraplex.server.service.errors import ServiceError
@@ -118,3 +144,19 @@ def test_admission_bounds_the_queue_and_refuses_without_replicas():
     with pytest.raises(ServiceError) as draining:
         admission.enter()
     assert draining.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_forwarded_call_expires_when_the_callers_deadline_does():
+    """Issue 37 item 9: the replica's deadline is the caller's (wall clock), not 'what was left
+    when forwarded' counted from the replica's receipt, which outlived the caller's by the transfer."""
+    import time
+
+    from loraplex.server.fleet.context import ForwardContext
+    from loraplex.server.fleet.wire import ForwardedCall
+
+    def context(deadline):
+        return ForwardContext(ForwardedCall("/loraplex.v1.GenerationService/Generate", (), "peer", b"", deadline))
+
+    assert context(time.time() - 0.001).time_remaining() <= 0
+    assert 29 < context(time.time() + 30).time_remaining() <= 30
+    assert context(None).time_remaining() is None

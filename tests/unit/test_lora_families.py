@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from peft_oracle import registered_store, save_random_adapters
-from test_lora_model import ADAPTERS, check_mixed_batch, load_peft_dir
+from quant_oracle import load_reference_model
+from test_lora_model import ADAPTERS, ROWS, check_mixed_batch, load_peft_dir, peft_logits, run_ours
 from test_model_families import save_family
 from loraplex.adapters_store.errors import AdapterValidationError
+from loraplex.server.layers.base import QuantSpec
 
 PHI3_ADAPTERS = {  # the names check_mixed_batch's rows use; fused and plain targets mixed
     "alpha": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
@@ -40,6 +42,20 @@ def test_gemma_mixed_adapter_batch_matches_peft(family, tmp_path):
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_phi3_fused_module_adapters_match_peft(phi3, backend):
     check_mixed_batch(*phi3, backend)
+
+
+def test_phi3_fused_module_adapters_on_a_quantized_base_match_peft(phi3):
+    """hqq-4bit base (the fused qkv_proj / gate_up_proj quantized as stored) with mixed adapters,
+    against PEFT over transformers holding the same HQQ weights (tests/quant_oracle.py)."""
+    model_dir, adapter_dirs = phi3
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (6, 9, 5, 7)]
+    extra = torch.randint(3, 256, (4,), generator=gen).tolist()
+    ours = run_ours(model_dir, adapter_dirs, prompts, extra, "torch", spec=QuantSpec(method="hqq-4bit"))
+    expected = peft_logits(model_dir, adapter_dirs, [p + [t] for p, t in zip(prompts, extra)], ROWS,
+                           base=load_reference_model(model_dir, "hqq-4bit"))
+    for i, (got, want) in enumerate(zip(ours, expected)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, i=i: f"row {i} ({ROWS[i]}): {m}")
 
 
 def test_phi3_adapters_pass_the_store_and_load_as_peft_saved_them(phi3, tmp_path):

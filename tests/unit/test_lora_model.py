@@ -9,10 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from runner_rows import runner_rows
 from loraplex.adapters_store.types import LoadedAdapter, LoraConfigInfo
-from loraplex.server.engine.batch import ScheduledBatch, ScheduledSeq
-from loraplex.server.engine.runner import ModelRunner
-from loraplex.server.engine.sequence import SamplingParams, Sequence
 from loraplex.server.kernels.registry import KernelSet
 from loraplex.server.layers.base import QuantSpec
 from loraplex.server.lora.manager import AdapterManager
@@ -20,7 +18,6 @@ from loraplex.server.lora.ops import select_ops
 from loraplex.server.lora.slot_pool import SlotPool
 from loraplex.server.model.decode_stack import build_decode_stack
 from loraplex.server.model.fused_ops import TORCH_OPS, layer_ops
-from loraplex.server.model.kv_cache import allocate_kv_caches
 from loraplex.server.model.llama import build_model
 
 BLOCK_SIZE = 4
@@ -105,12 +102,14 @@ def load_peft_dir(key: str, path: Path) -> LoadedAdapter:
 
 
 def peft_logits(model_dir: Path, adapter_dirs: dict[str, Path], token_ids: list[list[int]],
-                row_adapters: list[str | None]) -> list[torch.Tensor]:
-    """PEFT mixed-batch forward (adapter_names per row), right-padded; [len_i, vocab] per row."""
+                row_adapters: list[str | None], base=None) -> list[torch.Tensor]:
+    """PEFT mixed-batch forward (adapter_names per row), right-padded; [len_i, vocab] per row.
+    base: the transformers model to wrap (default: model_dir in float32)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if base is None:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     names = list(adapter_dirs)
     model = PeftModel.from_pretrained(base, adapter_dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -126,12 +125,14 @@ def peft_logits(model_dir: Path, adapter_dirs: dict[str, Path], token_ids: list[
 
 
 def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[int]], extra: list[int],
-             backend: str, native=None, stack_calls: list | None = None) -> list[torch.Tensor]:
+             backend: str, native=None, stack_calls: list | None = None,
+             spec: QuantSpec | None = None) -> list[torch.Tensor]:
     """Step 1: all four prompts packed in one prefill; step 2: one decode token each.
     native: the built C++ kernels (layer ops and the fused LoRA kernel); stack_calls: a list to
-    run decode steps through the one-call decode stack, which records each call in it."""
+    run decode steps through the one-call decode stack, which records each call in it; spec: the
+    base's quantization (default none, float32)."""
     kernels = KernelSet(native=native)
-    model, config = build_model(model_dir, QuantSpec(compute_dtype=torch.float32),
+    model, config = build_model(model_dir, spec or QuantSpec(compute_dtype=torch.float32),
                                 ops=layer_ops(kernels) if native is not None else TORCH_OPS)
     pool = SlotPool(model.lora_targets(), max_loras=4, max_lora_rank=8,
                     ops=select_ops("cpu", backend, cpu_kernels=native))
@@ -141,23 +142,7 @@ def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[
         stack.kernel = lambda *args: stack_calls.append(args[-9]) or kernel(*args)   # lora_a
     manager = AdapterManager(pool)
     slots = manager.activate({k for k in ROWS if k}, lambda key: load_peft_dir(key, adapter_dirs[key]))
-    caches = allocate_kv_caches(config, 32, BLOCK_SIZE, torch.float32)
-    runner = ModelRunner(model, config, caches, BLOCK_SIZE, sampler=lambda logits, seqs: None, lora=pool)
-    seqs = [Sequence(i, list(p), SamplingParams(), adapter_key=key) for i, (p, key) in enumerate(zip(prompts, ROWS))]
-    for i, seq in enumerate(seqs):
-        seq.block_table = list(range(i * 8, (i + 1) * 8))
-    rows: list[list[torch.Tensor]] = [[] for _ in seqs]
-
-    def step(items):
-        batch = ScheduledBatch(tuple(ScheduledSeq(seq, start, n, True) for seq, start, n in items))
-        inputs = runner.prepare(batch, slots)
-        with torch.inference_mode():
-            logits = model.compute_logits(model(inputs.input_ids, inputs.ctx, caches))
-        row = 0
-        for seq, _, n in items:
-            rows[seq.seq_id] += list(logits[row:row + n])
-            row += n
-
+    seqs, rows, step = runner_rows(model, config, pool, slots, prompts, ROWS, 8, BLOCK_SIZE)
     step([(seq, 0, seq.num_prompt_tokens) for seq in seqs])
     for seq, token in zip(seqs, extra):
         seq.output_token_ids.append(token)

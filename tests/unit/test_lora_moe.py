@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from moe_helpers import EXPERT_PARAMS, copy_dequantized_weights, save_moe_adapters, save_tiny_qwen3_moe
+from runner_rows import runner_rows
 from loraplex.adapters_store.config import StoreConfig
 from loraplex.adapters_store.errors import AdapterValidationError
 from loraplex.adapters_store.loader import build_loaded_adapter
 from loraplex.adapters_store.types import LoadedAdapter
 from loraplex.adapters_store.validation import validate_adapter
-from loraplex.server.engine.batch import ScheduledBatch, ScheduledSeq
-from loraplex.server.engine.runner import ModelRunner
-from loraplex.server.engine.sequence import SamplingParams, Sequence
+from loraplex.server.engine.sequence import SamplingParams
 from loraplex.server.layers.base import QuantSpec
 from loraplex.server.lora.experts import ExpertSlots
 from loraplex.server.lora.fingerprint import base_spec_from_model_config
@@ -25,7 +24,6 @@ from loraplex.server.lora.manager import AdapterManager
 from loraplex.server.lora.ops import select_ops
 from loraplex.server.lora.slot_pool import SlotPool
 from loraplex.server.model.config import ModelConfig
-from loraplex.server.model.kv_cache import allocate_kv_caches
 from loraplex.server.model.llama import build_model
 
 BLOCK_SIZE = 4
@@ -71,24 +69,7 @@ def run_ours(model_dir: Path, adapter_dirs: dict[str, Path], prompts: list[list[
                     experts=experts)
     slots = AdapterManager(pool).activate({k for k in row_adapters if k},
                                           lambda key: load_adapter(key, adapter_dirs[key], model_dir, method))
-    caches = allocate_kv_caches(config, 64, BLOCK_SIZE, torch.float32)
-    runner = ModelRunner(model, config, caches, BLOCK_SIZE, sampler=lambda logits, seqs: None, lora=pool)
-    seqs = [Sequence(i, list(p), SamplingParams(), adapter_key=key)
-            for i, (p, key) in enumerate(zip(prompts, row_adapters))]
-    for i, seq in enumerate(seqs):
-        seq.block_table = list(range(i * 12, (i + 1) * 12))
-    rows: list[list[torch.Tensor]] = [[] for _ in seqs]
-
-    def step(items):
-        batch = ScheduledBatch(tuple(ScheduledSeq(seq, start, n, True) for seq, start, n in items))
-        inputs = runner.prepare(batch, slots)
-        with torch.inference_mode():
-            logits = model.compute_logits(model(inputs.input_ids, inputs.ctx, caches))
-        row = 0
-        for seq, _, n in items:
-            rows[seq.seq_id] += list(logits[row:row + n])
-            row += n
-
+    seqs, rows, step = runner_rows(model, config, pool, slots, prompts, row_adapters, 12, BLOCK_SIZE)
     step([(seq, 0, seq.num_prompt_tokens) for seq in seqs])
     for _ in range(new_tokens - 1):
         for seq in seqs:

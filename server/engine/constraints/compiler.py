@@ -56,6 +56,7 @@ class Guide:
         self.kind = kind
         self.error: str | None = None
         self.request_fault = False    # the error is the constraint's own (a 400), not the server's
+        self.costly_masks = 0         # tokens whose mask cost more than the budget (masks.GuidedDecoding)
 
     def check_mask(self) -> bool:
         """After its mask was computed: False (and `error` set) when the grammar could not compute

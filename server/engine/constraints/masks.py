@@ -6,10 +6,21 @@ and expanded there to one bool per vocabulary column (numpy, outside torch's thr
 while the model runs. The sampler calls the object on the logits (`__call__`): it waits for
 the masks and sets the disallowed tokens of constrained rows to -inf in place (numpy putmask
 per row); unconstrained rows are not touched. After sampling, `end_step` advances each guide by its sampled token.
+
+Mask cost bound (issue 31, defect 7): the compiler refuses a grammar whose first mask costs
+more than the budget (--constraint-mask-budget); a grammar can still be cheap at its start
+and costly later (an ambiguous grammar's Earley sets grow with the text). So every row's mask
+is timed on every step, and a request whose mask costs more than the budget on `strikes`
+tokens (timing noise on a busy machine makes one slow token no proof) ends with a
+RequestRejected naming the budget. Unconstrained rows so wait at most the budget per
+constrained row per step (divided among the mask threads), beyond the strikes each costly
+request spends (each of those bounded by llguidance's per-mask limits), and only for the part
+of the masks' time the forward pass does not cover.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,23 +84,37 @@ class MaskStats:
     apply_s: float = 0.0
 
 
+MASK_STRIKES = 3      # tokens a request's mask may cost over the budget before it is ended
+
+
 @dataclass
 class _Step:
     rows: dict[int, int]          # seq_id -> mask row
     bitmask: torch.Tensor         # [num_constrained, words] int32
-    pending: Future | None        # -> disallowed [num_constrained, vocab] numpy bool
+    pending: Future | None        # -> _Filled
     disallowed: np.ndarray | None = None
+    costs_ms: list[float] | None = None   # per mask row, only when the fill took over the budget
+
+
+@dataclass(frozen=True)
+class _Filled:
+    disallowed: np.ndarray        # [num_constrained, lm_vocab] bool
+    costs_ms: list[float] | None  # per row (see _Step)
 
 
 class GuidedDecoding:
     """The batch side of structured output. begin_step / __call__ / end_step run on the engine
     thread; only the mask fill runs on this object's worker thread."""
 
-    def __init__(self, vocab_size: int, lm_vocab_size: int, overlap: bool = True):
-        """vocab_size: the bitmask width in tokens; lm_vocab_size: the logits' columns."""
+    def __init__(self, vocab_size: int, lm_vocab_size: int, overlap: bool = True,
+                 max_mask_ms: float = float("inf"), strikes: int = MASK_STRIKES):
+        """vocab_size: the bitmask width in tokens; lm_vocab_size: the logits' columns;
+        max_mask_ms: the budget per constrained row and token (see the module docstring)."""
         self.num_words = -(-vocab_size // 32)
         self.lm_vocab_size = lm_vocab_size
         self.overlap = overlap
+        self.max_mask_ms = max_mask_ms
+        self.strikes = strikes
         self.stats = MaskStats()
         self._executor: Any = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-masks") if overlap else None
@@ -107,7 +132,8 @@ class GuidedDecoding:
         if self._pool is not None:
             step.pending = self._pool.submit(self._fill, jobs, bitmask)
         else:
-            step.disallowed = self._fill(jobs, bitmask)
+            filled = self._fill(jobs, bitmask)
+            step.disallowed, step.costs_ms = filled.disallowed, filled.costs_ms
         self._step = step
         self.stats.num_steps += 1
         self.stats.num_rows += len(guided)
@@ -119,8 +145,8 @@ class GuidedDecoding:
             return logits
         if step.pending is not None:
             started = time.perf_counter()
-            step.disallowed = step.pending.result()
-            step.pending = None
+            filled = step.pending.result()
+            step.disallowed, step.costs_ms, step.pending = filled.disallowed, filled.costs_ms, None
             self.stats.wait_s += time.perf_counter() - started
         started = time.perf_counter()
         pairs = [(i, step.rows[seq.seq_id]) for i, seq in enumerate(seqs) if seq.seq_id in step.rows]
@@ -132,29 +158,66 @@ class GuidedDecoding:
     def end_step(self, seqs: list[Sequence], token_ids: dict[int, int]) -> set[int]:
         """Advance each constrained sequence by its sampled token (token_ids: seq_id -> token;
         a sequence without one failed); returns the seq ids whose grammar refused their token
-        (their guide's `error` says why)."""
-        self._step = None
+        (their guide's `error` says why; a mask over the budget on `strikes` tokens is one)."""
+        step, self._step = self._step, None
+        timed = {} if step is None or step.costs_ms is None else step.rows      # seq_id -> row
         refused = set()
         for seq in seqs:
             token = token_ids.get(seq.seq_id)
             if seq.guide is None or token is None:
                 continue
-            if not seq.guide.check_mask() or not seq.guide.accept(token):
+            costly = seq.seq_id in timed and not self._within_budget(seq.guide, step.costs_ms[timed[seq.seq_id]])
+            if costly or not seq.guide.check_mask() or not seq.guide.accept(token):
                 refused.add(seq.seq_id)
         return refused
 
-    def _fill(self, jobs: list[tuple[Any, int]], bitmask: torch.Tensor) -> torch.Tensor:
-        """Compute the bitmask rows, then expand them: -> disallowed [n, lm_vocab] bool."""
-        started = time.perf_counter()
-        if self._executor is None:
-            import llguidance
+    def _within_budget(self, guide, cost_ms: float) -> bool:
+        """Count a mask over the budget against its request; False (and the guide's error set,
+        the request's fault) at the `strikes`-th."""
+        if cost_ms <= self.max_mask_ms:
+            return True
+        guide.costly_masks += 1
+        if guide.costly_masks < self.strikes:
+            return True
+        guide.error = (f"the {guide.kind} took {cost_ms:.0f} ms per token to enforce ({guide.costly_masks} tokens "
+                       f"over the budget); this server enforces constraints up to {self.max_mask_ms:g} ms per "
+                       "token (--constraint-mask-budget); simplify it")
+        guide.request_fault = True
+        return False
 
-            self._executor = llguidance.LLExecutor()
-        self._executor.unsafe_compute_mask_ptr(jobs, bitmask.data_ptr(), self.num_words * 4, bitmask.shape[0])
+    def _fill(self, jobs: list[tuple[Any, int]], bitmask: torch.Tensor) -> _Filled:
+        """Compute the bitmask rows, each timed (a matcher caches its mask: a row cannot be
+        timed again afterwards), then expand them: disallowed [n, lm_vocab] bool. Rows run on
+        up to `workers` threads (llguidance drops the GIL), as its own executor would."""
+        started = time.perf_counter()
+        row_bytes = self.num_words * 4
+
+        def one(job: tuple[Any, int]) -> float:
+            matcher, row = job
+            row_started = time.perf_counter()
+            matcher.unsafe_compute_mask_ptr(bitmask.data_ptr() + row * row_bytes, row_bytes)
+            return (time.perf_counter() - row_started) * 1000
+
+        if len(jobs) > 1 and self._workers() > 1:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self._workers(), thread_name_prefix="loraplex-mask-rows")
+            times = list(self._executor.map(one, jobs))
+        else:
+            times = [one(job) for job in jobs]
+        costs = [0.0] * bitmask.shape[0]
+        for (_, row), cost in zip(jobs, times):
+            costs[row] = cost
         disallowed = disallowed_rows(bitmask, self.lm_vocab_size)
         self.stats.fill_s += time.perf_counter() - started
-        return disallowed
+        return _Filled(disallowed, costs if max(costs, default=0.0) > self.max_mask_ms else None)
+
+    @staticmethod
+    def _workers() -> int:
+        """llguidance's executor default: 80% of the CPUs, at most 32."""
+        return max(1, min(32, int(0.8 * (os.cpu_count() or 1))))
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)

@@ -26,7 +26,8 @@ class ConstraintLimits:
     max_choices: int = 4096
     compile_timeout_s: float = 10.0       # wall time a caller waits for a compile
     cache_size: int = 256                 # compiled grammars kept (LRU by constraint hash)
-    max_mask_ms: float = 10.0             # a grammar whose first token mask takes longer is refused
+    max_mask_ms: float = 10.0             # a grammar whose first token mask takes longer is refused,
+    #                                       one whose later masks do (on masks.MASK_STRIKES tokens) ended
     max_queued: int = 64                  # grammars waiting to compile, in all
     max_queued_per_tenant: int = 8        # ... and per tenant (served round-robin)
 

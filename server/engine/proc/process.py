@@ -7,7 +7,9 @@ a private temporary directory, so nothing sent to a dead core reaches its succes
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import shutil
 import tempfile
 import threading
@@ -16,6 +18,29 @@ from typing import Any, Callable
 import zmq
 
 from .core import CoreSpec, run_core
+
+# libgomp (torch's OpenMP runtime) spins this many iterations at a barrier before it sleeps.
+# Its default in a process with one OpenMP team is ~300,000 (~3 ms): on a machine whose other
+# processes want the CPUs, a thread spinning for a preempted partner burns its time slice at each
+# of a decode step's ~120 parallel regions (measured at load ~15 on 2 cores: 1-2 tok/s against
+# 18 with 1000). On a quiet AMD EPYC 1000 decodes as fast as the default (docs/server.md).
+CORE_SPIN_COUNT = "1000"
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def core_environment():
+    """os.environ as the spawned core inherits it (libgomp reads it once, when torch loads):
+    GOMP_SPINCOUNT=CORE_SPIN_COUNT unless the operator set GOMP_SPINCOUNT or OMP_WAIT_POLICY."""
+    with _ENV_LOCK:
+        chosen = "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
+        if not chosen:
+            os.environ["GOMP_SPINCOUNT"] = CORE_SPIN_COUNT
+        try:
+            yield
+        finally:
+            if not chosen:
+                os.environ.pop("GOMP_SPINCOUNT", None)
 
 
 class CoreExited(RuntimeError):
@@ -40,7 +65,8 @@ class CoreProcess:
         spec = CoreSpec(engine_config, store_factory, to_core, from_core, log_level)
         self.process = multiprocessing.get_context("spawn").Process(
             target=run_core, args=(spec,), name="loraplex-engine-core", daemon=True)
-        self.process.start()
+        with core_environment():
+            self.process.start()
 
     @property
     def pid(self) -> int | None:
