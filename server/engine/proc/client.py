@@ -23,6 +23,7 @@ from . import wire
 from ..io import (EngineDraining, EngineInfo, EngineStats, EngineUnavailable, GenerationRequest,
                   RequestOutput, RequestRejected)
 from ....adapters_store.errors import StoreError
+from ..adapter_tokenizers import AdapterTokenizers, base_tokens
 from ..chat_options import ChatOptions
 from ..client import wait_until_empty
 from ..chat_template import ChatRenderer
@@ -63,8 +64,11 @@ class ProcessEngine:
         self._templates = ChatRenderer(self._tokenizer)   # checks adapters' own chat templates at upload
         if store is not None and hasattr(store, "set_template_check"):
             store.set_template_check(self._templates.check_adapter_template)
+        if store is not None and hasattr(store, "set_base_tokens"):   # resized vocabularies are checked
+            store.set_base_tokens(base_tokens(self._tokenizer))
+        self.tokenizers = AdapterTokenizers(self._tokenizer, None, store)
         self._prompts = PromptIds(self._tokenizer, self._templates, config.limits.max_input_tokens,
-                                  self._adapter_template)
+                                  self._adapter_template, self.tokenizers)
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
         self._intake: Intake | None = None
         self._supervisor = CoreSupervisor(self._spawn, self._on_ready, self._on_message, self._on_death)
