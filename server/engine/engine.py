@@ -17,7 +17,7 @@ from .detokenizer import IncrementalDetokenizer
 from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
 from .chat_template import ChatRenderer
-from .prompt_ids import PromptIds
+from .prompt_ids import OWN_VOCAB_CONSTRAINT, PromptIds
 from .request_state import EMPTY_DELTA, Delta, RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
@@ -108,9 +108,7 @@ class LLMEngine:
         if request.sampling.constraint is None:
             return None
         if not self.prompts.for_request(request).is_base:
-            raise RequestRejected("sampling.constraint", "structured output is not supported on an adapter with "
-                                  "its own (resized) vocabulary: the grammar's token masks are built for the "
-                                  "base model's tokenizer")
+            raise RequestRejected("sampling.constraint", OWN_VOCAB_CONSTRAINT)
         if self.constraints is None or self.guided is None:
             raise RequestRejected("sampling.constraint", "this server does not support structured output")
         try:

@@ -24,6 +24,10 @@ from .prompt import encode_prompt, max_token_bytes, prompt_bytes, render_chat
 AdapterTemplate = Callable[[str | None, str | None], str | None]
 
 
+OWN_VOCAB_CONSTRAINT = ("structured output is not supported on an adapter with its own (resized) vocabulary: the "
+                        "grammar's token masks are built for the base model's tokenizer")
+
+
 def _no_adapter_template(_adapter_id: str | None, _tenant: str | None) -> str | None:
     return None
 
@@ -44,6 +48,8 @@ class PromptIds:
     def of_request(self, request: GenerationRequest) -> list[int]:
         """prompt_token_ids as given, the chat rendered, or the text encoded. A prompt of more
         than max_prompt_bytes cannot fit max_input_tokens and is refused before tokenizing."""
+        if request.sampling.constraint is not None and not self.for_request(request).is_base:
+            raise RequestRejected("sampling.constraint", OWN_VOCAB_CONSTRAINT)
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
         num_bytes = prompt_bytes(request.prompt, request.messages) + (request.chat.num_bytes if request.chat else 0)
