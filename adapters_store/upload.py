@@ -119,8 +119,7 @@ class UploadSession:
     def _write(self, file_name: str, data: bytes) -> None:
         if file_name not in self._declared:
             raise AdapterValidationError("unknown_file", f"this upload carries only {sorted(self._declared)}, "
-                                         f"not {file_name!r} (declare {TEMPLATE_NAME}'s or a tokenizer file's size to send "
-                                         f"one)")
+                                         f"not {file_name!r} (declare {file_name}'s size to send one)")
         if len(data) > self._max_chunk_bytes:
             raise AdapterValidationError("chunk_size", f"chunks must be at most {self._max_chunk_bytes} bytes, "
                                          f"got {len(data)}")
