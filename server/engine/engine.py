@@ -12,11 +12,12 @@ from .adapters import AdapterGateway
 from .batch import RunnerOutput, ScheduledBatch
 from .config import EngineConfig
 from .constraints.spec import ConstraintError
+from .adapter_tokenizers import AdapterTokenizers, RequestTokenizer
 from .detokenizer import IncrementalDetokenizer
 from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected)
 from .chat_template import ChatRenderer
-from .prompt_ids import PromptIds
+from .prompt_ids import OWN_VOCAB_CONSTRAINT, PromptIds
 from .request_state import EMPTY_DELTA, Delta, RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
@@ -49,9 +50,11 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, scheduler: Scheduler, runner: Any, tokenizer: Any,
                  eos_token_ids: tuple[int, ...], adapters: AdapterGateway | None = None,
-                 clock: Callable[[], float] = time.monotonic, constraints: Any = None, guided: Any = None):
+                 clock: Callable[[], float] = time.monotonic, constraints: Any = None, guided: Any = None,
+                 tokenizers: AdapterTokenizers | None = None):
         """constraints: a ConstraintCompiler, guided: the GuidedDecoding whose hook the runner's
-        sampler calls (both None: structured output is refused)."""
+        sampler calls (both None: structured output is refused). tokenizers: each request's
+        tokenizer (an adapter with a resized vocabulary has its own; default: the base's)."""
         self.config = config
         self.constraints = constraints
         self.guided = guided
@@ -67,7 +70,9 @@ class LLMEngine:
         self._next_seq_id = 0
         self._last_batch: ScheduledBatch | None = None
         self._prefix_seen = scheduler.blocks.stats      # cumulative counters at the last step
-        self.prompts = PromptIds(tokenizer, self.chat, config.limits.max_input_tokens, self.adapter_template)
+        self.tokenizers = tokenizers or AdapterTokenizers(tokenizer, getattr(runner, "vocab_size", None))
+        self.prompts = PromptIds(tokenizer, self.chat, config.limits.max_input_tokens, self.adapter_template,
+                                 self.tokenizers)
         self.max_prompt_bytes = self.prompts.max_prompt_bytes
 
     # ---- intake ---------------------------------------------------------------------
@@ -102,6 +107,8 @@ class LLMEngine:
         """The request's Guide (None when unconstrained); compiles on this thread if needed."""
         if request.sampling.constraint is None:
             return None
+        if not self.prompts.for_request(request).is_base:
+            raise RequestRejected("sampling.constraint", OWN_VOCAB_CONSTRAINT)
         if self.constraints is None or self.guided is None:
             raise RequestRejected("sampling.constraint", "this server does not support structured output")
         try:
@@ -123,8 +130,9 @@ class LLMEngine:
         request = validate_request(request, limits)
         if prompt_ids is None:
             prompt_ids = self.tokenize(request)
+        own = self.prompts.for_request(request)
         violations = check_prompt(request, prompt_ids, limits, self.config.scheduler.max_model_len,
-                                  getattr(self.runner, "vocab_size", None))
+                                  own.vocab_size if not own.is_base else getattr(self.runner, "vocab_size", None))
         if violations:
             raise RequestRejected.of(violations)
         if guide is None:
@@ -132,7 +140,7 @@ class LLMEngine:
         adapter_key = self._resolve_adapter(request)
         seq = Sequence(seq_id=self._next_seq_id, prompt_token_ids=prompt_ids,
                        sampling=request.sampling, adapter_key=adapter_key,
-                       arrival_time=self.clock(), eos_token_ids=self.eos_token_ids, guide=guide)
+                       arrival_time=self.clock(), eos_token_ids=self._eos_ids(own), guide=guide)
         self._next_seq_id += 1
         try:
             self.scheduler.add(seq)
@@ -140,10 +148,17 @@ class LLMEngine:
             self._release(adapter_key)
             raise RequestRejected("sampling.max_new_tokens", str(error)) from None
         state = RequestState(request=request, seq=seq,
-                             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                             detokenizer=IncrementalDetokenizer(own.tokenizer, prompt_ids),
                              stop=StopChecker(tuple(request.sampling.stop)))
         self._states[request.request_id] = state
         self._by_seq[seq.seq_id] = state
+
+    def _eos_ids(self, own: RequestTokenizer) -> tuple[int, ...]:
+        """The base's end-of-sequence ids, plus an adapter's own tokenizer's eos (e.g. an added token)."""
+        if own.is_base:
+            return self.eos_token_ids
+        eos = getattr(own.tokenizer, "eos_token_id", None)
+        return tuple(dict.fromkeys((*self.eos_token_ids, *([eos] if isinstance(eos, int) else []))))
 
     def _resolve_adapter(self, request: GenerationRequest) -> str | None:
         if not request.adapter_id:

@@ -28,8 +28,9 @@ class Intake:
         limits = self.config.limits
         request = validate_request(request, limits)
         prompt_ids = self.prompts.of_request(request)
+        own = self.prompts.for_request(request)      # an adapter's own (resized) vocabulary, or the base's
         violations = check_prompt(request, prompt_ids, limits, self.config.scheduler.max_model_len,
-                                  self.vocab_size)
+                                  self.vocab_size if own.is_base else own.vocab_size)
         if violations:
             raise RequestRejected.of(violations)
         return request, prompt_ids
