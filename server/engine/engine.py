@@ -12,16 +12,15 @@ from .adapters import AdapterGateway
 from .batch import RunnerOutput, ScheduledBatch
 from .config import EngineConfig
 from .constraints.spec import ConstraintError
-from .detokenizer import IncrementalDetokenizer
+from .intake import Intake
 from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
-                 RequestFailed, RequestOutput, RequestRejected)
+                 RequestFailed, RequestOutput, RequestRejected, ValidatedRequest)
 from .chat_template import ChatRenderer
 from .prompt_ids import PromptIds
 from .request_state import EMPTY_DELTA, Delta, RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
-from .stop import StopChecker
-from .validation import check_prompt, validate_request
+from .text_stream import TextStream
 
 log = logging.getLogger("loraplex.engine")
 
@@ -49,9 +48,12 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, scheduler: Scheduler, runner: Any, tokenizer: Any,
                  eos_token_ids: tuple[int, ...], adapters: AdapterGateway | None = None,
-                 clock: Callable[[], float] = time.monotonic, constraints: Any = None, guided: Any = None):
+                 clock: Callable[[], float] = time.monotonic, constraints: Any = None, guided: Any = None,
+                 detokenize: bool = True):
         """constraints: a ConstraintCompiler, guided: the GuidedDecoding whose hook the runner's
-        sampler calls (both None: structured output is refused)."""
+        sampler calls (both None: structured output is refused). detokenize=False: outputs carry
+        token ids, logprobs, finish reasons, usage and timing but no text, and stop strings are
+        not matched (the engine-core process: its front end does both, text_stream.py)."""
         self.config = config
         self.constraints = constraints
         self.guided = guided
@@ -62,6 +64,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.adapters = adapters
         self.clock = clock
+        self.detokenize = detokenize
         self._states: dict[str, RequestState] = {}
         self._by_seq: dict[int, RequestState] = {}
         self._next_seq_id = 0
@@ -69,16 +72,9 @@ class LLMEngine:
         self._prefix_seen = scheduler.blocks.stats      # cumulative counters at the last step
         self.prompts = PromptIds(tokenizer, self.chat, config.limits.max_input_tokens, self.adapter_template)
         self.max_prompt_bytes = self.prompts.max_prompt_bytes
+        self.intake = Intake(config, self.prompts, getattr(runner, "vocab_size", None))
 
     # ---- intake ---------------------------------------------------------------------
-    def tokenize(self, request: GenerationRequest) -> list[int]:
-        """The prompt's token ids (prompt_token_ids as given, chat rendered, or text encoded:
-        prompt_ids.py, shared with the engine process's front end).
-
-        Touches no engine state: AsyncEngine runs it off the engine thread. A prompt of more
-        than max_prompt_bytes cannot fit max_input_tokens and is refused before tokenizing."""
-        return self.prompts.of_request(request)
-
     def render_with_options(self, messages: tuple[tuple[str, str], ...], options: Any,
                             template: str | None = None) -> list[int]:
         """A chat with template options (chat_template.py); template: an adapter's own."""
@@ -94,10 +90,6 @@ class LLMEngine:
         except StoreError:
             return None
 
-    def checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """validate_request, then tokenize: what AsyncEngine runs off the engine thread."""
-        return self.tokenize(validate_request(request, self.config.limits))
-
     def compile_constraint(self, request: GenerationRequest) -> Any:
         """The request's Guide (None when unconstrained); compiles on this thread if needed."""
         if request.sampling.constraint is None:
@@ -109,24 +101,21 @@ class LLMEngine:
         except ConstraintError as error:
             raise RequestRejected("sampling.constraint", str(error)) from None
 
-    def add_request(self, request: GenerationRequest, prompt_ids: list[int] | None = None,
-                    guide: Any = None) -> None:
-        """Validate and queue a request. Raises RequestRejected, QueueFull, store errors.
+    def add_request(self, request: GenerationRequest | ValidatedRequest, guide: Any = None) -> None:
+        """Queue a request. Raises RequestRejected, QueueFull, store errors.
 
-        guide: the constraint's compiled Guide (AsyncEngine compiles it off this thread);
-        None with a constraint set compiles it here."""
-        if request.request_id in self._states:
-            raise RequestRejected("request_id", f"duplicate request id {request.request_id!r}")
+        A ValidatedRequest (intake.py; both EngineClients pass one) is queued as it is; a bare
+        GenerationRequest (warm-up, tests, benchmarks) goes through `intake` here first, on this
+        thread. guide: the constraint's compiled Guide (the EngineClients compile it off this
+        thread); None with a constraint set compiles it here."""
+        request_id = (request.request if isinstance(request, ValidatedRequest) else request).request_id
+        if request_id in self._states:
+            raise RequestRejected("request_id", f"duplicate request id {request_id!r}")
         if self.scheduler.queue_full:
             raise QueueFull(f"{self.scheduler.num_waiting} requests are queued; retry later")
-        limits = self.config.limits
-        request = validate_request(request, limits)
-        if prompt_ids is None:
-            prompt_ids = self.tokenize(request)
-        violations = check_prompt(request, prompt_ids, limits, self.config.scheduler.max_model_len,
-                                  getattr(self.runner, "vocab_size", None))
-        if violations:
-            raise RequestRejected.of(violations)
+        if not isinstance(request, ValidatedRequest):
+            request = self.intake.prepare(request)
+        request, prompt_ids = request.request, request.prompt_ids
         if guide is None:
             guide = self.compile_constraint(request)
         adapter_key = self._resolve_adapter(request)
@@ -139,11 +128,14 @@ class LLMEngine:
         except ValueError as error:
             self._release(adapter_key)
             raise RequestRejected("sampling.max_new_tokens", str(error)) from None
-        state = RequestState(request=request, seq=seq,
-                             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                             stop=StopChecker(tuple(request.sampling.stop)))
+        text = TextStream(self._tokenizer_for(request), prompt_ids, request.sampling.stop) if self.detokenize else None
+        state = RequestState(request=request, seq=seq, text=text)
         self._states[request.request_id] = state
         self._by_seq[seq.seq_id] = state
+
+    def _tokenizer_for(self, request: GenerationRequest) -> Any:
+        """The tokenizer whose ids the request's output holds (its text is decoded with it)."""
+        return self.tokenizer
 
     def _resolve_adapter(self, request: GenerationRequest) -> str | None:
         if not request.adapter_id:

@@ -62,7 +62,7 @@ def test_prompt_over_the_byte_bound_is_refused_before_tokenizing(tiny_llama_dir)
     with pytest.raises(RequestRejected, match="bytes"):
         engine.add_request(request)
     with pytest.raises(RequestRejected, match="bytes"):
-        engine.checked_prompt_ids(request)
+        engine.intake.prepare(request)
     chat = GenerationRequest(request_id="huge-chat", messages=(("user", "é" * (limit // 2 + 1)),),
                              sampling=SamplingParams())
     with pytest.raises(RequestRejected, match="bytes"):

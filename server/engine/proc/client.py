@@ -1,8 +1,8 @@
 """ProcessEngine: the EngineClient (client.py) whose engine core runs in its own process.
 
 The front end validates and tokenizes a request (intake.py, on its tokenizer thread), sends it
-with its token ids over ZeroMQ, and streams the core's per-step outputs back into the request's
-asyncio queue. A receiver thread reads the core's messages and watches its process: when the
+with its token ids over ZeroMQ, and streams the core's per-step outputs (token ids, no text) back
+into the request's asyncio queue, detokenized and cut at stop strings on the way (outputs.py). A receiver thread reads the core's messages and watches its process: when the
 core dies, in-flight requests fail with EngineUnavailable (UNAVAILABLE; the SDK retries), the
 liveness hook reports False (health NOT_SERVING), and a new core is started; serving resumes
 when it is ready.
@@ -29,7 +29,9 @@ from ..chat_template import ChatRenderer
 from ..prompt import encode_prompt, load_tokenizer
 from ..prompt_ids import PromptIds
 from ..sequence import FinishReason
-from .intake import Intake
+from ..intake import Intake
+from ..detokenizer import PROMPT_CONTEXT_TOKENS
+from .outputs import InFlight
 from .process import CoreExited, CoreProcess
 from .supervisor import CoreSupervisor
 
@@ -50,7 +52,7 @@ class ProcessEngine:
         self._context = zmq.Context()
         self._encoder = wire.Codec(wire.ToCore)
         self._encode_lock = threading.Lock()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._queues: dict[str, InFlight] = {}
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids, self._call_ids = itertools.count(), itertools.count()
         self._listeners: list[Callable[[Any], None]] = []
@@ -60,6 +62,7 @@ class ProcessEngine:
         self._private: frozenset[str] = frozenset()
         self._serving = self._draining = self._stopping = False
         self._tokenizer = load_tokenizer(config.model_dir)
+        self._output_tokenizer = load_tokenizer(config.model_dir)     # the receiver thread's own
         self._templates = ChatRenderer(self._tokenizer)   # checks adapters' own chat templates at upload
         if store is not None and hasattr(store, "set_template_check"):
             store.set_template_check(self._templates.check_adapter_template)
@@ -120,7 +123,7 @@ class ProcessEngine:
             if message.private_keys is not None:
                 self._private = frozenset(message.private_keys)
             for output in message.outputs:
-                self._deliver(output.request_id, output)
+                self._receive_output(output)
             if message.step is not None:
                 for listener in self._listeners:
                     _call_quietly(listener, message.step)
@@ -133,11 +136,28 @@ class ProcessEngine:
             if hook is not None:
                 _call_quietly(hook, *message.args)
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._queues.get(request_id)
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+    def _receive_output(self, output: RequestOutput) -> None:
+        """A core output, with its text, to its request; a stop string ends the request here
+        and aborts it in the core (receiver thread)."""
+        flight = self._queues.get(output.request_id)
+        item = flight.receive(output) if flight is not None else None
+        if item is None:
+            return                  # the request ended in the front end: the core's late outputs
+        flight.put(item)
+        if item.finished and not output.finished:
+            self._abort(output.request_id)
+
+    def _deliver(self, request_id: str, item: BaseException) -> None:
+        flight = self._queues.get(request_id)
+        if flight is not None and not flight.done:
+            flight.put(item)
+
+    def _abort(self, request_id: str) -> None:
+        if self._serving:
+            try:
+                self._send(wire.Abort(request_id))
+            except EngineUnavailable:
+                pass                # the core is gone: the request went with it
 
     def _resolve_call(self, reply: wire.Reply) -> None:
         target = self._calls.get(reply.call_id)
@@ -169,15 +189,18 @@ class ProcessEngine:
         if not self._serving:
             raise EngineUnavailable("the engine process is restarting; retry")
         loop = asyncio.get_running_loop()
-        request, prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self._intake.prepare, request)
+        # validated once, here (the core does not check it again)
+        validated = await loop.run_in_executor(self._tokenizer_pool, self._intake.prepare, request)
+        request = validated.request
         queue: asyncio.Queue = asyncio.Queue()
         request_id = request.request_id
         if request_id in self._queues:
             raise RequestRejected("request_id", f"duplicate request id {request_id!r}")
-        self._queues[request_id] = (loop, queue)
+        self._queues[request_id] = InFlight(loop, queue, self._tokenizer_for(request),
+                                            validated.prompt_ids[-PROMPT_CONTEXT_TOKENS:], request.sampling.stop)
         finished = False
         try:
-            self._send(wire.Add(request, prompt_ids))
+            self._send(wire.Add(validated.request, validated.prompt_ids))
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -189,11 +212,13 @@ class ProcessEngine:
                 yield item
         finally:
             self._queues.pop(request_id, None)
-            if not finished and self._serving:
-                try:
-                    self._send(wire.Abort(request_id))
-                except EngineUnavailable:
-                    pass
+            if not finished:
+                self._abort(request_id)
+
+    def _tokenizer_for(self, request: GenerationRequest) -> Any:
+        """The tokenizer that turns the request's output ids into text, on the receiver thread
+        (outputs.py): the base model's, a copy of its own that no other thread uses."""
+        return self._output_tokenizer
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
