@@ -31,7 +31,7 @@ from ..prompt_ids import PromptIds
 from ..sequence import FinishReason
 from ..intake import Intake
 from ..detokenizer import PROMPT_CONTEXT_TOKENS
-from .outputs import InFlight
+from .outputs import InFlight, deliver, fail
 from .process import CoreExited, CoreProcess
 from .supervisor import CoreSupervisor
 
@@ -105,7 +105,7 @@ class ProcessEngine:
                   code, len(self._queues))
         error = EngineUnavailable(f"the engine process exited (code {code}); it is restarting, retry")
         for request_id in list(self._queues):
-            self._deliver(request_id, error)
+            fail(self._queues, request_id, error)
         for loop, future in list(self._calls.values()):
             loop.call_soon_threadsafe(_set_exception, future, error)
 
@@ -123,34 +123,19 @@ class ProcessEngine:
             if message.private_keys is not None:
                 self._private = frozenset(message.private_keys)
             for output in message.outputs:
-                self._receive_output(output)
+                if deliver(self._queues, output):          # a stop string ended it here
+                    self._abort(output.request_id)
             if message.step is not None:
                 for listener in self._listeners:
                     _call_quietly(listener, message.step)
         elif isinstance(message, wire.Rejected):
-            self._deliver(message.request_id, wire.error_from_wire(message.error))
+            fail(self._queues, message.request_id, wire.error_from_wire(message.error))
         elif isinstance(message, wire.Reply):
             self._resolve_call(message)
         elif isinstance(message, wire.Event):
             hook = self._hooks.get(message.hook)
             if hook is not None:
                 _call_quietly(hook, *message.args)
-
-    def _receive_output(self, output: RequestOutput) -> None:
-        """A core output, with its text, to its request; a stop string ends the request here
-        and aborts it in the core (receiver thread)."""
-        flight = self._queues.get(output.request_id)
-        item = flight.receive(output) if flight is not None else None
-        if item is None:
-            return                  # the request ended in the front end: the core's late outputs
-        flight.put(item)
-        if item.finished and not output.finished:
-            self._abort(output.request_id)
-
-    def _deliver(self, request_id: str, item: BaseException) -> None:
-        flight = self._queues.get(request_id)
-        if flight is not None and not flight.done:
-            flight.put(item)
 
     def _abort(self, request_id: str) -> None:
         if self._serving:

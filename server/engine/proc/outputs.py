@@ -56,3 +56,22 @@ class InFlight:
         # the core times every output (it cannot know which one a stop string ends); only
         # the last carries timing, as in process
         return replace(output, text=text, timing=None)
+
+
+def deliver(in_flight: dict[str, InFlight], output: RequestOutput) -> bool:
+    """Hand a core output, with its text, to its request (receiver thread). True when a stop
+    string ended the request here: the caller aborts it in the core. Outputs of requests that
+    already ended are dropped."""
+    flight = in_flight.get(output.request_id)
+    item = flight.receive(output) if flight is not None else None
+    if item is None:
+        return False
+    flight.put(item)
+    return item.finished and not output.finished
+
+
+def fail(in_flight: dict[str, InFlight], request_id: str, error: BaseException) -> None:
+    """End a request that is still waiting with `error` (refused by the core, or the core died)."""
+    flight = in_flight.get(request_id)
+    if flight is not None and not flight.done:
+        flight.put(error)
