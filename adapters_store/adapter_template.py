@@ -25,15 +25,24 @@ TemplateCheck = Callable[[str], None]
 def template_source(directory: Path, allowed_roots: tuple[str, ...]) -> tuple[str, Path] | None:
     """(name, real path) of the file in `directory` that carries a chat template (confined to the roots)."""
     for name in (TEMPLATE_NAME, TOKENIZER_CONFIG_NAME):
-        path = directory / name
-        if path.exists():
-            real = Path(os.path.realpath(path))
-            roots = [Path(os.path.realpath(root)) for root in allowed_roots]
-            if not any(real == root or root in real.parents for root in roots):
-                raise PermissionDenied(f"{name} is a symlink to a file outside the allowed register roots; "
-                                       f"copy the file into the adapter directory instead")
+        real = confined_file(directory, name, allowed_roots)
+        if real is not None:
             return name, real
     return None
+
+
+def confined_file(directory: Path, name: str, allowed_roots: tuple[str, ...]) -> Path | None:
+    """The real path of `directory / name` when it exists (None otherwise); PermissionDenied when it
+    is a symlink out of the allowed register roots."""
+    path = directory / name
+    if not path.exists():
+        return None
+    real = Path(os.path.realpath(path))
+    roots = [Path(os.path.realpath(root)) for root in allowed_roots]
+    if not any(real == root or root in real.parents for root in roots):
+        raise PermissionDenied(f"{name} is a symlink to a file outside the allowed register roots; "
+                               f"copy the file into the adapter directory instead")
+    return real
 
 
 def template_text(file_name: str, data: bytes) -> str | None:

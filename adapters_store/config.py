@@ -29,6 +29,7 @@ class StoreConfig:
     max_config_bytes: int = MIB
     max_chunk_bytes: int = MIB
     max_chat_template_bytes: int = 256 * 1024                # an adapter's own chat template (text)
+    max_tokenizer_bytes: int = 64 * MIB                      # each of an adapter's tokenizer files (resized vocabulary)
     load_threads: int = 2
     busy_timeout_ms: int = 30_000
     # Shared backends (docs/adapter-store.md): "" = SQLite file / directory under the store root.
@@ -42,7 +43,7 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_lora_rank", "max_adapter_bytes", "quota_bytes", "max_header_bytes",
-                     "max_config_bytes", "max_chunk_bytes", "max_chat_template_bytes", "load_threads", "busy_timeout_ms"):
+                     "max_config_bytes", "max_chunk_bytes", "max_chat_template_bytes", "max_tokenizer_bytes", "load_threads", "busy_timeout_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StoreConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.host_cache_bytes < 0:

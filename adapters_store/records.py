@@ -34,6 +34,12 @@ class AdapterRecord:
     state_reason: str = ""
     state_changed_at: float = 0.0                  # when the row entered `state` (0: before schema v2)
     chat_template: str | None = None               # the adapter's own chat template (None: the base's)
+    vocab_size: int = 0                            # V' of a resized vocabulary (0: the base's)
+    tokenizer_sha256: str | None = None            # blob of its tokenizer files (adapter_tokenizer.py)
+
+    @property
+    def resized_vocab(self) -> bool:
+        return self.vocab_size > 0 and self.tokenizer_sha256 is not None
 
     @property
     def key(self) -> str:
@@ -61,3 +67,5 @@ class NewAdapter:
     owner: str | None
     writer_tenant: str | None = None     # who writes it: a tenant may not add versions to a public id
     chat_template: str | None = None     # validated chat template shipped with the adapter
+    vocab_size: int = 0                  # V' of a resized vocabulary (0: the base's)
+    tokenizer_sha256: str | None = None  # blob of its tokenizer files (stored with the weights)

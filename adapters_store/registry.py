@@ -27,7 +27,7 @@ from .types import LoraConfigInfo
 
 _COLUMNS = ("name, version, sha256, config_sha256, size_bytes, rank, lora_alpha, use_rslora, target_modules, "
             "dtype, peft_type, base_model, base_fingerprint, owner, created_at, state, state_reason, "
-            "state_changed_at, chat_template")
+            "state_changed_at, chat_template, vocab_size, tokenizer_sha256")
 
 
 class SqlRegistry:
@@ -95,13 +95,14 @@ class SqlRegistry:
             conn.execute(
                 "INSERT INTO adapters (name, version, sha256, config_sha256, size_bytes, rank, lora_alpha, "
                 "use_rslora, target_modules, dtype, peft_type, base_model, base_fingerprint, owner, private, "
-                "created_at, state, state_reason, weights_blob, config_blob, state_changed_at, chat_template) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?, ?, ?)",
+                "created_at, state, state_reason, weights_blob, config_blob, state_changed_at, chat_template, "
+                "vocab_size, tokenizer_sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)",
                 (new.name, version, new.sha256, new.config_sha256, new.size_bytes, cfg.rank, cfg.lora_alpha,
                  int(cfg.use_rslora), json.dumps(list(cfg.target_modules)), new.dtype, cfg.peft_type,
                  cfg.base_model, cfg.base_fingerprint, new.owner, int(new.owner is not None), now,
                  AdapterState.READY.value, blob_relpath(new.sha256), blob_relpath(new.config_sha256), now,
-                 new.chat_template))
+                 new.chat_template, new.vocab_size, new.tokenizer_sha256))
             return _record(conn.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name = ? AND version = ?",
                                         (new.name, version)).fetchone())
 
@@ -150,10 +151,10 @@ class SqlRegistry:
                                                        "ORDER BY name").fetchall()]
 
     def referenced_digests(self) -> set[str]:
-        """sha256 of every blob some row refers to (weights and config), whatever its state."""
+        """sha256 of every blob some row refers to (weights, config, tokenizer), whatever its state."""
         with self._connect() as conn:
-            rows = conn.execute("SELECT sha256, config_sha256 FROM adapters").fetchall()
-        return {digest for row in rows for digest in row}
+            rows = conn.execute("SELECT sha256, config_sha256, tokenizer_sha256 FROM adapters").fetchall()
+        return {digest for row in rows for digest in row if digest}
 
     def used_bytes(self) -> int:
         with self._connect() as conn:
@@ -224,11 +225,13 @@ class Registry(SqlRegistry):
 
 def _record(row: tuple) -> AdapterRecord:
     (name, version, sha256, config_sha256, size_bytes, rank, alpha, use_rslora, targets, dtype, peft_type,
-     base_model, base_fingerprint, owner, created_at, state, reason, changed_at, chat_template) = row
+     base_model, base_fingerprint, owner, created_at, state, reason, changed_at, chat_template, vocab_size,
+     tokenizer_sha256) = row
     config = LoraConfigInfo(rank=int(rank), lora_alpha=float(alpha), use_rslora=bool(use_rslora),
                             target_modules=tuple(json.loads(targets)), peft_type=peft_type,
                             base_model=base_model, base_fingerprint=base_fingerprint)
     return AdapterRecord(name=name, version=int(version), sha256=sha256, config_sha256=config_sha256,
                          size_bytes=int(size_bytes), dtype=dtype, config=config, owner=owner,
                          created_at=float(created_at), state=AdapterState(state), state_reason=reason,
-                         state_changed_at=float(changed_at), chat_template=chat_template or None)
+                         state_changed_at=float(changed_at), chat_template=chat_template or None,
+                         vocab_size=int(vocab_size or 0), tokenizer_sha256=tokenizer_sha256 or None)

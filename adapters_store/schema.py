@@ -29,6 +29,8 @@ CREATE INDEX IF NOT EXISTS adapters_sha ON adapters (sha256);
 _V1_POSTGRES = (_V1_SQLITE.replace(" REAL ", " DOUBLE PRECISION ").replace("INTEGER", "BIGINT"))
 _V2 = "ALTER TABLE adapters ADD COLUMN state_changed_at {real} NOT NULL DEFAULT 0"
 _V3 = "ALTER TABLE adapters ADD COLUMN chat_template TEXT"
+_V4 = ("ALTER TABLE adapters ADD COLUMN vocab_size {int} NOT NULL DEFAULT 0; "
+       "ALTER TABLE adapters ADD COLUMN tokenizer_sha256 TEXT")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "adapters.state_changed_at (when a row entered its state; GC grace for DELETING rows)",
               _V2.format(real="REAL"), _V2.format(real="DOUBLE PRECISION")),
     Migration(3, "adapters.chat_template (an adapter's own chat template; NULL: the base model's)", _V3, _V3),
+    Migration(4, "adapters.vocab_size, adapters.tokenizer_sha256 (a resized vocabulary's size and the blob of "
+              "its tokenizer files; 0 / NULL: the base's)", _V4.format(int="INTEGER"), _V4.format(int="BIGINT")),
 )
 CURRENT_VERSION = MIGRATIONS[-1].version
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"

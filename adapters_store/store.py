@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .adapter_template import (TEMPLATE_NAME, TOKENIZER_CONFIG_NAME, TemplateCheck, check_template,
                                template_source, template_text)
+from .adapter_tokenizer import TokenizerBundle, bundle_files, staged_tokenizer, tokenizer_sources
 from .backends import open_backends
 from .cache import EventHook, HostCache
 from .config import StoreConfig
@@ -69,6 +70,7 @@ class AdapterStore:
         self._janitor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-delete")
         self._closed = threading.Event()
         self._template_check: TemplateCheck | None = None
+        self._base_tokens: tuple[str, ...] | None = None
 
     # ---- writes ----------------------------------------------------------------------
     def begin_upload(self, meta: UploadMeta) -> UploadSession:
@@ -85,7 +87,11 @@ class AdapterStore:
             raise AdapterValidationError("chat_template", f"{TEMPLATE_NAME}: the chat template is "
                                          f"{meta.chat_template_size} bytes, above the limit of "
                                          f"{self.config.max_chat_template_bytes}")
-        total = meta.config_size + meta.weights_size
+        for file_name, size, _ in meta.tokenizer_files:
+            if size > self.config.max_tokenizer_bytes:
+                raise AdapterValidationError("tokenizer", f"{file_name} is {size} bytes, above the limit of "
+                                             f"{self.config.max_tokenizer_bytes} (StoreConfig.max_tokenizer_bytes)")
+        total = meta.config_size + meta.weights_size + meta.tokenizer_bytes
         if total > self.config.max_adapter_bytes:
             raise _size_error(f"the adapter is {total} bytes, above the limit of {self.config.max_adapter_bytes}; "
                               f"raise --max-adapter-bytes or use a smaller rank")
@@ -132,11 +138,16 @@ class AdapterStore:
                 total += writer.num_bytes
             finally:
                 writer.close()
+        extras: dict[str, tuple[Path, int]] = {}        # staged name -> (source, byte limit)
         template = template_source(directory, roots)
         if template is not None:
-            writer = HashingWriter(staging.file(template[0]))
+            extras[template[0]] = (template[1], self.config.max_config_bytes)
+        for name, src in tokenizer_sources(directory, roots):
+            extras[name] = (src, self.config.max_tokenizer_bytes)
+        for name, (src, limit) in extras.items():
+            writer = HashingWriter(staging.file(name))
             try:
-                copy_bounded(template[1], writer, self.config.max_config_bytes)
+                copy_bounded(src, writer, limit)
                 writer.finish()
             finally:
                 writer.close()
@@ -260,6 +271,21 @@ class AdapterStore:
         None: only the size limit is checked). It raises ValueError naming what failed."""
         self._template_check = check
 
+    def set_base_tokens(self, tokens: tuple[str, ...] | None) -> None:
+        """The served base tokenizer's tokens by id (the engine sets it): an adapter with a resized
+        vocabulary is checked against them at upload (None: such adapters are refused)."""
+        self._base_tokens = None if tokens is None else tuple(tokens)
+
+    def tokenizer_files(self, key: str) -> dict[str, str]:
+        """The tokenizer files (name -> text) stored with adapter version `key` (a resized vocabulary);
+        AdapterNotFound when it has none. The blob's sha256 is verified."""
+        record = self._loadable(key)
+        if not record.tokenizer_sha256:
+            raise AdapterNotFound(f"adapter {key} has no tokenizer files (it uses the base model's vocabulary)")
+        from .loader import read_verified
+
+        return bundle_files(read_verified(self._blobs.read, record.tokenizer_sha256, key))
+
     def set_event_hook(self, on_event: EventHook | None) -> None:
         """Metrics hook for the host tier (see cache.metrics_hook)."""
         self.cache.set_hook(on_event)
@@ -282,18 +308,34 @@ class AdapterStore:
         config_bytes, weights_bytes = files.file(CONFIG_NAME).read_bytes(), files.file(WEIGHTS_NAME).read_bytes()
         validated = validate_adapter(config_bytes, weights_bytes, self.base, self.config, staged.allow_base_mismatch)
         chat_template = self._staged_template(files)
+        tokenizer = self._staged_tokenizer(files, validated.vocab_size)
         new = NewAdapter(chat_template=chat_template, name=staged.name, sha256=staged.weights_sha256, config_sha256=staged.config_sha256,
-                         size_bytes=len(config_bytes) + len(weights_bytes), dtype=validated.dtype,
-                         config=validated.config, owner=staged.owner, writer_tenant=staged.writer_tenant)
-        digests = [staged.config_sha256, staged.weights_sha256]
+                         size_bytes=len(config_bytes) + len(weights_bytes) + (len(tokenizer.blob()) if tokenizer else 0),
+                         dtype=validated.dtype, config=validated.config, owner=staged.owner,
+                         writer_tenant=staged.writer_tenant, vocab_size=validated.vocab_size,
+                         tokenizer_sha256=tokenizer.sha256 if tokenizer else None)
+        digests = [staged.config_sha256, staged.weights_sha256] + ([tokenizer.sha256] if tokenizer else [])
         try:
             with self._registry.writing():
                 self._blobs.put(files.file(CONFIG_NAME), staged.config_sha256)
                 self._blobs.put(files.file(WEIGHTS_NAME), staged.weights_sha256)
+                if tokenizer is not None:
+                    bundle = files.file("tokenizer.bundle.json")
+                    bundle.write_bytes(tokenizer.blob())
+                    self._blobs.put(bundle, tokenizer.sha256)
                 return self._registry.insert(new, self.config.quota_bytes)
         except BaseException:
             self._remove_blobs_if_unreferenced(digests)
             raise
+
+    def _staged_tokenizer(self, files: StagingDir, vocab_size: int) -> TokenizerBundle | None:
+        """The staged tokenizer files, checked, when the tables resize the vocabulary (else None)."""
+        def read(name: str) -> bytes | None:
+            path = files.file(name)
+            return path.read_bytes() if path.exists() else None
+
+        return staged_tokenizer(read, vocab_size, self.base.vocab_size, self._base_tokens,
+                                self.config.max_tokenizer_bytes)
 
     def _staged_template(self, files: StagingDir) -> str | None:
         """The staged adapter's chat template (validated), or None when it carries none."""
@@ -329,7 +371,8 @@ class AdapterStore:
             return
         self.cache.pop(record.key)
         self._registry.delete_rows(name, [version])
-        self._remove_blobs_if_unreferenced([record.sha256, record.config_sha256])
+        self._remove_blobs_if_unreferenced([d for d in (record.sha256, record.config_sha256, record.tokenizer_sha256)
+                                            if d])
         self._leases.forget(record.key)
 
     def _remove_blobs_if_unreferenced(self, digests: list[str]) -> None:

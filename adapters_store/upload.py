@@ -14,6 +14,7 @@ from typing import Callable
 
 from .errors import AdapterValidationError, UploadConflict
 from .adapter_template import TEMPLATE_NAME
+from .adapter_tokenizer import TOKENIZER_FILES
 from .paths import CONFIG_NAME, WEIGHTS_NAME
 from .records import AdapterRecord
 from .staging import HashingWriter, StagingDir
@@ -33,6 +34,13 @@ class UploadMeta:
     tenant: str | None = None            # the uploader's tenant when it differs from owner (public upload)
     chat_template_size: int = 0          # bytes of an optional chat_template.jinja (0: none)
     chat_template_sha256: str = ""
+    # the adapter's tokenizer files (adapter_tokenizer.TOKENIZER_FILES), needed with a resized
+    # vocabulary: (file name, size, sha256) each
+    tokenizer_files: tuple[tuple[str, int, str], ...] = ()
+
+    @property
+    def tokenizer_bytes(self) -> int:
+        return sum(size for _, size, _ in self.tokenizer_files)
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,12 @@ class UploadSession:
                           WEIGHTS_NAME: (meta.weights_size, meta.weights_sha256)}
         if meta.chat_template_size:
             self._declared[TEMPLATE_NAME] = (meta.chat_template_size, meta.chat_template_sha256)
+        for name, size, digest in meta.tokenizer_files:
+            if name not in TOKENIZER_FILES or name in self._declared or size < 1:
+                staging.close()
+                raise AdapterValidationError("tokenizer", f"tokenizer file {name!r}: an upload may declare each of "
+                                             f"{', '.join(TOKENIZER_FILES)} once, with a size of at least 1 byte")
+            self._declared[name] = (size, digest)
         self._writers = {name: HashingWriter(staging.file(name)) for name in self._declared}
         self._lock = threading.Lock()
         self._finished = False
@@ -105,7 +119,7 @@ class UploadSession:
     def _write(self, file_name: str, data: bytes) -> None:
         if file_name not in self._declared:
             raise AdapterValidationError("unknown_file", f"this upload carries only {sorted(self._declared)}, "
-                                         f"not {file_name!r} (declare {TEMPLATE_NAME}'s size to send one)")
+                                         f"not {file_name!r} (declare {file_name}'s size to send one)")
         if len(data) > self._max_chunk_bytes:
             raise AdapterValidationError("chunk_size", f"chunks must be at most {self._max_chunk_bytes} bytes, "
                                          f"got {len(data)}")

@@ -19,7 +19,8 @@ from .expert_tensors import (EXPERT_TARGET_PREFIX, ExpertTensorName, check_exper
                              expert_param, parse_expert_tensor_name)
 from .tensor_names import LoraTensorName, parse_tensor_name
 from .types import LORA_TARGET_MODULES, BaseSpec, LoraConfigInfo
-from .vocab_tensors import VOCAB_MODULES, check_vocab_complete, check_vocab_entry, parse_vocab_tensor_name
+from .vocab_tensors import (VOCAB_MODULES, adapter_vocab_size, check_vocab_complete, check_vocab_entry,
+                            parse_vocab_tensor_name)
 
 ALLOWED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -35,6 +36,7 @@ class ValidatedAdapter:
     config: LoraConfigInfo
     dtype: str
     num_tensors: int
+    vocab_size: int = 0          # V' of a resized vocabulary (modules_to_save tables); 0: the base's
 
 
 def validate_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseSpec, limits: StoreConfig,
@@ -53,11 +55,14 @@ def validate_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseSpec, 
     # a missing half is named before any shape: it is what the uploader has to fix first, and
     # the shapes depend on the served base's vocabulary
     check_vocab_complete(vocab, parsed.vocab_lora, parsed.modules_to_save)
+    rows = {}
     for entry in entries:
         if entry.name in vocab:
             _check_dtype(entry)
-            check_vocab_entry(entry.name, vocab[entry.name], entry.shape, parsed.rank, base, parsed.vocab_lora,
-                              parsed.modules_to_save)
+            rows[entry.name] = (vocab[entry.name], check_vocab_entry(
+                entry.name, vocab[entry.name], entry.shape, parsed.rank, base, parsed.vocab_lora,
+                parsed.modules_to_save))
+    vocab_size = adapter_vocab_size(rows, parsed.modules_to_save, base.vocab_size) if rows else base.vocab_size
     experts = check_expert_entries(entries, parsed, base)
     names = {entry.name: _check_entry(entry, parsed, base) for entry in entries
              if entry.name not in vocab and entry.name not in experts}
@@ -73,7 +78,8 @@ def validate_adapter(config_bytes: bytes, weights_bytes: bytes, base: BaseSpec, 
     info = LoraConfigInfo(rank=parsed.rank, lora_alpha=parsed.lora_alpha, use_rslora=parsed.use_rslora,
                           target_modules=targets,
                           base_model=parsed.base_model, base_fingerprint=parsed.base_fingerprint)
-    return ValidatedAdapter(config=info, dtype=",".join(dtypes), num_tensors=len(entries))
+    return ValidatedAdapter(config=info, dtype=",".join(dtypes), num_tensors=len(entries),
+                            vocab_size=vocab_size if vocab_size != base.vocab_size else 0)
 
 
 def _check_dtype(entry: TensorEntry) -> None:

@@ -58,8 +58,9 @@ def expected_shape(name: VocabTensorName, rank: int, base: BaseSpec) -> tuple[in
 
 
 def check_vocab_entry(tensor: str, name: VocabTensorName, shape: tuple[int, ...], rank: int, base: BaseSpec,
-                      lora_modules: frozenset[str], saved_modules: frozenset[str]) -> None:
-    """One vocabulary tensor against the config and the served base's vocabulary."""
+                      lora_modules: frozenset[str], saved_modules: frozenset[str]) -> int:
+    """One vocabulary tensor against the config and the served base's vocabulary; returns the
+    vocabulary size it covers (V, or V' > V for a resized modules_to_save table or its base copy)."""
     if base.vocab_size <= 0:
         raise AdapterValidationError("vocab_size", f"tensor {tensor!r} adapts {name.module}, but this server does "
                                      f"not know its base's vocabulary size; it cannot check the tensor")
@@ -72,11 +73,14 @@ def check_vocab_entry(tensor: str, name: VocabTensorName, shape: tuple[int, ...]
     expected = expected_shape(name, rank, base)
     rows = vocab_rows(name, shape, expected)
     if rows is not None and rows != base.vocab_size:
-        raise AdapterValidationError("vocab_size", resized_vocab_message(tensor, name, rows, base.vocab_size))
+        if rows < base.vocab_size or name.kind not in ("table", "base_copy"):
+            raise AdapterValidationError("vocab_size", resized_vocab_message(tensor, name, rows, base.vocab_size))
+        return rows
     if shape != expected:
         raise AdapterValidationError("shape", f"tensor {tensor!r} has shape {list(shape)}, expected "
                                      f"{list(expected)} for {name.module} (vocab {base.vocab_size}, hidden "
                                      f"{base.hidden_size}, r={rank})")
+    return base.vocab_size
 
 
 def vocab_rows(name: VocabTensorName, shape: tuple[int, ...], expected: tuple[int, ...]) -> int | None:
@@ -92,17 +96,43 @@ def vocab_rows(name: VocabTensorName, shape: tuple[int, ...], expected: tuple[in
 
 
 def resized_vocab_message(tensor: str, name: VocabTensorName, rows: int, base_vocab: int) -> str:
-    """Why an adapter with a resized vocabulary is refused: what is unsupported, and why."""
+    """Why a tensor's vocabulary size is refused: what is unsupported, and why."""
     what = {"table": "modules_to_save table", "base_copy": "saved copy of the base table",
             "A": "LoRA A", "B": "LoRA B"}[name.kind]
-    return (f"tensor {tensor!r} ({name.module} {what}) covers a vocabulary of {rows} tokens but the served "
-            f"base's has {base_vocab} ({rows - base_vocab:+d}): adapters with a resized vocabulary (tokens "
-            f"added or removed in training) are not supported. Serving one needs that adapter's own "
-            f"tokenizer for its requests (to encode text into the added ids and decode them back) and "
-            f"{rows}-wide logits for its rows; this server tokenizes and detokenizes every request with the "
-            f"base's tokenizer, and an upload carries no tokenizer files. Retrain without resizing the "
-            f"token embeddings (reuse existing tokens), or merge the adapter into a model of its own and "
-            f"serve that")
+    head = (f"tensor {tensor!r} ({name.module} {what}) covers a vocabulary of {rows} tokens but the served "
+            f"base's has {base_vocab} ({rows - base_vocab:+d})")
+    if rows < base_vocab:
+        return (f"{head}: a shrunk vocabulary is not supported (the base's ids {rows}..{base_vocab - 1} would "
+                f"have no row in the adapter's tables). Train without removing tokens")
+    return (f"{head}: a resized vocabulary is served only from whole tables, embed_tokens and lm_head both in "
+            f"modules_to_save (with V' rows, beside the adapter's own tokenizer files); LoRA on a resized "
+            f"embed_tokens / lm_head has no row of the added tokens in the served base. Save the resized "
+            f"layers with modules_to_save=[\"embed_tokens\", \"lm_head\"]")
+
+
+def adapter_vocab_size(rows: dict[str, tuple[VocabTensorName, int]], saved_modules: frozenset[str],
+                       base_vocab: int) -> int:
+    """The adapter's vocabulary V' (base_vocab when not resized) from each vocabulary tensor's
+    (parsed name, rows). A resized one needs both tables, each with V' rows."""
+    resized = {tensor: (name, n) for tensor, (name, n) in rows.items() if n != base_vocab}
+    if not resized:
+        return base_vocab
+    sizes = {n for _, n in resized.values()}
+    tensor, (name, size) = sorted(resized.items())[0]
+    if len(sizes) > 1:
+        raise AdapterValidationError("vocab_size", f"the adapter's vocabulary tensors disagree on its size "
+                                     f"({sorted(sizes)} rows); tensor {tensor!r} has {size}")
+    missing = [m for m in VOCAB_MODULES if m not in saved_modules]
+    if missing:
+        raise AdapterValidationError("vocab_size", f"tensor {tensor!r} resizes the vocabulary to {size} tokens "
+                                     f"(the served base has {base_vocab}) but {missing[0]} is not in "
+                                     f"modules_to_save: the added ids need the adapter's own {missing[0]} "
+                                     f"rows. Save both with modules_to_save=[\"embed_tokens\", \"lm_head\"]")
+    for tensor, (name, n) in sorted(rows.items()):
+        if name.kind == "table" and n != size:
+            raise AdapterValidationError("vocab_size", f"tensor {tensor!r} has {n} rows but the adapter's "
+                                         f"vocabulary is {size} (its other table)")
+    return size
 
 
 def check_vocab_complete(names: dict[str, VocabTensorName], lora_modules: frozenset[str],

@@ -172,7 +172,7 @@ def adapter_info(message: adapters_pb2.AdapterInfo, versions: Iterable[int] = ()
         peft_type=message.peft_type, base_model=message.base_model, base_fingerprint=message.base_fingerprint,
         owner=message.owner or None, created_at=created,
         state=_STATE.get(message.state, AdapterState.UNSPECIFIED), versions=list(versions),
-        has_chat_template=message.has_chat_template)
+        has_chat_template=message.has_chat_template, vocab_size=message.vocab_size or None)
 
 
 def server_info(response: server_pb2.InfoResponse) -> ServerInfo:

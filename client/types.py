@@ -127,6 +127,7 @@ class AdapterInfo:
     state: AdapterState
     versions: list[int] = field(default_factory=list)
     has_chat_template: bool = False       # the adapter carries its own chat template
+    vocab_size: int | None = None         # a resized vocabulary's size (its own tokenizer); None: the base's
 
     @property
     def ref(self) -> str:

@@ -42,10 +42,12 @@ class LocalAdapter:
     weights: LocalFile
     rank: int
     chat_template: bytes | None = None   # chat_template.jinja, or tokenizer_config.json's chat_template
+    tokenizer: tuple[LocalFile, ...] = ()   # tokenizer files, sent when modules_to_save has vocab tables
 
     @property
     def total_bytes(self) -> int:
-        return self.config.size + self.weights.size + len(self.chat_template or b"")
+        return (self.config.size + self.weights.size + len(self.chat_template or b"")
+                + sum(f.size for f in self.tokenizer))
 
 
 def _fail(directory: Path, field: str, problem: str) -> ValidationError:
@@ -138,7 +140,23 @@ def validate_adapter_dir(path: str | Path) -> LocalAdapter:
                  for name, kind in ((CONFIG_NAME, pb.ADAPTER_FILE_CONFIG), (WEIGHTS_NAME, pb.ADAPTER_FILE_WEIGHTS))]
     except OSError as error:
         raise _fail(directory, "path", f"cannot read it ({error.strerror or error})") from None
-    return LocalAdapter(directory, files[0], files[1], rank=config["r"], chat_template=read_chat_template(directory))
+    return LocalAdapter(directory, files[0], files[1], rank=config["r"], chat_template=read_chat_template(directory),
+                        tokenizer=tokenizer_files(directory, config))
+
+
+TOKENIZER_FILES = (("tokenizer.json", pb.ADAPTER_FILE_TOKENIZER),
+                   ("tokenizer_config.json", pb.ADAPTER_FILE_TOKENIZER_CONFIG),
+                   ("special_tokens_map.json", pb.ADAPTER_FILE_SPECIAL_TOKENS_MAP))
+
+
+def tokenizer_files(directory: Path, config: dict) -> tuple[LocalFile, ...]:
+    """The tokenizer files to send: only when modules_to_save saves embed_tokens or lm_head (a
+    resized vocabulary needs the adapter's own tokenizer; the server keeps them only then)."""
+    saved = config.get("modules_to_save") or ()
+    if not any(name in ("embed_tokens", "lm_head") for name in (saved if isinstance(saved, list) else ())):
+        return ()
+    return tuple(LocalFile(directory / name, kind, (directory / name).stat().st_size, sha256_of(directory / name))
+                 for name, kind in TOKENIZER_FILES if (directory / name).is_file())
 
 
 def read_chat_template(directory: Path) -> bytes | None:
@@ -163,7 +181,8 @@ def upload_metadata(adapter: LocalAdapter, adapter_id: str, private: bool,
         adapter_id=adapter_id, config_size=adapter.config.size, config_sha256=adapter.config.sha256,
         weights_size=adapter.weights.size, weights_sha256=adapter.weights.sha256, private=private,
         allow_base_mismatch=allow_base_mismatch, chat_template_size=len(adapter.chat_template or b""),
-        chat_template_sha256=hashlib.sha256(adapter.chat_template).hexdigest() if adapter.chat_template else ""))
+        chat_template_sha256=hashlib.sha256(adapter.chat_template).hexdigest() if adapter.chat_template else "",
+        tokenizer_files=[pb.DeclaredFile(file=f.kind, size=f.size, sha256=f.sha256) for f in adapter.tokenizer]))
 
 
 def upload_requests(adapter: LocalAdapter, adapter_id: str, private: bool = False,
@@ -173,7 +192,7 @@ def upload_requests(adapter: LocalAdapter, adapter_id: str, private: bool = Fals
     is called after each chunk is handed to gRPC."""
     yield upload_metadata(adapter, adapter_id, private, allow_base_mismatch)
     sent, total = 0, adapter.total_bytes
-    for local in (adapter.config, adapter.weights):
+    for local in (adapter.config, adapter.weights, *adapter.tokenizer):
         with local.path.open("rb") as handle:
             while data := handle.read(chunk_bytes):
                 yield pb.UploadAdapterRequest(chunk=pb.UploadChunk(file=local.kind, data=data))

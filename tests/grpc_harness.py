@@ -61,7 +61,9 @@ async def start_full_server(config, engine_process: bool | None = None):
     import os
     from dataclasses import replace
 
-    from loraplex.server.app import attach_engine, load_engine, start_grpc
+    import asyncio
+
+    from loraplex.server.app import attach_engine, drain_and_stop, load_engine, start_grpc
     from loraplex.server.metrics import Metrics
 
     chosen = os.environ.get(ENGINE_PROCESS_ENV)
@@ -70,8 +72,12 @@ async def start_full_server(config, engine_process: bool | None = None):
     if engine_process is not None:
         config = replace(config, engine_process=engine_process)
     running = await start_grpc(config, Metrics(config.metrics_adapter_labels))
-    store, engine = await load_engine(config, log=lambda _message: None)
-    await attach_engine(running, store, engine)
+    try:
+        store, engine = await load_engine(config, log=lambda _message: None)
+        await attach_engine(running, store, engine)
+    except BaseException:        # a failed or timed-out start leaves no server (nor engine process)
+        await asyncio.shield(drain_and_stop(running, 0.5, log=lambda _message: None))
+        raise
     return running
 
 

@@ -25,43 +25,45 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x01\n\x0eUploadMetadata\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_size\x18\x02 \x01(\x04\x12\x15\n\rconfig_sha256\x18\x03 \x01(\t\x12\x14\n\x0cweights_size\x18\x04 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12\x0f\n\x07private\x18\x06 \x01(\x08\x12\x1b\n\x13\x61llow_base_mismatch\x18\x07 \x01(\x08\x12\x1a\n\x12\x63hat_template_size\x18\x08 \x01(\x04\x12\x1c\n\x14\x63hat_template_sha256\x18\t \x01(\t\"C\n\x0bUploadChunk\x12&\n\x04\x66ile\x18\x01 \x01(\x0e\x32\x18.loraplex.v1.AdapterFile\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"}\n\x14UploadAdapterRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.loraplex.v1.UploadMetadataH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.loraplex.v1.UploadChunkH\x00\x42\t\n\x07payload\"\xf8\x02\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x12\n\nlora_alpha\x18\x06 \x01(\x02\x12\x12\n\nuse_rslora\x18\x07 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x08 \x03(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x11\n\tpeft_type\x18\n \x01(\t\x12\x12\n\nbase_model\x18\x0b \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x0c \x01(\t\x12\r\n\x05owner\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05state\x18\x0f \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\x19\n\x11has_chat_template\x18\x10 \x01(\x08\"B\n\x15UploadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"h\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07private\x18\x03 \x01(\x08\x12\x1b\n\x13\x61llow_base_mismatch\x18\x04 \x01(\x08\"D\n\x17RegisterAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"Q\n\x12GetAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\x12\x10\n\x08versions\x18\x02 \x03(\r\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"1\n\x15\x44\x65leteAdapterResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\r*\x81\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_STATE_READY\x10\x01\x12\x1d\n\x19\x41\x44\x41PTER_STATE_QUARANTINED\x10\x02\x12\x1a\n\x16\x41\x44\x41PTER_STATE_DELETING\x10\x03*~\n\x0b\x41\x64\x61pterFile\x12\x1c\n\x18\x41\x44\x41PTER_FILE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_FILE_CONFIG\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_FILE_WEIGHTS\x10\x02\x12\x1e\n\x1a\x41\x44\x41PTER_FILE_CHAT_TEMPLATE\x10\x03\x32\xc4\x03\n\x0e\x41\x64\x61pterService\x12X\n\rUploadAdapter\x12!.loraplex.v1.UploadAdapterRequest\x1a\".loraplex.v1.UploadAdapterResponse(\x01\x12\\\n\x0fRegisterAdapter\x12#.loraplex.v1.RegisterAdapterRequest\x1a$.loraplex.v1.RegisterAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12M\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x1f.loraplex.v1.GetAdapterResponse\x12V\n\rDeleteAdapter\x12!.loraplex.v1.DeleteAdapterRequest\x1a\".loraplex.v1.DeleteAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"T\n\x0c\x44\x65\x63laredFile\x12&\n\x04\x66ile\x18\x01 \x01(\x0e\x32\x18.loraplex.v1.AdapterFile\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x9a\x02\n\x0eUploadMetadata\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_size\x18\x02 \x01(\x04\x12\x15\n\rconfig_sha256\x18\x03 \x01(\t\x12\x14\n\x0cweights_size\x18\x04 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12\x0f\n\x07private\x18\x06 \x01(\x08\x12\x1b\n\x13\x61llow_base_mismatch\x18\x07 \x01(\x08\x12\x1a\n\x12\x63hat_template_size\x18\x08 \x01(\x04\x12\x1c\n\x14\x63hat_template_sha256\x18\t \x01(\t\x12\x32\n\x0ftokenizer_files\x18\n \x03(\x0b\x32\x19.loraplex.v1.DeclaredFile\"C\n\x0bUploadChunk\x12&\n\x04\x66ile\x18\x01 \x01(\x0e\x32\x18.loraplex.v1.AdapterFile\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"}\n\x14UploadAdapterRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.loraplex.v1.UploadMetadataH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.loraplex.v1.UploadChunkH\x00\x42\t\n\x07payload\"\x8c\x03\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x12\n\nlora_alpha\x18\x06 \x01(\x02\x12\x12\n\nuse_rslora\x18\x07 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x08 \x03(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x11\n\tpeft_type\x18\n \x01(\t\x12\x12\n\nbase_model\x18\x0b \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x0c \x01(\t\x12\r\n\x05owner\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05state\x18\x0f \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\x19\n\x11has_chat_template\x18\x10 \x01(\x08\x12\x12\n\nvocab_size\x18\x11 \x01(\r\"B\n\x15UploadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"h\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07private\x18\x03 \x01(\x08\x12\x1b\n\x13\x61llow_base_mismatch\x18\x04 \x01(\x08\"D\n\x17RegisterAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"Q\n\x12GetAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\x12\x10\n\x08versions\x18\x02 \x03(\r\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"1\n\x15\x44\x65leteAdapterResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\r*\x81\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_STATE_READY\x10\x01\x12\x1d\n\x19\x41\x44\x41PTER_STATE_QUARANTINED\x10\x02\x12\x1a\n\x16\x41\x44\x41PTER_STATE_DELETING\x10\x03*\xe2\x01\n\x0b\x41\x64\x61pterFile\x12\x1c\n\x18\x41\x44\x41PTER_FILE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_FILE_CONFIG\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_FILE_WEIGHTS\x10\x02\x12\x1e\n\x1a\x41\x44\x41PTER_FILE_CHAT_TEMPLATE\x10\x03\x12\x1a\n\x16\x41\x44\x41PTER_FILE_TOKENIZER\x10\x04\x12!\n\x1d\x41\x44\x41PTER_FILE_TOKENIZER_CONFIG\x10\x05\x12#\n\x1f\x41\x44\x41PTER_FILE_SPECIAL_TOKENS_MAP\x10\x06\x32\xc4\x03\n\x0e\x41\x64\x61pterService\x12X\n\rUploadAdapter\x12!.loraplex.v1.UploadAdapterRequest\x1a\".loraplex.v1.UploadAdapterResponse(\x01\x12\\\n\x0fRegisterAdapter\x12#.loraplex.v1.RegisterAdapterRequest\x1a$.loraplex.v1.RegisterAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12M\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x1f.loraplex.v1.GetAdapterResponse\x12V\n\rDeleteAdapter\x12!.loraplex.v1.DeleteAdapterRequest\x1a\".loraplex.v1.DeleteAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERSTATE']._serialized_start=1439
-  _globals['_ADAPTERSTATE']._serialized_end=1568
-  _globals['_ADAPTERFILE']._serialized_start=1570
-  _globals['_ADAPTERFILE']._serialized_end=1696
-  _globals['_UPLOADMETADATA']._serialized_start=77
-  _globals['_UPLOADMETADATA']._serialized_end=307
-  _globals['_UPLOADCHUNK']._serialized_start=309
-  _globals['_UPLOADCHUNK']._serialized_end=376
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=378
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=503
-  _globals['_ADAPTERINFO']._serialized_start=506
-  _globals['_ADAPTERINFO']._serialized_end=882
-  _globals['_UPLOADADAPTERRESPONSE']._serialized_start=884
-  _globals['_UPLOADADAPTERRESPONSE']._serialized_end=950
-  _globals['_REGISTERADAPTERREQUEST']._serialized_start=952
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1056
-  _globals['_REGISTERADAPTERRESPONSE']._serialized_start=1058
-  _globals['_REGISTERADAPTERRESPONSE']._serialized_end=1126
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1128
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1149
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1151
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1217
-  _globals['_GETADAPTERREQUEST']._serialized_start=1219
-  _globals['_GETADAPTERREQUEST']._serialized_end=1258
-  _globals['_GETADAPTERRESPONSE']._serialized_start=1260
-  _globals['_GETADAPTERRESPONSE']._serialized_end=1341
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1343
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1385
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1387
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1436
-  _globals['_ADAPTERSERVICE']._serialized_start=1699
-  _globals['_ADAPTERSERVICE']._serialized_end=2151
+  _globals['_ADAPTERSTATE']._serialized_start=1597
+  _globals['_ADAPTERSTATE']._serialized_end=1726
+  _globals['_ADAPTERFILE']._serialized_start=1729
+  _globals['_ADAPTERFILE']._serialized_end=1955
+  _globals['_DECLAREDFILE']._serialized_start=76
+  _globals['_DECLAREDFILE']._serialized_end=160
+  _globals['_UPLOADMETADATA']._serialized_start=163
+  _globals['_UPLOADMETADATA']._serialized_end=445
+  _globals['_UPLOADCHUNK']._serialized_start=447
+  _globals['_UPLOADCHUNK']._serialized_end=514
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=516
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=641
+  _globals['_ADAPTERINFO']._serialized_start=644
+  _globals['_ADAPTERINFO']._serialized_end=1040
+  _globals['_UPLOADADAPTERRESPONSE']._serialized_start=1042
+  _globals['_UPLOADADAPTERRESPONSE']._serialized_end=1108
+  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1110
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1214
+  _globals['_REGISTERADAPTERRESPONSE']._serialized_start=1216
+  _globals['_REGISTERADAPTERRESPONSE']._serialized_end=1284
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1286
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1307
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1309
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1375
+  _globals['_GETADAPTERREQUEST']._serialized_start=1377
+  _globals['_GETADAPTERREQUEST']._serialized_end=1416
+  _globals['_GETADAPTERRESPONSE']._serialized_start=1418
+  _globals['_GETADAPTERRESPONSE']._serialized_end=1499
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1501
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1543
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1545
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1594
+  _globals['_ADAPTERSERVICE']._serialized_start=1958
+  _globals['_ADAPTERSERVICE']._serialized_end=2410
 # @@protoc_insertion_point(module_scope)

@@ -23,6 +23,9 @@ class AdapterFile(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_FILE_CONFIG: _ClassVar[AdapterFile]
     ADAPTER_FILE_WEIGHTS: _ClassVar[AdapterFile]
     ADAPTER_FILE_CHAT_TEMPLATE: _ClassVar[AdapterFile]
+    ADAPTER_FILE_TOKENIZER: _ClassVar[AdapterFile]
+    ADAPTER_FILE_TOKENIZER_CONFIG: _ClassVar[AdapterFile]
+    ADAPTER_FILE_SPECIAL_TOKENS_MAP: _ClassVar[AdapterFile]
 ADAPTER_STATE_UNSPECIFIED: AdapterState
 ADAPTER_STATE_READY: AdapterState
 ADAPTER_STATE_QUARANTINED: AdapterState
@@ -31,9 +34,22 @@ ADAPTER_FILE_UNSPECIFIED: AdapterFile
 ADAPTER_FILE_CONFIG: AdapterFile
 ADAPTER_FILE_WEIGHTS: AdapterFile
 ADAPTER_FILE_CHAT_TEMPLATE: AdapterFile
+ADAPTER_FILE_TOKENIZER: AdapterFile
+ADAPTER_FILE_TOKENIZER_CONFIG: AdapterFile
+ADAPTER_FILE_SPECIAL_TOKENS_MAP: AdapterFile
+
+class DeclaredFile(_message.Message):
+    __slots__ = ("file", "size", "sha256")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    file: AdapterFile
+    size: int
+    sha256: str
+    def __init__(self, file: _Optional[_Union[AdapterFile, str]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class UploadMetadata(_message.Message):
-    __slots__ = ("adapter_id", "config_size", "config_sha256", "weights_size", "weights_sha256", "private", "allow_base_mismatch", "chat_template_size", "chat_template_sha256")
+    __slots__ = ("adapter_id", "config_size", "config_sha256", "weights_size", "weights_sha256", "private", "allow_base_mismatch", "chat_template_size", "chat_template_sha256", "tokenizer_files")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_SIZE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +59,7 @@ class UploadMetadata(_message.Message):
     ALLOW_BASE_MISMATCH_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FILES_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     config_size: int
     config_sha256: str
@@ -52,7 +69,8 @@ class UploadMetadata(_message.Message):
     allow_base_mismatch: bool
     chat_template_size: int
     chat_template_sha256: str
-    def __init__(self, adapter_id: _Optional[str] = ..., config_size: _Optional[int] = ..., config_sha256: _Optional[str] = ..., weights_size: _Optional[int] = ..., weights_sha256: _Optional[str] = ..., private: _Optional[bool] = ..., allow_base_mismatch: _Optional[bool] = ..., chat_template_size: _Optional[int] = ..., chat_template_sha256: _Optional[str] = ...) -> None: ...
+    tokenizer_files: _containers.RepeatedCompositeFieldContainer[DeclaredFile]
+    def __init__(self, adapter_id: _Optional[str] = ..., config_size: _Optional[int] = ..., config_sha256: _Optional[str] = ..., weights_size: _Optional[int] = ..., weights_sha256: _Optional[str] = ..., private: _Optional[bool] = ..., allow_base_mismatch: _Optional[bool] = ..., chat_template_size: _Optional[int] = ..., chat_template_sha256: _Optional[str] = ..., tokenizer_files: _Optional[_Iterable[_Union[DeclaredFile, _Mapping]]] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("file", "data")
@@ -71,7 +89,7 @@ class UploadAdapterRequest(_message.Message):
     def __init__(self, metadata: _Optional[_Union[UploadMetadata, _Mapping]] = ..., chunk: _Optional[_Union[UploadChunk, _Mapping]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "version", "sha256", "size_bytes", "rank", "lora_alpha", "use_rslora", "target_modules", "dtype", "peft_type", "base_model", "base_fingerprint", "owner", "created_at", "state", "has_chat_template")
+    __slots__ = ("adapter_id", "version", "sha256", "size_bytes", "rank", "lora_alpha", "use_rslora", "target_modules", "dtype", "peft_type", "base_model", "base_fingerprint", "owner", "created_at", "state", "has_chat_template", "vocab_size")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +106,7 @@ class AdapterInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     version: int
     sha256: str
@@ -104,7 +123,8 @@ class AdapterInfo(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     state: AdapterState
     has_chat_template: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., peft_type: _Optional[str] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., owner: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    vocab_size: int
+    def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., peft_type: _Optional[str] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., owner: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., has_chat_template: _Optional[bool] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class UploadAdapterResponse(_message.Message):
     __slots__ = ("adapter",)

@@ -28,6 +28,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .engine import LLMEngine
 from .io import EngineInfo
+from .adapter_tokenizers import AdapterTokenizers, base_tokens
 from .prompt import eos_token_ids, load_tokenizer
 from .runner import ModelRunner
 from .sampling import Sampler
@@ -110,7 +111,7 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print,
     scheduler = Scheduler(sched, blocks)
 
     base_spec = base_spec_from_model_config(model_config, spec.method)
-    gateway = pool = None
+    gateway = pool = vocab = None
     if store is not None:
         adapter_dtype = dtype if config.lora.adapter_dtype == "compute" else _DTYPES[config.lora.adapter_dtype]
         vocab = VocabSlots(model_config.vocab_size, model_config.hidden_size, dtype, device)
@@ -127,11 +128,16 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print,
             set_finisher(pool.dora_scaler)
     runner = ModelRunner(model, model_config, kv_caches, cache.block_size, sampler, device=device, lora=pool)
 
+    tokenizers = AdapterTokenizers(tokenizer, model_config.vocab_size, store)
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
-                       adapters=gateway, constraints=constraints, guided=guided, detokenize=detokenize)
+                       adapters=gateway, constraints=constraints, guided=guided, tokenizers=tokenizers,
+                       detokenize=detokenize)
     set_template_check = getattr(store, "set_template_check", None)
     if set_template_check is not None:   # adapters' own chat templates: test-rendered at upload
         set_template_check(engine.chat.check_adapter_template)
+    set_base_tokens = getattr(store, "set_base_tokens", None)
+    if set_base_tokens is not None and vocab is not None:   # resized vocabularies: checked against these
+        set_base_tokens(base_tokens(tokenizer))
     info = EngineInfo(model=str(config.model_dir), architecture=model_config.architecture,
                       quantization=spec.method, dtype=str(dtype).removeprefix("torch."),
                       device=device, base_fingerprint=base_spec.fingerprint,

@@ -12,11 +12,12 @@ from .adapters import AdapterGateway
 from .batch import RunnerOutput, ScheduledBatch
 from .config import EngineConfig
 from .constraints.spec import ConstraintError
+from .adapter_tokenizers import AdapterTokenizers, RequestTokenizer
 from .intake import Intake
 from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
                  RequestFailed, RequestOutput, RequestRejected, ValidatedRequest)
 from .chat_template import ChatRenderer
-from .prompt_ids import PromptIds
+from .prompt_ids import OWN_VOCAB_CONSTRAINT, PromptIds
 from .request_state import EMPTY_DELTA, Delta, RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
@@ -49,11 +50,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, scheduler: Scheduler, runner: Any, tokenizer: Any,
                  eos_token_ids: tuple[int, ...], adapters: AdapterGateway | None = None,
                  clock: Callable[[], float] = time.monotonic, constraints: Any = None, guided: Any = None,
-                 detokenize: bool = True):
+                 tokenizers: AdapterTokenizers | None = None, detokenize: bool = True):
         """constraints: a ConstraintCompiler, guided: the GuidedDecoding whose hook the runner's
-        sampler calls (both None: structured output is refused). detokenize=False: outputs carry
-        token ids, logprobs, finish reasons, usage and timing but no text, and stop strings are
-        not matched (the engine-core process: its front end does both, text_stream.py)."""
+        sampler calls (both None: structured output is refused). tokenizers: each request's
+        tokenizer (an adapter with a resized vocabulary has its own; default: the base's).
+        detokenize=False: outputs carry token ids, logprobs, finish reasons, usage and timing but
+        no text, and stop strings are not matched (the engine-core process: its front end does
+        both, text_stream.py)."""
         self.config = config
         self.constraints = constraints
         self.guided = guided
@@ -70,7 +73,9 @@ class LLMEngine:
         self._next_seq_id = 0
         self._last_batch: ScheduledBatch | None = None
         self._prefix_seen = scheduler.blocks.stats      # cumulative counters at the last step
-        self.prompts = PromptIds(tokenizer, self.chat, config.limits.max_input_tokens, self.adapter_template)
+        self.tokenizers = tokenizers or AdapterTokenizers(tokenizer, getattr(runner, "vocab_size", None))
+        self.prompts = PromptIds(tokenizer, self.chat, config.limits.max_input_tokens, self.adapter_template,
+                                 self.tokenizers)
         self.max_prompt_bytes = self.prompts.max_prompt_bytes
         self.intake = Intake(config, self.prompts, getattr(runner, "vocab_size", None))
 
@@ -94,6 +99,8 @@ class LLMEngine:
         """The request's Guide (None when unconstrained); compiles on this thread if needed."""
         if request.sampling.constraint is None:
             return None
+        if not self.prompts.for_request(request).is_base:
+            raise RequestRejected("sampling.constraint", OWN_VOCAB_CONSTRAINT)
         if self.constraints is None or self.guided is None:
             raise RequestRejected("sampling.constraint", "this server does not support structured output")
         try:
@@ -116,26 +123,30 @@ class LLMEngine:
         if not isinstance(request, ValidatedRequest):
             request = self.intake.prepare(request)
         request, prompt_ids = request.request, request.prompt_ids
+        own = self.prompts.for_request(request)        # the tokenizer (and eos) of the request's ids
         if guide is None:
             guide = self.compile_constraint(request)
         adapter_key = self._resolve_adapter(request)
         seq = Sequence(seq_id=self._next_seq_id, prompt_token_ids=prompt_ids,
                        sampling=request.sampling, adapter_key=adapter_key,
-                       arrival_time=self.clock(), eos_token_ids=self.eos_token_ids, guide=guide)
+                       arrival_time=self.clock(), eos_token_ids=self._eos_ids(own), guide=guide)
         self._next_seq_id += 1
         try:
             self.scheduler.add(seq)
         except ValueError as error:
             self._release(adapter_key)
             raise RequestRejected("sampling.max_new_tokens", str(error)) from None
-        text = TextStream(self._tokenizer_for(request), prompt_ids, request.sampling.stop) if self.detokenize else None
+        text = TextStream(own.tokenizer, prompt_ids, request.sampling.stop) if self.detokenize else None
         state = RequestState(request=request, seq=seq, text=text)
         self._states[request.request_id] = state
         self._by_seq[seq.seq_id] = state
 
-    def _tokenizer_for(self, request: GenerationRequest) -> Any:
-        """The tokenizer whose ids the request's output holds (its text is decoded with it)."""
-        return self.tokenizer
+    def _eos_ids(self, own: RequestTokenizer) -> tuple[int, ...]:
+        """The base's end-of-sequence ids, plus an adapter's own tokenizer's eos (e.g. an added token)."""
+        if own.is_base:
+            return self.eos_token_ids
+        eos = getattr(own.tokenizer, "eos_token_id", None)
+        return tuple(dict.fromkeys((*self.eos_token_ids, *([eos] if isinstance(eos, int) else []))))
 
     def _resolve_adapter(self, request: GenerationRequest) -> str | None:
         if not request.adapter_id:

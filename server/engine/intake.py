@@ -34,12 +34,13 @@ class Intake:
 
     def tokenize(self, request: GenerationRequest) -> ValidatedRequest:
         """A request `validate` returned, with its prompt's token ids, checked against the length
-        limits and the vocabulary. A prompt of more than max_prompt_bytes is refused before
+        limits and the vocabulary (an adapter's own, resized one where it has one). A prompt of more than max_prompt_bytes is refused before
         tokenizing."""
         limits = self.config.limits
         prompt_ids = self.prompts.of_request(request)
+        own = self.prompts.for_request(request)      # an adapter's own (resized) vocabulary, or the base's
         violations = check_prompt(request, prompt_ids, limits, self.config.scheduler.max_model_len,
-                                  self.vocab_size)
+                                  self.vocab_size if own.is_base else own.vocab_size)
         if violations:
             raise RequestRejected.of(violations)
         return ValidatedRequest(request, prompt_ids)

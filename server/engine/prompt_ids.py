@@ -5,12 +5,16 @@ thread) and the engine process's front end, so that a chat renders the
 same way in both modes: the base model's template for plain messages; the adapter's own
 template, a request's template or ChatOptions (tools, tool calls in the history, template
 kwargs, documents, continue_final_message) through chat_template.ChatRenderer's sandbox.
+An adapter with a resized vocabulary has its own tokenizer (adapter_tokenizers.py): its prompts
+are encoded with it, and its chats rendered in the sandbox (its own template, else its
+tokenizer's) and encoded with it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from .adapter_tokenizers import AdapterTokenizers, RequestTokenizer
 from .chat_options import ChatOptions
 from .chat_template import ChatRenderer, TemplateError
 from .io import GenerationRequest, RequestRejected
@@ -18,6 +22,10 @@ from .prompt import encode_prompt, max_token_bytes, prompt_bytes, render_chat
 
 # (adapter_id, tenant) -> the chat template that adapter version carries (None: the base's)
 AdapterTemplate = Callable[[str | None, str | None], str | None]
+
+
+OWN_VOCAB_CONSTRAINT = ("structured output is not supported on an adapter with its own (resized) vocabulary: the "
+                        "grammar's token masks are built for the base model's tokenizer")
 
 
 def _no_adapter_template(_adapter_id: str | None, _tenant: str | None) -> str | None:
@@ -28,16 +36,20 @@ class PromptIds:
     """Token ids of prompts and chats with one tokenizer (call from one thread at a time)."""
 
     def __init__(self, tokenizer: Any, chat: ChatRenderer, max_input_tokens: int,
-                 adapter_template: AdapterTemplate = _no_adapter_template):
+                 adapter_template: AdapterTemplate = _no_adapter_template,
+                 tokenizers: AdapterTokenizers | None = None):
         self.tokenizer = tokenizer
         self.chat = chat
         self.max_input_tokens = max_input_tokens
         self.adapter_template = adapter_template
+        self.tokenizers = tokenizers or AdapterTokenizers(tokenizer, None)
         self.max_prompt_bytes = max_input_tokens * max_token_bytes(tokenizer)
 
     def of_request(self, request: GenerationRequest) -> list[int]:
         """prompt_token_ids as given, the chat rendered, or the text encoded. A prompt of more
         than max_prompt_bytes cannot fit max_input_tokens and is refused before tokenizing."""
+        if request.sampling.constraint is not None and not self.for_request(request).is_base:
+            raise RequestRejected("sampling.constraint", OWN_VOCAB_CONSTRAINT)
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
         num_bytes = prompt_bytes(request.prompt, request.messages) + (request.chat.num_bytes if request.chat else 0)
@@ -47,7 +59,11 @@ class PromptIds:
                                   f"{self.max_prompt_bytes // self.max_input_tokens} bytes); shorten it")
         if request.messages is not None:
             return self.of_chat(request.messages, request.adapter_id, request.chat, request.tenant)
-        return encode_prompt(self.tokenizer, request.prompt)
+        return encode_prompt(self.for_request(request).tokenizer, request.prompt)
+
+    def for_request(self, request: GenerationRequest) -> RequestTokenizer:
+        """The tokenizer of `request` (its adapter's own, or the base's) and its vocabulary size."""
+        return self.tokenizers.for_request(request.adapter_id, request.tenant)
 
     def of_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
                 options: ChatOptions | None = None, tenant: str | None = None) -> list[int]:
@@ -55,6 +71,9 @@ class PromptIds:
         model's; with options (or another template) through ChatRenderer. RequestRejected
         naming `messages` (or `chat_template` for a request's own template) when it cannot."""
         template = self.adapter_template(adapter_id, tenant)
+        own = self.tokenizers.for_request(adapter_id, tenant)
+        if not own.is_base:
+            return self._with_own_tokenizer(tuple(messages), options or ChatOptions(), template, own.tokenizer)
         if options is None and template is None:
             try:
                 return render_chat(self.tokenizer, list(messages))
@@ -69,3 +88,18 @@ class PromptIds:
             return self.chat.ids(messages, options, template)
         except TemplateError as error:
             raise RequestRejected("chat_template" if options.chat_template else "messages", str(error)) from None
+
+    def _with_own_tokenizer(self, messages: tuple[tuple[str, str], ...], options: ChatOptions,
+                            template: str | None, tokenizer: Any) -> list[int]:
+        """A resized-vocabulary adapter's chat: rendered in the sandbox with its own template (else
+        its tokenizer's), encoded with its tokenizer."""
+        own_template = getattr(tokenizer, "chat_template", None)
+        template = template or (own_template if isinstance(own_template, str) else None)
+        if template is None and not options.chat_template:
+            raise RequestRejected("messages", "this adapter's tokenizer has no chat template; send a plain "
+                                  "prompt instead")
+        try:
+            text = self.chat.render_text(messages, options, template)
+        except TemplateError as error:
+            raise RequestRejected("chat_template" if options.chat_template else "messages", str(error)) from None
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])

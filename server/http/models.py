@@ -8,11 +8,14 @@ from typing import Any
 
 def _card(model_id: str, created: int, owned_by: str, root: str, parent: str | None,
           record: Any = None) -> dict[str, Any]:
-    """A model card; adapters' add `has_chat_template` (renders chats with its own template)."""
+    """A model card; adapters' add `has_chat_template` (renders chats with its own template) and, for a
+    resized vocabulary, `vocab_size` (its requests' token ids are its own tokenizer's)."""
     card = {"id": model_id, "object": "model", "created": created, "owned_by": owned_by, "root": root,
             "parent": parent}
     if record is not None:
         card["has_chat_template"] = bool(getattr(record, "chat_template", None))
+        if getattr(record, "vocab_size", 0):
+            card["vocab_size"] = int(record.vocab_size)
     return card
 
 

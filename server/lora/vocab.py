@@ -10,6 +10,11 @@ Rows of a batch whose adapter has them get, as PEFT computes them:
 
 Other rows keep the base's. Few adapters carry vocabulary tensors and they are large (a table
 is vocab x hidden), so they are kept per slot (not stacked) and applied per active slot.
+
+A resized vocabulary (tables of V' > V rows, the adapter's added tokens after the base's V):
+a step whose active slots include one has logits `width(active_slots)` = the largest V' wide;
+rows of that adapter get its V' logits (-inf past V' if another is wider), other rows the
+base's V logits and -inf for ids >= V, so no row can sample an id its tokenizer lacks.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ class _SlotVocab:
     embed_b_t: torch.Tensor | None       # [r, H]
     head_a: torch.Tensor | None          # [r, H]
     head_b: torch.Tensor | None          # [V, r]
-    embed_table: torch.Tensor | None     # [V, H] model dtype
-    head_table: torch.Tensor | None      # [V, H] model dtype
+    embed_table: torch.Tensor | None     # [V', H] model dtype (V' >= V: a resized vocabulary)
+    head_table: torch.Tensor | None      # [V', H] model dtype
+    width: int                           # V': ids this adapter's rows may hold and sample
 
 
 class VocabSlots:
@@ -60,8 +66,9 @@ class VocabSlots:
 
         embed_a, embed_b = vocab.embed_lora or (None, None)
         head_a, head_b = vocab.lm_head_lora or (None, None)
+        width = max([self.vocab_size] + [t.shape[0] for t in (vocab.embed_table, vocab.lm_head_table) if t is not None])
         self._slots[slot] = _SlotVocab(scale, lora(embed_a, True), lora(embed_b, True), lora(head_a), lora(head_b),
-                                       table(vocab.embed_table), table(vocab.lm_head_table))
+                                       table(vocab.embed_table), table(vocab.lm_head_table), width)
 
     def clear(self, slot: int) -> None:
         self._slots.pop(slot, None)
@@ -73,6 +80,10 @@ class VocabSlots:
     def active(self, active_slots: tuple[int, ...]) -> bool:
         """Whether a step over these slots has a vocabulary adapter."""
         return any(slot in self._slots for slot in active_slots)
+
+    def width(self, active_slots: tuple[int, ...]) -> int:
+        """Logits columns a step over these slots needs: V, or the largest resized V' among them."""
+        return max([self.vocab_size] + [self._slots[s].width for s in active_slots if s in self._slots])
 
     def embed(self, input_ids: torch.Tensor, hidden: torch.Tensor, token_slots: torch.Tensor) -> None:
         """hidden [T, H] (the base's embeddings) -> each vocabulary adapter's rows, in place.
@@ -92,8 +103,8 @@ class VocabSlots:
             hidden.index_add_(0, rows, delta.to(hidden.dtype))
 
     def logits(self, hidden: torch.Tensor, logits: torch.Tensor, row_slots: torch.Tensor) -> None:
-        """logits [n, V] float32 (the base's) -> each vocabulary adapter's rows, in place.
-        hidden [n, H] (final-normed), row_slots [n] (-1 = none)."""
+        """logits [n, W] float32 (the base's V columns, -inf past V; W = width(active slots)) -> each
+        vocabulary adapter's rows, in place. hidden [n, H] (final-normed), row_slots [n] (-1 = none)."""
         for slot, vocab in self._slots.items():
             if vocab.head_table is None and vocab.head_a is None:
                 continue
@@ -102,18 +113,24 @@ class VocabSlots:
                 continue
             h = hidden.index_select(0, rows)                                        # [R, H]
             if vocab.head_table is not None:
-                logits.index_copy_(0, rows, (h @ vocab.head_table.T).float())
+                own = (h @ vocab.head_table.T).float()                              # [R, V']
+                if own.shape[1] < logits.shape[1]:
+                    own = torch.nn.functional.pad(own, (0, logits.shape[1] - own.shape[1]), value=float("-inf"))
+                logits.index_copy_(0, rows, own)
                 continue
             x = h.to(vocab.head_a.dtype)
             delta = ((x @ vocab.head_a.T) @ vocab.head_b.T) * vocab.scale           # [R, V]
-            logits.index_add_(0, rows, delta.float())
+            logits.narrow(1, 0, self.vocab_size).index_add_(0, rows, delta.float())
 
     def _check(self, vocab: VocabWeights) -> None:
         tables = [t for t in (vocab.embed_table, vocab.lm_head_table) if t is not None]
         for t in tables:
-            if tuple(t.shape) != (self.vocab_size, self.hidden_size):
+            if t.dim() != 2 or t.shape[0] < self.vocab_size or t.shape[1] != self.hidden_size:
                 raise ValueError(f"a vocabulary table of shape {tuple(t.shape)} does not fit this model's "
-                                 f"[{self.vocab_size}, {self.hidden_size}]")
+                                 f"[{self.vocab_size} (or more, a resized vocabulary), {self.hidden_size}]")
+        if len({t.shape[0] for t in tables}) > 1 or (len(tables) == 1 and tables[0].shape[0] != self.vocab_size):
+            raise ValueError(f"a resized vocabulary needs both embed_tokens and lm_head tables of the same rows, "
+                             f"got {[tuple(t.shape) for t in tables]}")
         if vocab.embed_lora is not None:
             a, b = vocab.embed_lora
             if a.shape[1] != self.vocab_size or b.shape[0] != self.hidden_size:

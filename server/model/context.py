@@ -54,7 +54,9 @@ class ForwardContext:
 def embed_tokens(embed: torch.Tensor, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
     """[T] ids -> [T, hidden]: the base's embedding rows, then each row's adapter embedding
     (modules_to_save table or embedding LoRA) where its adapter has one."""
-    hidden = F.embedding(input_ids, embed)
-    if ctx.lora is not None and ctx.lora.vocab is not None:
-        ctx.lora.vocab.embed(input_ids, hidden, ctx.lora.info.token_slots)
+    if ctx.lora is None or ctx.lora.vocab is None:
+        return F.embedding(input_ids, embed)
+    # ids >= V (a resized vocabulary's added tokens) have no base row: their adapter's table fills them
+    hidden = F.embedding(input_ids.clamp(max=embed.shape[0] - 1), embed)
+    ctx.lora.vocab.embed(input_ids, hidden, ctx.lora.info.token_slots)
     return hidden

@@ -21,7 +21,10 @@ from .store_convert import adapter_info, upload_metadata
 MAX_CHUNK_BYTES = 2**20
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 FILE_NAMES = {pb.ADAPTER_FILE_CONFIG: "adapter_config.json", pb.ADAPTER_FILE_WEIGHTS: "adapter_model.safetensors",
-              pb.ADAPTER_FILE_CHAT_TEMPLATE: "chat_template.jinja"}
+              pb.ADAPTER_FILE_CHAT_TEMPLATE: "chat_template.jinja", pb.ADAPTER_FILE_TOKENIZER: "tokenizer.json",
+              pb.ADAPTER_FILE_TOKENIZER_CONFIG: "tokenizer_config.json",
+              pb.ADAPTER_FILE_SPECIAL_TOKENS_MAP: "special_tokens_map.json"}
+TOKENIZER_FILES = (pb.ADAPTER_FILE_TOKENIZER, pb.ADAPTER_FILE_TOKENIZER_CONFIG, pb.ADAPTER_FILE_SPECIAL_TOKENS_MAP)
 
 
 class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
@@ -98,6 +101,15 @@ def _check_metadata(meta: pb.UploadMetadata, max_adapter_bytes: int) -> None:
             problems.append(FieldViolation(f"metadata.{name}_size", "must be > 0"))
         if not _SHA256_RE.fullmatch(digest):
             problems.append(FieldViolation(f"metadata.{name}_sha256", "must be 64 lowercase hex digits"))
+    for i, declared in enumerate(meta.tokenizer_files):
+        where = f"metadata.tokenizer_files[{i}]"
+        if declared.file not in TOKENIZER_FILES:
+            problems.append(FieldViolation(f"{where}.file", "must be ADAPTER_FILE_TOKENIZER, "
+                                           "ADAPTER_FILE_TOKENIZER_CONFIG or ADAPTER_FILE_SPECIAL_TOKENS_MAP"))
+        if declared.size == 0:
+            problems.append(FieldViolation(f"{where}.size", "must be > 0"))
+        if not _SHA256_RE.fullmatch(declared.sha256):
+            problems.append(FieldViolation(f"{where}.sha256", "must be 64 lowercase hex digits"))
     if meta.config_size + meta.weights_size > max_adapter_bytes:
         problems.append(FieldViolation("metadata.weights_size",
                                        f"the adapter is larger than the limit of {max_adapter_bytes} bytes"))
@@ -109,8 +121,9 @@ def _chunk(message: pb.UploadAdapterRequest) -> tuple[str, bytes]:
         raise invalid_argument([FieldViolation("chunk", "every message after the first must be a chunk")])
     chunk = message.chunk
     if chunk.file not in FILE_NAMES:
-        raise invalid_argument([FieldViolation("chunk.file", "must be ADAPTER_FILE_CONFIG, ADAPTER_FILE_WEIGHTS "
-                                                              "or ADAPTER_FILE_CHAT_TEMPLATE")])
+        raise invalid_argument([FieldViolation("chunk.file", "must be ADAPTER_FILE_CONFIG, ADAPTER_FILE_WEIGHTS, "
+                                                              "ADAPTER_FILE_CHAT_TEMPLATE or a declared "
+                                                              "ADAPTER_FILE_TOKENIZER* file")])
     if len(chunk.data) > MAX_CHUNK_BYTES:
         raise invalid_argument([FieldViolation("chunk.data", f"chunks must be at most {MAX_CHUNK_BYTES} bytes")])
     return FILE_NAMES[chunk.file], chunk.data

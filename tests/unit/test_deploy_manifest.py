@@ -127,6 +127,36 @@ def test_schemas_rayservice_service_and_serve_config():
         raise AssertionError("the schema accepted an unknown field")
 
 
+def test_rayservice_validates_against_kuberays_published_crd():
+    """The pinned v1.7.0 CRD (tests/fixtures/kuberay), strictly: unknown fields are errors."""
+    import jsonschema
+
+    from kuberay_crd import cel_paths, load_crd, strict, values_at, version_schema
+
+    crd = load_crd()
+    assert crd["spec"]["names"]["kind"] == MANIFEST["kind"] == "RayService"
+    assert MANIFEST["apiVersion"] == f"{crd['spec']['group']}/v1"
+    schema = version_schema(crd)
+    validator = jsonschema.Draft7Validator(strict(schema))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(MANIFEST)]
+    assert not errors, errors
+    # CEL rules are not evaluated here: the manifest must set none of the fields that carry them.
+    cel = list(cel_paths(schema))
+    assert cel, "the CRD has CEL rules; this check must see them"
+    assert not [path for path in cel if values_at(MANIFEST, path)]
+    # The validator rejects what kubectl --validate=strict rejects: a typo, wrong types deep in a pod.
+    for path, value in ((("spec", "rayClusterConfig", "workerGroupSpecs", 0, "maxReplica"), 4),
+                        (("spec", "rayClusterConfig", "enableInTreeAutoscaling"), "yes"),
+                        (("spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0,
+                          "ports", 0, "containerPort"), "eight thousand")):
+        broken = yaml.safe_load(yaml.safe_dump(MANIFEST))
+        node = broken
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+        node[path[-1]] = value
+        assert list(validator.iter_errors(broken)), f"the CRD schema accepted {path} = {value!r}"
+
+
 def test_pods_meet_the_restricted_pod_security_standard():
     from pod_security import restricted_problems
 

@@ -59,7 +59,25 @@ def test_active_clear_and_shape_checks():
     slots.clear(3)
     assert not slots.active((1, 3)) and slots.slots == {0, 2}
     with pytest.raises(ValueError, match="does not fit"):
+        slots.load(1, VocabWeights(embed_table=torch.zeros(VOCAB - 1, HIDDEN)), 1.0, torch.float32)
+    with pytest.raises(ValueError, match="resized vocabulary needs both embed_tokens and lm_head tables"):
         slots.load(1, VocabWeights(embed_table=torch.zeros(VOCAB + 1, HIDDEN)), 1.0, torch.float32)
     with pytest.raises(ValueError, match="does not fit"):
         slots.load(1, VocabWeights(lm_head_lora=(torch.zeros(RANK, HIDDEN), torch.zeros(VOCAB - 1, RANK))),
                    1.0, torch.float32)
+
+
+def test_resized_slot_widens_the_logits_of_its_step_only():
+    """A slot with V' > V rows: width() is V' only for steps where it is active; its rows get
+    V'-wide logits from its table, other rows keep the base's V columns and -inf past them."""
+    slots = VocabSlots(VOCAB, HIDDEN, torch.float32)
+    wide = VOCAB + 5
+    table = torch.randn(wide, HIDDEN)
+    slots.load(2, VocabWeights(embed_table=torch.randn(wide, HIDDEN), lm_head_table=table), 1.0, torch.float32)
+    assert slots.width((0, 1)) == VOCAB and slots.width((0, 2)) == wide
+    hidden = torch.randn(3, HIDDEN)
+    base = torch.randn(3, VOCAB)
+    logits = torch.nn.functional.pad(base, (0, wide - VOCAB), value=float("-inf"))
+    slots.logits(hidden, logits, torch.tensor([-1, 2, 0]))
+    torch.testing.assert_close(logits[1], hidden[1] @ table.T)
+    assert torch.equal(logits[[0, 2], :VOCAB], base[[0, 2]]) and bool(torch.isinf(logits[[0, 2], VOCAB:]).all())

@@ -64,11 +64,15 @@ def mask_rows(logits: torch.Tensor, rows: list[int], disallowed: np.ndarray) -> 
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         logits = logits.contiguous()
         values = logits.numpy()                                               # shares memory
+        width = disallowed.shape[1]    # logits may be wider (a resized vocabulary's rows): those ids stay -inf
         for j, row in enumerate(rows):
-            np.putmask(values[row], disallowed[j], -np.inf)
+            np.putmask(values[row, :width], disallowed[j], -np.inf)
         return logits
     index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-    masked = logits.index_select(0, index).masked_fill_(torch.from_numpy(disallowed).to(logits.device), float("-inf"))
+    mask = torch.from_numpy(disallowed).to(logits.device)
+    if mask.shape[1] < logits.shape[1]:
+        mask = torch.nn.functional.pad(mask, (0, logits.shape[1] - mask.shape[1]), value=False)
+    masked = logits.index_select(0, index).masked_fill_(mask, float("-inf"))
     return logits.index_copy(0, index, masked)
 
 

@@ -2,8 +2,8 @@
 
 The front end validates and tokenizes a request (intake.py, on its tokenizer thread), sends it
 with its token ids over ZeroMQ, and streams the core's per-step outputs (token ids, no text) back
-into the request's asyncio queue, detokenized and cut at stop strings on the way (outputs.py). A receiver thread reads the core's messages and watches its process: when the
-core dies, in-flight requests fail with EngineUnavailable (UNAVAILABLE; the SDK retries), the
+into the request's asyncio queue, detokenized and cut at stop strings on the way (outputs.py).
+A receiver thread reads the core's messages and watches its process: when the core dies, in-flight requests fail with EngineUnavailable (UNAVAILABLE; the SDK retries), the
 liveness hook reports False (health NOT_SERVING), and a new core is started; serving resumes
 when it is ready.
 """
@@ -21,8 +21,9 @@ import zmq
 
 from . import wire
 from ..io import (EngineDraining, EngineInfo, EngineStats, EngineUnavailable, GenerationRequest,
-                  RequestOutput, RequestRejected)
+                  RequestOutput, RequestRejected, ValidatedRequest)
 from ....adapters_store.errors import StoreError
+from ..adapter_tokenizers import AdapterTokenizers, base_tokens
 from ..chat_options import ChatOptions
 from ..client import wait_until_empty
 from ..chat_template import ChatRenderer
@@ -62,12 +63,16 @@ class ProcessEngine:
         self._private: frozenset[str] = frozenset()
         self._serving = self._draining = self._stopping = False
         self._tokenizer = load_tokenizer(config.model_dir)
-        self._output_tokenizer = load_tokenizer(config.model_dir)     # the receiver thread's own
         self._templates = ChatRenderer(self._tokenizer)   # checks adapters' own chat templates at upload
         if store is not None and hasattr(store, "set_template_check"):
             store.set_template_check(self._templates.check_adapter_template)
+        if store is not None and hasattr(store, "set_base_tokens"):   # resized vocabularies are checked
+            store.set_base_tokens(base_tokens(self._tokenizer))
+        self.tokenizers = AdapterTokenizers(self._tokenizer, None, store)
+        # outputs are detokenized on the receiver thread, with tokenizers no other thread uses
+        self._output_tokenizers = AdapterTokenizers(load_tokenizer(config.model_dir), None, store)
         self._prompts = PromptIds(self._tokenizer, self._templates, config.limits.max_input_tokens,
-                                  self._adapter_template)
+                                  self._adapter_template, self.tokenizers)
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
         self._intake: Intake | None = None
         self._supervisor = CoreSupervisor(self._spawn, self._on_ready, self._on_message, self._on_death)
@@ -174,15 +179,14 @@ class ProcessEngine:
         if not self._serving:
             raise EngineUnavailable("the engine process is restarting; retry")
         loop = asyncio.get_running_loop()
-        # validated once, here (the core does not check it again)
-        validated = await loop.run_in_executor(self._tokenizer_pool, self._intake.prepare, request)
+        validated, tokenizer = await loop.run_in_executor(self._tokenizer_pool, self._admit, request)
         request = validated.request
         queue: asyncio.Queue = asyncio.Queue()
         request_id = request.request_id
         if request_id in self._queues:
             raise RequestRejected("request_id", f"duplicate request id {request_id!r}")
-        self._queues[request_id] = InFlight(loop, queue, self._tokenizer_for(request),
-                                            validated.prompt_ids[-PROMPT_CONTEXT_TOKENS:], request.sampling.stop)
+        self._queues[request_id] = InFlight(loop, queue, tokenizer, validated.prompt_ids[-PROMPT_CONTEXT_TOKENS:],
+                                            request.sampling.stop)
         finished = False
         try:
             self._send(wire.Add(validated.request, validated.prompt_ids))
@@ -200,10 +204,17 @@ class ProcessEngine:
             if not finished:
                 self._abort(request_id)
 
+    def _admit(self, request: GenerationRequest) -> tuple[ValidatedRequest, Any]:
+        """Intake (the request is validated once, here: the core does not check it again) and the
+        tokenizer of its output; on the tokenizer thread (an adapter's own tokenizer may load)."""
+        validated = self._intake.prepare(request)
+        return validated, self._tokenizer_for(validated.request)
+
     def _tokenizer_for(self, request: GenerationRequest) -> Any:
-        """The tokenizer that turns the request's output ids into text, on the receiver thread
-        (outputs.py): the base model's, a copy of its own that no other thread uses."""
-        return self._output_tokenizer
+        """The tokenizer that turns the request's output ids into text on the receiver thread
+        (outputs.py): its adapter's own (resized vocabulary) or the base model's; instances that
+        no other thread uses."""
+        return self._output_tokenizers.for_request(request.adapter_id, request.tenant).tokenizer
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"

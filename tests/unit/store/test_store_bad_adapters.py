@@ -243,13 +243,14 @@ def test_every_rule_has_its_own_message(store):
 
 
 def test_resized_vocabulary_refusal_names_what_and_why(store):
-    """The refusal says which tensor, both vocabulary sizes, and what serving it would need."""
+    """A resized lm_head table without the embed_tokens one: the refusal says which tensor, both
+    vocabulary sizes, and what serving it needs (both tables whole)."""
     config_bytes, weights_bytes, _ = UPLOAD_CASES["modules_to_save_resized_vocab"]()
     with pytest.raises(AdapterValidationError) as caught:
         upload(store, "resized", config_bytes, weights_bytes)
     detail = caught.value.detail
-    for part in (f"{LM_HEAD}.weight", f"{VOCAB + 3} tokens", f"base's has {VOCAB} (+3)", "resized vocabulary",
-                 "own tokenizer", "no tokenizer files"):
+    for part in (f"{LM_HEAD}.weight", f"{VOCAB + 3} tokens", f"served base has {VOCAB}", "embed_tokens is not in "
+                 "modules_to_save", 'modules_to_save=["embed_tokens", "lm_head"]'):
         assert part in detail, (part, detail)
 
 
