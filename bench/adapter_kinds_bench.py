@@ -2,7 +2,9 @@
 
 Default model, float32, 4 adapters of each kind x 4 rows = 16 decoding rows per step; rank 16 on
 all seven linear modules, plus: DoRA magnitudes; LoRA on embed_tokens + lm_head; or
-modules_to_save embed_tokens + lm_head (two 49152 x 576 tables per adapter). The configurations
+modules_to_save embed_tokens + lm_head (two 49152 x 576 tables per adapter); or the same with a
+resized vocabulary (64 added tokens: two 49216 x 576 tables and the adapter's own tokenizer;
+every step with such rows computes 49216-wide logits). The configurations
 run interleaved in one process, best of REPEATS each (noise only ever slows a run down); report
 ratios to plain LoRA, not absolute numbers, on a shared machine.
 
@@ -27,6 +29,7 @@ from engine_bench import engine_decode_tok_s, make_engine
 from lora_bench import ALL_LINEAR, make_random_adapters, open_store
 
 REPEATS, NUM_ADAPTERS, ROWS, NEW_TOKENS = 3, 4, 16, 16
+RESIZED, ADDED_TOKENS = "modules_to_save, resized vocabulary", 64
 EMBED, LM_HEAD = "base_model.model.model.embed_tokens", "base_model.model.lm_head"
 
 
@@ -49,14 +52,31 @@ def add_kind(path: Path, kind: str, vocab: int, hidden: int, generator: torch.Ge
     elif kind == "modules_to_save embed+lm_head":
         config["modules_to_save"] = ["embed_tokens", "lm_head"]
         tensors.update({f"{EMBED}.weight": rand(vocab, hidden), f"{LM_HEAD}.weight": rand(vocab, hidden)})
+    elif kind == RESIZED:
+        config["modules_to_save"] = ["embed_tokens", "lm_head"]
+        wide = vocab + ADDED_TOKENS
+        tensors.update({f"{EMBED}.weight": rand(wide, hidden), f"{LM_HEAD}.weight": rand(wide, hidden)})
+        add_tokenizer(path, ADDED_TOKENS)
     save_file(tensors, path / "adapter_model.safetensors")
     (path / "adapter_config.json").write_text(json.dumps(config))
     return path
 
 
+def add_tokenizer(path: Path, num_added: int) -> None:
+    """Save the default model's tokenizer plus `num_added` tokens beside the adapter (its own tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from loraplex.server.model.default_model import ensure_default_model
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model(log=lambda _m: None))
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(num_added)])
+    tokenizer.save_pretrained(path)
+
+
 def main() -> int:
     from transformers import AutoTokenizer
 
+    from loraplex.server.engine.adapter_tokenizers import base_tokens
     from loraplex.server.model.config import ModelConfig
     from loraplex.server.model.default_model import ensure_default_model
 
@@ -64,11 +84,12 @@ def main() -> int:
     model_dir = ensure_default_model(log=print)
     config = ModelConfig.from_dir(model_dir)
     prompts = prompt_ids(AutoTokenizer.from_pretrained(model_dir), ROWS, 32)
-    kinds = ["plain LoRA", "DoRA", "embed+lm_head LoRA", "modules_to_save embed+lm_head"]
+    kinds = ["plain LoRA", "DoRA", "embed+lm_head LoRA", "modules_to_save embed+lm_head", RESIZED]
     kinds = [k for k in kinds if k == "plain LoRA" or not sys.argv[1:] or k in sys.argv[1:]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store = open_store(tmp / "store", model_dir, max_lora_rank=16)
+        store.set_base_tokens(base_tokens(AutoTokenizer.from_pretrained(model_dir)))   # resized vocabularies
         generator = torch.Generator().manual_seed(0)
         names: dict[str, list[str]] = {}
         for k, kind in enumerate(kinds):

@@ -104,3 +104,23 @@ def base_tokens(tokenizer: Any) -> tuple[str, ...]:
     for token, index in vocab.items():
         tokens[index] = token
     return tuple(tokens)
+
+
+def encode_text(own: RequestTokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text` with the request's tokenizer (special tokens as a prompt gets them)."""
+    return list(own.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def decode_ids(own: RequestTokenizer, token_ids: list[int]) -> str:
+    """Text of `token_ids` with the request's tokenizer; ValueError when an id is outside its vocabulary."""
+    if own.vocab_size is not None:
+        bad = next((t for t in token_ids if not 0 <= t < own.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token ids must be in [0, {own.vocab_size}) (got {bad})")
+    return own.tokenizer.decode(list(token_ids))
+
+
+def token_texts(own: RequestTokenizer):
+    """token id -> its text with the request's tokenizer (logprobs' `token` fields)."""
+    tokenizer = own.tokenizer
+    return lambda token_id: tokenizer.decode([token_id])

@@ -16,7 +16,7 @@ from .engine import LLMEngine, StepStats
 from .client import wait_until_empty
 from .constraints.spec import ConstraintError
 from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput, RequestRejected
-from .prompt import encode_prompt
+from .adapter_tokenizers import decode_ids, encode_text, token_texts
 from .sequence import FinishReason
 
 log = logging.getLogger("loraplex.engine")
@@ -136,19 +136,24 @@ class AsyncEngine:
         gateway = self.engine.adapters
         return gateway is not None and gateway.is_private(key)
 
-    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def tokenize(self, text: str, add_special_tokens: bool = True, adapter_id: str | None = None,
+                       tenant: str | None = None) -> list[int]:
         """EngineClient.tokenize: on the tokenizer thread, never the step loop."""
-        tokenizer = self.engine.tokenizer
-        if add_special_tokens:
-            return await self._on_tokenizer(lambda: encode_prompt(tokenizer, text))
-        return await self._on_tokenizer(lambda: list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        tokenizers = self.engine.tokenizers
+        return await self._on_tokenizer(lambda: encode_text(tokenizers.for_request(adapter_id, tenant), text,
+                                                            add_special_tokens))
 
-    async def detokenize(self, token_ids: list[int]) -> str:
-        tokenizer = self.engine.tokenizer
-        return await self._on_tokenizer(lambda: tokenizer.decode(list(token_ids)))
+    async def detokenize(self, token_ids: list[int], adapter_id: str | None = None,
+                         tenant: str | None = None) -> str:
+        tokenizers = self.engine.tokenizers
+        return await self._on_tokenizer(lambda: decode_ids(tokenizers.for_request(adapter_id, tenant), token_ids))
 
     def token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
+
+    async def token_texts(self, adapter_id: str | None, tenant: str | None) -> Callable[[int], str]:
+        tokenizers = self.engine.tokenizers
+        return token_texts(await self._on_tokenizer(lambda: tokenizers.for_request(adapter_id, tenant)))
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
                           options: ChatOptions | None = None, tenant: str | None = None) -> list[int]:

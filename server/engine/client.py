@@ -43,16 +43,25 @@ class EngineClient(Protocol):
         ...
 
     # ---- tokenizer (never on the engine's step loop) ----------------------------------
-    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text` with the base model's tokenizer, off the step loop."""
+    async def tokenize(self, text: str, add_special_tokens: bool = True, adapter_id: str | None = None,
+                       tenant: str | None = None) -> list[int]:
+        """Token ids of `text` with the tokenizer of `adapter_id`'s requests (as `tenant` sees it: its
+        own for a resized vocabulary, else the base model's), off the step loop."""
         ...
 
-    async def detokenize(self, token_ids: list[int]) -> str:
-        """Text of `token_ids` with the base model's tokenizer, off the step loop."""
+    async def detokenize(self, token_ids: list[int], adapter_id: str | None = None,
+                         tenant: str | None = None) -> str:
+        """Text of `token_ids` with the tokenizer of `adapter_id`'s requests (the base model's when
+        None), off the step loop. ValueError naming the range when an id is outside its vocabulary."""
         ...
 
     def token_text(self, token_id: int) -> str:
-        """The text of one token (logprobs' `token` fields); cheap, any thread."""
+        """The text of one base-model token (logprobs' `token` fields); cheap, any thread."""
+        ...
+
+    async def token_texts(self, adapter_id: str | None, tenant: str | None) -> Callable[[int], str]:
+        """token id -> its text (logprobs' `token` fields) with the tokenizer of `adapter_id`'s
+        requests (resolved off the step loop; the function is cheap, any thread)."""
         ...
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,

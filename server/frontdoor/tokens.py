@@ -27,23 +27,30 @@ async def tokenize(door: FrontDoor, principal: Principal | None, text: str | Non
     field = "messages" if messages is not None else "prompt"
     engine = door.engine()
     door.limits.check_text(prompt_bytes(text, messages), engine.info.max_prompt_bytes, field)
+    tenant = principal.tenant if principal is not None else None
     try:
         if messages is not None:
-            tenant = principal.tenant if principal is not None else None
             return await engine.render_chat(tuple(messages), adapter_id, tenant=tenant)
-        return await engine.tokenize(text, add_special_tokens=add_special_tokens)
+        return await engine.tokenize(text, add_special_tokens=add_special_tokens, adapter_id=adapter_id, tenant=tenant)
     except RequestRejected as error:
         raise invalid(field, error.message) from None
     except ValueError as error:
         raise invalid(field, str(error)) from None
 
 
-async def detokenize(door: FrontDoor, principal: Principal | None, token_ids: Sequence[int]) -> str:
+async def detokenize(door: FrontDoor, principal: Principal | None, token_ids: Sequence[int],
+                     adapter_id: str | None = None) -> str:
+    """Text of `token_ids` with the tokenizer of `adapter_id`'s requests (an adapter with a resized
+    vocabulary has its own; its ids are checked against its vocabulary), else the base model's."""
     authorize(principal, Operation.TOKENIZE)
     door.limits.check_token_ids(len(token_ids), "tokens")
     engine = door.engine()
     vocab = engine.info.vocab_size
     bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-    if bad is not None:
+    if bad is not None and adapter_id is None:
         raise invalid("tokens", f"token ids must be in [0, {vocab}) (got {bad})")
-    return await engine.detokenize(list(token_ids))
+    try:
+        return await engine.detokenize(list(token_ids), adapter_id=adapter_id,
+                                       tenant=principal.tenant if principal is not None else None)
+    except ValueError as error:
+        raise invalid("tokens", str(error)) from None

@@ -142,7 +142,8 @@ class HttpApi:
             mapped = to_api_error(error, endpoint.prompt_param)
             record(str(mapped.status), None, None)
             return mapped.response()
-        text_of = token_text(engine, bool(parsed.body.return_tokens_as_token_ids))
+        text_of = await token_text(engine, bool(parsed.body.return_tokens_as_token_ids),
+                                   parsed.adapter_id if parsed.logprobs is not None else None, caller.tenant)
         metrics = self.state.metrics
         return await respond(engine, parsed, request, endpoint, text_of, record,
                              metrics.token_delta if metrics is not None else None)
@@ -199,7 +200,8 @@ class HttpApi:
         principal = authenticate(self.state.keys, request)
         authorize(principal, Operation.TOKENIZE)
         body: DetokenizeRequest = await self._body(request, DetokenizeRequest)
-        return {"prompt": await tokens.detokenize(self.door, principal, body.tokens)}
+        return {"prompt": await tokens.detokenize(self.door, principal, body.tokens,
+                                                  adapter_id=resolve_model(body.model, self.base_name))}
 
     @answered(ADMIN_PARAMS)
     async def load(self, request: Request) -> PlainTextResponse:

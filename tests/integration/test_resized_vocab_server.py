@@ -98,3 +98,26 @@ def test_structured_output_on_the_adapter_is_refused_over_grpc(served):
     _, sdk = served
     with pytest.raises(ValidationError, match="sampling.constraint"):
         sdk.generate(PROMPT, "resized", max_new_tokens=2, json_object=True)
+
+
+def test_tokenize_detokenize_and_logprob_tokens_use_the_adapters_tokenizer(served, adapter):
+    running, _ = served
+    _, want, tokenizer = adapter
+    base = f"http://127.0.0.1:{running.http_port}"
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    own_ids = tokenizer(PROMPT)["input_ids"]
+    reply = httpx.post(f"{base}/tokenize", headers=headers, timeout=120, json={"model": "resized", "prompt": PROMPT})
+    assert reply.status_code == 200 and reply.json()["tokens"] == own_ids, reply.text
+    base_ids = httpx.post(f"{base}/tokenize", headers=headers, timeout=120, json={"model": BASE, "prompt": PROMPT})
+    assert base_ids.json()["tokens"] != own_ids
+    added = tokenizer.convert_tokens_to_ids(ADDED[1])
+    text = httpx.post(f"{base}/detokenize", headers=headers, timeout=120, json={"model": "resized", "tokens": [added]})
+    assert text.status_code == 200 and text.json()["prompt"] == ADDED[1], text.text
+    too_big = httpx.post(f"{base}/detokenize", headers=headers, timeout=120,
+                         json={"model": "resized", "tokens": [10**6]})
+    assert too_big.status_code == 400 and "token ids must be in" in too_big.text
+    with openai.OpenAI(base_url=f"{base}/v1", api_key=ADMIN, max_retries=0, timeout=120) as client:
+        completion = client.completions.create(model="resized", prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0,
+                                               logprobs=1, extra_body={"ignore_eos": True})
+    assert "".join(completion.choices[0].logprobs.tokens) == want
+    assert ADDED[0] in completion.choices[0].logprobs.tokens

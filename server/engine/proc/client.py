@@ -23,11 +23,11 @@ from . import wire
 from ..io import (EngineDraining, EngineInfo, EngineStats, EngineUnavailable, GenerationRequest,
                   RequestOutput, RequestRejected, ValidatedRequest)
 from ....adapters_store.errors import StoreError
-from ..adapter_tokenizers import AdapterTokenizers, base_tokens
+from ..adapter_tokenizers import AdapterTokenizers, base_tokens, decode_ids, encode_text, token_texts
 from ..chat_options import ChatOptions
 from ..client import wait_until_empty
 from ..chat_template import ChatRenderer
-from ..prompt import encode_prompt, load_tokenizer
+from ..prompt import load_tokenizer
 from ..prompt_ids import PromptIds
 from ..sequence import FinishReason
 from ..intake import Intake
@@ -220,17 +220,23 @@ class ProcessEngine:
         return f"req-{next(self._ids)}"
 
     # ---- tokenizer: the front end's own, on its tokenizer thread ----------------------------
-    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        tokenizer = self._tokenizer
-        if add_special_tokens:
-            return await self._on_tokenizer(lambda: encode_prompt(tokenizer, text))
-        return await self._on_tokenizer(lambda: list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    async def tokenize(self, text: str, add_special_tokens: bool = True, adapter_id: str | None = None,
+                       tenant: str | None = None) -> list[int]:
+        tokenizers = self.tokenizers
+        return await self._on_tokenizer(lambda: encode_text(tokenizers.for_request(adapter_id, tenant), text,
+                                                            add_special_tokens))
 
-    async def detokenize(self, token_ids: list[int]) -> str:
-        return await self._on_tokenizer(lambda: self._tokenizer.decode(list(token_ids)))
+    async def detokenize(self, token_ids: list[int], adapter_id: str | None = None,
+                         tenant: str | None = None) -> str:
+        tokenizers = self.tokenizers
+        return await self._on_tokenizer(lambda: decode_ids(tokenizers.for_request(adapter_id, tenant), token_ids))
 
     def token_text(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])
+
+    async def token_texts(self, adapter_id: str | None, tenant: str | None) -> Callable[[int], str]:
+        tokenizers = self.tokenizers
+        return token_texts(await self._on_tokenizer(lambda: tokenizers.for_request(adapter_id, tenant)))
 
     async def render_chat(self, messages: tuple[tuple[str, str], ...], adapter_id: str | None = None,
                           options: ChatOptions | None = None, tenant: str | None = None) -> list[int]:

@@ -151,3 +151,24 @@ def test_register_path_copies_the_tokenizer_files(tmp_path):
         assert record.resized_vocab and set(store.tokenizer_files(record.key)) == set(GOOD_FILES)
     finally:
         store.close()
+
+
+def test_adapter_tokenizers_choose_and_cache_per_version(store):
+    """The engine's per-request choice: the base's tokenizer for the base, unknown and plain
+    adapters; the adapter's own for each resized version, loaded once, at most max_cached kept."""
+    from loraplex.server.engine.adapter_tokenizers import AdapterTokenizers
+
+    base = object()
+    upload_with(store, "plain", *adapter_bytes(), {})
+    for seed in range(3):                       # versions 1..3 of one resized adapter
+        upload_with(store, "resized", *resized_bytes(), GOOD_FILES)
+    tokenizers = AdapterTokenizers(base, VOCAB, store, max_cached=2)
+    for ref in (None, "plain", "missing"):
+        assert tokenizers.for_request(ref, None).tokenizer is base
+    own = tokenizers.for_request("resized@1", None)
+    assert (own.adapter_key, own.vocab_size, own.is_base) == ("resized@1", VOCAB + 4, False)
+    assert own.tokenizer.convert_ids_to_tokens([VOCAB, VOCAB + 1]) == ["<new1>", "<new2>"]
+    assert tokenizers.for_request("resized@1", None) is own                 # cached
+    tokenizers.for_request("resized@2", None)
+    tokenizers.for_request("resized", None)                                 # resized@3
+    assert tokenizers.for_request("resized@1", None) is not own             # evicted (2 kept), loaded again
