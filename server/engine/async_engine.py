@@ -7,7 +7,7 @@ import itertools
 import logging
 import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
 from .builder import build_engine
@@ -18,6 +18,7 @@ from .constraints.spec import ConstraintError
 from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, RequestOutput, RequestRejected
 from .adapter_tokenizers import decode_ids, encode_text, token_texts
 from .sequence import FinishReason
+from .tokenizer_pool import tokenizer_pool
 from .validation import validate_request
 
 log = logging.getLogger("loraplex.engine")
@@ -50,7 +51,7 @@ class AsyncEngine:
         self._listeners: list[StepListener] = []
         self._stats = engine.stats()
         self._ids = itertools.count()
-        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
+        self._tokenizer_pool = tokenizer_pool()      # below the engine's priority (tokenizer_pool.py)
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
 

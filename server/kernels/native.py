@@ -6,7 +6,8 @@ makes a failed build an error; `torch` never builds them. The build (~30 s on 2 
 cached under `$LORAPLEX_CACHE/cpu-kernels/`, in a directory keyed by torch version, Python,
 CPU and a hash of the C++ sources and flags: a changed source builds into a new directory and
 never over a copy another process (or worktree) has loaded. `make model` builds it ahead of
-the first serve.
+the first serve. The sources are built from copies inside that directory, so that every install
+of the same source shares one build.
 
 Every kernel has a pure-torch twin `<kernel>_ref` with the same signature; registry.py lists
 the pairs and tests/unit/test_kernel_registry.py compares each of them.
@@ -15,7 +16,9 @@ the pairs and tests/unit/test_kernel_registry.py compares each of them.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -66,6 +69,27 @@ def _already_built(directory: Path) -> bool:
     return any(directory.glob("loraplex_cpu_kernels*.so"))
 
 
+def _staged_sources(directory: Path) -> list[Path]:
+    """The C++ sources copied into `directory/src`, the paths the build uses.
+
+    ninja's build file names its sources by path: built from this package's own directory, two
+    installs of the same source (two virtual environments, git worktrees, a wheel and a checkout)
+    would write different build files into the one cache directory their source hash picks, and
+    each would rebuild the extension (~30-150 s) whenever the other had built last. The copies
+    are the same for every install (the directory is keyed by their content), are written once
+    (a file that exists is never rewritten: a newer mtime would make ninja rebuild) and atomically.
+    """
+    staged = directory / "src"
+    staged.mkdir(parents=True, exist_ok=True)
+    for path in sorted(SOURCE_DIR.glob("*.*")):
+        target = staged / path.name
+        if not target.exists():
+            partial = staged / f".{path.name}.{os.getpid()}.part"
+            shutil.copyfile(path, partial)
+            os.replace(partial, target)
+    return [staged / path.name for path in SOURCES]
+
+
 _loaded: dict[Path, ModuleType] = {}
 
 
@@ -84,7 +108,7 @@ def load(log: Log = print, root: Path | None = None, timing: bool = False) -> Mo
             log(f"[loraplex] compiling fused CPU kernels into {directory} (first use, ~30 s)")
         name = "loraplex_cpu_kernels_timing" if timing else "loraplex_cpu_kernels"
         cflags = list(_CFLAGS) + (["-DLORAPLEX_STACK_TIMING"] if timing else [])
-        module = cpp_extension.load(name=name, sources=[str(p) for p in SOURCES],
+        module = cpp_extension.load(name=name, sources=[str(p) for p in _staged_sources(directory)],
                                     extra_cflags=cflags, extra_ldflags=list(_LDFLAGS),   # load() appends to them
                                     build_directory=str(directory),
                                     verbose=False)

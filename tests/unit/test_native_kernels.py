@@ -228,3 +228,29 @@ def test_kernels_release_the_gil_while_they_run(native_kernels):
         stop.set()
         thread.join(10)
     assert inside > 0, f"no Python ran during a {1e3 * (end - start):.0f} ms native call: the kernel holds the GIL"
+
+
+def test_every_install_of_the_same_source_builds_from_the_same_paths(tmp_path, monkeypatch):
+    """Two installs (worktrees, venvs) share one build: ninja's build file must name the same
+    source paths for both, or each rebuilds whenever the other built last."""
+    import os
+    import shutil
+
+    from loraplex.server.kernels import native
+
+    directory = tmp_path / "cache" / "build"
+    staged_by_install = []
+    for install in ("a", "b"):
+        csrc = tmp_path / install / "csrc"
+        shutil.copytree(native.SOURCE_DIR, csrc)
+        monkeypatch.setattr(native, "SOURCE_DIR", csrc)
+        monkeypatch.setattr(native, "SOURCES", tuple(sorted(csrc.glob("*.cpp"))))
+        staged_by_install.append(native._staged_sources(directory))
+        if install == "a":
+            first_mtimes = {p: os.stat(p).st_mtime_ns for p in (directory / "src").iterdir()}
+    first, second = staged_by_install
+    assert first == second and all(p.parent == directory / "src" for p in first)
+    assert {p.name for p in first} == {p.name for p in native.SOURCES}
+    assert (directory / "src" / "common.h").read_bytes() == (native.SOURCE_DIR / "common.h").read_bytes()
+    # a staged file is never rewritten (a newer mtime would make ninja rebuild)
+    assert {p: os.stat(p).st_mtime_ns for p in (directory / "src").iterdir()} == first_mtimes

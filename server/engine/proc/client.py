@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 import zmq
@@ -30,6 +29,7 @@ from ..chat_template import ChatRenderer
 from ..prompt import load_tokenizer
 from ..prompt_ids import PromptIds
 from ..sequence import FinishReason
+from ..tokenizer_pool import tokenizer_pool
 from .intake import Intake
 from .process import CoreExited, CoreProcess
 from .supervisor import CoreSupervisor
@@ -69,7 +69,7 @@ class ProcessEngine:
         self.tokenizers = AdapterTokenizers(self._tokenizer, None, store)
         self._prompts = PromptIds(self._tokenizer, self._templates, config.limits.max_input_tokens,
                                   self._adapter_template, self.tokenizers)
-        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
+        self._tokenizer_pool = tokenizer_pool()      # below the engine's priority (tokenizer_pool.py)
         self._intake: Intake | None = None
         self._supervisor = CoreSupervisor(self._spawn, self._on_ready, self._on_message, self._on_death)
 
