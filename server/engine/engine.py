@@ -243,7 +243,8 @@ class LLMEngine:
             return result
         for seq in seqs:
             if seq.seq_id in refused:
-                log.warning("sequence %d: the constraint refused a token: %s", seq.seq_id, seq.guide.error)
+                what = "the request's constraint ended it" if seq.guide.request_fault else "the constraint failed"
+                log.warning("sequence %d: %s: %s", seq.seq_id, what, seq.guide.error)
         return replace(result, failed_seq_ids=result.failed_seq_ids | frozenset(refused))
 
     def _run_isolated(self, batch: ScheduledBatch, slots: dict[str, int],
