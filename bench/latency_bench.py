@@ -7,9 +7,9 @@ bench/served_decode_bench.py starts it), the two alternating within each round:
 
 (a) the inter-token latency (ITL) of one unrelated greedy gRPC stream, idle and while large
     requests arrive back to back: a 3.9 MB prompt over gRPC and over HTTP that the front end
-    tokenizes and then refuses for length (the server's `max_input_tokens` is raised so that
-    the byte bound admits the prompt to the tokenizer), and a 4.5 MB HTTP body refused by its
-    size. Interfered gaps are the stream's gaps that overlap an interfering request (from its
+    refuses for length after tokenizing a prefix of it (server/engine/long_prompt.py; the
+    server's `max_input_tokens` is raised so that the byte bound admits the prompt to the
+    tokenizer), and a 4.5 MB HTTP body refused by its size. Interfered gaps are the stream's gaps that overlap an interfering request (from its
     send to its answer); idle gaps come from the same stream with nothing else sent.
 (b) health latency (grpc.health.v1 Check and HTTP GET /health, alternating every 25 ms) while
     `batch` streams decode at once, over the window in which all of them stream; and idle.

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .chat_options import ChatOptions
 from .template_worker import TemplateError, render_template
@@ -139,8 +139,12 @@ class ChatRenderer:
         if not text.strip():
             raise TemplateError("it renders an empty prompt")
 
-    def ids(self, messages: Sequence[tuple[str, str]], options: ChatOptions, template: str | None = None) -> list[int]:
+    def ids(self, messages: Sequence[tuple[str, str]], options: ChatOptions, template: str | None = None,
+            check: Callable[[str], None] | None = None) -> list[int]:
+        """The rendered chat's token ids; `check` sees the text first (it raises to refuse it)."""
         text = self.render_text(messages, options, template)
+        if check is not None:
+            check(text)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def context(self, messages: Sequence[tuple[str, str]], options: ChatOptions, source: str) -> dict:

@@ -52,13 +52,21 @@ def render_chat(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[int
     """Token ids of a chat rendered with the tokenizer's template plus the assistant prompt.
 
     messages: (role, content) pairs, already checked (validation.py)."""
-    checked = [{"role": role, "content": content} for role, content in messages]
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
-    rendered = tokenizer.apply_chat_template(checked, add_generation_prompt=True, tokenize=True)
+    rendered = tokenizer.apply_chat_template(_chat(tokenizer, messages), add_generation_prompt=True, tokenize=True)
     if isinstance(rendered, Mapping) or hasattr(rendered, "input_ids"):
         rendered = rendered["input_ids"]              # transformers 5 returns a BatchEncoding
     return [int(t) for t in rendered]
+
+
+def render_chat_text(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> str:
+    """The text render_chat tokenizes (without special tokens added): the template's output."""
+    return tokenizer.apply_chat_template(_chat(tokenizer, messages), add_generation_prompt=True, tokenize=False)
+
+
+def _chat(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> list[dict]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
+    return [{"role": role, "content": content} for role, content in messages]
 
 
 def _as_ids(value: Any) -> list[int]:

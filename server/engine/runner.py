@@ -70,10 +70,8 @@ class ModelRunner:
             logits = self.model.compute_logits(sampled)
             lora = inputs.ctx.lora
             if lora is not None and lora.vocab is not None:                      # adapters' own lm_head
-                width = lora.vocab.width(lora.info.active_slots)                 # V, or a resized V'
-                if width > logits.shape[1]:
-                    logits = torch.nn.functional.pad(logits, (0, width - logits.shape[1]), value=float("-inf"))
-                lora.vocab.logits(sampled, logits, lora.info.token_slots.index_select(0, inputs.sample_rows))
+                logits = lora.vocab.widened_logits(sampled, logits, lora.info.token_slots.index_select(
+                    0, inputs.sample_rows), lora.info.active_slots)              # [n, V or a resized V']
             result = self.sampler(logits, inputs.sample_seqs)
         seq_ids = [seq.seq_id for seq in inputs.sample_seqs]
         logprobs = None if result.logprobs is None else dict(zip(seq_ids, result.logprobs))

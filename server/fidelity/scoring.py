@@ -95,7 +95,8 @@ class Scorer:
             hidden = self.model(ids, ctx, kv_caches)                # [T, hidden]
             logits = self.model.compute_logits(hidden)              # [T, vocab]
             if ctx.lora is not None and ctx.lora.vocab is not None:   # the adapter's own lm_head
-                ctx.lora.vocab.logits(hidden, logits, ctx.lora.info.token_slots)
+                logits = ctx.lora.vocab.widened_logits(hidden, logits, ctx.lora.info.token_slots,
+                                                       ctx.lora.info.active_slots)
             return logits
 
     def token_logprobs(self, token_ids: list[int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import contextlib
 import json
 from typing import Any
 
-from ..http.errors import ApiError, to_api_error
+from ..http.errors import ApiError, body_too_large, to_api_error, too_large_to_drain
 from ..service.auth import KeyRing
 from ..service.state import REPLICA_METADATA_KEY
 from .admission import Admission, FleetView
@@ -123,7 +123,8 @@ def _headers(scope: dict) -> tuple[tuple[str, str], ...]:
 async def _read_body(scope: dict, receive, limit: int) -> bytes:
     declared = dict(_headers(scope)).get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit} (--max-message-bytes)")
+        raise body_too_large(f"the request body is {declared} bytes; the limit is {limit} (--max-message-bytes)",
+                             too_large_to_drain(int(declared), limit))
     body = bytearray()
     while True:
         message = await receive()
@@ -131,7 +132,7 @@ async def _read_body(scope: dict, receive, limit: int) -> bytes:
             raise asyncio.CancelledError()
         body += message.get("body", b"")
         if len(body) > limit:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes (--max-message-bytes)")
+            raise body_too_large(f"the request body is over the limit of {limit} bytes (--max-message-bytes)")
         if not message.get("more_body", False):
             return bytes(body)
 

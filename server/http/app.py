@@ -30,7 +30,7 @@ from ..service.state import ServiceState
 from . import responses_api
 from .auth import authenticate
 from .convert import ChatSetup, chat_messages, chat_request, completion_request, parse_body, resolve_model
-from .errors import ApiError, bad_request, to_api_error
+from .errors import ApiError, bad_request, body_too_large, to_api_error, too_large_to_drain
 from .generate import CHAT, COMPLETIONS, Endpoint, respond
 from .models import model_cards
 from .responses_events import respond_responses
@@ -41,18 +41,22 @@ ADMIN_PARAMS = {"adapter_id": "lora_name", "path": "lora_path"}
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The raw body; 413 above `limit` bytes (checked before and while reading), 408 when it
-    takes more than `timeout_s` to arrive (a half-sent body must not hold the connection)."""
+    """The raw body; 413 above `limit` bytes: by Content-Length before any of it is read (and the
+    connection closed, unread, when it declares more than twice the limit), else while reading (a
+    chunked body is read up to the limit; connections.py drops at most 2 x `limit` bytes of its
+    rest). 408 when it takes more than `timeout_s` to arrive (a half-sent body must not hold
+    the connection)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit} (--max-message-bytes)")
+        raise body_too_large(f"the request body is {declared} bytes; the limit is {limit} (--max-message-bytes)",
+                             too_large_to_drain(int(declared), limit))
     body = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limit:
-                    raise ApiError(413, f"the request body is over the limit of {limit} bytes (--max-message-bytes)")
+                    raise body_too_large(f"the request body is over the limit of {limit} bytes (--max-message-bytes)")
     except TimeoutError:
         raise ApiError(408, f"the request body took more than {timeout_s:g}s to arrive (--http-body-timeout)",
                        headers={"Connection": "close"}) from None

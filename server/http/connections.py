@@ -8,7 +8,11 @@ used every file descriptor, so HTTP, new gRPC connections and uploads failed. No
 - a request whose headers are not complete `header_timeout_s` after its first byte (or after
   the connection opened) is answered 408 and closed; the body has its own limit in the app
   (app.py `read_body`);
-- each kind of refusal is logged at most once per `LOG_EVERY_S`, with how many happened.
+- each kind of refusal is logged at most once per `LOG_EVERY_S`, with how many happened;
+- the unread rest of a body answered early (413) is read and dropped, so that a client that
+  sends its whole body before reading still gets the answer, but only up to `max_drain_bytes`:
+  past that the connection is closed (uvicorn alone would read a body of any size, or an endless
+  chunked one, to keep the connection).
 """
 
 from __future__ import annotations
@@ -55,13 +59,23 @@ def _response(status: bytes, message: str, kind: str) -> bytes:
             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
-def guarded_protocol(max_connections: int, header_timeout_s: float, refusals: RateLimitedLog) -> type:
+def guarded_protocol(max_connections: int, header_timeout_s: float, refusals: RateLimitedLog,
+                     max_drain_bytes: int = 4 * 2**20) -> type:
     """uvicorn's httptools protocol with the guards above (pass as uvicorn.Config(http=...))."""
 
     class GuardedHttpProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self._header_timer: asyncio.TimerHandle | None = None
+            self._dropped = 0
+
+        def on_body(self, body: bytes) -> None:
+            if self.cycle is None or not self.cycle.response_complete:
+                super().on_body(body)
+                return
+            self._dropped += len(body)                 # answered already: uvicorn drops it
+            if self._dropped > max_drain_bytes and not self.transport.is_closing():
+                self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -76,6 +90,7 @@ def guarded_protocol(max_connections: int, header_timeout_s: float, refusals: Ra
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._dropped = 0
             self._arm()
 
         def on_headers_complete(self) -> None:

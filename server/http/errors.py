@@ -59,6 +59,19 @@ def bad_request(param: str | None, message: str) -> ApiError:
     return ApiError(400, message, param=param)
 
 
+def body_too_large(message: str, close: bool = False) -> ApiError:
+    """413. close: the connection closes after the answer, the rest of the body is never read
+    (else it is read and dropped, up to connections.py's bound, so that a client that sends its
+    whole body before reading gets the answer and keeps its connection)."""
+    return ApiError(413, message, headers={"Connection": "close"} if close else {})
+
+
+def too_large_to_drain(declared: int, limit: int) -> bool:
+    """A body declared this long is refused with the connection closed: dropping its unread rest
+    could take more than the 2 x `limit` bytes connections.py drops (server.py start_asgi)."""
+    return declared > 2 * limit
+
+
 def unsupported(param: str, detail: str = "") -> ApiError:
     extra = f" ({detail})" if detail else ""
     return ApiError(400, f"the parameter '{param}' is not supported by this server yet{extra}; "

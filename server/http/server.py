@@ -63,7 +63,7 @@ async def start_asgi(app, config: ServerConfig, port: int) -> HttpServer:
     by the fleet's front end)."""
     sock = _listen(config.host, port)
     protocol = guarded_protocol(config.http_max_connections or default_max_connections(),
-                                config.http_header_timeout_s, RateLimitedLog())
+                                config.http_header_timeout_s, RateLimitedLog(), 2 * config.max_message_bytes)
     uv_config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning", http=protocol,
                                ssl_certfile=config.tls_cert if config.tls_enabled else None,
                                ssl_keyfile=config.tls_key if config.tls_enabled else None,

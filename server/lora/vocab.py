@@ -102,6 +102,16 @@ class VocabSlots:
             delta = (after_a @ vocab.embed_b_t) * vocab.scale                       # [R, H]
             hidden.index_add_(0, rows, delta.to(hidden.dtype))
 
+    def widened_logits(self, hidden: torch.Tensor, logits: torch.Tensor, row_slots: torch.Tensor,
+                       active_slots: tuple[int, ...]) -> torch.Tensor:
+        """The base's logits [n, V] -> [n, width(active_slots)]: padded with -inf past V when a
+        resized vocabulary is active, then each vocabulary adapter's rows (`logits`)."""
+        width = self.width(active_slots)
+        if width > logits.shape[1]:
+            logits = torch.nn.functional.pad(logits, (0, width - logits.shape[1]), value=float("-inf"))
+        self.logits(hidden, logits, row_slots)
+        return logits
+
     def logits(self, hidden: torch.Tensor, logits: torch.Tensor, row_slots: torch.Tensor) -> None:
         """logits [n, W] float32 (the base's V columns, -inf past V; W = width(active slots)) -> each
         vocabulary adapter's rows, in place. hidden [n, H] (final-normed), row_slots [n] (-1 = none)."""

@@ -1,7 +1,8 @@
 """Issue 16 over real gRPC (tiny model, auth with tenants, metrics on): private adapters never named
 on /metrics and unknown ids never take a label; ids ending in a newline refused; the tenant rule
 for taken and public ids; deletes waiting on leases hold no worker thread; undecodable upload
-messages get UNKNOWN; a huge prompt is refused by its byte size."""
+messages get UNKNOWN; a huge prompt is refused by its byte size, a long one on a tokenized prefix;
+the tokenizer thread runs at a lower priority."""
 
 from __future__ import annotations
 
@@ -139,6 +140,36 @@ def test_huge_prompt_is_refused_by_its_size(server):
     _, channel, _, _ = server
     code, message = _code(lambda: _generate(channel, ACME_USER, prompt="word " * 800_000))
     assert code is C.INVALID_ARGUMENT and "bytes" in message
+
+
+def test_long_prompt_is_refused_on_a_prefix(server):
+    """Within the byte bound, far over max_input_tokens: refused after tokenizing a prefix
+    (long_prompt.py), naming the prompt and a lower bound on its tokens."""
+    _, channel, _, _ = server
+    code, message = _code(lambda: _generate(channel, ACME_USER, prompt="word " * 3000))
+    assert code is C.INVALID_ARGUMENT and "has at least" in message and "the limit is 256" in message
+
+
+def test_the_tokenizer_thread_runs_below_the_process_priority(server):
+    """The front end's tokenizer thread (both EngineClients: tokenizer_pool.py) has nice +10;
+    the threads that serve and step keep the process's."""
+    import os
+    import threading
+
+    from loraplex.server.engine.tokenizer_pool import TOKENIZER_NICE
+
+    _, channel, _, _ = server
+    _generate(channel, ACME_USER, prompt="Hello there")        # the pool's thread starts on first use
+
+    def nice(tid: int) -> int:
+        with open(f"/proc/self/task/{tid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+    base = nice(os.getpid())
+    tokenizers = [t for t in threading.enumerate() if t.name.startswith("loraplex-tokenize")]
+    assert tokenizers and all(nice(t.native_id) == min(19, base + TOKENIZER_NICE) for t in tokenizers)
+    others = [t for t in threading.enumerate() if not t.name.startswith("loraplex-tokenize")]
+    assert all(nice(t.native_id) == base for t in others if t.native_id is not None)
 
 
 def test_server_still_serving(server):
