@@ -19,7 +19,6 @@ from .io import EngineDraining, EngineInfo, EngineStats, GenerationRequest, Requ
 from .adapter_tokenizers import decode_ids, encode_text, token_texts
 from .sequence import FinishReason
 from .tokenizer_pool import tokenizer_pool
-from .validation import validate_request
 
 log = logging.getLogger("loraplex.engine")
 
@@ -66,14 +65,16 @@ class AsyncEngine:
         """Yield deltas for one request; closing the iterator early aborts the request."""
         if self._draining or self._stopping:
             raise EngineDraining("the server is shutting down; retry on another replica")
+        intake = self.engine.intake              # validated once, here; the engine does not again
+        request = intake.validate(request)
         guide = await self._compile(request)
         loop = asyncio.get_running_loop()
         # Tokenizing (up to max_prompt_bytes of text) must not stall every stream's next token.
-        prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self.engine.checked_prompt_ids, request)
+        validated = await loop.run_in_executor(self._tokenizer_pool, intake.tokenize, request)
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = (loop, outputs)
         try:
-            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(request, prompt_ids, guide=guide)))
+            await asyncio.wrap_future(self._call(lambda: self.engine.add_request(validated, guide=guide)))
         except BaseException:
             self._queues.pop(request.request_id, None)
             # Cancelled while add_request was already running: drop the request it may have queued.
@@ -93,12 +94,11 @@ class AsyncEngine:
                 self._call(lambda: self.engine.abort(request.request_id))
 
     async def _compile(self, request: GenerationRequest) -> Any:
-        """The constraint's Guide, compiled on the grammar thread (never the engine's) within
-        the time limit; None for an unconstrained request."""
+        """The constraint's Guide of a validated request, compiled on the grammar thread (never
+        the engine's) within the time limit; None for an unconstrained request."""
         compiler, constraint = self.engine.constraints, request.sampling.constraint
         if constraint is None or compiler is None:
             return None
-        validate_request(request, self.engine.config.limits)     # every other problem first
         try:
             future = compiler.submit(constraint, request.tenant)
             return await asyncio.wait_for(asyncio.wrap_future(future), compiler.limits.compile_timeout_s)

@@ -79,8 +79,10 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> tuple[LLMEngine, EngineInfo]:
-    """Load and quantize the model, size the KV cache, wire the engine, and warm it up."""
+def build_engine(config: EngineConfig, store: Any = None, log: Log = print,
+                 detokenize: bool = True) -> tuple[LLMEngine, EngineInfo]:
+    """Load and quantize the model, size the KV cache, wire the engine, and warm it up.
+    detokenize=False: an engine whose outputs carry token ids only (LLMEngine)."""
     started = time.monotonic()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -128,7 +130,8 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print) -> t
 
     tokenizers = AdapterTokenizers(tokenizer, model_config.vocab_size, store)
     engine = LLMEngine(config, scheduler, runner, tokenizer, eos_token_ids(config.model_dir, tokenizer),
-                       adapters=gateway, constraints=constraints, guided=guided, tokenizers=tokenizers)
+                       adapters=gateway, constraints=constraints, guided=guided, tokenizers=tokenizers,
+                       detokenize=detokenize)
     set_template_check = getattr(store, "set_template_check", None)
     if set_template_check is not None:   # adapters' own chat templates: test-rendered at upload
         set_template_check(engine.chat.check_adapter_template)

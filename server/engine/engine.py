@@ -13,16 +13,15 @@ from .batch import RunnerOutput, ScheduledBatch
 from .config import EngineConfig
 from .constraints.spec import ConstraintError
 from .adapter_tokenizers import AdapterTokenizers, RequestTokenizer
-from .detokenizer import IncrementalDetokenizer
+from .intake import Intake
 from .io import (EngineError, EngineStats, GenerationRequest, QueueFull,
-                 RequestFailed, RequestOutput, RequestRejected)
+                 RequestFailed, RequestOutput, RequestRejected, ValidatedRequest)
 from .chat_template import ChatRenderer
 from .prompt_ids import OWN_VOCAB_CONSTRAINT, PromptIds
 from .request_state import EMPTY_DELTA, Delta, RequestState
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
-from .stop import StopChecker
-from .validation import check_prompt, validate_request
+from .text_stream import TextStream
 
 log = logging.getLogger("loraplex.engine")
 
@@ -51,10 +50,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, scheduler: Scheduler, runner: Any, tokenizer: Any,
                  eos_token_ids: tuple[int, ...], adapters: AdapterGateway | None = None,
                  clock: Callable[[], float] = time.monotonic, constraints: Any = None, guided: Any = None,
-                 tokenizers: AdapterTokenizers | None = None):
+                 tokenizers: AdapterTokenizers | None = None, detokenize: bool = True):
         """constraints: a ConstraintCompiler, guided: the GuidedDecoding whose hook the runner's
         sampler calls (both None: structured output is refused). tokenizers: each request's
-        tokenizer (an adapter with a resized vocabulary has its own; default: the base's)."""
+        tokenizer (an adapter with a resized vocabulary has its own; default: the base's).
+        detokenize=False: outputs carry token ids, logprobs, finish reasons, usage and timing but
+        no text, and stop strings are not matched (the engine-core process: its front end does
+        both, text_stream.py)."""
         self.config = config
         self.constraints = constraints
         self.guided = guided
@@ -65,6 +67,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.adapters = adapters
         self.clock = clock
+        self.detokenize = detokenize
         self._states: dict[str, RequestState] = {}
         self._by_seq: dict[int, RequestState] = {}
         self._next_seq_id = 0
@@ -74,16 +77,9 @@ class LLMEngine:
         self.prompts = PromptIds(tokenizer, self.chat, config.limits.max_input_tokens, self.adapter_template,
                                  self.tokenizers)
         self.max_prompt_bytes = self.prompts.max_prompt_bytes
+        self.intake = Intake(config, self.prompts, getattr(runner, "vocab_size", None))
 
     # ---- intake ---------------------------------------------------------------------
-    def tokenize(self, request: GenerationRequest) -> list[int]:
-        """The prompt's token ids (prompt_token_ids as given, chat rendered, or text encoded:
-        prompt_ids.py, shared with the engine process's front end).
-
-        Touches no engine state: AsyncEngine runs it off the engine thread. A prompt of more
-        than max_prompt_bytes cannot fit max_input_tokens and is refused before tokenizing."""
-        return self.prompts.of_request(request)
-
     def render_with_options(self, messages: tuple[tuple[str, str], ...], options: Any,
                             template: str | None = None) -> list[int]:
         """A chat with template options (chat_template.py); template: an adapter's own."""
@@ -99,10 +95,6 @@ class LLMEngine:
         except StoreError:
             return None
 
-    def checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """validate_request, then tokenize: what AsyncEngine runs off the engine thread."""
-        return self.tokenize(validate_request(request, self.config.limits))
-
     def compile_constraint(self, request: GenerationRequest) -> Any:
         """The request's Guide (None when unconstrained); compiles on this thread if needed."""
         if request.sampling.constraint is None:
@@ -116,25 +108,22 @@ class LLMEngine:
         except ConstraintError as error:
             raise RequestRejected("sampling.constraint", str(error)) from None
 
-    def add_request(self, request: GenerationRequest, prompt_ids: list[int] | None = None,
-                    guide: Any = None) -> None:
-        """Validate and queue a request. Raises RequestRejected, QueueFull, store errors.
+    def add_request(self, request: GenerationRequest | ValidatedRequest, guide: Any = None) -> None:
+        """Queue a request. Raises RequestRejected, QueueFull, store errors.
 
-        guide: the constraint's compiled Guide (AsyncEngine compiles it off this thread);
-        None with a constraint set compiles it here."""
-        if request.request_id in self._states:
-            raise RequestRejected("request_id", f"duplicate request id {request.request_id!r}")
+        A ValidatedRequest (intake.py; both EngineClients pass one) is queued as it is; a bare
+        GenerationRequest (warm-up, tests, benchmarks) goes through `intake` here first, on this
+        thread. guide: the constraint's compiled Guide (the EngineClients compile it off this
+        thread); None with a constraint set compiles it here."""
+        request_id = (request.request if isinstance(request, ValidatedRequest) else request).request_id
+        if request_id in self._states:
+            raise RequestRejected("request_id", f"duplicate request id {request_id!r}")
         if self.scheduler.queue_full:
             raise QueueFull(f"{self.scheduler.num_waiting} requests are queued; retry later")
-        limits = self.config.limits
-        request = validate_request(request, limits)
-        if prompt_ids is None:
-            prompt_ids = self.tokenize(request)
-        own = self.prompts.for_request(request)
-        violations = check_prompt(request, prompt_ids, limits, self.config.scheduler.max_model_len,
-                                  own.vocab_size if not own.is_base else getattr(self.runner, "vocab_size", None))
-        if violations:
-            raise RequestRejected.of(violations)
+        if not isinstance(request, ValidatedRequest):
+            request = self.intake.prepare(request)
+        request, prompt_ids = request.request, request.prompt_ids
+        own = self.prompts.for_request(request)        # the tokenizer (and eos) of the request's ids
         if guide is None:
             guide = self.compile_constraint(request)
         adapter_key = self._resolve_adapter(request)
@@ -147,9 +136,8 @@ class LLMEngine:
         except ValueError as error:
             self._release(adapter_key)
             raise RequestRejected("sampling.max_new_tokens", str(error)) from None
-        state = RequestState(request=request, seq=seq,
-                             detokenizer=IncrementalDetokenizer(own.tokenizer, prompt_ids),
-                             stop=StopChecker(tuple(request.sampling.stop)))
+        text = TextStream(own.tokenizer, prompt_ids, request.sampling.stop) if self.detokenize else None
+        state = RequestState(request=request, seq=seq, text=text)
         self._states[request.request_id] = state
         self._by_seq[seq.seq_id] = state
 
@@ -255,7 +243,8 @@ class LLMEngine:
             return result
         for seq in seqs:
             if seq.seq_id in refused:
-                log.warning("sequence %d: the constraint refused a token: %s", seq.seq_id, seq.guide.error)
+                what = "the request's constraint ended it" if seq.guide.request_fault else "the constraint failed"
+                log.warning("sequence %d: %s: %s", seq.seq_id, what, seq.guide.error)
         return replace(result, failed_seq_ids=result.failed_seq_ids | frozenset(refused))
 
     def _run_isolated(self, batch: ScheduledBatch, slots: dict[str, int],

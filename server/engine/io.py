@@ -82,6 +82,15 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class ValidatedRequest:
+    """A request that passed intake (intake.py): defaults filled, its prompt tokenized and checked
+    against the limits. The engine queues it without validating it again."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+
+
+@dataclass(frozen=True)
 class Timing:
     queue_s: float = 0.0
     first_token_s: float = 0.0

@@ -1,7 +1,7 @@
 """A request's prompt token ids: the one intake path of both EngineClients.
 
-LLMEngine.tokenize (the in-process engine, on AsyncEngine's tokenizer thread) and the engine
-process's front-end Intake (proc/intake.py) both call `PromptIds`, so that a chat renders the
+Intake (intake.py) calls `PromptIds` for both: the in-process engine (on AsyncEngine's tokenizer
+thread) and the engine process's front end, so that a chat renders the
 same way in both modes: the base model's template for plain messages; the adapter's own
 template, a request's template or ChatOptions (tools, tool calls in the history, template
 kwargs, documents, continue_final_message) through chat_template.ChatRenderer's sandbox.

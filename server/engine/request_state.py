@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .detokenizer import IncrementalDetokenizer
 from .io import GenerationRequest, RequestOutput, Timing
-from .sequence import FinishReason, Sequence
-from .stop import StopChecker
+from .sequence import Sequence
+from .text_stream import TextStream
 
 
 @dataclass(frozen=True)
@@ -25,41 +24,42 @@ EMPTY_DELTA = Delta()
 
 @dataclass(eq=False)
 class RequestState:
-    """Links a GenerationRequest to its Sequence and turns new tokens into text deltas."""
+    """Links a GenerationRequest to its Sequence and turns new tokens into deltas.
+
+    text: the request's TextStream, or None when this engine produces no text (its outputs
+    carry token ids only and the front end detokenizes: the engine-core process). Without one,
+    every output carries the request's timing so far, so that a front end that ends the request
+    on a stop string reports the timing of the output that completed it.
+    """
 
     request: GenerationRequest
     seq: Sequence
-    detokenizer: IncrementalDetokenizer
-    stop: StopChecker
+    text: TextStream | None
     num_emitted_tokens: int = 0     # output tokens already sent to the caller
-    stopped_by_text: bool = False
+
+    @property
+    def stopped_by_text(self) -> bool:
+        return self.text is not None and self.text.stopped
 
     def take_delta(self) -> Delta:
-        """Detokenize tokens generated since the last call; apply stop strings.
-
-        Returns the text safe to emit, the new token ids, their logprobs and top alternatives
-        (when asked); sets stopped_by_text when a stop string was found (the text never
-        includes it).
-        """
+        """Tokens generated since the last call, their text (stop strings applied, see
+        TextStream), their logprobs and top alternatives (when asked)."""
         seq = self.seq
         start = self.num_emitted_tokens
         new_ids = seq.output_token_ids[start:]
         new_logprobs = seq.output_logprobs[start:] if seq.sampling.returns_logprobs else []
         new_top = seq.output_top_logprobs[start:] if seq.sampling.top_logprobs else []
         self.num_emitted_tokens = seq.num_output_tokens
-        text = ""
-        if new_ids and not self.stopped_by_text:
-            text, self.stopped_by_text = self.stop.feed(self.detokenizer.add(new_ids))
+        text = self.text.feed(new_ids)[0] if self.text is not None else ""
         return Delta(text, tuple(new_ids), tuple(new_logprobs), tuple(new_top))
 
     def output(self, now: float, delta: Delta = EMPTY_DELTA) -> RequestOutput:
         seq = self.seq
         text = delta.text
         reason = seq.finish_reason if seq.is_finished else None
-        if reason is not None and not self.stopped_by_text and reason is not FinishReason.ABORT:
-            tail, self.stopped_by_text = self.stop.feed(self.detokenizer.flush())
-            text += tail if self.stopped_by_text else tail + self.stop.flush()
-        timing = self._timing(now) if reason is not None else None
+        if reason is not None and self.text is not None:
+            text += self.text.finish(reason)
+        timing = self._timing(now) if reason is not None or self.text is None else None
         return RequestOutput(
             request_id=self.request.request_id, text=text, token_ids=delta.token_ids,
             logprobs=delta.logprobs, top_logprobs=delta.top_logprobs, finish_reason=reason,

@@ -5,6 +5,7 @@ off the engine thread."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -62,7 +63,7 @@ def test_prompt_over_the_byte_bound_is_refused_before_tokenizing(tiny_llama_dir)
     with pytest.raises(RequestRejected, match="bytes"):
         engine.add_request(request)
     with pytest.raises(RequestRejected, match="bytes"):
-        engine.checked_prompt_ids(request)
+        engine.intake.prepare(request)
     chat = GenerationRequest(request_id="huge-chat", messages=(("user", "é" * (limit // 2 + 1)),),
                              sampling=SamplingParams())
     with pytest.raises(RequestRejected, match="bytes"):
@@ -89,6 +90,7 @@ def test_async_engine_tokenizes_off_the_engine_thread(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir)
     recording = _ThreadRecordingTokenizer(engine.tokenizer)
     engine.tokenizer = engine.prompts.tokenizer = recording      # intake encodes through engine.prompts
+    engine.tokenizers.base = dataclasses.replace(engine.tokenizers.base, tokenizer=recording)   # ... and the base's
 
     async def run() -> list:
         async_engine = AsyncEngine(engine, info=None)

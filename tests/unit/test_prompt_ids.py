@@ -13,7 +13,7 @@ from loraplex.server.engine.chat_options import ChatOptions
 from loraplex.server.engine.chat_template import ChatRenderer, TemplateLimits
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.io import GenerationRequest, RequestRejected
-from loraplex.server.engine.proc.intake import Intake
+from loraplex.server.engine.intake import Intake
 from loraplex.server.engine.prompt import render_chat
 from loraplex.server.engine.prompt_ids import PromptIds
 
@@ -54,10 +54,10 @@ def test_the_front_end_intake_renders_chats_as_the_engine_does(prompts, tmp_path
     intake = Intake(EngineConfig(model_dir=tmp_path), prompts, vocab_size=49152)
     for adapter_id, options in ((None, ChatOptions(tools=TOOLS)), ("tpl", None), (None, None)):
         request = GenerationRequest("r", messages=CHAT, adapter_id=adapter_id, chat=options)
-        _request, ids = intake.prepare(request)
+        ids = intake.prepare(request).prompt_ids
         assert ids == prompts.of_chat(CHAT, adapter_id, options)
     assert "get_weather" in prompts.tokenizer.decode(
-        intake.prepare(GenerationRequest("t", messages=CHAT, chat=ChatOptions(tools=TOOLS)))[1])
+        intake.prepare(GenerationRequest("t", messages=CHAT, chat=ChatOptions(tools=TOOLS))).prompt_ids)
 
 
 def test_bad_templates_are_refused_naming_the_field(prompts):

@@ -1,9 +1,9 @@
 """ProcessEngine: the EngineClient (client.py) whose engine core runs in its own process.
 
 The front end validates and tokenizes a request (intake.py, on its tokenizer thread), sends it
-with its token ids over ZeroMQ, and streams the core's per-step outputs back into the request's
-asyncio queue. A receiver thread reads the core's messages and watches its process: when the
-core dies, in-flight requests fail with EngineUnavailable (UNAVAILABLE; the SDK retries), the
+with its token ids over ZeroMQ, and streams the core's per-step outputs (token ids, no text) back
+into the request's asyncio queue, detokenized and cut at stop strings on the way (outputs.py).
+A receiver thread reads the core's messages and watches its process: when the core dies, in-flight requests fail with EngineUnavailable (UNAVAILABLE; the SDK retries), the
 liveness hook reports False (health NOT_SERVING), and a new core is started; serving resumes
 when it is ready.
 """
@@ -20,7 +20,7 @@ import zmq
 
 from . import wire
 from ..io import (EngineDraining, EngineInfo, EngineStats, EngineUnavailable, GenerationRequest,
-                  RequestOutput, RequestRejected)
+                  RequestOutput, RequestRejected, ValidatedRequest)
 from ....adapters_store.errors import StoreError
 from ..adapter_tokenizers import AdapterTokenizers, base_tokens, decode_ids, encode_text, token_texts
 from ..chat_options import ChatOptions
@@ -30,7 +30,9 @@ from ..prompt import load_tokenizer
 from ..prompt_ids import PromptIds
 from ..sequence import FinishReason
 from ..tokenizer_pool import tokenizer_pool
-from .intake import Intake
+from ..intake import Intake
+from ..detokenizer import PROMPT_CONTEXT_TOKENS
+from .outputs import InFlight, deliver, fail
 from .process import CoreExited, CoreProcess
 from .supervisor import CoreSupervisor
 
@@ -51,7 +53,7 @@ class ProcessEngine:
         self._context = zmq.Context()
         self._encoder = wire.Codec(wire.ToCore)
         self._encode_lock = threading.Lock()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._queues: dict[str, InFlight] = {}
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids, self._call_ids = itertools.count(), itertools.count()
         self._listeners: list[Callable[[Any], None]] = []
@@ -67,6 +69,8 @@ class ProcessEngine:
         if store is not None and hasattr(store, "set_base_tokens"):   # resized vocabularies are checked
             store.set_base_tokens(base_tokens(self._tokenizer))
         self.tokenizers = AdapterTokenizers(self._tokenizer, None, store)
+        # outputs are detokenized on the receiver thread, with tokenizers no other thread uses
+        self._output_tokenizers = AdapterTokenizers(load_tokenizer(config.model_dir), None, store)
         self._prompts = PromptIds(self._tokenizer, self._templates, config.limits.max_input_tokens,
                                   self._adapter_template, self.tokenizers)
         self._tokenizer_pool = tokenizer_pool()      # below the engine's priority (tokenizer_pool.py)
@@ -106,7 +110,7 @@ class ProcessEngine:
                   code, len(self._queues))
         error = EngineUnavailable(f"the engine process exited (code {code}); it is restarting, retry")
         for request_id in list(self._queues):
-            self._deliver(request_id, error)
+            fail(self._queues, request_id, error)
         for loop, future in list(self._calls.values()):
             loop.call_soon_threadsafe(_set_exception, future, error)
 
@@ -124,12 +128,13 @@ class ProcessEngine:
             if message.private_keys is not None:
                 self._private = frozenset(message.private_keys)
             for output in message.outputs:
-                self._deliver(output.request_id, output)
+                if deliver(self._queues, output):          # a stop string ended it here
+                    self._abort(output.request_id)
             if message.step is not None:
                 for listener in self._listeners:
                     _call_quietly(listener, message.step)
         elif isinstance(message, wire.Rejected):
-            self._deliver(message.request_id, wire.error_from_wire(message.error))
+            fail(self._queues, message.request_id, wire.error_from_wire(message.error))
         elif isinstance(message, wire.Reply):
             self._resolve_call(message)
         elif isinstance(message, wire.Event):
@@ -137,11 +142,12 @@ class ProcessEngine:
             if hook is not None:
                 _call_quietly(hook, *message.args)
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._queues.get(request_id)
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+    def _abort(self, request_id: str) -> None:
+        if self._serving:
+            try:
+                self._send(wire.Abort(request_id))
+            except EngineUnavailable:
+                pass                # the core is gone: the request went with it
 
     def _resolve_call(self, reply: wire.Reply) -> None:
         target = self._calls.get(reply.call_id)
@@ -173,15 +179,17 @@ class ProcessEngine:
         if not self._serving:
             raise EngineUnavailable("the engine process is restarting; retry")
         loop = asyncio.get_running_loop()
-        request, prompt_ids = await loop.run_in_executor(self._tokenizer_pool, self._intake.prepare, request)
+        validated, tokenizer = await loop.run_in_executor(self._tokenizer_pool, self._admit, request)
+        request = validated.request
         queue: asyncio.Queue = asyncio.Queue()
         request_id = request.request_id
         if request_id in self._queues:
             raise RequestRejected("request_id", f"duplicate request id {request_id!r}")
-        self._queues[request_id] = (loop, queue)
+        self._queues[request_id] = InFlight(loop, queue, tokenizer, validated.prompt_ids[-PROMPT_CONTEXT_TOKENS:],
+                                            request.sampling.stop)
         finished = False
         try:
-            self._send(wire.Add(request, prompt_ids))
+            self._send(wire.Add(validated.request, validated.prompt_ids))
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -193,11 +201,20 @@ class ProcessEngine:
                 yield item
         finally:
             self._queues.pop(request_id, None)
-            if not finished and self._serving:
-                try:
-                    self._send(wire.Abort(request_id))
-                except EngineUnavailable:
-                    pass
+            if not finished:
+                self._abort(request_id)
+
+    def _admit(self, request: GenerationRequest) -> tuple[ValidatedRequest, Any]:
+        """Intake (the request is validated once, here: the core does not check it again) and the
+        tokenizer of its output; on the tokenizer thread (an adapter's own tokenizer may load)."""
+        validated = self._intake.prepare(request)
+        return validated, self._tokenizer_for(validated.request)
+
+    def _tokenizer_for(self, request: GenerationRequest) -> Any:
+        """The tokenizer that turns the request's output ids into text on the receiver thread
+        (outputs.py): its adapter's own (resized vocabulary) or the base model's; instances that
+        no other thread uses."""
+        return self._output_tokenizers.for_request(request.adapter_id, request.tenant).tokenizer
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import zmq
 
 from . import wire
-from ..io import RequestRejected
+from ..io import RequestRejected, ValidatedRequest
 
 log = logging.getLogger("loraplex.engine.core")
 
@@ -72,7 +72,9 @@ def run_core(spec: CoreSpec) -> None:
         from ..builder import build_engine
 
         store = spec.store_factory() if spec.store_factory is not None else None
-        engine, info = build_engine(spec.engine_config, store, lambda message: print(message, flush=True))
+        # Token ids out: the front end detokenizes and matches stop strings (text_stream.py).
+        engine, info = build_engine(spec.engine_config, store, lambda message: print(message, flush=True),
+                                    detokenize=False)
     except Exception as error:  # noqa: BLE001 - reported to the front end, which raises it
         log.exception("the engine could not be built")
         outbox.send(codec.encode(wire.StartFailed(f"{type(error).__name__}: {error}")))
@@ -248,7 +250,8 @@ class EngineCore:
 
     def _admit(self, message: wire.Add, guide: Any) -> None:
         try:
-            self.engine.add_request(message.request, message.prompt_ids, guide=guide)
+            # validated by the front end's Intake: the engine does not check it again
+            self.engine.add_request(ValidatedRequest(message.request, message.prompt_ids), guide=guide)
         except Exception as error:  # noqa: BLE001 - every refusal goes back to its caller
             self._reject(message, error)
 

@@ -1,7 +1,7 @@
 """What crosses between the front end and the engine-core process: msgspec structs, msgpack.
 
 Requests and outputs are the engine's own dataclasses (io.py), carried as plain data keyed by
-request id; errors cross as (kind, message, fields) and are rebuilt as the same EngineError
+request id (the core's outputs carry token ids, no text: the front end detokenizes); errors cross as (kind, message, fields) and are rebuilt as the same EngineError
 subclasses; admin commands are named. Nothing here is pickled.
 
 front end -> core: Add, Abort, Command, Shutdown
@@ -78,7 +78,8 @@ def _dec_hook(kind: type, obj: Any) -> Any:
 
 # ---- front end -> core ----------------------------------------------------------------------
 class Add(msgspec.Struct, tag=True, array_like=True):
-    """A validated request and its prompt's token ids (tokenized by the front end)."""
+    """A ValidatedRequest's two fields: the request the front end's Intake validated (defaults
+    filled) and its prompt's checked token ids. The core queues it without validating again."""
 
     request: GenerationRequest
     prompt_ids: list[int]
