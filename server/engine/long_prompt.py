@@ -15,7 +15,8 @@ never holds one after another character) cannot merge across the cut either. Add
 EOS) are added to both. So the prefix's tokens are a prefix of the text's tokens (plus the same
 specials) and count(prefix) <= count(text): tests/unit/test_long_prompt.py checks this on
 adversarial texts (long words, runs of spaces and newlines, digits, CJK, emoji, byte fallback) for
-the default model's tokenizer and a SentencePiece-style Llama tokenizer. PREFIX_MARGIN tokens are
+the default model's tokenizer, a SentencePiece-style Llama tokenizer and a byte-level BPE with
+Llama 3's split pattern. PREFIX_MARGIN tokens are
 subtracted anyway, for a tokenizer this argument does not cover (a Replace normalizer or merges
 that join a word with the space after it would change at most the cut's last word); a prompt
 with fewer than max_input_tokens tokens is never refused, whatever the margin.

@@ -1,7 +1,7 @@
 """Refusing an over-long prompt on a tokenized prefix (long_prompt.py, issue 36): the prefix's
 count never exceeds the whole text's (so a prompt that fits is never refused), checked at every
-allowed cut of adversarial texts for the default model's byte-level BPE tokenizer and for a
-SentencePiece-style Llama tokenizer; PromptIds refuses long prompts and chats naming the field."""
+allowed cut of adversarial texts for the default model's byte-level BPE tokenizer, a
+SentencePiece-style Llama tokenizer and a byte-level BPE with Llama 3's split pattern; PromptIds refuses long prompts and chats naming the field."""
 
 from __future__ import annotations
 
@@ -59,6 +59,28 @@ def sentencepiece_llama():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@functools.cache
+def llama3_style():
+    """A byte-level BPE with Llama 3's (and Qwen2's) split pattern: digits in threes, a
+    punctuation run takes the newlines after it; trained here on adversarial text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=["<|begin_of_text|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(adversarial_texts(40) + ["The lighthouse keeper finds a map.\n\n" * 50], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>")
+
+
 @pytest.fixture(scope="module")
 def smollm(default_model_dir):
     from transformers import AutoTokenizer
@@ -66,9 +88,12 @@ def smollm(default_model_dir):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-@pytest.fixture(scope="module", params=["default model (byte-level BPE)", "SentencePiece-style Llama"])
+@pytest.fixture(scope="module", params=["default model (byte-level BPE)", "SentencePiece-style Llama",
+                                        "Llama 3 split pattern"])
 def tokenizer(request, smollm):
-    return smollm if request.param.startswith("default") else sentencepiece_llama()
+    if request.param.startswith("default"):
+        return smollm
+    return sentencepiece_llama() if request.param.startswith("SentencePiece") else llama3_style()
 
 
 def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
