@@ -189,7 +189,7 @@ class ProcessEngine:
                                             request.sampling.stop)
         finished = False
         try:
-            self._send(wire.Add(validated.request, validated.prompt_ids))
+            self._send(wire.Add(validated.request, validated.prompt_ids, validated.tokenizer_key))
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
