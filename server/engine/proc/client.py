@@ -73,7 +73,7 @@ class ProcessEngine:
         self._output_tokenizers = AdapterTokenizers(load_tokenizer(config.model_dir), None, store)
         self._prompts = PromptIds(self._tokenizer, self._templates, config.limits.max_input_tokens,
                                   self._adapter_template, self.tokenizers)
-        self._tokenizer_pool = tokenizer_pool()      # below the engine's priority (tokenizer_pool.py)
+        self._tokenizer_pool = tokenizer_pool(config.tokenizer_nice)   # below the engine's priority
         self._intake: Intake | None = None
         self._supervisor = CoreSupervisor(self._spawn, self._on_ready, self._on_message, self._on_death)
 
