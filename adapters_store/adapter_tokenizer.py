@@ -89,11 +89,6 @@ def check_tokenizer_files(raw: Mapping[str, bytes], table_vocab: int, base_vocab
     return TokenizerBundle({name: texts[name] for name in TOKENIZER_FILES if name in texts}, len(tokens))
 
 
-def tokenizer_vocab(tokenizer_json: str) -> list[str]:
-    """Token by id of a serialized `tokenizers` tokenizer ("" for an id it leaves unused)."""
-    return _tokenizer_tokens(tokenizer_json)
-
-
 def _text(name: str, data: bytes, max_bytes: int) -> str:
     if len(data) > max_bytes:
         raise _error(f"{name} is {len(data)} bytes, above the limit of {max_bytes} "
@@ -118,6 +113,7 @@ def _check_json_object(name: str, text: str) -> None:
 
 
 def _tokenizer_tokens(text: str) -> list[str]:
+    """Token by id of a serialized `tokenizers` tokenizer ("" for an id it leaves unused)."""
     from tokenizers import Tokenizer
 
     try:

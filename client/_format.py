@@ -75,7 +75,8 @@ def adapter_details(adapter: AdapterInfo) -> str:
         ("targets", ", ".join(adapter.target_modules)), ("dtype", adapter.dtype),
         ("size", human_bytes(adapter.size_bytes)), ("sha256", adapter.sha256),
         ("base model", adapter.base_model or "-"), ("base fingerprint", adapter.base_fingerprint or "-"),
-        ("owner", adapter.owner or "public"), ("created", _created(adapter))])
+        ("owner", adapter.owner or "public"), ("created", _created(adapter)),
+        ("vocabulary", f"{adapter.vocab_size} tokens, its own tokenizer" if adapter.vocab_size else "the base's")])
 
 
 def server_details(info: ServerInfo) -> str:

@@ -177,6 +177,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("metrics_adapter_labels", "--metrics-adapter-labels", int,
          "adapters with their own metrics label (top-N by traffic; the rest are 'other')"),
     Flag("seed", "--seed", int, "engine sampling seed", engine="seed"),
+    Flag("tokenizer_nice", "--tokenizer-nice", int,
+         "the tokenizer thread's nice value above the engine's: 10, or 0 (same priority) to 19", engine="tokenizer_nice"),
     Flag("log_level", "--log-level", str, "debug, info, warning, error"),
     # OpenAI-compatible HTTP API (server/http/)
     Flag("http_port", "--http-port", int, "OpenAI-compatible HTTP port on --host (0 turns it off)"),
@@ -257,6 +259,7 @@ class ServerConfig:
     metrics_adapter_labels: int = 20
     metrics_host: str = ""               # empty: the gRPC --host
     seed: int = EngineConfig.seed
+    tokenizer_nice: int = EngineConfig.tokenizer_nice
     log_level: str = "info"
     http_port: int = 8000
     served_model_name: str = ""                  # "" = the model directory's name, or "default"

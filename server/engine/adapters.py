@@ -28,6 +28,7 @@ class AdapterGateway:
         self._failed: dict[str, AdapterUnavailable] = {}
         self._staged: dict[str, Any] = {}    # loaded by prefetch, kept until activated
         self._private: set[str] = set()      # resolved keys owned by a tenant
+        self._vocab: dict[str, int] = {}     # resolved keys with a resized vocabulary -> its size
 
     def resolve(self, ref: str, tenant: str | None) -> str:
         """'name' or 'name@3' -> 'name@version', holding a lease until release(key)."""
@@ -43,7 +44,14 @@ class AdapterGateway:
                 self._private.add(key)
             else:
                 self._private.discard(key)
+            if getattr(record, "resized_vocab", False):
+                self._vocab[key] = record.vocab_size
         return key
+
+    def vocab_size(self, key: str) -> int:
+        """A resolved key's resized vocabulary size (its own tokenizer's ids); 0: the base's."""
+        with self._lock:
+            return self._vocab.get(key, 0)
 
     def is_private(self, key: str) -> bool:
         """Whether `key` was private when it was last resolved (metrics never name those)."""
@@ -120,6 +128,7 @@ class AdapterGateway:
         with self._lock:
             self._staged.pop(key, None)
             self._private.discard(key)
+            self._vocab.pop(key, None)
         self.manager.evict(key)
 
 

@@ -50,7 +50,7 @@ class AsyncEngine:
         self._listeners: list[StepListener] = []
         self._stats = engine.stats()
         self._ids = itertools.count()
-        self._tokenizer_pool = tokenizer_pool()      # below the engine's priority (tokenizer_pool.py)
+        self._tokenizer_pool = tokenizer_pool(engine.config.tokenizer_nice)   # below the engine's priority
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
 

@@ -145,6 +145,7 @@ class EngineConfig:
     device: str = "auto"             # auto = cuda if available else cpu
     cpu_kernels: str = "auto"        # auto = fused C++ layer ops on CPU float32 when they build
     seed: int = 0                    # engine sampling seed
+    tokenizer_nice: int = 10         # the tokenizer thread's nice value above the process's (tokenizer_pool.py)
     quant: QuantConfig = field(default_factory=QuantConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -159,6 +160,8 @@ class EngineConfig:
         """The problems that span fields (each sub-config checked its own when built)."""
         yield from one_of(self.dtype, DTYPE_CHOICES, "dtype")
         yield from one_of(self.cpu_kernels, CPU_KERNEL_CHOICES, "cpu_kernels")
+        if not 0 <= self.tokenizer_nice <= 19:
+            yield ConfigProblem("tokenizer_nice", "must be 0 (the engine's priority) to 19 (the lowest)")
         if self.limits.max_input_tokens >= self.scheduler.max_model_len:
             yield ConfigProblem("limits.max_input_tokens", "must be smaller than max_model_len")
 

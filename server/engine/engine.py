@@ -122,11 +122,16 @@ class LLMEngine:
             raise QueueFull(f"{self.scheduler.num_waiting} requests are queued; retry later")
         if not isinstance(request, ValidatedRequest):
             request = self.intake.prepare(request)
-        request, prompt_ids = request.request, request.prompt_ids
-        own = self.prompts.for_request(request)        # the tokenizer (and eos) of the request's ids
+        request, prompt_ids, tokenizer_key = request.request, request.prompt_ids, request.tokenizer_key
         if guide is None:
             guide = self.compile_constraint(request)
         adapter_key = self._resolve_adapter(request)
+        own = self._own_tokenizer(adapter_key)          # the tokenizer (and eos) of the request's ids
+        if own.adapter_key != tokenizer_key:
+            self._release(adapter_key)
+            raise RequestRejected("adapter_id", f"adapter {request.adapter_id!r} now resolves to {adapter_key}, "
+                                  f"whose vocabulary differs from the version the prompt was tokenized for; "
+                                  f"retry (or pin a version, name@N)")
         seq = Sequence(seq_id=self._next_seq_id, prompt_token_ids=prompt_ids,
                        sampling=request.sampling, adapter_key=adapter_key,
                        arrival_time=self.clock(), eos_token_ids=self._eos_ids(own), guide=guide)
@@ -140,6 +145,12 @@ class LLMEngine:
         state = RequestState(request=request, seq=seq, text=text)
         self._states[request.request_id] = state
         self._by_seq[seq.seq_id] = state
+
+    def _own_tokenizer(self, adapter_key: str | None) -> RequestTokenizer:
+        """The tokenizer of a request on `adapter_key`: its version's own (a resized vocabulary,
+        loaded once per version) or the base's; no registry query (the gateway resolved it)."""
+        vocab_size = self.adapters.vocab_size(adapter_key) if adapter_key and self.adapters is not None else 0
+        return self.tokenizers.for_key(adapter_key, vocab_size) if vocab_size else self.tokenizers.base
 
     def _eos_ids(self, own: RequestTokenizer) -> tuple[int, ...]:
         """The base's end-of-sequence ids, plus an adapter's own tokenizer's eos (e.g. an added token)."""

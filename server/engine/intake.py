@@ -43,4 +43,4 @@ class Intake:
                                   self.vocab_size if own.is_base else own.vocab_size)
         if violations:
             raise RequestRejected.of(violations)
-        return ValidatedRequest(request, prompt_ids)
+        return ValidatedRequest(request, prompt_ids, own.adapter_key)

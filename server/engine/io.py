@@ -88,6 +88,8 @@ class ValidatedRequest:
 
     request: GenerationRequest
     prompt_ids: list[int]
+    # the adapter version whose own tokenizer made prompt_ids (a resized vocabulary); None: the base's
+    tokenizer_key: str | None = None
 
 
 @dataclass(frozen=True)

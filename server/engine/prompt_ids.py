@@ -20,6 +20,7 @@ from .chat_template import ChatRenderer, TemplateError
 from .io import GenerationRequest, RequestRejected
 from .long_prompt import PREFIX_MARGIN, START_CHARS_PER_TOKEN, tokens_at_least
 from .prompt import encode_prompt, max_token_bytes, prompt_bytes, render_chat, render_chat_text
+from .validation import input_field
 
 # (adapter_id, tenant) -> the chat template that adapter version carries (None: the base's)
 AdapterTemplate = Callable[[str | None, str | None], str | None]
@@ -59,7 +60,7 @@ class PromptIds:
             return list(request.prompt_token_ids)
         num_bytes = prompt_bytes(request.prompt, request.messages) + (request.chat.num_bytes if request.chat else 0)
         if num_bytes > self.max_prompt_bytes:
-            raise RequestRejected("", f"the prompt is {num_bytes} bytes, more than {self.max_prompt_bytes} "
+            raise RequestRejected(input_field(request), f"the prompt is {num_bytes} bytes, more than {self.max_prompt_bytes} "
                                   f"({self.max_input_tokens} tokens of at most "
                                   f"{self.max_prompt_bytes // self.max_input_tokens} bytes); shorten it")
         if request.messages is not None:

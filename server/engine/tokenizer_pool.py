@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_NICE = 10     # nice +10: CFS weight 110 against the engine's 1024 (about 1/10 of a shared core)
+TOKENIZER_NICE = 10     # EngineConfig.tokenizer_nice's default (--tokenizer-nice): CFS weight 110 against
+                        # the engine's 1024 (about 1/10 of a core both want)
 
 
 def lower_thread_priority(increment: int) -> bool:

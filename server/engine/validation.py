@@ -65,9 +65,9 @@ def check_prompt(request: GenerationRequest, prompt_ids: list[int], limits: Requ
     """Problems of the tokenized prompt: length limits and token ids. `request` has defaults."""
     num, max_new = len(prompt_ids), request.sampling.max_new_tokens
     if not prompt_ids:
-        return [Violation("", "the prompt is empty")]
+        return [Violation(input_field(request), "the prompt is empty")]
     if num > limits.max_input_tokens:
-        return [Violation("", f"the prompt has {num} tokens; the limit is {limits.max_input_tokens}")]
+        return [Violation(input_field(request), f"the prompt has {num} tokens; the limit is {limits.max_input_tokens}")]
     if num + max_new > max_model_len:
         return [Violation("sampling.max_new_tokens", f"prompt ({num}) + max_new_tokens ({max_new}) "
                           f"exceeds the {max_model_len} tokens a request may hold; lower max_new_tokens "
@@ -75,6 +75,13 @@ def check_prompt(request: GenerationRequest, prompt_ids: list[int], limits: Requ
     if vocab_size is not None and any(not 0 <= t < vocab_size for t in prompt_ids):
         return [Violation("prompt_token_ids", f"token ids must be in [0, {vocab_size})")]
     return []
+
+
+def input_field(request: GenerationRequest) -> str:
+    """The field that holds the request's input: prompt, messages or prompt_token_ids."""
+    if request.messages is not None:
+        return "messages"
+    return "prompt_token_ids" if request.prompt_token_ids is not None else "prompt"
 
 
 def _input_problems(request: GenerationRequest) -> list[Violation]:

@@ -74,6 +74,9 @@ class _WarmupGateway:
     def release(self, key: str) -> None:
         pass
 
+    def vocab_size(self, key: str) -> int:
+        return 0                                # the warm-up adapter has the base's vocabulary
+
     def ready(self, key: str) -> bool:
         return True
 

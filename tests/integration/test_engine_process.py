@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import grpc
 import pytest
@@ -56,7 +55,7 @@ def process_server(tiny_llama_dir, tmp_path_factory):
         "model": str(tiny_llama_dir), "port": "0", "metrics_port": "0", "store": str(tmp_path_factory.mktemp("store")),
         "kv_cache_memory": "16MiB", "max_total_tokens": "2048", "max_input_tokens": "512",
         "cpu_kernels": "torch"}, {})      # a restart needs no kernel build (a busy shared cache)
-    running = loop.run(start_full_server(replace(config, engine_process=True)))
+    running = loop.run(start_full_server(config, engine_process=True))   # whatever --engine-process says
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield running, channel
     channel.close()

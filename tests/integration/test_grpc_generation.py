@@ -130,7 +130,7 @@ def test_prompt_too_long_names_the_field(server):
     with pytest.raises(grpc.RpcError) as error:
         _stub(channel).Generate(gen.GenerateRequest(input=_input(prompt="word " * 3000)), timeout=30)
     assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert "input" in rich_details(error.value)["violations"]
+    assert "input.prompt" in rich_details(error.value)["violations"]
 
 
 def test_cancelled_stream_frees_kv_while_others_are_served(server):

@@ -113,3 +113,27 @@ def test_resized_vocab_mixed_batch_matches_peft(tiny_llama_dir, adapters, tokeni
             assert text == own_tok.decode(want[i], skip_special_tokens=True) and ADDED[0] in text
         else:
             assert max(ours) < base_tok.vocab_size
+
+
+def test_prompt_tokenized_for_another_version_is_refused(tiny_llama_dir, adapters, tmp_path):
+    """The engine queues a prompt only with the tokenizer it was made with: a request whose adapter
+    resolves (a version registered in between) to a vocabulary other than its prompt's is refused."""
+    from transformers import AutoTokenizer
+
+    from loraplex.server.engine.io import RequestRejected, ValidatedRequest
+
+    store = AdapterStore(tmp_path / "store", StoreConfig(allowed_register_roots=(adapters["plain"].parent,)),
+                         base_spec_for(EngineConfig.from_settings(tiny_llama_dir, method="none")))
+    store.set_base_tokens(base_tokens(AutoTokenizer.from_pretrained(tiny_llama_dir)))
+    store.register_path("ad", adapters["plain"])
+    engine = make_engine(tiny_llama_dir, store=store, max_loras=2)
+    request = GenerationRequest(request_id="r", adapter_id="ad", prompt=PROMPT,
+                                sampling=SamplingParams(max_new_tokens=2))
+    validated = engine.intake.prepare(request)                      # tokenized for ad@1 (the base's)
+    assert validated.tokenizer_key is None
+    store.register_path("ad", adapters["resized"])                   # ad@2: its own vocabulary
+    with pytest.raises(RequestRejected, match="ad@2, whose vocabulary differs"):
+        engine.add_request(validated)
+    engine.add_request(engine.intake.prepare(request))                # tokenized again: queued
+    assert engine.intake.prepare(request).tokenizer_key == "ad@2"
+    store.close()

@@ -153,3 +153,25 @@ def test_hostile_local_files_raise_validation_error(tmp_path, case):
     HOSTILE[case](directory)
     with pytest.raises(ValidationError):
         validate_adapter_dir(directory)
+
+
+def test_tokenizer_files_are_sent_only_with_saved_vocabulary_tables(tmp_path):
+    """The adapter's tokenizer files travel (declared in the metadata, then chunked) when
+    modules_to_save saves embed_tokens or lm_head (a resized vocabulary needs them), never otherwise."""
+    files = {"tokenizer.json": b'{"model": {}}', "tokenizer_config.json": b"{}", "special_tokens_map.json": b"{}"}
+    plain = write_adapter(tmp_path / "plain")
+    saved = write_adapter(tmp_path / "saved", config={"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                        "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})
+    for directory in (plain, saved):
+        for name, data in files.items():
+            (directory / name).write_bytes(data)
+    assert validate_adapter_dir(plain).tokenizer == ()
+    adapter = validate_adapter_dir(saved)
+    messages = list(upload_requests(adapter, "saved"))
+    declared = {f.file: (f.size, f.sha256) for f in messages[0].metadata.tokenizer_files}
+    assert declared == {adapters_pb2.ADAPTER_FILE_TOKENIZER: (13, hashlib.sha256(files["tokenizer.json"]).hexdigest()),
+                        adapters_pb2.ADAPTER_FILE_TOKENIZER_CONFIG: (2, hashlib.sha256(b"{}").hexdigest()),
+                        adapters_pb2.ADAPTER_FILE_SPECIAL_TOKENS_MAP: (2, hashlib.sha256(b"{}").hexdigest())}
+    sent = {m.chunk.file: m.chunk.data for m in messages[1:] if m.chunk.file in declared}
+    assert sent[adapters_pb2.ADAPTER_FILE_TOKENIZER] == files["tokenizer.json"]
+    assert adapter.total_bytes == adapter.config.size + adapter.weights.size + 17

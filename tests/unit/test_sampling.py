@@ -245,3 +245,24 @@ def test_cuda_matches_cpu_for_greedy_and_seeded_rows():
     cuda = Sampler(VOCAB, device="cuda")(logits.cuda(), seqs)
     assert cuda.token_ids == cpu.token_ids
     assert cuda.logprobs == pytest.approx(cpu.logprobs, abs=1e-4)
+
+
+def test_rows_padded_for_a_resized_vocabulary_never_pick_past_their_width():
+    """A step holding a resized-vocabulary adapter widens every row's logits; rows of other
+    adapters carry -inf past the base's vocabulary: no sampling mode picks those ids, and their
+    (top) logprobs are those of their own vocabulary."""
+    wide, extra = VOCAB + 16, torch.full((1, 16), float("-inf"))
+    base_rows = random_logits(6, seed=3)
+    logits = torch.cat([base_rows, extra.expand(6, 16)], dim=1)                   # [6, V + 16]
+    modes = [dict(), dict(temperature=1.0), dict(temperature=2.0, top_p=0.5), dict(temperature=1.0, top_k=5),
+             dict(temperature=1.5, repetition_penalty=1.3), dict(temperature=0.7, logprobs=True, top_logprobs=3)]
+    seqs = [seq(i, output=[VOCAB - 1], **mode) for i, mode in enumerate(modes)]
+    sampler = Sampler(wide)
+    for _ in range(50):
+        result = sampler(logits, seqs)
+        assert all(t < VOCAB for t in result.token_ids)
+    plain = Sampler(VOCAB)(base_rows[:1], seqs[:1]).token_ids
+    assert Sampler(wide)(logits[:1], seqs[:1]).token_ids == plain              # greedy: the same choice
+    lp = Sampler(wide, seed=1)(logits[5:], seqs[5:])
+    want = torch.log_softmax(base_rows[5] / 0.7, dim=-1)[lp.token_ids[0]]
+    assert math.isclose(lp.logprobs[0], float(want), rel_tol=1e-5)

@@ -49,3 +49,17 @@ def test_lowering_is_capped_and_zero_changes_nothing():
         worker.join(timeout=30)
     assert seen["zero"] == base and seen["zero_set"] is False
     assert seen["huge"] == 19 and seen["huge_set"] is True
+
+
+def test_the_engine_setting_defaults_to_the_pool_and_is_checked(tmp_path):
+    from loraplex.server.config import load_server_config
+    from loraplex.server.engine.config import EngineConfig
+    from loraplex.server.problems import InvalidConfig
+
+    assert EngineConfig(model_dir=tmp_path).tokenizer_nice == TOKENIZER_NICE
+    config = load_server_config({"tokenizer_nice": "0"}, {})
+    assert config.engine_config(tmp_path).tokenizer_nice == 0
+    assert load_server_config({}, {"LORAPLEX_TOKENIZER_NICE": "19"}).tokenizer_nice == 19
+    for bad in (-1, 20):
+        with pytest.raises(InvalidConfig, match="tokenizer_nice"):
+            EngineConfig(model_dir=tmp_path, tokenizer_nice=bad)

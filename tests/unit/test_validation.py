@@ -39,8 +39,9 @@ def test_unset_max_new_tokens_gets_the_capped_default():
 def test_prompt_checks_after_tokenizing():
     request = with_defaults(_request(max_new_tokens=10), LIMITS)
     assert check_prompt(request, [1, 2], LIMITS, max_model_len=16, vocab_size=50) == []
-    assert [v.field for v in check_prompt(request, [], LIMITS, 16, 50)] == [""]
-    assert "limit is 8" in check_prompt(request, [1] * 9, LIMITS, 64, 50)[0].description
+    assert [v.field for v in check_prompt(request, [], LIMITS, 16, 50)] == ["prompt"]      # names the input
+    too_long = check_prompt(request, [1] * 9, LIMITS, 64, 50)[0]
+    assert too_long.field == "prompt" and "limit is 8" in too_long.description
     assert check_prompt(request, [1] * 7, LIMITS, 16, 50)[0].field == "sampling.max_new_tokens"
     assert check_prompt(request, [99], LIMITS, 16, 50)[0].field == "prompt_token_ids"
 

@@ -73,7 +73,7 @@ class ProcessEngine:
         self._output_tokenizers = AdapterTokenizers(load_tokenizer(config.model_dir), None, store)
         self._prompts = PromptIds(self._tokenizer, self._templates, config.limits.max_input_tokens,
                                   self._adapter_template, self.tokenizers)
-        self._tokenizer_pool = tokenizer_pool()      # below the engine's priority (tokenizer_pool.py)
+        self._tokenizer_pool = tokenizer_pool(config.tokenizer_nice)   # below the engine's priority
         self._intake: Intake | None = None
         self._supervisor = CoreSupervisor(self._spawn, self._on_ready, self._on_message, self._on_death)
 
@@ -189,7 +189,7 @@ class ProcessEngine:
                                             request.sampling.stop)
         finished = False
         try:
-            self._send(wire.Add(validated.request, validated.prompt_ids))
+            self._send(wire.Add(validated.request, validated.prompt_ids, validated.tokenizer_key))
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):

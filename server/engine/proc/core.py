@@ -251,7 +251,8 @@ class EngineCore:
     def _admit(self, message: wire.Add, guide: Any) -> None:
         try:
             # validated by the front end's Intake: the engine does not check it again
-            self.engine.add_request(ValidatedRequest(message.request, message.prompt_ids), guide=guide)
+            self.engine.add_request(ValidatedRequest(message.request, message.prompt_ids, message.tokenizer_key),
+                                    guide=guide)
         except Exception as error:  # noqa: BLE001 - every refusal goes back to its caller
             self._reject(message, error)
 

@@ -78,11 +78,12 @@ def _dec_hook(kind: type, obj: Any) -> Any:
 
 # ---- front end -> core ----------------------------------------------------------------------
 class Add(msgspec.Struct, tag=True, array_like=True):
-    """A ValidatedRequest's two fields: the request the front end's Intake validated (defaults
+    """A ValidatedRequest's fields: the request the front end's Intake validated (defaults
     filled) and its prompt's checked token ids. The core queues it without validating again."""
 
     request: GenerationRequest
     prompt_ids: list[int]
+    tokenizer_key: str | None = None     # ValidatedRequest.tokenizer_key
 
 
 class Abort(msgspec.Struct, tag=True, array_like=True):
