@@ -49,7 +49,7 @@ def test_async_engine_validates_each_request_once(engine, monkeypatch):
 
     outputs, refused = asyncio.run(run())
     assert outputs[-1].finished and (len(checked), len(prompt_checked)) == (2, 2)
-    assert refused.field_name == "" and "the limit is 32" in refused.message
+    assert refused.field_name == "prompt" and "the limit is 32" in refused.message
 
 
 def test_a_validated_request_is_queued_unchecked(engine, monkeypatch):
