@@ -59,14 +59,18 @@ class CoreProcess:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
-        self._sender.bind(to_core)
-        self.receiver.bind(from_core)
         self._lock = threading.Lock()
-        spec = CoreSpec(engine_config, store_factory, to_core, from_core, log_level)
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=run_core, args=(spec,), name="loraplex-engine-core", daemon=True)
-        with core_environment():
-            self.process.start()
+        try:
+            self._sender.bind(to_core)
+            self.receiver.bind(from_core)
+            spec = CoreSpec(engine_config, store_factory, to_core, from_core, log_level)
+            self.process = multiprocessing.get_context("spawn").Process(
+                target=run_core, args=(spec,), name="loraplex-engine-core", daemon=True)
+            with core_environment():
+                self.process.start()
+        except BaseException:
+            self._close_pipes()      # an open socket would block the front end's zmq.Context.term()
+            raise
 
     @property
     def pid(self) -> int | None:
@@ -103,8 +107,11 @@ class CoreProcess:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(10)
+        self._close_pipes()
+        return self.process.exitcode
+
+    def _close_pipes(self) -> None:
         with self._lock:
             self._sender.close(0)
         self.receiver.close(0)
         shutil.rmtree(self._dir, ignore_errors=True)
-        return self.process.exitcode
