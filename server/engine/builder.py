@@ -22,7 +22,7 @@ from ..model.fused_ops import layer_ops
 from ..model.kv_cache import allocate_kv_caches
 from ..model.kv_sizing import KVCacheDemand, KVCachePlan, plan_kv_cache
 from ..model.llama import build_model
-from ..model.rope import check_position_limit
+from ..model.rope import check_position_limit, trained_length_note
 from .adapters import AdapterGateway
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -92,6 +92,9 @@ def build_engine(config: EngineConfig, store: Any = None, log: Log = print,
     ops = layer_ops(kernels, config.cpu_kernels)
     model, model_config = build_model(config.model_dir, spec, ops=ops)
     check_position_limit(model_config.rope, config.scheduler.max_model_len)
+    note = trained_length_note(model_config.max_position_embeddings, config.scheduler.max_model_len)
+    if note:
+        log(f"[loraplex] warning: {note}")
     linear_kernels = choose_linear_kernels(model, spec, kernels, log=log)
     model.decode_stack = build_decode_stack(model, kernels)
     tokenizer = load_tokenizer(config.model_dir)

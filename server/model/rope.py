@@ -42,6 +42,17 @@ def check_position_limit(rope: RopeConfig, max_model_len: int) -> None:
                          f"max_model_len is {max_model_len}: set --max-total-tokens to at most {limit}")
 
 
+def trained_length_note(max_positions: int, max_model_len: int) -> str | None:
+    """A startup warning when requests may run past the positions the model was trained on
+    (config.json's max_position_embeddings): served, but quality past that length is the
+    model's own risk; None when max_model_len fits."""
+    if max_model_len <= max_positions:
+        return None
+    return (f"max_model_len={max_model_len} is longer than the model's max_position_embeddings="
+            f"{max_positions}: requests past {max_positions} tokens are served but the model was not "
+            f"trained on such positions (set --max-total-tokens to at most {max_positions} to refuse them)")
+
+
 def attention_scaling(rope: RopeConfig) -> float:
     """The factor cos and sin are multiplied by (YaRN's attention temperature, LongRoPE's
     sqrt(1 + ln(factor) / ln(original length)); 1 otherwise)."""

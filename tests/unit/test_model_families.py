@@ -155,6 +155,24 @@ def test_longrope_refuses_contexts_past_its_original_length(families):
         build_engine(EngineConfig.from_settings(families["phi3-longrope"], **settings), None, log=lambda _m: None)
 
 
+def test_contexts_past_the_trained_length_are_served_with_a_startup_warning(tmp_path, default_model_dir):
+    """max_position_embeddings is what the model was trained on, not a hard limit of plain RoPE:
+    a longer max_model_len starts, with a warning that names both numbers and the flag."""
+    settings = dict(dtype="float32", device="cpu", kv_cache_memory="16MiB", max_num_seqs=2, max_input_tokens=32)
+    model_dir = save_family(tmp_path / "phi3", "phi3", vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (default_model_dir / name).exists():
+            shutil.copy(default_model_dir / name, model_dir / name)
+    trained = ModelConfig.from_dir(model_dir).max_position_embeddings
+    for max_model_len, warned in ((trained, False), (trained + 64, True)):
+        lines: list[str] = []
+        build_engine(EngineConfig.from_settings(model_dir, max_model_len=max_model_len, **settings),
+                     None, log=lines.append)
+        warnings = [line for line in lines if "max_position_embeddings" in line]
+        assert bool(warnings) is warned, lines
+    assert f"max_model_len={trained + 64}" in warnings[0] and f"--max-total-tokens to at most {trained}" in warnings[0]
+
+
 def test_unsupported_family_options_are_refused(families):
     import json
 
