@@ -148,18 +148,26 @@ def self_signed_cert(directory, common_name: str, subject_alt_name: str):
 
 
 def wait_for_line(process, pattern, lines: list[str], timeout_s: float):
-    """Read a subprocess's output (stdout, stderr merged, text mode) into `lines` until a line
-    matches `pattern`; then keep draining it into `lines` on a daemon thread (so the pipe never
-    fills) and return the match. None if the output ended or `timeout_s` passed first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            return None
-        lines.append(line.rstrip())
-        match = pattern.match(line.strip())
-        if match:
-            threading.Thread(target=lambda: lines.extend(rest.rstrip() for rest in process.stdout),
-                             daemon=True).start()
-            return match
-    return None
+    """Read a subprocess's output (stdout, stderr merged, text mode) into `lines` on a daemon
+    thread (which drains it to the end, so the pipe never fills) and return the first line's match
+    of `pattern`. None if the output ended or `timeout_s` passed first, also while the process
+    writes nothing at all (the wait never hangs on a read)."""
+    import queue
+
+    found: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        matched = False
+        for raw in process.stdout:
+            lines.append(raw.rstrip())
+            match = None if matched else pattern.match(raw.strip())
+            if match:
+                matched = True
+                found.put(match)
+        found.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        return found.get(timeout=timeout_s)
+    except queue.Empty:
+        return None

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from ..config import ServerConfig
 from .config import FleetOptions
+from .console import whole_lines
 from .residency import ROUTING_STATS_PERIOD_S, ROUTING_STATS_TIMEOUT_S
 
 Log = Callable[[str], None]
@@ -160,7 +161,13 @@ def ready_line(config: ServerConfig, options: FleetOptions, fleet: RunningFleet)
 
 
 def run(config: ServerConfig, options: FleetOptions, log: Log = lambda message: print(message, flush=True)) -> int:
-    """Entry point of `loraplex fleet` after the config is validated (Ray wants the main thread)."""
+    """Entry point of `loraplex fleet` after the config is validated (Ray wants the main thread).
+    The console gets whole lines only (console.py): Ray's log thread shares it."""
+    with whole_lines():
+        return _run(config, options, log)
+
+
+def _run(config: ServerConfig, options: FleetOptions, log: Log) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     fleet = start_fleet(config, options, log)
