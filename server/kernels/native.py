@@ -58,9 +58,16 @@ def source_tag() -> str:
     return digest.hexdigest()[:12]
 
 
+def _torch_tag() -> str:
+    """Short hash of where this torch is installed: ninja's build file names torch's and Python's
+    include directories, so two virtual environments writing one cache directory would each
+    rebuild the extension whenever the other had built last (seen: ~50 s per server start)."""
+    return hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:6]
+
+
 def build_dir(root: Path | None = None, timing: bool = False) -> Path:
-    """Where the compiled extension lives for this torch, Python, CPU and source."""
-    version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    """Where the compiled extension lives for this torch (version and install), Python, CPU and source."""
+    version = f"torch{torch.__version__}-{_torch_tag()}-py{sys.version_info.major}{sys.version_info.minor}"
     suffix = "-timing" if timing else ""
     return (root or cache_root()) / "cpu-kernels" / f"{version}-{_cpu_tag()}-src{source_tag()}{suffix}"
 
@@ -73,8 +80,9 @@ def _staged_sources(directory: Path) -> list[Path]:
     """The C++ sources copied into `directory/src`, the paths the build uses.
 
     ninja's build file names its sources by path: built from this package's own directory, two
-    installs of the same source (two virtual environments, git worktrees, a wheel and a checkout)
-    would write different build files into the one cache directory their source hash picks, and
+    installs of the same source in one environment (git worktrees, a wheel and a checkout; other
+    environments get their own directory, _torch_tag) would write different build files into the
+    one cache directory their source hash picks, and
     each would rebuild the extension (~30-150 s) whenever the other had built last. The copies
     are the same for every install (the directory is keyed by their content), are written once
     (a file that exists is never rewritten: a newer mtime would make ninja rebuild) and atomically.

@@ -197,6 +197,14 @@ def test_build_dir_is_keyed_by_the_sources(tmp_path, monkeypatch):
     assert native.build_dir(tmp_path) != before
 
 
+def test_build_dir_is_keyed_by_the_torch_install(tmp_path, monkeypatch):
+    """Two virtual environments (their build files name their own torch include paths) never
+    share a build directory, where each would rebuild over the other's build."""
+    here = native.build_dir(tmp_path)
+    monkeypatch.setattr(native.torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert native.build_dir(tmp_path) != here and native.build_dir(tmp_path).parent == here.parent
+
+
 def test_kernels_release_the_gil_while_they_run(native_kernels):
     """Another Python thread runs during a long native call: a served decode step (one native
     call) must not stop the server's event loop, adapter loaders or mask thread. A thread that
