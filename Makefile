@@ -88,7 +88,7 @@ ENGINE_CLIENT_TESTS := tests/integration/test_grpc_generation.py tests/integrati
 	tests/integration/test_adapter_chat_template.py tests/integration/test_client_sdk.py \
 	tests/integration/test_front_door_http.py tests/integration/test_front_door_table.py \
 	tests/integration/test_hardening.py tests/integration/test_security.py \
-	tests/integration/test_fuzz_rpcs.py tests/integration/test_replica_trailer.py
+	tests/integration/test_fuzz_rpcs.py tests/integration/test_replica_trailer.py tests/integration/test_tool_markers.py
 test-engine-thread: model
 	$(PY) -m pytest $(ENGINE_CLIENT_TESTS) --engine-process off $(PYTEST_ARGS)
 

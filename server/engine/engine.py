@@ -141,7 +141,8 @@ class LLMEngine:
         except ValueError as error:
             self._release(adapter_key)
             raise RequestRejected("sampling.max_new_tokens", str(error)) from None
-        text = TextStream(own.tokenizer, prompt_ids, request.sampling.stop) if self.detokenize else None
+        text = (TextStream(own.tokenizer, prompt_ids, request.sampling.stop, request.sampling.skip_special_tokens)
+                if self.detokenize else None)
         state = RequestState(request=request, seq=seq, text=text)
         self._states[request.request_id] = state
         self._by_seq[seq.seq_id] = state

@@ -54,6 +54,10 @@ class SamplingParams:
     min_tokens: int = 0                 # EOS and stop token ids are masked until this many tokens
     top_logprobs: int = 0               # alternatives returned per token (implies logprobs)
     constraint: Constraint | None = None   # structured output (JSON Schema, regex, ...); None = free
+    # False: special tokens are part of the text (tool-call markers that a tokenizer holds as
+    # special tokens, e.g. Mistral's [TOOL_CALLS]); the token that ends the request (EOS, a stop
+    # token id) is not, either way
+    skip_special_tokens: bool = True
 
     @property
     def greedy(self) -> bool:

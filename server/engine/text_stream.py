@@ -33,8 +33,12 @@ class TextStream:
         self.stop = StopChecker(tuple(stop))
         self.stopped = False            # a stop string completed: the request ends with STOP
 
-    def feed(self, token_ids: Sequence[int]) -> tuple[str, bool]:
-        """(text the new ids complete, whether a stop string has been hit)."""
+    def feed(self, token_ids: Sequence[int], ends_on_token: bool = False) -> tuple[str, bool]:
+        """(text the new ids complete, whether a stop string has been hit). ends_on_token: the
+        last id ended the request (EOS or a stop token id); with special tokens kept it is left
+        out of the text (with them skipped, ids decode as before: an EOS adds no text)."""
+        if ends_on_token and not self.detokenizer.skip_special_tokens:
+            token_ids = token_ids[:-1]
         if not token_ids or self.stopped:
             return "", self.stopped
         text, self.stopped = self.stop.feed(self.detokenizer.add(list(token_ids)))

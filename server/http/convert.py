@@ -16,7 +16,7 @@ from ..engine.config import RequestLimits
 from ..engine.constraints.spec import Constraint
 from ..engine.io import GenerationRequest, RequestRejected
 from ..engine.sequence import SamplingParams
-from ..engine.tool_parsers import ToolFormat
+from ..engine.tool_parsers import ToolFormat, keeps_special_tokens
 from ..engine.tool_parsers.hermes import HermesFormat
 from ..engine.validation import ADAPTER_REF_RE, check_request
 from ..frontdoor.limits import FrontLimits
@@ -107,9 +107,11 @@ def resolve_model(model: str | None, base_name: str) -> str | None:
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    seed_offset: int, constraint: Constraint | None = None) -> SamplingParams:
+                    seed_offset: int, constraint: Constraint | None = None,
+                    skip_special_tokens: bool = True) -> SamplingParams:
     """The engine's SamplingParams (OpenAI defaults: temperature 1); the engine's validator
-    checks the ranges, and its field names map back to these parameters (errors.py)."""
+    checks the ranges, and its field names map back to these parameters (errors.py).
+    skip_special_tokens: the default when the body does not set it (vLLM's field)."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     values: dict[str, Any] = dict(
         max_new_tokens=max_tokens,                      # None = the engine's default
@@ -121,7 +123,8 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
         stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs is not None, top_logprobs=logprobs or 0,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-        min_tokens=body.min_tokens or 0, constraint=constraint)
+        min_tokens=body.min_tokens or 0, constraint=constraint,
+        skip_special_tokens=skip_special_tokens if body.skip_special_tokens is None else body.skip_special_tokens)
     return SamplingParams(**values)
 
 
@@ -205,9 +208,10 @@ def chat_request(data: Any, base_name: str, tenant: str | None, limits: RequestL
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     messages = chat_messages(body.messages)
+    skip_special = not keeps_special_tokens(setup.fmt, tools)
 
     def sampling(j: int) -> SamplingParams:
-        return sampling_params(body, max_tokens, logprobs, j, constraint)
+        return sampling_params(body, max_tokens, logprobs, j, constraint, skip_special)
 
     return _parsed(body, [{"messages": messages, "chat": chat}], adapter, base_name, sampling, tenant, new_id,
                    logprobs, limits, ChatShaper(setup.fmt, tools, setup.reasoning_parser))

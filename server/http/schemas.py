@@ -43,6 +43,7 @@ class SamplingFields(BaseModel):
     min_tokens: int | None = Field(default=None, ge=0)
     stop_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool | None = False
+    skip_special_tokens: bool | None = None   # None: True, False for a chat with tools whose parser needs them
 
     def extras(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

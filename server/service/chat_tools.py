@@ -13,7 +13,7 @@ from typing import Any
 from ...v1 import generation_pb2 as pb
 from ..engine.chat_options import ChatOptions
 from ..engine.io import GenerationRequest, RequestOutput
-from ..engine.tool_parsers import pick_format
+from ..engine.tool_parsers import keeps_special_tokens, pick_format
 from ..engine.tool_parsers.request import ToolRequest, ToolRequestError, checked_tools
 from ..engine.tool_parsers.shaper import ChatShaper
 from .errors import FieldViolation, invalid_argument
@@ -115,6 +115,8 @@ def with_chat_tools(request: GenerationRequest, message: pb.GenerationInput, con
         raise _bad("tool_choice", "a forced tool call cannot be combined with sampling.constraint")
     if forced is not None:
         request = replace(request, sampling=replace(request.sampling, constraint=forced))
+    if keeps_special_tokens(fmt, tools):
+        request = replace(request, sampling=replace(request.sampling, skip_special_tokens=False))
     if options != ChatOptions(tool_format=fmt.name):
         request = replace(request, chat=options)
     shaper = ChatShaper(fmt, tools, config.reasoning_parser)

@@ -18,7 +18,7 @@ import pytest
 from engine_helpers import make_engine, run_staggered
 from loraplex.server.engine.constraints import Constraint
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer
-from loraplex.server.engine.io import GenerationRequest
+from loraplex.server.engine.io import GenerationRequest, RequestOutput
 from loraplex.server.engine.proc.outputs import InFlight
 from loraplex.server.engine.prompt import load_tokenizer
 from loraplex.server.engine.sequence import FinishReason, SamplingParams
@@ -150,3 +150,30 @@ def test_token_only_engine_and_front_end_give_the_in_process_outputs(tiny_llama_
     assert "".join(o.text for o in expected["tail"]) == text and expected["tail"][-1].finish_reason is FinishReason.LENGTH
     assert "".join(o.text for o in expected["mb-free"]) == "«漢字» café €€ 🚀 done"
     assert "".join(o.text for o in expected["mb"]) == "«漢" and expected["mb"][-1].finish_reason is FinishReason.STOP
+
+
+def test_kept_special_tokens_are_text_but_the_token_that_ends_the_request_is_not(tokenizer):
+    """skip_special_tokens=False (a Mistral tool request): special tokens in the middle are text;
+    the EOS / stop token id that ends the request is not, in either mode; with special tokens
+    skipped the ids decode as before (an EOS adds nothing, a normal stop token id stays)."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    ids = tokenizer("Hi there", add_special_tokens=False)["input_ids"]
+    steps = [[start], ids, [eos]]
+    for skip, expected in ((False, "<|im_start|>Hi there"), (True, "Hi there")):
+        stream = TextStream(tokenizer, [], (), skip_special_tokens=skip)
+        text = "".join(stream.feed(step, ends_on_token=step == [eos])[0] for step in steps)
+        assert text + stream.finish(FinishReason.EOS) == expected
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    kept = TextStream(tokenizer, [], (), skip_special_tokens=False)
+    assert kept.feed(ids + newline, ends_on_token=True)[0] + kept.finish(FinishReason.STOP) == "Hi there"
+    skipped = TextStream(tokenizer, [], ())
+    assert skipped.feed(ids + newline, ends_on_token=True)[0] + skipped.finish(FinishReason.STOP) == "Hi there\n"
+    flight = InFlight(None, None, tokenizer, [], (), skip_special_tokens=False)
+    first = flight.receive(_output("r", [start, *ids], None))
+    last = flight.receive(_output("r", [eos], FinishReason.EOS))
+    assert first.text + last.text == "<|im_start|>Hi there" and last.finish_reason is FinishReason.EOS
+
+
+def _output(request_id: str, token_ids: list[int], reason: FinishReason | None) -> RequestOutput:
+    return RequestOutput(request_id=request_id, text="", token_ids=tuple(token_ids), finish_reason=reason)

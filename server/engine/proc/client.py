@@ -186,7 +186,7 @@ class ProcessEngine:
         if request_id in self._queues:
             raise RequestRejected("request_id", f"duplicate request id {request_id!r}")
         self._queues[request_id] = InFlight(loop, queue, tokenizer, validated.prompt_ids[-PROMPT_CONTEXT_TOKENS:],
-                                            request.sampling.stop)
+                                            request.sampling.stop, request.sampling.skip_special_tokens)
         finished = False
         try:
             self._send(wire.Add(validated.request, validated.prompt_ids, validated.tokenizer_key))

@@ -32,6 +32,7 @@ class InFlight:
     tokenizer: Any
     prompt_tail: Sequence[int]
     stop: tuple[str, ...]
+    skip_special_tokens: bool = True
     done: bool = False          # its last output (or error) went out; later ones are dropped
     text: TextStream | None = field(default=None, repr=False)
 
@@ -47,8 +48,10 @@ class InFlight:
         if self.done:
             return None
         if self.text is None:
-            self.text = TextStream(self.tokenizer, self.prompt_tail, self.stop)
-        text, stopped = self.text.feed(output.token_ids)
+            self.text = TextStream(self.tokenizer, self.prompt_tail, self.stop, self.skip_special_tokens)
+        # the core finishes with STOP only on a stop token id (stop strings are matched here)
+        ends = output.finished and output.finish_reason in (FinishReason.EOS, FinishReason.STOP)
+        text, stopped = self.text.feed(output.token_ids, ends_on_token=ends)
         if output.finished:
             return replace(output, text=text + self.text.finish(output.finish_reason))
         if stopped:

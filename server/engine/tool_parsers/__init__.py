@@ -23,7 +23,7 @@ FORMATS: dict[str, Callable[[], ToolFormat]] = {"hermes": HermesFormat, "llama3_
 PARSER_NAMES = ("auto", *FORMATS)
 
 __all__ = ["FORMATS", "PARSER_NAMES", "Piece", "Scan", "ToolCall", "ToolCallStream", "ToolFormat",
-           "pick_format", "tool_format"]
+           "keeps_special_tokens", "pick_format", "tool_format"]
 
 
 def tool_format(name: str) -> ToolFormat:
@@ -43,6 +43,14 @@ def pick_format(parser: str, chat_template: str | None) -> ToolFormat:
     if "<|python_tag|>" in template or ("ipython" in template and "<tool_call>" not in template):
         return Llama3JsonFormat()
     return HermesFormat()
+
+
+def keeps_special_tokens(fmt: ToolFormat, tools: object | None) -> bool:
+    """Whether a request is detokenized with special tokens kept: it has tools (tool_choice not
+    "none") and its format reads markers that its model family's tokenizers hold as special
+    tokens (Mistral's `[TOOL_CALLS]` and `[ARGS]`); other special tokens then show in its text too,
+    the one that ends it does not."""
+    return tools is not None and bool(getattr(fmt, "special_markers", ()))
 
 
 def call_dict(call: ToolCall, call_id: str) -> dict:

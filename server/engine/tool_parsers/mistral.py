@@ -1,8 +1,10 @@
 """Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3 tokenizers), or
-`[TOOL_CALLS]name[ARGS]{...}` per call (v11+ tokenizers). Where `[TOOL_CALLS]` is a special
-token the detokenizer drops it: an answer that starts with `[{` is then read as the v3 call
-array (`implicit_start`). The v11 form needs the markers in the text (they are special
-tokens in v11 tokenizers, so it is only recognised where they are not)."""
+`[TOOL_CALLS]name[ARGS]{...}` per call (v11+ tokenizers). Both markers are special tokens in
+Mistral's tokenizers, which the detokenizer drops by default: a request with tools is
+detokenized with special tokens kept (`special_markers`, tool_parsers.keeps_special_tokens, as
+vLLM's Mistral parser does), so the v11 form can be read. A text where the marker was dropped
+anyway (skip_special_tokens set by the client) and that starts with `[{` is still read as the v3
+call array (`implicit_start`)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ NAME_RE = re.compile(r"\s*([A-Za-z0-9_.-]{1,128})\[ARGS\]")
 class MistralFormat:
     name = "mistral"
     markers = (MARKER,)
+    special_markers = (MARKER, ARGS)   # special tokens in Mistral's tokenizers: keep them in the text
     implicit_start = "[{"         # what a v3 call array looks like once the special marker is dropped
     continuations = (MARKER,)
 
