@@ -68,7 +68,8 @@ class Client:
         """Generate a completion of the raw `prompt` (no chat template), optionally with a LoRA.
 
         Sampling keywords: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-        stop, stop_token_ids, ignore_eos, logprobs, and at most one structured-output constraint:
+        stop, stop_token_ids, ignore_eos, logprobs, top_logprobs, presence_penalty,
+        frequency_penalty, min_tokens, skip_special_tokens, and at most one structured-output constraint:
         json_schema, json_object, regex, choice, grammar (see `loraplex.client.Sampling`).
         """
         request = generation_pb2.GenerateRequest(input=convert.generation_input(prompt, None, adapter_id, sampling))

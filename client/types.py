@@ -182,6 +182,7 @@ class Sampling(TypedDict, total=False):
     presence_penalty: float       # [-2, 2]; OpenAI semantics over generated tokens
     frequency_penalty: float      # [-2, 2]
     min_tokens: int               # EOS / stop token ids blocked until this many tokens
+    skip_special_tokens: bool     # default True; False keeps special tokens in the text
     # structured output: at most one of these (docs/structured-output.md)
     json_schema: Union[Mapping[str, Any], str]   # a JSON Schema (dict or JSON text)
     json_object: bool             # True: any JSON object

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.loraplex.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"\xa7\x02\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12 \n\x05tools\x18\x02 \x03(\x0b\x32\x11.loraplex.v1.Tool\x12\x13\n\x0btool_choice\x18\x03 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x14\x63hat_template_kwargs\x18\x05 \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x07 \x01(\x08\x42\x16\n\x14_parallel_tool_callsB\x18\n\x16_add_generation_prompt\"\x9b\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12+\n\nconstraint\x18\x0b \x01(\x0b\x32\x17.loraplex.v1.Constraint\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x08\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\rB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokens\"\x91\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.loraplex.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x9a\x01\n\x0fGenerationInput\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.loraplex.v1.ChatMessagesH\x00\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParamsB\x07\n\x05input\">\n\x0fGenerateRequest\x12+\n\x05input\x18\x01 \x01(\x0b\x32\x1c.loraplex.v1.GenerationInput\"D\n\x15GenerateStreamRequest\x12+\n\x05input\x18\x01 \x01(\x0b\x32\x1c.loraplex.v1.GenerationInput\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"S\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\">\n\x0bTopLogprobs\x12/\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"\xc9\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.loraplex.v1.Timing\x12\x12\n\nadapter_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.loraplex.v1.TopLogprobs\x12)\n\ntool_calls\x18\t \x03(\x0b\x32\x15.loraplex.v1.ToolCall\x12\x19\n\x11reasoning_content\x18\n \x01(\t\"\xcf\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.loraplex.v1.Timing\x12\x12\n\nadapter_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.loraplex.v1.TopLogprobs\x12)\n\ntool_calls\x18\t \x03(\x0b\x32\x15.loraplex.v1.ToolCall\x12\x19\n\x11reasoning_content\x18\n \x01(\t*\x94\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xb9\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".loraplex.v1.GenerateStreamRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.loraplex.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"\xa7\x02\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12 \n\x05tools\x18\x02 \x03(\x0b\x32\x11.loraplex.v1.Tool\x12\x13\n\x0btool_choice\x18\x03 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x1c\n\x14\x63hat_template_kwargs\x18\x05 \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x07 \x01(\x08\x42\x16\n\x14_parallel_tool_callsB\x18\n\x16_add_generation_prompt\"\xd5\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12+\n\nconstraint\x18\x0b \x01(\x0b\x32\x17.loraplex.v1.Constraint\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\x08\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\r\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\t\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokensB\x16\n\x14_skip_special_tokens\"\x91\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.loraplex.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x9a\x01\n\x0fGenerationInput\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.loraplex.v1.ChatMessagesH\x00\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParamsB\x07\n\x05input\">\n\x0fGenerateRequest\x12+\n\x05input\x18\x01 \x01(\x0b\x32\x1c.loraplex.v1.GenerationInput\"D\n\x15GenerateStreamRequest\x12+\n\x05input\x18\x01 \x01(\x0b\x32\x1c.loraplex.v1.GenerationInput\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"S\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\">\n\x0bTopLogprobs\x12/\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"\xc9\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.loraplex.v1.Timing\x12\x12\n\nadapter_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.loraplex.v1.TopLogprobs\x12)\n\ntool_calls\x18\t \x03(\x0b\x32\x15.loraplex.v1.ToolCall\x12\x19\n\x11reasoning_content\x18\n \x01(\t\"\xcf\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.loraplex.v1.Timing\x12\x12\n\nadapter_id\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.loraplex.v1.TopLogprobs\x12)\n\ntool_calls\x18\t \x03(\x0b\x32\x15.loraplex.v1.ToolCall\x12\x19\n\x11reasoning_content\x18\n \x01(\t*\x94\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xb9\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\".loraplex.v1.GenerateStreamRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2552
-  _globals['_FINISHREASON']._serialized_end=2700
+  _globals['_FINISHREASON']._serialized_start=2610
+  _globals['_FINISHREASON']._serialized_end=2758
   _globals['_CHATMESSAGE']._serialized_start=45
   _globals['_CHATMESSAGE']._serialized_end=168
   _globals['_TOOLCALL']._serialized_start=170
@@ -42,29 +42,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=291
   _globals['_CHATMESSAGES']._serialized_end=586
   _globals['_SAMPLINGPARAMS']._serialized_start=589
-  _globals['_SAMPLINGPARAMS']._serialized_end=1128
-  _globals['_CONSTRAINT']._serialized_start=1131
-  _globals['_CONSTRAINT']._serialized_end=1276
-  _globals['_CHOICELIST']._serialized_start=1278
-  _globals['_CHOICELIST']._serialized_end=1307
-  _globals['_GENERATIONINPUT']._serialized_start=1310
-  _globals['_GENERATIONINPUT']._serialized_end=1464
-  _globals['_GENERATEREQUEST']._serialized_start=1466
-  _globals['_GENERATEREQUEST']._serialized_end=1528
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1530
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1598
-  _globals['_USAGE']._serialized_start=1600
-  _globals['_USAGE']._serialized_end=1679
-  _globals['_TIMING']._serialized_start=1681
-  _globals['_TIMING']._serialized_end=1764
-  _globals['_TOKENLOGPROB']._serialized_start=1766
-  _globals['_TOKENLOGPROB']._serialized_end=1815
-  _globals['_TOPLOGPROBS']._serialized_start=1817
-  _globals['_TOPLOGPROBS']._serialized_end=1879
-  _globals['_GENERATERESPONSE']._serialized_start=1882
-  _globals['_GENERATERESPONSE']._serialized_end=2211
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2214
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2549
-  _globals['_GENERATIONSERVICE']._serialized_start=2703
-  _globals['_GENERATIONSERVICE']._serialized_end=2888
+  _globals['_SAMPLINGPARAMS']._serialized_end=1186
+  _globals['_CONSTRAINT']._serialized_start=1189
+  _globals['_CONSTRAINT']._serialized_end=1334
+  _globals['_CHOICELIST']._serialized_start=1336
+  _globals['_CHOICELIST']._serialized_end=1365
+  _globals['_GENERATIONINPUT']._serialized_start=1368
+  _globals['_GENERATIONINPUT']._serialized_end=1522
+  _globals['_GENERATEREQUEST']._serialized_start=1524
+  _globals['_GENERATEREQUEST']._serialized_end=1586
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1588
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1656
+  _globals['_USAGE']._serialized_start=1658
+  _globals['_USAGE']._serialized_end=1737
+  _globals['_TIMING']._serialized_start=1739
+  _globals['_TIMING']._serialized_end=1822
+  _globals['_TOKENLOGPROB']._serialized_start=1824
+  _globals['_TOKENLOGPROB']._serialized_end=1873
+  _globals['_TOPLOGPROBS']._serialized_start=1875
+  _globals['_TOPLOGPROBS']._serialized_end=1937
+  _globals['_GENERATERESPONSE']._serialized_start=1940
+  _globals['_GENERATERESPONSE']._serialized_end=2269
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2272
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2607
+  _globals['_GENERATIONSERVICE']._serialized_start=2761
+  _globals['_GENERATIONSERVICE']._serialized_end=2946
 # @@protoc_insertion_point(module_scope)

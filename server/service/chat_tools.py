@@ -115,7 +115,7 @@ def with_chat_tools(request: GenerationRequest, message: pb.GenerationInput, con
         raise _bad("tool_choice", "a forced tool call cannot be combined with sampling.constraint")
     if forced is not None:
         request = replace(request, sampling=replace(request.sampling, constraint=forced))
-    if keeps_special_tokens(fmt, tools):
+    if keeps_special_tokens(fmt, tools) and not message.sampling.HasField("skip_special_tokens"):
         request = replace(request, sampling=replace(request.sampling, skip_special_tokens=False))
     if options != ChatOptions(tool_format=fmt.name):
         request = replace(request, chat=options)

@@ -88,8 +88,10 @@ def _constraint(params: pb.SamplingParams) -> Constraint | None:
 
 
 def _openai_extras(params: pb.SamplingParams) -> dict:
-    """presence / frequency penalties, min_tokens, top_logprobs (fields 12-15; checked by the engine)."""
-    extras = {name: getattr(params, name) for name in ("presence_penalty", "frequency_penalty", "min_tokens")
+    """presence / frequency penalties, min_tokens, top_logprobs, skip_special_tokens (fields 12-16;
+    checked by the engine)."""
+    extras = {name: getattr(params, name)
+              for name in ("presence_penalty", "frequency_penalty", "min_tokens", "skip_special_tokens")
               if params.HasField(name)}
     extras["top_logprobs"] = params.top_logprobs
     return extras

@@ -97,3 +97,21 @@ def test_grpc_chat_with_tools_reads_the_call(served):
     assert reply.finish_reason == gen.FINISH_REASON_TOOL_CALLS and not reply.text
     [call] = reply.tool_calls
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+
+
+def test_grpc_skip_special_tokens_field_and_sdk_keyword(served):
+    from loraplex.client import Client
+
+    with Client(f"127.0.0.1:{served.port}", timeout=60) as client:
+        kept = client.generate("[INST] hi [/INST]", temperature=0, skip_special_tokens=False)
+        plain = client.generate("[INST] hi [/INST]", temperature=0)
+        chat = client.chat([{"role": "user", "content": "Weather?"}], temperature=0, skip_special_tokens=False)
+    assert kept.text == TOOL_TEXT and plain.text == 'get_weather{"city": "Paris"}'
+    assert chat.text == TOOL_TEXT                       # no tools: nothing parses it
+    tool = gen.Tool(name="get_weather", parameters=json.dumps(WEATHER["function"]["parameters"]))
+    chat = gen.ChatMessages(messages=[gen.ChatMessage(role="user", content="Weather in Paris?")], tools=[tool])
+    explicit = gen.SamplingParams(temperature=0, skip_special_tokens=True)   # the client's word wins
+    request = gen.GenerateRequest(input=gen.GenerationInput(chat=chat, sampling=explicit))
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+        reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(request, timeout=60)
+    assert reply.text == 'get_weather{"city": "Paris"}' and not reply.tool_calls
