@@ -4,7 +4,7 @@ The scripted model (tests/scripted_model.py) answers every chat with the Mistral
 `[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}` then EOS, where both markers are special tokens:
 with them dropped by the detokenizer the call cannot be read. A request with tools is
 detokenized with special tokens kept (the EOS that ends it is still left out), over HTTP (the
-real `openai` package) and gRPC chat; `skip_special_tokens` is also a request field (vLLM's name).
+real `openai` package: chat completions and the Responses API) and gRPC chat; `skip_special_tokens` is also a request field (vLLM's name).
 """
 
 from __future__ import annotations
@@ -70,6 +70,13 @@ def test_streamed_chat_with_tools_reads_the_call_too(client):
     assert calls and calls[0].function.name == "get_weather" and not content
     assert json.loads("".join(c.function.arguments or "" for c in calls)) == {"city": "Paris"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_responses_api_reads_the_call_too(client):
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}
+    reply = client.responses.create(model=BASE, input="Weather in Paris?", tools=[tool], temperature=0)
+    [call] = [item for item in reply.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
 
 
 def test_skip_special_tokens_is_a_request_field(client):
