@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .io import GenerationRequest, RequestOutput, Timing
-from .sequence import FinishReason, Sequence
+from .sequence import Sequence
 from .text_stream import TextStream
 
 
@@ -50,10 +50,8 @@ class RequestState:
         new_logprobs = seq.output_logprobs[start:] if seq.sampling.returns_logprobs else []
         new_top = seq.output_top_logprobs[start:] if seq.sampling.top_logprobs else []
         self.num_emitted_tokens = seq.num_output_tokens
-        # EOS / STOP here come from the scheduler (a stop token id); a stop string ends the
-        # request only after this feed
-        ends = seq.is_finished and seq.finish_reason in (FinishReason.EOS, FinishReason.STOP)
-        text = self.text.feed(new_ids, ends_on_token=ends)[0] if self.text is not None else ""
+        reason = seq.finish_reason if seq.is_finished else None
+        text = self.text.feed(new_ids, reason)[0] if self.text is not None else ""
         return Delta(text, tuple(new_ids), tuple(new_logprobs), tuple(new_top))
 
     def output(self, now: float, delta: Delta = EMPTY_DELTA) -> RequestOutput:

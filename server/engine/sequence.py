@@ -55,8 +55,7 @@ class SamplingParams:
     top_logprobs: int = 0               # alternatives returned per token (implies logprobs)
     constraint: Constraint | None = None   # structured output (JSON Schema, regex, ...); None = free
     # False: special tokens are part of the text (tool-call markers that a tokenizer holds as
-    # special tokens, e.g. Mistral's [TOOL_CALLS]); the token that ends the request (EOS, a stop
-    # token id) is not, either way
+    # special tokens, e.g. Mistral's [TOOL_CALLS]), except the EOS / stop token id that ends it
     skip_special_tokens: bool = True
 
     @property

@@ -33,11 +33,12 @@ class TextStream:
         self.stop = StopChecker(tuple(stop))
         self.stopped = False            # a stop string completed: the request ends with STOP
 
-    def feed(self, token_ids: Sequence[int], ends_on_token: bool = False) -> tuple[str, bool]:
-        """(text the new ids complete, whether a stop string has been hit). ends_on_token: the
-        last id ended the request (EOS or a stop token id); with special tokens kept it is left
-        out of the text (with them skipped, ids decode as before: an EOS adds no text)."""
-        if ends_on_token and not self.detokenizer.skip_special_tokens:
+    def feed(self, token_ids: Sequence[int], reason: FinishReason | None = None) -> tuple[str, bool]:
+        """(text the new ids complete, whether a stop string has been hit). reason: the request's
+        finish reason when these ids end it; EOS or STOP then means its last id ended it (the EOS,
+        a stop token id: stop strings are matched here, after the ids came), which is left out of
+        the text when special tokens are kept (skipped, ids decode as before: an EOS adds no text)."""
+        if reason in (FinishReason.EOS, FinishReason.STOP) and not self.detokenizer.skip_special_tokens:
             token_ids = token_ids[:-1]
         if not token_ids or self.stopped:
             return "", self.stopped

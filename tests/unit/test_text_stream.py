@@ -162,13 +162,13 @@ def test_kept_special_tokens_are_text_but_the_token_that_ends_the_request_is_not
     steps = [[start], ids, [eos]]
     for skip, expected in ((False, "<|im_start|>Hi there"), (True, "Hi there")):
         stream = TextStream(tokenizer, [], (), skip_special_tokens=skip)
-        text = "".join(stream.feed(step, ends_on_token=step == [eos])[0] for step in steps)
+        text = "".join(stream.feed(step, FinishReason.EOS if step == [eos] else None)[0] for step in steps)
         assert text + stream.finish(FinishReason.EOS) == expected
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     kept = TextStream(tokenizer, [], (), skip_special_tokens=False)
-    assert kept.feed(ids + newline, ends_on_token=True)[0] + kept.finish(FinishReason.STOP) == "Hi there"
+    assert kept.feed(ids + newline, FinishReason.STOP)[0] + kept.finish(FinishReason.STOP) == "Hi there"
     skipped = TextStream(tokenizer, [], ())
-    assert skipped.feed(ids + newline, ends_on_token=True)[0] + skipped.finish(FinishReason.STOP) == "Hi there\n"
+    assert skipped.feed(ids + newline, FinishReason.STOP)[0] + skipped.finish(FinishReason.STOP) == "Hi there\n"
     flight = InFlight(None, None, tokenizer, [], (), skip_special_tokens=False)
     first = flight.receive(_output("r", [start, *ids], None))
     last = flight.receive(_output("r", [eos], FinishReason.EOS))

@@ -49,9 +49,7 @@ class InFlight:
             return None
         if self.text is None:
             self.text = TextStream(self.tokenizer, self.prompt_tail, self.stop, self.skip_special_tokens)
-        # the core finishes with STOP only on a stop token id (stop strings are matched here)
-        ends = output.finished and output.finish_reason in (FinishReason.EOS, FinishReason.STOP)
-        text, stopped = self.text.feed(output.token_ids, ends_on_token=ends)
+        text, stopped = self.text.feed(output.token_ids, output.finish_reason)
         if output.finished:
             return replace(output, text=text + self.text.finish(output.finish_reason))
         if stopped:
