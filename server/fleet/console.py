@@ -44,9 +44,14 @@ class LineWriter(io.TextIOBase):
     def flush(self) -> None:
         """Write the calling thread's partial line too (an explicit flush asks for it)."""
         with self._lock:
-            partial = self._pending.pop(threading.get_ident(), "")
-            if partial:
-                self._target.write(partial)
+            self._target.write(self._pending.pop(threading.get_ident(), ""))
+            self._target.flush()
+
+    def flush_all(self) -> None:
+        """Write every thread's partial line (when the writer is retired)."""
+        with self._lock:
+            self._target.write("".join(self._pending.values()))
+            self._pending.clear()
             self._target.flush()
 
     def writable(self) -> bool:
@@ -79,9 +84,4 @@ def whole_lines() -> Iterator[None]:
     finally:
         sys.stdout, sys.stderr = saved
         for writer in writers:
-            with lock:
-                partial = "".join(writer._pending.values())
-                writer._pending.clear()
-            if partial:
-                writer._target.write(partial)
-                writer._target.flush()
+            writer.flush_all()
