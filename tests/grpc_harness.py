@@ -6,9 +6,10 @@ Tests talk to it with ordinary synchronous stubs, exactly like a client would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 from google.rpc import error_details_pb2
@@ -79,6 +80,27 @@ async def start_full_server(config, engine_process: bool | None = None):
         await asyncio.shield(drain_and_stop(running, 0.5, log=lambda _message: None))
         raise
     return running
+
+
+@contextlib.contextmanager
+def served_http(settings: dict[str, str]) -> Iterator[Any]:
+    """A full server (start_full_server) with its OpenAI HTTP API, both on free loopback ports
+    (metrics too); `settings`: load_server_config's keys, as strings. Yields the running server
+    (`.port`, `.http_port`); drained and stopped on exit, also when the test fails."""
+    from loraplex.server.app import drain_and_stop, start_http_api
+    from loraplex.server.config import load_server_config
+
+    config = load_server_config({"port": "0", "metrics_port": str(free_port()), **settings}, {})
+    loop = LoopThread()
+    try:
+        running = loop.run(start_full_server(config))
+        try:
+            loop.run(start_http_api(running, config, port=0))
+            yield running
+        finally:
+            loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
+    finally:
+        loop.close()
 
 
 def make_peft_adapter(base_dir, out_dir, seed: int, rank: int = 4, targets=("q_proj", "v_proj")):

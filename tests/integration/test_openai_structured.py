@@ -11,9 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from grpc_harness import LoopThread, free_port, start_full_server
-from loraplex.server.app import drain_and_stop, start_http_api
-from loraplex.server.config import load_server_config
+from grpc_harness import served_http
 
 BASE = "tiny"
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
@@ -22,20 +20,13 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "n
 
 @pytest.fixture(scope="module")
 def client(tiny_llama_dir, tmp_path_factory):
-    loop = LoopThread()
-    config = load_server_config({
-        "model": str(tiny_llama_dir), "port": "0", "metrics_port": str(free_port()),
-        "store": str(tmp_path_factory.mktemp("store")), "kv_cache_memory": "32MiB", "max_num_seqs": "4",
-        "max_total_tokens": "1024", "max_input_tokens": "512", "max_new_tokens": "400",
-        "served_model_name": BASE}, {})
-    running = loop.run(start_full_server(config))
-    loop.run(start_http_api(running, config, port=0))
-    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{running.http_port}/v1", api_key="x", max_retries=0,
-                        timeout=120)
-    yield sdk
-    sdk.close()
-    loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
-    loop.close()
+    with served_http({"model": str(tiny_llama_dir), "store": str(tmp_path_factory.mktemp("store")),
+                      "kv_cache_memory": "32MiB", "max_num_seqs": "4", "max_total_tokens": "1024",
+                      "max_input_tokens": "512", "max_new_tokens": "400", "served_model_name": BASE}) as running:
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{running.http_port}/v1", api_key="x", max_retries=0,
+                            timeout=120)
+        yield sdk
+        sdk.close()
 
 
 def _chat(client, **kwargs):

@@ -12,9 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from grpc_harness import LoopThread, free_port, start_full_server
-from loraplex.server.app import drain_and_stop, start_http_api
-from loraplex.server.config import load_server_config
+from grpc_harness import served_http
 
 BASE = "tiny"
 ADMIN, USER = "admin-key-0001", "user-key-0001"
@@ -22,17 +20,11 @@ ADMIN, USER = "admin-key-0001", "user-key-0001"
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir, tmp_path_factory):
-    loop = LoopThread()
-    config = load_server_config({
-        "model": str(tiny_llama_dir), "port": "0", "metrics_port": str(free_port()),
-        "store": str(tmp_path_factory.mktemp("store")), "kv_cache_memory": "32MiB", "max_num_seqs": "4",
-        "max_total_tokens": "1024", "max_input_tokens": "768", "max_new_tokens": "200",
-        "served_model_name": BASE, "api_keys": [USER], "admin_keys": [ADMIN], "reasoning_parser": "think"}, {})
-    running = loop.run(start_full_server(config))
-    loop.run(start_http_api(running, config, port=0))
-    yield running
-    loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
-    loop.close()
+    with served_http({"model": str(tiny_llama_dir), "store": str(tmp_path_factory.mktemp("store")),
+                      "kv_cache_memory": "32MiB", "max_num_seqs": "4", "max_total_tokens": "1024",
+                      "max_input_tokens": "768", "max_new_tokens": "200", "served_model_name": BASE,
+                      "api_keys": [USER], "admin_keys": [ADMIN], "reasoning_parser": "think"}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

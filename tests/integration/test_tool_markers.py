@@ -15,9 +15,7 @@ import grpc
 import openai
 import pytest
 
-from grpc_harness import LoopThread, free_port, start_full_server
-from loraplex.server.app import drain_and_stop, start_http_api
-from loraplex.server.config import load_server_config
+from grpc_harness import served_http
 from loraplex.v1 import generation_pb2 as gen
 from loraplex.v1 import generation_pb2_grpc
 from scripted_model import TOOL_TEXT, build_scripted_llama
@@ -31,19 +29,10 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     model_dir = build_scripted_llama(tmp_path_factory.mktemp("scripted"))
-    loop = LoopThread()
-    config = load_server_config({
-        "model": str(model_dir), "port": "0", "metrics_port": str(free_port()),
-        "store": str(tmp_path_factory.mktemp("store")), "kv_cache_memory": "8MiB", "max_num_seqs": "4",
-        "max_total_tokens": "256", "max_input_tokens": "128", "max_new_tokens": "16",
-        "served_model_name": BASE}, {})
-    running = loop.run(start_full_server(config))
-    try:
-        loop.run(start_http_api(running, config, port=0))
+    with served_http({"model": str(model_dir), "store": str(tmp_path_factory.mktemp("store")),
+                      "kv_cache_memory": "8MiB", "max_num_seqs": "4", "max_total_tokens": "256",
+                      "max_input_tokens": "128", "max_new_tokens": "16", "served_model_name": BASE}) as running:
         yield running
-    finally:
-        loop.run(drain_and_stop(running, 1.0, log=lambda _m: None))
-        loop.close()
 
 
 @pytest.fixture(scope="module")
